@@ -1,0 +1,351 @@
+//! The catalog's queries, one async method per question the registry asks.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Catalog, now};
+use crate::error::{Error, Result};
+use crate::oci::manifest::Manifest;
+use crate::oci::{Digest, Reference, RepoName, Tag};
+
+/// A stored manifest, as served.
+#[derive(Debug, Clone)]
+pub struct ManifestRecord {
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
+    /// `None` when only the metadata was asked for (HEAD).
+    pub content: Option<Vec<u8>>,
+}
+
+/// A manifest accepted for storage.
+pub struct NewManifest {
+    pub digest: Digest,
+    pub content: Vec<u8>,
+    pub parsed: Manifest,
+    pub tag: Option<Tag>,
+}
+
+/// One entry of a referrers response.
+#[derive(Debug, Clone)]
+pub struct Referrer {
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
+    pub artifact_type: Option<String>,
+    pub annotations: Option<String>,
+}
+
+fn repo_id(conn: &Connection, repo: &str) -> rusqlite::Result<Option<i64>> {
+    conn.query_row("SELECT id FROM repositories WHERE name = ?1", [repo], |r| r.get(0))
+        .optional()
+}
+
+fn ensure_repo(conn: &Connection, repo: &str) -> rusqlite::Result<i64> {
+    if let Some(id) = repo_id(conn, repo)? {
+        return Ok(id);
+    }
+    conn.execute(
+        "INSERT INTO repositories (name, created_at) VALUES (?1, ?2)",
+        params![repo, now()],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+fn link(conn: &Connection, repo_id: i64, digest: &str, size: u64) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO blobs (digest, size, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (digest) DO NOTHING",
+        params![digest, size as i64, now()],
+    )?;
+    conn.execute(
+        "INSERT INTO repo_blobs (repo_id, digest, linked_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        params![repo_id, digest, now()],
+    )?;
+    Ok(())
+}
+
+fn size_in_repo(conn: &Connection, repo: &str, digest: &str) -> rusqlite::Result<Option<u64>> {
+    conn.query_row(
+        "SELECT b.size FROM repo_blobs rb
+           JOIN repositories r ON r.id = rb.repo_id
+           JOIN blobs b ON b.digest = rb.digest
+          WHERE r.name = ?1 AND rb.digest = ?2",
+        params![repo, digest],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|s| s.map(|s| s as u64))
+}
+
+impl Catalog {
+    /// Whether the repository exists (has ever held a blob or manifest and was not removed).
+    pub async fn repo_exists(&self, repo: &RepoName) -> Result<bool> {
+        let repo = repo.to_string();
+        self.read(move |c| Ok(repo_id(c, &repo)?.is_some())).await
+    }
+
+    /// Size of `digest` if the repository may read it.
+    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.read(move |c| Ok(size_in_repo(c, &repo, &digest)?)).await
+    }
+
+    /// Records a verified, published blob and links it to the repository.
+    pub async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.write(move |c| {
+            let id = ensure_repo(c, &repo)?;
+            Ok(link(c, id, &digest, size)?)
+        })
+        .await
+    }
+
+    /// Links a blob already stored for `from` (or, with `None`, any repository) into `repo`.
+    /// Returns its size, or `None` when no source holds it.
+    pub async fn mount_blob(&self, repo: &RepoName, digest: &Digest, from: Option<&RepoName>) -> Result<Option<u64>> {
+        let (repo, digest, from) = (repo.to_string(), digest.to_string(), from.map(|f| f.to_string()));
+        self.write(move |c| {
+            let size = match &from {
+                Some(from) => size_in_repo(c, from, &digest)?,
+                None => c
+                    .query_row(
+                        "SELECT b.size FROM blobs b WHERE b.digest = ?1
+                            AND EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)",
+                        [&digest],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .optional()?
+                    .map(|s| s as u64),
+            };
+            let Some(size) = size else { return Ok(None) };
+            let id = ensure_repo(c, &repo)?;
+            link(c, id, &digest, size)?;
+            Ok(Some(size))
+        })
+        .await
+    }
+
+    /// Unlinks a blob from a repository. Returns whether it was linked.
+    pub async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.write(move |c| {
+            let n = c.execute(
+                "DELETE FROM repo_blobs WHERE digest = ?2
+                    AND repo_id = (SELECT id FROM repositories WHERE name = ?1)",
+                params![repo, digest],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Stores a validated manifest (and its tag) in one transaction, after checking inside that
+    /// transaction that every blob and child manifest it references is present in the repository.
+    pub async fn put_manifest(&self, repo: &RepoName, m: NewManifest) -> Result<()> {
+        let repo = repo.to_string();
+        self.write(move |c| {
+            let repo_id = ensure_repo(c, &repo)?;
+            let p = &m.parsed;
+            for d in p.required_blobs() {
+                match size_in_repo(c, &repo, &d.digest.to_string())? {
+                    Some(size) if size == d.size => {}
+                    Some(_) => {
+                        return Err(Error::ManifestInvalid(
+                            format!("descriptor size for {} does not match the stored blob", d.digest).into(),
+                        ));
+                    }
+                    None => return Err(Error::ManifestBlobUnknown(d.digest.clone())),
+                }
+            }
+            for d in &p.manifests {
+                let known: Option<i64> = c
+                    .query_row(
+                        "SELECT size FROM manifests WHERE repo_id = ?1 AND digest = ?2",
+                        params![repo_id, d.digest.to_string()],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if known.is_none() {
+                    return Err(Error::ManifestBlobUnknown(d.digest.clone()));
+                }
+            }
+            let digest = m.digest.to_string();
+            let manifest_id: i64 = c.query_row(
+                "INSERT INTO manifests
+                    (repo_id, digest, media_type, size, content, artifact_type, subject, annotations, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (repo_id, digest) DO UPDATE SET media_type = excluded.media_type
+                 RETURNING id",
+                params![
+                    repo_id,
+                    digest,
+                    p.media_type,
+                    m.content.len() as i64,
+                    m.content,
+                    p.artifact_type,
+                    p.subject.as_ref().map(|s| s.digest.to_string()),
+                    p.annotations,
+                    now()
+                ],
+                |r| r.get(0),
+            )?;
+            let mut refs = c.prepare_cached(
+                "INSERT INTO manifest_refs (manifest_id, digest, kind) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            )?;
+            if let Some(cfg) = &p.config {
+                refs.execute(params![manifest_id, cfg.digest.to_string(), "config"])?;
+            }
+            for l in &p.layers {
+                refs.execute(params![manifest_id, l.digest.to_string(), "layer"])?;
+            }
+            for child in &p.manifests {
+                refs.execute(params![manifest_id, child.digest.to_string(), "manifest"])?;
+            }
+            if let Some(tag) = &m.tag {
+                c.execute(
+                    "INSERT INTO tags (repo_id, name, manifest_id, updated_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (repo_id, name) DO UPDATE
+                        SET manifest_id = excluded.manifest_id, updated_at = excluded.updated_at",
+                    params![repo_id, tag.as_str(), manifest_id, now()],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Looks a manifest up by tag or digest; `with_content` false skips loading the bytes.
+    pub async fn manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        with_content: bool,
+    ) -> Result<Option<ManifestRecord>> {
+        let (repo, reference) = (repo.to_string(), reference.clone());
+        self.read(move |c| {
+            let cols = if with_content {
+                "m.digest, m.media_type, m.size, m.content"
+            } else {
+                "m.digest, m.media_type, m.size, NULL"
+            };
+            let (sql, key) = match &reference {
+                Reference::Tag(t) => (
+                    format!(
+                        "SELECT {cols} FROM tags t JOIN manifests m ON m.id = t.manifest_id
+                           JOIN repositories r ON r.id = t.repo_id WHERE r.name = ?1 AND t.name = ?2"
+                    ),
+                    t.to_string(),
+                ),
+                Reference::Digest(d) => (
+                    format!(
+                        "SELECT {cols} FROM manifests m JOIN repositories r ON r.id = m.repo_id
+                          WHERE r.name = ?1 AND m.digest = ?2"
+                    ),
+                    d.to_string(),
+                ),
+            };
+            let rec = c
+                .prepare_cached(&sql)?
+                .query_row(params![repo, key], |r| {
+                    Ok(ManifestRecord {
+                        digest: r.get(0)?,
+                        media_type: r.get(1)?,
+                        size: r.get::<_, i64>(2)? as u64,
+                        content: r.get(3)?,
+                    })
+                })
+                .optional()?;
+            Ok(rec)
+        })
+        .await
+    }
+
+    /// Deletes a manifest by digest, with its tags and references. Returns whether it existed.
+    pub async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.write(move |c| {
+            let n = c.execute(
+                "DELETE FROM manifests WHERE digest = ?2
+                    AND repo_id = (SELECT id FROM repositories WHERE name = ?1)",
+                params![repo, digest],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Deletes a tag (not the manifest it names). Returns whether it existed.
+    pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool> {
+        let (repo, tag) = (repo.to_string(), tag.to_string());
+        self.write(move |c| {
+            let n = c.execute(
+                "DELETE FROM tags WHERE name = ?2 AND repo_id = (SELECT id FROM repositories WHERE name = ?1)",
+                params![repo, tag],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Tags of a repository in lexical order, after `last`, at most `limit`. `None` when the
+    /// repository does not exist.
+    pub async fn tags(&self, repo: &RepoName, last: Option<String>, limit: Option<u64>) -> Result<Option<Vec<String>>> {
+        let repo = repo.to_string();
+        self.read(move |c| {
+            let Some(id) = repo_id(c, &repo)? else { return Ok(None) };
+            let limit = limit.map_or(-1, |l| l.min(i64::MAX as u64) as i64);
+            let mut stmt =
+                c.prepare_cached("SELECT name FROM tags WHERE repo_id = ?1 AND name > ?2 ORDER BY name LIMIT ?3")?;
+            let tags = stmt
+                .query_map(params![id, last.unwrap_or_default(), limit], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(Some(tags))
+        })
+        .await
+    }
+
+    /// Repository names in lexical order, after `last`, at most `limit`.
+    pub async fn repositories(&self, last: Option<String>, limit: u64) -> Result<Vec<String>> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached("SELECT name FROM repositories WHERE name > ?1 ORDER BY name LIMIT ?2")?;
+            let names = stmt
+                .query_map(
+                    params![last.unwrap_or_default(), limit.min(i64::MAX as u64) as i64],
+                    |r| r.get(0),
+                )?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(names)
+        })
+        .await
+    }
+
+    /// Manifests in the repository whose `subject` is `digest`, optionally of one artifact type.
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        artifact_type: Option<String>,
+    ) -> Result<Vec<Referrer>> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT m.digest, m.media_type, m.size, m.artifact_type, m.annotations
+                   FROM manifests m JOIN repositories r ON r.id = m.repo_id
+                  WHERE r.name = ?1 AND m.subject = ?2 AND (?3 IS NULL OR m.artifact_type = ?3)
+                  ORDER BY m.created_at, m.digest",
+            )?;
+            let rows = stmt
+                .query_map(params![repo, digest, artifact_type], |r| {
+                    Ok(Referrer {
+                        digest: r.get(0)?,
+                        media_type: r.get(1)?,
+                        size: r.get::<_, i64>(2)? as u64,
+                        artifact_type: r.get(3)?,
+                        annotations: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+}

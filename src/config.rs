@@ -1,0 +1,151 @@
+//! Configuration: one serde struct, layered defaults → TOML file → `STOWAGE_*` environment
+//! variables (nested keys joined with `__`, e.g. `STOWAGE_REGISTRY__DELETE_ENABLED=false`) →
+//! command-line flags. `stowage serve` needs no file: the defaults run a registry on
+//! 127.0.0.1:5000 with SQLite and blobs under `./stowage-data`.
+//!
+//! A commented template of every setting is `stowage.example.toml` at the repository root.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Every setting of `stowage serve`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address and port to listen on. Port 0 picks a free port (printed at start-up).
+    pub listen: SocketAddr,
+    /// Directory for the catalog (`catalog.db`) and, with the `fs` backend, the blobs.
+    pub data_dir: PathBuf,
+    pub storage: StorageConfig,
+    pub registry: RegistryConfig,
+    pub log: LogConfig,
+}
+
+/// Where blob bytes are kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Storage backend. Only `fs` (local disk) so far.
+    pub backend: Backend,
+    /// Root directory of the `fs` backend. Default: `<data_dir>/storage`.
+    pub path: Option<PathBuf>,
+    /// Size of the parts an upload is written in, in bytes. Bounds the memory each upload in
+    /// progress uses (about three parts).
+    pub part_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Fs,
+}
+
+/// Registry behaviour.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Allow DELETE of manifests, tags and blobs. When false they answer 405 `UNSUPPORTED`.
+    pub delete_enabled: bool,
+    /// Largest manifest accepted, in bytes (the OCI spec asks registries to take 4 MiB).
+    pub max_manifest_size: usize,
+    /// Seconds an upload session may sit idle before it is cancelled and its data removed.
+    pub upload_timeout_secs: u64,
+    /// Entries per `/v2/_catalog` page when the client does not pass `n`.
+    pub catalog_page_size: u64,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`. Levels come from `RUST_LOG` (default `info`).
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            data_dir: PathBuf::from("./stowage-data"),
+            storage: StorageConfig::default(),
+            registry: RegistryConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: Backend::Fs,
+            path: None,
+            part_size: 8 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            delete_enabled: true,
+            max_manifest_size: 4 * 1024 * 1024,
+            upload_timeout_secs: 24 * 3600,
+            catalog_page_size: 1000,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Values given on the command line, applied last.
+#[derive(Debug, Default, Serialize)]
+pub struct CliOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads the layered configuration.
+    pub fn load(file: Option<&Path>, cli: CliOverrides) -> Result<Config, Box<figment::Error>> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            fig = fig.merge(Toml::file_exact(file));
+        }
+        fig.merge(Env::prefixed("STOWAGE_").split("__").ignore(&["config"]))
+            .merge(Serialized::defaults(cli))
+            .extract()
+            .map_err(Box::new)
+    }
+
+    /// Root of the `fs` storage backend.
+    pub fn storage_path(&self) -> PathBuf {
+        self.storage
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("storage"))
+    }
+
+    /// Path of the SQLite catalog.
+    pub fn catalog_path(&self) -> PathBuf {
+        self.data_dir.join("catalog.db")
+    }
+}

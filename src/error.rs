@@ -1,0 +1,225 @@
+//! The registry's error type and the one table of OCI error codes.
+//!
+//! Every failure a request can meet is a variant of [`Error`]. Each variant maps to exactly one
+//! OCI error code ([`Code`]) and HTTP status in [`Error::code`] / [`Code::status`]; the HTTP layer
+//! turns that into the spec's JSON body (`{"errors":[{"code","message","detail"}]}`) in one place
+//! (`http::error`). Internal failures (storage, catalog) are logged once there with their cause and
+//! answered with a generic message, so no internal detail reaches a client.
+
+use std::borrow::Cow;
+
+use crate::oci::Digest;
+
+/// OCI distribution error codes (spec section "Error Codes"), plus the two this registry adds for
+/// conditions the spec leaves uncoded (`RANGE_INVALID`, `PAGINATION_NUMBER_INVALID` as CNCF
+/// Distribution names it, `UNKNOWN` for internal failures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    BlobUnknown,
+    BlobUploadInvalid,
+    BlobUploadUnknown,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    SizeInvalid,
+    Unauthorized,
+    Denied,
+    Unsupported,
+    TooManyRequests,
+    RangeInvalid,
+    PaginationNumberInvalid,
+    /// No such endpoint.
+    NotFound,
+    Unknown,
+}
+
+impl Code {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::BlobUnknown => "BLOB_UNKNOWN",
+            Code::BlobUploadInvalid => "BLOB_UPLOAD_INVALID",
+            Code::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
+            Code::DigestInvalid => "DIGEST_INVALID",
+            Code::ManifestBlobUnknown => "MANIFEST_BLOB_UNKNOWN",
+            Code::ManifestInvalid => "MANIFEST_INVALID",
+            Code::ManifestUnknown => "MANIFEST_UNKNOWN",
+            Code::NameInvalid => "NAME_INVALID",
+            Code::NameUnknown => "NAME_UNKNOWN",
+            Code::SizeInvalid => "SIZE_INVALID",
+            Code::Unauthorized => "UNAUTHORIZED",
+            Code::Denied => "DENIED",
+            Code::Unsupported => "UNSUPPORTED",
+            Code::TooManyRequests => "TOOMANYREQUESTS",
+            Code::RangeInvalid => "RANGE_INVALID",
+            Code::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
+            Code::NotFound => "NOT_FOUND",
+            Code::Unknown => "UNKNOWN",
+        }
+    }
+
+    /// The HTTP status this code is answered with unless the variant overrides it.
+    pub fn status(self) -> u16 {
+        match self {
+            Code::BlobUnknown
+            | Code::BlobUploadUnknown
+            | Code::ManifestUnknown
+            | Code::NameUnknown
+            | Code::NotFound => 404,
+            Code::BlobUploadInvalid
+            | Code::DigestInvalid
+            | Code::ManifestBlobUnknown
+            | Code::ManifestInvalid
+            | Code::NameInvalid
+            | Code::SizeInvalid
+            | Code::PaginationNumberInvalid => 400,
+            Code::Unauthorized => 401,
+            Code::Denied => 403,
+            Code::Unsupported => 405,
+            Code::TooManyRequests => 429,
+            Code::RangeInvalid => 416,
+            Code::Unknown => 500,
+        }
+    }
+}
+
+/// Everything that can go wrong while serving a registry request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("blob unknown to registry")]
+    BlobUnknown(Option<Digest>),
+    #[error("blob upload unknown to registry")]
+    UploadUnknown,
+    /// A chunk that does not start where the upload ends (answered 416 with the current `Range`).
+    #[error("upload chunk does not start at the upload's current offset {offset}")]
+    UploadOutOfOrder {
+        repo: crate::oci::RepoName,
+        id: uuid::Uuid,
+        offset: u64,
+    },
+    #[error("blob upload invalid: {0}")]
+    UploadInvalid(&'static str),
+    #[error("provided digest did not match uploaded content")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("invalid digest: {0}")]
+    DigestInvalid(&'static str),
+    #[error("manifest references a blob or manifest unknown to the repository")]
+    ManifestBlobUnknown(Digest),
+    #[error("manifest invalid: {0}")]
+    ManifestInvalid(Cow<'static, str>),
+    #[error("manifest is larger than the limit of {limit} bytes")]
+    ManifestTooLarge { limit: usize },
+    #[error("manifest unknown to registry")]
+    ManifestUnknown,
+    #[error("invalid repository name")]
+    NameInvalid,
+    #[error("invalid tag")]
+    TagInvalid,
+    #[error("repository name not known to registry")]
+    NameUnknown,
+    #[error("provided length did not match content length")]
+    SizeInvalid,
+    #[error("requested range not satisfiable")]
+    RangeNotSatisfiable { size: u64 },
+    #[error("invalid pagination parameter: {0}")]
+    PaginationInvalid(&'static str),
+    #[error("the operation is unsupported: {0}")]
+    Unsupported(&'static str),
+    #[error("request body could not be read: {0}")]
+    BodyRead(String),
+    #[error("internal error: {0}")]
+    Internal(#[from] Internal),
+}
+
+/// A failure inside the server (storage, catalog, task panics). Never shown to clients.
+#[derive(Debug, thiserror::Error)]
+pub enum Internal {
+    #[error("storage: {0}")]
+    Storage(#[from] object_store::Error),
+    #[error("catalog: {0}")]
+    Catalog(#[from] rusqlite::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("background task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    Other(&'static str),
+}
+
+impl From<object_store::Error> for Error {
+    fn from(e: object_store::Error) -> Self {
+        Error::Internal(Internal::Storage(e))
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Internal(Internal::Catalog(e))
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Internal(Internal::Io(e))
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::Internal(Internal::Join(e))
+    }
+}
+
+impl Error {
+    /// The OCI error code this error is reported as.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::BlobUnknown(_) => Code::BlobUnknown,
+            Error::UploadUnknown => Code::BlobUploadUnknown,
+            Error::UploadOutOfOrder { .. } | Error::UploadInvalid(_) => Code::BlobUploadInvalid,
+            Error::DigestMismatch { .. } | Error::DigestInvalid(_) => Code::DigestInvalid,
+            Error::ManifestBlobUnknown(_) => Code::ManifestBlobUnknown,
+            Error::ManifestInvalid(_) | Error::ManifestTooLarge { .. } => Code::ManifestInvalid,
+            Error::ManifestUnknown => Code::ManifestUnknown,
+            Error::NameInvalid => Code::NameInvalid,
+            Error::TagInvalid => Code::ManifestInvalid,
+            Error::NameUnknown => Code::NameUnknown,
+            Error::SizeInvalid => Code::SizeInvalid,
+            Error::RangeNotSatisfiable { .. } => Code::RangeInvalid,
+            Error::PaginationInvalid(_) => Code::PaginationNumberInvalid,
+            Error::BodyRead(_) => Code::BlobUploadInvalid,
+            Error::Unsupported(_) => Code::Unsupported,
+            Error::Internal(_) => Code::Unknown,
+        }
+    }
+
+    /// HTTP status, where a variant differs from its code's usual one.
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::UploadOutOfOrder { .. } => 416,
+            Error::ManifestTooLarge { .. } => 413,
+            other => other.code().status(),
+        }
+    }
+
+    /// The `detail` member of the error body, where there is something useful to say.
+    pub fn detail(&self) -> Option<serde_json::Value> {
+        match self {
+            Error::BlobUnknown(Some(d)) | Error::ManifestBlobUnknown(d) => {
+                Some(serde_json::json!({ "digest": d.to_string() }))
+            }
+            Error::DigestMismatch { expected, actual } => Some(serde_json::json!({
+                "expected": expected.to_string(),
+                "actual": actual.to_string(),
+            })),
+            Error::ManifestTooLarge { limit } => Some(serde_json::json!({ "limit": limit })),
+            Error::RangeNotSatisfiable { size } => Some(serde_json::json!({ "size": size })),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

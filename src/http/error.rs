@@ -1,0 +1,53 @@
+//! Turns [`Error`] into the spec's error response: status, OCI JSON body, and the headers some
+//! errors carry (`Range` and `Location` on an out-of-order chunk, `Content-Range` on an
+//! unsatisfiable byte range). Internal errors are logged here, once, and reported generically.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE};
+use actix_web::{HttpResponse, ResponseError};
+
+use crate::error::{Code, Error};
+
+/// `Range` header value for an upload holding `offset` bytes (`0-<last>`; `0-0` when empty, as
+/// clients expect the header to be present).
+pub fn upload_range(offset: u64) -> String {
+    format!("0-{}", offset.saturating_sub(1))
+}
+
+/// The OCI error body for one error.
+pub fn error_body(code: Code, message: &str, detail: Option<serde_json::Value>) -> String {
+    let mut entry = serde_json::json!({ "code": code.as_str(), "message": message });
+    if let Some(d) = detail {
+        entry["detail"] = d;
+    }
+    serde_json::json!({ "errors": [entry] }).to_string()
+}
+
+impl ResponseError for Error {
+    fn status_code(&self) -> StatusCode {
+        StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let message = match self {
+            Error::Internal(inner) => {
+                tracing::error!(error = %inner, "internal error while serving a request");
+                "internal server error".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let mut resp = HttpResponse::build(self.status_code());
+        resp.insert_header((CONTENT_TYPE, "application/json"));
+        match self {
+            Error::UploadOutOfOrder { repo, id, offset } => {
+                resp.insert_header((LOCATION, super::uploads::upload_location(repo, *id)));
+                resp.insert_header((RANGE, upload_range(*offset)));
+            }
+            Error::RangeNotSatisfiable { size } => {
+                resp.insert_header((CONTENT_RANGE, format!("bytes */{size}")));
+            }
+            _ => {}
+        }
+        resp.body(error_body(self.code(), &message, self.detail()))
+    }
+}

@@ -1,0 +1,66 @@
+//! `/v2/<name>/manifests/<reference>`: GET, HEAD, PUT, DELETE.
+
+use actix_web::http::header::{CONTENT_TYPE, ETAG, LOCATION};
+use actix_web::{HttpRequest, HttpResponse, web};
+
+use super::extract;
+use crate::error::{Error, Result};
+use crate::oci::Reference;
+use crate::registry::Registry;
+
+/// A reference on a read: a malformed tag can name nothing, so it is simply unknown.
+fn read_reference(req: &HttpRequest) -> Result<Reference> {
+    extract::reference(req).map_err(|e| match e {
+        Error::TagInvalid => Error::ManifestUnknown,
+        other => other,
+    })
+}
+
+async fn lookup(req: HttpRequest, reg: web::Data<Registry>, with_content: bool) -> Result<HttpResponse> {
+    let repo = extract::repo(&req)?;
+    let reference = read_reference(&req)?;
+    let m = reg.get_manifest(&repo, &reference, with_content).await?;
+    let mut resp = HttpResponse::Ok();
+    resp.insert_header((CONTENT_TYPE, m.media_type))
+        .insert_header(("Docker-Content-Digest", m.digest.clone()))
+        .insert_header((ETAG, format!("\"{}\"", m.digest)));
+    Ok(match m.content {
+        Some(body) => resp.body(body),
+        None => resp.no_chunking(m.size).streaming(super::empty_body()),
+    })
+}
+
+pub async fn get(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResponse> {
+    lookup(req, reg, true).await
+}
+
+pub async fn head(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResponse> {
+    lookup(req, reg, false).await
+}
+
+pub async fn put(req: HttpRequest, reg: web::Data<Registry>, body: web::Payload) -> Result<HttpResponse> {
+    let repo = extract::repo(&req)?;
+    let reference = extract::reference(&req)?;
+    let limit = reg.settings().max_manifest_size;
+    if extract::content_length(&req).is_some_and(|l| l > limit as u64) {
+        return Err(Error::ManifestTooLarge { limit });
+    }
+    let body = extract::read_limited(body, limit).await?;
+    let out = reg
+        .put_manifest(&repo, reference, extract::content_type(&req), body)
+        .await?;
+    let mut resp = HttpResponse::Created();
+    resp.insert_header((LOCATION, format!("/v2/{repo}/manifests/{}", out.digest)))
+        .insert_header(("Docker-Content-Digest", out.digest.to_string()));
+    if let Some(subject) = out.subject {
+        resp.insert_header(("OCI-Subject", subject.to_string()));
+    }
+    Ok(resp.finish())
+}
+
+pub async fn delete(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResponse> {
+    let repo = extract::repo(&req)?;
+    let reference = read_reference(&req)?;
+    reg.delete_manifest(&repo, &reference).await?;
+    Ok(HttpResponse::Accepted().finish())
+}

@@ -1,0 +1,135 @@
+//! HTTP wiring: the route table, the headers every response carries, request logging.
+//!
+//! One file per OCI resource; each handler extracts and validates its inputs (`extract`), calls
+//! one [`Registry`] method, and maps the result. Errors become OCI error bodies in `error`.
+
+mod blobs;
+mod error;
+mod extract;
+mod listing;
+mod manifests;
+mod uploads;
+
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::CONTENT_TYPE;
+use actix_web::middleware::{DefaultHeaders, Next};
+use actix_web::{HttpResponse, web};
+
+pub use error::error_body;
+
+use crate::error::Code;
+use crate::registry::Registry;
+
+/// Registers every route on an actix app.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    const NAME: &str = "/v2/{name:.+}";
+    cfg.service(
+        web::resource(["/v2", "/v2/"])
+            .get(base)
+            .head(base)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v2/_catalog")
+            .get(listing::catalog)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(format!("{NAME}/tags/list"))
+            .get(listing::tags)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(format!("{NAME}/manifests/{{reference}}"))
+            .get(manifests::get)
+            .head(manifests::head)
+            .put(manifests::put)
+            .delete(manifests::delete)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource([format!("{NAME}/blobs/uploads/"), format!("{NAME}/blobs/uploads")])
+            .post(uploads::start)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(format!("{NAME}/blobs/uploads/{{uuid}}"))
+            .get(uploads::status)
+            .patch(uploads::patch)
+            .put(uploads::finish)
+            .delete(uploads::cancel)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(format!("{NAME}/blobs/{{digest}}"))
+            .get(blobs::get)
+            .head(blobs::head)
+            .delete(blobs::delete)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(format!("{NAME}/referrers/{{digest}}"))
+            .get(listing::referrers)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .default_service(web::to(not_found));
+}
+
+/// Headers on every response.
+pub fn default_headers() -> DefaultHeaders {
+    DefaultHeaders::new().add(("Docker-Distribution-API-Version", "registry/2.0"))
+}
+
+/// Logs each request with its outcome and duration.
+pub async fn log_requests(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.path().to_owned();
+    let resp = next.call(req).await?;
+    let status = resp.status().as_u16();
+    let duration_ms = started.elapsed().as_millis() as u64;
+    if resp.status().is_server_error() {
+        tracing::warn!(%method, %path, status, duration_ms, "request failed");
+    } else {
+        tracing::debug!(%method, %path, status, duration_ms, "request");
+    }
+    Ok(resp)
+}
+
+/// `/v2/`: the API version check.
+async fn base() -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((CONTENT_TYPE, "application/json"))
+        .body("{}")
+}
+
+async fn not_found() -> HttpResponse {
+    HttpResponse::NotFound()
+        .insert_header((CONTENT_TYPE, "application/json"))
+        .body(error_body(Code::NotFound, "no such endpoint", None))
+}
+
+async fn method_not_allowed() -> HttpResponse {
+    HttpResponse::MethodNotAllowed()
+        .insert_header((CONTENT_TYPE, "application/json"))
+        .body(error_body(
+            Code::Unsupported,
+            "method not allowed on this endpoint",
+            None,
+        ))
+}
+
+/// The body of a HEAD response: none, while `no_chunking(len)` on the builder states the
+/// `Content-Length` the matching GET would have (actix drops a manual header on empty bodies).
+fn empty_body() -> futures_util::stream::Empty<Result<bytes::Bytes, std::io::Error>> {
+    futures_util::stream::empty()
+}
+
+/// Keeps the type of the registry handle named in one place for `main`.
+pub type State = web::Data<Registry>;

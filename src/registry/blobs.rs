@@ -1,0 +1,109 @@
+//! Blob reads and deletes.
+
+use std::ops::Range;
+
+use super::Registry;
+use crate::error::{Error, Result};
+use crate::oci::{Digest, RepoName};
+use crate::storage::ByteStream;
+
+/// A byte range asked for by a client, before it is checked against the blob's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// `bytes=a-b` (b inclusive) or `bytes=a-` (b = None).
+    From { start: u64, end: Option<u64> },
+    /// `bytes=-n`: the last n bytes.
+    Suffix(u64),
+}
+
+impl ByteRange {
+    /// The half-open range this selects in a blob of `size` bytes, if satisfiable.
+    pub fn resolve(self, size: u64) -> Option<Range<u64>> {
+        match self {
+            ByteRange::From { start, end } => {
+                let end = end.map_or(size, |e| e.saturating_add(1).min(size));
+                (start < size && start < end).then_some(start..end)
+            }
+            ByteRange::Suffix(n) => (n > 0 && size > 0).then(|| size.saturating_sub(n)..size),
+        }
+    }
+}
+
+/// A blob about to be served.
+pub struct BlobBody {
+    pub size: u64,
+    /// The range served, when the client asked for one.
+    pub range: Option<Range<u64>>,
+    pub body: ByteStream,
+}
+
+impl Registry {
+    /// Size of a blob the repository may read, or `BLOB_UNKNOWN`.
+    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        self.catalog
+            .blob_size(repo, digest)
+            .await?
+            .ok_or_else(|| Error::BlobUnknown(Some(digest.clone())))
+    }
+
+    /// Opens a blob (or a range of it) for streaming.
+    pub async fn get_blob(&self, repo: &RepoName, digest: &Digest, range: Option<ByteRange>) -> Result<BlobBody> {
+        let size = self.blob_size(repo, digest).await?;
+        let range = match range {
+            None => None,
+            Some(r) => Some(r.resolve(size).ok_or(Error::RangeNotSatisfiable { size })?),
+        };
+        let body = self.store.get(digest, range.clone()).await?;
+        Ok(BlobBody { size, range, body })
+    }
+
+    /// Removes a blob from a repository. Its bytes stay while other repositories link it.
+    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        if !self.settings.delete_enabled {
+            return Err(Error::Unsupported("deletion is disabled on this registry"));
+        }
+        if self.catalog.unlink_blob(repo, digest).await? {
+            tracing::info!(repo = %repo, digest = %digest, "blob unlinked");
+            Ok(())
+        } else {
+            Err(Error::BlobUnknown(Some(digest.clone())))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ByteRange;
+
+    #[test]
+    fn resolves_ranges() {
+        assert_eq!(
+            ByteRange::From {
+                start: 500,
+                end: Some(1499)
+            }
+            .resolve(2048),
+            Some(500..1500)
+        );
+        assert_eq!(
+            ByteRange::From {
+                start: 0,
+                end: Some(5000)
+            }
+            .resolve(10),
+            Some(0..10)
+        );
+        assert_eq!(ByteRange::From { start: 10, end: None }.resolve(10), None);
+        assert_eq!(
+            ByteRange::From {
+                start: 500,
+                end: Some(0)
+            }
+            .resolve(2048),
+            None
+        );
+        assert_eq!(ByteRange::Suffix(4).resolve(10), Some(6..10));
+        assert_eq!(ByteRange::Suffix(40).resolve(10), Some(0..10));
+        assert_eq!(ByteRange::Suffix(0).resolve(10), None);
+    }
+}

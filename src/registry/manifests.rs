@@ -1,0 +1,109 @@
+//! Manifest push, pull and delete.
+
+use bytes::Bytes;
+
+use super::Registry;
+use crate::catalog::{ManifestRecord, NewManifest};
+use crate::error::{Error, Result};
+use crate::oci::manifest::{self, Manifest};
+use crate::oci::{Digest, Reference, RepoName};
+
+/// Bodies larger than this are hashed and parsed on the blocking pool.
+const INLINE_LIMIT: usize = 64 * 1024;
+
+/// What a successful manifest PUT reports back.
+#[derive(Debug)]
+pub struct PutOutcome {
+    pub digest: Digest,
+    /// The `subject` the manifest names, echoed as `OCI-Subject`.
+    pub subject: Option<Digest>,
+}
+
+fn digest_and_parse(body: &[u8], by_digest: Option<&Digest>, content_type: Option<&str>) -> Result<(Digest, Manifest)> {
+    let digest = match by_digest {
+        Some(d) => {
+            let actual = d.compute_like(body);
+            if &actual != d {
+                return Err(Error::DigestMismatch {
+                    expected: d.clone(),
+                    actual,
+                });
+            }
+            actual
+        }
+        None => Digest::sha256_of(body),
+    };
+    Ok((digest, manifest::parse(body, content_type)?))
+}
+
+impl Registry {
+    /// Validates and stores a manifest under a tag or its digest.
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: Reference,
+        content_type: Option<String>,
+        body: Bytes,
+    ) -> Result<PutOutcome> {
+        if body.len() > self.settings.max_manifest_size {
+            return Err(Error::ManifestTooLarge {
+                limit: self.settings.max_manifest_size,
+            });
+        }
+        let (tag, by_digest) = match reference {
+            Reference::Tag(t) => (Some(t), None),
+            Reference::Digest(d) => (None, Some(d)),
+        };
+        let (digest, parsed) = if body.len() <= INLINE_LIMIT {
+            digest_and_parse(&body, by_digest.as_ref(), content_type.as_deref())?
+        } else {
+            let body = body.clone();
+            tokio::task::spawn_blocking(move || digest_and_parse(&body, by_digest.as_ref(), content_type.as_deref()))
+                .await??
+        };
+        let subject = parsed.subject.as_ref().map(|s| s.digest.clone());
+        let tag_name = tag.as_ref().map(|t| t.to_string());
+        self.catalog
+            .put_manifest(
+                repo,
+                NewManifest {
+                    digest: digest.clone(),
+                    content: body.to_vec(),
+                    parsed,
+                    tag,
+                },
+            )
+            .await?;
+        tracing::info!(repo = %repo, digest = %digest, tag = tag_name, "manifest stored");
+        Ok(PutOutcome { digest, subject })
+    }
+
+    /// Looks a manifest up; `with_content` false for HEAD.
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        with_content: bool,
+    ) -> Result<ManifestRecord> {
+        self.catalog
+            .manifest(repo, reference, with_content)
+            .await?
+            .ok_or(Error::ManifestUnknown)
+    }
+
+    /// Deletes a tag, or a manifest (with every tag naming it) by digest.
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        if !self.settings.delete_enabled {
+            return Err(Error::Unsupported("deletion is disabled on this registry"));
+        }
+        let existed = match reference {
+            Reference::Tag(t) => self.catalog.delete_tag(repo, t).await?,
+            Reference::Digest(d) => self.catalog.delete_manifest(repo, d).await?,
+        };
+        if !existed {
+            return Err(Error::ManifestUnknown);
+        }
+        tracing::info!(repo = %repo, reference = %reference, "manifest deleted");
+        Ok(())
+    }
+}

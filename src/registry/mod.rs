@@ -1,0 +1,68 @@
+//! The registry's services: what each OCI operation does, independent of HTTP.
+//!
+//! A [`Registry`] owns the catalog and the blob store; the HTTP layer calls one method per
+//! request and maps the result. Nothing here sees actix types: request bodies arrive as
+//! `Stream<Item = io::Result<Bytes>>`, responses leave as plain values.
+
+pub mod blobs;
+mod manifests;
+mod uploads;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use manifests::PutOutcome;
+pub use uploads::{Chunk, ChunkRange, Uploads};
+
+use crate::catalog::Catalog;
+use crate::storage::BlobStore;
+
+/// Registry behaviour settings (the `[registry]` config section, resolved).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub delete_enabled: bool,
+    pub max_manifest_size: usize,
+    pub upload_timeout: Duration,
+    pub catalog_page_size: u64,
+}
+
+/// Shared handle to the registry's state; cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    pub(crate) catalog: Catalog,
+    pub(crate) store: BlobStore,
+    pub(crate) uploads: Arc<Uploads>,
+    pub(crate) settings: Arc<Settings>,
+}
+
+impl Registry {
+    pub fn new(catalog: Catalog, store: BlobStore, settings: Settings) -> Self {
+        Registry {
+            catalog,
+            store,
+            uploads: Arc::new(Uploads::default()),
+            settings: Arc::new(settings),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// Removes upload sessions idle for longer than the configured timeout, with their data.
+    pub async fn expire_uploads(&self) {
+        for (id, writer) in self.uploads.take_expired(self.settings.upload_timeout) {
+            if let Some(w) = writer {
+                w.abort().await;
+            }
+            if let Err(e) = self.store.discard(id).await {
+                tracing::warn!(upload = %id, error = %e, "removing an expired upload's data failed");
+            }
+            tracing::info!(upload = %id, "expired an idle upload session");
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Test harness: starts the real `stowage` binary on 127.0.0.1 with a fresh data directory and
+//! talks to it over real HTTP, the way every client does.
+//!
+//! Each test owns its server: `TestServer::start()` picks a free port by asking the server to bind
+//! `127.0.0.1:0`, then reads the `listening on http://…` line the server prints on stdout once its
+//! socket is bound. Dropping the `TestServer` kills the process and removes the data directory.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A running `stowage serve` process.
+pub struct TestServer {
+    child: Child,
+    /// Base URL, e.g. `http://127.0.0.1:41234` (no trailing slash).
+    pub url: String,
+    /// `127.0.0.1:41234`, the form `skopeo`/`oras` want.
+    pub host: String,
+    data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    envs: Vec<(String, String)>,
+}
+
+impl TestServer {
+    /// Starts a server with default settings in a fresh temporary data directory.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra `STOWAGE_*` environment variables, e.g.
+    /// `[("STOWAGE_REGISTRY__DELETE_ENABLED", "false")]`.
+    pub fn start_with(envs: &[(&str, &str)]) -> Self {
+        let tmp = tempfile::tempdir().expect("create temp dir");
+        let data_dir = tmp.path().join("data");
+        let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let (child, host) = spawn(&data_dir, &envs);
+        TestServer {
+            child,
+            url: format!("http://{host}"),
+            host,
+            data_dir,
+            _tmp: Some(tmp),
+            envs,
+        }
+    }
+
+    /// The server's data directory (SQLite catalog and blob store live under it).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Kills the process (SIGKILL: no graceful shutdown, as in a crash) and starts a new one on the
+    /// same data directory. The port changes; `url` and `host` are updated.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, host) = spawn(&self.data_dir, &self.envs);
+        self.child = child;
+        self.url = format!("http://{host}");
+        self.host = host;
+    }
+
+    /// `{url}/v2/{path}`.
+    pub fn v2(&self, path: &str) -> String {
+        format!("{}/v2/{}", self.url, path.trim_start_matches('/'))
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(data_dir: &Path, envs: &[(String, String)]) -> (Child, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stowage"));
+    cmd.arg("serve")
+        .env("STOWAGE_LISTEN", "127.0.0.1:0")
+        .env("STOWAGE_DATA_DIR", data_dir)
+        .env(
+            "RUST_LOG",
+            std::env::var("TEST_STOWAGE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn stowage");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !sent {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let host = rest.split_whitespace().next().unwrap_or_default().to_string();
+                    let _ = tx.send(host);
+                    sent = true;
+                }
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(host) => (child, host),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("stowage did not report its listening address within 60 s");
+        }
+    }
+}
+
+/// sha256 digest string (`sha256:<hex>`) of `data`.
+pub fn sha256(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+/// An HTTP client that never follows redirects (tests assert on `Location` themselves).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("build reqwest client")
+}
+
+/// Uploads `data` as a blob with a single `POST ?digest=` and returns its digest.
+pub async fn push_blob(server: &TestServer, repo: &str, data: &[u8]) -> String {
+    let digest = sha256(data);
+    let resp = client()
+        .post(server.v2(&format!("{repo}/blobs/uploads/?digest={digest}")))
+        .header("Content-Type", "application/octet-stream")
+        .body(data.to_vec())
+        .send()
+        .await
+        .expect("POST blob");
+    assert_eq!(resp.status(), 201, "monolithic blob POST of {digest}");
+    digest
+}
+
+/// Pushes a minimal OCI image (config + one layer + manifest) under `reference` and returns the
+/// manifest's digest and bytes.
+pub async fn push_image(server: &TestServer, repo: &str, reference: &str, layer: &[u8]) -> (String, Vec<u8>) {
+    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_digest = push_blob(server, repo, config).await;
+    let layer_digest = push_blob(server, repo, layer).await;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config.len(),
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": layer_digest,
+            "size": layer.len(),
+        }],
+    });
+    let body = serde_json::to_vec(&manifest).expect("serialise manifest");
+    let resp = client()
+        .put(server.v2(&format!("{repo}/manifests/{reference}")))
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("PUT manifest");
+    assert_eq!(resp.status(), 201, "manifest PUT {repo}:{reference}");
+    (sha256(&body), body)
+}

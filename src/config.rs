@@ -149,3 +149,24 @@ impl Config {
         self.data_dir.join("catalog.db")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_parses_to_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("stowage.example.toml");
+        let from_file = Config::load(Some(&path), CliOverrides::default()).expect("example config loads");
+        let defaults = Config::default();
+        assert_eq!(toml::to_string(&from_file).ok(), toml::to_string(&defaults).ok());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[registry]\ndelete_enabeld = false\n").expect("write config");
+        assert!(Config::load(Some(&path), CliOverrides::default()).is_err());
+    }
+}

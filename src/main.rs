@@ -3,10 +3,7 @@ use stowage::cli::{Cli, Command, ServeArgs};
 use stowage::config::{CliOverrides, Config, LogFormat};
 
 fn load(args: &ServeArgs) -> Config {
-    let cli = CliOverrides {
-        listen: args.listen,
-        data_dir: args.data_dir.clone(),
-    };
+    let cli = CliOverrides { listen: args.listen, data_dir: args.data_dir.clone() };
     match Config::load(args.config.as_deref(), cli) {
         Ok(c) => c,
         Err(e) => {
@@ -19,9 +16,7 @@ fn load(args: &ServeArgs) -> Config {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -41,19 +36,12 @@ async fn main() {
                 std::process::exit(1);
             }
         }
-        Command::CheckConfig(args) => {
-            let config = load(&args);
-            match toml_string(&config) {
-                Ok(s) => print!("{s}"),
-                Err(e) => {
-                    eprintln!("stowage: {e}");
-                    std::process::exit(1);
-                }
+        Command::CheckConfig(args) => match toml::to_string(&load(&args)) {
+            Ok(s) => print!("{s}"),
+            Err(e) => {
+                eprintln!("stowage: {e}");
+                std::process::exit(1);
             }
-        }
+        },
     }
-}
-
-fn toml_string(config: &Config) -> Result<String, String> {
-    serde_json::to_string_pretty(config).map_err(|e| e.to_string())
 }

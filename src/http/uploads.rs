@@ -34,7 +34,6 @@ fn session_response(
         .insert_header((LOCATION, upload_location(repo, id)))
         .insert_header((RANGE, upload_range(offset)))
         .insert_header(("Docker-Upload-UUID", id.hyphenated().to_string()))
-        .insert_header(("OCI-Chunk-Min-Length", "0"))
         .finish()
 }
 

@@ -10,9 +10,8 @@ use std::borrow::Cow;
 
 use crate::oci::Digest;
 
-/// OCI distribution error codes (spec section "Error Codes"), plus the two this registry adds for
-/// conditions the spec leaves uncoded (`RANGE_INVALID`, `PAGINATION_NUMBER_INVALID` as CNCF
-/// Distribution names it, `UNKNOWN` for internal failures).
+/// OCI distribution error codes (spec section "Error Codes": a response's code MUST be one of
+/// these), plus `UNKNOWN` for internal failures, which answer 500 and never come from bad input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
     BlobUnknown,
@@ -29,10 +28,7 @@ pub enum Code {
     Denied,
     Unsupported,
     TooManyRequests,
-    RangeInvalid,
-    PaginationNumberInvalid,
-    /// No such endpoint.
-    NotFound,
+    TagInvalid,
     Unknown,
 }
 
@@ -54,9 +50,7 @@ impl Code {
             Code::Denied => "DENIED",
             Code::Unsupported => "UNSUPPORTED",
             Code::TooManyRequests => "TOOMANYREQUESTS",
-            Code::RangeInvalid => "RANGE_INVALID",
-            Code::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
-            Code::NotFound => "NOT_FOUND",
+            Code::TagInvalid => "TAG_INVALID",
             Code::Unknown => "UNKNOWN",
         }
     }
@@ -64,23 +58,18 @@ impl Code {
     /// The HTTP status this code is answered with unless the variant overrides it.
     pub fn status(self) -> u16 {
         match self {
-            Code::BlobUnknown
-            | Code::BlobUploadUnknown
-            | Code::ManifestUnknown
-            | Code::NameUnknown
-            | Code::NotFound => 404,
+            Code::BlobUnknown | Code::BlobUploadUnknown | Code::ManifestUnknown | Code::NameUnknown => 404,
             Code::BlobUploadInvalid
             | Code::DigestInvalid
             | Code::ManifestBlobUnknown
             | Code::ManifestInvalid
             | Code::NameInvalid
             | Code::SizeInvalid
-            | Code::PaginationNumberInvalid => 400,
+            | Code::TagInvalid => 400,
             Code::Unauthorized => 401,
             Code::Denied => 403,
             Code::Unsupported => 405,
             Code::TooManyRequests => 429,
-            Code::RangeInvalid => 416,
             Code::Unknown => 500,
         }
     }
@@ -185,11 +174,12 @@ impl Error {
             Error::ManifestInvalid(_) | Error::ManifestTooLarge { .. } => Code::ManifestInvalid,
             Error::ManifestUnknown => Code::ManifestUnknown,
             Error::NameInvalid => Code::NameInvalid,
-            Error::TagInvalid => Code::ManifestInvalid,
+            Error::TagInvalid => Code::TagInvalid,
             Error::NameUnknown => Code::NameUnknown,
             Error::SizeInvalid => Code::SizeInvalid,
-            Error::RangeNotSatisfiable { .. } => Code::RangeInvalid,
-            Error::PaginationInvalid(_) => Code::PaginationNumberInvalid,
+            // No spec code names an unsatisfiable range; the requested size is what is wrong.
+            Error::RangeNotSatisfiable { .. } => Code::SizeInvalid,
+            Error::PaginationInvalid(_) => Code::Unsupported,
             Error::BodyRead(_) => Code::BlobUploadInvalid,
             Error::Unsupported(_) => Code::Unsupported,
             Error::Internal(_) => Code::Unknown,
@@ -201,6 +191,8 @@ impl Error {
         match self {
             Error::UploadOutOfOrder { .. } => 416,
             Error::ManifestTooLarge { .. } => 413,
+            Error::RangeNotSatisfiable { .. } => 416,
+            Error::PaginationInvalid(_) => 400,
             other => other.code().status(),
         }
     }

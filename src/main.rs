@@ -3,7 +3,10 @@ use stowage::cli::{Cli, Command, ServeArgs};
 use stowage::config::{CliOverrides, Config, LogFormat};
 
 fn load(args: &ServeArgs) -> Config {
-    let cli = CliOverrides { listen: args.listen, data_dir: args.data_dir.clone() };
+    let cli = CliOverrides {
+        listen: args.listen,
+        data_dir: args.data_dir.clone(),
+    };
     match Config::load(args.config.as_deref(), cli) {
         Ok(c) => c,
         Err(e) => {
@@ -16,7 +19,9 @@ fn load(args: &ServeArgs) -> Config {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -112,7 +112,7 @@ async fn base() -> HttpResponse {
 async fn not_found() -> HttpResponse {
     HttpResponse::NotFound()
         .insert_header((CONTENT_TYPE, "application/json"))
-        .body(error_body(Code::NotFound, "no such endpoint", None))
+        .body(error_body(Code::Unsupported, "no such endpoint", None))
 }
 
 async fn method_not_allowed() -> HttpResponse {

@@ -122,11 +122,18 @@ pub struct Chunk<S> {
     pub body: S,
 }
 
+impl ChunkRange {
+    /// Bytes the range covers; `None` for a range that is backwards or too large to exist.
+    pub fn byte_count(&self) -> Option<u64> {
+        self.end.checked_sub(self.start)?.checked_add(1)
+    }
+}
+
 /// Checks a chunk's declared range and length against the upload's offset.
 fn check_chunk(offset: u64, range: Option<ChunkRange>, content_length: Option<u64>) -> bool {
     match range {
         None => true,
-        Some(r) => r.start == offset && r.end >= r.start && content_length.is_none_or(|l| l == r.end - r.start + 1),
+        Some(r) => r.start == offset && r.byte_count().is_some_and(|n| content_length.is_none_or(|l| l == n)),
     }
 }
 
@@ -208,7 +215,7 @@ impl Registry {
         }
         let received = pump(writer, chunk.body).await;
         match (received, chunk.range) {
-            (Ok(n), Some(r)) if n != r.end - r.start + 1 => {
+            (Ok(n), Some(r)) if Some(n) != r.byte_count() => {
                 // The body did not match its declared range: the staged data no longer
                 // matches what the client believes, so the session cannot continue.
                 self.drop_session(id, state.writer.take()).await;
@@ -240,7 +247,7 @@ impl Registry {
             return Err(e);
         }
         if let Some(r) = chunk.range {
-            if writer.len() - before != r.end - r.start + 1 {
+            if Some(writer.len() - before) != r.byte_count() {
                 self.drop_session(id, state.writer.take()).await;
                 return Err(Error::SizeInvalid);
             }

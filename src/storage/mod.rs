@@ -33,6 +33,7 @@ use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectSt
 use uuid::Uuid;
 
 pub use writer::StagedWriter;
+use writer::Writeback;
 
 use crate::error::{Error, Result};
 use crate::oci::{Algorithm, Digest, Hasher};
@@ -69,6 +70,8 @@ pub type ByteStream = std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Bytes>
 pub struct BlobStore {
     store: Arc<dyn ObjectStore>,
     part_size: usize,
+    /// Root directory when the store is local disk (enables write-back control of uploads).
+    local_root: Option<PathBuf>,
 }
 
 impl BlobStore {
@@ -78,11 +81,20 @@ impl BlobStore {
         let fs = LocalFileSystem::new_with_prefix(&root)?
             .with_fsync(true)
             .with_automatic_cleanup(true);
-        Ok(Self::new(Arc::new(fs), part_size))
+        Ok(BlobStore {
+            store: Arc::new(fs),
+            part_size,
+            local_root: Some(root),
+        })
     }
 
+    /// A store on any `object_store` backend.
     pub fn new(store: Arc<dyn ObjectStore>, part_size: usize) -> Self {
-        BlobStore { store, part_size }
+        BlobStore {
+            store,
+            part_size,
+            local_root: None,
+        }
     }
 
     /// Size of a stored blob, or `None` if no object holds that digest.
@@ -115,7 +127,19 @@ impl BlobStore {
     /// Starts staging a new upload's data, hashed with `algorithm`.
     pub async fn start_upload(&self, id: Uuid, algorithm: Algorithm) -> Result<StagedWriter> {
         let upload = self.store.put_multipart(&Key::Upload(id).path()).await?;
-        Ok(StagedWriter::new(upload, self.part_size, Hasher::new(algorithm)))
+        let writeback = match &self.local_root {
+            Some(root) => {
+                let dir = root.join(format!("uploads/{}", id.simple()));
+                tokio::task::spawn_blocking(move || staging_file(&dir)).await?
+            }
+            None => None,
+        };
+        Ok(StagedWriter::new(
+            upload,
+            self.part_size,
+            Hasher::new(algorithm),
+            writeback,
+        ))
     }
 
     /// Hashes a completed staged upload again with another algorithm (a client that streamed
@@ -169,6 +193,17 @@ impl BlobStore {
         }
         Ok(n)
     }
+}
+
+/// Opens the one file the local backend is staging in an upload's own directory, for write-back
+/// control. `None` (no optimisation, same durability) if that is not what the directory holds.
+fn staging_file(dir: &std::path::Path) -> Option<Writeback> {
+    let mut entries = std::fs::read_dir(dir).ok()?;
+    let only = entries.next()?.ok()?;
+    if entries.next().is_some() {
+        return None;
+    }
+    std::fs::File::open(only.path()).ok().map(Writeback::new)
 }
 
 /// Streams `range` of a local file in [`READ_CHUNK`] reads, each on the blocking pool.

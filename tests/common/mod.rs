@@ -97,12 +97,10 @@ fn spawn(data_dir: &Path, envs: &[(String, String)]) -> (Child, String) {
         let mut sent = false;
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if !sent {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let host = rest.split_whitespace().next().unwrap_or_default().to_string();
-                    let _ = tx.send(host);
-                    sent = true;
-                }
+            if !sent && let Some(rest) = line.split("listening on http://").nth(1) {
+                let host = rest.split_whitespace().next().unwrap_or_default().to_string();
+                let _ = tx.send(host);
+                sent = true;
             }
         }
     });

@@ -63,6 +63,26 @@ impl TestServer {
         self.host = host;
     }
 
+    /// Sends SIGTERM (graceful shutdown) and waits for the process to exit; returns its status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid}");
+        self.child.wait().expect("wait for stowage")
+    }
+
+    /// Sends SIGTERM without waiting for the exit.
+    pub fn signal_terminate(&self) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid}");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("wait for stowage")
+    }
+
     /// `{url}/v2/{path}`.
     pub fn v2(&self, path: &str) -> String {
         format!("{}/v2/{}", self.url, path.trim_start_matches('/'))

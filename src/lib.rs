@@ -14,4 +14,5 @@ pub mod http;
 pub mod oci;
 pub mod registry;
 pub mod server;
+pub mod spack;
 pub mod storage;

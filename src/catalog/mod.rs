@@ -15,6 +15,7 @@
 //! at start-up; the applied version is SQLite's `user_version`.
 
 mod queries;
+mod spack;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -23,6 +24,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 pub use queries::{ManifestRecord, NewManifest, Referrer};
+pub use spack::{IndexSnapshot, IndexState};
 
 use crate::error::{Error, Internal, Result};
 
@@ -32,7 +34,10 @@ const MAX_BATCH: usize = 256;
 const MAX_IDLE_READERS: usize = 8;
 
 /// Embedded migrations, in order; the index + 1 is the schema version they bring.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/0001_init.sql"),
+    include_str!("../../migrations/0002_spack.sql"),
+];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;
 type Job = Box<dyn FnOnce(Option<&Connection>) -> Finisher + Send>;

@@ -6,6 +6,7 @@ use super::{Catalog, now};
 use crate::error::{Error, Result};
 use crate::oci::manifest::Manifest;
 use crate::oci::{Digest, Reference, RepoName, Tag};
+use crate::spack::SpecImage;
 
 /// A stored manifest, as served.
 #[derive(Debug, Clone)]
@@ -23,6 +24,10 @@ pub struct NewManifest {
     pub content: Vec<u8>,
     pub parsed: Manifest,
     pub tag: Option<Tag>,
+    /// The Spack spec the manifest's config carries, for a spec tag.
+    pub spack: Option<SpecImage>,
+    /// Set when this manifest is a freshly built Spack index for that generation.
+    pub spack_index_generation: Option<i64>,
 }
 
 /// One entry of a referrers response.
@@ -207,6 +212,10 @@ impl Catalog {
                         SET manifest_id = excluded.manifest_id, updated_at = excluded.updated_at",
                     params![repo_id, tag.as_str(), manifest_id, now()],
                 )?;
+                super::spack::sync_tag(c, repo_id, tag.as_str(), manifest_id, m.spack.as_ref())?;
+            }
+            if let Some(generation) = m.spack_index_generation {
+                super::spack::publish_index(c, repo_id, generation, &digest)?;
             }
             Ok(())
         })
@@ -294,7 +303,13 @@ impl Catalog {
             let Some(id) = repo_id(c, &repo)? else { return Ok(None) };
             let limit = limit.map_or(-1, |l| l.min(i64::MAX as u64) as i64);
             let mut stmt =
-                c.prepare_cached("SELECT name FROM tags WHERE repo_id = ?1 AND name > ?2 ORDER BY name LIMIT ?3")?;
+                // `index.spack` of a Spack build cache is the server's, listed whether or not a
+                // client ever pushed it.
+                c.prepare_cached(
+                    "SELECT name FROM (SELECT name FROM tags WHERE repo_id = ?1
+                                       UNION SELECT 'index.spack' FROM spack_index WHERE repo_id = ?1)
+                      WHERE name > ?2 ORDER BY name LIMIT ?3",
+                )?;
             let tags = stmt
                 .query_map(params![id, last.unwrap_or_default(), limit], |r| r.get(0))?
                 .collect::<rusqlite::Result<Vec<String>>>()?;

@@ -19,7 +19,14 @@ fn read_reference(req: &HttpRequest) -> Result<Reference> {
 async fn lookup(req: HttpRequest, reg: web::Data<Registry>, with_content: bool) -> Result<HttpResponse> {
     let repo = extract::repo(&req)?;
     let reference = read_reference(&req)?;
-    let m = reg.get_manifest(&repo, &reference, with_content).await?;
+    let served = match &reference {
+        Reference::Tag(t) if t.as_str() == crate::spack::INDEX_TAG => reg.spack_index(&repo, with_content).await?,
+        _ => None,
+    };
+    let m = match served {
+        Some(m) => m,
+        None => reg.get_manifest(&repo, &reference, with_content).await?,
+    };
     let mut resp = HttpResponse::Ok();
     resp.insert_header((CONTENT_TYPE, m.media_type))
         .insert_header(("Docker-Content-Digest", m.digest.clone()))

@@ -57,6 +57,13 @@ impl Digest {
         }
     }
 
+    /// sha256 of a buffer too large to hash on an async worker thread.
+    pub async fn sha256_of_blocking(data: bytes::Bytes) -> Result<Digest, Error> {
+        tokio::task::spawn_blocking(move || Digest::sha256_of(&data))
+            .await
+            .map_err(|e| Error::Internal(crate::error::Internal::Join(e)))
+    }
+
     /// Digest of `data` with this digest's algorithm.
     pub fn compute_like(&self, data: &[u8]) -> Digest {
         let mut h = Hasher::new(self.algorithm);

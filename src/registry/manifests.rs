@@ -7,6 +7,7 @@ use crate::catalog::{ManifestRecord, NewManifest};
 use crate::error::{Error, Result};
 use crate::oci::manifest::{self, Manifest};
 use crate::oci::{Digest, Reference, RepoName};
+use crate::spack::{self, SpecImage};
 
 /// Bodies larger than this are hashed and parsed on the blocking pool.
 const INLINE_LIMIT: usize = 64 * 1024;
@@ -63,19 +64,34 @@ impl Registry {
         };
         let subject = parsed.subject.as_ref().map(|s| s.digest.clone());
         let tag_name = tag.as_ref().map(|t| t.to_string());
-        self.catalog
-            .put_manifest(
-                repo,
-                NewManifest {
-                    digest: digest.clone(),
-                    content: body.to_vec(),
-                    parsed,
-                    tag,
-                },
-            )
-            .await?;
+        let spack = match &tag {
+            Some(t) if spack::is_spec_tag(t.as_str()) => self.read_spec(repo, &parsed).await?,
+            _ => None,
+        };
+        let new = NewManifest {
+            digest: digest.clone(),
+            content: body.to_vec(),
+            parsed,
+            tag,
+            spack,
+            spack_index_generation: None,
+        };
+        self.catalog.put_manifest(repo, new).await?;
         tracing::info!(repo = %repo, digest = %digest, tag = tag_name, "manifest stored");
         Ok(PutOutcome { digest, subject })
+    }
+
+    /// The Spack spec an image's config carries, if it is a spec image. A config that is not in
+    /// the repository is left to the catalog's check, which rejects the manifest.
+    async fn read_spec(&self, repo: &RepoName, parsed: &Manifest) -> Result<Option<SpecImage>> {
+        let Some(config) = parsed.config.as_ref().filter(|c| c.size <= spack::MAX_CONFIG_SIZE) else {
+            return Ok(None);
+        };
+        if self.catalog.blob_size(repo, &config.digest).await?.is_none() {
+            return Ok(None);
+        }
+        let bytes = self.store.read_small(&config.digest, spack::MAX_CONFIG_SIZE).await?;
+        Ok(tokio::task::spawn_blocking(move || spack::parse_config(&bytes)).await?)
     }
 
     /// Looks a manifest up; `with_content` false for HEAD.

@@ -6,6 +6,7 @@
 
 pub mod blobs;
 mod manifests;
+mod spack;
 mod uploads;
 
 use std::sync::Arc;
@@ -33,6 +34,7 @@ pub struct Registry {
     pub(crate) store: BlobStore,
     pub(crate) uploads: Arc<Uploads>,
     pub(crate) settings: Arc<Settings>,
+    pub(crate) spack_builds: Arc<spack::BuildLocks>,
 }
 
 impl Registry {
@@ -42,6 +44,7 @@ impl Registry {
             store,
             uploads: Arc::new(Uploads::default()),
             settings: Arc::new(settings),
+            spack_builds: Arc::new(spack::BuildLocks::default()),
         }
     }
 

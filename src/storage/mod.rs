@@ -124,6 +124,20 @@ impl BlobStore {
         })
     }
 
+    /// Reads a small blob whole (a config). Fails with `SizeInvalid` past `limit` bytes.
+    pub async fn read_small(&self, digest: &Digest, limit: u64) -> Result<Bytes> {
+        let mut stream = self.get(digest, None).await?;
+        let mut buf = bytes::BytesMut::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if (buf.len() + chunk.len()) as u64 > limit {
+                return Err(Error::SizeInvalid);
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    }
+
     /// Starts staging a new upload's data, hashed with `algorithm`.
     pub async fn start_upload(&self, id: Uuid, algorithm: Algorithm) -> Result<StagedWriter> {
         let upload = self.store.put_multipart(&Key::Upload(id).path()).await?;

@@ -6,6 +6,8 @@
 //! socket is bound. Dropping the `TestServer` kills the process and removes the data directory.
 #![allow(dead_code)]
 
+pub mod spack;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

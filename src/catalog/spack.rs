@@ -1,0 +1,184 @@
+//! Catalog side of Spack build caches: recording spec tags and reading index snapshots.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::Catalog;
+use crate::error::Result;
+use crate::oci::RepoName;
+use crate::spack::SpecImage;
+
+/// Where a repository's index stands.
+#[derive(Debug, Clone)]
+pub struct IndexState {
+    /// Bumped by every change to the repository's spec tags.
+    pub generation: i64,
+    /// The generation the current index manifest was built from.
+    pub built_generation: Option<i64>,
+    pub manifest_digest: Option<String>,
+}
+
+/// A consistent view of a repository's index, serialised as Spack reads it.
+pub struct IndexSnapshot {
+    pub generation: i64,
+    pub json: Vec<u8>,
+    pub specs: usize,
+    pub nodes: usize,
+}
+
+/// Records (or clears) the spec carried by `tag`, inside the manifest PUT's transaction.
+/// Cost is proportional to this spec's DAG, whatever else the repository holds.
+pub(super) fn sync_tag(
+    c: &Connection,
+    repo_id: i64,
+    tag: &str,
+    manifest_id: i64,
+    spec: Option<&SpecImage>,
+) -> rusqlite::Result<()> {
+    c.prepare_cached("DELETE FROM spack_specs WHERE repo_id = ?1 AND tag = ?2")?
+        .execute(params![repo_id, tag])?;
+    let Some(spec) = spec else { return Ok(()) };
+    let mut node_stmt = c.prepare_cached(
+        "INSERT INTO spack_nodes (repo_id, hash, name, version, platform, os, target, compiler, external, node)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT DO NOTHING",
+    )?;
+    let mut dep_stmt = c.prepare_cached(
+        "INSERT INTO spack_deps (repo_id, hash, dep_hash, deptypes) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+    )?;
+    for n in &spec.nodes {
+        let added = node_stmt.execute(params![
+            repo_id, n.hash, n.name, n.version, n.platform, n.os, n.target, n.compiler, n.external, n.json
+        ])?;
+        if added > 0 {
+            for (dep, types) in &n.dependencies {
+                dep_stmt.execute(params![repo_id, n.hash, dep, types])?;
+            }
+        }
+    }
+    c.prepare_cached(
+        "INSERT INTO spack_specs (repo_id, tag, hash, manifest_id, layout_version) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![repo_id, tag, spec.hash, manifest_id, spec.layout_version])?;
+    let mut closure =
+        c.prepare_cached("INSERT INTO spack_closure (repo_id, tag, hash) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")?;
+    for n in &spec.nodes {
+        closure.execute(params![repo_id, tag, n.hash])?;
+    }
+    Ok(())
+}
+
+/// Records a freshly built index manifest as current, unless a newer build got there first.
+pub(super) fn publish_index(c: &Connection, repo_id: i64, generation: i64, digest: &str) -> rusqlite::Result<()> {
+    let previous: Option<String> = c
+        .query_row(
+            "SELECT manifest_digest FROM spack_index WHERE repo_id = ?1",
+            [repo_id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    let updated = c.execute(
+        "UPDATE spack_index SET built_generation = ?2, manifest_digest = ?3
+          WHERE repo_id = ?1 AND (built_generation IS NULL OR built_generation < ?2)",
+        params![repo_id, generation, digest],
+    )?;
+    // The replaced index manifest is no longer reachable by anything but its digest; drop it
+    // unless a client tag names it.
+    if updated > 0 {
+        if let Some(old) = previous.filter(|old| old != digest) {
+            c.execute(
+                "DELETE FROM manifests WHERE repo_id = ?1 AND digest = ?2
+                    AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = manifests.id)",
+                params![repo_id, old],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+impl Catalog {
+    /// The index state of a repository that holds (or held) Spack specs.
+    pub async fn spack_index_state(&self, repo: &RepoName) -> Result<Option<IndexState>> {
+        let repo = repo.to_string();
+        self.read(move |c| {
+            let state = c
+                .prepare_cached(
+                    "SELECT s.generation, s.built_generation, s.manifest_digest
+                       FROM spack_index s JOIN repositories r ON r.id = s.repo_id WHERE r.name = ?1",
+                )?
+                .query_row([repo], |r| {
+                    Ok(IndexState {
+                        generation: r.get(0)?,
+                        built_generation: r.get(1)?,
+                        manifest_digest: r.get(2)?,
+                    })
+                })
+                .optional()?;
+            Ok(state)
+        })
+        .await
+    }
+
+    /// Serialises the repository's index from one consistent snapshot of the catalog.
+    pub async fn spack_index_snapshot(&self, repo: &RepoName) -> Result<Option<IndexSnapshot>> {
+        let repo = repo.to_string();
+        self.read(move |c| {
+            let tx = c.unchecked_transaction()?;
+            let Some((repo_id, generation)) = tx
+                .query_row(
+                    "SELECT s.repo_id, s.generation FROM spack_index s JOIN repositories r ON r.id = s.repo_id
+                      WHERE r.name = ?1",
+                    [&repo],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                )
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let (specs, min_layout): (i64, Option<i64>) = tx.query_row(
+                "SELECT COUNT(*), MIN(layout_version) FROM spack_specs WHERE repo_id = ?1",
+                [repo_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            // Spack 0.2x (layout 2) reads database version 7 only; 1.x reads 7 and 8. Serve the
+            // newest version every client that pushed here can read.
+            let version = if min_layout.is_some_and(|l| l < 3) { "7" } else { "8" };
+            let mut json = Vec::with_capacity(4096);
+            json.extend_from_slice(b"{\"database\":{\"version\":\"");
+            json.extend_from_slice(version.as_bytes());
+            json.extend_from_slice(b"\",\"installs\":{");
+            let mut stmt = tx.prepare(
+                "SELECT n.hash, n.node,
+                        (SELECT COUNT(*) FROM spack_deps d
+                          WHERE d.repo_id = n.repo_id AND d.dep_hash = n.hash
+                            AND EXISTS (SELECT 1 FROM spack_closure c2 WHERE c2.repo_id = d.repo_id AND c2.hash = d.hash)),
+                        EXISTS (SELECT 1 FROM spack_specs s WHERE s.repo_id = n.repo_id AND s.hash = n.hash)
+                   FROM spack_nodes n
+                  WHERE n.repo_id = ?1
+                    AND EXISTS (SELECT 1 FROM spack_closure c WHERE c.repo_id = n.repo_id AND c.hash = n.hash)
+                  ORDER BY n.hash",
+            )?;
+            let mut rows = stmt.query([repo_id])?;
+            let mut nodes = 0usize;
+            while let Some(row) = rows.next()? {
+                let hash: String = row.get(0)?;
+                let node: String = row.get(1)?;
+                let ref_count: i64 = row.get(2)?;
+                let in_buildcache: bool = row.get(3)?;
+                if nodes > 0 {
+                    json.push(b',');
+                }
+                nodes += 1;
+                json.extend_from_slice(serde_json::Value::String(hash).to_string().as_bytes());
+                json.extend_from_slice(b":{\"spec\":");
+                json.extend_from_slice(node.as_bytes());
+                json.extend_from_slice(format!(",\"ref_count\":{ref_count},\"in_buildcache\":{in_buildcache}}}").as_bytes());
+            }
+            json.extend_from_slice(b"}}}");
+            drop(rows);
+            drop(stmt);
+            tx.commit()?;
+            Ok(Some(IndexSnapshot { generation, json, specs: specs as usize, nodes }))
+        })
+        .await
+    }
+}

@@ -1,0 +1,128 @@
+//! The Spack buildcache index, served as `index.spack`.
+//!
+//! Pushes only record spec rows (see `catalog::spack`); the index blob is materialised here when
+//! `index.spack` is read and the repository's spec tags changed since the last build. One build
+//! runs at a time per repository and concurrent readers wait for it and share its result; an
+//! unchanged index is served from the manifest already built.
+
+use bytes::Bytes;
+
+use super::Registry;
+use crate::catalog::{ManifestRecord, NewManifest};
+use crate::error::{Error, Result};
+use crate::oci::{Digest, Reference, RepoName, manifest};
+
+/// The 2-byte `{}` config of an index manifest, as Spack writes it.
+const EMPTY_CONFIG: &[u8] = b"{}";
+
+impl Registry {
+    /// The current index manifest of a Spack build cache, building it first if the repository's
+    /// spec tags changed since the last build. `None` when the repository holds no Spack specs.
+    pub async fn spack_index(&self, repo: &RepoName, with_content: bool) -> Result<Option<ManifestRecord>> {
+        let Some(state) = self.catalog.spack_index_state(repo).await? else {
+            return Ok(None);
+        };
+        if state.built_generation == Some(state.generation) {
+            if let Some(digest) = state.manifest_digest {
+                return self.index_manifest(repo, &digest, with_content).await;
+            }
+        }
+        let lock = self.spack_builds.lock_for(repo.as_str());
+        let _guard = lock.lock().await;
+        // Another reader may have built it while this one waited.
+        let Some(state) = self.catalog.spack_index_state(repo).await? else {
+            return Ok(None);
+        };
+        if state.built_generation == Some(state.generation) {
+            if let Some(digest) = state.manifest_digest {
+                return self.index_manifest(repo, &digest, with_content).await;
+            }
+        }
+        let digest = self.build_spack_index(repo).await?;
+        self.index_manifest(repo, &digest, with_content).await
+    }
+
+    async fn index_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &str,
+        with_content: bool,
+    ) -> Result<Option<ManifestRecord>> {
+        let digest: Digest = digest.parse()?;
+        self.catalog
+            .manifest(repo, &Reference::Digest(digest), with_content)
+            .await
+    }
+
+    /// Builds the index blob and its manifest from one snapshot and records them as current.
+    async fn build_spack_index(&self, repo: &RepoName) -> Result<String> {
+        let started = std::time::Instant::now();
+        let snapshot = self
+            .catalog
+            .spack_index_snapshot(repo)
+            .await?
+            .ok_or(Error::ManifestUnknown)?;
+        let json = Bytes::from(snapshot.json);
+        let index_digest = Digest::sha256_of_blocking(json.clone()).await?;
+        self.ensure_blob(repo, &index_digest, json.clone()).await?;
+        let config_digest = Digest::sha256_of(EMPTY_CONFIG);
+        self.ensure_blob(repo, &config_digest, Bytes::from_static(EMPTY_CONFIG))
+            .await?;
+
+        let body = format!(
+            concat!(
+                r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","schemaVersion":2,"#,
+                r#""config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"#,
+                r#""layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{}","size":{}}}]}}"#
+            ),
+            config_digest,
+            EMPTY_CONFIG.len(),
+            index_digest,
+            json.len()
+        )
+        .into_bytes();
+        let digest = Digest::sha256_of(&body);
+        let parsed = manifest::parse(&body, None)?;
+        self.catalog
+            .put_manifest(
+                repo,
+                NewManifest {
+                    digest: digest.clone(),
+                    content: body,
+                    parsed,
+                    tag: None,
+                    spack: None,
+                    spack_index_generation: Some(snapshot.generation),
+                },
+            )
+            .await?;
+        tracing::info!(
+            repo = %repo, digest = %digest, generation = snapshot.generation, specs = snapshot.specs,
+            nodes = snapshot.nodes, bytes = json.len(), duration_ms = started.elapsed().as_millis() as u64,
+            "spack index built"
+        );
+        Ok(digest.to_string())
+    }
+
+    /// Stores `data` as blob `digest` in the repository unless it is already there.
+    async fn ensure_blob(&self, repo: &RepoName, digest: &Digest, data: Bytes) -> Result<()> {
+        if self.catalog.blob_size(repo, digest).await?.is_some() {
+            return Ok(());
+        }
+        let body = futures_util::stream::iter([Ok::<_, std::io::Error>(data)]);
+        self.upload_whole(repo, digest, body).await
+    }
+}
+
+/// One lock per repository, created on first use.
+#[derive(Default)]
+pub struct BuildLocks {
+    locks: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl BuildLocks {
+    fn lock_for(&self, repo: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(repo.to_owned()).or_default().clone()
+    }
+}

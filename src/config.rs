@@ -123,6 +123,14 @@ pub struct CliOverrides {
     pub data_dir: Option<PathBuf>,
 }
 
+/// The names of the top-level settings and sections (`listen`, `storage`, …).
+fn top_level_keys() -> Vec<String> {
+    match serde_json::to_value(Config::default()) {
+        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
 impl Config {
     /// Loads the layered configuration.
     pub fn load(file: Option<&Path>, cli: CliOverrides) -> Result<Config, Box<figment::Error>> {
@@ -130,7 +138,20 @@ impl Config {
         if let Some(file) = file {
             fig = fig.merge(Toml::file_exact(file));
         }
-        fig.merge(Env::prefixed("STOWAGE_").split("__").ignore(&["config"]))
+        // Only variables that name a setting are read: other STOWAGE_* variables in the
+        // environment (a test harness's, a wrapper script's) are none of the server's business.
+        let sections = top_level_keys();
+        let env = Env::prefixed("STOWAGE_").split("__").filter(move |key| {
+            let key = key.as_str().to_ascii_lowercase();
+            let key = key.as_str();
+            sections.iter().any(|s| {
+                key == s
+                    || key
+                        .strip_prefix(s.as_str())
+                        .is_some_and(|rest| rest.starts_with("__") || rest.starts_with('.'))
+            })
+        });
+        fig.merge(env)
             .merge(Serialized::defaults(cli))
             .extract()
             .map_err(Box::new)
@@ -151,22 +172,45 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail API returns its own large error type
 mod tests {
     use super::*;
 
+    // Every test that loads a configuration runs inside a figment `Jail`: jails run one at a
+    // time, so no test sees another's environment variables.
+
     #[test]
     fn example_file_parses_to_the_defaults() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("stowage.example.toml");
-        let from_file = Config::load(Some(&path), CliOverrides::default()).expect("example config loads");
-        let defaults = Config::default();
-        assert_eq!(toml::to_string(&from_file).ok(), toml::to_string(&defaults).ok());
+        figment::Jail::expect_with(|_| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("stowage.example.toml");
+            let from_file = Config::load(Some(&path), CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(
+                toml::to_string(&from_file).ok(),
+                toml::to_string(&Config::default()).ok()
+            );
+            Ok(())
+        });
     }
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("bad.toml");
-        std::fs::write(&path, "[registry]\ndelete_enabeld = false\n").expect("write config");
-        assert!(Config::load(Some(&path), CliOverrides::default()).is_err());
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "[registry]\ndelete_enabeld = false\n")?;
+            assert!(Config::load(Some(Path::new("bad.toml")), CliOverrides::default()).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn environment_overrides_and_unrelated_variables_are_ignored() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("STOWAGE_LISTEN", "127.0.0.1:6000");
+            jail.set_env("STOWAGE_REGISTRY__DELETE_ENABLED", "false");
+            jail.set_env("STOWAGE_TEST_LOG", "debug");
+            let c = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.listen.port(), 6000);
+            assert!(!c.registry.delete_enabled);
+            Ok(())
+        });
     }
 }

@@ -17,8 +17,16 @@ fn load(args: &ServeArgs) -> Config {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    // actix logs every unparseable request (a TLS hello on the plain port, a scanner) as an
+    // error; that is noise, not a server failure. RUST_LOG=actix_http=… brings it back.
+    let directives = if rust_log.contains("actix_http") {
+        rust_log
+    } else {
+        format!("{rust_log},actix_http::h1::dispatcher=off")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,actix_http::h1::dispatcher=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -24,7 +24,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 pub use queries::{ManifestRecord, NewManifest, Referrer};
-pub use spack::{IndexSnapshot, IndexState};
+pub use spack::{ClosureNode, IndexSnapshot, IndexState, SpecDetail, SpecQuery, SpecSummary};
 
 use crate::error::{Error, Internal, Result};
 

@@ -182,3 +182,188 @@ impl Catalog {
         .await
     }
 }
+
+/// A spec in a build cache, as the Spack API lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpecSummary {
+    pub hash: String,
+    pub name: String,
+    pub version: String,
+    pub platform: Option<String>,
+    pub os: Option<String>,
+    pub target: Option<String>,
+    pub compiler: Option<String>,
+    pub tag: String,
+    pub layout_version: i64,
+}
+
+/// Filters of a spec search; `None` matches anything.
+#[derive(Debug, Clone, Default)]
+pub struct SpecQuery {
+    pub name: Option<String>,
+    pub version: Option<String>,
+    /// A prefix of the DAG hash (letters and digits only).
+    pub hash_prefix: Option<String>,
+    pub platform: Option<String>,
+    pub os: Option<String>,
+    pub target: Option<String>,
+    /// `gcc` or `gcc@12.2.0`.
+    pub compiler: Option<String>,
+    pub limit: u64,
+    pub offset: u64,
+}
+
+/// A node of a spec's DAG, with whether the cache holds it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClosureNode {
+    pub hash: String,
+    pub name: String,
+    pub version: String,
+    pub external: bool,
+    /// The cache has a spec image for this node.
+    pub in_buildcache: bool,
+    /// Dependency types when the node is a direct dependency of the spec, else `None`.
+    pub deptypes: Option<serde_json::Value>,
+}
+
+/// One spec with its whole dependency DAG.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpecDetail {
+    #[serde(flatten)]
+    pub summary: SpecSummary,
+    /// The spec's node exactly as Spack wrote it.
+    pub node: serde_json::Value,
+    pub dependencies: Vec<ClosureNode>,
+}
+
+fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SpecSummary> {
+    Ok(SpecSummary {
+        tag: r.get(0)?,
+        hash: r.get(1)?,
+        layout_version: r.get(2)?,
+        name: r.get(3)?,
+        version: r.get(4)?,
+        platform: r.get(5)?,
+        os: r.get(6)?,
+        target: r.get(7)?,
+        compiler: r.get(8)?,
+    })
+}
+
+const SUMMARY_COLUMNS: &str =
+    "s.tag, s.hash, s.layout_version, n.name, n.version, n.platform, n.os, n.target, n.compiler
+     FROM spack_specs s JOIN spack_nodes n ON n.repo_id = s.repo_id AND n.hash = s.hash";
+
+fn repo_id_of(c: &Connection, repo: &str) -> rusqlite::Result<Option<i64>> {
+    c.query_row("SELECT id FROM repositories WHERE name = ?1", [repo], |r| r.get(0))
+        .optional()
+}
+
+impl Catalog {
+    /// Specs of a build cache matching `q`, by name, version and hash. `None`: no such repository.
+    pub async fn spack_specs(&self, repo: &RepoName, q: SpecQuery) -> Result<Option<Vec<SpecSummary>>> {
+        let repo = repo.to_string();
+        self.read(move |c| {
+            let Some(repo_id) = repo_id_of(c, &repo)? else {
+                return Ok(None);
+            };
+            let sql = format!(
+                "SELECT {SUMMARY_COLUMNS}
+                  WHERE s.repo_id = ?1
+                    AND (?2 IS NULL OR n.name = ?2)
+                    AND (?3 IS NULL OR n.version = ?3)
+                    AND (?4 IS NULL OR substr(s.hash, 1, length(?4)) = ?4)
+                    AND (?5 IS NULL OR n.platform = ?5)
+                    AND (?6 IS NULL OR n.os = ?6)
+                    AND (?7 IS NULL OR n.target = ?7)
+                    AND (?8 IS NULL OR n.compiler = ?8 OR substr(n.compiler, 1, length(?8) + 1) = ?8 || '@')
+                  ORDER BY n.name, n.version, s.hash
+                  LIMIT ?9 OFFSET ?10"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        repo_id,
+                        q.name,
+                        q.version,
+                        q.hash_prefix,
+                        q.platform,
+                        q.os,
+                        q.target,
+                        q.compiler,
+                        q.limit.min(i64::MAX as u64) as i64,
+                        q.offset.min(i64::MAX as u64) as i64
+                    ],
+                    summary,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some(rows))
+        })
+        .await
+    }
+
+    /// One spec by full hash with its DAG; `Ok(None)` when the cache has no spec with that hash.
+    pub async fn spack_spec(&self, repo: &RepoName, hash: String) -> Result<Option<SpecDetail>> {
+        let repo = repo.to_string();
+        self.read(move |c| {
+            let Some(repo_id) = repo_id_of(c, &repo)? else { return Ok(None) };
+            let tx = c.unchecked_transaction()?;
+            let sql = format!("SELECT {SUMMARY_COLUMNS} WHERE s.repo_id = ?1 AND s.hash = ?2 ORDER BY s.tag LIMIT 1");
+            let Some(summary) = tx.query_row(&sql, params![repo_id, hash], summary).optional()? else {
+                return Ok(None);
+            };
+            let node: String = tx.query_row(
+                "SELECT node FROM spack_nodes WHERE repo_id = ?1 AND hash = ?2",
+                params![repo_id, hash],
+                |r| r.get(0),
+            )?;
+            let mut stmt = tx.prepare(
+                "SELECT n.hash, n.name, n.version, n.external,
+                        EXISTS (SELECT 1 FROM spack_specs s WHERE s.repo_id = n.repo_id AND s.hash = n.hash),
+                        (SELECT d.deptypes FROM spack_deps d WHERE d.repo_id = n.repo_id AND d.hash = ?3 AND d.dep_hash = n.hash)
+                   FROM spack_closure c JOIN spack_nodes n ON n.repo_id = c.repo_id AND n.hash = c.hash
+                  WHERE c.repo_id = ?1 AND c.tag = ?2 AND c.hash <> ?3
+                  ORDER BY n.name, n.hash",
+            )?;
+            let dependencies = stmt
+                .query_map(params![repo_id, summary.tag, summary.hash], |r| {
+                    let deptypes: Option<String> = r.get(5)?;
+                    Ok(ClosureNode {
+                        hash: r.get(0)?,
+                        name: r.get(1)?,
+                        version: r.get(2)?,
+                        external: r.get(3)?,
+                        in_buildcache: r.get(4)?,
+                        deptypes: deptypes.and_then(|d| serde_json::from_str(&d).ok()),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            drop(stmt);
+            tx.commit()?;
+            let node = serde_json::from_str(&node).unwrap_or(serde_json::Value::Null);
+            Ok(Some(SpecDetail { summary, node, dependencies }))
+        })
+        .await
+    }
+
+    /// Which of `hashes` the build cache has no spec image for, in the order given.
+    /// `None`: no such repository (then every hash is missing).
+    pub async fn spack_missing(&self, repo: &RepoName, hashes: Vec<String>) -> Result<Option<Vec<String>>> {
+        let repo = repo.to_string();
+        self.read(move |c| {
+            let Some(repo_id) = repo_id_of(c, &repo)? else {
+                return Ok(None);
+            };
+            let mut stmt = c.prepare_cached("SELECT 1 FROM spack_specs WHERE repo_id = ?1 AND hash = ?2 LIMIT 1")?;
+            let mut missing = Vec::new();
+            for h in hashes {
+                if !stmt.exists(params![repo_id, h])? {
+                    missing.push(h);
+                }
+            }
+            Ok(Some(missing))
+        })
+        .await
+    }
+}

@@ -8,6 +8,7 @@ mod error;
 mod extract;
 mod listing;
 mod manifests;
+mod spack_api;
 mod uploads;
 
 use std::time::Instant;
@@ -73,6 +74,21 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource(format!("{NAME}/referrers/{{digest}}"))
             .get(listing::referrers)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/stowage/v1/spack/{name:.+}/specs/{hash}")
+            .get(spack_api::spec)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/stowage/v1/spack/{name:.+}/specs")
+            .get(spack_api::specs)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/stowage/v1/spack/{name:.+}/missing")
+            .post(spack_api::missing)
             .default_service(web::to(method_not_allowed)),
     )
     .default_service(web::to(not_found));

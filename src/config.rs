@@ -22,7 +22,19 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub storage: StorageConfig,
     pub registry: RegistryConfig,
+    pub tls: TlsConfig,
     pub log: LogConfig,
+}
+
+/// HTTPS. With both `cert` and `key` set, `listen` serves HTTPS only (Spack sends credentials
+/// and reads build cache indexes only over `oci://`, which is HTTPS).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file with the server certificate, followed by any intermediates.
+    pub cert: Option<PathBuf>,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
 }
 
 /// Where blob bytes are kept.
@@ -80,6 +92,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./stowage-data"),
             storage: StorageConfig::default(),
             registry: RegistryConfig::default(),
+            tls: TlsConfig::default(),
             log: LogConfig::default(),
         }
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use actix_web::{App, HttpServer, middleware, web};
 
 use crate::catalog::Catalog;
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, TlsConfig};
 use crate::registry::{Registry, Settings};
 use crate::storage::BlobStore;
 
@@ -34,6 +34,30 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         catalog_page_size: config.registry.catalog_page_size,
     };
     Ok(Registry::new(catalog, store, settings))
+}
+
+/// The rustls server configuration for `[tls]`, or `None` for plain HTTP.
+fn tls_config(tls: &TlsConfig) -> Result<Option<rustls::ServerConfig>, Box<dyn std::error::Error>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = match (&tls.cert, &tls.key) {
+        (None, None) => return Ok(None),
+        (Some(c), Some(k)) => (c, k),
+        _ => return Err("tls.cert and tls.key must be set together".into()),
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("reading tls.cert {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("tls.cert {} holds no certificate", cert.display()).into());
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("reading tls.key {}: {e}", key.display()))?;
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    Ok(Some(config))
 }
 
 /// Serves until SIGINT/SIGTERM, then finishes in-flight requests and closes the catalog.
@@ -65,11 +89,16 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             .wrap(crate::http::default_headers())
             .configure(crate::http::routes)
     })
-    .shutdown_timeout(30)
-    .bind(config.listen)?;
+    .shutdown_timeout(30);
+    let tls = tls_config(&config.tls)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let server = match tls {
+        Some(tls) => server.bind_rustls_0_23(config.listen, tls)?,
+        None => server.bind(config.listen)?,
+    };
     for addr in server.addrs() {
-        println!("stowage listening on http://{addr}");
-        tracing::info!(%addr, "listening");
+        println!("stowage listening on {scheme}://{addr}");
+        tracing::info!(%addr, scheme, "listening");
     }
     server.run().await?;
 

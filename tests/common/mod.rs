@@ -2,7 +2,7 @@
 //! talks to it over real HTTP, the way every client does.
 //!
 //! Each test owns its server: `TestServer::start()` picks a free port by asking the server to bind
-//! `127.0.0.1:0`, then reads the `listening on http://…` line the server prints on stdout once its
+//! `127.0.0.1:0`, then reads the `listening on http(s)://…` line the server prints on stdout once its
 //! socket is bound. Dropping the `TestServer` kills the process and removes the data directory.
 #![allow(dead_code)]
 
@@ -38,10 +38,11 @@ impl TestServer {
         let tmp = tempfile::tempdir().expect("create temp dir");
         let data_dir = tmp.path().join("data");
         let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let (child, host) = spawn(&data_dir, &envs);
+        let (child, url) = spawn(&data_dir, &envs);
+        let host = host_of(&url);
         TestServer {
             child,
-            url: format!("http://{host}"),
+            url,
             host,
             data_dir,
             _tmp: Some(tmp),
@@ -59,10 +60,10 @@ impl TestServer {
     pub fn crash_and_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, host) = spawn(&self.data_dir, &self.envs);
+        let (child, url) = spawn(&self.data_dir, &self.envs);
         self.child = child;
-        self.url = format!("http://{host}");
-        self.host = host;
+        self.host = host_of(&url);
+        self.url = url;
     }
 
     /// Sends SIGTERM (graceful shutdown) and waits for the process to exit; returns its status.
@@ -98,6 +99,11 @@ impl Drop for TestServer {
     }
 }
 
+fn host_of(url: &str) -> String {
+    url.split("://").nth(1).unwrap_or_default().to_owned()
+}
+
+/// Starts the server; returns the process and its base URL (`http://…` or `https://…`).
 fn spawn(data_dir: &Path, envs: &[(String, String)]) -> (Child, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stowage"));
     cmd.arg("serve")
@@ -119,15 +125,15 @@ fn spawn(data_dir: &Path, envs: &[(String, String)]) -> (Child, String) {
         let mut sent = false;
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if !sent && let Some(rest) = line.split("listening on http://").nth(1) {
-                let host = rest.split_whitespace().next().unwrap_or_default().to_string();
-                let _ = tx.send(host);
+            if !sent && let Some(rest) = line.split("listening on ").nth(1) {
+                let url = rest.split_whitespace().next().unwrap_or_default().to_string();
+                let _ = tx.send(url);
                 sent = true;
             }
         }
     });
     match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(host) => (child, host),
+        Ok(url) => (child, url),
         Err(_) => {
             let _ = child.kill();
             panic!("stowage did not report its listening address within 60 s");

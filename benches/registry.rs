@@ -1,0 +1,1340 @@
+//! Stowage vs. CNCF Distribution: one run starts both registries on 127.0.0.1 in fresh temporary
+//! data directories and drives the same workloads, with the same client code, against each.
+//!
+//! Run with `cargo bench --bench registry`. See `benches/README.md` for what each workload does.
+//!
+//! Debug knobs (environment variables; the defaults are the real benchmark):
+//! - `REGBENCH_BLOB_MIB`   size of the large blobs, MiB (default 1024)
+//! - `REGBENCH_RATE_SECS`  measured seconds of each request-rate workload (default 10)
+//! - `REGBENCH_IMAGES`     number of small images to push (default 1000)
+//! - `REGBENCH_STOWAGE=distribution`  run a second Distribution in Stowage's place (to debug
+//!   the client code while the server does not run yet)
+//! - `REGBENCH_STOWAGE_LOG`        RUST_LOG for Stowage (default `error`)
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read as _};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use reqwest::{Client, StatusCode, Url};
+use sha2::Digest as _;
+
+const MIB: usize = 1 << 20;
+const DISTRIBUTION_BIN: &str = "/usr/bin/docker-registry";
+/// Request-rate workloads: concurrent connections.
+const RATE_CONNS: usize = 64;
+/// Request-rate workloads: unmeasured warm-up before the measured window.
+const RATE_WARMUP: Duration = Duration::from_secs(1);
+/// Small-image pushes: concurrent clients.
+const IMAGE_WORKERS: usize = 16;
+/// Small-image pushes: give up (and report what was done) after this long.
+const IMAGE_DEADLINE: Duration = Duration::from_secs(120);
+/// Chunked upload: size of one PATCH.
+const PATCH_SIZE: usize = 64 * MIB;
+/// Download: runs per registry; the median is reported.
+const DOWNLOAD_RUNS: usize = 3;
+/// Request bodies are streamed in pieces of this size.
+const STREAM_PIECE: usize = MIB;
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.oci.image.index.v1+json, \
+    application/vnd.docker.distribution.manifest.v2+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+// ---------------------------------------------------------------------------------------------
+
+struct Settings {
+    blob_size: usize,
+    rate_secs: Duration,
+    images: usize,
+    stowage_is_distribution: bool,
+    stowage_log: String,
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        fn num(name: &str, default: u64) -> u64 {
+            match std::env::var(name) {
+                Ok(v) => v.parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+                Err(_) => default,
+            }
+        }
+        Settings {
+            blob_size: num("REGBENCH_BLOB_MIB", 1024) as usize * MIB,
+            rate_secs: Duration::from_secs_f64(num("REGBENCH_RATE_SECS", 10) as f64),
+            images: num("REGBENCH_IMAGES", 1000) as usize,
+            stowage_is_distribution: std::env::var("REGBENCH_STOWAGE").is_ok_and(|v| v == "distribution"),
+            stowage_log: std::env::var("REGBENCH_STOWAGE_LOG").unwrap_or_else(|_| "error".into()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server processes
+// ---------------------------------------------------------------------------------------------
+
+/// A registry process on 127.0.0.1. Dropping it (also while unwinding from a panic) kills the
+/// process and removes its temporary data directory.
+struct Server {
+    label: &'static str,
+    child: Child,
+    /// `http://127.0.0.1:PORT`, no trailing slash.
+    url: String,
+    log: PathBuf,
+    tmp: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `{url}/v2/{path}`.
+    fn v2(&self, path: &str) -> String {
+        format!("{}/v2/{path}", self.url)
+    }
+
+    /// Peak resident set size (VmHWM) in KiB.
+    fn vm_hwm_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// User + system CPU time of the process so far.
+    fn cpu(&self) -> Duration {
+        proc_cpu(&format!("/proc/{}/stat", self.pid()))
+    }
+
+    fn disk_usage(&self) -> u64 {
+        dir_size(self.tmp.path())
+    }
+
+    fn log_tail(&self) -> String {
+        log_tail(&self.log)
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// utime + stime from a `/proc/.../stat` file (clock ticks of 10 ms).
+fn proc_cpu(stat_path: &str) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(stat_path) else {
+        return Duration::ZERO;
+    };
+    // The command name (field 2) may contain spaces: count fields after its closing ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0 to find a free port")
+        .port()
+}
+
+fn start_distribution(label: &'static str) -> Server {
+    let tmp = tempfile::Builder::new()
+        .prefix("bench-distribution-")
+        .tempdir()
+        .expect("create temp dir");
+    let root = tmp.path().join("data");
+    std::fs::create_dir_all(&root).expect("create data dir");
+    let port = free_port();
+    // The stock Debian config, minus auth, with the in-memory blob descriptor cache kept (that is
+    // how Distribution is normally deployed), access log off and log level error.
+    let config = format!(
+        "version: 0.1\n\
+         log:\n  level: error\n  accesslog:\n    disabled: true\n\
+         storage:\n  cache:\n    blobdescriptor: inmemory\n  filesystem:\n    rootdirectory: {}\n  \
+         delete:\n    enabled: true\n  redirect:\n    disable: true\n\
+         http:\n  addr: 127.0.0.1:{port}\n",
+        root.display()
+    );
+    let config_path = tmp.path().join("config.yml");
+    std::fs::write(&config_path, config).expect("write distribution config");
+    let log = tmp.path().join("registry.log");
+    let log_file = std::fs::File::create(&log).expect("create log file");
+    let mut cmd = Command::new(DISTRIBUTION_BIN);
+    // Distribution reads REGISTRY_* variables as config overrides: start from the file alone.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("REGISTRY_") {
+            cmd.env_remove(k);
+        }
+    }
+    let child = cmd
+        .arg("serve")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().expect("dup log file"))
+        .stderr(log_file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {DISTRIBUTION_BIN}: {e}"));
+    let mut server = Server {
+        label,
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        log,
+        tmp,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!(
+                "{label}: docker-registry exited ({status}) before serving; log:\n{}",
+                server.log_tail()
+            );
+        }
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{label}: docker-registry is not listening on port {port} after 30 s; log:\n{}",
+                server.log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server
+}
+
+fn start_stowage(bin: &Path, log_level: &str) -> Server {
+    let tmp = tempfile::Builder::new()
+        .prefix("bench-stowage-")
+        .tempdir()
+        .expect("create temp dir");
+    let data = tmp.path().join("data");
+    let log = tmp.path().join("stowage.log");
+    let log_file = std::fs::File::create(&log).expect("create log file");
+    let mut cmd = Command::new(bin);
+    // Stowage reads STOWAGE_* variables as settings: pass only the ones set here.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("STOWAGE_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd
+        .arg("serve")
+        .env("STOWAGE_LISTEN", "127.0.0.1:0")
+        .env("STOWAGE_DATA_DIR", &data)
+        .env("RUST_LOG", log_level)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    // Reads the `listening on http://…` line, then keeps draining stdout until the process ends.
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("listening on http://").nth(1)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let mut server = Server {
+        label: "Stowage",
+        child,
+        url: String::new(),
+        log,
+        tmp,
+    };
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(host) => server.url = format!("http://{host}"),
+        Err(_) => {
+            std::thread::sleep(Duration::from_millis(200));
+            let status = match server.child.try_wait() {
+                Ok(Some(s)) => format!("exited ({s})"),
+                _ => "still running".to_string(),
+            };
+            panic!(
+                "stowage did not print `stowage listening on http://…` on stdout within 60 s \
+                 (process {status}); stderr tail:\n{}",
+                server.log_tail()
+            );
+        }
+    }
+    server
+}
+
+/// Builds the release `stowage` binary (a no-op when it is fresh) and returns its path.
+fn build_stowage() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("[bench] cargo build --release --bin stowage");
+    let status = Command::new(&cargo)
+        .args(["build", "--release", "--bin", "stowage"])
+        .current_dir(manifest_dir)
+        .stdin(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("run {cargo}: {e}"));
+    assert!(
+        status.success(),
+        "`cargo build --release --bin stowage` failed ({status})"
+    );
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir.join("target"));
+    let bin = target_dir.join("release").join("stowage");
+    assert!(bin.exists(), "{} missing after build", bin.display());
+    bin
+}
+
+/// Runs `cmd args` and returns the first line of its output, giving up after 10 s.
+fn command_version(cmd: &Path, args: &[&str]) -> String {
+    let child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        return "unknown".into();
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return "unknown (timed out)".into();
+            }
+        }
+    }
+    let mut out = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    if out.trim().is_empty()
+        && let Some(mut s) = child.stderr.take()
+    {
+        let _ = s.read_to_string(&mut out);
+    }
+    out.lines().next().unwrap_or("unknown").trim().to_string()
+}
+
+fn machine_info() -> String {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "nproc {cpus}, CPU {model}, {:.1} GiB RAM, Linux {}, load average before run {}",
+        mem_kib as f64 / (1024.0 * 1024.0),
+        kernel.trim(),
+        load.join(" ")
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test data
+// ---------------------------------------------------------------------------------------------
+
+/// wyrand: a fast, deterministic PRNG (not for cryptography).
+struct WyRand(u64);
+
+impl WyRand {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
+        let t = u128::from(self.0) * u128::from(self.0 ^ 0xe703_7ed1_a0b4_28db);
+        ((t >> 64) ^ t) as u64
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        let mut chunks = buf.chunks_exact_mut(8);
+        for c in &mut chunks {
+            c.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        let rem = chunks.into_remainder();
+        let last = self.next_u64().to_le_bytes();
+        rem.copy_from_slice(&last[..rem.len()]);
+    }
+}
+
+fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+struct Blob {
+    data: Bytes,
+    digest: String,
+}
+
+impl Blob {
+    fn random(size: usize, seed: u64) -> Blob {
+        let mut data = vec![0u8; size];
+        let mut rng = WyRand(seed);
+        for piece in data.chunks_mut(MIB) {
+            rng.fill(piece);
+        }
+        let digest = sha256(&data);
+        Blob {
+            data: data.into(),
+            digest,
+        }
+    }
+
+    fn from_vec(data: Vec<u8>) -> Blob {
+        let digest = sha256(&data);
+        Blob {
+            data: data.into(),
+            digest,
+        }
+    }
+}
+
+struct Image {
+    tag: String,
+    config: Blob,
+    layer: Blob,
+    manifest: Bytes,
+}
+
+impl Image {
+    /// A small image whose config (~1 KiB), layer (4 KiB) and manifest are unique to `index`.
+    fn small(index: usize, tag: String) -> Image {
+        let padding = "x".repeat(900);
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["BENCH_INDEX={index}"],"Labels":{{"padding":"{padding}"}}}},"rootfs":{{"type":"layers","diff_ids":[]}}}}"#
+        );
+        let config = Blob::from_vec(config.into_bytes());
+        let mut layer = vec![0u8; 4096];
+        WyRand(0x5eed_0000 + index as u64).fill(&mut layer);
+        let layer = Blob::from_vec(layer);
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config.digest,
+                "size": config.data.len(),
+            },
+            "layers": [{
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": layer.digest,
+                "size": layer.data.len(),
+            }],
+        });
+        let manifest = serde_json::to_vec(&manifest).expect("serialise manifest");
+        Image {
+            tag,
+            config,
+            layer,
+            manifest: manifest.into(),
+        }
+    }
+}
+
+/// A request body that streams `data` in `STREAM_PIECE` pieces (zero-copy slices).
+fn streamed_body(data: Bytes) -> reqwest::Body {
+    let len = data.len();
+    let pieces = (0..len)
+        .step_by(STREAM_PIECE)
+        .map(move |start| Ok::<_, std::io::Error>(data.slice(start..(start + STREAM_PIECE).min(len))));
+    reqwest::Body::wrap_stream(futures_util::stream::iter(pieces))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client operations (identical for both registries)
+// ---------------------------------------------------------------------------------------------
+
+fn client() -> Client {
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .http1_only()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(RATE_CONNS * 2)
+        .timeout(Duration::from_secs(300))
+        .build()
+        .expect("build reqwest client")
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Res<T> = Result<T, BoxError>;
+
+async fn expect_status(resp: reqwest::Response, want: StatusCode, what: &str) -> Res<reqwest::Response> {
+    if resp.status() == want {
+        return Ok(resp);
+    }
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    Err(format!(
+        "{what}: expected {want}, got {status}: {}",
+        body.chars().take(500).collect::<String>()
+    )
+    .into())
+}
+
+/// The upload URL from a response's `Location` (absolute or relative), resolved against `base`.
+fn location(base: &str, resp: &reqwest::Response) -> Res<String> {
+    let loc = resp
+        .headers()
+        .get(LOCATION)
+        .ok_or("response has no Location header")?
+        .to_str()?;
+    Ok(Url::parse(base)?.join(loc)?.to_string())
+}
+
+fn with_digest(url: &str, digest: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}digest={digest}")
+}
+
+/// POST /v2/<repo>/blobs/uploads/ -> upload URL.
+async fn start_upload(c: &Client, base: &str, repo: &str) -> Res<String> {
+    let resp = c
+        .post(v2(base, &format!("{repo}/blobs/uploads/")))
+        .header(CONTENT_LENGTH, 0)
+        .send()
+        .await?;
+    let resp = expect_status(resp, StatusCode::ACCEPTED, "POST upload").await?;
+    location(base, &resp)
+}
+
+/// `{base}/v2/{path}`.
+fn v2(base: &str, path: &str) -> String {
+    format!("{base}/v2/{path}")
+}
+
+/// POST, then PUT ?digest= with the whole blob as a streamed body.
+async fn upload_monolithic(c: &Client, base: &str, repo: &str, blob: &Blob) -> Res<()> {
+    let url = start_upload(c, base, repo).await?;
+    let resp = c
+        .put(with_digest(&url, &blob.digest))
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .header(CONTENT_LENGTH, blob.data.len())
+        .body(streamed_body(blob.data.clone()))
+        .send()
+        .await?;
+    expect_status(resp, StatusCode::CREATED, "PUT ?digest= (monolithic)").await?;
+    Ok(())
+}
+
+/// POST, PATCH `PATCH_SIZE` chunks with Content-Range, then PUT ?digest= with no body.
+async fn upload_chunked(c: &Client, base: &str, repo: &str, blob: &Blob) -> Res<()> {
+    let mut url = start_upload(c, base, repo).await?;
+    let len = blob.data.len();
+    for start in (0..len).step_by(PATCH_SIZE) {
+        let end = (start + PATCH_SIZE).min(len);
+        let resp = c
+            .patch(&url)
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .header("Content-Range", format!("{start}-{}", end - 1))
+            .header(CONTENT_LENGTH, end - start)
+            .body(streamed_body(blob.data.slice(start..end)))
+            .send()
+            .await?;
+        let resp = expect_status(resp, StatusCode::ACCEPTED, "PATCH chunk").await?;
+        url = location(base, &resp)?;
+    }
+    let resp = c
+        .put(with_digest(&url, &blob.digest))
+        .header(CONTENT_LENGTH, 0)
+        .send()
+        .await?;
+    expect_status(resp, StatusCode::CREATED, "PUT ?digest= (after PATCHes)").await?;
+    Ok(())
+}
+
+/// GET the blob, stream and discard the body; returns the number of bytes received.
+async fn download(c: &Client, base: &str, repo: &str, digest: &str) -> Res<u64> {
+    let resp = c.get(v2(base, &format!("{repo}/blobs/{digest}"))).send().await?;
+    let resp = expect_status(resp, StatusCode::OK, "GET blob").await?;
+    let mut stream = resp.bytes_stream();
+    let mut n = 0u64;
+    while let Some(chunk) = stream.next().await {
+        n += chunk?.len() as u64;
+    }
+    Ok(n)
+}
+
+/// POST + PUT ?digest= with the whole (small) body in the PUT.
+async fn push_small_blob(c: &Client, base: &str, repo: &str, blob: &Blob) -> Res<()> {
+    let url = start_upload(c, base, repo).await?;
+    let resp = c
+        .put(with_digest(&url, &blob.digest))
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .body(blob.data.clone())
+        .send()
+        .await?;
+    expect_status(resp, StatusCode::CREATED, "PUT ?digest= (small blob)").await?;
+    Ok(())
+}
+
+async fn push_image(c: &Client, base: &str, repo: &str, img: &Image) -> Res<()> {
+    push_small_blob(c, base, repo, &img.config).await?;
+    push_small_blob(c, base, repo, &img.layer).await?;
+    let resp = c
+        .put(v2(base, &format!("{repo}/manifests/{}", img.tag)))
+        .header(CONTENT_TYPE, OCI_MANIFEST)
+        .body(img.manifest.clone())
+        .send()
+        .await?;
+    expect_status(resp, StatusCode::CREATED, "PUT manifest").await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements
+// ---------------------------------------------------------------------------------------------
+
+/// One workload's outcome against one registry.
+#[derive(Clone, Copy, Default)]
+struct Measured {
+    /// The figure of merit (MB/s, requests/s or images/s).
+    value: f64,
+    /// Seconds measured.
+    secs: f64,
+    /// Server CPU time (user + system) during the measured window.
+    server_cpu: f64,
+    /// Benchmark client CPU time during the measured window.
+    client_cpu: f64,
+    /// CPU time used on the machine by anything else (other processes, interrupts) meanwhile.
+    other_cpu: f64,
+    /// Operations counted (bytes for throughput workloads).
+    ops: f64,
+    errors: u64,
+}
+
+fn self_cpu() -> Duration {
+    proc_cpu("/proc/self/stat")
+}
+
+struct CpuMark {
+    at: Instant,
+    server: Duration,
+    client: Duration,
+    machine: Duration,
+}
+
+/// Busy CPU time of the whole machine (all cores) from `/proc/stat`, in ticks of 10 ms.
+fn machine_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return Duration::ZERO;
+    };
+    // user nice system idle iowait irq softirq steal ...: everything but idle and iowait.
+    let ticks: u64 = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+impl CpuMark {
+    fn now(s: &Server) -> CpuMark {
+        CpuMark {
+            at: Instant::now(),
+            server: s.cpu(),
+            client: self_cpu(),
+            machine: machine_cpu(),
+        }
+    }
+
+    /// A `Measured` for `ops` operations since this mark; `per_sec` = ops / seconds / `unit`.
+    fn finish(&self, s: &Server, ops: f64, unit: f64, errors: u64) -> Measured {
+        let secs = self.at.elapsed().as_secs_f64();
+        let server_cpu = s.cpu().saturating_sub(self.server).as_secs_f64();
+        let client_cpu = self_cpu().saturating_sub(self.client).as_secs_f64();
+        let machine = machine_cpu().saturating_sub(self.machine).as_secs_f64();
+        Measured {
+            value: ops / secs / unit,
+            secs,
+            server_cpu,
+            client_cpu,
+            other_cpu: (machine - server_cpu - client_cpu).max(0.0),
+            ops,
+            errors,
+        }
+    }
+}
+
+/// Runs `RATE_CONNS` tasks that each loop `op` until the deadline; counts the operations that
+/// complete in the measured window (after `RATE_WARMUP`).
+async fn request_rate<F, Fut>(s: &Server, secs: Duration, op: F) -> Measured
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Res<()>> + Send,
+{
+    let op = Arc::new(op);
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let start = Instant::now();
+    let measure_from = start + RATE_WARMUP;
+    let end = measure_from + secs;
+    let mut tasks = Vec::new();
+    for _ in 0..RATE_CONNS {
+        let (op, ok, errors, first_error) = (op.clone(), ok.clone(), errors.clone(), first_error.clone());
+        tasks.push(tokio::spawn(async move {
+            // Bounded in time (the deadline) and in count.
+            for _ in 0..10_000_000u64 {
+                if Instant::now() >= end {
+                    break;
+                }
+                let result = op().await;
+                let now = Instant::now();
+                match result {
+                    Ok(()) if now >= measure_from && now < end => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        first_error.lock().unwrap().get_or_insert_with(|| e.to_string());
+                        // Do not spin on a failing server.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep_until(measure_from.into()).await;
+    let mark = CpuMark::now(s);
+    tokio::time::sleep_until(end.into()).await;
+    let mut m = mark.finish(s, 0.0, 1.0, 0);
+    for t in tasks {
+        t.await.expect("request task panicked");
+    }
+    m.ops = ok.load(Ordering::Relaxed) as f64;
+    m.value = m.ops / m.secs;
+    m.errors = errors.load(Ordering::Relaxed);
+    if let Some(e) = first_error.lock().unwrap().take() {
+        eprintln!("[bench] {}: {} errors, first: {e}", s.label, m.errors);
+    }
+    m
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workloads
+// ---------------------------------------------------------------------------------------------
+
+fn progress(s: &Server, what: &str, m: &Measured, unit: &str) {
+    eprintln!(
+        "[bench] {:<13} {what:<28} {:>10.1} {unit:<6} ({:.2} s; CPU s: server {:.2}, client {:.2}, \
+         other {:.2}; server VmHWM {:.1} MiB{})",
+        s.label,
+        m.value,
+        m.secs,
+        m.server_cpu,
+        m.client_cpu,
+        m.other_cpu,
+        s.vm_hwm_kib().unwrap_or(0) as f64 / 1024.0,
+        if m.errors > 0 {
+            format!(", {} ERRORS", m.errors)
+        } else {
+            String::new()
+        }
+    );
+}
+
+/// Writes back dirty pages so one workload's writeback does not land in the next one's window.
+fn sync_disks() {
+    let _ = Command::new("sync").status();
+}
+
+/// Milliseconds spent so far waiting for the machine to go idle (bounded by `QUIET_TOTAL`).
+static QUIET_WAITED_MS: AtomicU64 = AtomicU64::new(0);
+/// Longest wait for an idle machine before one workload.
+const QUIET_EACH: Duration = Duration::from_secs(20);
+/// Longest total wait for an idle machine in one run.
+const QUIET_TOTAL: Duration = Duration::from_secs(90);
+/// "Idle": less than this share of one core busy over a 500 ms sample.
+const QUIET_BUSY: f64 = 0.25;
+
+/// Before a workload: flushes dirty pages, then waits (bounded) until nothing else keeps the
+/// machine busy, so that a build or test running beside the benchmark does not land in a window.
+async fn settle() {
+    sync_disks();
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        let before = machine_cpu();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let busy = machine_cpu().saturating_sub(before).as_secs_f64() / 0.5;
+        let waited = QUIET_WAITED_MS.load(Ordering::Relaxed) + start.elapsed().as_millis() as u64;
+        if busy < QUIET_BUSY {
+            break;
+        }
+        if start.elapsed() >= QUIET_EACH || waited >= QUIET_TOTAL.as_millis() as u64 {
+            eprintln!("[bench] machine still busy ({:.0}% of a core); going on", busy * 100.0);
+            break;
+        }
+        if !said {
+            eprintln!(
+                "[bench] waiting for the machine to go idle ({:.0}% of a core busy)",
+                busy * 100.0
+            );
+            said = true;
+        }
+    }
+    QUIET_WAITED_MS.fetch_add(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+}
+
+async fn w_upload(c: &Client, s: &Server, blob: &Blob, chunked: bool) -> Measured {
+    settle().await;
+    let repo = if chunked { "bench/chunked" } else { "bench/monolithic" };
+    let mark = CpuMark::now(s);
+    let r = if chunked {
+        upload_chunked(c, &s.url, repo, blob).await
+    } else {
+        upload_monolithic(c, &s.url, repo, blob).await
+    };
+    let mut m = mark.finish(s, blob.data.len() as f64, 1e6, 0);
+    if let Err(e) = r {
+        eprintln!("[bench] {}: upload failed: {e}", s.label);
+        m.value = f64::NAN;
+        m.errors = 1;
+    }
+    let what = if chunked {
+        "1 GiB upload, chunked"
+    } else {
+        "1 GiB upload, monolithic"
+    };
+    progress(s, what, &m, "MB/s");
+    m
+}
+
+/// Downloads the blob `DOWNLOAD_RUNS` times and keeps the median run.
+async fn w_download(c: &Client, s: &Server, blob: &Blob) -> Measured {
+    let mut runs = Vec::new();
+    for _ in 0..DOWNLOAD_RUNS {
+        settle().await;
+        let mark = CpuMark::now(s);
+        let r = download(c, &s.url, "bench/chunked", &blob.digest).await;
+        let mut m = mark.finish(s, blob.data.len() as f64, 1e6, 0);
+        match r {
+            Ok(n) if n == blob.data.len() as u64 => {}
+            Ok(n) => {
+                eprintln!("[bench] {}: download got {n} bytes, want {}", s.label, blob.data.len());
+                m.value = f64::NAN;
+                m.errors = 1;
+            }
+            Err(e) => {
+                eprintln!("[bench] {}: download failed: {e}", s.label);
+                m.value = f64::NAN;
+                m.errors = 1;
+            }
+        }
+        progress(s, "1 GiB download", &m, "MB/s");
+        if m.errors > 0 {
+            return m;
+        }
+        runs.push(m);
+    }
+    runs.sort_by(|a, b| a.value.total_cmp(&b.value));
+    runs[runs.len() / 2]
+}
+
+async fn w_manifest_get(c: &Client, s: &Server, img: &Image, secs: Duration) -> Measured {
+    settle().await;
+    let url = s.v2(&format!("bench/small/manifests/{}", img.tag));
+    let want = img.manifest.clone();
+    // Sanity check: byte-exact manifest.
+    let body = c
+        .get(&url)
+        .header(ACCEPT, MANIFEST_ACCEPT)
+        .send()
+        .await
+        .expect("GET manifest");
+    assert_eq!(body.status(), StatusCode::OK, "{}: GET manifest", s.label);
+    assert_eq!(
+        body.bytes().await.expect("manifest body"),
+        want,
+        "{}: manifest bytes",
+        s.label
+    );
+    let c = c.clone();
+    let m = request_rate(s, secs, move || {
+        let (c, url, want) = (c.clone(), url.clone(), want.len());
+        async move {
+            let resp = c.get(&url).header(ACCEPT, MANIFEST_ACCEPT).send().await?;
+            let resp = expect_status(resp, StatusCode::OK, "GET manifest").await?;
+            let body = resp.bytes().await?;
+            if body.len() != want {
+                return Err(format!("manifest body {} bytes, want {want}", body.len()).into());
+            }
+            Ok(())
+        }
+    })
+    .await;
+    progress(s, "manifest GET, 64 conns", &m, "req/s");
+    m
+}
+
+async fn w_blob_head(c: &Client, s: &Server, img: &Image, secs: Duration) -> Measured {
+    settle().await;
+    let url = s.v2(&format!("bench/small/blobs/{}", img.layer.digest));
+    let size = img.layer.data.len().to_string();
+    let c = c.clone();
+    let m = request_rate(s, secs, move || {
+        let (c, url, size) = (c.clone(), url.clone(), size.clone());
+        async move {
+            let resp = c.head(&url).send().await?;
+            let resp = expect_status(resp, StatusCode::OK, "HEAD blob").await?;
+            let len = resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok());
+            if len != Some(size.as_str()) {
+                return Err(format!("HEAD Content-Length {len:?}, want {size}").into());
+            }
+            Ok(())
+        }
+    })
+    .await;
+    progress(s, "blob HEAD, 64 conns", &m, "req/s");
+    m
+}
+
+async fn w_image_pushes(c: &Client, s: &Server, images: &Arc<Vec<Image>>) -> Measured {
+    settle().await;
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mark = CpuMark::now(s);
+    let deadline = mark.at + IMAGE_DEADLINE;
+    let mut tasks = Vec::new();
+    for _ in 0..IMAGE_WORKERS {
+        let (c, images, next, done, errors) = (c.clone(), images.clone(), next.clone(), done.clone(), errors.clone());
+        let base = s.url.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= images.len() || Instant::now() > deadline {
+                    break;
+                }
+                match push_image(&c, &base, "bench/images", &images[i]).await {
+                    Ok(()) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                            eprintln!("[bench] image push failed: {e}");
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("push task panicked");
+    }
+    let n = done.load(Ordering::Relaxed);
+    let m = mark.finish(s, n as f64, 1.0, errors.load(Ordering::Relaxed));
+    if n < images.len() {
+        eprintln!("[bench] {}: only {n} of {} images pushed", s.label, images.len());
+    }
+    // Spot check: the last image is there.
+    let last = &images[images.len() - 1];
+    let resp = c
+        .get(s.v2(&format!("bench/images/manifests/{}", last.tag)))
+        .header(ACCEPT, MANIFEST_ACCEPT)
+        .send()
+        .await
+        .expect("GET pushed manifest");
+    if resp.status() != StatusCode::OK {
+        eprintln!(
+            "[bench] {}: pushed manifest {} answers {}",
+            s.label,
+            last.tag,
+            resp.status()
+        );
+    }
+    progress(s, "small image pushes, 16 cl.", &m, "img/s");
+    m
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------------
+
+struct Row {
+    name: &'static str,
+    dist: Measured,
+    stow: Measured,
+    /// Minimum Stowage/Distribution ratio.
+    goal: f64,
+}
+
+fn fmt_value(m: &Measured) -> String {
+    if m.value.is_nan() {
+        "FAILED".into()
+    } else if m.errors > 0 {
+        format!("{:.1} ({} err)", m.value, m.errors)
+    } else {
+        format!("{:.1}", m.value)
+    }
+}
+
+fn report(
+    rows: &[Row],
+    rss_1g: (Option<u64>, Option<u64>),
+    rss_end: (Option<u64>, Option<u64>),
+    stow_label: &str,
+) -> String {
+    let mut out = String::new();
+    let mib = |k: Option<u64>| k.map_or("n/a".to_string(), |k| format!("{:.1}", k as f64 / 1024.0));
+    let _ = writeln!(
+        out,
+        "| {:<40} | {:>14} | {:>14} | {:>7} | {:<18} | {:<4} |",
+        "workload", "Distribution", stow_label, "ratio", "goal", "met"
+    );
+    let _ = writeln!(
+        out,
+        "|{:-<42}|{:->16}|{:->16}|{:->9}|{:-<20}|{:-<6}|",
+        "", "", "", "", "", ""
+    );
+    for r in rows {
+        let ratio = r.stow.value / r.dist.value;
+        let met = if ratio.is_nan() || r.stow.errors > 0 {
+            "NO"
+        } else if ratio >= r.goal {
+            "yes"
+        } else {
+            "NO"
+        };
+        let _ = writeln!(
+            out,
+            "| {:<40} | {:>14} | {:>14} | {:>6.2}x | {:<18} | {:<4} |",
+            r.name,
+            fmt_value(&r.dist),
+            fmt_value(&r.stow),
+            ratio,
+            format!(">= {}x", r.goal),
+            met
+        );
+    }
+    let rss_met = match rss_1g.1 {
+        Some(k) if k < 64 * 1024 => "yes",
+        _ => "NO",
+    };
+    let _ = writeln!(
+        out,
+        "| {:<40} | {:>14} | {:>14} | {:>7} | {:<18} | {:<4} |",
+        "peak RSS after 1 GiB workloads (MiB)",
+        mib(rss_1g.0),
+        mib(rss_1g.1),
+        "",
+        "Stowage < 64 MiB",
+        rss_met
+    );
+    let _ = writeln!(
+        out,
+        "| {:<40} | {:>14} | {:>14} | {:>7} | {:<18} | {:<4} |",
+        "peak RSS at end of run (MiB)",
+        mib(rss_end.0),
+        mib(rss_end.1),
+        "",
+        "(reference)",
+        ""
+    );
+    out
+}
+
+fn cpu_report(rows: &[Row], stow_label: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| {:<40} | {:>16} | {:>16} | {:>15} | {:>15} |",
+        "server CPU per operation", "Distribution", stow_label, "client CPU %", "other CPU %"
+    );
+    let _ = writeln!(out, "|{:-<42}|{:->18}|{:->18}|{:->17}|{:->17}|", "", "", "", "", "");
+    for r in rows {
+        let (unit, scale, per) = if r.name.contains("MB/s") {
+            ("ms/GiB", 1e3, (1u64 << 30) as f64)
+        } else {
+            ("us/op", 1e6, 1.0)
+        };
+        let per_op = |m: &Measured| {
+            if m.ops > 0.0 {
+                format!("{:.1} {unit}", m.server_cpu / (m.ops / per) * scale)
+            } else {
+                "n/a".into()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {:<40} | {:>16} | {:>16} | {:>6.0} / {:>6.0} | {:>6.0} / {:>6.0} |",
+            r.name,
+            per_op(&r.dist),
+            per_op(&r.stow),
+            r.dist.client_cpu / r.dist.secs * 100.0,
+            r.stow.client_cpu / r.stow.secs * 100.0,
+            r.dist.other_cpu / r.dist.secs * 100.0,
+            r.stow.other_cpu / r.stow.secs * 100.0,
+        );
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main
+// ---------------------------------------------------------------------------------------------
+
+fn main() -> ExitCode {
+    let settings = Settings::from_env();
+    if !Path::new(DISTRIBUTION_BIN).exists() {
+        eprintln!(
+            "error: {DISTRIBUTION_BIN} is missing. This benchmark compares Stowage with CNCF \
+             Distribution; install it with `apt-get install docker-registry` and run again."
+        );
+        return ExitCode::from(2);
+    }
+    let stowage_bin = if settings.stowage_is_distribution {
+        None
+    } else {
+        Some(build_stowage())
+    };
+
+    let machine = machine_info();
+    let dist_version = command_version(Path::new(DISTRIBUTION_BIN), &["--version"]);
+    let stow_version = match &stowage_bin {
+        Some(bin) => command_version(bin, &["--version"]),
+        None => "(replaced by a second Distribution: REGBENCH_STOWAGE=distribution)".into(),
+    };
+
+    eprintln!("[bench] generating test data (not timed)");
+    let size = settings.blob_size;
+    let mono = Blob::random(size, 0x1111);
+    let chunked = Blob::random(size, 0x2222);
+    let small = Image::small(usize::MAX, "latest".into());
+    let images: Arc<Vec<Image>> = Arc::new(
+        (0..settings.images)
+            .map(|i| Image::small(i, format!("img-{i:05}")))
+            .collect(),
+    );
+
+    eprintln!("[bench] starting registries");
+    let dist = start_distribution("Distribution");
+    let stow = match &stowage_bin {
+        Some(bin) => start_stowage(bin, &settings.stowage_log),
+        None => start_distribution("Dist-as-Stow"),
+    };
+    for s in [&dist, &stow] {
+        eprintln!(
+            "[bench] {} at {} (pid {}, VmHWM {:.1} MiB)",
+            s.label,
+            s.url,
+            s.pid(),
+            s.vm_hwm_kib().unwrap_or(0) as f64 / 1024.0
+        );
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let started = Instant::now();
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = run(&settings, &dist, &stow, &mono, &chunked, &small, &images) => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    drop(rt);
+    let Some((rows, rss_1g, rss_end)) = outcome else {
+        eprintln!("[bench] interrupted; stopping the registries");
+        return ExitCode::from(130);
+    };
+    let disk = (dist.disk_usage(), stow.disk_usage());
+    let stow_label = stow.label;
+    drop(stow);
+    drop(dist);
+
+    let blob_label = if size == 1 << 30 {
+        "1 GiB".to_string()
+    } else {
+        format!("{} MiB", size / MIB)
+    };
+    println!();
+    println!("Stowage vs CNCF Distribution, all traffic on 127.0.0.1 (client and servers share the machine)");
+    println!("machine:      {machine}");
+    println!("Distribution: {dist_version}");
+    println!("Stowage:      {stow_version}");
+    println!(
+        "client:       reqwest 0.13 (HTTP/1.1), {RATE_CONNS} conns for rates ({}s + {}s warm-up), \
+         {IMAGE_WORKERS} clients for pushes; blobs {blob_label}, PATCH {} MiB; MB = 10^6 bytes",
+        settings.rate_secs.as_secs_f64(),
+        RATE_WARMUP.as_secs_f64(),
+        PATCH_SIZE / MIB
+    );
+    println!();
+    print!("{}", report(&rows, rss_1g, rss_end, stow_label));
+    println!();
+    print!("{}", cpu_report(&rows, stow_label));
+    println!();
+    let disturbed: Vec<&str> = rows
+        .iter()
+        .filter(|r| [&r.dist, &r.stow].iter().any(|m| m.other_cpu / m.secs > 0.5))
+        .map(|r| r.name)
+        .collect();
+    if !disturbed.is_empty() {
+        println!(
+            "WARNING: more than half a core was busy outside the two servers and the client during: {}. \
+             Something else ran on the machine (or the kernel's writeback threads were busy): treat those \
+             rates with care and compare server CPU per operation instead.",
+            disturbed.join("; ")
+        );
+    }
+    println!(
+        "data dir size at end: Distribution {:.1} MiB, {} {:.1} MiB; total run {:.0} s \
+         (of which {:.0} s waiting for an idle machine)",
+        disk.0 as f64 / MIB as f64,
+        stow_label,
+        disk.1 as f64 / MIB as f64,
+        started.elapsed().as_secs_f64(),
+        QUIET_WAITED_MS.load(Ordering::Relaxed) as f64 / 1000.0
+    );
+    ExitCode::SUCCESS
+}
+
+type RssPair = (Option<u64>, Option<u64>);
+
+async fn run(
+    settings: &Settings,
+    dist: &Server,
+    stow: &Server,
+    mono: &Blob,
+    chunked: &Blob,
+    small: &Image,
+    images: &Arc<Vec<Image>>,
+) -> (Vec<Row>, RssPair, RssPair) {
+    let c = client();
+    for s in [dist, stow] {
+        let resp = c.get(s.v2("")).send().await.expect("GET /v2/");
+        assert_eq!(resp.status(), StatusCode::OK, "{}: GET /v2/", s.label);
+    }
+    let secs = settings.rate_secs;
+    let mut rows = Vec::new();
+    let both = [dist, stow];
+
+    let mut m = [Measured::default(); 2];
+    for (i, s) in both.iter().enumerate() {
+        m[i] = w_upload(&c, s, mono, false).await;
+    }
+    rows.push(Row {
+        name: "1 GiB upload, monolithic (MB/s)",
+        dist: m[0],
+        stow: m[1],
+        goal: 1.2,
+    });
+    for (i, s) in both.iter().enumerate() {
+        m[i] = w_upload(&c, s, chunked, true).await;
+    }
+    rows.push(Row {
+        name: "1 GiB upload, chunked 64 MiB (MB/s)",
+        dist: m[0],
+        stow: m[1],
+        goal: 1.2,
+    });
+    for (i, s) in both.iter().enumerate() {
+        m[i] = w_download(&c, s, chunked).await;
+    }
+    rows.push(Row {
+        name: "1 GiB download (MB/s)",
+        dist: m[0],
+        stow: m[1],
+        goal: 1.0,
+    });
+    let rss_1g = (dist.vm_hwm_kib(), stow.vm_hwm_kib());
+
+    for s in both {
+        push_image(&c, &s.url, "bench/small", small)
+            .await
+            .unwrap_or_else(|e| panic!("{}: push small image: {e}", s.label));
+    }
+    for (i, s) in both.iter().enumerate() {
+        m[i] = w_manifest_get(&c, s, small, secs).await;
+    }
+    rows.push(Row {
+        name: "manifest GET by tag, 64 conns (req/s)",
+        dist: m[0],
+        stow: m[1],
+        goal: 5.0,
+    });
+    for (i, s) in both.iter().enumerate() {
+        m[i] = w_blob_head(&c, s, small, secs).await;
+    }
+    rows.push(Row {
+        name: "blob HEAD, 64 conns (req/s)",
+        dist: m[0],
+        stow: m[1],
+        goal: 5.0,
+    });
+    for (i, s) in both.iter().enumerate() {
+        m[i] = w_image_pushes(&c, s, images).await;
+    }
+    rows.push(Row {
+        name: "small image pushes, 16 clients (img/s)",
+        dist: m[0],
+        stow: m[1],
+        goal: 3.0,
+    });
+    let rss_end = (dist.vm_hwm_kib(), stow.vm_hwm_kib());
+    (rows, rss_1g, rss_end)
+}

@@ -6,6 +6,7 @@
 //! socket is bound. Dropping the `TestServer` kills the process and removes the data directory.
 #![allow(dead_code)]
 
+pub mod replay;
 pub mod spack;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,278 @@
+//! Spack build cache costs at scale, against a release `stowage` on 127.0.0.1:
+//!
+//! 1. manifest-PUT latency of spec images with 1,000 specs already in the repository, and again
+//!    with 50,000 (the push path must not grow with the repository: goal within 20%);
+//! 2. the time to serve a freshly changed `index.spack` at 50,000 specs (manifest GET, which
+//!    rebuilds the index, then the index blob; goal under one second), and an unchanged one.
+//!
+//! Run with `cargo bench --bench spack`. `SPACKBENCH_SPECS` (default 50000) and
+//! `SPACKBENCH_SAMPLES` (default 200) shrink it for a quick look. Specs are synthetic but shaped
+//! like real ones: a ~1 KiB node each, a DAG of the package, two shared dependencies and an
+//! external, pushed as Spack pushes (layer and config blobs, then the manifest under its tag).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sha2::Digest as _;
+
+const REPO: &str = "spack/bench";
+const CLIENTS: usize = 16;
+const SHARED: usize = 100;
+
+struct Stowage {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Stowage {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start() -> Stowage {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--bin", "stowage"])
+        .current_dir(&root)
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "building stowage failed");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(root.join("target/release/stowage"))
+        .arg("serve")
+        .env("STOWAGE_LISTEN", "127.0.0.1:0")
+        .env("STOWAGE_DATA_DIR", dir.path())
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start stowage");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let base = loop {
+        let line = lines.next().expect("stowage exited").expect("read stdout");
+        if let Some(url) = line.split("listening on ").nth(1) {
+            break url.trim().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Stowage { child, base, _dir: dir }
+}
+
+fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+fn hash(i: usize) -> String {
+    let alphabet = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (0..32)
+        .map(|_| {
+            let c = alphabet[(x % 32) as usize] as char;
+            x = x.rotate_left(5) ^ 0x5bd1_e995;
+            c
+        })
+        .collect()
+}
+
+const GLIBC: &str = "glibcglibcglibcglibcglibcglibc22";
+
+fn node(i: usize) -> serde_json::Value {
+    let mut deps = vec![json!({"name":"glibc","hash":GLIBC,"parameters":{"deptypes":["link"],"virtuals":["libc"]}})];
+    if i >= SHARED {
+        for d in [i % SHARED, (i / 7) % SHARED] {
+            deps.push(json!({"name":format!("pkg{d}"),"hash":hash(d),"parameters":{"deptypes":["build","link"],"virtuals":[]}}));
+        }
+    }
+    json!({"name":format!("pkg{i}"),"version":"1.0",
+           "arch":{"platform":"linux","platform_os":"debian12","target":{"name":"zen2","vendor":"AuthenticAMD",
+             "features":["avx","avx2","bmi1","bmi2","fma","sse4_1","sse4_2"],"generation":0,"parents":["zen"]}},
+           "namespace":"builtin","parameters":{"build_system":"autotools","cflags":[],"cppflags":[],"cxxflags":[],
+             "fflags":[],"ldflags":[],"ldlibs":[]},
+           "package_hash":"q2rk2ibjyixyovjks3huspa2gqfkl7b2q2l4efx54262chl3icjq====",
+           "dependencies":deps,"annotations":{"original_specfile_version":5},"hash":hash(i)})
+}
+
+/// Blobs and manifest of spec `i`.
+fn spec_image(i: usize) -> (Vec<(String, Vec<u8>)>, String, Vec<u8>) {
+    let layer = format!("tarball of pkg{i}").into_bytes();
+    let mut nodes = vec![node(i)];
+    if i >= SHARED {
+        nodes.push(node(i % SHARED));
+        if (i / 7) % SHARED != i % SHARED {
+            nodes.push(node((i / 7) % SHARED));
+        }
+    }
+    nodes.push(
+        json!({"name":"glibc","version":"2.36","arch":{"platform":"linux","platform_os":"debian12",
+        "target":"x86_64"},"external":{"path":"/usr"},"hash":GLIBC}),
+    );
+    let config = serde_json::to_vec(&json!({"architecture":"amd64","os":"linux",
+        "rootfs":{"type":"layers","diff_ids":[]},"config":{"Env":[]},
+        "spec":{"_meta":{"version":5},"nodes":nodes},"buildcache_layout_version":3,
+        "binary_cache_checksum":{"hash_algorithm":"sha256","hash":&sha256(&layer)[7..]}}))
+    .expect("config");
+    let manifest = serde_json::to_vec(&json!({"mediaType":"application/vnd.oci.image.manifest.v1+json","schemaVersion":2,
+        "config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":sha256(&config),"size":config.len()},
+        "layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":sha256(&layer),"size":layer.len()}]}))
+    .expect("manifest");
+    let tag = format!("pkg{i}-1.0-{}.spack", hash(i));
+    (vec![(sha256(&layer), layer), (sha256(&config), config)], tag, manifest)
+}
+
+async fn push_blobs(http: &reqwest::Client, base: &str, blobs: Vec<(String, Vec<u8>)>) {
+    for (digest, body) in blobs {
+        let resp = http
+            .post(format!("{base}/v2/{REPO}/blobs/uploads/?digest={digest}"))
+            .body(body)
+            .send()
+            .await
+            .expect("POST blob");
+        assert_eq!(resp.status(), 201);
+    }
+}
+
+async fn put_manifest(http: &reqwest::Client, base: &str, tag: &str, manifest: Vec<u8>) -> Duration {
+    let started = Instant::now();
+    let resp = http
+        .put(format!("{base}/v2/{REPO}/manifests/{tag}"))
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest)
+        .send()
+        .await
+        .expect("PUT manifest");
+    assert_eq!(resp.status(), 201);
+    started.elapsed()
+}
+
+/// Pushes specs `from..to` with `CLIENTS` concurrent clients.
+async fn fill(http: &reqwest::Client, base: &str, from: usize, to: usize) {
+    let next = Arc::new(AtomicUsize::new(from));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (http, base, next) = (http.clone(), base.to_owned(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= to {
+                    break;
+                }
+                let (blobs, tag, manifest) = spec_image(i);
+                push_blobs(&http, &base, blobs).await;
+                put_manifest(&http, &base, &tag, manifest).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("push task");
+    }
+}
+
+/// Latency of `samples` manifest PUTs of new specs, blobs uploaded beforehand, one at a time.
+async fn sample_puts(http: &reqwest::Client, base: &str, first: usize, samples: usize) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(samples);
+    for i in first..first + samples {
+        let (blobs, tag, manifest) = spec_image(i);
+        push_blobs(http, base, blobs).await;
+        out.push(put_manifest(http, base, &tag, manifest).await);
+    }
+    out.sort();
+    out
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn summary(v: &[Duration]) -> (f64, f64, f64) {
+    let mean = v.iter().map(|d| d.as_secs_f64()).sum::<f64>() / v.len() as f64 * 1000.0;
+    (mean, ms(v[v.len() / 2]), ms(v[v.len() * 95 / 100]))
+}
+
+async fn serve_index(http: &reqwest::Client, base: &str) -> (Duration, Duration, usize) {
+    let started = Instant::now();
+    let resp = http
+        .get(format!("{base}/v2/{REPO}/manifests/index.spack"))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .expect("GET index.spack");
+    assert_eq!(resp.status(), 200);
+    let manifest: serde_json::Value = resp.json().await.expect("manifest");
+    let manifest_time = started.elapsed();
+    let digest = manifest["layers"][0]["digest"].as_str().expect("layer").to_owned();
+    let blob = http
+        .get(format!("{base}/v2/{REPO}/blobs/{digest}"))
+        .send()
+        .await
+        .expect("GET blob");
+    assert_eq!(blob.status(), 200);
+    let bytes = blob.bytes().await.expect("index bytes");
+    (manifest_time, started.elapsed(), bytes.len())
+}
+
+#[tokio::main]
+async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("spack benchmark: run it with `cargo bench --bench spack`");
+        return;
+    }
+    let num = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let total = num("SPACKBENCH_SPECS", 50_000);
+    let samples = num("SPACKBENCH_SAMPLES", 200);
+    let server = start();
+    let base = server.base.clone();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(CLIENTS)
+        .build()
+        .expect("client");
+
+    let t = Instant::now();
+    fill(&http, &base, 0, 1_000).await;
+    println!("filled 1,000 specs in {:.1} s", t.elapsed().as_secs_f64());
+    let small = sample_puts(&http, &base, 1_000, samples).await;
+
+    let t = Instant::now();
+    fill(&http, &base, 1_000 + samples, total).await;
+    println!("filled {total} specs in {:.1} s", t.elapsed().as_secs_f64());
+    let large = sample_puts(&http, &base, total, samples).await;
+
+    let (fresh_manifest, fresh_total, bytes) = serve_index(&http, &base).await;
+    let (warm_manifest, warm_total, _) = serve_index(&http, &base).await;
+
+    let (s_mean, s_p50, s_p95) = summary(&small);
+    let (l_mean, l_p50, l_p95) = summary(&large);
+    println!();
+    println!("| measurement | value | goal |");
+    println!("|---|---|---|");
+    println!(
+        "| spec manifest PUT, 1,000 specs in repo | mean {s_mean:.2} ms, p50 {s_p50:.2} ms, p95 {s_p95:.2} ms | |"
+    );
+    println!(
+        "| spec manifest PUT, {} specs in repo | mean {l_mean:.2} ms, p50 {l_p50:.2} ms, p95 {l_p95:.2} ms | |",
+        total + samples
+    );
+    println!(
+        "| PUT latency ratio (large / small, mean) | {:.2}x | <= 1.20x |",
+        l_mean / s_mean
+    );
+    println!(
+        "| freshly changed index.spack, {} specs ({:.1} MB) | manifest {:.0} ms, manifest + blob {:.0} ms | < 1000 ms |",
+        total + 2 * samples,
+        bytes as f64 / 1e6,
+        ms(fresh_manifest),
+        ms(fresh_total)
+    );
+    println!(
+        "| unchanged index.spack | manifest {:.1} ms, manifest + blob {:.0} ms | |",
+        ms(warm_manifest),
+        ms(warm_total)
+    );
+}

@@ -100,8 +100,16 @@ fn node(i: usize) -> serde_json::Value {
            "dependencies":deps,"annotations":{"original_specfile_version":5},"hash":hash(i)})
 }
 
+/// What Spack uploads for one spec.
+struct SpecImage {
+    /// `(digest, bytes)` of the layer and the config.
+    blobs: Vec<(String, Vec<u8>)>,
+    tag: String,
+    manifest: Vec<u8>,
+}
+
 /// Blobs and manifest of spec `i`.
-fn spec_image(i: usize) -> (Vec<(String, Vec<u8>)>, String, Vec<u8>) {
+fn spec_image(i: usize) -> SpecImage {
     let layer = format!("tarball of pkg{i}").into_bytes();
     let mut nodes = vec![node(i)];
     if i >= SHARED {
@@ -124,7 +132,7 @@ fn spec_image(i: usize) -> (Vec<(String, Vec<u8>)>, String, Vec<u8>) {
         "layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":sha256(&layer),"size":layer.len()}]}))
     .expect("manifest");
     let tag = format!("pkg{i}-1.0-{}.spack", hash(i));
-    (vec![(sha256(&layer), layer), (sha256(&config), config)], tag, manifest)
+    SpecImage { blobs: vec![(sha256(&layer), layer), (sha256(&config), config)], tag, manifest }
 }
 
 async fn push_blobs(http: &reqwest::Client, base: &str, blobs: Vec<(String, Vec<u8>)>) {
@@ -164,9 +172,9 @@ async fn fill(http: &reqwest::Client, base: &str, from: usize, to: usize) {
                 if i >= to {
                     break;
                 }
-                let (blobs, tag, manifest) = spec_image(i);
-                push_blobs(&http, &base, blobs).await;
-                put_manifest(&http, &base, &tag, manifest).await;
+                let img = spec_image(i);
+                push_blobs(&http, &base, img.blobs).await;
+                put_manifest(&http, &base, &img.tag, img.manifest).await;
             }
         }));
     }
@@ -179,9 +187,9 @@ async fn fill(http: &reqwest::Client, base: &str, from: usize, to: usize) {
 async fn sample_puts(http: &reqwest::Client, base: &str, first: usize, samples: usize) -> Vec<Duration> {
     let mut out = Vec::with_capacity(samples);
     for i in first..first + samples {
-        let (blobs, tag, manifest) = spec_image(i);
-        push_blobs(http, base, blobs).await;
-        out.push(put_manifest(http, base, &tag, manifest).await);
+        let img = spec_image(i);
+        push_blobs(http, base, img.blobs).await;
+        out.push(put_manifest(http, base, &img.tag, img.manifest).await);
     }
     out.sort();
     out

@@ -68,3 +68,29 @@ async fn database_version_follows_the_oldest_layout() {
     push_fixture(&server, "new", &old).await;
     assert_eq!(served_index(&server, "new").await.1["database"]["version"], "7");
 }
+
+/// Deleting the built index manifest by digest does not break `index.spack`: it is rebuilt.
+#[tokio::test]
+async fn a_deleted_index_manifest_is_rebuilt() {
+    let server = TestServer::start();
+    let fixture = FixtureRepo::load("http-noauth", "spack_buildcache");
+    push_fixture(&server, "cache", &fixture).await;
+    let resp = client()
+        .get(server.v2("cache/manifests/index.spack"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+    let digest = resp.headers()["docker-content-digest"]
+        .to_str()
+        .expect("digest")
+        .to_owned();
+    let resp = client()
+        .delete(server.v2(&format!("cache/manifests/{digest}")))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(resp.status(), 202);
+    let (_, index) = served_index(&server, "cache").await;
+    assert_eq!(index, fixture.spack_index().expect("fixture index"));
+}

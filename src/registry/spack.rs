@@ -19,27 +19,37 @@ impl Registry {
     /// The current index manifest of a Spack build cache, building it first if the repository's
     /// spec tags changed since the last build. `None` when the repository holds no Spack specs.
     pub async fn spack_index(&self, repo: &RepoName, with_content: bool) -> Result<Option<ManifestRecord>> {
-        let Some(state) = self.catalog.spack_index_state(repo).await? else {
-            return Ok(None);
-        };
-        if state.built_generation == Some(state.generation) {
-            if let Some(digest) = state.manifest_digest {
-                return self.index_manifest(repo, &digest, with_content).await;
-            }
+        match self.current_spack_index(repo, with_content).await? {
+            Current::NotSpack => return Ok(None),
+            Current::Fresh(m) => return Ok(Some(m)),
+            Current::Stale => {}
         }
         let lock = self.spack_builds.lock_for(repo.as_str());
         let _guard = lock.lock().await;
         // Another reader may have built it while this one waited.
-        let Some(state) = self.catalog.spack_index_state(repo).await? else {
-            return Ok(None);
-        };
-        if state.built_generation == Some(state.generation) {
-            if let Some(digest) = state.manifest_digest {
-                return self.index_manifest(repo, &digest, with_content).await;
-            }
+        match self.current_spack_index(repo, with_content).await? {
+            Current::NotSpack => return Ok(None),
+            Current::Fresh(m) => return Ok(Some(m)),
+            Current::Stale => {}
         }
         let digest = self.build_spack_index(repo).await?;
         self.index_manifest(repo, &digest, with_content).await
+    }
+
+    async fn current_spack_index(&self, repo: &RepoName, with_content: bool) -> Result<Current> {
+        let Some(state) = self.catalog.spack_index_state(repo).await? else {
+            return Ok(Current::NotSpack);
+        };
+        match state.manifest_digest {
+            Some(digest) if state.built_generation == Some(state.generation) => {
+                // A client may have deleted the built manifest by digest: then build again.
+                Ok(self
+                    .index_manifest(repo, &digest, with_content)
+                    .await?
+                    .map_or(Current::Stale, Current::Fresh))
+            }
+            _ => Ok(Current::Stale),
+        }
     }
 
     async fn index_manifest(
@@ -112,6 +122,16 @@ impl Registry {
         let body = futures_util::stream::iter([Ok::<_, std::io::Error>(data)]);
         self.upload_whole(repo, digest, body).await
     }
+}
+
+/// Where a repository's index stands when `index.spack` is read.
+enum Current {
+    /// The repository holds no Spack specs: `index.spack` is an ordinary tag there.
+    NotSpack,
+    /// The index built last is current.
+    Fresh(ManifestRecord),
+    /// Never built, out of date, or its manifest was deleted: build it.
+    Stale,
 }
 
 /// One lock per repository, created on first use.

@@ -30,8 +30,9 @@ use crate::error::{Error, Internal, Result};
 
 /// Most jobs committed together.
 const MAX_BATCH: usize = 256;
-/// Idle read connections kept open.
-const MAX_IDLE_READERS: usize = 8;
+/// Idle read connections kept open. Enough for the reads in flight under load (each new
+/// connection re-prepares its statements), far below SQLite's limits.
+const MAX_IDLE_READERS: usize = 64;
 
 /// Embedded migrations, in order; the index + 1 is the schema version they bring.
 const MIGRATIONS: &[&str] = &[

@@ -10,6 +10,8 @@
 //! - `REGBENCH_STOWAGE=distribution`  run a second Distribution in Stowage's place (to debug
 //!   the client code while the server does not run yet)
 //! - `REGBENCH_STOWAGE_LOG`        RUST_LOG for Stowage (default `error`)
+//! - `REGBENCH_S3=0`               skip the S3 backend's run (Stowage on a moto S3 server on
+//!   127.0.0.1, `$STOWAGE_TEST_PYTHON -m moto.server`; `scripts/test` installs moto)
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read as _};
@@ -241,6 +243,57 @@ fn start_distribution(label: &'static str) -> Server {
 }
 
 fn start_stowage(bin: &Path, log_level: &str) -> Server {
+    start_stowage_with(bin, log_level, "Stowage", &[])
+}
+
+/// A moto S3 server on 127.0.0.1 with one bucket, `bench`; killed when dropped.
+struct S3Server {
+    child: Child,
+    host: String,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_moto() -> S3Server {
+    let python = std::env::var("STOWAGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let port = free_port();
+    let child = Command::new(&python)
+        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {python} -m moto.server (pip install 'moto[server]'): {e}"));
+    let mut server = S3Server {
+        child,
+        host: format!("127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!("moto.server exited ({status}) before serving");
+        }
+        assert!(Instant::now() < deadline, "moto.server is not listening after 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut stream = TcpStream::connect(&server.host).expect("connect to moto");
+    let req = format!(
+        "PUT /bench HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        server.host
+    );
+    std::io::Write::write_all(&mut stream, req.as_bytes()).expect("create bucket");
+    let mut resp = String::new();
+    let _ = stream.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 200"), "create bucket on moto: {resp}");
+    server
+}
+
+fn start_stowage_with(bin: &Path, log_level: &str, label: &'static str, envs: &[(&str, String)]) -> Server {
     let tmp = tempfile::Builder::new()
         .prefix("bench-stowage-")
         .tempdir()
@@ -260,6 +313,7 @@ fn start_stowage(bin: &Path, log_level: &str) -> Server {
         .env("STOWAGE_LISTEN", "127.0.0.1:0")
         .env("STOWAGE_DATA_DIR", &data)
         .env("RUST_LOG", log_level)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file)
@@ -280,7 +334,7 @@ fn start_stowage(bin: &Path, log_level: &str) -> Server {
         }
     });
     let mut server = Server {
-        label: "Stowage",
+        label,
         child,
         url: String::new(),
         log,
@@ -1096,6 +1150,36 @@ fn report(
     out
 }
 
+fn s3_report(rows: &[Row], s3: &[Measured; 3], rss_1g: (Option<u64>, Option<u64>), rss_s3: Option<u64>) -> String {
+    let mut out = String::new();
+    let mib = |k: Option<u64>| k.map_or("n/a".to_string(), |k| format!("{:.1}", k as f64 / 1024.0));
+    let _ = writeln!(
+        out,
+        "| {:<40} | {:>18} | {:>14} | {:>14} |",
+        "workload", "Distribution (fs)", "Stowage (fs)", "Stowage (S3)"
+    );
+    let _ = writeln!(out, "|{:-<42}|{:->20}|{:->16}|{:->16}|", "", "", "", "");
+    for (r, m) in rows.iter().zip(s3.iter()) {
+        let _ = writeln!(
+            out,
+            "| {:<40} | {:>18} | {:>14} | {:>14} |",
+            r.name,
+            fmt_value(&r.dist),
+            fmt_value(&r.stow),
+            fmt_value(m)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| {:<40} | {:>18} | {:>14} | {:>14} |",
+        "peak RSS after 1 GiB workloads (MiB)",
+        mib(rss_1g.0),
+        mib(rss_1g.1),
+        mib(rss_s3)
+    );
+    out
+}
+
 fn cpu_report(rows: &[Row], stow_label: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -1196,11 +1280,41 @@ fn main() -> ExitCode {
             _ = tokio::signal::ctrl_c() => None,
         }
     });
-    drop(rt);
     let Some((rows, rss_1g, rss_end)) = outcome else {
         eprintln!("[bench] interrupted; stopping the registries");
         return ExitCode::from(130);
     };
+    // The S3 backend: the large-blob workloads against Stowage with its blobs on a moto S3
+    // server on loopback, after the fs servers are done (they stay up, idle).
+    let s3_rows = match (&stowage_bin, std::env::var("REGBENCH_S3").as_deref()) {
+        (Some(_), Ok("0")) => None,
+        (Some(bin), _) => {
+            eprintln!("[bench] starting moto (S3) and Stowage on S3");
+            let moto = start_moto();
+            let envs = [
+                ("STOWAGE_STORAGE__BACKEND", "s3".to_string()),
+                ("STOWAGE_STORAGE__S3__BUCKET", "bench".to_string()),
+                ("STOWAGE_STORAGE__S3__ENDPOINT", format!("http://{}", moto.host)),
+                ("STOWAGE_STORAGE__S3__PATH_STYLE", "true".to_string()),
+                ("AWS_ACCESS_KEY_ID", "bench".to_string()),
+                ("AWS_SECRET_ACCESS_KEY", "bench-secret".to_string()),
+            ];
+            let s3 = start_stowage_with(bin, &settings.stowage_log, "Stowage-S3", &envs);
+            let c = client();
+            let (m1, m2, m3) = rt.block_on(async {
+                let m1 = w_upload(&c, &s3, &mono, false).await;
+                let m2 = w_upload(&c, &s3, &chunked, true).await;
+                let m3 = w_download(&c, &s3, &chunked).await;
+                (m1, m2, m3)
+            });
+            let rss = s3.vm_hwm_kib();
+            drop(s3);
+            drop(moto);
+            Some(([m1, m2, m3], rss))
+        }
+        (None, _) => None,
+    };
+    drop(rt);
     let disk = (dist.disk_usage(), stow.disk_usage());
     let stow_label = stow.label;
     drop(stow);
@@ -1228,6 +1342,13 @@ fn main() -> ExitCode {
     println!();
     print!("{}", cpu_report(&rows, stow_label));
     println!();
+    if let Some((s3, rss)) = &s3_rows {
+        println!("S3 backend (Stowage with its blobs on moto's S3 server on 127.0.0.1; moto is a Python");
+        println!("server holding objects in memory, so these figures measure moto as much as Stowage):");
+        println!();
+        print!("{}", s3_report(&rows, s3, rss_1g, *rss));
+        println!();
+    }
     let disturbed: Vec<&str> = rows
         .iter()
         .filter(|r| [&r.dist, &r.stow].iter().any(|m| m.other_cpu / m.secs > 0.5))

@@ -132,7 +132,11 @@ fn spec_image(i: usize) -> SpecImage {
         "layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":sha256(&layer),"size":layer.len()}]}))
     .expect("manifest");
     let tag = format!("pkg{i}-1.0-{}.spack", hash(i));
-    SpecImage { blobs: vec![(sha256(&layer), layer), (sha256(&config), config)], tag, manifest }
+    SpecImage {
+        blobs: vec![(sha256(&layer), layer), (sha256(&config), config)],
+        tag,
+        manifest,
+    }
 }
 
 async fn push_blobs(http: &reqwest::Client, base: &str, blobs: Vec<(String, Vec<u8>)>) {

@@ -20,6 +20,8 @@ pub enum Command {
     /// Every setting has a default; a TOML file and STOWAGE_* environment variables override
     /// them (nested keys joined by "__", e.g. STOWAGE_REGISTRY__DELETE_ENABLED=false), and the
     /// flags below override both. Settings: listen, data_dir, storage.{backend,path,part_size},
+    /// storage.s3.{bucket,prefix,region,endpoint,path_style,credentials_file,profile,redirect,
+    /// redirect_expiry_secs,public_endpoint},
     /// registry.{delete_enabled,max_manifest_size,upload_timeout_secs,catalog_page_size},
     /// log.format. See stowage.example.toml for every setting with its default.
     Serve(ServeArgs),

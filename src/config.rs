@@ -41,19 +41,76 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// Storage backend. Only `fs` (local disk) so far.
+    /// Storage backend: `fs` (local disk, under `path`) or `s3` (S3 or an S3-compatible
+    /// store, configured in `[storage.s3]`).
     pub backend: Backend,
     /// Root directory of the `fs` backend. Default: `<data_dir>/storage`.
     pub path: Option<PathBuf>,
     /// Size of the parts an upload is written in, in bytes. Bounds the memory each upload in
-    /// progress uses (about three parts).
+    /// progress uses (about three parts). With `s3` it is at least 5 MiB (S3's smallest part).
     pub part_size: usize,
+    /// The `s3` backend's settings.
+    pub s3: S3Config,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     Fs,
+    S3,
+}
+
+/// The `s3` backend. Credentials never come from this file: they are taken from the standard
+/// AWS environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_SESSION_TOKEN`), else from an AWS credentials file (`credentials_file`, or
+/// `AWS_SHARED_CREDENTIALS_FILE`), else from web identity (`AWS_WEB_IDENTITY_TOKEN_FILE` with
+/// `AWS_ROLE_ARN`) or the instance/container metadata service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Bucket holding the blobs (required with `backend = "s3"`; it must exist).
+    pub bucket: String,
+    /// Key prefix inside the bucket, e.g. `stowage` (empty: the bucket's root).
+    pub prefix: String,
+    /// Region of the bucket (S3-compatible stores usually accept any).
+    pub region: String,
+    /// Endpoint URL of an S3-compatible store, e.g. `http://minio:9000`. Default: AWS's.
+    /// `http://` endpoints are allowed.
+    pub endpoint: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`) instead of virtual-hosted style
+    /// (`bucket.endpoint/key`); most S3-compatible stores need it.
+    pub path_style: bool,
+    /// AWS shared credentials file (INI) to read the access key from, instead of the
+    /// environment. Holds the secret, so it is named here, never inlined.
+    pub credentials_file: Option<PathBuf>,
+    /// Profile to read from the credentials file.
+    pub profile: String,
+    /// Answer blob GETs with a 307 redirect to a presigned URL of the object, so that large
+    /// pulls do not pass through the registry. Off: blobs stream through (with `Range`).
+    pub redirect: bool,
+    /// Seconds a presigned download URL stays valid.
+    pub redirect_expiry_secs: u64,
+    /// Endpoint URL clients use to reach the store, when it differs from `endpoint` (e.g. the
+    /// store is `http://minio:9000` inside a compose network but `http://localhost:9000` to
+    /// clients). Presigned URLs are signed for this host.
+    pub public_endpoint: Option<String>,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            bucket: String::new(),
+            prefix: String::new(),
+            region: "us-east-1".into(),
+            endpoint: None,
+            path_style: false,
+            credentials_file: None,
+            profile: "default".into(),
+            redirect: false,
+            redirect_expiry_secs: 300,
+            public_endpoint: None,
+        }
+    }
 }
 
 /// Registry behaviour.
@@ -65,6 +122,7 @@ pub struct RegistryConfig {
     /// Largest manifest accepted, in bytes (the OCI spec asks registries to take 4 MiB).
     pub max_manifest_size: usize,
     /// Seconds an upload session may sit idle before it is cancelled and its data removed.
+    /// Sessions are kept in the catalog, so this counts across restarts too.
     pub upload_timeout_secs: u64,
     /// Entries per `/v2/_catalog` page when the client does not pass `n`.
     pub catalog_page_size: u64,
@@ -104,6 +162,7 @@ impl Default for StorageConfig {
             backend: Backend::Fs,
             path: None,
             part_size: 8 * 1024 * 1024,
+            s3: S3Config::default(),
         }
     }
 }

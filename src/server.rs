@@ -16,14 +16,18 @@ const EXPIRY_SWEEP: Duration = Duration::from_secs(60);
 pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error>> {
     let catalog_path = config.catalog_path();
     let catalog = tokio::task::spawn_blocking(move || Catalog::open(&catalog_path)).await??;
+    let part_size = config.storage.part_size;
     let store = match config.storage.backend {
         Backend::Fs => {
             let path = config.storage_path();
-            let part_size = config.storage.part_size;
             tokio::task::spawn_blocking(move || BlobStore::local(path, part_size)).await??
         }
+        Backend::S3 => crate::storage::s3::open(&config.storage.s3, part_size)?,
     };
-    let stale = store.discard_all_uploads().await?;
+    // Upload sessions recorded in the catalog resume; anything else staged is left over from
+    // uploads that cannot (single-request uploads cut short by a stop).
+    let sessions: std::collections::HashSet<_> = catalog.upload_ids().await?.into_iter().collect();
+    let stale = store.discard_uploads_except(&sessions).await?;
     if stale > 0 {
         tracing::info!(count = stale, "removed upload data left by a previous run");
     }
@@ -33,7 +37,10 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         upload_timeout: Duration::from_secs(config.registry.upload_timeout_secs),
         catalog_page_size: config.registry.catalog_page_size,
     };
-    Ok(Registry::new(catalog, store, settings))
+    let registry = Registry::new(catalog, store, settings);
+    // Sessions left idle across a stop may have expired already.
+    registry.expire_uploads().await;
+    Ok(registry)
 }
 
 /// The rustls server configuration for `[tls]`, or `None` for plain HTTP.
@@ -65,7 +72,10 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let registry = open(&config).await?;
     tracing::info!(
         data_dir = %config.data_dir.display(),
-        storage = %config.storage_path().display(),
+        storage = %match config.storage.backend {
+            Backend::Fs => config.storage_path().display().to_string(),
+            Backend::S3 => format!("s3://{}/{}", config.storage.s3.bucket, config.storage.s3.prefix),
+        },
         delete_enabled = config.registry.delete_enabled,
         "registry opened"
     );

@@ -16,6 +16,7 @@
 
 mod queries;
 mod spack;
+mod uploads;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -25,6 +26,7 @@ use tokio::sync::oneshot;
 
 pub use queries::{ManifestRecord, NewManifest, Referrer};
 pub use spack::{ClosureNode, IndexSnapshot, IndexState, SpecDetail, SpecQuery, SpecSummary};
+pub use uploads::{UploadCheckpoint, UploadRecord};
 
 use crate::error::{Error, Internal, Result};
 
@@ -38,6 +40,7 @@ const MAX_IDLE_READERS: usize = 64;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_spack.sql"),
+    include_str!("../../migrations/0003_uploads.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

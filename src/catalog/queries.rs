@@ -45,7 +45,7 @@ fn repo_id(conn: &Connection, repo: &str) -> rusqlite::Result<Option<i64>> {
         .optional()
 }
 
-fn ensure_repo(conn: &Connection, repo: &str) -> rusqlite::Result<i64> {
+pub(super) fn ensure_repo(conn: &Connection, repo: &str) -> rusqlite::Result<i64> {
     if let Some(id) = repo_id(conn, repo)? {
         return Ok(id);
     }
@@ -56,7 +56,7 @@ fn ensure_repo(conn: &Connection, repo: &str) -> rusqlite::Result<i64> {
     Ok(conn.last_insert_rowid())
 }
 
-fn link(conn: &Connection, repo_id: i64, digest: &str, size: u64) -> rusqlite::Result<()> {
+pub(super) fn link(conn: &Connection, repo_id: i64, digest: &str, size: u64) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO blobs (digest, size, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (digest) DO NOTHING",
         params![digest, size as i64, now()],

@@ -1,6 +1,7 @@
-//! `/v2/<name>/blobs/<digest>`: GET (with `Range`), HEAD, DELETE.
+//! `/v2/<name>/blobs/<digest>`: GET (with `Range`, or a 307 to the object store when downloads
+//! are redirected), HEAD, DELETE.
 
-use actix_web::http::header::{ACCEPT_RANGES, CONTENT_RANGE, CONTENT_TYPE, ETAG};
+use actix_web::http::header::{ACCEPT_RANGES, CONTENT_RANGE, CONTENT_TYPE, ETAG, LOCATION};
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use super::extract;
@@ -12,6 +13,13 @@ const DIGEST_HEADER: &str = "Docker-Content-Digest";
 pub async fn get(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResponse> {
     let repo = extract::repo(&req)?;
     let digest = extract::digest_param(&req, "digest")?;
+    if let Some(url) = reg.blob_redirect(&repo, &digest).await? {
+        // The store answers the client's `Range` itself.
+        return Ok(HttpResponse::TemporaryRedirect()
+            .insert_header((LOCATION, url))
+            .insert_header((DIGEST_HEADER, digest.to_string()))
+            .finish());
+    }
     let range = match extract::byte_range(&req) {
         Ok(r) => r,
         Err(()) => {

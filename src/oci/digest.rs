@@ -136,6 +136,24 @@ impl Hasher {
         }
     }
 
+    /// The hash state after the bytes hashed so far, to persist with an upload session.
+    pub fn save(&self) -> Vec<u8> {
+        use sha2::digest::common::hazmat::SerializableState;
+        match self {
+            Hasher::Sha256(h) => h.serialize().to_vec(),
+            Hasher::Sha512(h) => h.serialize().to_vec(),
+        }
+    }
+
+    /// A hasher from a state [`Hasher::save`] produced; `None` if `state` is not one.
+    pub fn restore(algorithm: Algorithm, state: &[u8]) -> Option<Hasher> {
+        use sha2::digest::common::hazmat::SerializableState;
+        Some(match algorithm {
+            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::deserialize(state.try_into().ok()?).ok()?),
+            Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::deserialize(state.try_into().ok()?).ok()?),
+        })
+    }
+
     pub fn finish(self) -> Digest {
         let algorithm = self.algorithm();
         let hex = match self {
@@ -167,6 +185,20 @@ mod tests {
         ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad} should be rejected");
         }
+    }
+
+    #[test]
+    fn hash_state_round_trips() {
+        for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
+            let mut whole = Hasher::new(algorithm);
+            whole.update(b"hello, world");
+            let mut first = Hasher::new(algorithm);
+            first.update(b"hello, ");
+            let mut resumed = Hasher::restore(algorithm, &first.save()).expect("state restores");
+            resumed.update(b"world");
+            assert_eq!(resumed.finish(), whole.finish());
+        }
+        assert!(Hasher::restore(Algorithm::Sha256, b"junk").is_none());
     }
 
     #[test]

@@ -46,6 +46,13 @@ impl Registry {
             .ok_or_else(|| Error::BlobUnknown(Some(digest.clone())))
     }
 
+    /// Where to send a client for the blob's bytes instead of streaming them, when downloads
+    /// are redirected to the object store (a short-lived presigned URL); `None` otherwise.
+    pub async fn blob_redirect(&self, repo: &RepoName, digest: &Digest) -> Result<Option<String>> {
+        self.blob_size(repo, digest).await?;
+        self.store.download_url(digest).await
+    }
+
     /// Opens a blob (or a range of it) for streaming.
     pub async fn get_blob(&self, repo: &RepoName, digest: &Digest, range: Option<ByteRange>) -> Result<BlobBody> {
         let size = self.blob_size(repo, digest).await?;

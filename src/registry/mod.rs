@@ -57,15 +57,27 @@ impl Registry {
     }
 
     /// Removes upload sessions idle for longer than the configured timeout, with their data.
+    /// Sessions this process holds are timed by their last request; sessions recorded in the
+    /// catalog but not held (opened before a restart and not resumed since) by their last
+    /// checkpoint.
     pub async fn expire_uploads(&self) {
         for (id, writer) in self.uploads.take_expired(self.settings.upload_timeout) {
             if let Some(w) = writer {
                 w.abort().await;
             }
-            if let Err(e) = self.store.discard(id).await {
-                tracing::warn!(upload = %id, error = %e, "removing an expired upload's data failed");
-            }
+            self.forget_session(id, None).await;
             tracing::info!(upload = %id, "expired an idle upload session");
+        }
+        let timeout = i64::try_from(self.settings.upload_timeout.as_secs()).unwrap_or(i64::MAX);
+        let before = crate::catalog::now().saturating_sub(timeout);
+        match self.catalog.idle_uploads(before, 1000).await {
+            Ok(idle) => {
+                for rec in idle.into_iter().filter(|r| !self.uploads.holds(r.id)) {
+                    self.forget_session(rec.id, Some(&rec.staging)).await;
+                    tracing::info!(upload = %rec.id, "expired an upload session left by a previous run");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listing idle upload sessions failed"),
         }
     }
 }

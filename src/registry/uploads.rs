@@ -5,8 +5,16 @@
 //! appends at the session's offset (a `Content-Range` that does not start there is refused with
 //! 416 and changes nothing); the closing PUT appends its body, completes the staged object,
 //! verifies the digest the client names, publishes the blob and links it into the repository.
-//! Every failure path after staging began discards what was staged. Sessions live in memory and
-//! expire after `registry.upload_timeout` of inactivity.
+//! Every failure path after staging began discards what was staged.
+//!
+//! Sessions survive a restart: each is recorded in the catalog when it opens and checkpointed
+//! (durable offset, hash state, staging state) at the end of every PATCH and every
+//! `CHECKPOINT_BYTES` within a long one. A session unknown to this process but recorded in the
+//! catalog is resumed from its checkpoint on first use, so after a restart a client's status
+//! request reports the durable offset and the client continues from there. Bytes received
+//! after the last checkpoint are lost in a crash: the reported offset can go back, never beyond
+//! what is stored. Sessions expire after `registry.upload_timeout` without use, in memory and,
+//! across restarts, by the catalog's `updated_at`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,9 +25,10 @@ use futures_util::{Stream, StreamExt};
 use uuid::Uuid;
 
 use super::Registry;
+use crate::catalog::{UploadCheckpoint, UploadRecord};
 use crate::error::{Error, Internal, Result};
 use crate::oci::{Algorithm, Digest, RepoName};
-use crate::storage::StagedWriter;
+use crate::storage::{Checkpoint, StagedWriter};
 
 /// One upload session.
 struct Session {
@@ -37,23 +46,32 @@ struct SessionState {
 #[derive(Default)]
 pub struct Uploads {
     sessions: Mutex<HashMap<Uuid, std::sync::Arc<Session>>>,
+    /// Held while a session is resumed from the catalog, so it is resumed once.
+    resuming: tokio::sync::Mutex<()>,
 }
 
 impl Uploads {
-    fn get(&self, repo: &RepoName, id: Uuid) -> Result<std::sync::Arc<Session>> {
+    /// The live session `id` of `repo`: `Ok(None)` if this process does not hold it.
+    fn live(&self, repo: &RepoName, id: Uuid) -> Result<Option<std::sync::Arc<Session>>> {
         let sessions = self
             .sessions
             .lock()
             .map_err(|_| Internal::Other("upload table poisoned"))?;
-        let session = sessions
-            .get(&id)
-            .filter(|s| &s.repo == repo)
-            .cloned()
-            .ok_or(Error::UploadUnknown)?;
+        let Some(session) = sessions.get(&id).cloned() else {
+            return Ok(None);
+        };
+        if &session.repo != repo {
+            return Err(Error::UploadUnknown);
+        }
         if let Ok(mut t) = session.last_used.lock() {
             *t = Instant::now();
         }
-        Ok(session)
+        Ok(Some(session))
+    }
+
+    /// Whether this process holds session `id`.
+    pub(super) fn holds(&self, id: Uuid) -> bool {
+        self.sessions.lock().map(|s| s.contains_key(&id)).unwrap_or(false)
     }
 
     fn insert(&self, id: Uuid, session: Session) -> Result<()> {
@@ -137,25 +155,54 @@ fn check_chunk(offset: u64, range: Option<ChunkRange>, content_length: Option<u6
     }
 }
 
-/// Streams a request body into a writer.
-async fn pump<S>(writer: &mut StagedWriter, mut body: S) -> Result<u64>
-where
-    S: Stream<Item = std::io::Result<Bytes>> + Unpin,
-{
-    let mut n = 0u64;
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| Error::BodyRead(e.to_string()))?;
-        n += chunk.len() as u64;
-        writer.write(chunk).await?;
+fn to_catalog(cp: Checkpoint) -> UploadCheckpoint {
+    UploadCheckpoint {
+        offset: cp.offset,
+        hash_state: cp.hash_state,
+        staging: cp.staging,
     }
-    Ok(n)
 }
 
 impl Registry {
+    /// Streams a request body into a writer. With a session `id`, records a checkpoint each
+    /// time enough has been written since the last one.
+    async fn pump<S>(&self, writer: &mut StagedWriter, session: Option<Uuid>, mut body: S) -> Result<u64>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Unpin,
+    {
+        let mut n = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| Error::BodyRead(e.to_string()))?;
+            n += chunk.len() as u64;
+            writer.write(chunk).await?;
+            if let Some(id) = session
+                && writer.checkpoint_due()
+            {
+                let cp = writer.checkpoint(false).await?;
+                self.catalog.checkpoint_upload(id, to_catalog(cp)).await?;
+            }
+        }
+        Ok(n)
+    }
+
     /// Opens an upload session.
     pub async fn start_upload(&self, repo: &RepoName) -> Result<Uuid> {
         let id = Uuid::new_v4();
-        let writer = self.store.start_upload(id, Algorithm::Sha256).await?;
+        let algorithm = Algorithm::Sha256;
+        let writer = self.store.start_upload(id, algorithm).await?;
+        let cp = writer.start_checkpoint();
+        let record = UploadRecord {
+            id,
+            repo: repo.to_string(),
+            algorithm: algorithm.as_str().to_string(),
+            offset: cp.offset,
+            hash_state: cp.hash_state,
+            staging: cp.staging,
+        };
+        if let Err(e) = self.catalog.create_upload(record).await {
+            writer.abort().await;
+            return Err(e);
+        }
         let session = Session {
             repo: repo.clone(),
             state: tokio::sync::Mutex::new(SessionState { writer: Some(writer) }),
@@ -166,6 +213,44 @@ impl Registry {
         Ok(id)
     }
 
+    /// The session `id` of `repo`, resumed from its catalog record if this process does not
+    /// hold it yet (it was opened before a restart).
+    async fn session(&self, repo: &RepoName, id: Uuid) -> Result<std::sync::Arc<Session>> {
+        if let Some(s) = self.uploads.live(repo, id)? {
+            return Ok(s);
+        }
+        let _guard = self.uploads.resuming.lock().await;
+        if let Some(s) = self.uploads.live(repo, id)? {
+            return Ok(s);
+        }
+        let record = self.catalog.upload(id).await?.ok_or(Error::UploadUnknown)?;
+        if record.repo != repo.as_str() {
+            return Err(Error::UploadUnknown);
+        }
+        let algorithm = match record.algorithm.as_str() {
+            "sha512" => Algorithm::Sha512,
+            _ => Algorithm::Sha256,
+        };
+        let cp = Checkpoint {
+            offset: record.offset,
+            hash_state: record.hash_state,
+            staging: record.staging,
+        };
+        let Some(writer) = self.store.resume_upload(id, algorithm, &cp).await? else {
+            tracing::warn!(upload = %id, "an upload session's staged data is gone; forgetting it");
+            self.forget_session(id, Some(&cp.staging)).await;
+            return Err(Error::UploadUnknown);
+        };
+        tracing::info!(repo = %repo, upload = %id, offset = cp.offset, "upload session resumed");
+        let session = Session {
+            repo: repo.clone(),
+            state: tokio::sync::Mutex::new(SessionState { writer: Some(writer) }),
+            last_used: Mutex::new(Instant::now()),
+        };
+        self.uploads.insert(id, session)?;
+        self.uploads.live(repo, id)?.ok_or(Error::UploadUnknown)
+    }
+
     /// A whole blob in one request (`POST ?digest=`).
     pub async fn upload_whole<S>(&self, repo: &RepoName, digest: &Digest, body: S) -> Result<()>
     where
@@ -173,7 +258,7 @@ impl Registry {
     {
         let id = Uuid::new_v4();
         let mut writer = self.store.start_upload(id, digest.algorithm()).await?;
-        if let Err(e) = pump(&mut writer, body).await {
+        if let Err(e) = self.pump(&mut writer, None, body).await {
             writer.abort().await;
             return Err(e);
         }
@@ -192,7 +277,7 @@ impl Registry {
 
     /// Bytes received so far by a session.
     pub async fn upload_offset(&self, repo: &RepoName, id: Uuid) -> Result<u64> {
-        let session = self.uploads.get(repo, id)?;
+        let session = self.session(repo, id).await?;
         let state = session.state.lock().await;
         state.writer.as_ref().map(StagedWriter::len).ok_or(Error::UploadUnknown)
     }
@@ -202,7 +287,7 @@ impl Registry {
     where
         S: Stream<Item = std::io::Result<Bytes>> + Unpin,
     {
-        let session = self.uploads.get(repo, id)?;
+        let session = self.session(repo, id).await?;
         let mut state = session.state.lock().await;
         let writer = state.writer.as_mut().ok_or(Error::UploadUnknown)?;
         let offset = writer.len();
@@ -213,7 +298,7 @@ impl Registry {
                 offset,
             });
         }
-        let received = pump(writer, chunk.body).await;
+        let received = self.pump(writer, Some(id), chunk.body).await;
         match (received, chunk.range) {
             (Ok(n), Some(r)) if Some(n) != r.byte_count() => {
                 // The body did not match its declared range: the staged data no longer
@@ -221,7 +306,11 @@ impl Registry {
                 self.drop_session(id, state.writer.take()).await;
                 Err(Error::SizeInvalid)
             }
-            (Ok(_), _) => Ok(writer_len(&state)),
+            (Ok(_), _) => {
+                let cp = writer.checkpoint(true).await?;
+                self.catalog.checkpoint_upload(id, to_catalog(cp)).await?;
+                Ok(writer_len(&state))
+            }
             (Err(e), _) => Err(e),
         }
     }
@@ -231,7 +320,7 @@ impl Registry {
     where
         S: Stream<Item = std::io::Result<Bytes>> + Unpin,
     {
-        let session = self.uploads.get(repo, id)?;
+        let session = self.session(repo, id).await?;
         let mut state = session.state.lock().await;
         let writer = state.writer.as_mut().ok_or(Error::UploadUnknown)?;
         if !check_chunk(writer.len(), chunk.range, chunk.content_length) {
@@ -242,7 +331,7 @@ impl Registry {
             });
         }
         let before = writer.len();
-        if let Err(e) = pump(writer, chunk.body).await {
+        if let Err(e) = self.pump(writer, None, chunk.body).await {
             self.drop_session(id, state.writer.take()).await;
             return Err(e);
         }
@@ -259,7 +348,7 @@ impl Registry {
 
     /// Cancels a session and deletes its data.
     pub async fn cancel_upload(&self, repo: &RepoName, id: Uuid) -> Result<()> {
-        let session = self.uploads.get(repo, id)?;
+        let session = self.session(repo, id).await?;
         let mut state = session.state.lock().await;
         let writer = state.writer.take().ok_or(Error::UploadUnknown)?;
         self.drop_session(id, Some(writer)).await;
@@ -272,8 +361,17 @@ impl Registry {
         if let Some(w) = writer {
             w.abort().await;
         }
-        if let Err(e) = self.store.discard(id).await {
+        self.forget_session(id, None).await;
+    }
+
+    /// Removes a session's staged data and its catalog record. `staging` is the recorded
+    /// staging state, for a session this process holds no writer for.
+    pub(super) async fn forget_session(&self, id: Uuid, staging: Option<&str>) {
+        if let Err(e) = self.store.discard(id, staging).await {
             tracing::warn!(upload = %id, error = %e, "discarding upload data failed");
+        }
+        if let Err(e) = self.catalog.delete_upload(id).await {
+            tracing::warn!(upload = %id, error = %e, "forgetting an upload session failed");
         }
     }
 
@@ -294,13 +392,11 @@ impl Registry {
                 });
             }
             self.store.publish(id, expected).await?;
-            self.catalog.link_blob(repo, expected, size).await
+            self.catalog.link_uploaded_blob(repo, expected, size, id).await
         }
         .await;
         if result.is_err() {
-            if let Err(e) = self.store.discard(id).await {
-                tracing::warn!(upload = %id, error = %e, "discarding upload data failed");
-            }
+            self.forget_session(id, None).await;
         } else {
             tracing::info!(
                 repo = %repo, digest = %expected, bytes = size,

@@ -7,18 +7,26 @@
 //! uploads/<uuid>/data                                 an upload being staged, never served
 //! ```
 //!
-//! Blob life cycle: an upload streams into `uploads/<uuid>/data` through a multipart upload
-//! ([`StagedWriter`]), hashing every byte on the way; once the client names the digest and it
-//! matches, [`BlobStore::publish`] copies the staged object to its `blobs/…` key (skipped when
-//! that digest is already stored) and deletes the staged one. Nothing is ever written to a
-//! `blobs/…` key except by that copy, so a blob object is always complete and verified.
+//! With `storage.s3.prefix`, every key sits under that prefix.
 //!
-//! Durability: the local backend runs with `object_store`'s fsync mode, so a completed staged
-//! object, the hard link that publishes it, and the directories holding both are on disk before
-//! `publish` returns; the catalog commit that makes the blob visible comes after.
+//! Blob life cycle: an upload streams into `uploads/<uuid>/data` ([`StagedWriter`] over a
+//! [`staging::Staging`]: a file written in place on local disk, a multipart upload on S3),
+//! hashing every byte on the way; once the client names the digest and it matches,
+//! [`BlobStore::publish`] copies the staged object to its `blobs/…` key (skipped when that
+//! digest is already stored; a hard link on local disk, a server-side copy on S3) and deletes
+//! the staged one. Nothing is ever written to a `blobs/…` key except by that copy, so a blob
+//! object is always complete and verified. Staging is resumable after a restart from a
+//! [`Checkpoint`] the registry keeps in the catalog.
+//!
+//! Durability: on local disk the staged file is fsynced when it completes, and the local backend
+//! runs with `object_store`'s fsync mode, so the hard link that publishes it and the directory
+//! holding it are on disk before `publish` returns; the catalog commit that makes the blob
+//! visible comes after. On S3 an object exists once its PUT or multipart completion returned.
 //!
 //! This module knows nothing about repositories or HTTP; access control lives in the catalog.
 
+pub mod s3;
+pub mod staging;
 mod writer;
 
 use std::ops::Range;
@@ -28,14 +36,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
+use object_store::signer::Signer;
 use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectStoreExt};
 use uuid::Uuid;
 
-pub use writer::StagedWriter;
-use writer::Writeback;
+use staging::{FileStaging, MultipartStaging, Staging, StagingState};
+pub use writer::{Checkpoint, StagedWriter};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Internal, Result};
 use crate::oci::{Algorithm, Digest, Hasher};
 
 /// Read size when streaming a blob from local disk.
@@ -51,7 +61,7 @@ pub enum Key<'a> {
 }
 
 impl Key<'_> {
-    pub fn path(&self) -> Path {
+    fn path(&self) -> Path {
         match self {
             Key::Blob(d) => {
                 let hex = d.hex();
@@ -66,12 +76,30 @@ impl Key<'_> {
 pub type ByteStream = std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 
 /// The registry's blob store.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BlobStore {
     store: Arc<dyn ObjectStore>,
     part_size: usize,
-    /// Root directory when the store is local disk (enables write-back control of uploads).
+    /// Root directory when the store is local disk: uploads are staged in files under it.
     local_root: Option<PathBuf>,
+    /// The store's multipart API, for every backend but local disk.
+    multipart: Option<Arc<dyn MultipartStore>>,
+    /// Signs download URLs (and for how long) when downloads are redirected to the store.
+    signer: Option<(Arc<dyn Signer>, std::time::Duration)>,
+    /// Prefix of every key (`storage.s3.prefix`).
+    prefix: Option<Path>,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore")
+            .field("store", &self.store)
+            .field("part_size", &self.part_size)
+            .field("local_root", &self.local_root)
+            .field("prefix", &self.prefix)
+            .field("redirect", &self.signer.is_some())
+            .finish()
+    }
 }
 
 impl BlobStore {
@@ -85,21 +113,70 @@ impl BlobStore {
             store: Arc::new(fs),
             part_size,
             local_root: Some(root),
+            multipart: None,
+            signer: None,
+            prefix: None,
         })
     }
 
-    /// A store on any `object_store` backend.
-    pub fn new(store: Arc<dyn ObjectStore>, part_size: usize) -> Self {
+    /// A store on any `object_store` backend with a multipart API (uploads are staged as
+    /// multipart uploads, so `part_size` is raised to S3's 5 MiB minimum if below it).
+    pub fn new(store: Arc<dyn ObjectStore>, multipart: Arc<dyn MultipartStore>, part_size: usize) -> Self {
         BlobStore {
             store,
-            part_size,
+            part_size: part_size.max(staging::S3_MIN_PART),
             local_root: None,
+            multipart: Some(multipart),
+            signer: None,
+            prefix: None,
         }
+    }
+
+    /// Puts every key under `prefix` (ignored when empty).
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        let p = Path::from(prefix);
+        self.prefix = (!p.as_ref().is_empty()).then_some(p);
+        self
+    }
+
+    /// Answers blob downloads with URLs signed by `signer`, valid for `expiry`.
+    pub fn with_redirects(mut self, signer: Arc<dyn Signer>, expiry: std::time::Duration) -> Self {
+        self.signer = Some((signer, expiry));
+        self
+    }
+
+    /// The object path of `key`.
+    fn path(&self, key: Key<'_>) -> Path {
+        match &self.prefix {
+            None => key.path(),
+            Some(p) => Path::from(format!("{p}/{}", key.path())),
+        }
+    }
+
+    /// The local file of `key`, on local disk.
+    fn local_file(&self, key: Key<'_>) -> Option<PathBuf> {
+        self.local_root.as_ref().map(|root| root.join(key.path().as_ref()))
+    }
+
+    /// A short-lived URL to download `digest` from the store directly, when downloads are
+    /// redirected (`storage.s3.redirect`); `None` when they stream through the registry.
+    pub async fn download_url(&self, digest: &Digest) -> Result<Option<String>> {
+        let Some((signer, expiry)) = &self.signer else {
+            return Ok(None);
+        };
+        let url = signer
+            .signed_url(
+                object_store::signer::Method::GET,
+                &self.path(Key::Blob(digest)),
+                *expiry,
+            )
+            .await?;
+        Ok(Some(url.to_string()))
     }
 
     /// Size of a stored blob, or `None` if no object holds that digest.
     pub async fn size(&self, digest: &Digest) -> Result<Option<u64>> {
-        match self.store.head(&Key::Blob(digest).path()).await {
+        match self.store.head(&self.path(Key::Blob(digest))).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
@@ -112,7 +189,7 @@ impl BlobStore {
             range: range.map(GetRange::Bounded),
             ..Default::default()
         };
-        let result = match self.store.get_opts(&Key::Blob(digest).path(), options).await {
+        let result = match self.store.get_opts(&self.path(Key::Blob(digest)), options).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Err(Error::BlobUnknown(Some(digest.clone()))),
             Err(e) => return Err(e.into()),
@@ -138,28 +215,69 @@ impl BlobStore {
         Ok(buf.freeze())
     }
 
+    fn staging(&self, id: Uuid, upload_id: Option<String>) -> Result<Staging> {
+        match &self.multipart {
+            Some(multipart) => Ok(Staging::Multipart(MultipartStaging::new(
+                Arc::clone(&self.store),
+                Arc::clone(multipart),
+                self.path(Key::Upload(id)),
+                upload_id,
+            ))),
+            None => Err(Internal::Other("a store without multipart uploads needs a local root").into()),
+        }
+    }
+
     /// Starts staging a new upload's data, hashed with `algorithm`.
     pub async fn start_upload(&self, id: Uuid, algorithm: Algorithm) -> Result<StagedWriter> {
-        let upload = self.store.put_multipart(&Key::Upload(id).path()).await?;
-        let writeback = match &self.local_root {
-            Some(root) => {
-                let dir = root.join(format!("uploads/{}", id.simple()));
-                tokio::task::spawn_blocking(move || staging_file(&dir)).await?
-            }
-            None => None,
+        let staging = match self.local_file(Key::Upload(id)) {
+            Some(file) => Staging::File(tokio::task::spawn_blocking(move || FileStaging::create(file)).await??),
+            None => self.staging(id, None)?,
         };
-        Ok(StagedWriter::new(
-            upload,
+        Ok(StagedWriter::new(staging, self.part_size, Hasher::new(algorithm)))
+    }
+
+    /// Continues staging an upload from a checkpoint of a previous process. `None` when the
+    /// staged data is gone or the checkpoint does not describe it.
+    pub async fn resume_upload(
+        &self,
+        id: Uuid,
+        algorithm: Algorithm,
+        checkpoint: &Checkpoint,
+    ) -> Result<Option<StagedWriter>> {
+        let Some(hasher) = Hasher::restore(algorithm, &checkpoint.hash_state) else {
+            return Ok(None);
+        };
+        let offset = checkpoint.offset;
+        let (staging, parts) = match (
+            StagingState::from_json(&checkpoint.staging),
+            self.local_file(Key::Upload(id)),
+        ) {
+            (Some(StagingState::File), Some(file)) => {
+                match tokio::task::spawn_blocking(move || FileStaging::reopen(file, offset)).await?? {
+                    Some(f) => (Staging::File(f), Vec::new()),
+                    None => return Ok(None),
+                }
+            }
+            (Some(StagingState::Multipart { upload_id, parts }), None) => {
+                let parts = parts.into_iter().map(|content_id| PartId { content_id }).collect();
+                (self.staging(id, upload_id)?, parts)
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(StagedWriter::resume(
+            staging,
             self.part_size,
-            Hasher::new(algorithm),
-            writeback,
-        ))
+            hasher,
+            offset,
+            checkpoint.hash_state.clone(),
+            parts,
+        )))
     }
 
     /// Hashes a completed staged upload again with another algorithm (a client that streamed
     /// its data and then names a sha512 digest).
     pub async fn rehash_upload(&self, id: Uuid, algorithm: Algorithm) -> Result<Digest> {
-        let mut stream = self.store.get(&Key::Upload(id).path()).await?.into_stream();
+        let mut stream = self.store.get(&self.path(Key::Upload(id))).await?.into_stream();
         let mut hasher = Hasher::new(algorithm);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
@@ -174,32 +292,57 @@ impl BlobStore {
 
     /// Makes a completed, verified staged upload the blob `digest`, then removes the staging copy.
     pub async fn publish(&self, id: Uuid, digest: &Digest) -> Result<()> {
-        let staged = Key::Upload(id).path();
+        let staged = self.path(Key::Upload(id));
         if self.size(digest).await?.is_none() {
-            self.store.copy(&staged, &Key::Blob(digest).path()).await?;
+            self.store.copy(&staged, &self.path(Key::Blob(digest))).await?;
         }
-        self.discard(id).await
+        self.discard(id, None).await
     }
 
-    /// Removes whatever an upload staged (idempotent).
-    pub async fn discard(&self, id: Uuid) -> Result<()> {
-        match self.store.delete(&Key::Upload(id).path()).await {
+    /// Removes whatever an upload staged (idempotent). `staging` is the session's recorded
+    /// staging state, when it has one: an unfinished S3 multipart upload is aborted with it.
+    pub async fn discard(&self, id: Uuid, staging: Option<&str>) -> Result<()> {
+        if let Some(StagingState::Multipart {
+            upload_id: Some(upload_id),
+            ..
+        }) = staging.and_then(StagingState::from_json)
+        {
+            let mut s = self.staging(id, Some(upload_id))?;
+            if let Err(e) = s.abort().await {
+                tracing::warn!(upload = %id, error = %e, "aborting a multipart upload failed");
+            }
+        }
+        if let Some(file) = self.local_file(Key::Upload(id)) {
+            tokio::task::spawn_blocking(move || staging::remove_staging_file(&file)).await??;
+            return Ok(());
+        }
+        match self.store.delete(&self.path(Key::Upload(id))).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Removes every staged upload (sessions do not survive a restart yet).
-    pub async fn discard_all_uploads(&self) -> Result<usize> {
-        let prefix = Path::from("uploads");
+    /// Removes the staged data of every upload not in `keep` (left by uploads that were in
+    /// progress when a previous process stopped and cannot be resumed). Returns how many.
+    pub async fn discard_uploads_except(&self, keep: &std::collections::HashSet<Uuid>) -> Result<usize> {
+        let prefix = match &self.prefix {
+            None => Path::from("uploads"),
+            Some(p) => Path::from(format!("{p}/uploads")),
+        };
+        let skip = prefix.parts().count();
         let paths: Vec<_> = self
             .store
             .list(Some(&prefix))
             .map_ok(|m| m.location)
             .try_collect()
             .await?;
-        let n = paths.len();
+        let mut n = 0;
         for p in paths {
+            let id = p.parts().nth(skip).and_then(|s| Uuid::try_parse(s.as_ref()).ok());
+            if id.is_some_and(|id| keep.contains(&id)) {
+                continue;
+            }
+            n += 1;
             match self.store.delete(&p).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
@@ -207,17 +350,6 @@ impl BlobStore {
         }
         Ok(n)
     }
-}
-
-/// Opens the one file the local backend is staging in an upload's own directory, for write-back
-/// control. `None` (no optimisation, same durability) if that is not what the directory holds.
-fn staging_file(dir: &std::path::Path) -> Option<Writeback> {
-    let mut entries = std::fs::read_dir(dir).ok()?;
-    let only = entries.next()?.ok()?;
-    if entries.next().is_some() {
-        return None;
-    }
-    std::fs::File::open(only.path()).ok().map(Writeback::new)
 }
 
 /// Streams `range` of a local file in [`READ_CHUNK`] reads, each on the blocking pool.

@@ -1,52 +1,92 @@
-//! [`StagedWriter`]: streams an upload's bytes into a multipart upload in fixed-size parts,
-//! hashing every part on the blocking pool before it is written.
+//! [`StagedWriter`]: streams an upload's bytes into its [`Staging`] in fixed-size parts, hashing
+//! every part on the blocking pool before it is written.
 //!
 //! Memory per upload is bounded: one part being filled plus at most [`MAX_IN_FLIGHT`] parts
 //! being written. Parts are written concurrently with receiving the next one. On local disk the
 //! writer also asks the kernel to start writing each part back as soon as it is written
 //! ([`Writeback`]), so the final fsync finds little left to do: durable uploads then run at the
-//! disk's sequential write speed instead of "receive everything, then wait for one long fsync". A writer that is dropped without
-//! [`StagedWriter::finish`] or [`StagedWriter::abort`] leaves a staged object behind that the
-//! owner must discard.
+//! disk's sequential write speed instead of "receive everything, then wait for one long fsync".
+//!
+//! Resumability: parts complete in order of submission as far as the writer is concerned (they
+//! are joined first in, first out), and each carries the hash state after its last byte. The
+//! latest joined part is the point a [`Checkpoint`] describes: its offset, hash state and the
+//! staging state (S3: the multipart upload's id and part ids). [`StagedWriter::checkpoint`]
+//! makes that point durable and hands it to the caller to record; a restarted server resumes
+//! from it ([`StagedWriter::resume`]). Bytes still buffered or in flight are never described by
+//! a checkpoint, so a restart may lose them, never invent them.
+//!
+//! A writer dropped without [`StagedWriter::finish`] or [`StagedWriter::abort`] leaves staged
+//! data behind that the owner must discard.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use object_store::{MultipartUpload, PutPayload};
-use tokio::task::JoinSet;
+use object_store::multipart::PartId;
+use tokio::task::JoinHandle;
 
+use super::staging::{PartWrite, Staging};
 use crate::error::{Error, Internal, Result};
 use crate::oci::{Digest, Hasher};
 
 /// Parts written concurrently with receiving the next one.
 const MAX_IN_FLIGHT: usize = 2;
 
+/// Durable progress worth recording in the middle of a long request (see `checkpoint_due`).
+const CHECKPOINT_BYTES: u64 = 128 * 1024 * 1024;
+
+/// A point an upload can be resumed from.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// Bytes durably staged.
+    pub offset: u64,
+    /// `Hasher::save` after `offset` bytes.
+    pub hash_state: Vec<u8>,
+    /// `StagingState` as JSON.
+    pub staging: String,
+}
+
+struct InFlight {
+    task: JoinHandle<object_store::Result<Option<PartId>>>,
+    /// Offset just past the part.
+    end: u64,
+    /// Hash state after the part.
+    state: Vec<u8>,
+}
+
 pub struct StagedWriter {
-    upload: Box<dyn MultipartUpload>,
+    staging: Staging,
     part_size: usize,
     buf: BytesMut,
     hasher: Option<Hasher>,
-    in_flight: JoinSet<object_store::Result<()>>,
+    in_flight: VecDeque<InFlight>,
     /// Bytes accepted so far (written or buffered).
     len: u64,
     /// Bytes handed to the store so far.
     flushed: u64,
+    /// Parts handed to the store so far.
+    parts_started: usize,
+    /// Ids of the parts written, in order (multipart stores).
+    parts: Vec<PartId>,
+    /// Offset and hash state after the last part joined.
+    written: (u64, Vec<u8>),
+    /// Offset of the last checkpoint handed out.
+    recorded: u64,
     writeback: Option<Arc<Writeback>>,
 }
 
 /// Write-back control of a staged file on local disk.
 ///
-/// `object_store`'s local backend writes parts with plain `write` calls and fsyncs once at the
-/// end. Holding a second descriptor of the staging file lets the writer start write-back of each
-/// part right after it is written, and wait for parts older than the ones in flight, which keeps
-/// dirty memory bounded and the disk busy during the whole upload. Purely an optimisation: the
-/// durability guarantee still comes from the fsync in `complete`.
+/// The staging file is written with plain positioned writes and fsynced at checkpoints and at
+/// the end. Starting write-back of each part right after it is written, and waiting for parts
+/// older than the ones in flight, keeps dirty memory bounded and the disk busy during the whole
+/// upload. Purely an optimisation: durability still comes from the fsyncs.
 pub struct Writeback {
-    file: std::fs::File,
+    file: Arc<std::fs::File>,
 }
 
 impl Writeback {
-    pub fn new(file: std::fs::File) -> Self {
+    pub fn new(file: Arc<std::fs::File>) -> Self {
         Writeback { file }
     }
 
@@ -74,21 +114,47 @@ impl Writeback {
 }
 
 impl StagedWriter {
-    pub(super) fn new(
-        upload: Box<dyn MultipartUpload>,
+    pub(super) fn new(staging: Staging, part_size: usize, hasher: Hasher) -> Self {
+        let state = hasher.save();
+        Self::resume(staging, part_size, hasher, 0, state, Vec::new())
+    }
+
+    /// A writer continuing a staged upload from a checkpoint.
+    pub(super) fn resume(
+        staging: Staging,
         part_size: usize,
         hasher: Hasher,
-        writeback: Option<Writeback>,
+        offset: u64,
+        state: Vec<u8>,
+        parts: Vec<PartId>,
     ) -> Self {
+        let writeback = match &staging {
+            Staging::File(f) => Some(Arc::new(Writeback::new(Arc::clone(&f.file)))),
+            Staging::Multipart(_) => None,
+        };
         StagedWriter {
-            upload,
-            part_size: part_size.max(1),
+            part_size: part_size.max(staging.min_part()),
+            staging,
             buf: BytesMut::new(),
             hasher: Some(hasher),
-            in_flight: JoinSet::new(),
-            len: 0,
-            flushed: 0,
-            writeback: writeback.map(Arc::new),
+            in_flight: VecDeque::new(),
+            len: offset,
+            flushed: offset,
+            parts_started: parts.len(),
+            parts,
+            written: (offset, state),
+            recorded: offset,
+            writeback,
+        }
+    }
+
+    /// The checkpoint of a writer that has not written anything yet (no sync needed: a
+    /// session whose staging vanished in a crash is simply unknown after it).
+    pub fn start_checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            offset: self.written.0,
+            hash_state: self.written.1.clone(),
+            staging: self.staging.state(&self.parts).to_json(),
         }
     }
 
@@ -106,7 +172,12 @@ impl StagedWriter {
         self.len += data.len() as u64;
         if self.buf.is_empty() && data.len() >= self.part_size && data.len() % self.part_size == 0 {
             // Whole parts arrived in one piece: no copy.
-            return self.write_part(data).await;
+            let mut data = data;
+            while !data.is_empty() {
+                let part = data.split_to(self.part_size);
+                self.write_part(part).await?;
+            }
+            return Ok(());
         }
         // Fill parts allocated at exactly the part size, so a part in flight never drags a larger
         // allocation along (this is what bounds memory per upload).
@@ -126,70 +197,127 @@ impl StagedWriter {
         Ok(())
     }
 
-    async fn hash(&mut self, part: Bytes) -> Result<Bytes> {
+    /// Hashes `part` on the blocking pool; returns it with the hash state after it.
+    async fn hash(&mut self, part: Bytes) -> Result<(Bytes, Vec<u8>)> {
         let mut hasher = self.hasher.take().ok_or(Internal::Other("hasher used after finish"))?;
-        let (hasher, part) = tokio::task::spawn_blocking(move || {
+        let (hasher, part, state) = tokio::task::spawn_blocking(move || {
             hasher.update(&part);
-            (hasher, part)
+            let state = hasher.save();
+            (hasher, part, state)
         })
         .await?;
         self.hasher = Some(hasher);
-        Ok(part)
+        Ok((part, state))
     }
 
     async fn write_part(&mut self, part: Bytes) -> Result<()> {
-        let part = self.hash(part).await?;
+        let (part, state) = self.hash(part).await?;
         while self.in_flight.len() >= MAX_IN_FLIGHT {
             self.join_one().await?;
         }
         let start = self.flushed;
         let len = part.len() as u64;
+        let write: PartWrite = self.staging.put_part(self.parts_started, start, part).await?;
+        self.parts_started += 1;
         self.flushed += len;
-        let write = self.upload.put_part(PutPayload::from(part));
-        match self.writeback.clone() {
-            None => {
-                self.in_flight.spawn(write);
-            }
+        let task = match self.writeback.clone() {
+            None => tokio::spawn(write),
             Some(wb) => {
                 // Wait for the parts older than those that may still be in flight.
                 let wait_to = start.saturating_sub(len * MAX_IN_FLIGHT as u64);
-                self.in_flight.spawn(async move {
-                    write.await?;
+                tokio::spawn(async move {
+                    let id = write.await?;
                     let _ = tokio::task::spawn_blocking(move || wb.advance(start, len, wait_to)).await;
-                    Ok(())
-                });
+                    Ok(id)
+                })
             }
+        };
+        self.in_flight.push_back(InFlight {
+            task,
+            end: start + len,
+            state,
+        });
+        Ok(())
+    }
+
+    /// Waits for the oldest part in flight.
+    async fn join_one(&mut self) -> Result<()> {
+        let Some(part) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        if let Some(id) = part.task.await?? {
+            self.parts.push(id);
+        }
+        self.written = (part.end, part.state);
+        Ok(())
+    }
+
+    /// Joins the parts in flight that have already finished, oldest first.
+    async fn join_finished(&mut self) -> Result<()> {
+        while self.in_flight.front().is_some_and(|p| p.task.is_finished()) {
+            self.join_one().await?;
         }
         Ok(())
     }
 
-    async fn join_one(&mut self) -> Result<()> {
-        match self.in_flight.join_next().await {
-            Some(Ok(Ok(()))) | None => Ok(()),
-            Some(Ok(Err(e))) => Err(e.into()),
-            Some(Err(e)) => Err(e.into()),
+    /// Whether enough has been written since the last checkpoint to take another one in the
+    /// middle of a request.
+    pub fn checkpoint_due(&self) -> bool {
+        self.flushed.saturating_sub(self.recorded) >= CHECKPOINT_BYTES
+    }
+
+    /// Makes the parts written so far durable and describes them. With `end_of_request`, first
+    /// writes the buffered tail when the store accepts a part that small, and waits for every
+    /// part in flight; otherwise only the parts already finished count.
+    pub async fn checkpoint(&mut self, end_of_request: bool) -> Result<Checkpoint> {
+        if end_of_request {
+            if !self.buf.is_empty() && self.buf.len() >= self.staging.min_part() {
+                let tail = std::mem::take(&mut self.buf).freeze();
+                self.write_part(tail).await?;
+            }
+            while !self.in_flight.is_empty() {
+                self.join_one().await?;
+            }
+        } else {
+            self.join_finished().await?;
         }
+        self.staging.sync().await?;
+        self.recorded = self.written.0;
+        Ok(Checkpoint {
+            offset: self.written.0,
+            hash_state: self.written.1.clone(),
+            staging: self.staging.state(&self.parts).to_json(),
+        })
     }
 
     /// Writes the buffered tail, completes the staged object and returns its digest and size.
+    /// On failure the staged data is deleted.
     pub async fn finish(mut self) -> Result<(Digest, u64)> {
         let result = self.finish_inner().await;
         if result.is_err() {
-            self.in_flight.abort_all();
-            let _ = self.upload.abort().await;
+            self.abort_in_place().await;
         }
         result
     }
 
     async fn finish_inner(&mut self) -> Result<(Digest, u64)> {
-        if !self.buf.is_empty() {
-            let tail = std::mem::take(&mut self.buf).freeze();
-            self.write_part(tail).await?;
-        }
+        let tail = std::mem::take(&mut self.buf).freeze();
+        let direct = self.parts_started == 0 && matches!(self.staging, Staging::Multipart(_));
+        let tail = if direct {
+            // Smaller than one part: one PUT, no multipart upload.
+            let (tail, _) = self.hash(tail).await?;
+            Some(tail)
+        } else {
+            if !tail.is_empty() {
+                self.write_part(tail).await?;
+            }
+            None
+        };
         while !self.in_flight.is_empty() {
             self.join_one().await?;
         }
-        self.upload.complete().await?;
+        let parts = std::mem::take(&mut self.parts);
+        self.staging.complete(parts, tail).await?;
         let hasher = self
             .hasher
             .take()
@@ -199,9 +327,17 @@ impl StagedWriter {
 
     /// Abandons the upload, deleting what the store staged.
     pub async fn abort(mut self) {
-        self.in_flight.abort_all();
-        while self.in_flight.join_next().await.is_some() {}
-        if let Err(e) = self.upload.abort().await {
+        self.abort_in_place().await;
+    }
+
+    async fn abort_in_place(&mut self) {
+        for part in &self.in_flight {
+            part.task.abort();
+        }
+        while let Some(part) = self.in_flight.pop_front() {
+            let _ = part.task.await;
+        }
+        if let Err(e) = self.staging.abort().await {
             tracing::warn!(error = %e, "aborting a staged upload failed");
         }
     }

@@ -6,8 +6,12 @@
 //! socket is bound. Dropping the `TestServer` kills the process and removes the data directory.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod replay;
 pub mod spack;
+
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use backend::{Backend, S3_PART_SIZE, backend};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -25,6 +29,10 @@ pub struct TestServer {
     data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     envs: Vec<(String, String)>,
+    /// The blob backend this server runs on (`STOWAGE_TEST_BACKEND`, see `backend`).
+    pub backend: Backend,
+    /// Its bucket on the S3 test server, with the S3 backend.
+    pub bucket: Option<String>,
 }
 
 impl TestServer {
@@ -36,9 +44,18 @@ impl TestServer {
     /// Starts a server with extra `STOWAGE_*` environment variables, e.g.
     /// `[("STOWAGE_REGISTRY__DELETE_ENABLED", "false")]`.
     pub fn start_with(envs: &[(&str, &str)]) -> Self {
+        Self::start_on(backend(), envs)
+    }
+
+    /// Starts a server on the given backend, whatever `STOWAGE_TEST_BACKEND` says (for tests of
+    /// one backend's own features).
+    pub fn start_on(backend: Backend, envs: &[(&str, &str)]) -> Self {
         let tmp = tempfile::tempdir().expect("create temp dir");
         let data_dir = tmp.path().join("data");
-        let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let bucket = (backend == Backend::S3).then(backend::new_bucket);
+        let mut all = bucket.as_deref().map(backend::s3_envs).unwrap_or_default();
+        all.extend(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let envs = all;
         let (child, url) = spawn(&data_dir, &envs);
         let host = host_of(&url);
         TestServer {
@@ -48,7 +65,27 @@ impl TestServer {
             data_dir,
             _tmp: Some(tmp),
             envs,
+            backend,
+            bucket,
         }
+    }
+
+    /// Whether any upload is staged right now: a staging file on local disk, or an object or
+    /// multipart upload under `uploads/` in the bucket.
+    pub fn has_staged_uploads(&self) -> bool {
+        match &self.bucket {
+            None => std::fs::read_dir(self.data_dir.join("storage/uploads"))
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false),
+            Some(bucket) => backend::bucket_has_uploads(bucket),
+        }
+    }
+
+    /// Like `crash_and_restart`, with `envs` added to the server's environment.
+    pub fn crash_and_restart_with(&mut self, envs: &[(&str, &str)]) {
+        self.envs
+            .extend(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self.crash_and_restart();
     }
 
     /// The server's data directory (SQLite catalog and blob store live under it).

@@ -1,0 +1,167 @@
+//! Upload sessions (`uploads` table, migration 0003): what a session needs to be resumed after a
+//! restart — its repository, the durable offset, the hash state at that offset, and the storage
+//! backend's staging state (opaque JSON owned by `storage`).
+//!
+//! A row is created when a session opens, moved forward by checkpoints as staged data becomes
+//! durable (never backwards: a late checkpoint cannot undo a newer one), and removed in the same
+//! transaction that links the finished blob, or when the session is cancelled or expires.
+
+use rusqlite::{OptionalExtension, params};
+use uuid::Uuid;
+
+use super::queries::{ensure_repo, link};
+use super::{Catalog, now};
+use crate::error::Result;
+use crate::oci::{Digest, RepoName};
+
+/// A persisted upload session.
+#[derive(Debug, Clone)]
+pub struct UploadRecord {
+    pub id: Uuid,
+    pub repo: String,
+    /// `sha256` or `sha512`.
+    pub algorithm: String,
+    /// Bytes durably staged.
+    pub offset: u64,
+    /// Hasher state after `offset` bytes (`Hasher::save`).
+    pub hash_state: Vec<u8>,
+    /// The storage backend's staging state, JSON.
+    pub staging: String,
+}
+
+/// A checkpoint of a session's durable progress.
+#[derive(Debug, Clone)]
+pub struct UploadCheckpoint {
+    pub offset: u64,
+    pub hash_state: Vec<u8>,
+    pub staging: String,
+}
+
+fn key(id: Uuid) -> String {
+    id.simple().to_string()
+}
+
+fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRecord> {
+    let id: String = r.get(0)?;
+    let offset: i64 = r.get(3)?;
+    Ok(UploadRecord {
+        id: Uuid::try_parse(&id).unwrap_or(Uuid::nil()),
+        repo: r.get(1)?,
+        algorithm: r.get(2)?,
+        offset: offset.max(0) as u64,
+        hash_state: r.get(4)?,
+        staging: r.get(5)?,
+    })
+}
+
+const COLUMNS: &str = "id, repo, algorithm, offset, hash_state, staging";
+
+impl Catalog {
+    /// Records a new session (offset 0 unless `rec` says otherwise).
+    pub async fn create_upload(&self, rec: UploadRecord) -> Result<()> {
+        self.write(move |c| {
+            let t = now();
+            c.execute(
+                "INSERT INTO uploads (id, repo, algorithm, offset, hash_state, staging, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                params![
+                    key(rec.id),
+                    rec.repo,
+                    rec.algorithm,
+                    rec.offset as i64,
+                    rec.hash_state,
+                    rec.staging,
+                    t
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Moves a session's durable progress forward. A checkpoint older than the one recorded, or
+    /// for a session that is gone, changes nothing.
+    pub async fn checkpoint_upload(&self, id: Uuid, cp: UploadCheckpoint) -> Result<()> {
+        self.write(move |c| {
+            c.execute(
+                "UPDATE uploads SET offset = ?2, hash_state = ?3, staging = ?4, updated_at = ?5
+                  WHERE id = ?1 AND offset <= ?2",
+                params![key(id), cp.offset as i64, cp.hash_state, cp.staging, now()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The session `id`, if it is recorded.
+    pub async fn upload(&self, id: Uuid) -> Result<Option<UploadRecord>> {
+        self.read(move |c| {
+            Ok(c.query_row(
+                &format!("SELECT {COLUMNS} FROM uploads WHERE id = ?1"),
+                [key(id)],
+                record,
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    /// Ids of every recorded session.
+    pub async fn upload_ids(&self) -> Result<Vec<Uuid>> {
+        self.read(|c| {
+            let mut stmt = c.prepare("SELECT id FROM uploads")?;
+            let ids = stmt
+                .query_map([], |r| r.get::<_, String>(0))?
+                .filter_map(|r| r.ok().and_then(|s| Uuid::try_parse(&s).ok()))
+                .collect();
+            Ok(ids)
+        })
+        .await
+    }
+
+    /// Sessions not used after `before` (unix seconds), oldest first, at most `limit`.
+    pub async fn idle_uploads(&self, before: i64, limit: u32) -> Result<Vec<UploadRecord>> {
+        self.read(move |c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {COLUMNS} FROM uploads WHERE updated_at <= ?1 ORDER BY updated_at LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![before, limit], record)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    /// Marks a session as used now (expiry counts from its last use).
+    pub async fn touch_upload(&self, id: Uuid) -> Result<()> {
+        self.write(move |c| {
+            c.execute(
+                "UPDATE uploads SET updated_at = ?2 WHERE id = ?1",
+                params![key(id), now()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Forgets a session (finished elsewhere, cancelled or expired).
+    pub async fn delete_upload(&self, id: Uuid) -> Result<()> {
+        self.write(move |c| {
+            c.execute("DELETE FROM uploads WHERE id = ?1", [key(id)])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Links a verified, published blob into `repo` and, in the same transaction, forgets the
+    /// session that uploaded it (if any).
+    pub async fn link_uploaded_blob(&self, repo: &RepoName, digest: &Digest, size: u64, id: Uuid) -> Result<()> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.write(move |c| {
+            let repo_id = ensure_repo(c, &repo)?;
+            link(c, repo_id, &digest, size)?;
+            c.execute("DELETE FROM uploads WHERE id = ?1", [key(id)])?;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,271 @@
+//! Where an upload's bytes are staged until the upload completes, in a form that survives a
+//! restart of the process:
+//!
+//! - **Local disk** ([`Staging::File`]): one file, `uploads/<uuid>/data` under the store's root,
+//!   each part written in place at its offset (`pwrite`). Resuming truncates the file to the
+//!   recorded offset. Completing it is an fsync; publishing is then a hard link, so every byte
+//!   is written once. (`object_store`'s own local multipart upload writes a hidden temporary
+//!   file that nothing can reopen after a restart, hence this.)
+//! - **Multipart stores** ([`Staging::Multipart`], S3): one multipart upload of
+//!   `uploads/<uuid>/data`, created when the first part is written; its id and the ids of the
+//!   parts written so far are what a restart needs. A blob smaller than one part never starts a
+//!   multipart upload: it is written with a single PUT when the upload completes.
+//!
+//! [`StagingState`] is the serialisable part of each, kept by the catalog between checkpoints.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+/// Smallest part S3 accepts, except for the last one.
+pub const S3_MIN_PART: usize = 5 * 1024 * 1024;
+
+/// What a restart needs to know about a staged upload, besides its offset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum StagingState {
+    /// A file on local disk, at the upload's key under the store's root.
+    File,
+    /// A multipart upload (not yet created while `upload_id` is `None`) and its parts so far.
+    Multipart {
+        upload_id: Option<String>,
+        parts: Vec<String>,
+    },
+}
+
+impl StagingState {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"kind\":\"file\"}"))
+    }
+
+    pub fn from_json(s: &str) -> Option<StagingState> {
+        serde_json::from_str(s).ok()
+    }
+}
+
+/// A staged upload being written.
+pub enum Staging {
+    File(FileStaging),
+    Multipart(MultipartStaging),
+}
+
+pub struct FileStaging {
+    pub(super) file: Arc<std::fs::File>,
+    pub(super) path: PathBuf,
+    /// Whether the file's directory entries were fsynced (once, at the first checkpoint).
+    dirs_synced: bool,
+}
+
+pub struct MultipartStaging {
+    store: Arc<dyn ObjectStore>,
+    multipart: Arc<dyn MultipartStore>,
+    path: Path,
+    upload_id: Option<String>,
+}
+
+/// A part write, run as its own task.
+pub type PartWrite = std::pin::Pin<Box<dyn Future<Output = object_store::Result<Option<PartId>>> + Send>>;
+
+impl FileStaging {
+    /// Creates (or empties) the staging file at `path`. Blocking.
+    pub fn create(path: PathBuf) -> std::io::Result<FileStaging> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        Ok(FileStaging {
+            file: Arc::new(file),
+            path,
+            dirs_synced: false,
+        })
+    }
+
+    /// Reopens a staging file and cuts it back to `offset` bytes; `None` if it is missing or
+    /// shorter than that. Blocking.
+    pub fn reopen(path: PathBuf, offset: u64) -> std::io::Result<Option<FileStaging>> {
+        let file = match std::fs::OpenOptions::new().write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if file.metadata()?.len() < offset {
+            return Ok(None);
+        }
+        file.set_len(offset)?;
+        Ok(Some(FileStaging {
+            file: Arc::new(file),
+            path,
+            dirs_synced: true,
+        }))
+    }
+}
+
+impl MultipartStaging {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        multipart: Arc<dyn MultipartStore>,
+        path: Path,
+        upload_id: Option<String>,
+    ) -> Self {
+        MultipartStaging {
+            store,
+            multipart,
+            path,
+            upload_id,
+        }
+    }
+}
+
+impl Staging {
+    /// Smallest size of a part that is not the last one.
+    pub fn min_part(&self) -> usize {
+        match self {
+            Staging::File(_) => 1,
+            Staging::Multipart(_) => S3_MIN_PART,
+        }
+    }
+
+    /// The serialisable state, given the ids of the parts durably written so far.
+    pub fn state(&self, parts: &[PartId]) -> StagingState {
+        match self {
+            Staging::File(_) => StagingState::File,
+            Staging::Multipart(m) => StagingState::Multipart {
+                upload_id: m.upload_id.clone(),
+                parts: parts.iter().map(|p| p.content_id.clone()).collect(),
+            },
+        }
+    }
+
+    /// Starts writing part number `index` (0-based) holding the bytes at `offset`.
+    pub async fn put_part(&mut self, index: usize, offset: u64, data: Bytes) -> Result<PartWrite> {
+        match self {
+            Staging::File(f) => {
+                let file = Arc::clone(&f.file);
+                Ok(Box::pin(async move {
+                    tokio::task::spawn_blocking(move || {
+                        use std::os::unix::fs::FileExt;
+                        file.write_all_at(&data, offset)
+                    })
+                    .await
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "staging",
+                        source: Box::new(e),
+                    })?
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "staging",
+                        source: Box::new(e),
+                    })?;
+                    Ok(None)
+                }))
+            }
+            Staging::Multipart(m) => {
+                let id = match &m.upload_id {
+                    Some(id) => id.clone(),
+                    None => {
+                        let id = m.multipart.create_multipart(&m.path).await?;
+                        m.upload_id = Some(id.clone());
+                        id
+                    }
+                };
+                let (multipart, path) = (Arc::clone(&m.multipart), m.path.clone());
+                Ok(Box::pin(async move {
+                    let part = multipart.put_part(&path, &id, index, PutPayload::from(data)).await?;
+                    Ok(Some(part))
+                }))
+            }
+        }
+    }
+
+    /// Makes every part written so far durable (local disk: fdatasync; S3: already is).
+    pub async fn sync(&mut self) -> Result<()> {
+        if let Staging::File(f) = self {
+            let file = Arc::clone(&f.file);
+            let dirs = (!f.dirs_synced).then(|| f.path.clone());
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                file.sync_data()?;
+                if let Some(path) = dirs {
+                    sync_parent_dirs(&path)?;
+                }
+                Ok(())
+            })
+            .await??;
+            f.dirs_synced = true;
+        }
+        Ok(())
+    }
+
+    /// Completes the staged object from the parts written (`tail`: bytes never sent as a part,
+    /// only possible when no part was written).
+    pub async fn complete(&mut self, parts: Vec<PartId>, tail: Option<Bytes>) -> Result<()> {
+        match self {
+            Staging::File(f) => {
+                let file = Arc::clone(&f.file);
+                tokio::task::spawn_blocking(move || file.sync_all()).await??;
+                Ok(())
+            }
+            Staging::Multipart(m) => match &m.upload_id {
+                Some(id) => {
+                    m.multipart.complete_multipart(&m.path, id, parts).await?;
+                    Ok(())
+                }
+                None => {
+                    let payload = PutPayload::from(tail.unwrap_or_default());
+                    m.store.put(&m.path, payload).await?;
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// Deletes what was staged.
+    pub async fn abort(&mut self) -> Result<()> {
+        match self {
+            Staging::File(f) => {
+                let path = f.path.clone();
+                tokio::task::spawn_blocking(move || remove_staging_file(&path)).await??;
+                Ok(())
+            }
+            Staging::Multipart(m) => {
+                if let Some(id) = m.upload_id.take() {
+                    m.multipart.abort_multipart(&m.path, &id).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Removes a staging file and its (then empty) directory; a missing file is not an error.
+pub fn remove_staging_file(path: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
+    Ok(())
+}
+
+/// fsyncs the directory holding `path` and its parent, so a new file's name is durable.
+fn sync_parent_dirs(path: &std::path::Path) -> std::io::Result<()> {
+    let mut dir = path.parent();
+    for _ in 0..2 {
+        let Some(d) = dir else { break };
+        std::fs::File::open(d)?.sync_all()?;
+        dir = d.parent();
+    }
+    Ok(())
+}

@@ -2,6 +2,8 @@
 //! Docker schema2 manifests and manifest lists; validation and error codes.
 mod common;
 
+use common::oci::{assert_error, header};
+
 use common::{TestServer, client, push_blob, push_image, sha256};
 use reqwest::Response;
 use serde_json::{Value, json};
@@ -14,37 +16,6 @@ const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+j
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-
-fn header(resp: &Response, name: &str) -> Option<String> {
-    resp.headers()
-        .get(name)
-        .map(|v| v.to_str().expect("ascii header").to_string())
-}
-
-/// Checks status, JSON content type, the API version header and that `errors[0].code` is one of
-/// `codes`. Returns the parsed body.
-async fn assert_error(resp: Response, status: u16, codes: &[&str]) -> Value {
-    let got = resp.status().as_u16();
-    let ct = header(&resp, "content-type").unwrap_or_default();
-    let version = header(&resp, "docker-distribution-api-version");
-    let body = resp.bytes().await.expect("read error body");
-    let text = String::from_utf8_lossy(&body);
-    assert_eq!(got, status, "status (body: {text})");
-    assert!(
-        ct.starts_with("application/json"),
-        "error Content-Type {ct:?} (body: {text})"
-    );
-    assert_eq!(version.as_deref(), Some("registry/2.0"), "API version header on error");
-    let v: Value = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("error body is not JSON ({e}): {text}"));
-    let code = v["errors"][0]["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no errors[0].code in {text}"));
-    assert!(
-        codes.contains(&code),
-        "errors[0].code {code:?} not in {codes:?} (body: {text})"
-    );
-    v
-}
 
 async fn put_manifest(server: &TestServer, repo: &str, reference: &str, content_type: &str, body: &[u8]) -> Response {
     client()

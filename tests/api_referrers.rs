@@ -1,8 +1,9 @@
 //! Referrers API (end-12a, end-12b) and the `OCI-Subject` response header.
 mod common;
 
+use common::oci::{assert_error, header};
+
 use common::{TestServer, client, push_blob, push_image, sha256};
-use reqwest::Response;
 use serde_json::{Value, json};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -10,37 +11,6 @@ const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const EMPTY: &str = "application/vnd.oci.empty.v1+json";
 const SBOM: &str = "application/vnd.example.sbom.v1";
 const SIG: &str = "application/vnd.example.signature.v1";
-
-fn header(resp: &Response, name: &str) -> Option<String> {
-    resp.headers()
-        .get(name)
-        .map(|v| v.to_str().expect("ascii header").to_string())
-}
-
-/// Checks status, JSON content type, the API version header and that `errors[0].code` is one of
-/// `codes`. Returns the parsed body.
-async fn assert_error(resp: Response, status: u16, codes: &[&str]) -> Value {
-    let got = resp.status().as_u16();
-    let ct = header(&resp, "content-type").unwrap_or_default();
-    let version = header(&resp, "docker-distribution-api-version");
-    let body = resp.bytes().await.expect("read error body");
-    let text = String::from_utf8_lossy(&body);
-    assert_eq!(got, status, "status (body: {text})");
-    assert!(
-        ct.starts_with("application/json"),
-        "error Content-Type {ct:?} (body: {text})"
-    );
-    assert_eq!(version.as_deref(), Some("registry/2.0"), "API version header on error");
-    let v: Value = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("error body is not JSON ({e}): {text}"));
-    let code = v["errors"][0]["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no errors[0].code in {text}"));
-    assert!(
-        codes.contains(&code),
-        "errors[0].code {code:?} not in {codes:?} (body: {text})"
-    );
-    v
-}
 
 fn descriptor(media_type: &str, body: &[u8]) -> Value {
     json!({"mediaType": media_type, "digest": sha256(body), "size": body.len()})

@@ -2,41 +2,11 @@
 //! status (end-13), cancel, cross-repository mount (end-11), and de-duplication.
 mod common;
 
+use common::oci::{assert_error, header, sha512};
+
 use bytes::Bytes;
 use common::{TestServer, client, push_blob, sha256};
 use reqwest::Response;
-use serde_json::Value;
-
-fn header(resp: &Response, name: &str) -> Option<String> {
-    resp.headers()
-        .get(name)
-        .map(|v| v.to_str().expect("ascii header").to_string())
-}
-
-/// Checks status, JSON content type, the API version header and that `errors[0].code` is one of
-/// `codes`. Returns the parsed body.
-async fn assert_error(resp: Response, status: u16, codes: &[&str]) -> Value {
-    let got = resp.status().as_u16();
-    let ct = header(&resp, "content-type").unwrap_or_default();
-    let version = header(&resp, "docker-distribution-api-version");
-    let body = resp.bytes().await.expect("read error body");
-    let text = String::from_utf8_lossy(&body);
-    assert_eq!(got, status, "status (body: {text})");
-    assert!(
-        ct.starts_with("application/json"),
-        "error Content-Type {ct:?} (body: {text})"
-    );
-    assert_eq!(version.as_deref(), Some("registry/2.0"), "API version header on error");
-    let v: Value = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("error body is not JSON ({e}): {text}"));
-    let code = v["errors"][0]["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no errors[0].code in {text}"));
-    assert!(
-        codes.contains(&code),
-        "errors[0].code {code:?} not in {codes:?} (body: {text})"
-    );
-    v
-}
 
 /// Absolute URL for a `Location` header value (relative per the contract, absolute allowed).
 fn absolute(server: &TestServer, location: &str) -> String {
@@ -857,11 +827,6 @@ async fn concurrent_upload_sessions_do_not_interfere() {
     }
     assert_blob(&server, "up/concurrent", &sha256(&a), &a).await;
     assert_blob(&server, "up/concurrent", &sha256(&b), &b).await;
-}
-
-fn sha512(data: &[u8]) -> String {
-    use sha2::Digest as _;
-    format!("sha512:{}", hex::encode(sha2::Sha512::digest(data)))
 }
 
 #[tokio::test]

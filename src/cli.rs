@@ -23,13 +23,103 @@ pub enum Command {
     /// storage.s3.{bucket,prefix,region,endpoint,path_style,credentials_file,profile,redirect,
     /// redirect_expiry_secs,public_endpoint},
     /// registry.{delete_enabled,max_manifest_size,upload_timeout_secs,catalog_page_size},
-    /// log.format. See stowage.example.toml for every setting with its default.
+    /// auth.{enabled,anonymous_pull,rules,…}, log.format. See stowage.example.toml for every
+    /// setting with its default.
     Serve(ServeArgs),
     /// Print the configuration that `serve` would use, then exit.
     CheckConfig(ServeArgs),
+    /// Manage users (passwords are read from a prompt, or from stdin when it is not a terminal).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage API tokens (robot/CI credentials, used as the password).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Manage the keys that sign registry tokens.
+    #[command(subcommand)]
+    Key(KeyCommand),
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a user.
+    Add {
+        #[command(flatten)]
+        at: ServeArgs,
+        name: String,
+        /// Make the user an admin (may do everything, deleting included).
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Change a user's password.
+    Passwd {
+        #[command(flatten)]
+        at: ServeArgs,
+        name: String,
+    },
+    /// Remove a user and their API tokens.
+    Remove {
+        #[command(flatten)]
+        at: ServeArgs,
+        name: String,
+    },
+    /// List users.
+    List {
+        #[command(flatten)]
+        at: ServeArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create an API token for a user and print its secret (shown this once only).
+    Create {
+        #[command(flatten)]
+        at: ServeArgs,
+        /// The user the token acts for.
+        #[arg(long)]
+        user: String,
+        /// A name for the token, unique among the user's live tokens.
+        #[arg(long)]
+        name: String,
+        /// What the token may do: `<repository pattern>:<actions>`, e.g. `spack/**:pull,push`.
+        /// Repeatable. The user's own permissions still apply.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Days until the token expires (default: never).
+        #[arg(long)]
+        expires_in_days: Option<u64>,
+    },
+    /// List API tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        at: ServeArgs,
+        /// Only this user's tokens.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Revoke an API token, by id or name; effective at once.
+    Revoke {
+        #[command(flatten)]
+        at: ServeArgs,
+        /// The token's id or name.
+        token: String,
+        /// The user whose token it is (needed when several users have tokens of that name).
+        #[arg(long)]
+        user: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Add a new signing key in `<data_dir>/auth/keys/`; the server signs with it after its next
+    /// start, and still accepts tokens signed with the previous keys until they expire.
+    Rotate {
+        #[command(flatten)]
+        at: ServeArgs,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// TOML configuration file.
     #[arg(long, env = "STOWAGE_CONFIG")]

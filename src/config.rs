@@ -23,6 +23,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub registry: RegistryConfig,
     pub tls: TlsConfig,
+    pub auth: AuthConfig,
     pub log: LogConfig,
 }
 
@@ -128,6 +129,67 @@ pub struct RegistryConfig {
     pub catalog_page_size: u64,
 }
 
+/// Authentication and access control. See the README's "Authentication" section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Check credentials and the access policy. `false` turns authentication off entirely:
+    /// every client may pull, push and delete everything (development and tests only).
+    pub enabled: bool,
+    /// The `service` of challenges and the audience of tokens.
+    pub service: String,
+    /// The issuer of tokens.
+    pub issuer: String,
+    /// The token endpoint's URL as clients reach it. Default: built per request from the scheme
+    /// and host the client used (`<scheme>://<host>/token`).
+    pub realm: Option<String>,
+    /// Seconds a registry token stays valid.
+    pub token_ttl_secs: u64,
+    /// Seconds a refresh token (`docker login`'s identity token) stays valid.
+    pub refresh_token_ttl_secs: u64,
+    /// PEM file with the Ed25519 private key that signs tokens. Default: keys generated in
+    /// `<data_dir>/auth/keys/` (see `stowage key rotate`).
+    pub signing_key: Option<PathBuf>,
+    /// More PEM files (private or public Ed25519 keys) whose tokens are still accepted, e.g. the
+    /// previous `signing_key` after a rotation.
+    pub verify_keys: Vec<PathBuf>,
+    /// Addresses of reverse proxies whose `X-Forwarded-Proto`/`X-Forwarded-Host`/
+    /// `X-Forwarded-For` are believed. Requests from anywhere else have those headers ignored.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Repository patterns anyone may pull without credentials (`*` within one path
+    /// component, `**` across components). Empty: none.
+    pub anonymous_pull: Vec<crate::auth::Pattern>,
+    /// Who may do what where (`[[auth.rules]]` with `repositories`, `users`, `actions`).
+    /// Empty: every signed-in user may pull and push everywhere. Admins may always do
+    /// everything, deletion included.
+    pub rules: Vec<crate::auth::Rule>,
+    /// Failed logins per user name within `failed_login_window_secs` before further attempts
+    /// are refused with 429 (a client address may fail three times as often).
+    pub max_failed_logins: u32,
+    /// Length of the failed-login window, in seconds.
+    pub failed_login_window_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            enabled: true,
+            service: "stowage".into(),
+            issuer: "stowage".into(),
+            realm: None,
+            token_ttl_secs: 300,
+            refresh_token_ttl_secs: 30 * 24 * 3600,
+            signing_key: None,
+            verify_keys: Vec::new(),
+            trusted_proxies: Vec::new(),
+            anonymous_pull: Vec::new(),
+            rules: Vec::new(),
+            max_failed_logins: 10,
+            failed_login_window_secs: 300,
+        }
+    }
+}
+
 /// Logging.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -151,6 +213,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             registry: RegistryConfig::default(),
             tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
             log: LogConfig::default(),
         }
     }

@@ -119,6 +119,18 @@ pub enum Error {
     Unsupported(&'static str),
     #[error("request body could not be read: {0}")]
     BodyRead(String),
+    /// Credentials are missing, wrong, or lack the scope needed (401 with the challenge).
+    #[error("authentication required")]
+    Unauthorized(Box<crate::auth::Challenge>),
+    /// The identity may not do this (403).
+    #[error("requested access to the resource is denied")]
+    Denied,
+    /// A token request the endpoint cannot serve (400).
+    #[error("invalid token request: {0}")]
+    TokenRequestInvalid(&'static str),
+    /// Too many failed logins from this client or for this user (429 with `Retry-After`).
+    #[error("too many failed login attempts; try again later")]
+    TooManyLogins { retry_after: u64 },
     #[error("internal error: {0}")]
     Internal(#[from] Internal),
 }
@@ -182,6 +194,10 @@ impl Error {
             Error::PaginationInvalid(_) => Code::Unsupported,
             Error::BodyRead(_) => Code::BlobUploadInvalid,
             Error::Unsupported(_) => Code::Unsupported,
+            Error::Unauthorized(_) => Code::Unauthorized,
+            Error::Denied => Code::Denied,
+            Error::TokenRequestInvalid(_) => Code::Unsupported,
+            Error::TooManyLogins { .. } => Code::TooManyRequests,
             Error::Internal(_) => Code::Unknown,
         }
     }
@@ -192,7 +208,7 @@ impl Error {
             Error::UploadOutOfOrder { .. } => 416,
             Error::ManifestTooLarge { .. } => 413,
             Error::RangeNotSatisfiable { .. } => 416,
-            Error::PaginationInvalid(_) => 400,
+            Error::PaginationInvalid(_) | Error::TokenRequestInvalid(_) => 400,
             other => other.code().status(),
         }
     }

@@ -4,8 +4,11 @@
 //! - [`http`]: actix routes and handlers, error responses;
 //! - [`registry`]: the services (uploads, manifests, blobs, listings);
 //! - [`catalog`] (SQLite, all SQL) and [`storage`] (blobs over `object_store`);
-//! - [`oci`]: pure types and parsing.
+//! - [`oci`]: pure types and parsing;
+//! - [`auth`]: users, tokens and the access policy (no HTTP types).
 
+pub mod admin;
+pub mod auth;
 pub mod catalog;
 pub mod cli;
 pub mod config;

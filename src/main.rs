@@ -48,6 +48,14 @@ fn tune_allocator() {
     }
 }
 
+/// Ends an admin command: errors on stderr, exit status 1.
+fn admin_exit(outcome: Result<(), Box<dyn std::error::Error>>) {
+    if let Err(e) = outcome {
+        eprintln!("stowage: {e}");
+        std::process::exit(1);
+    }
+}
+
 #[actix_web::main]
 async fn main() {
     tune_allocator();
@@ -62,6 +70,9 @@ async fn main() {
                 std::process::exit(1);
             }
         }
+        Command::User(cmd) => admin_exit(stowage::admin::user(cmd, load).await),
+        Command::Token(cmd) => admin_exit(stowage::admin::token(cmd, load).await),
+        Command::Key(cmd) => admin_exit(stowage::admin::key(cmd, load).await),
         Command::CheckConfig(args) => match toml::to_string(&load(&args)) {
             Ok(s) => print!("{s}"),
             Err(e) => {

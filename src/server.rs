@@ -91,10 +91,31 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         })
     };
 
+    let auth = crate::auth::Auth::open(
+        &config.auth,
+        &config.data_dir,
+        registry.catalog().clone(),
+        Duration::from_secs(config.registry.upload_timeout_secs),
+    )
+    .await
+    .map_err(|e| format!("setting up authentication: {e}"))?;
+    if auth.enabled() {
+        tracing::info!(
+            service = auth.service(),
+            kid = auth.signing_kid(),
+            "authentication on; push and delete need credentials; {}",
+            auth.policy().describe_anonymous()
+        );
+    } else {
+        tracing::warn!("authentication is OFF (auth.enabled = false): anyone may pull, push and delete");
+    }
+
     let data = web::Data::new(registry.clone());
+    let auth = web::Data::new(auth);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .app_data(auth.clone())
             .wrap(middleware::from_fn(crate::http::log_requests))
             .wrap(crate::http::default_headers())
             .configure(crate::http::routes)

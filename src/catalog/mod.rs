@@ -14,6 +14,7 @@
 //! Schema changes are the numbered files in `migrations/`, embedded in the binary and applied
 //! at start-up; the applied version is SQLite's `user_version`.
 
+pub mod auth;
 mod queries;
 mod spack;
 mod uploads;
@@ -41,6 +42,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_spack.sql"),
     include_str!("../../migrations/0003_uploads.sql"),
+    include_str!("../../migrations/0004_auth.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

@@ -1,9 +1,10 @@
 //! Turns [`Error`] into the spec's error response: status, OCI JSON body, and the headers some
 //! errors carry (`Range` and `Location` on an out-of-order chunk, `Content-Range` on an
-//! unsatisfiable byte range). Internal errors are logged here, once, and reported generically.
+//! unsatisfiable byte range, `WWW-Authenticate` on a 401, `Retry-After` on a 429). Internal errors
+//! are logged here, once, and reported generically.
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE};
+use actix_web::http::header::{CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
 use actix_web::{HttpResponse, ResponseError};
 
 use crate::error::{Code, Error};
@@ -45,6 +46,14 @@ impl ResponseError for Error {
             }
             Error::RangeNotSatisfiable { size } => {
                 resp.insert_header((CONTENT_RANGE, format!("bytes */{size}")));
+            }
+            Error::Unauthorized(challenge) => {
+                for value in challenge.header_values() {
+                    resp.append_header((WWW_AUTHENTICATE, value));
+                }
+            }
+            Error::TooManyLogins { retry_after } => {
+                resp.insert_header((RETRY_AFTER, retry_after.to_string()));
             }
             _ => {}
         }

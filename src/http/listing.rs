@@ -5,6 +5,7 @@ use actix_web::http::header::{CONTENT_TYPE, LINK};
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use super::extract;
+use crate::auth::Auth;
 use crate::error::{Error, Result};
 use crate::oci::media;
 use crate::registry::Registry;
@@ -68,10 +69,22 @@ pub async fn tags(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResp
     ))
 }
 
-pub async fn catalog(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResponse> {
+/// `/v2/_catalog`: the repositories the caller may pull, paginated over that filtered list.
+pub async fn catalog(req: HttpRequest, reg: web::Data<Registry>, auth: web::Data<Auth>) -> Result<HttpResponse> {
     let page = page(&req)?;
     let n = page.n.unwrap_or(reg.settings().catalog_page_size);
-    let repos = reg.catalog().repositories(page.last, n.saturating_add(1)).await?;
+    let batch = n.saturating_add(1);
+    let mut repos = Vec::new();
+    let mut last = page.last;
+    loop {
+        let fetched = reg.catalog().repositories(last.clone(), batch).await?;
+        let exhausted = (fetched.len() as u64) < batch;
+        last = fetched.last().cloned();
+        repos.extend(fetched.into_iter().filter(|r| super::auth::may_list(&auth, &req, r)));
+        if exhausted || repos.len() as u64 >= batch {
+            break;
+        }
+    }
     let (repos, link) = paginate(repos, Some(n), "/v2/_catalog");
     Ok(json_with_link(serde_json::json!({ "repositories": repos }), link))
 }

@@ -3,6 +3,7 @@
 //! One file per OCI resource; each handler extracts and validates its inputs (`extract`), calls
 //! one [`Registry`] method, and maps the result. Errors become OCI error bodies in `error`.
 
+mod auth;
 mod blobs;
 mod error;
 mod extract;
@@ -16,35 +17,54 @@ use std::time::Instant;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::CONTENT_TYPE;
-use actix_web::middleware::{DefaultHeaders, Next};
+use actix_web::middleware::{DefaultHeaders, Next, from_fn};
 use actix_web::{HttpResponse, web};
 
+pub use auth::Guard;
 pub use error::error_body;
 
 use crate::error::Code;
 use crate::registry::Registry;
 
-/// Registers every route on an actix app.
+/// Wraps a resource in the authentication check for `guard` (see `auth`).
+macro_rules! protect {
+    ($guard:expr) => {
+        from_fn(move |req, next| auth::protect($guard, req, next))
+    };
+}
+
+/// Registers every route on an actix app. Each resource states what its requests need
+/// ([`Guard`]); the token endpoint is `/token`.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     const NAME: &str = "/v2/{name:.+}";
     cfg.service(
+        web::resource("/token")
+            .get(auth::token_get)
+            .post(auth::token_post)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
         web::resource(["/v2", "/v2/"])
+            .wrap(protect!(Guard::Base))
             .get(base)
             .head(base)
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource("/v2/_catalog")
+            .wrap(protect!(Guard::Catalog))
             .get(listing::catalog)
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource(format!("{NAME}/tags/list"))
+            .wrap(protect!(Guard::Read))
             .get(listing::tags)
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource(format!("{NAME}/manifests/{{reference}}"))
+            .wrap(protect!(Guard::Manifests))
             .get(manifests::get)
             .head(manifests::head)
             .put(manifests::put)
@@ -53,11 +73,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     )
     .service(
         web::resource([format!("{NAME}/blobs/uploads/"), format!("{NAME}/blobs/uploads")])
+            .wrap(protect!(Guard::UploadStart))
             .post(uploads::start)
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource(format!("{NAME}/blobs/uploads/{{uuid}}"))
+            .wrap(protect!(Guard::UploadSession))
             .get(uploads::status)
             .patch(uploads::patch)
             .put(uploads::finish)
@@ -66,6 +88,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     )
     .service(
         web::resource(format!("{NAME}/blobs/{{digest}}"))
+            .wrap(protect!(Guard::Blobs))
             .get(blobs::get)
             .head(blobs::head)
             .delete(blobs::delete)
@@ -73,21 +96,25 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     )
     .service(
         web::resource(format!("{NAME}/referrers/{{digest}}"))
+            .wrap(protect!(Guard::Read))
             .get(listing::referrers)
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource("/stowage/v1/spack/{name:.+}/specs/{hash}")
+            .wrap(protect!(Guard::Read))
             .get(spack_api::spec)
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource("/stowage/v1/spack/{name:.+}/specs")
+            .wrap(protect!(Guard::Read))
             .get(spack_api::specs)
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource("/stowage/v1/spack/{name:.+}/missing")
+            .wrap(protect!(Guard::Read))
             .post(spack_api::missing)
             .default_service(web::to(method_not_allowed)),
     )

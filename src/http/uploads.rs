@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use super::error::upload_range;
 use super::extract;
+use crate::auth::Auth;
 use crate::error::{Error, Result};
 use crate::oci::{Digest, RepoName};
 use crate::registry::{Chunk, Registry};
@@ -48,7 +49,12 @@ fn digest_query(q: &[(String, String)]) -> Result<Option<Digest>> {
     extract::query_param(q, "digest").map(str::parse).transpose()
 }
 
-pub async fn start(req: HttpRequest, reg: web::Data<Registry>, body: web::Payload) -> Result<HttpResponse> {
+pub async fn start(
+    req: HttpRequest,
+    reg: web::Data<Registry>,
+    auth: web::Data<Auth>,
+    body: web::Payload,
+) -> Result<HttpResponse> {
     let repo = extract::repo(&req)?;
     let q = extract::query(&req);
     if let Some(mount) = extract::query_param(&q, "mount") {
@@ -56,7 +62,9 @@ pub async fn start(req: HttpRequest, reg: web::Data<Registry>, body: web::Payloa
         // An unusable `from` is treated like an unknown source: fall back to a session.
         let from = extract::query_param(&q, "from").and_then(|f| f.parse::<RepoName>().ok());
         let has_from = extract::query_param(&q, "from").is_some();
-        if (from.is_some() || !has_from) && reg.mount_blob(&repo, &digest, from.as_ref()).await? {
+        // A source the caller may not read is treated like one that lacks the blob.
+        let permitted = super::auth::may_mount_from(&auth, &req, from.as_ref());
+        if permitted && (from.is_some() || !has_from) && reg.mount_blob(&repo, &digest, from.as_ref()).await? {
             return Ok(blob_created(&repo, &digest));
         }
     } else if let Some(digest) = digest_query(&q)? {

@@ -148,6 +148,8 @@ fn spawn(data_dir: &Path, envs: &[(String, String)]) -> (Child, String) {
     cmd.arg("serve")
         .env("STOWAGE_LISTEN", "127.0.0.1:0")
         .env("STOWAGE_DATA_DIR", data_dir)
+        // The endpoint and client tests run in open mode; auth tests turn it back on.
+        .env("STOWAGE_AUTH__ENABLED", "false")
         .env(
             "RUST_LOG",
             std::env::var("TEST_STOWAGE_LOG").unwrap_or_else(|_| "warn".into()),

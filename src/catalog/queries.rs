@@ -40,7 +40,7 @@ pub struct Referrer {
     pub annotations: Option<String>,
 }
 
-fn repo_id(conn: &Connection, repo: &str) -> rusqlite::Result<Option<i64>> {
+pub(super) fn repo_id(conn: &Connection, repo: &str) -> rusqlite::Result<Option<i64>> {
     conn.query_row("SELECT id FROM repositories WHERE name = ?1", [repo], |r| r.get(0))
         .optional()
 }

@@ -3,6 +3,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Catalog;
+use super::queries::repo_id;
 use crate::error::Result;
 use crate::oci::RepoName;
 use crate::spack::SpecImage;
@@ -254,17 +255,12 @@ const SUMMARY_COLUMNS: &str =
     "s.tag, s.hash, s.layout_version, n.name, n.version, n.platform, n.os, n.target, n.compiler
      FROM spack_specs s JOIN spack_nodes n ON n.repo_id = s.repo_id AND n.hash = s.hash";
 
-fn repo_id_of(c: &Connection, repo: &str) -> rusqlite::Result<Option<i64>> {
-    c.query_row("SELECT id FROM repositories WHERE name = ?1", [repo], |r| r.get(0))
-        .optional()
-}
-
 impl Catalog {
     /// Specs of a build cache matching `q`, by name, version and hash. `None`: no such repository.
     pub async fn spack_specs(&self, repo: &RepoName, q: SpecQuery) -> Result<Option<Vec<SpecSummary>>> {
         let repo = repo.to_string();
         self.read(move |c| {
-            let Some(repo_id) = repo_id_of(c, &repo)? else {
+            let Some(repo_id) = repo_id(c, &repo)? else {
                 return Ok(None);
             };
             let sql = format!(
@@ -307,7 +303,7 @@ impl Catalog {
     pub async fn spack_spec(&self, repo: &RepoName, hash: String) -> Result<Option<SpecDetail>> {
         let repo = repo.to_string();
         self.read(move |c| {
-            let Some(repo_id) = repo_id_of(c, &repo)? else { return Ok(None) };
+            let Some(repo_id) = repo_id(c, &repo)? else { return Ok(None) };
             let tx = c.unchecked_transaction()?;
             let sql = format!("SELECT {SUMMARY_COLUMNS} WHERE s.repo_id = ?1 AND s.hash = ?2 ORDER BY s.tag LIMIT 1");
             let Some(summary) = tx.query_row(&sql, params![repo_id, hash], summary).optional()? else {
@@ -352,7 +348,7 @@ impl Catalog {
     pub async fn spack_missing(&self, repo: &RepoName, hashes: Vec<String>) -> Result<Option<Vec<String>>> {
         let repo = repo.to_string();
         self.read(move |c| {
-            let Some(repo_id) = repo_id_of(c, &repo)? else {
+            let Some(repo_id) = repo_id(c, &repo)? else {
                 return Ok(None);
             };
             let mut stmt = c.prepare_cached("SELECT 1 FROM spack_specs WHERE repo_id = ?1 AND hash = ?2 LIMIT 1")?;

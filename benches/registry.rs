@@ -312,6 +312,8 @@ fn start_stowage_with(bin: &Path, log_level: &str, label: &'static str, envs: &[
         .arg("serve")
         .env("STOWAGE_LISTEN", "127.0.0.1:0")
         .env("STOWAGE_DATA_DIR", &data)
+        // Distribution runs without authentication here; so does Stowage, to compare like with like.
+        .env("STOWAGE_AUTH__ENABLED", "false")
         .env("RUST_LOG", log_level)
         .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())

@@ -376,7 +376,10 @@ fn read_file_range(file: std::fs::File, range: Range<u64>) -> ByteStream {
             let mut buf = Vec::with_capacity(want as usize);
             let item = match (&mut file).take(want).read_to_end(&mut buf) {
                 Ok(n) if n as u64 == want => Ok(Bytes::from(buf)),
-                Ok(_) => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "blob shorter than recorded")),
+                Ok(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "blob shorter than recorded",
+                )),
                 Err(e) => Err(e),
             };
             let failed = item.is_err();

@@ -134,6 +134,59 @@ async fn range_request_returns_206_with_content_range() {
     assert_eq!(resp.bytes().await.unwrap().as_ref(), &DATA[2..=5]);
 }
 
+/// Blobs larger than the server's read pieces (512 KiB, recycled between downloads), read whole
+/// and in ranges that start and end inside pieces, while other downloads run: every body must be
+/// exactly its own blob's bytes.
+#[tokio::test]
+async fn concurrent_multi_piece_downloads_return_their_own_bytes() {
+    const PIECE: usize = 512 * 1024;
+    let server = TestServer::start();
+    let blobs: Vec<Vec<u8>> = (0..3u32)
+        .map(|k| {
+            (0..(5 * PIECE as u32 + 12_345 * (k + 1)))
+                .map(|i| (i.wrapping_mul(2_654_435_761).rotate_left(k + 3) >> 24) as u8)
+                .collect()
+        })
+        .collect();
+    let mut digests = Vec::new();
+    for blob in &blobs {
+        digests.push(push_blob(&server, "blobs/pieces", blob).await);
+    }
+    let ranges = [
+        None,
+        Some((PIECE - 1, PIECE)),
+        Some((PIECE + 100, 3 * PIECE + 7)),
+        Some((3, 4 * PIECE - 1)),
+        Some((2 * PIECE, 5 * PIECE + 10)),
+    ];
+    let mut tasks = Vec::new();
+    for round in 0..2 {
+        for (blob, digest) in blobs.iter().zip(&digests) {
+            for range in ranges {
+                let (url, blob) = (server.v2(&format!("blobs/pieces/blobs/{digest}")), blob.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut req = client().get(url);
+                    if let Some((a, b)) = range {
+                        req = req.header("Range", format!("bytes={a}-{b}"));
+                    }
+                    let resp = req.send().await.unwrap();
+                    let want = match range {
+                        None => &blob[..],
+                        Some((a, b)) => &blob[a..=b],
+                    };
+                    assert_eq!(resp.status(), if range.is_some() { 206 } else { 200 });
+                    let body = resp.bytes().await.unwrap();
+                    assert_eq!(body.len(), want.len(), "round {round}, range {range:?}");
+                    assert!(body.as_ref() == want, "round {round}, range {range:?}: wrong bytes");
+                }));
+            }
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn range_request_single_byte_and_whole_blob() {
     let server = TestServer::start();

@@ -47,8 +47,9 @@ pub struct StorageConfig {
     pub backend: Backend,
     /// Root directory of the `fs` backend. Default: `<data_dir>/storage`.
     pub path: Option<PathBuf>,
-    /// Size of the parts an upload is written in, in bytes. Bounds the memory each upload in
-    /// progress uses (about three parts). With `s3` it is at least 5 MiB (S3's smallest part).
+    /// Size of the parts an upload is written in, in bytes (64 KiB to 1 GiB). Bounds the memory
+    /// each upload in progress uses (about three parts). With `s3` it is at least 5 MiB (S3's
+    /// smallest part). On local disk, a multiple of 4 KiB lets parts be written with direct I/O.
     pub part_size: usize,
     /// The `s3` backend's settings.
     pub s3: S3Config,
@@ -266,6 +267,10 @@ fn top_level_keys() -> Vec<String> {
     }
 }
 
+/// Bounds of `storage.part_size`: each upload in progress holds about three parts in memory.
+const MIN_PART_SIZE: usize = 64 * 1024;
+const MAX_PART_SIZE: usize = 1024 * 1024 * 1024;
+
 impl Config {
     /// Loads the layered configuration.
     pub fn load(file: Option<&Path>, cli: CliOverrides) -> Result<Config, Box<figment::Error>> {
@@ -286,10 +291,24 @@ impl Config {
                         .is_some_and(|rest| rest.starts_with("__") || rest.starts_with('.'))
             })
         });
-        fig.merge(env)
+        let config: Config = fig
+            .merge(env)
             .merge(Serialized::defaults(cli))
             .extract()
-            .map_err(Box::new)
+            .map_err(Box::new)?;
+        config.validate().map_err(|e| Box::new(figment::Error::from(e)))?;
+        Ok(config)
+    }
+
+    /// Checks the settings a type cannot express.
+    fn validate(&self) -> Result<(), String> {
+        let part = self.storage.part_size;
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part) {
+            return Err(format!(
+                "storage.part_size must be between {MIN_PART_SIZE} (64 KiB) and {MAX_PART_SIZE} (1 GiB) bytes, not {part}"
+            ));
+        }
+        Ok(())
     }
 
     /// Root of the `fs` storage backend.
@@ -323,6 +342,21 @@ mod tests {
                 toml::to_string(&from_file).ok(),
                 toml::to_string(&Config::default()).ok()
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn part_size_out_of_bounds_is_rejected() {
+        figment::Jail::expect_with(|jail| {
+            for bad in ["0", "1000", "2147483648"] {
+                jail.set_env("STOWAGE_STORAGE__PART_SIZE", bad);
+                let err = Config::load(None, CliOverrides::default()).expect_err(bad).to_string();
+                assert!(err.contains("storage.part_size"), "{bad}: {err}");
+            }
+            jail.set_env("STOWAGE_STORAGE__PART_SIZE", "65536");
+            let ok = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(ok.storage.part_size, 65536);
             Ok(())
         });
     }

@@ -25,6 +25,7 @@
 //!
 //! This module knows nothing about repositories or HTTP; access control lives in the catalog.
 
+mod aligned;
 mod chunks;
 pub mod s3;
 pub mod staging;

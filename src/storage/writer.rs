@@ -21,10 +21,11 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use object_store::multipart::PartId;
 use tokio::task::JoinHandle;
 
+use super::aligned::PartBuf;
 use super::staging::{PartWrite, Staging};
 use crate::error::{Error, Internal, Result};
 use crate::oci::{Digest, Hasher};
@@ -57,7 +58,8 @@ struct InFlight {
 pub struct StagedWriter {
     staging: Staging,
     part_size: usize,
-    buf: BytesMut,
+    /// The part being filled, allocated at the first byte it takes.
+    buf: Option<PartBuf>,
     hasher: Option<Hasher>,
     in_flight: VecDeque<InFlight>,
     /// Bytes accepted so far (written or buffered).
@@ -135,7 +137,7 @@ impl StagedWriter {
         StagedWriter {
             part_size: part_size.max(staging.min_part()),
             staging,
-            buf: BytesMut::new(),
+            buf: None,
             hasher: Some(hasher),
             in_flight: VecDeque::new(),
             len: offset,
@@ -170,7 +172,7 @@ impl StagedWriter {
     /// Appends `data`; full parts are hashed and handed to the store.
     pub async fn write(&mut self, data: Bytes) -> Result<()> {
         self.len += data.len() as u64;
-        if self.buf.is_empty() && data.len() >= self.part_size && data.len() % self.part_size == 0 {
+        if self.buf.is_none() && data.len() >= self.part_size && data.len() % self.part_size == 0 {
             // Whole parts arrived in one piece: no copy.
             let mut data = data;
             while !data.is_empty() {
@@ -179,19 +181,19 @@ impl StagedWriter {
             }
             return Ok(());
         }
-        // Fill parts allocated at exactly the part size, so a part in flight never drags a larger
-        // allocation along (this is what bounds memory per upload).
+        // Fill parts allocated at exactly the part size (aligned for direct I/O), so a part in
+        // flight never drags a larger allocation along (this is what bounds memory per upload).
         let mut rest = &data[..];
         while !rest.is_empty() {
-            if self.buf.capacity() == 0 {
-                self.buf = BytesMut::with_capacity(self.part_size);
-            }
-            let take = rest.len().min(self.part_size - self.buf.len());
-            self.buf.extend_from_slice(&rest[..take]);
+            let part_size = self.part_size;
+            let buf = self.buf.get_or_insert_with(|| PartBuf::with_capacity(part_size));
+            let take = rest.len().min(part_size - buf.len());
+            buf.fill(&rest[..take]);
             rest = &rest[take..];
-            if self.buf.len() == self.part_size {
-                let part = std::mem::take(&mut self.buf).freeze();
-                self.write_part(part).await?;
+            if buf.len() == part_size {
+                if let Some(full) = self.buf.take() {
+                    self.write_part(full.freeze()).await?;
+                }
             }
         }
         Ok(())
@@ -271,9 +273,9 @@ impl StagedWriter {
     /// part in flight; otherwise only the parts already finished count.
     pub async fn checkpoint(&mut self, end_of_request: bool) -> Result<Checkpoint> {
         if end_of_request {
-            if !self.buf.is_empty() && self.buf.len() >= self.staging.min_part() {
-                let tail = std::mem::take(&mut self.buf).freeze();
-                self.write_part(tail).await?;
+            let min_part = self.staging.min_part();
+            if let Some(tail) = self.buf.take_if(|b| b.len() >= min_part) {
+                self.write_part(tail.freeze()).await?;
             }
             while !self.in_flight.is_empty() {
                 self.join_one().await?;
@@ -301,7 +303,7 @@ impl StagedWriter {
     }
 
     async fn finish_inner(&mut self) -> Result<(Digest, u64)> {
-        let tail = std::mem::take(&mut self.buf).freeze();
+        let tail = self.buf.take().map(PartBuf::freeze).unwrap_or_default();
         let direct = self.parts_started == 0 && matches!(self.staging, Staging::Multipart(_));
         let tail = if direct {
             // Smaller than one part: one PUT, no multipart upload.

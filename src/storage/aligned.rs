@@ -1,0 +1,125 @@
+//! [`PartBuf`]: the buffer an upload's part is gathered in, aligned so that local disk can take
+//! it with direct I/O.
+//!
+//! `O_DIRECT` writes need the memory address, the file offset and the length all aligned to
+//! the device's logical block size. [`ALIGN`] (4 KiB) covers the usual 512-byte and 4 KiB
+//! devices; the staging code checks offset and length and falls back to buffered writes for
+//! anything else.
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+
+use bytes::Bytes;
+
+/// Alignment of every part buffer, and the granularity direct writes need.
+pub const ALIGN: usize = 4096;
+
+/// A fixed-capacity byte buffer whose start is [`ALIGN`]-aligned.
+///
+/// Allocated uninitialised: only the bytes filled so far are ever read, so a part that never
+/// fills up costs no more pages than it holds.
+pub struct PartBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+    len: usize,
+}
+
+// SAFETY: `PartBuf` owns its allocation exclusively, like a `Vec<u8>`; shared access only reads.
+unsafe impl Send for PartBuf {}
+// SAFETY: as above; `&PartBuf` gives only read access to initialised bytes.
+unsafe impl Sync for PartBuf {}
+
+impl PartBuf {
+    /// A buffer holding up to `capacity` bytes (at least 1; rounded up to [`ALIGN`]).
+    pub fn with_capacity(capacity: usize) -> PartBuf {
+        let size = capacity.max(1).next_multiple_of(ALIGN);
+        let layout = match Layout::from_size_align(size, ALIGN) {
+            Ok(l) => l,
+            // Only a size near usize::MAX gets here; the configuration caps part sizes.
+            Err(_) => std::alloc::handle_alloc_error(Layout::new::<[u8; ALIGN]>()),
+        };
+        // SAFETY: `layout` has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        PartBuf { ptr, layout, len: 0 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Bytes that still fit.
+    pub fn remaining(&self) -> usize {
+        self.layout.size() - self.len
+    }
+
+    /// Appends as much of `data` as fits; returns how many bytes were taken.
+    pub fn fill(&mut self, data: &[u8]) -> usize {
+        let n = data.len().min(self.remaining());
+        // SAFETY: `len + n` is within the allocation, and `data` cannot overlap memory this
+        // buffer owns exclusively.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(self.len), n);
+        }
+        self.len += n;
+        n
+    }
+
+    /// The filled bytes as [`Bytes`], without copying; the allocation is freed when the last
+    /// reference goes.
+    pub fn freeze(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for PartBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes were initialised by `fill`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PartBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `with_capacity` with this layout, freed only here.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// Whether `data` may be written with direct I/O at `offset`.
+pub fn direct_io_aligned(data: &[u8], offset: u64) -> bool {
+    !data.is_empty() && (data.as_ptr() as usize) % ALIGN == 0 && data.len() % ALIGN == 0 && offset % ALIGN as u64 == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fills_up_to_capacity_and_freezes_aligned() {
+        let mut b = PartBuf::with_capacity(2 * ALIGN);
+        assert_eq!(b.fill(&[1u8; 3 * ALIGN]), 2 * ALIGN);
+        assert_eq!(b.remaining(), 0);
+        assert_eq!(b.fill(b"more"), 0);
+        let bytes = b.freeze();
+        assert_eq!(bytes.len(), 2 * ALIGN);
+        assert!(bytes.iter().all(|&x| x == 1));
+        assert!(direct_io_aligned(&bytes, 0));
+        assert!(!direct_io_aligned(&bytes, 512));
+        assert!(!direct_io_aligned(&bytes[1..], 0));
+        assert!(!direct_io_aligned(&bytes[..100], 0));
+    }
+
+    #[test]
+    fn capacity_rounds_up_and_partial_fill_keeps_order() {
+        let mut b = PartBuf::with_capacity(10);
+        assert_eq!(b.remaining(), ALIGN);
+        b.fill(b"abc");
+        b.fill(b"def");
+        assert_eq!(b.len(), 6);
+        assert_eq!(&b.freeze()[..], b"abcdef");
+        assert_eq!(PartBuf::with_capacity(0).len(), 0);
+    }
+}

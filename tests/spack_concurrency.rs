@@ -108,7 +108,7 @@ async fn concurrent_pushes_deletes_and_repushes_keep_the_index_exact() {
     let next = Arc::new(AtomicUsize::new(SHARED));
     let (to_chaos, chaos_rx) = mpsc::unbounded_channel::<usize>();
     let chaos_rx = Arc::new(Mutex::new(chaos_rx));
-    let deleted = |i: usize| i % 20 == 0 && i >= SHARED;
+    let deleted = |i: usize| i.is_multiple_of(20) && i >= SHARED;
     let repushed = |i: usize| i % 20 == 1 && i >= SHARED;
 
     let mut tasks = Vec::new();

@@ -140,10 +140,10 @@ impl Catalog {
                 None => open_reader(&inner.path)?,
             };
             let result = f(&conn);
-            if let Ok(mut pool) = inner.readers.lock() {
-                if pool.len() < MAX_IDLE_READERS {
-                    pool.push(conn);
-                }
+            if let Ok(mut pool) = inner.readers.lock()
+                && pool.len() < MAX_IDLE_READERS
+            {
+                pool.push(conn);
             }
             result
         })

@@ -84,14 +84,14 @@ pub(super) fn publish_index(c: &Connection, repo_id: i64, generation: i64, diges
     )?;
     // The replaced index manifest is no longer reachable by anything but its digest; drop it
     // unless a client tag names it.
-    if updated > 0 {
-        if let Some(old) = previous.filter(|old| old != digest) {
-            c.execute(
-                "DELETE FROM manifests WHERE repo_id = ?1 AND digest = ?2
+    if updated > 0
+        && let Some(old) = previous.filter(|old| old != digest)
+    {
+        c.execute(
+            "DELETE FROM manifests WHERE repo_id = ?1 AND digest = ?2
                     AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = manifests.id)",
-                params![repo_id, old],
-            )?;
-        }
+            params![repo_id, old],
+        )?;
     }
     Ok(())
 }

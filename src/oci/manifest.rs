@@ -153,10 +153,10 @@ pub fn parse(body: &[u8], content_type: Option<&str>) -> Result<Manifest, Error>
             if shape_of(field).is_none() {
                 return Err(invalid(format!("unsupported manifest mediaType {field:?}")));
             }
-            if let Some(h) = header.filter(|h| shape_of(h).is_some()) {
-                if h != field {
-                    return Err(invalid("Content-Type does not match the manifest's mediaType"));
-                }
+            if let Some(h) = header.filter(|h| shape_of(h).is_some())
+                && h != field
+            {
+                return Err(invalid("Content-Type does not match the manifest's mediaType"));
             }
             field.to_owned()
         }

@@ -335,11 +335,11 @@ impl Registry {
             self.drop_session(id, state.writer.take()).await;
             return Err(e);
         }
-        if let Some(r) = chunk.range {
-            if Some(writer.len() - before) != r.byte_count() {
-                self.drop_session(id, state.writer.take()).await;
-                return Err(Error::SizeInvalid);
-            }
+        if let Some(r) = chunk.range
+            && Some(writer.len() - before) != r.byte_count()
+        {
+            self.drop_session(id, state.writer.take()).await;
+            return Err(Error::SizeInvalid);
         }
         let writer = state.writer.take().ok_or(Error::UploadUnknown)?;
         self.uploads.remove(id);

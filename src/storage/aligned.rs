@@ -90,7 +90,10 @@ impl Drop for PartBuf {
 
 /// Whether `data` may be written with direct I/O at `offset`.
 pub fn direct_io_aligned(data: &[u8], offset: u64) -> bool {
-    !data.is_empty() && (data.as_ptr() as usize) % ALIGN == 0 && data.len() % ALIGN == 0 && offset % ALIGN as u64 == 0
+    !data.is_empty()
+        && (data.as_ptr() as usize).is_multiple_of(ALIGN)
+        && data.len().is_multiple_of(ALIGN)
+        && offset.is_multiple_of(ALIGN as u64)
 }
 
 #[cfg(test)]

@@ -172,7 +172,7 @@ impl StagedWriter {
     /// Appends `data`; full parts are hashed and handed to the store.
     pub async fn write(&mut self, data: Bytes) -> Result<()> {
         self.len += data.len() as u64;
-        if self.buf.is_none() && data.len() >= self.part_size && data.len() % self.part_size == 0 {
+        if self.buf.is_none() && data.len() >= self.part_size && data.len().is_multiple_of(self.part_size) {
             // Whole parts arrived in one piece: no copy.
             let mut data = data;
             while !data.is_empty() {
@@ -190,10 +190,10 @@ impl StagedWriter {
             let take = rest.len().min(part_size - buf.len());
             buf.fill(&rest[..take]);
             rest = &rest[take..];
-            if buf.len() == part_size {
-                if let Some(full) = self.buf.take() {
-                    self.write_part(full.freeze()).await?;
-                }
+            if buf.len() == part_size
+                && let Some(full) = self.buf.take()
+            {
+                self.write_part(full.freeze()).await?;
             }
         }
         Ok(())

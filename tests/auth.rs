@@ -142,6 +142,18 @@ impl AuthServer {
         let keys = stowage::auth::KeySet::load(&stowage::auth::keys::key_dir(self.server.data_dir()), None, &[], 0)
             .expect("load the server's keys");
         let now = jsonwebtoken::get_current_timestamp() as i64;
+        // The user's credentials epoch, as the server would put it in a token signed in with
+        // the password.
+        let db = rusqlite::Connection::open_with_flags(
+            self.server.data_dir().join("catalog.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open the catalog");
+        let epoch: i64 = db
+            .query_row("SELECT credentials_epoch FROM users WHERE name = ?1", [sub], |r| {
+                r.get(0)
+            })
+            .unwrap_or(0);
         let claims = stowage::auth::Claims {
             iss: "stowage".into(),
             sub: sub.into(),
@@ -153,6 +165,7 @@ impl AuthServer {
             access,
             tid: None,
             token_use: stowage::auth::TokenUse::Access,
+            epoch,
         };
         stowage::auth::jwt::sign(&keys, &claims).expect("sign")
     }
@@ -642,6 +655,103 @@ async fn tokens_grant_only_what_the_identity_may_and_insufficient_scope_is_401()
         .await
         .expect("token");
     assert_eq!(resp.status(), 401);
+}
+
+/// Signs `user` in with `password` over the OAuth2 password grant, asking for a refresh token;
+/// returns (access token, refresh token).
+async fn password_grant(s: &AuthServer, user: &str, password: &str) -> (String, String) {
+    let resp = client()
+        .post(format!("{}/token", s.server.url))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(form(&[
+            ("grant_type", "password"),
+            ("username", user),
+            ("password", password),
+            ("service", "stowage"),
+            ("client_id", "test"),
+            ("access_type", "offline"),
+            ("scope", "repository:private/app:pull,push"),
+        ]))
+        .send()
+        .await
+        .expect("POST token");
+    assert_eq!(resp.status(), 200, "password grant for {user}");
+    let body: serde_json::Value = resp.json().await.expect("json");
+    let field = |k: &str| body[k].as_str().expect(k).to_owned();
+    (field("access_token"), field("refresh_token"))
+}
+
+/// Status of a refresh grant with `refresh`.
+async fn refresh_status(s: &AuthServer, refresh: &str) -> u16 {
+    client()
+        .post(format!("{}/token", s.server.url))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh),
+            ("service", "stowage"),
+            ("scope", "repository:private/app:pull"),
+        ]))
+        .send()
+        .await
+        .expect("POST refresh")
+        .status()
+        .as_u16()
+}
+
+/// Tokens signed in with a password (access and refresh) end when the password changes, and
+/// when the user is removed and re-created under the same name; API tokens live on.
+#[tokio::test]
+async fn password_change_ends_tokens_issued_on_the_old_password() {
+    let s = AuthServer::start().await;
+    let tags = s.server.v2("private/app/tags/list");
+    let status = |token: String| {
+        let tags = tags.clone();
+        async move {
+            client()
+                .get(tags)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("GET")
+                .status()
+                .as_u16()
+        }
+    };
+    let api_token = s.token_create("pusher", "ci", "private/**:pull", &[]);
+    let (access, refresh) = password_grant(&s, "pusher", "pusher-pw").await;
+    assert_eq!(status(access.clone()).await, 200);
+    assert_eq!(refresh_status(&s, &refresh).await, 200);
+
+    stowage(s.server.data_dir(), &["user", "passwd", "pusher"], "new-pw\n");
+    assert_eq!(status(access).await, 401, "access token from the old password");
+    assert_eq!(
+        refresh_status(&s, &refresh).await,
+        401,
+        "refresh token from the old password"
+    );
+    // The new password works, and its tokens do.
+    let (access, refresh) = password_grant(&s, "pusher", "new-pw").await;
+    assert_eq!(status(access.clone()).await, 200);
+    assert_eq!(refresh_status(&s, &refresh).await, 200);
+    // An API token is a credential of its own: a password change leaves it alone.
+    let via_api = client()
+        .get(&tags)
+        .basic_auth("pusher", Some(&api_token))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(via_api.status(), 200, "API token after the password change");
+
+    // Removed and re-created under the same name (same password even): a new user.
+    stowage(s.server.data_dir(), &["user", "remove", "pusher"], "");
+    stowage(s.server.data_dir(), &["user", "add", "pusher"], "new-pw\n");
+    assert_eq!(status(access).await, 401, "access token of the removed user");
+    assert_eq!(
+        refresh_status(&s, &refresh).await,
+        401,
+        "refresh token of the removed user"
+    );
 }
 
 #[tokio::test]

@@ -9,7 +9,8 @@
 //! ```
 //!
 //! `sub` is empty for anonymous tokens. `tid` names the API token a token was issued through,
-//! so that revoking it takes effect at once. `use` tells access tokens from the refresh tokens
+//! so that revoking it takes effect at once; `epoch`, on tokens issued on a password, is the
+//! user's credentials epoch, so that changing the password ends them. `use` tells access tokens from the refresh tokens
 //! handed to `docker login` (which carry no `access`); one is never accepted as the other.
 //! Verification accepts only `EdDSA` with a known `kid`, and checks the signature, issuer,
 //! audience (the service), `exp` and `nbf`.
@@ -73,6 +74,13 @@ pub struct Claims {
     pub tid: Option<i64>,
     #[serde(default, rename = "use")]
     pub token_use: TokenUse,
+    /// The user's credentials epoch when the token was issued on a password (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 impl Claims {
@@ -104,6 +112,8 @@ pub enum VerifyError {
     WrongAudience,
     #[error("wrong kind of token")]
     WrongUse,
+    #[error("token issued before the user's password changed")]
+    Superseded,
 }
 
 /// Signs `claims` with the current key.
@@ -182,6 +192,7 @@ mod tests {
             access: vec![AccessEntry::repository("a/b", &[Action::Pull])],
             tid: None,
             token_use: TokenUse::Access,
+            epoch: 0,
         }
     }
 
@@ -191,6 +202,17 @@ mod tests {
 
     fn check(keys: &KeySet, token: &str) -> Result<Claims, VerifyError> {
         verify(keys, token, "stowage", "svc", TokenUse::Access, None)
+    }
+
+    #[test]
+    fn epoch_is_omitted_when_zero_and_reads_as_zero_when_absent() {
+        let c = claims(1_000);
+        let json = serde_json::to_value(&c).unwrap();
+        assert!(json.get("epoch").is_none(), "{json}");
+        let back: Claims = serde_json::from_value(json).unwrap();
+        assert_eq!(back.epoch, 0);
+        let with = Claims { epoch: 42, ..c };
+        assert_eq!(serde_json::to_value(&with).unwrap()["epoch"], 42);
     }
 
     #[test]

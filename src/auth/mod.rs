@@ -75,6 +75,8 @@ pub enum Identity {
         admin: bool,
         /// The API token the user acts through, with its scopes.
         token: Option<(i64, Vec<Grant>)>,
+        /// The user's credentials epoch, when signed in with the password (0 through a token).
+        epoch: i64,
     },
 }
 
@@ -105,7 +107,7 @@ impl Principal {
         match &self.identity {
             Identity::Open => None,
             Identity::Anonymous => Some(Subject::Anonymous),
-            Identity::User { name, admin, token } => Some(Subject::User {
+            Identity::User { name, admin, token, .. } => Some(Subject::User {
                 name,
                 admin: *admin,
                 scopes: token.as_ref().map(|(_, s)| s.as_slice()),
@@ -331,10 +333,14 @@ impl Auth {
         }
         let user = self.inner.catalog.user(&claims.sub).await?;
         let user = user.ok_or(Refusal::BadCredentials)?;
+        if claims.epoch != user.credentials_epoch {
+            return Err(Refusal::InvalidToken(VerifyError::Superseded).into());
+        }
         Ok(Identity::User {
             name: user.name,
             admin: user.admin,
             token: None,
+            epoch: user.credentials_epoch,
         })
     }
 
@@ -350,6 +356,7 @@ impl Auth {
             name: rec.user,
             admin: rec.user_admin,
             token: Some((rec.id, scopes)),
+            epoch: 0,
         })
     }
 
@@ -425,6 +432,7 @@ impl Auth {
                     name: rec.name.clone(),
                     admin: rec.admin,
                     token: None,
+                    epoch: rec.credentials_epoch,
                 }));
             }
         }
@@ -444,6 +452,7 @@ impl Auth {
                     name: rec.name,
                     admin: rec.admin,
                     token: None,
+                    epoch: rec.credentials_epoch,
                 }))
             }
             _ => Ok(None),
@@ -507,9 +516,9 @@ impl Auth {
                 }
             }
         }
-        let (sub, tid) = match &who.identity {
-            Identity::User { name, token, .. } => (name.clone(), token.as_ref().map(|(id, _)| *id)),
-            _ => (String::new(), None),
+        let (sub, tid, epoch) = match &who.identity {
+            Identity::User { name, token, epoch, .. } => (name.clone(), token.as_ref().map(|(id, _)| *id), *epoch),
+            _ => (String::new(), None, 0),
         };
         let now = now_secs();
         let claims = Claims {
@@ -523,6 +532,7 @@ impl Auth {
             access,
             tid,
             token_use: TokenUse::Access,
+            epoch,
         };
         let sign = |c: &Claims| {
             jwt::sign(&self.inner.keys, c).map_err(|_| Error::from(Internal::Other("signing a token failed")))

@@ -15,6 +15,15 @@ pub struct UserRecord {
     pub name: String,
     pub password_hash: String,
     pub admin: bool,
+    /// Changes with every password change; tokens signed in with an older one are refused.
+    pub credentials_epoch: i64,
+}
+
+/// A new credentials epoch: random, positive and never 0 (the value of users and tokens from
+/// before epochs existed).
+fn new_epoch() -> i64 {
+    let bits = (uuid::Uuid::new_v4().as_u128() as u64) >> 1;
+    bits.max(1) as i64
 }
 
 /// A user as `stowage user list` shows it.
@@ -72,22 +81,24 @@ impl Catalog {
         self.write(move |c| {
             let t = now();
             let n = c.execute(
-                "INSERT INTO users (name, password_hash, admin, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)
+                "INSERT INTO users (name, password_hash, admin, created_at, updated_at, credentials_epoch)
+                 VALUES (?1, ?2, ?3, ?4, ?4, ?5)
                  ON CONFLICT (name) DO NOTHING",
-                params![name, password_hash, admin as i64, t],
+                params![name, password_hash, admin as i64, t, new_epoch()],
             )?;
             Ok(n == 1)
         })
         .await
     }
 
-    /// Replaces a user's password hash; `false` if there is no such user.
+    /// Replaces a user's password hash and credentials epoch (ending the tokens issued on the
+    /// old password); `false` if there is no such user.
     pub async fn set_password(&self, name: &str, password_hash: String) -> Result<bool> {
         let name = name.to_owned();
         self.write(move |c| {
             let n = c.execute(
-                "UPDATE users SET password_hash = ?2, updated_at = ?3 WHERE name = ?1",
-                params![name, password_hash, now()],
+                "UPDATE users SET password_hash = ?2, updated_at = ?3, credentials_epoch = ?4 WHERE name = ?1",
+                params![name, password_hash, now(), new_epoch()],
             )?;
             Ok(n == 1)
         })
@@ -106,7 +117,7 @@ impl Catalog {
         let name = name.to_owned();
         self.read(move |c| {
             Ok(c.query_row(
-                "SELECT id, name, password_hash, admin FROM users WHERE name = ?1",
+                "SELECT id, name, password_hash, admin, credentials_epoch FROM users WHERE name = ?1",
                 params![name],
                 |r| {
                     Ok(UserRecord {
@@ -114,6 +125,7 @@ impl Catalog {
                         name: r.get(1)?,
                         password_hash: r.get(2)?,
                         admin: r.get::<_, i64>(3)? != 0,
+                        credentials_epoch: r.get(4)?,
                     })
                 },
             )

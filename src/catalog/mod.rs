@@ -43,6 +43,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0002_spack.sql"),
     include_str!("../../migrations/0003_uploads.sql"),
     include_str!("../../migrations/0004_auth.sql"),
+    include_str!("../../migrations/0005_credentials_epoch.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

@@ -51,26 +51,29 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
 }
 
 /// The rustls server configuration for `[tls]`, or `None` for plain HTTP.
-fn tls_config(tls: &TlsConfig) -> Result<Option<rustls::ServerConfig>, Box<dyn std::error::Error>> {
+/// Reads the certificate and key (blocking file reads: run it off the executor).
+fn tls_config(tls: &TlsConfig) -> Result<Option<rustls::ServerConfig>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let (cert, key) = match (&tls.cert, &tls.key) {
         (None, None) => return Ok(None),
         (Some(c), Some(k)) => (c, k),
-        _ => return Err("tls.cert and tls.key must be set together".into()),
+        _ => return Err("tls.cert and tls.key must be set together".to_owned()),
     };
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("reading tls.cert {}: {e}", cert.display()))?;
     if chain.is_empty() {
-        return Err(format!("tls.cert {} holds no certificate", cert.display()).into());
+        return Err(format!("tls.cert {} holds no certificate", cert.display()));
     }
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("reading tls.key {}: {e}", key.display()))?;
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
         .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("tls.cert and tls.key: {e}"))?;
     Ok(Some(config))
 }
 
@@ -129,7 +132,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     })
     .shutdown_timeout(30)
     .h1_write_buffer_size(H1_WRITE_BUFFER);
-    let tls = tls_config(&config.tls)?;
+    let tls_settings = config.tls.clone();
+    let tls = tokio::task::spawn_blocking(move || tls_config(&tls_settings)).await??;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let server = match tls {
         Some(tls) => server.bind_rustls_0_23(config.listen, tls)?,

@@ -773,6 +773,33 @@ async fn oversized_chunked_manifest_is_413() {
     assert_healthy(&server).await;
 }
 
+/// A manifest body that breaks off mid-way (a malformed chunk) is a bad manifest, not a bad
+/// blob upload, and not a server error.
+#[tokio::test]
+async fn malformed_chunked_manifest_body_is_400_manifest_invalid() {
+    let server = TestServer::start();
+    let req = request(
+        "PUT",
+        "/v2/rob/cut/manifests/v1",
+        &format!("Content-Type: {OCI_MANIFEST}\r\nTransfer-Encoding: chunked\r\n"),
+        b"5\r\n{\"sch\r\nzz-not-a-chunk-size\r\n",
+    );
+    // The server may also just close a connection whose framing is broken.
+    if let Some(resp) = raw_exchange(&server, &req, true).await {
+        assert_eq!(resp.status, 400, "{}", String::from_utf8_lossy(&resp.body));
+        let body: serde_json::Value = serde_json::from_slice(&resp.body).expect("OCI error JSON");
+        assert_eq!(body["errors"][0]["code"], "MANIFEST_INVALID", "{body}");
+    }
+    let resp = client()
+        .get(server.v2("rob/cut/manifests/v1"))
+        .header("Accept", OCI_MANIFEST)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 404, "nothing was stored");
+    assert_healthy(&server).await;
+}
+
 #[tokio::test]
 async fn deeply_nested_json_manifest_is_400_manifest_invalid() {
     let server = TestServer::start();

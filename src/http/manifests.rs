@@ -52,7 +52,11 @@ pub async fn put(req: HttpRequest, reg: web::Data<Registry>, body: web::Payload)
     if extract::content_length(&req).is_some_and(|l| l > limit as u64) {
         return Err(Error::ManifestTooLarge { limit });
     }
-    let body = extract::read_limited(body, limit).await?;
+    let body = extract::read_limited(body, limit).await.map_err(|e| match e {
+        // The upload code would be wrong here: no blob upload is involved.
+        Error::BodyRead(why) => Error::ManifestInvalid(format!("manifest body could not be read: {why}").into()),
+        other => other,
+    })?;
     let out = reg
         .put_manifest(&repo, reference, extract::content_type(&req), body)
         .await?;

@@ -37,8 +37,11 @@ fn node(i: usize) -> serde_json::Value {
         deps.push(json!({"name": format!("pkg{}", i % SHARED), "hash": hash(i % SHARED),
                          "parameters": {"deptypes": ["build", "link"], "virtuals": []}}));
     }
+    // Real nodes carry variants and more; the padding also takes the index past the 1 MiB
+    // pieces the server streams it in.
     json!({"name": format!("pkg{i}"), "version": "1.0",
            "arch": {"platform": "linux", "platform_os": "debian12", "target": "x86_64"},
+           "parameters": {"build_system": "generic", "cflags": [], "note": format!("{i:0>1000}")},
            "namespace": "builtin", "dependencies": deps, "hash": hash(i)})
 }
 
@@ -158,7 +161,12 @@ async fn concurrent_pushes_deletes_and_repushes_keep_the_index_exact() {
     }
 
     let expected: BTreeSet<String> = (0..SPECS).filter(|&i| !deleted(i)).map(hash).collect();
-    let (_, index) = served_index(&server, "spack/race").await;
+    let (manifest, index) = served_index(&server, "spack/race").await;
+    let index_size = manifest["layers"][0]["size"].as_u64().expect("index size");
+    assert!(
+        index_size > 1024 * 1024,
+        "the index spans several streamed pieces: {index_size} bytes"
+    );
     let listed: BTreeSet<String> = in_buildcache(&index).into_iter().collect();
     assert_eq!(listed.len(), expected.len(), "no spec missing or extra");
     assert_eq!(listed, expected);

@@ -10,7 +10,10 @@ use bytes::Bytes;
 use super::Registry;
 use crate::catalog::{ManifestRecord, NewManifest};
 use crate::error::{Error, Result};
-use crate::oci::{Digest, Reference, RepoName, manifest};
+use crate::oci::{Algorithm, Digest, Reference, RepoName, manifest};
+
+/// Index pieces (1 MiB each) serialised ahead of the upload they are written to.
+const INDEX_PIECES_AHEAD: usize = 2;
 
 /// The 2-byte `{}` config of an index manifest, as Spack writes it.
 const EMPTY_CONFIG: &[u8] = b"{}";
@@ -24,16 +27,27 @@ impl Registry {
             Current::Fresh(m) => return Ok(Some(m)),
             Current::Stale => {}
         }
+        // The build runs as a task of its own, so that a reader that goes away does not abandon
+        // (and leave half-staged) a build that other readers are waiting for.
+        let (this, owned) = (self.clone(), repo.clone());
+        let built = tokio::spawn(async move { this.build_spack_index_once(&owned).await }).await??;
+        match built {
+            None => Ok(None),
+            Some(digest) => self.index_manifest(repo, &digest, with_content).await,
+        }
+    }
+
+    /// Builds the index unless another build made it current meanwhile; returns the current
+    /// manifest's digest (`None`: the repository holds no Spack specs).
+    async fn build_spack_index_once(&self, repo: &RepoName) -> Result<Option<String>> {
         let lock = self.spack_builds.lock_for(repo.as_str());
         let _guard = lock.lock().await;
         // Another reader may have built it while this one waited.
-        match self.current_spack_index(repo, with_content).await? {
-            Current::NotSpack => return Ok(None),
-            Current::Fresh(m) => return Ok(Some(m)),
-            Current::Stale => {}
+        match self.current_spack_index(repo, false).await? {
+            Current::NotSpack => Ok(None),
+            Current::Fresh(m) => Ok(Some(m.digest)),
+            Current::Stale => self.build_spack_index(repo).await.map(Some),
         }
-        let digest = self.build_spack_index(repo).await?;
-        self.index_manifest(repo, &digest, with_content).await
     }
 
     async fn current_spack_index(&self, repo: &RepoName, with_content: bool) -> Result<Current> {
@@ -65,16 +79,36 @@ impl Registry {
     }
 
     /// Builds the index blob and its manifest from one snapshot and records them as current.
+    /// The index is streamed from the catalog into a staged upload and published under the
+    /// digest it turns out to have, so it is never held whole in memory.
     async fn build_spack_index(&self, repo: &RepoName) -> Result<String> {
         let started = std::time::Instant::now();
-        let snapshot = self
-            .catalog
-            .spack_index_snapshot(repo)
-            .await?
-            .ok_or(Error::ManifestUnknown)?;
-        let json = Bytes::from(snapshot.json);
-        let index_digest = Digest::sha256_of_blocking(json.clone()).await?;
-        self.ensure_blob(repo, &index_digest, json.clone()).await?;
+        let id = uuid::Uuid::new_v4();
+        let mut writer = self.store.start_upload(id, Algorithm::Sha256).await?;
+        let (to, from) = tokio::sync::mpsc::channel::<Bytes>(INDEX_PIECES_AHEAD);
+        let serialise = self.catalog.spack_index_stream(repo, to);
+        let store = async {
+            // Owned here, so that a failed write closes the channel and stops the serialiser.
+            let mut from = from;
+            while let Some(piece) = from.recv().await {
+                writer.write(piece).await?;
+            }
+            Ok::<_, Error>(())
+        };
+        let (snapshot, stored) = tokio::join!(serialise, store);
+        let snapshot = match (snapshot, stored) {
+            (Ok(Some(snapshot)), Ok(())) => snapshot,
+            // A write failure closes the channel, which fails the serialiser: report the cause.
+            (_, Err(e)) | (Err(e), Ok(())) => {
+                writer.abort().await;
+                return Err(e);
+            }
+            (Ok(None), Ok(())) => {
+                writer.abort().await;
+                return Err(Error::ManifestUnknown);
+            }
+        };
+        let (index_digest, index_size) = self.commit_as(repo, id, writer, None).await?;
         let config_digest = Digest::sha256_of(EMPTY_CONFIG);
         self.ensure_blob(repo, &config_digest, Bytes::from_static(EMPTY_CONFIG))
             .await?;
@@ -88,7 +122,7 @@ impl Registry {
             config_digest,
             EMPTY_CONFIG.len(),
             index_digest,
-            json.len()
+            index_size
         )
         .into_bytes();
         let digest = Digest::sha256_of(&body);
@@ -108,7 +142,7 @@ impl Registry {
             .await?;
         tracing::info!(
             repo = %repo, digest = %digest, generation = snapshot.generation, specs = snapshot.specs,
-            nodes = snapshot.nodes, bytes = json.len(), duration_ms = started.elapsed().as_millis() as u64,
+            nodes = snapshot.nodes, bytes = snapshot.bytes, duration_ms = started.elapsed().as_millis() as u64,
             "spack index built"
         );
         Ok(digest.to_string())

@@ -378,32 +378,47 @@ impl Registry {
     /// Completes staging, verifies the digest, publishes and links the blob; on any failure the
     /// staged data is removed.
     async fn commit(&self, repo: &RepoName, id: Uuid, writer: StagedWriter, expected: &Digest) -> Result<()> {
+        self.commit_as(repo, id, writer, Some(expected)).await.map(|_| ())
+    }
+
+    /// Completes a staged upload and publishes it as a blob of `repo`: under `expected`, which
+    /// the data must match, or (`None`) under whatever SHA-256 digest the data has. Returns
+    /// the digest and size.
+    pub(super) async fn commit_as(
+        &self,
+        repo: &RepoName,
+        id: Uuid,
+        writer: StagedWriter,
+        expected: Option<&Digest>,
+    ) -> Result<(Digest, u64)> {
         let started = Instant::now();
         // `finish` aborts (removes the staged data) itself when it fails.
         let (mut actual, size) = writer.finish().await?;
         let result = async {
-            if actual.algorithm() != expected.algorithm() {
-                actual = self.store.rehash_upload(id, expected.algorithm()).await?;
+            if let Some(expected) = expected {
+                if actual.algorithm() != expected.algorithm() {
+                    actual = self.store.rehash_upload(id, expected.algorithm()).await?;
+                }
+                if &actual != expected {
+                    return Err(Error::DigestMismatch {
+                        expected: expected.clone(),
+                        actual: actual.clone(),
+                    });
+                }
             }
-            if &actual != expected {
-                return Err(Error::DigestMismatch {
-                    expected: expected.clone(),
-                    actual: actual.clone(),
-                });
-            }
-            self.store.publish(id, expected).await?;
-            self.catalog.link_uploaded_blob(repo, expected, size, id).await
+            self.store.publish(id, &actual).await?;
+            self.catalog.link_uploaded_blob(repo, &actual, size, id).await
         }
         .await;
         if result.is_err() {
             self.forget_session(id, None).await;
         } else {
             tracing::info!(
-                repo = %repo, digest = %expected, bytes = size,
+                repo = %repo, digest = %actual, bytes = size,
                 duration_ms = started.elapsed().as_millis() as u64, "blob stored"
             );
         }
-        result
+        result.map(|()| (actual, size))
     }
 }
 

@@ -258,8 +258,10 @@ async fn main() {
     println!("filled {total} specs in {:.1} s", t.elapsed().as_secs_f64());
     let large = sample_puts(&http, &base, total, samples).await;
 
+    let hwm_before = vm_hwm_mib(server.child.id());
     let (fresh_manifest, fresh_total, bytes) = serve_index(&http, &base).await;
     let (warm_manifest, warm_total, _) = serve_index(&http, &base).await;
+    let hwm_after = vm_hwm_mib(server.child.id());
 
     let (s_mean, s_p50, s_p95) = summary(&small);
     let (l_mean, l_p50, l_p95) = summary(&large);
@@ -289,4 +291,20 @@ async fn main() {
         ms(warm_manifest),
         ms(warm_total)
     );
+    println!(
+        "| server peak RSS (VmHWM) before / after building and serving the index | {:.1} / {:.1} MiB | |",
+        hwm_before, hwm_after
+    );
+}
+
+/// Peak resident memory of process `pid` so far, in MiB (`NaN` if unreadable).
+fn vm_hwm_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }

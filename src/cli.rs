@@ -21,7 +21,7 @@ pub enum Command {
     /// them (nested keys joined by "__", e.g. STOWAGE_REGISTRY__DELETE_ENABLED=false), and the
     /// flags below override both. Settings: listen, data_dir, storage.{backend,path,part_size},
     /// storage.s3.{bucket,prefix,region,endpoint,path_style,credentials_file,profile,redirect,
-    /// redirect_expiry_secs,public_endpoint},
+    /// redirect_expiry_secs,public_endpoint,max_copy_size},
     /// registry.{delete_enabled,max_manifest_size,upload_timeout_secs,catalog_page_size},
     /// auth.{enabled,anonymous_pull,rules,…}, log.format. See stowage.example.toml for every
     /// setting with its default.

@@ -96,6 +96,9 @@ pub struct S3Config {
     /// store is `http://minio:9000` inside a compose network but `http://localhost:9000` to
     /// clients). Presigned URLs are signed for this host.
     pub public_endpoint: Option<String>,
+    /// Largest blob published with a server-side copy (S3's CopyObject limit is 5 GiB). A
+    /// larger one is streamed through the registry into a multipart upload instead.
+    pub max_copy_size: u64,
 }
 
 impl Default for S3Config {
@@ -111,6 +114,7 @@ impl Default for S3Config {
             redirect: false,
             redirect_expiry_secs: 300,
             public_endpoint: None,
+            max_copy_size: 5 * 1024 * 1024 * 1024,
         }
     }
 }

@@ -88,3 +88,36 @@ async fn a_bucket_that_is_missing_stops_start_up_loudly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("storage.s3.bucket"));
 }
+
+/// Blobs larger than `storage.s3.max_copy_size` (S3's CopyObject stops at 5 GiB) are published
+/// by streaming the staged upload into a multipart upload; smaller ones by a server-side copy.
+/// Both read back byte-exact, and nothing staged is left behind.
+#[tokio::test]
+async fn blobs_beyond_the_copy_limit_are_published_by_a_streamed_copy() {
+    let server = TestServer::start_on(Backend::S3, &[("STOWAGE_STORAGE__S3__MAX_COPY_SIZE", "6291456")]);
+    let big: Vec<u8> = (0..(12 * 1024 * 1024 + 7u32))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let small: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
+    for (what, blob) in [("streamed", &big), ("copied", &small)] {
+        let digest = push_blob(&server, "copy/limit", blob).await;
+        let resp = client()
+            .get(server.v2(&format!("copy/limit/blobs/{digest}")))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(resp.status(), 200, "{what}");
+        let body = resp.bytes().await.expect("body");
+        assert_eq!(body.len(), blob.len(), "{what}");
+        assert!(body.as_ref() == blob.as_slice(), "{what}: bytes differ");
+    }
+    // Pushing the big blob again (another repository) finds it stored and copies nothing.
+    let digest = push_blob(&server, "copy/again", &big).await;
+    let resp = client()
+        .head(server.v2(&format!("copy/again/blobs/{digest}")))
+        .send()
+        .await
+        .expect("HEAD");
+    assert_eq!(resp.status(), 200);
+    assert!(!server.has_staged_uploads(), "staged uploads left behind");
+}

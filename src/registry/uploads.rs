@@ -406,7 +406,7 @@ impl Registry {
                     });
                 }
             }
-            self.store.publish(id, &actual).await?;
+            self.store.publish(id, &actual, size).await?;
             self.catalog.link_uploaded_blob(repo, &actual, size, id).await
         }
         .await;

@@ -90,6 +90,10 @@ pub struct BlobStore {
     signer: Option<(Arc<dyn Signer>, std::time::Duration)>,
     /// Prefix of every key (`storage.s3.prefix`).
     prefix: Option<Path>,
+    /// Largest object the store copies server-side (`storage.s3.max_copy_size`); larger staged
+    /// uploads are published by streaming them into a new multipart upload. `None`: no limit
+    /// (local disk links the file).
+    max_copy: Option<u64>,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -100,6 +104,7 @@ impl std::fmt::Debug for BlobStore {
             .field("local_root", &self.local_root)
             .field("prefix", &self.prefix)
             .field("redirect", &self.signer.is_some())
+            .field("max_copy", &self.max_copy)
             .finish()
     }
 }
@@ -118,6 +123,7 @@ impl BlobStore {
             multipart: None,
             signer: None,
             prefix: None,
+            max_copy: None,
         })
     }
 
@@ -131,7 +137,14 @@ impl BlobStore {
             multipart: Some(multipart),
             signer: None,
             prefix: None,
+            max_copy: None,
         }
+    }
+
+    /// Publishes objects larger than `bytes` by streaming them instead of a server-side copy.
+    pub fn with_max_copy(mut self, bytes: u64) -> Self {
+        self.max_copy = Some(bytes);
+        self
     }
 
     /// Puts every key under `prefix` (ignored when empty).
@@ -293,12 +306,45 @@ impl BlobStore {
     }
 
     /// Makes a completed, verified staged upload the blob `digest`, then removes the staging copy.
-    pub async fn publish(&self, id: Uuid, digest: &Digest) -> Result<()> {
+    pub async fn publish(&self, id: Uuid, digest: &Digest, size: u64) -> Result<()> {
         let staged = self.path(Key::Upload(id));
         if self.size(digest).await?.is_none() {
-            self.store.copy(&staged, &self.path(Key::Blob(digest))).await?;
+            let blob = self.path(Key::Blob(digest));
+            match self.max_copy {
+                Some(max) if size > max => self.copy_streamed(&staged, &blob).await?,
+                _ => self.store.copy(&staged, &blob).await?,
+            }
         }
         self.discard(id, None).await
+    }
+
+    /// Copies `from` to `to` through the registry, as a multipart upload in `part_size` parts
+    /// (at most two in flight): for objects beyond what the store copies server-side (S3's
+    /// CopyObject stops at 5 GiB). The object appears only once the upload completes.
+    async fn copy_streamed(&self, from: &Path, to: &Path) -> Result<()> {
+        let mut source = self.store.get(from).await?.into_stream();
+        let upload = self.store.put_multipart(to).await?;
+        let mut out = object_store::WriteMultipart::new_with_chunk_size(upload, self.part_size);
+        let copied = async {
+            while let Some(piece) = source.next().await {
+                out.wait_for_capacity(2).await?;
+                out.put(piece?);
+            }
+            Ok::<_, object_store::Error>(())
+        }
+        .await;
+        match copied {
+            Ok(()) => {
+                out.finish().await?;
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(abort) = out.abort().await {
+                    tracing::warn!(error = %abort, "aborting a streamed copy failed");
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Removes whatever an upload staged (idempotent). `staging` is the session's recorded

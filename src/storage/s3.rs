@@ -117,7 +117,9 @@ fn read_credentials(file: &Path, profile: &str) -> Result<FileCredentials, S3Set
 /// The blob store for `storage.s3`, uploading in parts of `part_size` bytes.
 pub fn open(cfg: &S3Config, part_size: usize) -> Result<BlobStore, S3SetupError> {
     let s3: Arc<AmazonS3> = Arc::new(builder(cfg, cfg.endpoint.as_deref())?.build()?);
-    let mut store = BlobStore::new(s3.clone(), s3.clone(), part_size).with_prefix(&cfg.prefix);
+    let mut store = BlobStore::new(s3.clone(), s3.clone(), part_size)
+        .with_prefix(&cfg.prefix)
+        .with_max_copy(cfg.max_copy_size);
     if cfg.redirect {
         let signer: Arc<AmazonS3> = match &cfg.public_endpoint {
             Some(public) => Arc::new(builder(cfg, Some(public))?.build()?),

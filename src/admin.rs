@@ -131,6 +131,19 @@ pub async fn user(cmd: UserCommand, config: impl Fn(&crate::cli::ServeArgs) -> C
             }
             eprintln!("changed the password of {name}");
         }
+        UserCommand::Admin { at, name, revoke } => {
+            let catalog = open_catalog(&config(&at)).await?;
+            let changed = catalog.set_admin(&name, !revoke).await?;
+            catalog.close();
+            if !changed {
+                return Err(format!("no user {name}").into());
+            }
+            if revoke {
+                eprintln!("{name} is no longer an admin");
+            } else {
+                eprintln!("{name} is an admin");
+            }
+        }
         UserCommand::Remove { at, name } => {
             let catalog = open_catalog(&config(&at)).await?;
             let removed = catalog.remove_user(&name).await?;

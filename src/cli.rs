@@ -56,6 +56,16 @@ pub enum UserCommand {
         at: ServeArgs,
         name: String,
     },
+    /// Make a user an admin, or (with --revoke) an ordinary user again. Takes effect at once,
+    /// for the user's API tokens and registry tokens too.
+    Admin {
+        #[command(flatten)]
+        at: ServeArgs,
+        name: String,
+        /// Take the admin role away instead.
+        #[arg(long)]
+        revoke: bool,
+    },
     /// Remove a user and their API tokens.
     Remove {
         #[command(flatten)]

@@ -1269,3 +1269,35 @@ async fn oci_client_crate_pushes_and_pulls_with_basic_credentials() {
         "anonymous may not pull a private image"
     );
 }
+
+/// `stowage user admin` gives and takes the admin role, with effect on the next request.
+#[tokio::test]
+async fn admin_role_is_granted_and_revoked_from_the_cli() {
+    let s = AuthServer::start().await;
+    s.push_image("private/app", "v2").await;
+    let reader = Creds::basic("reader", "reader-pw");
+    let delete = |tag: &str| {
+        reader
+            .apply(client().delete(s.server.v2(&format!("private/app/manifests/{tag}"))))
+            .send()
+    };
+    assert_eq!(
+        delete("v1").await.expect("DELETE").status(),
+        403,
+        "a reader may not delete"
+    );
+
+    stowage(s.server.data_dir(), &["user", "admin", "reader"], "");
+    assert_eq!(delete("v1").await.expect("DELETE").status(), 202, "an admin may");
+
+    stowage(s.server.data_dir(), &["user", "admin", "reader", "--revoke"], "");
+    assert_eq!(delete("v2").await.expect("DELETE").status(), 403, "no longer an admin");
+
+    let unknown = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(["user", "admin", "nobody"])
+        .env("STOWAGE_DATA_DIR", s.server.data_dir())
+        .output()
+        .expect("run stowage");
+    assert!(!unknown.status.success(), "an unknown user is an error");
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no user nobody"));
+}

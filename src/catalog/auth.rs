@@ -105,6 +105,19 @@ impl Catalog {
         .await
     }
 
+    /// Gives or takes the admin role; `false` if there is no such user.
+    pub async fn set_admin(&self, name: &str, admin: bool) -> Result<bool> {
+        let name = name.to_owned();
+        self.write(move |c| {
+            let n = c.execute(
+                "UPDATE users SET admin = ?2, updated_at = ?3 WHERE name = ?1",
+                params![name, admin as i64, now()],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
     /// Removes a user and their API tokens; `false` if there is no such user.
     pub async fn remove_user(&self, name: &str) -> Result<bool> {
         let name = name.to_owned();

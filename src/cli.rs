@@ -23,8 +23,8 @@ pub enum Command {
     /// storage.s3.{bucket,prefix,region,endpoint,path_style,credentials_file,profile,redirect,
     /// redirect_expiry_secs,public_endpoint,max_copy_size},
     /// registry.{delete_enabled,max_manifest_size,upload_timeout_secs,catalog_page_size},
-    /// auth.{enabled,anonymous_pull,rules,…}, log.format. See stowage.example.toml for every
-    /// setting with its default.
+    /// auth.{enabled,anonymous_pull,rules,…}, gc.{enabled,interval_secs,grace_secs},
+    /// log.format. See stowage.example.toml for every setting with its default.
     Serve(ServeArgs),
     /// Print the configuration that `serve` would use, then exit.
     CheckConfig(ServeArgs),

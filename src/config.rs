@@ -24,7 +24,36 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
+    pub gc: GcConfig,
     pub log: LogConfig,
+}
+
+/// Garbage collection, run by the server in the background.
+///
+/// A blob stays linked to a repository while a manifest of that repository references it; an
+/// unreferenced link older than `grace_secs` (counted from the upload, the mount, or the
+/// deletion of the last manifest referencing it) is removed, and a blob no repository links
+/// any more is deleted from storage. The grace period covers pushes in progress (blobs are
+/// uploaded before the manifest that references them) and pulls of a just-deleted manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Run garbage collection.
+    pub enabled: bool,
+    /// Seconds between two runs (the first runs this long after start-up).
+    pub interval_secs: u64,
+    /// Seconds an unreferenced blob link is kept.
+    pub grace_secs: u64,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            enabled: true,
+            interval_secs: 3600,
+            grace_secs: 24 * 3600,
+        }
+    }
 }
 
 /// HTTPS. With both `cert` and `key` set, `listen` serves HTTPS only (Spack sends credentials
@@ -219,6 +248,7 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
+            gc: GcConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -306,6 +336,9 @@ impl Config {
 
     /// Checks the settings a type cannot express.
     fn validate(&self) -> Result<(), String> {
+        if self.gc.interval_secs == 0 {
+            return Err("gc.interval_secs must be at least 1".to_owned());
+        }
         let part = self.storage.part_size;
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part) {
             return Err(format!(

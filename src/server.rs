@@ -101,6 +101,37 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         })
     };
 
+    let collector = config.gc.enabled.then(|| {
+        let registry = registry.clone();
+        let every = Duration::from_secs(config.gc.interval_secs.max(1));
+        let grace = Duration::from_secs(config.gc.grace_secs);
+        tracing::info!(
+            interval_secs = every.as_secs(),
+            grace_secs = grace.as_secs(),
+            "garbage collection on"
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let started = std::time::Instant::now();
+                match registry.collect_garbage(grace).await {
+                    Ok(r) if r.is_empty() => tracing::debug!("garbage collection: nothing to remove"),
+                    Ok(r) => tracing::info!(
+                        links = r.links,
+                        blobs = r.blobs,
+                        bytes = r.bytes,
+                        orphans = r.orphans,
+                        duration_ms = started.elapsed().as_millis() as u64,
+                        "garbage collected"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "garbage collection failed; retrying next time"),
+                }
+            }
+        })
+    });
+
     let auth = crate::auth::Auth::open(
         &config.auth,
         &config.data_dir,
@@ -146,6 +177,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     server.run().await?;
 
     sweeper.abort();
+    if let Some(collector) = collector {
+        collector.abort();
+    }
     let catalog = registry.catalog().clone();
     tokio::task::spawn_blocking(move || catalog.close()).await?;
     tracing::info!("stopped");

@@ -15,6 +15,7 @@
 //! at start-up; the applied version is SQLite's `user_version`.
 
 pub mod auth;
+mod gc;
 mod queries;
 mod spack;
 mod uploads;
@@ -44,6 +45,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0003_uploads.sql"),
     include_str!("../../migrations/0004_auth.sql"),
     include_str!("../../migrations/0005_credentials_epoch.sql"),
+    include_str!("../../migrations/0006_gc.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

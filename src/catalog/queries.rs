@@ -62,7 +62,9 @@ pub(super) fn link(conn: &Connection, repo_id: i64, digest: &str, size: u64) -> 
         params![digest, size as i64, now()],
     )?;
     conn.execute(
-        "INSERT INTO repo_blobs (repo_id, digest, linked_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        // Linking again (a re-upload, a mount) restarts the garbage collector's grace period.
+        "INSERT INTO repo_blobs (repo_id, digest, linked_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT DO UPDATE SET linked_at = excluded.linked_at",
         params![repo_id, digest, now()],
     )?;
     Ok(())

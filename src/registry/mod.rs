@@ -5,6 +5,8 @@
 //! `Stream<Item = io::Result<Bytes>>`, responses leave as plain values.
 
 pub mod blobs;
+mod gc;
+mod locks;
 mod manifests;
 mod spack;
 mod uploads;
@@ -12,6 +14,7 @@ mod uploads;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use gc::GcReport;
 pub use manifests::PutOutcome;
 pub use uploads::{Chunk, ChunkRange, Uploads};
 
@@ -34,7 +37,11 @@ pub struct Registry {
     pub(crate) store: BlobStore,
     pub(crate) uploads: Arc<Uploads>,
     pub(crate) settings: Arc<Settings>,
-    pub(crate) spack_builds: Arc<spack::BuildLocks>,
+    /// One index build at a time per repository.
+    pub(crate) spack_builds: Arc<locks::KeyedLocks>,
+    /// Held (per digest) while a blob is published and linked, and while garbage collection
+    /// deletes it, so that neither sees the other half done.
+    pub(crate) blob_locks: Arc<locks::KeyedLocks>,
 }
 
 impl Registry {
@@ -44,7 +51,8 @@ impl Registry {
             store,
             uploads: Arc::new(Uploads::default()),
             settings: Arc::new(settings),
-            spack_builds: Arc::new(spack::BuildLocks::default()),
+            spack_builds: Arc::new(locks::KeyedLocks::default()),
+            blob_locks: Arc::new(locks::KeyedLocks::default()),
         }
     }
 

@@ -40,8 +40,7 @@ impl Registry {
     /// Builds the index unless another build made it current meanwhile; returns the current
     /// manifest's digest (`None`: the repository holds no Spack specs).
     async fn build_spack_index_once(&self, repo: &RepoName) -> Result<Option<String>> {
-        let lock = self.spack_builds.lock_for(repo.as_str());
-        let _guard = lock.lock().await;
+        let _guard = self.spack_builds.lock(repo.as_str()).await;
         // Another reader may have built it while this one waited.
         match self.current_spack_index(repo, false).await? {
             Current::NotSpack => Ok(None),
@@ -166,50 +165,4 @@ enum Current {
     Fresh(ManifestRecord),
     /// Never built, out of date, or its manifest was deleted: build it.
     Stale,
-}
-
-/// One lock per repository, created on first use.
-#[derive(Default)]
-pub struct BuildLocks {
-    locks: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
-}
-
-impl BuildLocks {
-    /// The lock of `repo`'s index builds. Entries nobody holds are dropped on the way, so the
-    /// map stays as small as the number of builds in progress rather than growing with every
-    /// repository ever indexed.
-    fn lock_for(&self, repo: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.retain(|name, lock| name == repo || std::sync::Arc::strong_count(lock) > 1);
-        locks.entry(repo.to_owned()).or_default().clone()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn build_locks_are_shared_while_held_and_dropped_once_free() {
-        let locks = BuildLocks::default();
-        let a = locks.lock_for("a");
-        assert!(
-            std::sync::Arc::ptr_eq(&a, &locks.lock_for("a")),
-            "one lock per repository"
-        );
-        drop(locks.lock_for("b"));
-        let _c = locks.lock_for("c");
-        let names: std::collections::BTreeSet<String> = locks
-            .locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        assert_eq!(names, ["a", "c"].map(String::from).into(), "b is held by nobody");
-        assert!(
-            std::sync::Arc::ptr_eq(&a, &locks.lock_for("a")),
-            "a held lock survives pruning"
-        );
-    }
 }

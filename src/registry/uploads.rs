@@ -406,6 +406,9 @@ impl Registry {
                     });
                 }
             }
+            // Garbage collection must not delete the object between the publish finding it
+            // already stored and the link that makes it reachable again.
+            let _publishing = self.blob_locks.lock(&actual.to_string()).await;
             self.store.publish(id, &actual, size).await?;
             self.catalog.link_uploaded_blob(repo, &actual, size, id).await
         }

@@ -198,6 +198,49 @@ impl BlobStore {
         }
     }
 
+    /// Deletes a published blob's object; a missing one is not an error. Only garbage
+    /// collection calls this, once the catalog no longer records the blob.
+    pub async fn delete_blob(&self, digest: &Digest) -> Result<()> {
+        match self.store.delete(&self.path(Key::Blob(digest))).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every published blob object, with its last-modified time (unix seconds). Objects whose
+    /// key is not a blob key are skipped.
+    pub fn blob_objects(&self) -> impl Stream<Item = Result<(Digest, i64)>> + Send + '_ {
+        let prefix = self.path_of("blobs");
+        let skip = prefix.parts().count();
+        self.store.list(Some(&prefix)).filter_map(move |meta| async move {
+            match meta {
+                Err(e) => Some(Err(e.into())),
+                Ok(meta) => {
+                    let parts: Vec<String> = meta
+                        .location
+                        .parts()
+                        .skip(skip)
+                        .map(|p| p.as_ref().to_owned())
+                        .collect();
+                    let [algorithm, _, hex] = parts.as_slice() else {
+                        return None;
+                    };
+                    let digest: Digest = format!("{algorithm}:{hex}").parse().ok()?;
+                    (self.path(Key::Blob(&digest)) == meta.location)
+                        .then_some(Ok((digest, meta.last_modified.timestamp())))
+                }
+            }
+        })
+    }
+
+    /// The object path of the folder `name` (under the key prefix).
+    fn path_of(&self, name: &str) -> Path {
+        match &self.prefix {
+            None => Path::from(name),
+            Some(p) => Path::from(format!("{p}/{name}")),
+        }
+    }
+
     /// Streams a blob, or the byte `range` of it.
     pub async fn get(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<ByteStream> {
         let options = GetOptions {

@@ -71,6 +71,38 @@ impl TestServer {
         }
     }
 
+    /// Whether the store holds an object for blob `digest` (`sha256:<hex>`).
+    pub fn blob_object_exists(&self, digest: &str) -> bool {
+        match &self.bucket {
+            None => self.data_dir.join("storage").join(blob_key(digest)).exists(),
+            // Listed rather than fetched: moto refuses unsigned GETs of existing objects.
+            Some(bucket) => {
+                let key = blob_key(digest);
+                let (status, body) = backend::s3_request("GET", &format!("/{bucket}?list-type=2&prefix={key}"));
+                assert_eq!(status, 200, "list {key}: {body}");
+                body.contains(&format!("<Key>{key}</Key>"))
+            }
+        }
+    }
+
+    /// Puts an object at blob `digest`'s key behind the server's back (as a crash between
+    /// publishing and linking would leave one); on local disk dated `age` in the past.
+    pub fn plant_blob_object(&self, digest: &str, age: Duration) {
+        match &self.bucket {
+            None => {
+                let path = self.data_dir.join("storage").join(blob_key(digest));
+                std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+                let file = std::fs::File::create(&path).expect("create object");
+                file.set_modified(std::time::SystemTime::now() - age)
+                    .expect("set mtime");
+            }
+            Some(bucket) => {
+                let (status, body) = backend::s3_request("PUT", &format!("/{bucket}/{}", blob_key(digest)));
+                assert_eq!(status, 200, "plant {digest}: {body}");
+            }
+        }
+    }
+
     /// Whether any upload is staged right now: a staging file on local disk, or an object or
     /// multipart upload under `uploads/` in the bucket.
     pub fn has_staged_uploads(&self) -> bool {
@@ -186,6 +218,12 @@ fn spawn(data_dir: &Path, envs: &[(String, String)]) -> (Child, String) {
 pub fn sha256(data: &[u8]) -> String {
     use sha2::Digest as _;
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+/// The object key of blob `digest`: `blobs/<algorithm>/<first two hex digits>/<hex>`.
+fn blob_key(digest: &str) -> String {
+    let (algorithm, hex) = digest.split_once(':').expect("algorithm:hex");
+    format!("blobs/{algorithm}/{}/{hex}", &hex[..2])
 }
 
 /// An HTTP client that never follows redirects (tests assert on `Location` themselves).

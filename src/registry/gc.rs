@@ -1,0 +1,107 @@
+//! Garbage collection: removes blob links no manifest needs and deletes the blobs no repository
+//! links. Runs inside the server (see `server.rs`), because deleting a blob object must not
+//! interleave with an upload publishing the same digest: both hold the digest's lock in
+//! [`Registry::blob_locks`].
+//!
+//! One pass, in order:
+//! 1. **Links.** A link (repository, blob) that no manifest of that repository references as
+//!    config or layer, and that is older than the grace period (`repo_blobs.linked_at`, reset
+//!    by a re-upload or mount, and by the deletion of a manifest that referenced it), is
+//!    removed. The grace period covers pushes in progress, whose blobs arrive before their
+//!    manifest, and pulls that read a manifest just before it was deleted.
+//! 2. **Blobs.** A blob no repository links is forgotten by the catalog, then its object is
+//!    deleted: under the digest's lock, so an upload of the same digest either finished
+//!    linking it first (the blob stays) or publishes it afresh afterwards.
+//! 3. **Orphans.** An object under `blobs/` that the catalog does not record (left by a crash
+//!    between publishing and linking, or between steps 2's two halves), older than the grace
+//!    period, is deleted, again under the digest's lock.
+//!
+//! A pass cut short (a stop, an error) leaves nothing inconsistent: every step is safe to
+//! repeat, and orphans are picked up by the next pass.
+
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+
+use super::Registry;
+use crate::error::Result;
+use crate::oci::Digest;
+
+/// Unlinked blobs handled per catalog query.
+const BATCH: usize = 500;
+
+/// What one pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Blob links removed.
+    pub links: u64,
+    /// Blobs deleted (catalog row and object).
+    pub blobs: u64,
+    /// Bytes those blobs held.
+    pub bytes: u64,
+    /// Objects deleted that the catalog did not record.
+    pub orphans: u64,
+}
+
+impl GcReport {
+    pub fn is_empty(&self) -> bool {
+        *self == GcReport::default()
+    }
+}
+
+impl Registry {
+    /// Runs one garbage collection pass with the given grace period.
+    pub async fn collect_garbage(&self, grace: Duration) -> Result<GcReport> {
+        let cutoff = crate::catalog::now() - grace.as_secs() as i64;
+        let mut report = GcReport {
+            links: self.catalog.gc_unlink_unreferenced(cutoff).await?,
+            ..GcReport::default()
+        };
+
+        loop {
+            let batch = self.catalog.gc_unlinked_blobs(BATCH).await?;
+            let mut forgotten = 0;
+            for (digest, size) in &batch {
+                let _lock = self.blob_locks.lock(digest).await;
+                if !self.catalog.gc_forget_blob(digest).await? {
+                    continue; // linked again meanwhile
+                }
+                forgotten += 1;
+                report.blobs += 1;
+                report.bytes += size;
+                match digest.parse::<Digest>() {
+                    Ok(d) => {
+                        if let Err(e) = self.store.delete_blob(&d).await {
+                            // The next pass deletes it as an orphan.
+                            tracing::warn!(digest = %digest, error = %e, "deleting a blob object failed");
+                        }
+                    }
+                    Err(_) => tracing::warn!(digest = %digest, "forgot a blob row with an invalid digest"),
+                }
+            }
+            if batch.len() < BATCH || forgotten == 0 {
+                break;
+            }
+        }
+
+        // Listed first and deleted after: deleting while the listing walks the same folders
+        // (on local disk, emptied folders are removed) would upset the walk. Orphans are rare.
+        let mut orphans = Vec::new();
+        let mut objects = std::pin::pin!(self.store.blob_objects());
+        while let Some((digest, modified)) = objects.try_next().await? {
+            if modified < cutoff && !self.catalog.blob_known(&digest.to_string()).await? {
+                orphans.push(digest);
+            }
+        }
+        for digest in orphans {
+            let key = digest.to_string();
+            let _lock = self.blob_locks.lock(&key).await;
+            if self.catalog.blob_known(&key).await? {
+                continue; // published and linked meanwhile
+            }
+            self.store.delete_blob(&digest).await?;
+            report.orphans += 1;
+        }
+        Ok(report)
+    }
+}

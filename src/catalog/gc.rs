@@ -6,17 +6,22 @@ use super::Catalog;
 use crate::error::Result;
 
 impl Catalog {
-    /// Removes every blob link linked (or last touched) before `cutoff` (unix seconds) that no
-    /// manifest of its repository references. Returns how many.
-    pub async fn gc_unlink_unreferenced(&self, cutoff: i64) -> Result<u64> {
+    /// Removes up to `limit` blob links linked (or last touched) before `cutoff` (unix seconds)
+    /// that no manifest of their repository references. Returns how many; the caller repeats
+    /// while that is `limit`, so that each write transaction stays short and pushes are not held
+    /// up behind one large deletion.
+    pub async fn gc_unlink_unreferenced(&self, cutoff: i64, limit: usize) -> Result<u64> {
         self.write(move |c| {
             let n = c.execute(
                 "DELETE FROM repo_blobs
-                  WHERE linked_at < ?1
-                    AND NOT EXISTS (SELECT 1 FROM manifest_refs r JOIN manifests m ON m.id = r.manifest_id
-                                     WHERE r.digest = repo_blobs.digest AND m.repo_id = repo_blobs.repo_id
-                                       AND r.kind IN ('config', 'layer'))",
-                params![cutoff],
+                  WHERE (repo_id, digest) IN (
+                        SELECT rb.repo_id, rb.digest FROM repo_blobs rb
+                         WHERE rb.linked_at < ?1
+                           AND NOT EXISTS (SELECT 1 FROM manifest_refs r JOIN manifests m ON m.id = r.manifest_id
+                                            WHERE r.digest = rb.digest AND m.repo_id = rb.repo_id
+                                              AND r.kind IN ('config', 'layer'))
+                         LIMIT ?2)",
+                params![cutoff, limit as i64],
             )?;
             Ok(n as u64)
         })
@@ -39,16 +44,21 @@ impl Catalog {
         .await
     }
 
-    /// Forgets blob `digest` if no repository links it (any more). Returns whether it did.
-    pub async fn gc_forget_blob(&self, digest: &str) -> Result<bool> {
-        let digest = digest.to_owned();
+    /// Forgets those of `digests` that no repository links (any more), in one transaction.
+    /// Returns the ones it forgot.
+    pub async fn gc_forget_blobs(&self, digests: Vec<String>) -> Result<Vec<String>> {
         self.write(move |c| {
-            let n = c.execute(
+            let mut stmt = c.prepare_cached(
                 "DELETE FROM blobs WHERE digest = ?1
                     AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = blobs.digest)",
-                [digest],
             )?;
-            Ok(n > 0)
+            let mut forgotten = Vec::new();
+            for digest in digests {
+                if stmt.execute([&digest])? > 0 {
+                    forgotten.push(digest);
+                }
+            }
+            Ok(forgotten)
         })
         .await
     }

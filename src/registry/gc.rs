@@ -21,14 +21,17 @@
 
 use std::time::Duration;
 
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 
 use super::Registry;
 use crate::error::Result;
 use crate::oci::Digest;
 
-/// Unlinked blobs handled per catalog query.
+/// Links removed, and unlinked blobs looked up, per catalog query.
 const BATCH: usize = 500;
+
+/// Object deletions in flight at once (S3 answers each in a round trip).
+const PARALLEL_DELETES: usize = 8;
 
 /// What one pass removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,33 +56,52 @@ impl Registry {
     /// Runs one garbage collection pass with the given grace period.
     pub async fn collect_garbage(&self, grace: Duration) -> Result<GcReport> {
         let cutoff = crate::catalog::now() - grace.as_secs() as i64;
-        let mut report = GcReport {
-            links: self.catalog.gc_unlink_unreferenced(cutoff).await?,
-            ..GcReport::default()
-        };
+        let mut report = GcReport::default();
+        loop {
+            let n = self.catalog.gc_unlink_unreferenced(cutoff, BATCH).await?;
+            report.links += n;
+            if n < BATCH as u64 {
+                break;
+            }
+        }
 
         loop {
             let batch = self.catalog.gc_unlinked_blobs(BATCH).await?;
-            let mut forgotten = 0;
-            for (digest, size) in &batch {
-                let _lock = self.blob_locks.lock(digest).await;
-                if !self.catalog.gc_forget_blob(digest).await? {
-                    continue; // linked again meanwhile
-                }
-                forgotten += 1;
-                report.blobs += 1;
-                report.bytes += size;
-                match digest.parse::<Digest>() {
-                    Ok(d) => {
-                        if let Err(e) = self.store.delete_blob(&d).await {
-                            // The next pass deletes it as an orphan.
-                            tracing::warn!(digest = %digest, error = %e, "deleting a blob object failed");
+            if batch.is_empty() {
+                break;
+            }
+            // Every digest's lock, in one order (an upload holds at most one, so this cannot
+            // deadlock), then one transaction forgets those still unlinked.
+            let mut digests: Vec<String> = batch.iter().map(|(d, _)| d.clone()).collect();
+            digests.sort();
+            let mut locks = Vec::with_capacity(digests.len());
+            for d in &digests {
+                locks.push(self.blob_locks.lock(d).await);
+            }
+            let forgotten = self.catalog.gc_forget_blobs(digests).await?;
+            let sizes: std::collections::HashMap<&str, u64> = batch.iter().map(|(d, s)| (d.as_str(), *s)).collect();
+            report.blobs += forgotten.len() as u64;
+            report.bytes += forgotten.iter().filter_map(|d| sizes.get(d.as_str())).sum::<u64>();
+            let deletes = futures_util::stream::iter(forgotten.clone())
+                .map(|digest| {
+                    let store = self.store.clone();
+                    async move {
+                        match digest.parse::<Digest>() {
+                            // A failed delete leaves an orphan: the next pass's step 3 retries it.
+                            Ok(d) => {
+                                if let Err(e) = store.delete_blob(&d).await {
+                                    tracing::warn!(digest = %digest, error = %e, "deleting a blob object failed");
+                                }
+                            }
+                            Err(_) => tracing::warn!(digest = %digest, "forgot a blob row with an invalid digest"),
                         }
                     }
-                    Err(_) => tracing::warn!(digest = %digest, "forgot a blob row with an invalid digest"),
-                }
-            }
-            if batch.len() < BATCH || forgotten == 0 {
+                })
+                .buffer_unordered(PARALLEL_DELETES)
+                .collect::<Vec<()>>();
+            deletes.await;
+            drop(locks);
+            if batch.len() < BATCH || forgotten.is_empty() {
                 break;
             }
         }

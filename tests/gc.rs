@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Backend, TestServer, client, push_blob, push_image, sha256};
+use common::{Backend, TestServer, client, push_blob, sha256};
 
 /// Collection every second; `grace` seconds of grace.
 fn gc_server(backend: Backend, grace: &str) -> TestServer {
@@ -46,6 +46,44 @@ async fn blob_status_with(http: &reqwest::Client, server: &TestServer, repo: &st
         .as_u16()
 }
 
+/// Pushes a one-layer image as `push_image` does, again when collection (with no grace
+/// period) removed its blobs between their upload and the manifest: the manifest PUT then
+/// answers `MANIFEST_BLOB_UNKNOWN`, and a client pushes the blobs again. Returns the manifest's
+/// digest and bytes.
+async fn push_image_again_if_collected(server: &TestServer, repo: &str, tag: &str, layer: &[u8]) -> (String, Vec<u8>) {
+    let http = client();
+    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    for _attempt in 0..10 {
+        let config_digest = push_blob(server, repo, config).await;
+        let layer_digest = push_blob(server, repo, layer).await;
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config_digest, "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": layer_digest, "size": layer.len()}],
+        }))
+        .expect("manifest");
+        let resp = http
+            .put(server.v2(&format!("{repo}/manifests/{tag}")))
+            .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+            .body(manifest.clone())
+            .send()
+            .await
+            .expect("PUT manifest");
+        match resp.status().as_u16() {
+            201 => return (sha256(&manifest), manifest),
+            400 => {
+                let body = resp.text().await.unwrap_or_default();
+                assert!(body.contains("MANIFEST_BLOB_UNKNOWN"), "unexpected refusal: {body}");
+            }
+            s => panic!("manifest PUT answered {s}"),
+        }
+    }
+    panic!("{repo}:{tag} could not be pushed in 10 attempts");
+}
+
 /// The config and layer digests of a manifest.
 fn blobs_of(manifest: &[u8]) -> (String, String) {
     let m: serde_json::Value = serde_json::from_slice(manifest).expect("manifest JSON");
@@ -57,8 +95,8 @@ fn blobs_of(manifest: &[u8]) -> (String, String) {
 #[tokio::test]
 async fn unreferenced_blobs_are_collected_and_referenced_ones_kept() {
     let server = gc_server(common::backend(), "0");
-    let (app, app_manifest) = push_image(&server, "gc/app", "v1", b"layer of app").await;
-    let (_, other_manifest) = push_image(&server, "gc/other", "v1", b"layer of other").await;
+    let (app, app_manifest) = push_image_again_if_collected(&server, "gc/app", "v1", b"layer of app").await;
+    let (_, other_manifest) = push_image_again_if_collected(&server, "gc/other", "v1", b"layer of other").await;
     let (config, app_layer) = blobs_of(&app_manifest);
     let (other_config, other_layer) = blobs_of(&other_manifest);
     assert_eq!(config, other_config, "both images share their config blob");
@@ -103,7 +141,7 @@ async fn unreferenced_blobs_are_collected_and_referenced_ones_kept() {
 #[tokio::test]
 async fn objects_the_catalog_does_not_know_are_removed() {
     let server = gc_server(common::backend(), "0");
-    let (_, manifest) = push_image(&server, "gc/orphans", "v1", b"a kept layer").await;
+    let (_, manifest) = push_image_again_if_collected(&server, "gc/orphans", "v1", b"a kept layer").await;
     let (_, layer) = blobs_of(&manifest);
     let orphan = sha256(b"published, then the server crashed before linking it");
     server.plant_blob_object(&orphan, Duration::from_secs(3600));

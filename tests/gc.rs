@@ -17,7 +17,8 @@ fn gc_server(backend: Backend, grace: &str) -> TestServer {
     )
 }
 
-/// Polls `done` until it holds; fails after 60 s (collection runs every second).
+/// Polls `done` every 200 ms until it holds; fails after 60 s (collection runs every second).
+/// The pause is between polls of a condition, never a wait standing in for one.
 async fn wait_until<F, Fut>(what: &str, mut done: F)
 where
     F: FnMut() -> Fut,
@@ -241,8 +242,16 @@ async fn collection_beside_pushes_never_breaks_a_stored_image() {
         images.extend(t.await.expect("pusher"));
     }
     assert!(images.len() >= 6, "every pusher stored images");
-    // Two more passes over the final state.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Let a whole pass run over the final state: an object planted now is gone once a pass
+    // has listed it, and a second one planted after that once a pass that began later has.
+    for n in 0..2 {
+        let marker = sha256(format!("pass marker {n}").as_bytes());
+        server.plant_blob_object(&marker, Duration::from_secs(3600));
+        wait_until("a collection pass ran", || async {
+            !server.blob_object_exists(&marker)
+        })
+        .await;
+    }
     for (repo, config, config_digest, layer, layer_digest) in images {
         for (data, digest) in [(config, config_digest), (layer, layer_digest)] {
             let resp = client()

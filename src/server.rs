@@ -260,3 +260,22 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::DataDirLock;
+
+    #[test]
+    fn one_holder_at_a_time_and_released_on_drop() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let held = DataDirLock::acquire(&data, "serve").expect("first lock");
+        let err = DataDirLock::acquire(&data, "fsck").expect_err("second lock");
+        assert!(
+            err.contains(&format!("(`stowage serve`, pid {})", std::process::id())),
+            "names the holder: {err}"
+        );
+        drop(held);
+        DataDirLock::acquire(&data, "fsck").expect("free again once dropped");
+    }
+}

@@ -176,3 +176,31 @@ async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
     server.crash_and_restart();
     assert_eq!(get_blob(&server, "lock/me", &sha256(b"still here")).await.0, 200);
 }
+
+/// A corrupt Spack index blob: repair forgets it and marks the index stale, so the next read of
+/// `index.spack` builds and stores it again, and the served index hashes to its digest.
+#[tokio::test]
+async fn a_repaired_spack_index_blob_is_rebuilt_on_the_next_read() {
+    use common::spack::{FixtureRepo, in_buildcache, push_fixture, served_index};
+    let mut server = TestServer::start();
+    let fixture = FixtureRepo::load("http-noauth", "spack_buildcache");
+    push_fixture(&server, "fsck/spack", &fixture).await;
+    let (manifest, index) = served_index(&server, "fsck/spack").await;
+    let index_digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .expect("index layer")
+        .to_owned();
+    server.corrupt_blob_object(&index_digest, b"{\"not\": \"the index\"}");
+
+    assert!(server.terminate().success());
+    let (code, out, err) = server.fsck(&["--repair"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains(&format!("{index_digest}: quarantined to")), "{out}");
+    server.crash_and_restart();
+
+    let (rebuilt_manifest, rebuilt) = served_index(&server, "fsck/spack").await;
+    assert_eq!(rebuilt_manifest, manifest, "the same index, stored again");
+    assert_eq!(in_buildcache(&rebuilt), in_buildcache(&index));
+    let (code, out, err) = server.fsck(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+}

@@ -206,7 +206,8 @@ impl BlobStore {
     }
 
     /// Deletes a published blob's object; a missing one is not an error. Only garbage
-    /// collection calls this, once the catalog no longer records the blob.
+    /// collection calls this, once the catalog no longer records the blob, and
+    /// [`BlobStore::quarantine`], before the catalog forgets it.
     pub async fn delete_blob(&self, digest: &Digest) -> Result<()> {
         match self.store.delete(&self.path(Key::Blob(digest))).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

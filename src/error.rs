@@ -130,9 +130,7 @@ pub enum Error {
     TokenRequestInvalid(&'static str),
     /// Too many failed logins from this client address, or for this user from it (429 with
     /// `Retry-After`).
-    #[error(
-        "too many failed logins from your address; try again in {retry_after} s (API tokens are not affected)"
-    )]
+    #[error("too many failed logins from your address; try again in {retry_after} s (API tokens are not affected)")]
     TooManyLogins { retry_after: u64 },
     /// Too many password checks at once (429 with `Retry-After`).
     #[error("too many logins are being checked at once; try again in {retry_after} s")]

@@ -259,7 +259,9 @@ impl Limiter {
         let forget_after = self.settings.forget_after;
         state.entries.retain(|_, e| !e.forgotten_at(now, forget_after));
         if state.entries.len() + needed > max {
-            state.entries.retain(|_, e| e.in_flight > 0 || e.blocked_at(now).is_some());
+            state
+                .entries
+                .retain(|_, e| e.in_flight > 0 || e.blocked_at(now).is_some());
         }
         if state.entries.len() + needed > max {
             state.full_since = Some(now);
@@ -277,7 +279,9 @@ impl Limiter {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         for key in attempt.keys() {
             let free = self.free(&key);
-            let Some(entry) = state.entries.get_mut(&key) else { continue };
+            let Some(entry) = state.entries.get_mut(&key) else {
+                continue;
+            };
             entry.in_flight = entry.in_flight.saturating_sub(1);
             match outcome {
                 Outcome::Failure => {

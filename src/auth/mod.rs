@@ -434,10 +434,14 @@ impl Auth {
             };
         }
         let attempt = limiter::Attempt::new(client, user);
-        let pending = self.inner.limiter.begin(attempt, Instant::now()).map_err(|retry_after| {
-            tracing::info!(user, %client, retry_after, "login refused: too many failed logins from this address");
-            Refusal::TooManyAttempts(retry_after)
-        })?;
+        let pending = self
+            .inner
+            .limiter
+            .begin(attempt, Instant::now())
+            .map_err(|retry_after| {
+                tracing::info!(user, %client, retry_after, "login refused: too many failed logins from this address");
+                Refusal::TooManyAttempts(retry_after)
+            })?;
         match self.check_password(user, password).await {
             Ok(Some(identity)) => {
                 pending.succeed();

@@ -63,6 +63,8 @@ const LOGIN_CACHE_MAX: usize = 10_000;
 const TOUCH_INTERVAL_SECS: i64 = 60;
 /// Longest a password attempt waits for a verification permit before it is refused.
 pub const HASH_WAIT: Duration = Duration::from_secs(2);
+/// Refused password checks are reported at most this often.
+const BUSY_WARNING_INTERVAL_SECS: u64 = 10;
 
 /// Credentials found on a request.
 #[derive(Clone)]
@@ -213,6 +215,10 @@ struct Inner {
     limiter: limiter::Limiter,
     /// Permits for password verifications (each holds argon2's memory while it runs).
     hashes: Arc<tokio::sync::Semaphore>,
+    max_hashes: u32,
+    /// Password checks refused for want of a permit since the last warning, and when that was.
+    busy_refusals: std::sync::atomic::AtomicU64,
+    busy_warned_at: std::sync::atomic::AtomicU64,
     /// A hash to verify against when the user does not exist, so that both cases take as long.
     dummy_hash: String,
     /// sha256(user, password) -> (the PHC hash it verified against, when).
@@ -271,6 +277,9 @@ impl Auth {
                 hashes: Arc::new(tokio::sync::Semaphore::new(
                     usize::try_from(config.max_concurrent_hashes.max(1)).unwrap_or(1),
                 )),
+                max_hashes: config.max_concurrent_hashes.max(1),
+                busy_refusals: std::sync::atomic::AtomicU64::new(0),
+                busy_warned_at: std::sync::atomic::AtomicU64::new(0),
                 dummy_hash,
                 login_cache: Mutex::new(HashMap::new()),
                 touched: Mutex::new(HashMap::new()),
@@ -439,7 +448,9 @@ impl Auth {
             .limiter
             .begin(attempt, Instant::now())
             .map_err(|retry_after| {
-                tracing::info!(user, %client, retry_after, "login refused: too many failed logins from this address");
+                // Refusals cost nothing and may come by the thousand: debug only. The failures that
+                // led to them were logged at info, and the limiter bounds those.
+                tracing::debug!(user, %client, retry_after, "login refused: too many failed logins from this address");
                 Refusal::TooManyAttempts(retry_after)
             })?;
         match self.check_password(user, password).await {
@@ -489,7 +500,7 @@ impl Auth {
         let permit = tokio::time::timeout(HASH_WAIT, self.inner.hashes.clone().acquire_owned())
             .await
             .map_err(|_| {
-                tracing::warn!(user, "password check refused: too many verifications at once");
+                self.warn_busy();
                 Refusal::Busy(1)
             })?
             .map_err(|_| Error::from(Internal::Other("the password verification semaphore is closed")))?;
@@ -514,6 +525,30 @@ impl Auth {
                 }))
             }
             _ => Ok(None),
+        }
+    }
+
+    /// Logs that password checks are being refused for want of a permit: at most once every
+    /// [`BUSY_WARNING_INTERVAL_SECS`], with the number refused since the last warning.
+    fn warn_busy(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner.busy_refusals.fetch_add(1, Relaxed);
+        let now = now_secs();
+        let last = self.inner.busy_warned_at.load(Relaxed);
+        if now.saturating_sub(last) >= BUSY_WARNING_INTERVAL_SECS
+            && self
+                .inner
+                .busy_warned_at
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            let refused = self.inner.busy_refusals.swap(0, Relaxed);
+            tracing::warn!(
+                refused,
+                permits = self.inner.max_hashes,
+                "password checks refused with 429: every verification permit was taken for 2 s \
+                 (auth.max_concurrent_hashes); a burst of logins or an attack on passwords"
+            );
         }
     }
 

@@ -212,6 +212,11 @@ impl TestServer {
         self.crash_and_restart();
     }
 
+    /// The server process's id (to read its `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The server's data directory (SQLite catalog and blob store live under it).
     pub fn data_dir(&self) -> &Path {
         &self.data_dir

@@ -294,6 +294,11 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(collector) = collector {
         collector.abort();
     }
+    // Sessions left open keep the bytes past their last part (S3) for after the restart.
+    let spilled = registry.spill_idle_uploads(Duration::ZERO).await;
+    if spilled > 0 {
+        tracing::info!(sessions = spilled, "kept the buffered bytes of open upload sessions");
+    }
     let catalog = registry.catalog().clone();
     tokio::task::spawn_blocking(move || catalog.close()).await?;
     tracing::info!("stopped");

@@ -21,6 +21,10 @@ pub use uploads::{Chunk, ChunkRange, SessionLimits, Uploads};
 use crate::catalog::Catalog;
 use crate::storage::BlobStore;
 
+/// How long a session sits idle before the bytes it buffers past its last part (S3) are moved
+/// out of memory.
+const SPILL_IDLE_AFTER: Duration = Duration::from_secs(30);
+
 /// Registry behaviour settings (the `[registry]` config section, resolved).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -72,6 +76,7 @@ impl Registry {
     /// checkpoint.
     pub async fn expire_uploads(&self) {
         self.expire_held_uploads().await;
+        self.spill_idle_uploads(SPILL_IDLE_AFTER).await;
         let timeout = i64::try_from(self.settings.upload_timeout.as_secs()).unwrap_or(i64::MAX);
         let before = crate::catalog::now().saturating_sub(timeout);
         match self.catalog.idle_uploads(before, 1000).await {

@@ -231,6 +231,18 @@ impl Uploads {
         out
     }
 
+    /// The sessions idle for at least `idle`.
+    fn idle(&self, idle: Duration) -> Vec<(Uuid, Arc<Session>)> {
+        let Ok(sessions) = self.sessions.lock() else {
+            return Vec::new();
+        };
+        sessions
+            .iter()
+            .filter(|(_, s)| s.last_used.lock().map(|t| t.elapsed() >= idle).unwrap_or(false))
+            .map(|(id, s)| (*id, Arc::clone(s)))
+            .collect()
+    }
+
     /// Number of sessions held (including ended ones whose catalog row is not gone yet).
     pub fn len(&self) -> usize {
         self.sessions.lock().map(|s| s.len()).unwrap_or(0)
@@ -614,6 +626,35 @@ impl Registry {
                 false
             }
         }
+    }
+
+    /// Moves the bytes that sessions idle for at least `idle` hold in memory (a tail smaller
+    /// than the store's smallest part, S3 only) into their tail objects and records the new
+    /// checkpoint, so an abandoned session holds no memory and a restart keeps those bytes.
+    /// A session a request is using is skipped. Returns how many sessions were spilled.
+    pub async fn spill_idle_uploads(&self, idle: Duration) -> usize {
+        let mut spilled = 0;
+        for (id, session) in self.uploads.idle(idle) {
+            let Ok(mut state) = session.state.try_lock() else {
+                continue;
+            };
+            let Some(writer) = state.writer.as_mut() else {
+                continue;
+            };
+            match writer.spill().await {
+                Ok(None) => {}
+                Ok(Some(cp)) => {
+                    // Without the record the tail object is ignored after a restart, and the
+                    // bytes are read back from it as long as this process runs: nothing is lost.
+                    if let Err(e) = self.catalog.checkpoint_upload(id, to_catalog(cp)).await {
+                        tracing::warn!(upload = %id, error = %e, "recording a spilled upload tail failed");
+                    }
+                    spilled += 1;
+                }
+                Err(e) => tracing::warn!(upload = %id, error = %e, "moving an idle upload's tail out of memory failed"),
+            }
+        }
+        spilled
     }
 
     /// Ends idle sessions (see `Registry::expire_uploads`).

@@ -64,6 +64,8 @@ pub enum Key<'a> {
     Blob(&'a Digest),
     /// The data of an upload in progress.
     Upload(Uuid),
+    /// The bytes past an idle multipart upload's last part.
+    UploadTail(Uuid),
     /// A blob's object found corrupt, moved aside at the given unix time.
     Quarantine(&'a Digest, i64),
 }
@@ -76,6 +78,7 @@ impl Key<'_> {
                 Path::from(format!("blobs/{}/{}/{}", d.algorithm().as_str(), &hex[..2], hex))
             }
             Key::Upload(id) => Path::from(format!("uploads/{}/data", id.simple())),
+            Key::UploadTail(id) => Path::from(format!("uploads/{}/tail", id.simple())),
             Key::Quarantine(d, at) => Path::from(format!("quarantine/{}/{}.{at}", d.algorithm().as_str(), d.hex())),
         }
     }
@@ -287,6 +290,7 @@ impl BlobStore {
                 Arc::clone(&self.store),
                 Arc::clone(multipart),
                 self.path(Key::Upload(id)),
+                self.path(Key::UploadTail(id)),
                 upload_id,
             ))),
             None => Err(Internal::Other("a store without multipart uploads needs a local root").into()),
@@ -314,30 +318,38 @@ impl BlobStore {
             return Ok(None);
         };
         let offset = checkpoint.offset;
-        let (staging, parts) = match (
+        let (staging, parts, tail) = match (
             StagingState::from_json(&checkpoint.staging),
             self.local_file(Key::Upload(id)),
         ) {
             (Some(StagingState::File), Some(file)) => {
                 match tokio::task::spawn_blocking(move || FileStaging::reopen(file, offset)).await?? {
-                    Some(f) => (Staging::File(f), Vec::new()),
+                    Some(f) => (Staging::File(f), Vec::new(), 0),
                     None => return Ok(None),
                 }
             }
-            (Some(StagingState::Multipart { upload_id, parts }), None) => {
+            (Some(StagingState::Multipart { upload_id, parts, tail }), None) => {
                 let parts = parts.into_iter().map(|content_id| PartId { content_id }).collect();
-                (self.staging(id, upload_id)?, parts)
+                (self.staging(id, upload_id)?, parts, tail.unwrap_or(0))
             }
             _ => return Ok(None),
         };
-        Ok(Some(StagedWriter::resume(
+        // The hash state covers the parts; a tail object's bytes come after it, unhashed.
+        let Some(parts_end) = offset.checked_sub(tail) else {
+            return Ok(None);
+        };
+        let mut writer = StagedWriter::resume(
             staging,
             self.part_size,
             hasher,
-            offset,
+            parts_end,
             checkpoint.hash_state.clone(),
             parts,
-        )))
+        );
+        if tail > 0 {
+            writer.spilled(tail);
+        }
+        Ok(Some(writer))
     }
 
     /// Hashes a completed staged upload again with another algorithm (a client that streamed
@@ -422,14 +434,17 @@ impl BlobStore {
     /// Removes whatever an upload staged (idempotent). `staging` is the session's recorded
     /// staging state, when it has one: an unfinished S3 multipart upload is aborted with it.
     pub async fn discard(&self, id: Uuid, staging: Option<&str>) -> Result<()> {
-        if let Some(StagingState::Multipart {
-            upload_id: Some(upload_id),
-            ..
-        }) = staging.and_then(StagingState::from_json)
-        {
-            let mut s = self.staging(id, Some(upload_id))?;
-            if let Err(e) = s.abort().await {
+        if let Some(StagingState::Multipart { upload_id, tail, .. }) = staging.and_then(StagingState::from_json) {
+            let mut s = self.staging(id, upload_id.clone())?;
+            if upload_id.is_some()
+                && let Err(e) = s.abort().await
+            {
                 tracing::warn!(upload = %id, error = %e, "aborting a multipart upload failed");
+            }
+            if tail.is_some()
+                && let Err(e) = s.delete_tail().await
+            {
+                tracing::warn!(upload = %id, error = %e, "deleting an upload's tail object failed");
             }
         }
         if let Some(file) = self.local_file(Key::Upload(id)) {

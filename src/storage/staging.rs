@@ -10,7 +10,13 @@
 //! - **Multipart stores** ([`Staging::Multipart`], S3): one multipart upload of
 //!   `uploads/<uuid>/data`, created when the first part is written; its id and the ids of the
 //!   parts written so far are what a restart needs. A blob smaller than one part never starts a
-//!   multipart upload: it is written with a single PUT when the upload completes.
+//!   multipart upload: it is written with a single PUT when the upload completes. Bytes past the
+//!   last part (fewer than S3 takes as a part) live in memory while requests come in; a session
+//!   left idle, or one open at a graceful stop, moves them to a small **tail object**
+//!   (`uploads/<uuid>/tail`), so an abandoned session holds no memory and a restart loses
+//!   nothing. The tail object only ever holds bytes that start at the last part's end, and the
+//!   state records how many of them count (a longer object is cut: it was written by a spill
+//!   whose checkpoint was never recorded).
 //!
 //! [`StagingState`] is the serialisable part of each, kept by the catalog between checkpoints.
 
@@ -39,6 +45,9 @@ pub enum StagingState {
     Multipart {
         upload_id: Option<String>,
         parts: Vec<String>,
+        /// Bytes after the last part that are kept in the tail object.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tail: Option<u64>,
     },
 }
 
@@ -82,6 +91,8 @@ pub struct MultipartStaging {
     store: Arc<dyn ObjectStore>,
     multipart: Arc<dyn MultipartStore>,
     path: Path,
+    /// Where bytes past the last part are kept while the session is idle.
+    tail_path: Path,
     upload_id: Option<String>,
 }
 
@@ -133,12 +144,14 @@ impl MultipartStaging {
         store: Arc<dyn ObjectStore>,
         multipart: Arc<dyn MultipartStore>,
         path: Path,
+        tail_path: Path,
         upload_id: Option<String>,
     ) -> Self {
         MultipartStaging {
             store,
             multipart,
             path,
+            tail_path,
             upload_id,
         }
     }
@@ -153,15 +166,59 @@ impl Staging {
         }
     }
 
-    /// The serialisable state, given the ids of the parts durably written so far.
-    pub fn state(&self, parts: &[PartId]) -> StagingState {
+    /// The serialisable state, given the ids of the parts durably written so far and the
+    /// bytes kept in the tail object.
+    pub fn state(&self, parts: &[PartId], tail: Option<u64>) -> StagingState {
         match self {
             Staging::File(_) => StagingState::File,
             Staging::Multipart(m) => StagingState::Multipart {
                 upload_id: m.upload_id.clone(),
                 parts: parts.iter().map(|p| p.content_id.clone()).collect(),
+                tail,
             },
         }
+    }
+
+    /// Whether bytes past the last part can be kept in a tail object (multipart stores; on
+    /// local disk every byte is written to the file at the end of a request anyway).
+    pub fn keeps_tails(&self) -> bool {
+        matches!(self, Staging::Multipart(_))
+    }
+
+    /// Stores `data`, the bytes after the last part, as the tail object (durable on return).
+    pub async fn put_tail(&self, data: Bytes) -> Result<()> {
+        match self {
+            Staging::Multipart(m) => {
+                m.store.put(&m.tail_path, PutPayload::from(data)).await?;
+                Ok(())
+            }
+            Staging::File(_) => Err(Internal::Other("local staging keeps no tail object").into()),
+        }
+    }
+
+    /// The first `len` bytes of the tail object.
+    pub async fn get_tail(&self, len: u64) -> Result<Bytes> {
+        match self {
+            Staging::Multipart(m) => {
+                let data = m.store.get(&m.tail_path).await?.bytes().await?;
+                if (data.len() as u64) < len {
+                    return Err(Internal::Other("an upload's tail object is shorter than recorded").into());
+                }
+                Ok(data.slice(..len as usize))
+            }
+            Staging::File(_) => Err(Internal::Other("local staging keeps no tail object").into()),
+        }
+    }
+
+    /// Deletes the tail object, if there is one.
+    pub async fn delete_tail(&self) -> Result<()> {
+        if let Staging::Multipart(m) = self {
+            match m.store.delete(&m.tail_path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     /// Starts writing part number `index` (0-based) holding the bytes at `offset`.

@@ -88,6 +88,11 @@ pub struct StagedWriter {
     writeback: Option<Arc<Writeback>>,
     /// Set by the first failure: the staged data may have a hole, nothing may continue.
     poisoned: bool,
+    /// Bytes past the last part that sit in the store's tail object instead of `buf` (an idle
+    /// session, see [`StagedWriter::spill`]); read back before anything else happens.
+    spilled: u64,
+    /// Whether a tail object may exist; it is deleted when the upload ends.
+    tail_object: bool,
 }
 
 /// Write-back control of a staged file on local disk.
@@ -161,6 +166,8 @@ impl StagedWriter {
             recorded: offset,
             writeback,
             poisoned: false,
+            spilled: 0,
+            tail_object: false,
         }
     }
 
@@ -170,8 +177,57 @@ impl StagedWriter {
         Checkpoint {
             offset: self.written.0,
             hash_state: self.written.1.clone(),
-            staging: self.staging.state(&self.parts).to_json(),
+            staging: self.staging.state(&self.parts, None).to_json(),
         }
+    }
+
+    /// Marks the `bytes` after the resumed offset as kept in the tail object.
+    pub(super) fn spilled(&mut self, bytes: u64) {
+        self.spilled = bytes;
+        self.len += bytes;
+        self.tail_object = true;
+    }
+
+    /// Reads the tail object back into the part buffer, if the bytes past the last part are there.
+    async fn unspill(&mut self) -> Result<()> {
+        if self.spilled == 0 {
+            return Ok(());
+        }
+        let data = self.staging.get_tail(self.spilled).await?;
+        let mut buf = PartBuf::with_capacity(self.part_size);
+        buf.fill(&data);
+        self.buf = Some(buf);
+        self.spilled = 0;
+        Ok(())
+    }
+
+    /// Moves the bytes buffered past the last part (too few for the store to take as a part)
+    /// into the tail object, so that an idle session holds no memory, and returns the
+    /// checkpoint describing them for the caller to record. `None` when there is nothing to
+    /// move (no buffered bytes, a part in flight, or a store that takes parts of any size). If
+    /// storing fails, the bytes stay in memory and nothing changes.
+    pub async fn spill(&mut self) -> Result<Option<Checkpoint>> {
+        self.check()?;
+        if !self.staging.keeps_tails() || !self.in_flight.is_empty() {
+            return Ok(None);
+        }
+        let Some(buf) = self.buf.take() else {
+            return Ok(None);
+        };
+        let data = buf.freeze();
+        if let Err(e) = self.staging.put_tail(data.clone()).await {
+            let mut buf = PartBuf::with_capacity(self.part_size);
+            buf.fill(&data);
+            self.buf = Some(buf);
+            return Err(e);
+        }
+        self.tail_object = true;
+        self.spilled = data.len() as u64;
+        Ok(Some(Checkpoint {
+            offset: self.written.0 + self.spilled,
+            hash_state: self.written.1.clone(),
+            staging: self.staging.state(&self.parts, Some(self.spilled)).to_json(),
+        }))
     }
 
     /// Bytes accepted so far.
@@ -207,6 +263,7 @@ impl StagedWriter {
     }
 
     async fn write_inner(&mut self, data: Bytes) -> Result<()> {
+        self.unspill().await?;
         self.len += data.len() as u64;
         if self.buf.is_none() && data.len() >= self.part_size && data.len().is_multiple_of(self.part_size) {
             // Whole parts arrived in one piece: no copy.
@@ -322,6 +379,7 @@ impl StagedWriter {
     }
 
     async fn checkpoint_inner(&mut self, end_of_request: bool) -> Result<Checkpoint> {
+        self.unspill().await?;
         if end_of_request {
             let min_part = self.staging.min_part();
             if let Some(tail) = self.buf.take_if(|b| b.len() >= min_part) {
@@ -338,7 +396,7 @@ impl StagedWriter {
         Ok(Checkpoint {
             offset: self.written.0,
             hash_state: self.written.1.clone(),
-            staging: self.staging.state(&self.parts).to_json(),
+            staging: self.staging.state(&self.parts, None).to_json(),
         })
     }
 
@@ -356,6 +414,7 @@ impl StagedWriter {
     }
 
     async fn finish_inner(&mut self) -> Result<(Digest, u64)> {
+        self.unspill().await?;
         let tail = self.buf.take().map(PartBuf::freeze).unwrap_or_default();
         let direct = self.parts_started == 0 && matches!(self.staging, Staging::Multipart(_));
         let tail = if direct {
@@ -377,6 +436,7 @@ impl StagedWriter {
         }
         // The staged object must hold exactly the bytes that were hashed.
         self.staging.complete(parts, tail, self.len).await?;
+        self.delete_tail_object().await;
         let hasher = self
             .hasher
             .take()
@@ -398,6 +458,16 @@ impl StagedWriter {
         }
         if let Err(e) = self.staging.abort().await {
             tracing::warn!(error = %e, "aborting a staged upload failed");
+        }
+        self.delete_tail_object().await;
+    }
+
+    async fn delete_tail_object(&mut self) {
+        if self.tail_object {
+            if let Err(e) = self.staging.delete_tail().await {
+                tracing::warn!(error = %e, "deleting an upload's tail object failed");
+            }
+            self.tail_object = false;
         }
     }
 }

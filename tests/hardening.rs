@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::oci::assert_error;
-use common::{TestServer, client, push_blob, push_image, sha256};
+use common::{TestServer, client, push_blob, push_image};
 use serde_json::json;
 
 /// A DAG hash (32 base-32 characters) for node `i`.
@@ -98,4 +98,65 @@ async fn spack_spec_with_30000_nodes_is_recorded_in_linear_time() {
     let detail: serde_json::Value = resp.json().await.expect("spec json");
     assert_eq!(detail["spec"]["compiler"], "gcc@12.2.0");
     assert_eq!(detail["spec"]["dependencies"].as_array().map(Vec::len), Some(n - 1));
+}
+
+/// PUTs `body` as a manifest of `media_type` and returns the response.
+async fn put_manifest(server: &TestServer, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> reqwest::Response {
+    client()
+        .put(server.v2(&format!("{repo}/manifests/{reference}")))
+        .header("Content-Type", media_type)
+        .body(body.to_vec())
+        .send()
+        .await
+        .expect("PUT manifest")
+}
+
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// An index whose child descriptor gives a size other than the stored child manifest's is
+/// refused with `MANIFEST_INVALID` naming the child; so is an image manifest whose blob
+/// descriptor's size differs from the stored blob's. The right sizes are accepted.
+#[tokio::test]
+async fn descriptor_sizes_must_match_stored_children_and_blobs() {
+    let server = TestServer::start();
+    let repo = "sizes/app";
+    let (child_digest, child) = push_image(&server, repo, "child", b"layer of the child").await;
+    let index = |size: usize| {
+        serde_json::to_vec(&json!({"schemaVersion":2,"mediaType":OCI_INDEX,
+            "manifests":[{"mediaType":OCI_MANIFEST,"digest":child_digest,"size":size,
+                          "platform":{"architecture":"amd64","os":"linux"}}]}))
+        .expect("index")
+    };
+    for wrong in [child.len() + 1, child.len() - 1, 0] {
+        let resp = put_manifest(&server, repo, "multi", OCI_INDEX, &index(wrong)).await;
+        let body = assert_error(resp, 400, &["MANIFEST_INVALID"]).await;
+        let message = body["errors"][0]["message"].as_str().unwrap_or_default().to_owned()
+            + &body["errors"][0]["detail"].to_string();
+        assert!(message.contains(&child_digest), "error names the child: {body}");
+    }
+    let resp = put_manifest(&server, repo, "multi", OCI_INDEX, &index(child.len())).await;
+    assert_eq!(resp.status(), 201, "index with the right child size");
+
+    // Blob descriptors: the config and a layer with a wrong size.
+    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_digest = push_blob(&server, repo, config).await;
+    let layer = b"a layer".to_vec();
+    let layer_digest = push_blob(&server, repo, &layer).await;
+    let image = |config_size: usize, layer_size: usize| {
+        serde_json::to_vec(&json!({"schemaVersion":2,"mediaType":OCI_MANIFEST,
+            "config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":config_digest,"size":config_size},
+            "layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":layer_digest,"size":layer_size}]}))
+        .expect("image")
+    };
+    for (body, named) in [
+        (image(config.len() + 1, layer.len()), &config_digest),
+        (image(config.len(), layer.len() + 7), &layer_digest),
+    ] {
+        let resp = put_manifest(&server, repo, "img", OCI_MANIFEST, &body).await;
+        let err = assert_error(resp, 400, &["MANIFEST_INVALID"]).await;
+        assert!(err.to_string().contains(named.as_str()), "error names the blob: {err}");
+    }
+    let resp = put_manifest(&server, repo, "img", OCI_MANIFEST, &image(config.len(), layer.len())).await;
+    assert_eq!(resp.status(), 201, "image with the right sizes");
 }

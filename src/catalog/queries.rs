@@ -146,7 +146,8 @@ impl Catalog {
     }
 
     /// Stores a validated manifest (and its tag) in one transaction, after checking inside that
-    /// transaction that every blob and child manifest it references is present in the repository.
+    /// transaction that every blob and child manifest it references is present in the repository
+    /// with the size its descriptor gives (`MANIFEST_INVALID` naming the blob or child if not).
     pub async fn put_manifest(&self, repo: &RepoName, m: NewManifest) -> Result<()> {
         let repo = repo.to_string();
         self.write(move |c| {
@@ -155,9 +156,13 @@ impl Catalog {
             for d in p.required_blobs() {
                 match size_in_repo(c, &repo, &d.digest.to_string())? {
                     Some(size) if size == d.size => {}
-                    Some(_) => {
+                    Some(size) => {
                         return Err(Error::ManifestInvalid(
-                            format!("descriptor size for {} does not match the stored blob", d.digest).into(),
+                            format!(
+                                "descriptor size {} for blob {} does not match its stored size {size}",
+                                d.size, d.digest
+                            )
+                            .into(),
                         ));
                     }
                     None => return Err(Error::ManifestBlobUnknown(d.digest.clone())),
@@ -171,8 +176,18 @@ impl Catalog {
                         |r| r.get(0),
                     )
                     .optional()?;
-                if known.is_none() {
-                    return Err(Error::ManifestBlobUnknown(d.digest.clone()));
+                match known {
+                    Some(size) if size as u64 == d.size => {}
+                    Some(size) => {
+                        return Err(Error::ManifestInvalid(
+                            format!(
+                                "descriptor size {} for child manifest {} does not match its stored size {size}",
+                                d.size, d.digest
+                            )
+                            .into(),
+                        ));
+                    }
+                    None => return Err(Error::ManifestBlobUnknown(d.digest.clone())),
                 }
             }
             let digest = m.digest.to_string();

@@ -160,3 +160,63 @@ async fn descriptor_sizes_must_match_stored_children_and_blobs() {
     let resp = put_manifest(&server, repo, "img", OCI_MANIFEST, &image(config.len(), layer.len())).await;
     assert_eq!(resp.status(), 201, "image with the right sizes");
 }
+
+/// Permission bits of a path.
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// The catalog (it holds password hashes) and the signing keys are owner-only: created 0600
+/// in directories Stowage creates 0700, and restricted at start-up when found readable by
+/// others. The process umask is the common 022, under which files are created 0644 unless the
+/// server asks for less.
+#[tokio::test]
+async fn catalog_and_key_files_are_owner_only() {
+    // SAFETY: umask has no memory-safety preconditions.
+    unsafe { libc::umask(0o022) };
+    let mut server = TestServer::start();
+    push_blob(&server, "perm/app", b"a blob makes the catalog write").await;
+    let data = server.data_dir().to_owned();
+    let catalog = data.join("catalog.db");
+    let companions = [data.join("catalog.db-wal"), data.join("catalog.db-shm")];
+    let key_dir = data.join("auth/keys");
+    assert_eq!(mode(&data), 0o700, "data directory created by stowage");
+    assert_eq!(mode(&data.join("auth")), 0o700, "auth directory");
+    assert_eq!(mode(&key_dir), 0o700, "key directory");
+    assert_eq!(mode(&catalog), 0o600, "catalog.db");
+    for f in &companions {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    let keys: Vec<_> = std::fs::read_dir(&key_dir)
+        .expect("key dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(keys.len(), 1, "one generated key: {keys:?}");
+    assert_eq!(mode(&keys[0]), 0o600, "signing key");
+
+    // Files an older version or an operator left readable by everyone are restricted at start.
+    let status = server.terminate();
+    assert!(status.success(), "clean stop: {status}");
+    set_mode(&catalog, 0o644);
+    set_mode(&keys[0], 0o644);
+    for f in companions.iter().filter(|f| f.exists()) {
+        set_mode(f, 0o644);
+    }
+    server.crash_and_restart();
+    push_blob(&server, "perm/app", b"another write after the restart").await;
+    assert_eq!(mode(&catalog), 0o600, "catalog.db after restart");
+    for f in &companions {
+        assert_eq!(mode(f), 0o600, "{} after restart", f.display());
+    }
+    assert_eq!(mode(&keys[0]), 0o600, "signing key after restart");
+}

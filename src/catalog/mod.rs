@@ -13,6 +13,12 @@
 //!
 //! Schema changes are the numbered files in `migrations/`, embedded in the binary and applied
 //! at start-up; the applied version is SQLite's `user_version`.
+//!
+//! Files: the catalog holds password hashes and token records, so its files are owner-only.
+//! The directory holding it is created 0700 when Stowage creates it (an existing one is left as
+//! the operator set it); `catalog.db` is created 0600 before SQLite opens it, and SQLite gives
+//! the `-wal` and `-shm` files it creates the database file's mode. A catalog file found
+//! readable by group or others at start-up is changed to 0600, with a warning in the log.
 
 pub mod auth;
 mod gc;
@@ -67,9 +73,7 @@ struct Inner {
 impl Catalog {
     /// Opens (creating if needed) the catalog at `path` and applies pending migrations.
     pub fn open(path: &Path) -> Result<Catalog> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
+        prepare_files(path)?;
         let mut conn = Connection::open(path)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
@@ -162,6 +166,52 @@ impl Catalog {
             let _ = handle.join();
         }
     }
+}
+
+/// Mode of the catalog's files.
+const FILE_MODE: u32 = 0o600;
+/// Mode of the directories Stowage creates for the catalog.
+const DIR_MODE: u32 = 0o700;
+
+/// Creates the catalog's directory (0700) and database file (0600) if missing, and takes group
+/// and other access away from catalog files that have it.
+fn prepare_files(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        restrict(Path::new(&file))?;
+    }
+    Ok(())
+}
+
+/// Sets an existing file readable by group or others to [`FILE_MODE`], saying so.
+fn restrict(file: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = match std::fs::metadata(file) {
+        Ok(m) => m.permissions().mode() & 0o7777,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(FILE_MODE))?;
+        tracing::warn!(
+            path = %file.display(),
+            was = format!("{mode:o}"),
+            "catalog file was readable by other users; changed its mode to 600"
+        );
+    }
+    Ok(())
 }
 
 fn open_reader(path: &Path) -> Result<Connection> {

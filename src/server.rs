@@ -31,13 +31,6 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         }
         Backend::S3 => crate::storage::s3::open(&config.storage.s3, part_size)?,
     };
-    // Upload sessions recorded in the catalog resume; anything else staged is left over from
-    // uploads that cannot (single-request uploads cut short by a stop).
-    let sessions: std::collections::HashSet<_> = catalog.upload_ids().await?.into_iter().collect();
-    let stale = store.discard_uploads_except(&sessions).await?;
-    if stale > 0 {
-        tracing::info!(count = stale, "removed upload data left by a previous run");
-    }
     let settings = Settings {
         delete_enabled: config.registry.delete_enabled,
         max_manifest_size: config.registry.max_manifest_size,
@@ -45,8 +38,9 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         catalog_page_size: config.registry.catalog_page_size,
     };
     let registry = Registry::new(catalog, store, settings);
-    // Sessions left idle across a stop may have expired already.
-    registry.expire_uploads().await;
+    // Upload sessions recorded in the catalog resume, unless they expired or lost their data;
+    // anything else staged is left over from uploads that cannot.
+    registry.clean_up_uploads_at_start().await?;
     Ok(registry)
 }
 

@@ -220,3 +220,138 @@ async fn catalog_and_key_files_are_owner_only() {
     }
     assert_eq!(mode(&keys[0]), 0o600, "signing key after restart");
 }
+
+/// Starts an upload session; returns its path (`/v2/<repo>/blobs/uploads/<id>`) and id.
+async fn open_session(server: &TestServer, repo: &str) -> (String, String) {
+    let resp = client()
+        .post(server.v2(&format!("{repo}/blobs/uploads/")))
+        .header("Content-Length", "0")
+        .send()
+        .await
+        .expect("POST upload");
+    assert_eq!(resp.status(), 202, "POST upload session");
+    let path = resp.headers()["location"].to_str().expect("Location").to_owned();
+    assert!(path.starts_with("/v2/"), "relative Location {path}");
+    let id = path.rsplit('/').next().unwrap_or_default().to_owned();
+    (path, id)
+}
+
+async fn patch(server: &TestServer, path: &str, range: &str, data: &[u8]) -> reqwest::Response {
+    client()
+        .patch(format!("{}{path}", server.url))
+        .header("Content-Type", "application/octet-stream")
+        .header("Content-Range", range)
+        .body(data.to_vec())
+        .send()
+        .await
+        .expect("PATCH")
+}
+
+/// Ids of the upload sessions the catalog records.
+fn recorded_sessions(server: &TestServer) -> Vec<String> {
+    let db = rusqlite::Connection::open(server.data_dir().join("catalog.db")).expect("open catalog");
+    let mut stmt = db.prepare("SELECT id FROM uploads ORDER BY id").expect("query");
+    stmt.query_map([], |r| r.get::<_, String>(0))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("ids")
+}
+
+/// A restart after a crash clears what the crash left: session rows whose staged data is gone
+/// (local disk: the file), sessions that expired while the server was down, and empty
+/// `uploads/<id>/` directories; a session with its data intact still resumes and completes.
+#[tokio::test]
+async fn restart_clears_orphan_sessions_and_empty_upload_dirs() {
+    let mut server = TestServer::start();
+    let repo = "restart/app";
+    let first = b"the first half of a blob, ".to_vec();
+    let second = b"and the second half".to_vec();
+    let (resumable, resumable_id) = open_session(&server, repo).await;
+    assert_eq!(patch(&server, &resumable, &format!("0-{}", first.len() - 1), &first).await.status(), 202);
+    let (expired, expired_id) = open_session(&server, repo).await;
+    let (lost, lost_id) = open_session(&server, repo).await;
+    assert_eq!(patch(&server, &lost, "0-3", b"data").await.status(), 202);
+    let mut all = vec![resumable_id.clone(), expired_id.clone(), lost_id.clone()];
+    all.sort();
+    assert_eq!(recorded_sessions(&server), all);
+
+    let status = server.terminate();
+    assert!(status.success(), "clean stop: {status}");
+    // The expired session was last used two days ago (the timeout is 24 h).
+    let db = rusqlite::Connection::open(server.data_dir().join("catalog.db")).expect("open catalog");
+    db.execute(
+        "UPDATE uploads SET updated_at = updated_at - 172800 WHERE id = ?1",
+        [&expired_id],
+    )
+    .expect("age the session");
+    drop(db);
+    let uploads = server.data_dir().join("storage/uploads");
+    let empty_dirs = [uploads.join("0b5ca1ab1e0000000000000000000001"), uploads.join("not-an-upload-id")];
+    if server.backend == common::Backend::Fs {
+        // What a crash leaves on local disk: a staging file gone with its session's row still
+        // recorded (it died between the two), and empty upload directories.
+        std::fs::remove_file(uploads.join(&lost_id).join("data")).expect("remove staging file");
+        for d in &empty_dirs {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+    }
+    server.crash_and_restart();
+
+    let mut left = vec![resumable_id.clone()];
+    if server.backend != common::Backend::Fs {
+        // A multipart upload cannot be listed: its session stays until it expires.
+        left.push(lost_id.clone());
+        left.sort();
+    }
+    assert_eq!(recorded_sessions(&server), left, "sessions recorded after the restart");
+    if server.backend == common::Backend::Fs {
+        for d in empty_dirs.iter().chain([&uploads.join(&lost_id), &uploads.join(&expired_id)]) {
+            assert!(!d.exists(), "{} is removed at start-up", d.display());
+        }
+        assert!(uploads.join(&resumable_id).join("data").exists(), "resumable data kept");
+    }
+    let mut gone = vec![&expired];
+    if server.backend == common::Backend::Fs {
+        gone.push(&lost);
+    }
+    for gone in gone {
+        let resp = client()
+            .get(format!("{}{gone}", server.url))
+            .send()
+            .await
+            .expect("status GET");
+        assert_error(resp, 404, &["BLOB_UPLOAD_UNKNOWN"]).await;
+    }
+    // The intact session resumes from what was durably staged (all of the first chunk on local
+    // disk; on S3 nothing, as a chunk below the part size stays in memory) and completes.
+    let resp = client()
+        .get(format!("{}{resumable}", server.url))
+        .send()
+        .await
+        .expect("status GET");
+    assert_eq!(resp.status(), 204, "status of the resumable session");
+    let range = resp.headers()["range"].to_str().expect("Range").to_owned();
+    let end: usize = range.strip_prefix("0-").and_then(|e| e.parse().ok()).expect("Range 0-N");
+    // "0-0" is what the registry reports for an empty session (the first chunk is longer).
+    let offset = if end == 0 { 0 } else { end + 1 };
+    if server.backend == common::Backend::Fs {
+        assert_eq!(offset, first.len(), "durable offset on local disk");
+    }
+    let whole = [first, second].concat();
+    let rest = &whole[offset..];
+    let resp = patch(&server, &resumable, &format!("{offset}-{}", whole.len() - 1), rest).await;
+    assert_eq!(resp.status(), 202, "PATCH after restart");
+    let digest = common::sha256(&whole);
+    let resp = client()
+        .put(format!("{}{resumable}?digest={digest}", server.url))
+        .send()
+        .await
+        .expect("closing PUT");
+    assert_eq!(resp.status(), 201, "closing PUT after restart");
+    let resp = client()
+        .get(server.v2(&format!("{repo}/blobs/{digest}")))
+        .send()
+        .await
+        .expect("GET blob");
+    assert_eq!(resp.bytes().await.expect("body").as_ref(), whole.as_slice());
+}

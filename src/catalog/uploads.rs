@@ -119,6 +119,17 @@ impl Catalog {
         .await
     }
 
+    /// Every recorded session with the time (unix seconds) it was last used, for the start-up
+    /// check of what a previous process left.
+    pub async fn uploads_with_last_use(&self) -> Result<Vec<(UploadRecord, i64)>> {
+        self.read(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {COLUMNS}, updated_at FROM uploads"))?;
+            let rows = stmt.query_map([], |r| Ok((record(r)?, r.get::<_, i64>(6)?)))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
     /// Sessions not used after `before` (unix seconds), oldest first, at most `limit`.
     pub async fn idle_uploads(&self, before: i64, limit: u32) -> Result<Vec<UploadRecord>> {
         self.read(move |c| {

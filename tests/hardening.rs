@@ -355,3 +355,94 @@ async fn restart_clears_orphan_sessions_and_empty_upload_dirs() {
         .expect("GET blob");
     assert_eq!(resp.bytes().await.expect("body").as_ref(), whole.as_slice());
 }
+
+/// Private repositories put straight into the catalog (pushing 100,000 would take long).
+const PRIVATE_REPOS: usize = 100_000;
+
+/// Anonymous `/v2/_catalog` on a registry with 100,000 private repositories and two public ones
+/// sorted after them: `n=0` answers at once, and paging with `n=1` reaches both public
+/// repositories through `Link` headers, each answer a bounded amount of work. The filtered
+/// listing used to run one catalog query per repository (per two with `n=1`) until it found
+/// one to show: 23 s for the first `n=1` page here.
+#[tokio::test]
+async fn anonymous_catalog_listing_is_bounded_whatever_the_repository_count() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("stowage.toml");
+    std::fs::write(&config, "[auth]\nanonymous_pull = [\"p/public\", \"z/public\"]\n").expect("config");
+    let mut server = TestServer::start_with(&[
+        ("STOWAGE_CONFIG", config.to_str().expect("utf-8 path")),
+        ("STOWAGE_AUTH__ENABLED", "true"),
+    ]);
+    // Answering a request means the server runs (and handles SIGTERM).
+    let resp = client().get(server.v2("")).send().await.expect("GET /v2/");
+    assert_eq!(resp.status(), 401, "GET /v2/ anonymously with auth on");
+    let status = server.terminate();
+    assert!(status.success(), "clean stop: {status}");
+    {
+        let mut db = rusqlite::Connection::open(server.data_dir().join("catalog.db")).expect("open catalog");
+        let tx = db.transaction().expect("begin");
+        {
+            let mut add = tx
+                .prepare("INSERT INTO repositories (name, created_at) VALUES (?1, 0)")
+                .expect("prepare");
+            for name in ["p/public".to_owned(), "z/public".to_owned()]
+                .into_iter()
+                .chain((0..PRIVATE_REPOS).map(|i| format!("m/private{i:06}")))
+            {
+                add.execute([name]).expect("insert repository");
+            }
+        }
+        tx.commit().expect("commit");
+    }
+    server.crash_and_restart();
+    let http = client();
+    let get = |query: String| {
+        let http = http.clone();
+        let url = format!("{}{query}", server.v2("_catalog"));
+        async move {
+            let started = Instant::now();
+            let resp = http.get(&url).send().await.expect("GET _catalog");
+            let took = started.elapsed();
+            assert_eq!(resp.status(), 200, "GET {url}");
+            let link = resp
+                .headers()
+                .get("link")
+                .map(|l| l.to_str().expect("ascii").to_owned());
+            let body: serde_json::Value = resp.json().await.expect("json");
+            let repos: Vec<String> = body["repositories"]
+                .as_array()
+                .expect("repositories")
+                .iter()
+                .map(|r| r.as_str().expect("name").to_owned())
+                .collect();
+            (repos, link, took)
+        }
+    };
+    let (repos, link, took) = get("?n=0".into()).await;
+    assert!(repos.is_empty() && link.is_none(), "n=0: {repos:?} {link:?}");
+    eprintln!("anonymous ?n=0 over {PRIVATE_REPOS} repositories: {took:?}");
+    assert!(took < Duration::from_secs(2), "n=0 took {took:?}");
+
+    let mut listed = Vec::new();
+    let mut query = "?n=1".to_owned();
+    let mut requests = 0;
+    let mut slowest = Duration::ZERO;
+    loop {
+        let (repos, link, took) = get(query).await;
+        requests += 1;
+        slowest = slowest.max(took);
+        assert!(repos.len() <= 1, "n=1 page: {repos:?}");
+        listed.extend(repos);
+        let Some(link) = link else { break };
+        let target = link
+            .strip_prefix("</v2/_catalog")
+            .and_then(|l| l.split_once('>'))
+            .map(|(q, _)| q.to_owned())
+            .unwrap_or_else(|| panic!("Link {link}"));
+        query = target;
+        assert!(requests < 100, "paging does not end: {listed:?}, next {query}");
+    }
+    eprintln!("anonymous paging with n=1: {requests} requests, slowest {slowest:?}");
+    assert_eq!(listed, ["p/public", "z/public"]);
+    assert!(slowest < Duration::from_secs(2), "slowest page took {slowest:?}");
+}

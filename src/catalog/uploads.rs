@@ -4,7 +4,8 @@
 //!
 //! A row is created when a session opens, moved forward by checkpoints as staged data becomes
 //! durable (never backwards: a late checkpoint cannot undo a newer one), and removed in the same
-//! transaction that links the finished blob, or when the session is cancelled or expires.
+//! transaction that links the finished blob, or when the session is cancelled or expires, or at
+//! start-up when its staged data is gone (`Registry::clean_up_uploads_at_start`).
 
 use rusqlite::{OptionalExtension, params};
 use uuid::Uuid;

@@ -39,8 +39,10 @@ fn big_spec_config(n: usize, layer_digest: &str) -> Vec<u8> {
             "arch":{"platform":"linux","platform_os":"debian12","target":"zen2"},
             "dependencies":deps,"hash":node_hash(i)}));
     }
-    nodes.push(json!({"name":"gcc","version":"12.2.0","arch":{"platform":"linux","platform_os":"debian12",
-        "target":"x86_64"},"external":{"path":"/usr"},"hash":compiler}));
+    nodes.push(
+        json!({"name":"gcc","version":"12.2.0","arch":{"platform":"linux","platform_os":"debian12",
+        "target":"x86_64"},"external":{"path":"/usr"},"hash":compiler}),
+    );
     serde_json::to_vec(&json!({"architecture":"amd64","os":"linux",
         "rootfs":{"type":"layers","diff_ids":[]},"config":{"Env":[]},
         "spec":{"_meta":{"version":5},"nodes":nodes},"buildcache_layout_version":3,
@@ -84,10 +86,7 @@ async fn spack_spec_with_30000_nodes_is_recorded_in_linear_time() {
     let took = started.elapsed();
     assert_eq!(resp.status(), 201, "spec manifest PUT");
     eprintln!("recorded a spec of {n} nodes ({} bytes) in {took:?}", config.len());
-    assert!(
-        took < Duration::from_secs(40),
-        "recording {n} nodes took {took:?}"
-    );
+    assert!(took < Duration::from_secs(40), "recording {n} nodes took {took:?}");
     // Every node is recorded with the compiler it was built with.
     let resp = client()
         .get(server.url.clone() + &format!("/stowage/v1/spack/{repo}/specs/{}", node_hash(0)))
@@ -101,7 +100,13 @@ async fn spack_spec_with_30000_nodes_is_recorded_in_linear_time() {
 }
 
 /// PUTs `body` as a manifest of `media_type` and returns the response.
-async fn put_manifest(server: &TestServer, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> reqwest::Response {
+async fn put_manifest(
+    server: &TestServer,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    body: &[u8],
+) -> reqwest::Response {
     client()
         .put(server.v2(&format!("{repo}/manifests/{reference}")))
         .header("Content-Type", media_type)
@@ -267,7 +272,12 @@ async fn restart_clears_orphan_sessions_and_empty_upload_dirs() {
     let first = b"the first half of a blob, ".to_vec();
     let second = b"and the second half".to_vec();
     let (resumable, resumable_id) = open_session(&server, repo).await;
-    assert_eq!(patch(&server, &resumable, &format!("0-{}", first.len() - 1), &first).await.status(), 202);
+    assert_eq!(
+        patch(&server, &resumable, &format!("0-{}", first.len() - 1), &first)
+            .await
+            .status(),
+        202
+    );
     let (expired, expired_id) = open_session(&server, repo).await;
     let (lost, lost_id) = open_session(&server, repo).await;
     assert_eq!(patch(&server, &lost, "0-3", b"data").await.status(), 202);
@@ -286,7 +296,10 @@ async fn restart_clears_orphan_sessions_and_empty_upload_dirs() {
     .expect("age the session");
     drop(db);
     let uploads = server.data_dir().join("storage/uploads");
-    let empty_dirs = [uploads.join("0b5ca1ab1e0000000000000000000001"), uploads.join("not-an-upload-id")];
+    let empty_dirs = [
+        uploads.join("0b5ca1ab1e0000000000000000000001"),
+        uploads.join("not-an-upload-id"),
+    ];
     if server.backend == common::Backend::Fs {
         // What a crash leaves on local disk: a staging file gone with its session's row still
         // recorded (it died between the two), and empty upload directories.
@@ -305,7 +318,10 @@ async fn restart_clears_orphan_sessions_and_empty_upload_dirs() {
     }
     assert_eq!(recorded_sessions(&server), left, "sessions recorded after the restart");
     if server.backend == common::Backend::Fs {
-        for d in empty_dirs.iter().chain([&uploads.join(&lost_id), &uploads.join(&expired_id)]) {
+        for d in empty_dirs
+            .iter()
+            .chain([&uploads.join(&lost_id), &uploads.join(&expired_id)])
+        {
             assert!(!d.exists(), "{} is removed at start-up", d.display());
         }
         assert!(uploads.join(&resumable_id).join("data").exists(), "resumable data kept");
@@ -331,7 +347,10 @@ async fn restart_clears_orphan_sessions_and_empty_upload_dirs() {
         .expect("status GET");
     assert_eq!(resp.status(), 204, "status of the resumable session");
     let range = resp.headers()["range"].to_str().expect("Range").to_owned();
-    let end: usize = range.strip_prefix("0-").and_then(|e| e.parse().ok()).expect("Range 0-N");
+    let end: usize = range
+        .strip_prefix("0-")
+        .and_then(|e| e.parse().ok())
+        .expect("Range 0-N");
     // "0-0" is what the registry reports for an empty session (the first chunk is longer).
     let offset = if end == 0 { 0 } else { end + 1 };
     if server.backend == common::Backend::Fs {

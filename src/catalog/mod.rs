@@ -389,8 +389,12 @@ mod tests {
         assert_eq!(catalog.read(count).await.unwrap(), 3, "the panicking job left nothing");
         let half: Option<i64> = catalog
             .read(|c| {
-                Ok(c.query_row("SELECT id FROM repositories WHERE name = 'half/written'", [], |r| r.get(0))
-                    .optional()?)
+                Ok(
+                    c.query_row("SELECT id FROM repositories WHERE name = 'half/written'", [], |r| {
+                        r.get(0)
+                    })
+                    .optional()?,
+                )
             })
             .await
             .unwrap();
@@ -411,7 +415,15 @@ mod tests {
         .unwrap();
         catalog.write(add_repo("before/death")).await.unwrap();
         let fatal: Job = Box::new(|_| panic!("a bug in the writer loop itself"));
-        catalog.inner.jobs.lock().unwrap().as_ref().unwrap().send(fatal).unwrap();
+        catalog
+            .inner
+            .jobs
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .send(fatal)
+            .unwrap();
         let handle = catalog.inner.writer_thread.lock().unwrap().take().unwrap();
         handle.join().expect("the supervisor caught the panic");
         assert_eq!(DEATHS.load(Ordering::SeqCst), 1);

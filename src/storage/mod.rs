@@ -418,7 +418,9 @@ impl BlobStore {
     /// `offset` bytes; a multipart upload cannot be listed through `object_store`, so it counts
     /// as present (expiry removes it if it is not).
     pub async fn staged_data_present(&self, id: Uuid, staging: &str, offset: u64) -> Result<bool> {
-        let Some(file) = self.local_file(Key::Upload(id)) else { return Ok(true) };
+        let Some(file) = self.local_file(Key::Upload(id)) else {
+            return Ok(true);
+        };
         if !matches!(StagingState::from_json(staging), Some(StagingState::File)) {
             return Ok(false);
         }

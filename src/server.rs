@@ -46,7 +46,12 @@ impl DataDirLock {
     pub fn acquire(data_dir: &Path, purpose: &str) -> Result<DataDirLock, String> {
         use std::io::{Read as _, Seek as _, Write as _};
         use std::os::fd::AsRawFd as _;
-        std::fs::create_dir_all(data_dir)
+        use std::os::unix::fs::DirBuilderExt as _;
+        // Owner-only, like everything Stowage creates there (the catalog holds password hashes).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
             .map_err(|e| format!("creating the data directory {}: {e}", data_dir.display()))?;
         let path = data_dir.join(LOCK_FILE);
         let mut file = std::fs::OpenOptions::new()
@@ -103,13 +108,6 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
     let catalog_path = config.catalog_path();
     let catalog = tokio::task::spawn_blocking(move || Catalog::open(&catalog_path)).await??;
     let store = open_store(config).await?;
-    // Upload sessions recorded in the catalog resume; anything else staged is left over from
-    // uploads that cannot (single-request uploads cut short by a stop).
-    let sessions: std::collections::HashSet<_> = catalog.upload_ids().await?.into_iter().collect();
-    let stale = store.discard_uploads_except(&sessions).await?;
-    if stale > 0 {
-        tracing::info!(count = stale, "removed upload data left by a previous run");
-    }
     let settings = Settings {
         delete_enabled: config.registry.delete_enabled,
         max_manifest_size: config.registry.max_manifest_size,
@@ -123,8 +121,9 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         "upload session limits"
     );
     let registry = Registry::new(catalog, store, settings);
-    // Sessions left idle across a stop may have expired already.
-    registry.expire_uploads().await;
+    // Upload sessions recorded in the catalog resume, unless they expired or lost their data;
+    // anything else staged is left over from uploads that cannot.
+    registry.clean_up_uploads_at_start().await?;
     Ok(registry)
 }
 

@@ -1,7 +1,9 @@
 //! Token signing keys: Ed25519 (JWS `EdDSA`), in PKCS#8 PEM files.
 //!
 //! Without `auth.signing_key`, keys live in `<data_dir>/auth/keys/` as `key-<unix seconds>.pem`,
-//! created with mode 0600 in a 0700 directory. The newest signs; every key in the directory
+//! created with mode 0600 in a 0700 directory (and `auth/` is created 0700 too). A key file
+//! there found readable by group or others is changed to 0600 at start-up, with a warning; an
+//! explicit `auth.signing_key` is the operator's file and only warned about. The newest signs; every key in the directory
 //! verifies, so after `stowage key rotate` (which adds a newer key) tokens signed with the
 //! previous key stay valid until they expire. The first start generates the first key.
 //!
@@ -9,7 +11,7 @@
 //! its raw public key.
 
 use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
@@ -136,7 +138,11 @@ fn key_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, KeyError> {
 
 /// Writes a new key into `dir` (0600, directory 0700); returns its kid.
 pub fn add_key(dir: &Path, now: u64) -> Result<String, KeyError> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     // A second key in the same second gets the next free name: names must stay ordered.
     let mut stamp = now;
@@ -190,10 +196,21 @@ impl KeySet {
             }
             files.extend(key_files(dir)?.into_iter().map(|(_, p)| p));
             for path in &files {
-                let mode = std::fs::metadata(path)?.permissions().mode();
+                let mode = std::fs::metadata(path)?.permissions().mode() & 0o7777;
                 if mode & 0o077 != 0 {
-                    tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "signing key is readable by others; chmod 600 it");
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                        .map_err(|e| format!("restricting {}: {e}", path.display()))?;
+                    tracing::warn!(path = %path.display(), was = format!("{mode:o}"), "signing key was readable by other users; changed its mode to 600");
                 }
+            }
+        }
+        if let Some(path) = signing_key {
+            let mode = std::fs::metadata(path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o7777), "auth.signing_key is readable by other users; chmod 600 it");
             }
         }
         // The signer comes last: the explicit key, or the newest file.
@@ -260,5 +277,21 @@ mod tests {
         assert_eq!(prune(&dir, 2400, 300).unwrap(), 1);
         let pruned = KeySet::load(&dir, None, &[], 2401).unwrap();
         assert!(pruned.verifier(first.signing_kid()).is_none());
+    }
+
+    #[test]
+    fn key_files_and_directories_are_owner_only() {
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = key_dir(tmp.path());
+        KeySet::load(&dir, None, &[], 1000).unwrap();
+        assert_eq!(mode(&tmp.path().join("auth")), 0o700);
+        assert_eq!(mode(&dir), 0o700);
+        let key = dir.join("key-000000001000.pem");
+        assert_eq!(mode(&key), 0o600);
+        // A key another tool left readable by everyone is restricted at the next start.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        KeySet::load(&dir, None, &[], 1001).unwrap();
+        assert_eq!(mode(&key), 0o600);
     }
 }

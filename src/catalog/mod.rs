@@ -11,8 +11,23 @@
 //! rolls back to its savepoint without disturbing the others. Under concurrent pushes this turns
 //! many fsyncs into one.
 //!
+//! Supervision: the writer thread is the only way to change the catalog, so it must not die
+//! silently. A job that panics is caught inside its savepoint: the savepoint is rolled back, the
+//! panic is logged at error level, its caller gets an internal error, and the rest of the batch
+//! commits as usual. Should the thread end abnormally nevertheless (a panic outside any job),
+//! the error is logged and the process exits with status 70 (`EX_SOFTWARE`) rather than keep
+//! serving with a catalog that refuses every write: a supervisor (systemd `Restart=on-failure`,
+//! Kubernetes) restarts Stowage, and the restart recovers from the WAL like any crash. The
+//! thread ending because the catalog was closed (every sender dropped) is the normal end.
+//!
 //! Schema changes are the numbered files in `migrations/`, embedded in the binary and applied
 //! at start-up; the applied version is SQLite's `user_version`.
+//!
+//! Files: the catalog holds password hashes and token records, so its files are owner-only.
+//! The directory holding it is created 0700 when Stowage creates it (an existing one is left as
+//! the operator set it); `catalog.db` is created 0600 before SQLite opens it, and SQLite gives
+//! the `-wal` and `-shm` files it creates the database file's mode. A catalog file found
+//! readable by group or others at start-up is changed to 0600, with a warning in the log.
 
 pub mod auth;
 mod fsck;
@@ -21,13 +36,14 @@ mod queries;
 mod spack;
 mod uploads;
 
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
-pub use queries::{ManifestRecord, NewManifest, Referrer};
+pub use queries::{ManifestRecord, NewManifest, Referrer, RepositoryPage};
 pub use spack::{ClosureNode, IndexSnapshot, IndexState, SpecDetail, SpecQuery, SpecSummary};
 pub use uploads::{UploadCheckpoint, UploadRecord};
 
@@ -69,9 +85,13 @@ struct Inner {
 impl Catalog {
     /// Opens (creating if needed) the catalog at `path` and applies pending migrations.
     pub fn open(path: &Path) -> Result<Catalog> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
+        Self::open_supervised(path, exit_after_writer_death)
+    }
+
+    /// [`Catalog::open`], with `on_writer_death` called (on the writer thread) if that thread
+    /// ends abnormally.
+    fn open_supervised(path: &Path, on_writer_death: fn(&str)) -> Result<Catalog> {
+        prepare_files(path)?;
         let mut conn = Connection::open(path)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
@@ -83,7 +103,12 @@ impl Catalog {
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("catalog-writer".into())
-            .spawn(move || writer_loop(conn, rx))?;
+            .spawn(move || {
+                let ran = std::panic::catch_unwind(AssertUnwindSafe(|| writer_loop(conn, rx)));
+                if let Err(payload) = ran {
+                    on_writer_death(&panic_message(payload.as_ref()));
+                }
+            })?;
         Ok(Catalog {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
@@ -166,6 +191,52 @@ impl Catalog {
     }
 }
 
+/// Mode of the catalog's files.
+const FILE_MODE: u32 = 0o600;
+/// Mode of the directories Stowage creates for the catalog.
+const DIR_MODE: u32 = 0o700;
+
+/// Creates the catalog's directory (0700) and database file (0600) if missing, and takes group
+/// and other access away from catalog files that have it.
+fn prepare_files(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        restrict(Path::new(&file))?;
+    }
+    Ok(())
+}
+
+/// Sets an existing file readable by group or others to [`FILE_MODE`], saying so.
+fn restrict(file: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = match std::fs::metadata(file) {
+        Ok(m) => m.permissions().mode() & 0o7777,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(FILE_MODE))?;
+        tracing::warn!(
+            path = %file.display(),
+            was = format!("{mode:o}"),
+            "catalog file was readable by other users; changed its mode to 600"
+        );
+    }
+    Ok(())
+}
+
 fn open_reader(path: &Path) -> Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
@@ -175,9 +246,40 @@ fn open_reader(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Exit status when the writer thread dies: `EX_SOFTWARE`.
+const WRITER_DIED_EXIT: i32 = 70;
+
+/// What a process does when its catalog writer dies: say so and exit, for a supervisor to
+/// restart it (see the module doc).
+fn exit_after_writer_death(reason: &str) {
+    tracing::error!(
+        reason,
+        exit_status = WRITER_DIED_EXIT,
+        "the catalog writer thread died; exiting so that a supervisor restarts stowage"
+    );
+    std::process::exit(WRITER_DIED_EXIT);
+}
+
+/// The message a panic was raised with, if it has one.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// Runs one job in its own savepoint; a failed or panicking job is rolled back to it.
 fn run_in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
     conn.execute_batch("SAVEPOINT job")?;
-    match f(conn) {
+    // The connection is consistent after a panic in `f`: the panic unwinds through Rust code
+    // only (rusqlite does not unwind through SQLite), and the rollback below undoes the job.
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| f(conn))).unwrap_or_else(|payload| {
+        let message = panic_message(payload.as_ref());
+        tracing::error!(panic = %message, "a catalog write job panicked; its changes are rolled back");
+        Err(Internal::Other("a catalog write job panicked").into())
+    });
+    match outcome {
         Ok(v) => {
             conn.execute_batch("RELEASE job")?;
             Ok(v)
@@ -243,4 +345,90 @@ pub(crate) fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use rusqlite::OptionalExtension as _;
+
+    use super::*;
+
+    fn count(c: &Connection) -> Result<i64> {
+        Ok(c.query_row("SELECT COUNT(*) FROM repositories", [], |r| r.get(0))?)
+    }
+
+    fn add_repo(name: &'static str) -> impl FnOnce(&Connection) -> Result<()> + Send + 'static {
+        move |c| {
+            c.execute("INSERT INTO repositories (name, created_at) VALUES (?1, 0)", [name])?;
+            Ok(())
+        }
+    }
+
+    /// A panicking job is rolled back and answered with an error; the jobs queued with it (in
+    /// its batch or the next) and later jobs commit, and the writer keeps going.
+    #[tokio::test]
+    async fn a_panicking_job_is_rolled_back_and_the_writer_carries_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open_supervised(&tmp.path().join("catalog.db"), |reason| {
+            panic!("the writer must survive a panicking job, but died: {reason}")
+        })
+        .unwrap();
+        let panicking = catalog.write(|c| -> Result<()> {
+            add_repo("half/written")(c)?;
+            panic!("a bug in a catalog job");
+        });
+        let (before, failed, after) = tokio::join!(
+            catalog.write(add_repo("queued/before")),
+            panicking,
+            catalog.write(add_repo("queued/after")),
+        );
+        before.unwrap();
+        after.unwrap();
+        assert!(failed.is_err(), "the panicking job's caller gets an error");
+        catalog.write(add_repo("later/write")).await.unwrap();
+        assert_eq!(catalog.read(count).await.unwrap(), 3, "the panicking job left nothing");
+        let half: Option<i64> = catalog
+            .read(|c| {
+                Ok(
+                    c.query_row("SELECT id FROM repositories WHERE name = 'half/written'", [], |r| {
+                        r.get(0)
+                    })
+                    .optional()?,
+                )
+            })
+            .await
+            .unwrap();
+        assert_eq!(half, None);
+        catalog.close();
+    }
+
+    static DEATHS: AtomicUsize = AtomicUsize::new(0);
+
+    /// The writer thread ending abnormally (here a panic outside any job's guard) is reported
+    /// to the supervisor hook, which in the server logs and exits non-zero.
+    #[tokio::test]
+    async fn the_writer_thread_dying_is_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open_supervised(&tmp.path().join("catalog.db"), |_| {
+            DEATHS.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+        catalog.write(add_repo("before/death")).await.unwrap();
+        let fatal: Job = Box::new(|_| panic!("a bug in the writer loop itself"));
+        catalog
+            .inner
+            .jobs
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .send(fatal)
+            .unwrap();
+        let handle = catalog.inner.writer_thread.lock().unwrap().take().unwrap();
+        handle.join().expect("the supervisor caught the panic");
+        assert_eq!(DEATHS.load(Ordering::SeqCst), 1);
+        assert!(catalog.write(add_repo("after/death")).await.is_err());
+    }
 }

@@ -30,6 +30,16 @@ pub struct NewManifest {
     pub spack_index_generation: Option<i64>,
 }
 
+/// A page of a filtered repository listing ([`Catalog::visible_repositories`]).
+#[derive(Debug, Clone)]
+pub struct RepositoryPage {
+    /// Names the filter accepted, in lexical order.
+    pub names: Vec<String>,
+    /// When the scan reached its bound before the page filled: the last name it examined,
+    /// after which the next page starts.
+    pub resume_after: Option<String>,
+}
+
 /// One entry of a referrers response.
 #[derive(Debug, Clone)]
 pub struct Referrer {
@@ -160,7 +170,8 @@ impl Catalog {
     }
 
     /// Stores a validated manifest (and its tag) in one transaction, after checking inside that
-    /// transaction that every blob and child manifest it references is present in the repository.
+    /// transaction that every blob and child manifest it references is present in the repository
+    /// with the size its descriptor gives (`MANIFEST_INVALID` naming the blob or child if not).
     pub async fn put_manifest(&self, repo: &RepoName, m: NewManifest) -> Result<()> {
         let repo = repo.to_string();
         self.write(move |c| {
@@ -169,9 +180,13 @@ impl Catalog {
             for d in p.required_blobs() {
                 match size_in_repo(c, &repo, &d.digest.to_string())? {
                     Some(size) if size == d.size => {}
-                    Some(_) => {
+                    Some(size) => {
                         return Err(Error::ManifestInvalid(
-                            format!("descriptor size for {} does not match the stored blob", d.digest).into(),
+                            format!(
+                                "descriptor size {} for blob {} does not match its stored size {size}",
+                                d.size, d.digest
+                            )
+                            .into(),
                         ));
                     }
                     None => return Err(Error::ManifestBlobUnknown(d.digest.clone())),
@@ -185,8 +200,18 @@ impl Catalog {
                         |r| r.get(0),
                     )
                     .optional()?;
-                if known.is_none() {
-                    return Err(Error::ManifestBlobUnknown(d.digest.clone()));
+                match known {
+                    Some(size) if size as u64 == d.size => {}
+                    Some(size) => {
+                        return Err(Error::ManifestInvalid(
+                            format!(
+                                "descriptor size {} for child manifest {} does not match its stored size {size}",
+                                d.size, d.digest
+                            )
+                            .into(),
+                        ));
+                    }
+                    None => return Err(Error::ManifestBlobUnknown(d.digest.clone())),
                 }
             }
             let digest = m.digest.to_string();
@@ -334,17 +359,43 @@ impl Catalog {
         .await
     }
 
-    /// Repository names in lexical order, after `last`, at most `limit`.
-    pub async fn repositories(&self, last: Option<String>, limit: u64) -> Result<Vec<String>> {
+    /// Repository names after `last`, in lexical order, that `keep` accepts: up to `limit` of
+    /// them, from one query that examines at most `scan` names (so the work is bounded whatever
+    /// the number of repositories and however few of them `keep` accepts). `keep` runs on the
+    /// blocking pool, so it must be cheap and must not block.
+    pub async fn visible_repositories<F>(
+        &self,
+        last: Option<String>,
+        limit: u64,
+        scan: u64,
+        keep: F,
+    ) -> Result<RepositoryPage>
+    where
+        F: Fn(&str) -> bool + Send + 'static,
+    {
         self.read(move |c| {
+            let scan = scan.max(1);
             let mut stmt = c.prepare_cached("SELECT name FROM repositories WHERE name > ?1 ORDER BY name LIMIT ?2")?;
-            let names = stmt
-                .query_map(
-                    params![last.unwrap_or_default(), limit.min(i64::MAX as u64) as i64],
-                    |r| r.get(0),
-                )?
-                .collect::<rusqlite::Result<Vec<String>>>()?;
-            Ok(names)
+            let mut rows = stmt.query(params![last.unwrap_or_default(), scan.min(i64::MAX as u64) as i64])?;
+            let mut names = Vec::new();
+            let mut examined = 0u64;
+            let mut last_examined = None;
+            while let Some(row) = rows.next()? {
+                let name: String = row.get(0)?;
+                examined += 1;
+                if keep(&name) {
+                    names.push(name.clone());
+                    if names.len() as u64 >= limit {
+                        return Ok(RepositoryPage {
+                            names,
+                            resume_after: None,
+                        });
+                    }
+                }
+                last_examined = Some(name);
+            }
+            let resume_after = if examined >= scan { last_examined } else { None };
+            Ok(RepositoryPage { names, resume_after })
         })
         .await
     }

@@ -4,7 +4,8 @@
 //!
 //! A row is created when a session opens, moved forward by checkpoints as staged data becomes
 //! durable (never backwards: a late checkpoint cannot undo a newer one), and removed in the same
-//! transaction that links the finished blob, or when the session is cancelled or expires.
+//! transaction that links the finished blob, or when the session is cancelled or expires, or at
+//! start-up when its staged data is gone (`Registry::clean_up_uploads_at_start`).
 
 use rusqlite::{OptionalExtension, params};
 use uuid::Uuid;
@@ -58,6 +59,8 @@ fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRecord> {
 }
 
 const COLUMNS: &str = "id, repo, algorithm, offset, hash_state, staging, owner";
+/// How many columns `COLUMNS` names (the index of the first column selected after them).
+const COLUMN_COUNT: usize = 7;
 
 impl Catalog {
     /// Records a new session (offset 0 unless `rec` says otherwise).
@@ -119,6 +122,17 @@ impl Catalog {
                 .filter_map(|r| r.ok().and_then(|s| Uuid::try_parse(&s).ok()))
                 .collect();
             Ok(ids)
+        })
+        .await
+    }
+
+    /// Every recorded session with the time (unix seconds) it was last used, for the start-up
+    /// check of what a previous process left.
+    pub async fn uploads_with_last_use(&self) -> Result<Vec<(UploadRecord, i64)>> {
+        self.read(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {COLUMNS}, updated_at FROM uploads"))?;
+            let rows = stmt.query_map([], |r| Ok((record(r)?, r.get::<_, i64>(COLUMN_COUNT)?)))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
     }

@@ -397,8 +397,3 @@ pub fn may_mount_from(auth: &Auth, req: &HttpRequest, from: Option<&RepoName>) -
         (_, Some(from)) => auth.authorize(&who, from.as_str(), Action::Pull).is_ok(),
     }
 }
-
-/// Whether this request's identity may see `repo` in the catalog.
-pub fn may_list(auth: &Auth, req: &HttpRequest, repo: &str) -> bool {
-    principal(req).is_some_and(|who| auth.may_list(&who, repo))
-}

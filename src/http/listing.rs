@@ -1,5 +1,12 @@
 //! Listings: `/v2/<name>/tags/list`, `/v2/_catalog` (both paginated with `n`/`last` and a
 //! relative `Link` header), and `/v2/<name>/referrers/<digest>`.
+//!
+//! `/v2/_catalog` lists only the repositories the caller may pull. The filter runs inside one
+//! catalog query that examines at most `max(n + 1, CATALOG_SCAN)` names, whatever the number
+//! of repositories: when that bound is reached before the page fills, the answer holds what was
+//! found (possibly nothing) and a `Link` to continue after the last name examined, so a client
+//! that follows `Link` headers (as the spec asks) still sees every repository it may pull.
+//! `n=0` answers an empty list without a query.
 
 use actix_web::http::header::{CONTENT_TYPE, LINK};
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -31,6 +38,14 @@ fn page(req: &HttpRequest) -> Result<Page> {
     Ok(Page { n, last })
 }
 
+/// Most repository names one `/v2/_catalog` request examines, beyond a page larger than this.
+const CATALOG_SCAN: u64 = 10_000;
+
+/// The `Link` to the page after `last`.
+fn next_link(base: &str, n: u64, last: &str) -> String {
+    format!("<{base}?n={n}&last={last}>; rel=\"next\"")
+}
+
 /// Trims a page fetched with one extra entry and builds its `Link`, if more remain.
 fn paginate(mut items: Vec<String>, n: Option<u64>, base: &str) -> (Vec<String>, Option<String>) {
     let Some(n) = n else { return (items, None) };
@@ -38,9 +53,7 @@ fn paginate(mut items: Vec<String>, n: Option<u64>, base: &str) -> (Vec<String>,
         return (items, None);
     }
     items.truncate(n as usize);
-    let link = items
-        .last()
-        .map(|last| format!("<{base}?n={n}&last={last}>; rel=\"next\""));
+    let link = items.last().map(|last| next_link(base, n, last));
     (items, link)
 }
 
@@ -71,21 +84,23 @@ pub async fn tags(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResp
 
 /// `/v2/_catalog`: the repositories the caller may pull, paginated over that filtered list.
 pub async fn catalog(req: HttpRequest, reg: web::Data<Registry>, auth: web::Data<Auth>) -> Result<HttpResponse> {
+    const BASE: &str = "/v2/_catalog";
     let page = page(&req)?;
     let n = page.n.unwrap_or(reg.settings().catalog_page_size);
-    let batch = n.saturating_add(1);
-    let mut repos = Vec::new();
-    let mut last = page.last;
-    loop {
-        let fetched = reg.catalog().repositories(last.clone(), batch).await?;
-        let exhausted = (fetched.len() as u64) < batch;
-        last = fetched.last().cloned();
-        repos.extend(fetched.into_iter().filter(|r| super::auth::may_list(&auth, &req, r)));
-        if exhausted || repos.len() as u64 >= batch {
-            break;
-        }
-    }
-    let (repos, link) = paginate(repos, Some(n), "/v2/_catalog");
+    let who = super::auth::principal(&req);
+    let (Some(who), true) = (who, n > 0) else {
+        return Ok(json_with_link(serde_json::json!({ "repositories": [] }), None));
+    };
+    let fetch = n.saturating_add(1);
+    let auth = auth.into_inner();
+    let listing = reg
+        .catalog()
+        .visible_repositories(page.last, fetch, fetch.max(CATALOG_SCAN), move |r| {
+            auth.may_list(&who, r)
+        })
+        .await?;
+    let (repos, link) = paginate(listing.names, Some(n), BASE);
+    let link = link.or_else(|| listing.resume_after.map(|last| next_link(BASE, n, &last)));
     Ok(json_with_link(serde_json::json!({ "repositories": repos }), link))
 }
 

@@ -19,6 +19,7 @@ pub use manifests::PutOutcome;
 pub use uploads::{Chunk, ChunkRange, SessionLimits, Uploads};
 
 use crate::catalog::Catalog;
+use crate::error::Result;
 use crate::storage::BlobStore;
 
 /// How long a session sits idle before the bytes it buffers past its last part (S3) are moved
@@ -68,6 +69,40 @@ impl Registry {
 
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// Clears what a previous process left of upload sessions, before serving: sessions
+    /// expired meanwhile or whose staged data is gone (their catalog rows would otherwise stay
+    /// until expiry, or forever for a crash between creating a row and its data), with their
+    /// data; then staged data and empty `uploads/<id>/` directories that no remaining session
+    /// names (single-request uploads cut short, crashes mid-cleanup). What remains can resume.
+    pub async fn clean_up_uploads_at_start(&self) -> Result<()> {
+        let timeout = i64::try_from(self.settings.upload_timeout.as_secs()).unwrap_or(i64::MAX);
+        let expired_before = crate::catalog::now().saturating_sub(timeout);
+        let mut keep = std::collections::HashSet::new();
+        let (mut expired, mut gone) = (0usize, 0usize);
+        for (rec, last_used) in self.catalog.uploads_with_last_use().await? {
+            if last_used <= expired_before {
+                expired += 1;
+            } else if !self.store.staged_data_present(rec.id, &rec.staging, rec.offset).await? {
+                gone += 1;
+            } else {
+                keep.insert(rec.id);
+                continue;
+            }
+            self.forget_session(rec.id, Some(&rec.staging)).await;
+        }
+        let stale = self.store.discard_uploads_except(&keep).await?;
+        if expired + gone + stale > 0 {
+            tracing::info!(
+                expired_sessions = expired,
+                sessions_without_data = gone,
+                stale_uploads = stale,
+                resumable_sessions = keep.len(),
+                "removed upload sessions and data left by a previous run"
+            );
+        }
+        Ok(())
     }
 
     /// Removes upload sessions idle for longer than the configured timeout, with their data.

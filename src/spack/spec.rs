@@ -1,5 +1,7 @@
 //! Reading a spec image's config: the nodes of the spec's DAG and what the index needs of them.
 
+use std::collections::HashMap;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -106,11 +108,16 @@ pub fn parse_config(config: &[u8]) -> Option<SpecImage> {
     }
     // 1.x records the compiler as a build dependency providing the `c`/`cxx`/`fortran` virtuals;
     // 0.2x as a `compiler` key.
+    // Looked up once per node: a map, so that recording a spec stays linear in its node count
+    // (a search of the node list per node was quadratic: minutes for 20,000 nodes).
+    let mut by_hash: HashMap<&str, &RawNode> = HashMap::with_capacity(parsed.len());
+    for (n, _) in &parsed {
+        by_hash.entry(n.hash.as_str()).or_insert(n);
+    }
     let version_of = |hash: &str| {
-        parsed
-            .iter()
-            .find(|(n, _)| n.hash == hash)
-            .map(|(n, _)| format!("{}@{}", n.name, version_text(&n.version)))
+        by_hash
+            .get(hash)
+            .map(|n| format!("{}@{}", n.name, version_text(&n.version)))
     };
     let mut nodes = Vec::with_capacity(parsed.len());
     for (n, json) in &parsed {

@@ -457,8 +457,27 @@ impl BlobStore {
         }
     }
 
+    /// Whether the staged data a session recorded (`staging`, holding `offset` bytes) is still
+    /// there, so that the session can resume. On local disk the staging file must hold at least
+    /// `offset` bytes; a multipart upload cannot be listed through `object_store`, so it counts
+    /// as present (expiry removes it if it is not).
+    pub async fn staged_data_present(&self, id: Uuid, staging: &str, offset: u64) -> Result<bool> {
+        let Some(file) = self.local_file(Key::Upload(id)) else {
+            return Ok(true);
+        };
+        if !matches!(StagingState::from_json(staging), Some(StagingState::File)) {
+            return Ok(false);
+        }
+        match tokio::task::spawn_blocking(move || std::fs::metadata(file)).await? {
+            Ok(m) => Ok(m.is_file() && m.len() >= offset),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Removes the staged data of every upload not in `keep` (left by uploads that were in
-    /// progress when a previous process stopped and cannot be resumed). Returns how many.
+    /// progress when a previous process stopped and cannot be resumed), and on local disk the
+    /// empty `uploads/<id>/` directories of uploads not in `keep`. Returns how many.
     pub async fn discard_uploads_except(&self, keep: &std::collections::HashSet<Uuid>) -> Result<usize> {
         let prefix = match &self.prefix {
             None => Path::from("uploads"),
@@ -482,6 +501,10 @@ impl BlobStore {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
+        }
+        if let Some(root) = &self.local_root {
+            let (dir, keep) = (root.join("uploads"), keep.clone());
+            n += tokio::task::spawn_blocking(move || remove_empty_upload_dirs(&dir, &keep)).await??;
         }
         Ok(n)
     }
@@ -551,6 +574,30 @@ impl BlobStore {
 
 /// Bytes of a blob hashed per blocking task by [`BlobStore::hash_blob`].
 const HASH_PIECE: usize = 1024 * 1024;
+
+/// Removes the empty directories under `uploads` whose name is not a session in `keep`
+/// (a crash between creating one and writing its staging file, or between removing the file
+/// and the directory, leaves one). Blocking. Returns how many.
+fn remove_empty_upload_dirs(uploads: &std::path::Path, keep: &std::collections::HashSet<Uuid>) -> Result<usize> {
+    let entries = match std::fs::read_dir(uploads) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let mut n = 0;
+    for entry in entries {
+        let entry = entry?;
+        let id = entry.file_name().to_str().and_then(|s| Uuid::try_parse(s).ok());
+        if id.is_some_and(|id| keep.contains(&id)) || !entry.file_type()?.is_dir() {
+            continue;
+        }
+        // Fails, and is left alone, unless the directory is empty.
+        if std::fs::remove_dir(entry.path()).is_ok() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
 
 /// Streams `range` of a local file. One blocking task per download reads it sequentially in
 /// [`chunks::CHUNK`] pieces (recycled buffers, see [`chunks`]) into a channel holding at most [`READ_AHEAD`] of them, so reading the

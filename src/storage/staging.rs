@@ -13,6 +13,10 @@
 //!   multipart upload: it is written with a single PUT when the upload completes.
 //!
 //! [`StagingState`] is the serialisable part of each, kept by the catalog between checkpoints.
+//!
+//! The `fault_point!` lines are where tests built with the `fault-injection` feature fail a
+//! part write, a checkpoint's sync or the completion (`crate::faults`); without the feature
+//! they are nothing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -170,17 +174,22 @@ impl Staging {
             Staging::File(f) => {
                 let file = Arc::clone(&f.file);
                 let direct = f.direct.clone().filter(|_| direct_io_aligned(&data, offset));
+                #[cfg(feature = "fault-injection")]
+                let path = f.path.to_string_lossy().into_owned();
                 Ok(Box::pin(async move {
-                    tokio::task::spawn_blocking(move || write_part_at(&file, direct.as_deref(), &data, offset))
-                        .await
-                        .map_err(|e| object_store::Error::Generic {
-                            store: "staging",
-                            source: Box::new(e),
-                        })?
-                        .map_err(|e| object_store::Error::Generic {
-                            store: "staging",
-                            source: Box::new(e),
-                        })?;
+                    tokio::task::spawn_blocking(move || {
+                        fault_point!(StagingWrite, &path);
+                        write_part_at(&file, direct.as_deref(), &data, offset)
+                    })
+                    .await
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "staging",
+                        source: Box::new(e),
+                    })?
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "staging",
+                        source: Box::new(e),
+                    })?;
                     Ok(None)
                 }))
             }
@@ -204,6 +213,7 @@ impl Staging {
 
     /// Makes every part written so far durable (local disk: fdatasync; S3: already is).
     pub async fn sync(&mut self) -> Result<()> {
+        fault_point!(StagingSync, &self.label());
         if let Staging::File(f) = self {
             let file = Arc::clone(&f.file);
             let dirs = (!f.dirs_synced).then(|| f.path.clone());
@@ -225,6 +235,7 @@ impl Staging {
     pub async fn complete(&mut self, parts: Vec<PartId>, tail: Option<Bytes>) -> Result<()> {
         match self {
             Staging::File(f) => {
+                fault_point!(StagingComplete, &f.path.to_string_lossy());
                 let file = Arc::clone(&f.file);
                 tokio::task::spawn_blocking(move || file.sync_all()).await??;
                 Ok(())
@@ -240,6 +251,15 @@ impl Staging {
                     Ok(())
                 }
             },
+        }
+    }
+
+    /// The staged file or key, for fault-injection rules.
+    #[cfg(feature = "fault-injection")]
+    fn label(&self) -> String {
+        match self {
+            Staging::File(f) => f.path.to_string_lossy().into_owned(),
+            Staging::Multipart(m) => m.path.to_string(),
         }
     }
 

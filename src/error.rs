@@ -229,6 +229,9 @@ impl From<tokio::task::JoinError> for Error {
 impl Error {
     /// The OCI error code this error is reported as.
     pub fn code(&self) -> Code {
+        if self.is_storage_full() {
+            return Code::Unavailable;
+        }
         match self {
             Error::BlobUnknown(_) => Code::BlobUnknown,
             Error::UploadUnknown => Code::BlobUploadUnknown,
@@ -250,12 +253,12 @@ impl Error {
             Error::Denied => Code::Denied,
             Error::TokenRequestInvalid(_) => Code::Unsupported,
             Error::TooManyLogins { .. } => Code::TooManyRequests,
-            Error::Internal(i) if i.is_storage_full() => Code::Unavailable,
             Error::Internal(_) => Code::Unknown,
         }
     }
 
-    /// Whether this is the storage being full (answered 507 `UNAVAILABLE`).
+    /// Whether this is the storage being full (answered 507 `UNAVAILABLE`, whichever variant
+    /// carries the failure).
     pub fn is_storage_full(&self) -> bool {
         matches!(self, Error::Internal(i) if i.is_storage_full())
     }
@@ -268,7 +271,7 @@ impl Error {
             Error::RangeNotSatisfiable { .. } => 416,
             Error::PaginationInvalid(_) | Error::TokenRequestInvalid(_) => 400,
             // 507 Insufficient Storage: what a full disk is, rather than UNAVAILABLE's usual 503.
-            Error::Internal(i) if i.is_storage_full() => 507,
+            _ if self.is_storage_full() => 507,
             other => other.code().status(),
         }
     }

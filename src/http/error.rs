@@ -36,8 +36,8 @@ impl ResponseError for Error {
 
     fn error_response(&self) -> HttpResponse {
         let message = match self {
-            Error::Internal(inner) if inner.is_storage_full() => {
-                tracing::error!(error = %inner, "storage full while serving a request");
+            _ if self.is_storage_full() => {
+                tracing::error!(error = %self, "storage full while serving a request");
                 STORAGE_FULL.to_owned()
             }
             Error::Internal(inner) => {

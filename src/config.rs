@@ -161,6 +161,11 @@ pub struct RegistryConfig {
     pub upload_timeout_secs: u64,
     /// Entries per `/v2/_catalog` page when the client does not pass `n`.
     pub catalog_page_size: u64,
+    /// Upload sessions open at once, in total (lowered to fit the descriptor limit: each
+    /// session on local disk holds two descriptors). Beyond it a POST gets 429.
+    pub max_upload_sessions: usize,
+    /// Upload sessions one user may hold open at once (scaled down with the total).
+    pub max_upload_sessions_per_user: usize,
 }
 
 /// Authentication and access control. See the README's "Authentication" section.
@@ -272,6 +277,8 @@ impl Default for RegistryConfig {
             max_manifest_size: 4 * 1024 * 1024,
             upload_timeout_secs: 24 * 3600,
             catalog_page_size: 1000,
+            max_upload_sessions: 4096,
+            max_upload_sessions_per_user: 1024,
         }
     }
 }

@@ -101,6 +101,15 @@ pub enum Error {
     },
     #[error("blob upload invalid: {0}")]
     UploadInvalid(&'static str),
+    /// Another request is using the upload session.
+    #[error("blob upload invalid: another request is using this upload session; retry when it has finished")]
+    UploadBusy,
+    /// Storing an upload's data failed; the session was ended and its data deleted.
+    #[error("blob upload invalid: the upload could not be stored and was ended; start it again")]
+    UploadFailed(Internal),
+    /// The limit of open upload sessions is reached (429 with `Retry-After`).
+    #[error("too many upload sessions are open; finish or cancel some, or try again later")]
+    TooManyUploads { retry_after: u64 },
     #[error("provided digest did not match uploaded content")]
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("invalid digest: {0}")]
@@ -235,7 +244,9 @@ impl Error {
         match self {
             Error::BlobUnknown(_) => Code::BlobUnknown,
             Error::UploadUnknown => Code::BlobUploadUnknown,
-            Error::UploadOutOfOrder { .. } | Error::UploadInvalid(_) => Code::BlobUploadInvalid,
+            Error::UploadOutOfOrder { .. } | Error::UploadInvalid(_) | Error::UploadBusy | Error::UploadFailed(_) => {
+                Code::BlobUploadInvalid
+            }
             Error::DigestMismatch { .. } | Error::DigestInvalid(_) => Code::DigestInvalid,
             Error::ManifestBlobUnknown(_) => Code::ManifestBlobUnknown,
             Error::ManifestInvalid(_) | Error::ManifestTooLarge { .. } => Code::ManifestInvalid,
@@ -252,7 +263,7 @@ impl Error {
             Error::Unauthorized(_) => Code::Unauthorized,
             Error::Denied => Code::Denied,
             Error::TokenRequestInvalid(_) => Code::Unsupported,
-            Error::TooManyLogins { .. } => Code::TooManyRequests,
+            Error::TooManyLogins { .. } | Error::TooManyUploads { .. } => Code::TooManyRequests,
             Error::Internal(_) => Code::Unknown,
         }
     }
@@ -268,6 +279,8 @@ impl Error {
         match self {
             Error::UploadOutOfOrder { .. } => 416,
             Error::ManifestTooLarge { .. } => 413,
+            // The server failed, not the client's request.
+            Error::UploadFailed(_) => 500,
             Error::RangeNotSatisfiable { .. } => 416,
             Error::PaginationInvalid(_) | Error::TokenRequestInvalid(_) => 400,
             // 507 Insufficient Storage: what a full disk is, rather than UNAVAILABLE's usual 503.

@@ -6,7 +6,7 @@ use actix_web::{App, HttpServer, middleware, web};
 
 use crate::catalog::Catalog;
 use crate::config::{Backend, Config, TlsConfig};
-use crate::registry::{Registry, Settings};
+use crate::registry::{Registry, SessionLimits, Settings};
 use crate::storage::BlobStore;
 
 /// How much response body actix gathers before writing to the socket. Its default (32 KiB) is
@@ -43,11 +43,50 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         max_manifest_size: config.registry.max_manifest_size,
         upload_timeout: Duration::from_secs(config.registry.upload_timeout_secs),
         catalog_page_size: config.registry.catalog_page_size,
+        upload_sessions: session_limits(config, open_file_limit()),
     };
+    tracing::info!(
+        total = settings.upload_sessions.total,
+        per_user = settings.upload_sessions.per_identity,
+        "upload session limits"
+    );
     let registry = Registry::new(catalog, store, settings);
     // Sessions left idle across a stop may have expired already.
     registry.expire_uploads().await;
     Ok(registry)
+}
+
+/// The soft limit on open descriptors of this process.
+fn open_file_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given and nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur
+}
+
+/// The upload-session limits: as configured, but within a quarter of the descriptor limit
+/// (a session on local disk holds two descriptors, so sessions can use at most half of them;
+/// connections, the catalog and downloads need the rest). The per-user limit keeps its ratio
+/// to the total, so one user can never hold every session.
+fn session_limits(config: &Config, nofile: u64) -> SessionLimits {
+    let configured = config.registry.max_upload_sessions.max(1);
+    let budget = usize::try_from(nofile / 4).unwrap_or(usize::MAX).max(16);
+    let total = configured.min(budget);
+    let per_user = config.registry.max_upload_sessions_per_user.max(1);
+    let per_identity = if total < configured {
+        (per_user.saturating_mul(total) / configured).max(1)
+    } else {
+        per_user
+    };
+    SessionLimits {
+        total,
+        per_identity: per_identity.min(total),
+    }
 }
 
 /// The rustls server configuration for `[tls]`, or `None` for plain HTTP.

@@ -46,6 +46,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0004_auth.sql"),
     include_str!("../../migrations/0005_credentials_epoch.sql"),
     include_str!("../../migrations/0006_gc.sql"),
+    include_str!("../../migrations/0007_upload_owner.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

@@ -96,6 +96,20 @@ impl Catalog {
         self.read(move |c| Ok(size_in_repo(c, &repo, &digest)?)).await
     }
 
+    /// Size the catalog records for `digest` in any repository: `Some` only for a blob that was
+    /// verified when it was published (every blob row is written after its publish).
+    pub async fn recorded_blob_size(&self, digest: &Digest) -> Result<Option<u64>> {
+        let digest = digest.to_string();
+        self.read(move |c| {
+            Ok(c.query_row("SELECT size FROM blobs WHERE digest = ?1", [digest], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()?
+            .map(|s| s.max(0) as u64))
+        })
+        .await
+    }
+
     /// Records a verified, published blob and links it to the repository.
     pub async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
         let (repo, digest) = (repo.to_string(), digest.to_string());

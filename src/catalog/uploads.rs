@@ -19,6 +19,8 @@ use crate::oci::{Digest, RepoName};
 pub struct UploadRecord {
     pub id: Uuid,
     pub repo: String,
+    /// The user who opened the session (`None`: opened without authentication).
+    pub owner: Option<String>,
     /// `sha256` or `sha512`.
     pub algorithm: String,
     /// Bytes durably staged.
@@ -51,10 +53,11 @@ fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRecord> {
         offset: offset.max(0) as u64,
         hash_state: r.get(4)?,
         staging: r.get(5)?,
+        owner: r.get(6)?,
     })
 }
 
-const COLUMNS: &str = "id, repo, algorithm, offset, hash_state, staging";
+const COLUMNS: &str = "id, repo, algorithm, offset, hash_state, staging, owner";
 
 impl Catalog {
     /// Records a new session (offset 0 unless `rec` says otherwise).
@@ -62,8 +65,8 @@ impl Catalog {
         self.write(move |c| {
             let t = now();
             c.execute(
-                "INSERT INTO uploads (id, repo, algorithm, offset, hash_state, staging, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                "INSERT INTO uploads (id, repo, algorithm, offset, hash_state, staging, created_at, updated_at, owner)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
                 params![
                     key(rec.id),
                     rec.repo,
@@ -71,7 +74,8 @@ impl Catalog {
                     rec.offset as i64,
                     rec.hash_state,
                     rec.staging,
-                    t
+                    t,
+                    rec.owner
                 ],
             )?;
             Ok(())

@@ -44,6 +44,10 @@ impl ResponseError for Error {
                 tracing::error!(error = %inner, "internal error while serving a request");
                 "internal server error".to_owned()
             }
+            Error::UploadFailed(inner) => {
+                tracing::error!(error = %inner, "an upload failed and was ended");
+                self.to_string()
+            }
             other => other.to_string(),
         };
         let mut resp = HttpResponse::build(self.status_code());
@@ -61,7 +65,7 @@ impl ResponseError for Error {
                     resp.append_header((WWW_AUTHENTICATE, value));
                 }
             }
-            Error::TooManyLogins { retry_after } => {
+            Error::TooManyLogins { retry_after } | Error::TooManyUploads { retry_after } => {
                 resp.insert_header((RETRY_AFTER, retry_after.to_string()));
             }
             _ => {}

@@ -2,12 +2,12 @@
 //! status, DELETE.
 
 use actix_web::http::header::{LOCATION, RANGE};
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpMessage as _, HttpRequest, HttpResponse, web};
 use uuid::Uuid;
 
 use super::error::upload_range;
 use super::extract;
-use crate::auth::Auth;
+use crate::auth::{Auth, Principal};
 use crate::error::{Error, Result};
 use crate::oci::{Digest, RepoName};
 use crate::registry::{Chunk, Registry};
@@ -15,6 +15,13 @@ use crate::registry::{Chunk, Registry};
 /// Where a session is addressed (relative, so it works behind any proxy).
 pub(super) fn upload_location(repo: &RepoName, id: Uuid) -> String {
     format!("/v2/{repo}/blobs/uploads/{}", id.simple())
+}
+
+/// The user a request acts as: an upload session belongs to the user who opened it.
+fn who(req: &HttpRequest) -> Option<String> {
+    req.extensions()
+        .get::<Principal>()
+        .and_then(|p| p.user().map(str::to_owned))
 }
 
 fn upload_id(req: &HttpRequest) -> Result<Uuid> {
@@ -71,14 +78,14 @@ pub async fn start(
         reg.upload_whole(&repo, &digest, extract::body_stream(body)).await?;
         return Ok(blob_created(&repo, &digest));
     }
-    let id = reg.start_upload(&repo).await?;
+    let id = reg.start_upload(&repo, who(&req).as_deref()).await?;
     Ok(session_response(HttpResponse::Accepted(), &repo, id, 0))
 }
 
 pub async fn status(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResponse> {
     let repo = extract::repo(&req)?;
     let id = upload_id(&req)?;
-    let offset = reg.upload_offset(&repo, id).await?;
+    let offset = reg.upload_offset(&repo, id, who(&req).as_deref()).await?;
     Ok(session_response(HttpResponse::NoContent(), &repo, id, offset))
 }
 
@@ -92,7 +99,7 @@ async fn chunk_range(
     match extract::chunk_range(req) {
         Ok(r) => Ok(r),
         Err(()) => {
-            let offset = reg.upload_offset(repo, id).await?;
+            let offset = reg.upload_offset(repo, id, who(req).as_deref()).await?;
             Err(Error::UploadOutOfOrder {
                 repo: repo.clone(),
                 id,
@@ -111,7 +118,7 @@ pub async fn patch(req: HttpRequest, reg: web::Data<Registry>, body: web::Payloa
         content_length: extract::content_length(&req),
         body: extract::body_stream(body),
     };
-    let offset = reg.upload_chunk(&repo, id, chunk).await?;
+    let offset = reg.upload_chunk(&repo, id, who(&req).as_deref(), chunk).await?;
     Ok(session_response(HttpResponse::Accepted(), &repo, id, offset))
 }
 
@@ -126,13 +133,14 @@ pub async fn finish(req: HttpRequest, reg: web::Data<Registry>, body: web::Paylo
         content_length: extract::content_length(&req),
         body: extract::body_stream(body),
     };
-    reg.finish_upload(&repo, id, &digest, chunk).await?;
+    reg.finish_upload(&repo, id, who(&req).as_deref(), &digest, chunk)
+        .await?;
     Ok(blob_created(&repo, &digest))
 }
 
 pub async fn cancel(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResponse> {
     let repo = extract::repo(&req)?;
     let id = upload_id(&req)?;
-    reg.cancel_upload(&repo, id).await?;
+    reg.cancel_upload(&repo, id, who(&req).as_deref()).await?;
     Ok(HttpResponse::NoContent().finish())
 }

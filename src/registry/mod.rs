@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub use gc::GcReport;
 pub use manifests::PutOutcome;
-pub use uploads::{Chunk, ChunkRange, Uploads};
+pub use uploads::{Chunk, ChunkRange, SessionLimits, Uploads};
 
 use crate::catalog::Catalog;
 use crate::storage::BlobStore;
@@ -28,6 +28,8 @@ pub struct Settings {
     pub max_manifest_size: usize,
     pub upload_timeout: Duration,
     pub catalog_page_size: u64,
+    /// Upload sessions held at once.
+    pub upload_sessions: SessionLimits,
 }
 
 /// Shared handle to the registry's state; cheap to clone.
@@ -49,7 +51,7 @@ impl Registry {
         Registry {
             catalog,
             store,
-            uploads: Arc::new(Uploads::default()),
+            uploads: Arc::new(Uploads::new(settings.upload_sessions)),
             settings: Arc::new(settings),
             spack_builds: Arc::new(locks::KeyedLocks::default()),
             blob_locks: Arc::new(locks::KeyedLocks::default()),
@@ -69,13 +71,7 @@ impl Registry {
     /// catalog but not held (opened before a restart and not resumed since) by their last
     /// checkpoint.
     pub async fn expire_uploads(&self) {
-        for (id, writer) in self.uploads.take_expired(self.settings.upload_timeout) {
-            if let Some(w) = writer {
-                w.abort().await;
-            }
-            self.forget_session(id, None).await;
-            tracing::info!(upload = %id, "expired an idle upload session");
-        }
+        self.expire_held_uploads().await;
         let timeout = i64::try_from(self.settings.upload_timeout.as_secs()).unwrap_or(i64::MAX);
         let before = crate::catalog::now().saturating_sub(timeout);
         match self.catalog.idle_uploads(before, 1000).await {

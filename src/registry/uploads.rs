@@ -5,7 +5,36 @@
 //! appends at the session's offset (a `Content-Range` that does not start there is refused with
 //! 416 and changes nothing); the closing PUT appends its body, completes the staged object,
 //! verifies the digest the client names, publishes the blob and links it into the repository.
-//! Every failure path after staging began discards what was staged.
+//!
+//! # Invariants
+//!
+//! These are what make a stored blob trustworthy; every path below keeps them.
+//!
+//! 1. **One owner at a time.** A session's writer lives behind its own lock. A request that
+//!    changes the session (PATCH, PUT, DELETE) takes the lock, waiting at most [`BUSY_WAIT`] for
+//!    a request already using it, and is refused with `BLOB_UPLOAD_INVALID` after that. A status
+//!    request never takes it: while the session is busy it reports the offset stored at the end
+//!    of the last request that succeeded ([`Session::offset`]).
+//! 2. **An ended session stays ended.** Committing, cancelling, expiring or failing a session
+//!    takes its writer out while holding the lock, so every later request sees it ended (404
+//!    `BLOB_UPLOAD_UNKNOWN`). Its entry leaves the in-memory table only after its catalog row is
+//!    gone, so no request can "resume" it from the catalog in between (a resumed session would
+//!    truncate the staged data under the commit).
+//! 3. **Any storage, sync or catalog failure ends the session.** The staged data is deleted and
+//!    the client is told (`BLOB_UPLOAD_INVALID`, or 507 when the storage is full). There is no
+//!    way to continue a session past bytes that may not be stored, so a hole can never be
+//!    published. A client that goes away mid-request (the body fails) is the one exception:
+//!    what it sent is either stored (written and synced) or dropped, the session continues at
+//!    the stored offset, and no buffered part outlives the request unless the store cannot take
+//!    a part that small (S3's 5 MiB minimum; such a tail is dropped when the request fails).
+//! 4. **Only the identity that opened a session may use it** (the user name; with
+//!    authentication off, anyone). Others are told it does not exist.
+//! 5. **Bounded.** Sessions held at once are limited in total and per identity
+//!    ([`SessionLimits`]); beyond that a POST gets 429 `TOOMANYREQUESTS` with `Retry-After`.
+//!
+//! The writer adds its own (see `storage::writer`): bytes are hashed as they are handed to the
+//! store, the staged object's size is checked against the bytes hashed before it completes,
+//! and publishing checks the published object's size again.
 //!
 //! Sessions survive a restart: each is recorded in the catalog when it opens and checkpointed
 //! (durable offset, hash state, staging state) at the end of every PATCH and every
@@ -17,7 +46,8 @@
 //! across restarts, by the catalog's `updated_at`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,37 +60,115 @@ use crate::error::{Error, Internal, Result};
 use crate::oci::{Algorithm, Digest, RepoName};
 use crate::storage::{Checkpoint, StagedWriter};
 
+/// How long a request waits for another request on the same session to finish.
+const BUSY_WAIT: Duration = Duration::from_secs(2);
+
+/// `Retry-After` (seconds) when the session limit is reached.
+const SESSIONS_RETRY_AFTER: u64 = 60;
+
+/// How many upload sessions may be held at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// In total.
+    pub total: usize,
+    /// By one user (sessions opened without authentication count only in the total).
+    pub per_identity: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            total: 4096,
+            per_identity: 1024,
+        }
+    }
+}
+
 /// One upload session.
 struct Session {
     repo: RepoName,
+    /// The user who opened it (`None`: authentication was off, or anonymous).
+    owner: Option<String>,
     state: tokio::sync::Mutex<SessionState>,
+    /// Bytes the session held at the end of the last request that succeeded (what a status
+    /// request reports while another request holds `state`).
+    offset: AtomicU64,
     last_used: Mutex<Instant>,
 }
 
 struct SessionState {
-    /// `None` once the session was finished or cancelled by a concurrent request.
+    /// `None` once the session ended: committed, cancelled, expired or failed.
     writer: Option<StagedWriter>,
 }
 
+impl Session {
+    fn new(repo: RepoName, owner: Option<String>, writer: Option<StagedWriter>) -> Session {
+        let offset = writer.as_ref().map_or(0, StagedWriter::len);
+        Session {
+            repo,
+            owner,
+            state: tokio::sync::Mutex::new(SessionState { writer }),
+            offset: AtomicU64::new(offset),
+            last_used: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Whether `who` may use this session.
+    fn usable_by(&self, who: Option<&str>) -> bool {
+        match &self.owner {
+            None => true,
+            Some(owner) => who == Some(owner.as_str()),
+        }
+    }
+
+    /// Takes the session for a request that changes it: waits a little for a request already
+    /// using it, then refuses. An ended session is unknown.
+    async fn acquire(&self) -> Result<tokio::sync::MutexGuard<'_, SessionState>> {
+        let state = tokio::time::timeout(BUSY_WAIT, self.state.lock())
+            .await
+            .map_err(|_| Error::UploadBusy)?;
+        if state.writer.is_none() {
+            return Err(Error::UploadUnknown);
+        }
+        Ok(state)
+    }
+}
+
 /// The upload sessions in progress.
-#[derive(Default)]
 pub struct Uploads {
-    sessions: Mutex<HashMap<Uuid, std::sync::Arc<Session>>>,
+    sessions: Mutex<HashMap<Uuid, Arc<Session>>>,
     /// Held while a session is resumed from the catalog, so it is resumed once.
     resuming: tokio::sync::Mutex<()>,
+    limits: SessionLimits,
+}
+
+impl Default for Uploads {
+    fn default() -> Self {
+        Uploads::new(SessionLimits::default())
+    }
 }
 
 impl Uploads {
-    /// The live session `id` of `repo`: `Ok(None)` if this process does not hold it.
-    fn live(&self, repo: &RepoName, id: Uuid) -> Result<Option<std::sync::Arc<Session>>> {
-        let sessions = self
-            .sessions
+    pub fn new(limits: SessionLimits) -> Self {
+        Uploads {
+            sessions: Mutex::new(HashMap::new()),
+            resuming: tokio::sync::Mutex::new(()),
+            limits,
+        }
+    }
+
+    fn table(&self) -> Result<std::sync::MutexGuard<'_, HashMap<Uuid, Arc<Session>>>> {
+        self.sessions
             .lock()
-            .map_err(|_| Internal::Other("upload table poisoned"))?;
-        let Some(session) = sessions.get(&id).cloned() else {
+            .map_err(|_| Internal::Other("upload table poisoned").into())
+    }
+
+    /// The live session `id` of `repo` for `who`: `Ok(None)` if this process does not hold it.
+    fn live(&self, repo: &RepoName, id: Uuid, who: Option<&str>) -> Result<Option<Arc<Session>>> {
+        let Some(session) = self.table()?.get(&id).cloned() else {
             return Ok(None);
         };
-        if &session.repo != repo {
+        if &session.repo != repo || !session.usable_by(who) {
             return Err(Error::UploadUnknown);
         }
         if let Ok(mut t) = session.last_used.lock() {
@@ -74,12 +182,28 @@ impl Uploads {
         self.sessions.lock().map(|s| s.contains_key(&id)).unwrap_or(false)
     }
 
-    fn insert(&self, id: Uuid, session: Session) -> Result<()> {
-        self.sessions
-            .lock()
-            .map_err(|_| Internal::Other("upload table poisoned"))?
-            .insert(id, std::sync::Arc::new(session));
-        Ok(())
+    /// Adds a session if the limits allow it.
+    fn admit(&self, id: Uuid, session: Session) -> Result<Arc<Session>> {
+        let mut table = self.table()?;
+        // Without an identity (authentication off) there is nobody to count separately.
+        let mine = match &session.owner {
+            Some(_) => table.values().filter(|s| s.owner == session.owner).count(),
+            None => 0,
+        };
+        if table.len() >= self.limits.total || mine >= self.limits.per_identity {
+            tracing::warn!(
+                sessions = table.len(),
+                of_identity = mine,
+                identity = session.owner.as_deref().unwrap_or("-"),
+                "upload session refused: limit reached"
+            );
+            return Err(Error::TooManyUploads {
+                retry_after: SESSIONS_RETRY_AFTER,
+            });
+        }
+        let session = Arc::new(session);
+        table.insert(id, Arc::clone(&session));
+        Ok(session)
     }
 
     fn remove(&self, id: Uuid) {
@@ -88,33 +212,26 @@ impl Uploads {
         }
     }
 
-    /// Removes and returns sessions idle for longer than `timeout` that no request is using.
-    pub(super) fn take_expired(&self, timeout: Duration) -> Vec<(Uuid, Option<StagedWriter>)> {
-        let Ok(mut sessions) = self.sessions.lock() else {
+    /// Ends the sessions idle for longer than `timeout` that no request is using, returning
+    /// their writers. They stay in the table (ended) until the caller forgets them.
+    fn end_expired(&self, timeout: Duration) -> Vec<(Uuid, Option<StagedWriter>)> {
+        let Ok(sessions) = self.sessions.lock() else {
             return Vec::new();
         };
-        let expired: Vec<Uuid> = sessions
-            .iter()
-            .filter(|(_, s)| s.last_used.lock().map(|t| t.elapsed() > timeout).unwrap_or(false))
-            .map(|(id, _)| *id)
-            .collect();
         let mut out = Vec::new();
-        for id in expired {
-            let Some(session) = sessions.get(&id).cloned() else {
+        for (id, session) in sessions.iter() {
+            if !session.last_used.lock().map(|t| t.elapsed() > timeout).unwrap_or(false) {
                 continue;
-            };
+            }
             // A session a request is using right now is not idle, whatever its clock says.
-            let writer = match session.state.try_lock() {
-                Ok(mut state) => state.writer.take(),
-                Err(_) => continue,
-            };
-            sessions.remove(&id);
-            out.push((id, writer));
+            if let Ok(mut state) = session.state.try_lock() {
+                out.push((*id, state.writer.take()));
+            }
         }
         out
     }
 
-    /// Number of sessions in progress.
+    /// Number of sessions held (including ended ones whose catalog row is not gone yet).
     pub fn len(&self) -> usize {
         self.sessions.lock().map(|s| s.len()).unwrap_or(0)
     }
@@ -163,68 +280,113 @@ fn to_catalog(cp: Checkpoint) -> UploadCheckpoint {
     }
 }
 
+/// How streaming a request body into a writer ended, when it did not succeed.
+enum PumpError {
+    /// The body could not be read (the client went away, or stalled): nothing is wrong with
+    /// what was stored.
+    Body(Error),
+    /// Storing failed: the session cannot continue.
+    Store(Error),
+}
+
+/// An error that ended an upload: storage and catalog failures are reported as such.
+fn ended(e: Error) -> Error {
+    match e {
+        Error::Internal(inner) => Error::UploadFailed(inner),
+        other => other,
+    }
+}
+
 impl Registry {
-    /// Streams a request body into a writer. With a session `id`, records a checkpoint each
-    /// time enough has been written since the last one.
-    async fn pump<S>(&self, writer: &mut StagedWriter, session: Option<Uuid>, mut body: S) -> Result<u64>
+    /// Streams a request body into a writer. With a session, records a checkpoint each time
+    /// enough has been written since the last one.
+    async fn pump<S>(
+        &self,
+        writer: &mut StagedWriter,
+        session: Option<(Uuid, &Session)>,
+        mut body: S,
+    ) -> std::result::Result<u64, PumpError>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Unpin,
     {
         let mut n = 0u64;
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| Error::BodyRead(e.to_string()))?;
+            let chunk = chunk.map_err(|e| PumpError::Body(Error::BodyRead(e.to_string())))?;
             n += chunk.len() as u64;
-            writer.write(chunk).await?;
-            if let Some(id) = session
+            writer.write(chunk).await.map_err(PumpError::Store)?;
+            if let Some((id, session)) = session
                 && writer.checkpoint_due()
             {
-                let cp = writer.checkpoint(false).await?;
-                self.catalog.checkpoint_upload(id, to_catalog(cp)).await?;
+                let cp = writer.checkpoint(false).await.map_err(PumpError::Store)?;
+                let offset = cp.offset;
+                self.catalog
+                    .checkpoint_upload(id, to_catalog(cp))
+                    .await
+                    .map_err(PumpError::Store)?;
+                session.offset.store(offset, Ordering::Release);
             }
         }
         Ok(n)
     }
 
-    /// Opens an upload session.
-    pub async fn start_upload(&self, repo: &RepoName) -> Result<Uuid> {
+    /// Opens an upload session for `owner` (the user name, if any).
+    pub async fn start_upload(&self, repo: &RepoName, owner: Option<&str>) -> Result<Uuid> {
         let id = Uuid::new_v4();
-        let algorithm = Algorithm::Sha256;
-        let writer = self.store.start_upload(id, algorithm).await?;
-        let cp = writer.start_checkpoint();
-        let record = UploadRecord {
-            id,
-            repo: repo.to_string(),
-            algorithm: algorithm.as_str().to_string(),
-            offset: cp.offset,
-            hash_state: cp.hash_state,
-            staging: cp.staging,
-        };
-        if let Err(e) = self.catalog.create_upload(record).await {
-            writer.abort().await;
-            return Err(e);
+        // Admitted before anything is staged, so a refused session costs nothing.
+        let session = self
+            .uploads
+            .admit(id, Session::new(repo.clone(), owner.map(str::to_owned), None))?;
+        let mut state = session.state.lock().await;
+        let opened = async {
+            let algorithm = Algorithm::Sha256;
+            let writer = self.store.start_upload(id, algorithm).await?;
+            let cp = writer.start_checkpoint();
+            let record = UploadRecord {
+                id,
+                repo: repo.to_string(),
+                owner: owner.map(str::to_owned),
+                algorithm: algorithm.as_str().to_string(),
+                offset: cp.offset,
+                hash_state: cp.hash_state,
+                staging: cp.staging,
+            };
+            if let Err(e) = self.catalog.create_upload(record).await {
+                writer.abort().await;
+                return Err(e);
+            }
+            Ok(writer)
         }
-        let session = Session {
-            repo: repo.clone(),
-            state: tokio::sync::Mutex::new(SessionState { writer: Some(writer) }),
-            last_used: Mutex::new(Instant::now()),
-        };
-        self.uploads.insert(id, session)?;
-        tracing::debug!(repo = %repo, upload = %id, "upload started");
-        Ok(id)
+        .await;
+        match opened {
+            Ok(writer) => {
+                state.writer = Some(writer);
+                tracing::debug!(repo = %repo, upload = %id, "upload started");
+                Ok(id)
+            }
+            Err(e) => {
+                self.uploads.remove(id);
+                Err(e)
+            }
+        }
     }
 
-    /// The session `id` of `repo`, resumed from its catalog record if this process does not
-    /// hold it yet (it was opened before a restart).
-    async fn session(&self, repo: &RepoName, id: Uuid) -> Result<std::sync::Arc<Session>> {
-        if let Some(s) = self.uploads.live(repo, id)? {
+    /// The session `id` of `repo` for `who`, resumed from its catalog record if this process
+    /// does not hold it yet (it was opened before a restart).
+    async fn session(&self, repo: &RepoName, id: Uuid, who: Option<&str>) -> Result<Arc<Session>> {
+        if let Some(s) = self.uploads.live(repo, id, who)? {
             return Ok(s);
         }
         let _guard = self.uploads.resuming.lock().await;
-        if let Some(s) = self.uploads.live(repo, id)? {
+        if let Some(s) = self.uploads.live(repo, id, who)? {
             return Ok(s);
         }
         let record = self.catalog.upload(id).await?.ok_or(Error::UploadUnknown)?;
         if record.repo != repo.as_str() {
+            return Err(Error::UploadUnknown);
+        }
+        if let Some(owner) = &record.owner
+            && who != Some(owner.as_str())
+        {
             return Err(Error::UploadUnknown);
         }
         let algorithm = match record.algorithm.as_str() {
@@ -241,14 +403,11 @@ impl Registry {
             self.forget_session(id, Some(&cp.staging)).await;
             return Err(Error::UploadUnknown);
         };
+        let session = self
+            .uploads
+            .admit(id, Session::new(repo.clone(), record.owner, Some(writer)))?;
         tracing::info!(repo = %repo, upload = %id, offset = cp.offset, "upload session resumed");
-        let session = Session {
-            repo: repo.clone(),
-            state: tokio::sync::Mutex::new(SessionState { writer: Some(writer) }),
-            last_used: Mutex::new(Instant::now()),
-        };
-        self.uploads.insert(id, session)?;
-        self.uploads.live(repo, id)?.ok_or(Error::UploadUnknown)
+        Ok(session)
     }
 
     /// A whole blob in one request (`POST ?digest=`).
@@ -260,7 +419,10 @@ impl Registry {
         let mut writer = self.store.start_upload(id, digest.algorithm()).await?;
         if let Err(e) = self.pump(&mut writer, None, body).await {
             writer.abort().await;
-            return Err(e);
+            return Err(match e {
+                PumpError::Body(e) => e,
+                PumpError::Store(e) => ended(e),
+            });
         }
         self.commit(repo, id, writer, digest).await
     }
@@ -275,21 +437,26 @@ impl Registry {
         Ok(mounted.is_some())
     }
 
-    /// Bytes received so far by a session.
-    pub async fn upload_offset(&self, repo: &RepoName, id: Uuid) -> Result<u64> {
-        let session = self.session(repo, id).await?;
-        let state = session.state.lock().await;
-        state.writer.as_ref().map(StagedWriter::len).ok_or(Error::UploadUnknown)
+    /// Bytes a session holds. Never waits for another request on the session: while one is in
+    /// progress, the bytes held at the end of the last one that succeeded.
+    pub async fn upload_offset(&self, repo: &RepoName, id: Uuid, who: Option<&str>) -> Result<u64> {
+        let session = self.session(repo, id, who).await?;
+        match session.state.try_lock() {
+            Ok(state) => state.writer.as_ref().map(StagedWriter::len).ok_or(Error::UploadUnknown),
+            Err(_) => Ok(session.offset.load(Ordering::Acquire)),
+        }
     }
 
-    /// Appends a chunk (`PATCH`) and returns the new offset. `location` is used in a 416 answer.
-    pub async fn upload_chunk<S>(&self, repo: &RepoName, id: Uuid, chunk: Chunk<S>) -> Result<u64>
+    /// Appends a chunk (`PATCH`) and returns the new offset.
+    pub async fn upload_chunk<S>(&self, repo: &RepoName, id: Uuid, who: Option<&str>, chunk: Chunk<S>) -> Result<u64>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Unpin,
     {
-        let session = self.session(repo, id).await?;
-        let mut state = session.state.lock().await;
-        let writer = state.writer.as_mut().ok_or(Error::UploadUnknown)?;
+        let session = self.session(repo, id, who).await?;
+        let mut state = session.acquire().await?;
+        let Some(writer) = state.writer.as_mut() else {
+            return Err(Error::UploadUnknown);
+        };
         let offset = writer.len();
         if !check_chunk(offset, chunk.range, chunk.content_length) {
             return Err(Error::UploadOutOfOrder {
@@ -298,80 +465,162 @@ impl Registry {
                 offset,
             });
         }
-        let received = self.pump(writer, Some(id), chunk.body).await;
-        match (received, chunk.range) {
-            (Ok(n), Some(r)) if Some(n) != r.byte_count() => {
-                // The body did not match its declared range: the staged data no longer
-                // matches what the client believes, so the session cannot continue.
-                self.drop_session(id, state.writer.take()).await;
-                Err(Error::SizeInvalid)
+        let outcome = match self.pump(writer, Some((id, &session)), chunk.body).await {
+            // The body did not match its declared range: the staged data no longer matches
+            // what the client believes, so the session cannot continue.
+            Ok(n) if chunk.range.is_some_and(|r| Some(n) != r.byte_count()) => {
+                Err(PumpError::Store(Error::SizeInvalid))
             }
-            (Ok(_), _) => {
-                let cp = writer.checkpoint(true).await?;
-                self.catalog.checkpoint_upload(id, to_catalog(cp)).await?;
-                Ok(writer_len(&state))
+            Ok(_) => self.checkpoint(id, writer).await.map_err(PumpError::Store),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(len) => {
+                session.offset.store(len, Ordering::Release);
+                Ok(len)
             }
-            (Err(e), _) => Err(e),
+            Err(PumpError::Body(e)) => {
+                self.salvage(id, &session, &mut state).await;
+                Err(e)
+            }
+            Err(PumpError::Store(e)) => {
+                self.end_session(id, state.writer.take()).await;
+                Err(ended(e))
+            }
+        }
+    }
+
+    /// Makes everything a request delivered durable and records it; returns the offset.
+    async fn checkpoint(&self, id: Uuid, writer: &mut StagedWriter) -> Result<u64> {
+        let cp = writer.checkpoint(true).await?;
+        self.catalog.checkpoint_upload(id, to_catalog(cp)).await?;
+        Ok(writer.len())
+    }
+
+    /// After a request whose body failed: keeps what was stored, drops what was only buffered,
+    /// so the session holds no part in memory for a client that may never come back. Ends the
+    /// session if even that fails.
+    async fn salvage(&self, id: Uuid, session: &Session, state: &mut SessionState) {
+        let Some(writer) = state.writer.as_mut() else {
+            return;
+        };
+        let kept = async {
+            let cp = writer.checkpoint(true).await?;
+            writer.discard_buffered();
+            self.catalog.checkpoint_upload(id, to_catalog(cp)).await?;
+            Ok::<_, Error>(writer.len())
+        }
+        .await;
+        match kept {
+            Ok(len) => {
+                session.offset.store(len, Ordering::Release);
+                tracing::debug!(upload = %id, offset = len, "upload request interrupted; session kept");
+            }
+            Err(e) => {
+                tracing::warn!(upload = %id, error = %e, "upload request interrupted and its data could not be kept");
+                self.end_session(id, state.writer.take()).await;
+            }
         }
     }
 
     /// Closes a session (`PUT ?digest=`), optionally with a last chunk, and publishes the blob.
-    pub async fn finish_upload<S>(&self, repo: &RepoName, id: Uuid, digest: &Digest, chunk: Chunk<S>) -> Result<()>
+    pub async fn finish_upload<S>(
+        &self,
+        repo: &RepoName,
+        id: Uuid,
+        who: Option<&str>,
+        digest: &Digest,
+        chunk: Chunk<S>,
+    ) -> Result<()>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Unpin,
     {
-        let session = self.session(repo, id).await?;
-        let mut state = session.state.lock().await;
-        let writer = state.writer.as_mut().ok_or(Error::UploadUnknown)?;
-        if !check_chunk(writer.len(), chunk.range, chunk.content_length) {
+        let session = self.session(repo, id, who).await?;
+        let mut state = session.acquire().await?;
+        let Some(writer) = state.writer.as_mut() else {
+            return Err(Error::UploadUnknown);
+        };
+        let before = writer.len();
+        if !check_chunk(before, chunk.range, chunk.content_length) {
             return Err(Error::UploadOutOfOrder {
                 repo: repo.clone(),
                 id,
-                offset: writer.len(),
+                offset: before,
             });
         }
-        let before = writer.len();
-        if let Err(e) = self.pump(writer, None, chunk.body).await {
-            self.drop_session(id, state.writer.take()).await;
-            return Err(e);
+        let pumped = match self.pump(writer, None, chunk.body).await {
+            Ok(n) if chunk.range.is_some_and(|r| Some(n) != r.byte_count()) => {
+                Err(PumpError::Store(Error::SizeInvalid))
+            }
+            other => other,
+        };
+        match pumped {
+            Ok(_) => {}
+            Err(PumpError::Body(e)) => {
+                self.salvage(id, &session, &mut state).await;
+                return Err(e);
+            }
+            Err(PumpError::Store(e)) => {
+                self.end_session(id, state.writer.take()).await;
+                return Err(ended(e));
+            }
         }
-        if let Some(r) = chunk.range
-            && Some(writer.len() - before) != r.byte_count()
-        {
-            self.drop_session(id, state.writer.take()).await;
-            return Err(Error::SizeInvalid);
-        }
+        // From here the session is ended for every other request (its writer is gone), and the
+        // lock is held until the commit has either linked the blob (deleting the session's
+        // catalog row in the same transaction) or forgotten the session.
         let writer = state.writer.take().ok_or(Error::UploadUnknown)?;
-        self.uploads.remove(id);
-        self.commit(repo, id, writer, digest).await
+        let committed = self.publish_staged(repo, id, writer, Some(digest)).await;
+        let row_gone = committed.is_ok() || self.forget_session(id, None).await;
+        if row_gone {
+            self.uploads.remove(id);
+        }
+        drop(state);
+        committed.map(|_| ()).map_err(ended)
     }
 
     /// Cancels a session and deletes its data.
-    pub async fn cancel_upload(&self, repo: &RepoName, id: Uuid) -> Result<()> {
-        let session = self.session(repo, id).await?;
-        let mut state = session.state.lock().await;
-        let writer = state.writer.take().ok_or(Error::UploadUnknown)?;
-        self.drop_session(id, Some(writer)).await;
+    pub async fn cancel_upload(&self, repo: &RepoName, id: Uuid, who: Option<&str>) -> Result<()> {
+        let session = self.session(repo, id, who).await?;
+        let mut state = session.acquire().await?;
+        self.end_session(id, state.writer.take()).await;
         tracing::debug!(repo = %repo, upload = %id, "upload cancelled");
         Ok(())
     }
 
-    async fn drop_session(&self, id: Uuid, writer: Option<StagedWriter>) {
-        self.uploads.remove(id);
+    /// Ends a session whose writer the caller took out under the session's lock: deletes the
+    /// staged data and the catalog row, then drops it from the table. If the row cannot be
+    /// deleted, the ended session stays in the table (every request on it gets 404) and expiry
+    /// tries again.
+    async fn end_session(&self, id: Uuid, writer: Option<StagedWriter>) {
         if let Some(w) = writer {
             w.abort().await;
         }
-        self.forget_session(id, None).await;
+        if self.forget_session(id, None).await {
+            self.uploads.remove(id);
+        }
     }
 
     /// Removes a session's staged data and its catalog record. `staging` is the recorded
-    /// staging state, for a session this process holds no writer for.
-    pub(super) async fn forget_session(&self, id: Uuid, staging: Option<&str>) {
+    /// staging state, for a session this process holds no writer for. Returns whether the
+    /// catalog record is gone.
+    pub(super) async fn forget_session(&self, id: Uuid, staging: Option<&str>) -> bool {
         if let Err(e) = self.store.discard(id, staging).await {
             tracing::warn!(upload = %id, error = %e, "discarding upload data failed");
         }
-        if let Err(e) = self.catalog.delete_upload(id).await {
-            tracing::warn!(upload = %id, error = %e, "forgetting an upload session failed");
+        match self.catalog.delete_upload(id).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(upload = %id, error = %e, "forgetting an upload session failed");
+                false
+            }
+        }
+    }
+
+    /// Ends idle sessions (see `Registry::expire_uploads`).
+    pub(super) async fn expire_held_uploads(&self) {
+        for (id, writer) in self.uploads.end_expired(self.settings.upload_timeout) {
+            self.end_session(id, writer).await;
+            tracing::info!(upload = %id, "expired an idle upload session");
         }
     }
 
@@ -383,7 +632,7 @@ impl Registry {
 
     /// Completes a staged upload and publishes it as a blob of `repo`: under `expected`, which
     /// the data must match, or (`None`) under whatever SHA-256 digest the data has. Returns
-    /// the digest and size.
+    /// the digest and size. On failure the staged data and the session's catalog row are gone.
     pub(super) async fn commit_as(
         &self,
         repo: &RepoName,
@@ -391,40 +640,48 @@ impl Registry {
         writer: StagedWriter,
         expected: Option<&Digest>,
     ) -> Result<(Digest, u64)> {
-        let started = Instant::now();
-        // `finish` aborts (removes the staged data) itself when it fails.
-        let (mut actual, size) = writer.finish().await?;
-        let result = async {
-            if let Some(expected) = expected {
-                if actual.algorithm() != expected.algorithm() {
-                    actual = self.store.rehash_upload(id, expected.algorithm()).await?;
-                }
-                if &actual != expected {
-                    return Err(Error::DigestMismatch {
-                        expected: expected.clone(),
-                        actual: actual.clone(),
-                    });
-                }
-            }
-            // Garbage collection must not delete the object between the publish finding it
-            // already stored and the link that makes it reachable again.
-            let _publishing = self.blob_locks.lock(&actual.to_string()).await;
-            self.store.publish(id, &actual, size).await?;
-            self.catalog.link_uploaded_blob(repo, &actual, size, id).await
-        }
-        .await;
-        if result.is_err() {
+        let published = self.publish_staged(repo, id, writer, expected).await;
+        if published.is_err() {
             self.forget_session(id, None).await;
-        } else {
-            tracing::info!(
-                repo = %repo, digest = %actual, bytes = size,
-                duration_ms = started.elapsed().as_millis() as u64, "blob stored"
-            );
         }
-        result.map(|()| (actual, size))
+        published.map_err(ended)
     }
-}
 
-fn writer_len(state: &SessionState) -> u64 {
-    state.writer.as_ref().map_or(0, StagedWriter::len)
+    /// [`Registry::commit_as`] without the clean-up of a failure: the caller forgets the
+    /// session (staged data and catalog row) when this fails.
+    async fn publish_staged(
+        &self,
+        repo: &RepoName,
+        id: Uuid,
+        writer: StagedWriter,
+        expected: Option<&Digest>,
+    ) -> Result<(Digest, u64)> {
+        let started = Instant::now();
+        // `finish` checks that the staged object holds exactly the bytes hashed.
+        let (mut actual, size) = writer.finish().await?;
+        if let Some(expected) = expected {
+            if actual.algorithm() != expected.algorithm() {
+                actual = self.store.rehash_upload(id, expected.algorithm()).await?;
+            }
+            if &actual != expected {
+                return Err(Error::DigestMismatch {
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+        }
+        // Garbage collection must not delete the object between the publish finding it
+        // already stored and the link that makes it reachable again.
+        let _publishing = self.blob_locks.lock(&actual.to_string()).await;
+        // Only an object the catalog records was verified when it was published: anything
+        // else at the blob's key (left by a crash, or damaged) is replaced.
+        let verified = self.catalog.recorded_blob_size(&actual).await? == Some(size);
+        self.store.publish(id, &actual, size, verified).await?;
+        self.catalog.link_uploaded_blob(repo, &actual, size, id).await?;
+        tracing::info!(
+            repo = %repo, digest = %actual, bytes = size,
+            duration_ms = started.elapsed().as_millis() as u64, "blob stored"
+        );
+        Ok((actual, size))
+    }
 }

@@ -350,14 +350,35 @@ impl BlobStore {
         Ok(hasher.finish())
     }
 
-    /// Makes a completed, verified staged upload the blob `digest`, then removes the staging copy.
-    pub async fn publish(&self, id: Uuid, digest: &Digest, size: u64) -> Result<()> {
+    /// Makes a completed, verified staged upload of `size` bytes the blob `digest`, then
+    /// removes the staging copy.
+    ///
+    /// Deduplication: an object already at the blob's key is kept only if `verified` (the
+    /// catalog records the digest, so that object was checked when it was published) and it
+    /// has the right size. Anything else there (an object left by a crash before its catalog
+    /// commit, or a damaged one) is replaced, atomically, by the verified staged bytes. The
+    /// published object's size is checked afterwards.
+    pub async fn publish(&self, id: Uuid, digest: &Digest, size: u64, verified: bool) -> Result<()> {
         let staged = self.path(Key::Upload(id));
-        if self.size(digest).await?.is_none() {
+        let existing = self.size(digest).await?;
+        if !(verified && existing == Some(size)) {
+            if let Some(found) = existing {
+                tracing::warn!(
+                    digest = %digest, found, expected = size, recorded = verified,
+                    "replacing an unverified or damaged object at a blob's key"
+                );
+            }
             let blob = self.path(Key::Blob(digest));
             match self.max_copy {
                 Some(max) if size > max => self.copy_streamed(&staged, &blob).await?,
                 _ => self.store.copy(&staged, &blob).await?,
+            }
+            match self.size(digest).await? {
+                Some(n) if n == size => {}
+                found => {
+                    tracing::error!(digest = %digest, ?found, expected = size, "a published blob has the wrong size");
+                    return Err(Internal::Other("a published blob does not have the size that was hashed").into());
+                }
             }
         }
         self.discard(id, None).await

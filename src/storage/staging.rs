@@ -28,7 +28,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use super::aligned::direct_io_aligned;
-use crate::error::Result;
+use crate::error::{Internal, Result};
 
 /// Smallest part S3 accepts, except for the last one.
 pub const S3_MIN_PART: usize = 5 * 1024 * 1024;
@@ -231,27 +231,40 @@ impl Staging {
     }
 
     /// Completes the staged object from the parts written (`tail`: bytes never sent as a part,
-    /// only possible when no part was written).
-    pub async fn complete(&mut self, parts: Vec<PartId>, tail: Option<Bytes>) -> Result<()> {
-        match self {
+    /// only possible when no part was written), and checks that it holds exactly `len` bytes.
+    pub async fn complete(&mut self, parts: Vec<PartId>, tail: Option<Bytes>, len: u64) -> Result<()> {
+        let stored = match self {
             Staging::File(f) => {
                 fault_point!(StagingComplete, &f.path.to_string_lossy());
                 let file = Arc::clone(&f.file);
-                tokio::task::spawn_blocking(move || file.sync_all()).await??;
-                Ok(())
+                tokio::task::spawn_blocking(move || {
+                    file.sync_all()?;
+                    Ok::<_, std::io::Error>(file.metadata()?.len())
+                })
+                .await??
             }
-            Staging::Multipart(m) => match &m.upload_id {
-                Some(id) => {
-                    m.multipart.complete_multipart(&m.path, id, parts).await?;
-                    Ok(())
+            Staging::Multipart(m) => {
+                match &m.upload_id {
+                    Some(id) => {
+                        m.multipart.complete_multipart(&m.path, id, parts).await?;
+                    }
+                    None => {
+                        let payload = PutPayload::from(tail.unwrap_or_default());
+                        m.store.put(&m.path, payload).await?;
+                    }
                 }
-                None => {
-                    let payload = PutPayload::from(tail.unwrap_or_default());
-                    m.store.put(&m.path, payload).await?;
-                    Ok(())
-                }
-            },
+                m.store.head(&m.path).await?.size
+            }
+        };
+        if stored != len {
+            tracing::error!(
+                stored,
+                hashed = len,
+                "a staged upload does not hold the bytes that were hashed"
+            );
+            return Err(Internal::Other("the staged upload does not hold the bytes that were hashed").into());
         }
+        Ok(())
     }
 
     /// The staged file or key, for fault-injection rules.

@@ -15,6 +15,17 @@
 //! from it ([`StagedWriter::resume`]). Bytes still buffered or in flight are never described by
 //! a checkpoint, so a restart may lose them, never invent them.
 //!
+//! Integrity: every byte is hashed from the same buffer that is then handed to the store, and
+//! a part is counted as written only once the store said so. The first error from a part
+//! write, a sync or the completion **poisons** the writer: every later call fails, so no
+//! caller can go on past a part that may be missing and publish a hole (the registry ends the
+//! session and discards its data). [`StagedWriter::finish`] checks that the completed staged
+//! object holds exactly the bytes hashed before it reports a digest. [`StagedWriter::len`]
+//! counts the bytes accepted: written, in flight, or buffered for the next part; after a
+//! request ends, [`StagedWriter::checkpoint`] has either written them or left only a tail too
+//! small for the store (S3), which [`StagedWriter::discard_buffered`] drops when the request
+//! failed.
+//!
 //! A writer dropped without [`StagedWriter::finish`] or [`StagedWriter::abort`] leaves staged
 //! data behind that the owner must discard.
 
@@ -75,6 +86,8 @@ pub struct StagedWriter {
     /// Offset of the last checkpoint handed out.
     recorded: u64,
     writeback: Option<Arc<Writeback>>,
+    /// Set by the first failure: the staged data may have a hole, nothing may continue.
+    poisoned: bool,
 }
 
 /// Write-back control of a staged file on local disk.
@@ -147,6 +160,7 @@ impl StagedWriter {
             written: (offset, state),
             recorded: offset,
             writeback,
+            poisoned: false,
         }
     }
 
@@ -169,8 +183,30 @@ impl StagedWriter {
         self.len == 0
     }
 
+    /// Fails if an earlier call failed.
+    fn check(&self) -> Result<()> {
+        if self.poisoned {
+            return Err(Internal::Other("an earlier write of this upload failed").into());
+        }
+        Ok(())
+    }
+
+    /// Poisons the writer if `r` is an error.
+    fn poison_on_err<T>(&mut self, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
     /// Appends `data`; full parts are hashed and handed to the store.
     pub async fn write(&mut self, data: Bytes) -> Result<()> {
+        self.check()?;
+        let r = self.write_inner(data).await;
+        self.poison_on_err(r)
+    }
+
+    async fn write_inner(&mut self, data: Bytes) -> Result<()> {
         self.len += data.len() as u64;
         if self.buf.is_none() && data.len() >= self.part_size && data.len().is_multiple_of(self.part_size) {
             // Whole parts arrived in one piece: no copy.
@@ -272,6 +308,20 @@ impl StagedWriter {
     /// writes the buffered tail when the store accepts a part that small, and waits for every
     /// part in flight; otherwise only the parts already finished count.
     pub async fn checkpoint(&mut self, end_of_request: bool) -> Result<Checkpoint> {
+        self.check()?;
+        let r = self.checkpoint_inner(end_of_request).await;
+        self.poison_on_err(r)
+    }
+
+    /// Drops bytes buffered for a part that was not written (after a request whose body
+    /// failed), so that [`StagedWriter::len`] is what was handed to the store.
+    pub fn discard_buffered(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.len -= buf.len() as u64;
+        }
+    }
+
+    async fn checkpoint_inner(&mut self, end_of_request: bool) -> Result<Checkpoint> {
         if end_of_request {
             let min_part = self.staging.min_part();
             if let Some(tail) = self.buf.take_if(|b| b.len() >= min_part) {
@@ -295,7 +345,10 @@ impl StagedWriter {
     /// Writes the buffered tail, completes the staged object and returns its digest and size.
     /// On failure the staged data is deleted.
     pub async fn finish(mut self) -> Result<(Digest, u64)> {
-        let result = self.finish_inner().await;
+        let result = match self.check() {
+            Ok(()) => self.finish_inner().await,
+            Err(e) => Err(e),
+        };
         if result.is_err() {
             self.abort_in_place().await;
         }
@@ -319,7 +372,11 @@ impl StagedWriter {
             self.join_one().await?;
         }
         let parts = std::mem::take(&mut self.parts);
-        self.staging.complete(parts, tail).await?;
+        if self.flushed + tail.as_ref().map_or(0, |t| t.len() as u64) != self.len {
+            return Err(Internal::Other("upload writer lost track of its bytes").into());
+        }
+        // The staged object must hold exactly the bytes that were hashed.
+        self.staging.complete(parts, tail, self.len).await?;
         let hasher = self
             .hasher
             .take()

@@ -71,6 +71,15 @@ impl TestServer {
         }
     }
 
+    /// Starts a server whose descriptor limit (soft and hard) is `nofile`, on this and every
+    /// restart.
+    pub fn start_with_rlimit_nofile(envs: &[(&str, &str)], nofile: u64) -> Self {
+        let n = nofile.to_string();
+        let mut all = envs.to_vec();
+        all.push((RLIMIT_NOFILE_ENV, &n));
+        Self::start_with(&all)
+    }
+
     /// Whether the store holds an object for blob `digest` (`sha256:<hex>`).
     pub fn blob_object_exists(&self, digest: &str) -> bool {
         match &self.bucket {
@@ -174,9 +183,29 @@ fn host_of(url: &str) -> String {
     url.split("://").nth(1).unwrap_or_default().to_owned()
 }
 
+/// Not a setting: tells `spawn` to start the server under this descriptor limit.
+const RLIMIT_NOFILE_ENV: &str = "TEST_RLIMIT_NOFILE";
+
 /// Starts the server; returns the process and its base URL (`http://…` or `https://…`).
 fn spawn(data_dir: &Path, envs: &[(String, String)]) -> (Child, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stowage"));
+    if let Some((_, n)) = envs.iter().find(|(k, _)| k == RLIMIT_NOFILE_ENV) {
+        use std::os::unix::process::CommandExt;
+        let n: libc::rlim_t = n.parse().expect("descriptor limit");
+        // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     cmd.arg("serve")
         .env("STOWAGE_LISTEN", "127.0.0.1:0")
         .env("STOWAGE_DATA_DIR", data_dir)

@@ -271,20 +271,20 @@ impl Error {
     /// Whether this is the storage being full (answered 507 `UNAVAILABLE`, whichever variant
     /// carries the failure).
     pub fn is_storage_full(&self) -> bool {
-        matches!(self, Error::Internal(i) if i.is_storage_full())
+        matches!(self, Error::Internal(i) | Error::UploadFailed(i) if i.is_storage_full())
     }
 
     /// HTTP status, where a variant differs from its code's usual one.
     pub fn status(&self) -> u16 {
         match self {
+            // 507 Insufficient Storage: what a full disk is, rather than UNAVAILABLE's usual 503.
+            _ if self.is_storage_full() => 507,
             Error::UploadOutOfOrder { .. } => 416,
             Error::ManifestTooLarge { .. } => 413,
             // The server failed, not the client's request.
             Error::UploadFailed(_) => 500,
             Error::RangeNotSatisfiable { .. } => 416,
             Error::PaginationInvalid(_) | Error::TokenRequestInvalid(_) => 400,
-            // 507 Insufficient Storage: what a full disk is, rather than UNAVAILABLE's usual 503.
-            _ if self.is_storage_full() => 507,
             other => other.code().status(),
         }
     }
@@ -335,7 +335,8 @@ mod tests {
             )
             .into(),
         ];
-        for e in cases {
+        let ended = Error::UploadFailed(Internal::Io(enospc()));
+        for e in cases.into_iter().chain([ended]) {
             assert!(e.is_storage_full(), "{e:?}");
             assert_eq!(e.code(), Code::Unavailable, "{e:?}");
             assert_eq!(e.code().as_str(), "UNAVAILABLE");

@@ -11,8 +11,7 @@ use actix_web::{HttpResponse, ResponseError};
 use crate::error::{Code, Error};
 
 /// What a client is told when the storage is full (507 `UNAVAILABLE`).
-pub const STORAGE_FULL: &str =
-    "the registry's storage is full: the data was not stored; retry once space has been freed";
+pub const STORAGE_FULL: &str = "the registry's storage is full: the data was not stored";
 
 /// `Range` header value for an upload holding `offset` bytes (`0-<last>`; `0-0` when empty, as
 /// clients expect the header to be present).
@@ -36,9 +35,14 @@ impl ResponseError for Error {
 
     fn error_response(&self) -> HttpResponse {
         let message = match self {
-            _ if self.is_storage_full() => {
-                tracing::error!(error = %self, "storage full while serving a request");
-                STORAGE_FULL.to_owned()
+            Error::Internal(inner) | Error::UploadFailed(inner) if inner.is_storage_full() => {
+                tracing::error!(error = %inner, "storage full while serving a request");
+                match self {
+                    Error::UploadFailed(_) => {
+                        format!("{STORAGE_FULL}; the upload was ended: start it again once space has been freed")
+                    }
+                    _ => format!("{STORAGE_FULL}; retry once space has been freed"),
+                }
             }
             Error::Internal(inner) => {
                 tracing::error!(error = %inner, "internal error while serving a request");

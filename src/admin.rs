@@ -1,17 +1,34 @@
-//! The admin run modes: `stowage user …`, `stowage token …`, `stowage key rotate`.
+//! The admin run modes: `stowage user …`, `stowage token …`, `stowage key rotate`,
+//! `stowage fsck`.
 //!
 //! They work on the catalog and key directory of the configured data directory, beside a
 //! running server or without one (SQLite takes the concurrent writer). Passwords are read from
 //! a prompt with echo off, or from stdin's first line when stdin is not a terminal; never from
 //! the command line. An API token's secret is printed once, on stdout; only its hash is kept.
+//!
+//! `stowage fsck` reads every blob the catalog records, a few at a time ([`fsck`]'s `jobs`),
+//! each streamed from the store and hashed on the blocking pool: the object must exist, have
+//! the recorded size and hash to the digest. Verifying only reads, so it may run beside a live
+//! server; a blob that looks missing is checked against the catalog again before it is reported,
+//! since garbage collection may have removed it meanwhile. `--repair` takes the data
+//! directory's lock (see `server::DataDirLock`: no server may run), moves each bad object to
+//! `quarantine/` in the store (`BlobStore::quarantine`), and only then makes the catalog forget
+//! the blob (`Catalog::forget_blob`): in that order, a crash in between leaves a catalog row
+//! without an object, which the next run reports and forgets, never an unrecorded corrupt object
+//! in `blobs/` that an upload of the same digest would trust. Objects that cannot be read (a
+//! storage error, not a mismatch) are reported and left alone.
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
+
+use futures_util::StreamExt as _;
 
 use crate::auth::{Grant, keys, password};
 use crate::catalog::Catalog;
 use crate::catalog::auth::NewTokenError;
 use crate::cli::{KeyCommand, TokenCommand, UserCommand};
 use crate::config::Config;
+use crate::oci::Digest;
+use crate::storage::BlobStore;
 
 type Outcome = Result<(), Box<dyn std::error::Error>>;
 
@@ -276,6 +293,198 @@ pub async fn key(cmd: KeyCommand, config: impl Fn(&crate::cli::ServeArgs) -> Con
         }
     }
     Ok(())
+}
+
+/// Blobs listed from the catalog per query by `fsck`.
+const FSCK_PAGE: usize = 500;
+
+/// What `stowage fsck` found (and, with `--repair`, did).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FsckReport {
+    /// Blobs the catalog records that were checked.
+    pub checked: u64,
+    /// Bytes read and hashed.
+    pub bytes: u64,
+    /// Blobs without an object.
+    pub missing: u64,
+    /// Blobs whose object's size differs from the recorded size.
+    pub wrong_size: u64,
+    /// Blobs whose object's bytes hash to another digest.
+    pub wrong_digest: u64,
+    /// Blobs whose object could not be read (left alone).
+    pub unreadable: u64,
+    /// Objects moved to quarantine.
+    pub quarantined: u64,
+    /// Blobs the catalog forgot.
+    pub forgotten: u64,
+    /// Repairs that failed (the blob stays as it was).
+    pub repair_failed: u64,
+}
+
+impl FsckReport {
+    /// Missing, wrong-size and wrong-digest blobs.
+    pub fn bad(&self) -> u64 {
+        self.missing + self.wrong_size + self.wrong_digest
+    }
+
+    /// Nothing bad and nothing unreadable.
+    pub fn is_clean(&self) -> bool {
+        self.bad() == 0 && self.unreadable == 0 && self.repair_failed == 0
+    }
+}
+
+/// One blob's state.
+enum Verdict {
+    Good { size: u64 },
+    Missing,
+    WrongSize { stored: u64 },
+    WrongDigest { size: u64, actual: Digest },
+    Unreadable(String),
+}
+
+async fn check_blob(store: &BlobStore, digest: &str, recorded: u64) -> Verdict {
+    let Ok(parsed) = digest.parse::<Digest>() else {
+        return Verdict::Unreadable("the catalog records an invalid digest".into());
+    };
+    match store.hash_blob(&parsed).await {
+        Ok(None) => Verdict::Missing,
+        Ok(Some((size, _))) if size != recorded => Verdict::WrongSize { stored: size },
+        Ok(Some((size, actual))) if actual != parsed => Verdict::WrongDigest { size, actual },
+        Ok(Some((size, _))) => Verdict::Good { size },
+        Err(e) => Verdict::Unreadable(e.to_string()),
+    }
+}
+
+/// `stowage fsck`: verifies every blob the catalog records, `jobs` at a time, printing each bad
+/// one and a summary on stdout; with `repair`, quarantines and forgets the bad ones (see the
+/// module doc). Fails only when the check itself cannot run.
+pub async fn fsck(config: &Config, repair: bool, jobs: usize) -> Result<FsckReport, Box<dyn std::error::Error>> {
+    let _lock = if repair {
+        let dir = config.data_dir.clone();
+        Some(tokio::task::spawn_blocking(move || crate::server::DataDirLock::acquire(&dir, "fsck")).await??)
+    } else {
+        None
+    };
+    let catalog = open_catalog(config).await?;
+    let outcome = fsck_with(&catalog, config, repair, jobs).await;
+    let closing = catalog.clone();
+    tokio::task::spawn_blocking(move || closing.close()).await?;
+    outcome
+}
+
+async fn fsck_with(
+    catalog: &Catalog,
+    config: &Config,
+    repair: bool,
+    jobs: usize,
+) -> Result<FsckReport, Box<dyn std::error::Error>> {
+    let store = crate::server::open_store(config).await?;
+    let started = std::time::Instant::now();
+    let mut report = FsckReport::default();
+    let mut after: Option<String> = None;
+    loop {
+        let page = catalog.blobs_after(after.clone(), FSCK_PAGE).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        let mut checks = futures_util::stream::iter(page)
+            .map(|(digest, recorded)| {
+                let store = store.clone();
+                async move {
+                    let verdict = check_blob(&store, &digest, recorded).await;
+                    (digest, recorded, verdict)
+                }
+            })
+            .buffer_unordered(jobs.max(1));
+        while let Some((digest, recorded, verdict)) = checks.next().await {
+            report.checked += 1;
+            let problem = match verdict {
+                Verdict::Good { size } => {
+                    report.bytes += size;
+                    continue;
+                }
+                Verdict::Unreadable(e) => {
+                    report.unreadable += 1;
+                    println!("{digest}: unreadable, left alone: {e}");
+                    continue;
+                }
+                Verdict::Missing => {
+                    // Garbage collection in a live server may have removed it since the listing.
+                    if !repair && !catalog.blob_known(&digest).await? {
+                        continue;
+                    }
+                    report.missing += 1;
+                    "missing: no object in the store".to_owned()
+                }
+                Verdict::WrongSize { stored } => {
+                    report.bytes += stored;
+                    report.wrong_size += 1;
+                    format!("wrong size: {recorded} bytes recorded, {stored} stored")
+                }
+                Verdict::WrongDigest { size, actual } => {
+                    report.bytes += size;
+                    report.wrong_digest += 1;
+                    format!("wrong digest: the stored bytes hash to {actual}")
+                }
+            };
+            println!("{digest}: {problem}");
+            if repair {
+                repair_blob(catalog, &store, &digest, &mut report).await;
+            }
+        }
+    }
+    let repaired = if repair {
+        format!(
+            "; {} quarantined, {} forgotten, {} repairs failed",
+            report.quarantined, report.forgotten, report.repair_failed
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "fsck: {} blobs, {} bytes checked in {:.1} s: {} bad ({} missing, {} wrong size, {} wrong digest), {} unreadable{repaired}",
+        report.checked,
+        report.bytes,
+        started.elapsed().as_secs_f64(),
+        report.bad(),
+        report.missing,
+        report.wrong_size,
+        report.wrong_digest,
+        report.unreadable,
+    );
+    if !repair && report.bad() > 0 {
+        println!("fsck: stop the server and run `stowage fsck --repair` to quarantine the bad blobs");
+    }
+    Ok(report)
+}
+
+/// Quarantines blob `digest`'s object, then makes the catalog forget the blob (this order: see
+/// the module doc).
+async fn repair_blob(catalog: &Catalog, store: &BlobStore, digest: &str, report: &mut FsckReport) {
+    if let Ok(parsed) = digest.parse::<Digest>() {
+        match store.quarantine(&parsed, crate::catalog::now()).await {
+            Ok(Some(to)) => {
+                report.quarantined += 1;
+                println!("{digest}: quarantined to {to}");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                report.repair_failed += 1;
+                println!("{digest}: quarantining failed, left as it was: {e}");
+                return;
+            }
+        }
+    }
+    match catalog.forget_blob(digest).await {
+        Ok(Some(links)) => {
+            report.forgotten += 1;
+            println!("{digest}: forgotten by the catalog (was linked to {links} repositories); push it again");
+        }
+        Ok(None) => {}
+        Err(e) => {
+            report.repair_failed += 1;
+            println!("{digest}: forgetting it failed: {e}");
+        }
+    }
 }
 
 #[cfg(test)]

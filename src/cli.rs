@@ -37,6 +37,26 @@ pub enum Command {
     /// Manage the keys that sign registry tokens.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Verify every stored blob: its object exists, has the recorded size and hashes to its
+    /// digest. Prints each bad blob and a summary; exits 1 when any is bad.
+    ///
+    /// Verifying may run beside a live server. With --repair, each bad blob's object is moved
+    /// to quarantine/<algorithm>/<hex>.<unix time> in the store and the catalog forgets the
+    /// blob, so that its next push stores fresh bytes; --repair needs the server stopped.
+    Fsck(FsckArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct FsckArgs {
+    #[command(flatten)]
+    pub at: ServeArgs,
+    /// Quarantine each bad blob's object and make the catalog forget the blob (the server must
+    /// be stopped: this takes the data directory's lock).
+    #[arg(long)]
+    pub repair: bool,
+    /// Blobs verified at once (each reads its object in pieces of about 1 MiB).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
 }
 
 #[derive(Debug, Subcommand)]

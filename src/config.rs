@@ -202,11 +202,25 @@ pub struct AuthConfig {
     /// Empty: every signed-in user may pull and push everywhere. Admins may always do
     /// everything, deletion included.
     pub rules: Vec<crate::auth::Rule>,
-    /// Failed logins per user name within `failed_login_window_secs` before further attempts
-    /// are refused with 429 (a client address may fail three times as often).
+    /// Failed password logins one client address may have for one user name before backoff
+    /// starts (an address may fail three times as often across all names). Nothing is counted
+    /// per user name alone, and API tokens are never throttled. See `auth::limiter`.
     pub max_failed_logins: u32,
-    /// Length of the failed-login window, in seconds.
+    /// Seconds of the first block once the allowance is spent; each further failure doubles it.
+    pub failed_login_backoff_secs: u64,
+    /// Longest block, in seconds.
+    pub failed_login_backoff_max_secs: u64,
+    /// Seconds after its last failure (and the end of its block) that an address or a
+    /// (user, address) pair is forgotten.
     pub failed_login_window_secs: u64,
+    /// Password verifications run at once. Each holds argon2's memory cost (19 MiB with the
+    /// parameters stowage hashes with), so this bounds their memory: 4 × 19 MiB = 76 MiB by
+    /// default. Attempts beyond it wait up to two seconds, then get 429 before any hashing.
+    pub max_concurrent_hashes: u32,
+    /// Seconds after a registry token expired that it is still accepted to continue an upload
+    /// session it could have started (a long upload outliving its token); at most
+    /// `registry.upload_timeout_secs`. 0: an expired token is never accepted.
+    pub upload_token_grace_secs: u64,
 }
 
 impl Default for AuthConfig {
@@ -223,8 +237,12 @@ impl Default for AuthConfig {
             trusted_proxies: Vec::new(),
             anonymous_pull: Vec::new(),
             rules: Vec::new(),
-            max_failed_logins: 10,
-            failed_login_window_secs: 300,
+            max_failed_logins: 5,
+            failed_login_backoff_secs: 1,
+            failed_login_backoff_max_secs: 300,
+            failed_login_window_secs: 900,
+            max_concurrent_hashes: 4,
+            upload_token_grace_secs: 900,
         }
     }
 }
@@ -311,6 +329,8 @@ fn top_level_keys() -> Vec<String> {
 /// Bounds of `storage.part_size`: each upload in progress holds about three parts in memory.
 const MIN_PART_SIZE: usize = 64 * 1024;
 const MAX_PART_SIZE: usize = 1024 * 1024 * 1024;
+/// Most concurrent password verifications: 1,024 × 19 MiB is already 19 GiB.
+const MAX_CONCURRENT_HASHES: u32 = 1024;
 
 impl Config {
     /// Loads the layered configuration.
@@ -350,6 +370,22 @@ impl Config {
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part) {
             return Err(format!(
                 "storage.part_size must be between {MIN_PART_SIZE} (64 KiB) and {MAX_PART_SIZE} (1 GiB) bytes, not {part}"
+            ));
+        }
+        let auth = &self.auth;
+        if auth.max_failed_logins == 0 {
+            return Err("auth.max_failed_logins must be at least 1".to_owned());
+        }
+        if auth.failed_login_backoff_secs == 0 || auth.failed_login_backoff_max_secs < auth.failed_login_backoff_secs {
+            return Err(format!(
+                "auth.failed_login_backoff_secs must be at least 1 and at most auth.failed_login_backoff_max_secs, not {} (max {})",
+                auth.failed_login_backoff_secs, auth.failed_login_backoff_max_secs
+            ));
+        }
+        if !(1..=MAX_CONCURRENT_HASHES).contains(&auth.max_concurrent_hashes) {
+            return Err(format!(
+                "auth.max_concurrent_hashes must be between 1 and {MAX_CONCURRENT_HASHES} (each verification holds 19 MiB), not {}",
+                auth.max_concurrent_hashes
             ));
         }
         Ok(())
@@ -401,6 +437,30 @@ mod tests {
             jail.set_env("STOWAGE_STORAGE__PART_SIZE", "65536");
             let ok = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(ok.storage.part_size, 65536);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn login_limits_are_validated() {
+        figment::Jail::expect_with(|jail| {
+            for (key, bad) in [
+                ("STOWAGE_AUTH__MAX_CONCURRENT_HASHES", "0"),
+                ("STOWAGE_AUTH__MAX_CONCURRENT_HASHES", "5000"),
+                ("STOWAGE_AUTH__MAX_FAILED_LOGINS", "0"),
+                ("STOWAGE_AUTH__FAILED_LOGIN_BACKOFF_SECS", "0"),
+                ("STOWAGE_AUTH__FAILED_LOGIN_BACKOFF_SECS", "600"),
+            ] {
+                jail.clear_env();
+                jail.set_env(key, bad);
+                let err = Config::load(None, CliOverrides::default()).expect_err(bad).to_string();
+                let setting = key.trim_start_matches("STOWAGE_AUTH__").to_ascii_lowercase();
+                assert!(err.contains(&format!("auth.{setting}")), "{key}={bad}: {err}");
+            }
+            jail.clear_env();
+            jail.set_env("STOWAGE_AUTH__MAX_CONCURRENT_HASHES", "2");
+            let ok = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(ok.auth.max_concurrent_hashes, 2);
             Ok(())
         });
     }

@@ -139,7 +139,7 @@ pub enum Error {
     #[error("request body could not be read: {0}")]
     BodyRead(String),
     /// Credentials are missing, wrong, or lack the scope needed (401 with the challenge).
-    #[error("authentication required")]
+    #[error("{}", .0.message)]
     Unauthorized(Box<crate::auth::Challenge>),
     /// The identity may not do this (403).
     #[error("requested access to the resource is denied")]
@@ -147,9 +147,13 @@ pub enum Error {
     /// A token request the endpoint cannot serve (400).
     #[error("invalid token request: {0}")]
     TokenRequestInvalid(&'static str),
-    /// Too many failed logins from this client or for this user (429 with `Retry-After`).
-    #[error("too many failed login attempts; try again later")]
+    /// Too many failed logins from this client address, or for this user from it (429 with
+    /// `Retry-After`).
+    #[error("too many failed logins from your address; try again in {retry_after} s (API tokens are not affected)")]
     TooManyLogins { retry_after: u64 },
+    /// Too many password checks at once (429 with `Retry-After`).
+    #[error("too many logins are being checked at once; try again in {retry_after} s")]
+    LoginsBusy { retry_after: u64 },
     #[error("internal error: {0}")]
     Internal(#[from] Internal),
 }
@@ -263,7 +267,9 @@ impl Error {
             Error::Unauthorized(_) => Code::Unauthorized,
             Error::Denied => Code::Denied,
             Error::TokenRequestInvalid(_) => Code::Unsupported,
-            Error::TooManyLogins { .. } | Error::TooManyUploads { .. } => Code::TooManyRequests,
+            Error::TooManyLogins { .. } | Error::LoginsBusy { .. } | Error::TooManyUploads { .. } => {
+                Code::TooManyRequests
+            }
             Error::Internal(_) => Code::Unknown,
         }
     }

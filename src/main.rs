@@ -73,6 +73,18 @@ async fn main() {
         Command::User(cmd) => admin_exit(stowage::admin::user(cmd, load).await),
         Command::Token(cmd) => admin_exit(stowage::admin::token(cmd, load).await),
         Command::Key(cmd) => admin_exit(stowage::admin::key(cmd, load).await),
+        Command::Fsck(args) => {
+            let config = load(&args.at);
+            init_tracing(config.log.format);
+            match stowage::admin::fsck(&config, args.repair, usize::from(args.jobs)).await {
+                Ok(report) if report.is_clean() => {}
+                Ok(_) => std::process::exit(1),
+                Err(e) => {
+                    eprintln!("stowage: {e}");
+                    std::process::exit(2);
+                }
+            }
+        }
         Command::CheckConfig(args) => match toml::to_string(&load(&args)) {
             Ok(s) => print!("{s}"),
             Err(e) => {

@@ -1,5 +1,14 @@
-//! Start-up and shutdown of `stowage serve`.
+//! Start-up and shutdown of `stowage serve`, and the data directory's lock.
+//!
+//! `stowage serve` holds an exclusive advisory lock ([`DataDirLock`], `flock` on
+//! `<data_dir>/stowage.lock`) for its whole life: a second server on the same data directory
+//! refuses to start, and so does `stowage fsck --repair`, which must not move blob objects
+//! while a server publishes them (the server's per-digest locks are in-process). The kernel
+//! releases the lock when the process exits in any way, `kill -9` included, so a crash never
+//! leaves a stale lock behind. Commands that only read, or that write through the catalog's
+//! own locking (`user`, `token`, verify-only `fsck`), do not take it.
 
+use std::path::Path;
 use std::time::Duration;
 
 use actix_web::{App, HttpServer, middleware, web};
@@ -19,18 +28,81 @@ const H1_WRITE_BUFFER: usize = 1024 * 1024;
 /// How often idle upload sessions are looked for.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(60);
 
-/// Opens the catalog and the blob store described by `config`.
-pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error>> {
-    let catalog_path = config.catalog_path();
-    let catalog = tokio::task::spawn_blocking(move || Catalog::open(&catalog_path)).await??;
+/// The lock file in the data directory.
+pub const LOCK_FILE: &str = "stowage.lock";
+
+/// An exclusive advisory lock on a data directory (see the module doc); released when dropped
+/// or when the process ends.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    /// Takes the lock of `data_dir` (created if missing) without waiting, for `purpose` (what
+    /// the holder is, written into the lock file with its pid for the next one's error
+    /// message). Fails with a message that names the holder when another process has it.
+    /// Blocking file I/O: call it off the async executor.
+    pub fn acquire(data_dir: &Path, purpose: &str) -> Result<DataDirLock, String> {
+        use std::io::{Read as _, Seek as _, Write as _};
+        use std::os::fd::AsRawFd as _;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| format!("creating the data directory {}: {e}", data_dir.display()))?;
+        let path = data_dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| format!("opening the lock file {}: {e}", path.display()))?;
+        // SAFETY: flock only acts on the descriptor, which `file` owns for as long as the lock.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(format!("locking {}: {err}", path.display()));
+            }
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.split_whitespace().collect::<Vec<_>>().as_slice() {
+                [pid, what] => format!(" (`stowage {what}`, pid {pid})"),
+                _ => String::new(),
+            };
+            return Err(format!(
+                "the data directory {} is in use by another stowage process{holder}: only one server \
+                 may run on a data directory, and `fsck --repair` needs the server stopped (lock file {})",
+                data_dir.display(),
+                path.display()
+            ));
+        }
+        let recorded = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{} {purpose}", std::process::id()));
+        if let Err(e) = recorded {
+            tracing::warn!(path = %path.display(), error = %e, "writing the lock file's holder failed");
+        }
+        Ok(DataDirLock { _file: file })
+    }
+}
+
+/// Opens the blob store described by `config`.
+pub async fn open_store(config: &Config) -> Result<BlobStore, Box<dyn std::error::Error>> {
     let part_size = config.storage.part_size;
-    let store = match config.storage.backend {
+    Ok(match config.storage.backend {
         Backend::Fs => {
             let path = config.storage_path();
             tokio::task::spawn_blocking(move || BlobStore::local(path, part_size)).await??
         }
         Backend::S3 => crate::storage::s3::open(&config.storage.s3, part_size)?,
-    };
+    })
+}
+
+/// Opens the catalog and the blob store described by `config`.
+pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error>> {
+    let catalog_path = config.catalog_path();
+    let catalog = tokio::task::spawn_blocking(move || Catalog::open(&catalog_path)).await??;
+    let store = open_store(config).await?;
     // Upload sessions recorded in the catalog resume; anything else staged is left over from
     // uploads that cannot (single-request uploads cut short by a stop).
     let sessions: std::collections::HashSet<_> = catalog.upload_ids().await?.into_iter().collect();
@@ -123,6 +195,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         "built with the test-only `fault-injection` feature: anyone can make storage fail through \
          the unauthenticated /_stowage/faults route; never serve real users with this build"
     );
+    // Held until this function returns: after the catalog is closed.
+    let data_dir = config.data_dir.clone();
+    let _lock = tokio::task::spawn_blocking(move || DataDirLock::acquire(&data_dir, "serve")).await??;
     let registry = open(&config).await?;
     tracing::info!(
         data_dir = %config.data_dir.display(),
@@ -228,4 +303,23 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     tokio::task::spawn_blocking(move || catalog.close()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DataDirLock;
+
+    #[test]
+    fn one_holder_at_a_time_and_released_on_drop() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let held = DataDirLock::acquire(&data, "serve").expect("first lock");
+        let err = DataDirLock::acquire(&data, "fsck").expect_err("second lock");
+        assert!(
+            err.contains(&format!("(`stowage serve`, pid {})", std::process::id())),
+            "names the holder: {err}"
+        );
+        drop(held);
+        DataDirLock::acquire(&data, "fsck").expect("free again once dropped");
+    }
 }

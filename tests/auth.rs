@@ -364,6 +364,7 @@ async fn access_matrix() {
     };
     use Want::*;
     // (operation, method, path) → expected for each identity in the order above, per repository.
+    // A token scoped elsewhere gets what anonymous clients get: pull on the public repository.
     type Row = (&'static str, Method, &'static str, [Want; 7], [Want; 7]);
     let rows: Vec<Row> = vec![
         // op            method           path                                public                                       private
@@ -371,7 +372,7 @@ async fn access_matrix() {
             "pull",
             Method::GET,
             "manifests/v1",
-            [Ok, Ok, Ok, Ok, Unauth, Unauth, Denied],
+            [Ok, Ok, Ok, Ok, Unauth, Unauth, Ok],
             [Unauth, Ok, Ok, Ok, Unauth, Unauth, Denied],
         ),
         (
@@ -392,14 +393,14 @@ async fn access_matrix() {
             "tags",
             Method::GET,
             "tags/list",
-            [Ok, Ok, Ok, Ok, Unauth, Unauth, Denied],
+            [Ok, Ok, Ok, Ok, Unauth, Unauth, Ok],
             [Unauth, Ok, Ok, Ok, Unauth, Unauth, Denied],
         ),
         (
             "referrers",
             Method::GET,
             "referrers/{subject}",
-            [Ok, Ok, Ok, Ok, Unauth, Unauth, Denied],
+            [Ok, Ok, Ok, Ok, Unauth, Unauth, Ok],
             [Unauth, Ok, Ok, Ok, Unauth, Unauth, Denied],
         ),
     ];
@@ -449,7 +450,7 @@ async fn access_matrix() {
         (Ok, &["private/app", "public/app"]),
         (Unauth, &[]),
         (Unauth, &[]),
-        (Ok, &[]),
+        (Ok, &["public/app"]),
     ];
     for (via_token, ((who, creds), (want, repos))) in [true, false]
         .into_iter()
@@ -1001,7 +1002,12 @@ async fn an_upload_outlives_the_token_that_started_it() {
 
 #[tokio::test]
 async fn failed_logins_are_rate_limited() {
-    let s = AuthServer::start_with(&CONFIG.replace("max_failed_logins = 1000", "max_failed_logins = 3")).await;
+    // 127.0.0.1 is trusted as a proxy, so X-Forwarded-For stands for a second client address.
+    let s = AuthServer::start_with(&CONFIG.replace(
+        "max_failed_logins = 1000",
+        "max_failed_logins = 3\nfailed_login_backoff_secs = 60\ntrusted_proxies = [\"127.0.0.1\"]",
+    ))
+    .await;
     let url = s.server.v2("private/app/tags/list");
     for _ in 0..3 {
         let resp = client()
@@ -1012,7 +1018,7 @@ async fn failed_logins_are_rate_limited() {
             .expect("GET");
         assert_eq!(resp.status(), 401);
     }
-    // Now even the right password waits, and so does a user that does not exist from here.
+    // From this address the right password now waits too: nothing tells it from a guess.
     let resp = client()
         .get(&url)
         .basic_auth("reader", Some("reader-pw"))
@@ -1020,8 +1026,26 @@ async fn failed_logins_are_rate_limited() {
         .await
         .expect("GET");
     assert_eq!(resp.status(), 429);
-    assert!(resp.headers().contains_key("retry-after"));
-    // Other users are not locked out by one user's failures.
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    let body = resp.text().await.expect("body");
+    assert!(
+        body.contains("TOOMANYREQUESTS") && body.contains("too many failed logins"),
+        "{body}"
+    );
+    // The user is not locked out elsewhere, and other users are not locked out from here.
+    let resp = client()
+        .get(&url)
+        .header("X-Forwarded-For", "198.51.100.7")
+        .basic_auth("reader", Some("reader-pw"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
     let resp = client()
         .get(&url)
         .basic_auth("pusher", Some("pusher-pw"))

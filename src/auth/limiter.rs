@@ -1,86 +1,318 @@
-//! Failed-login rate limiting, per client address and per user name, in memory.
+//! Failed-login throttling, in memory, that an attacker cannot turn against a user.
 //!
-//! Each key counts failures in a fixed window that starts at its first failure. Once a key has
-//! `max` failures in its window, logins under it are refused (429) until the window ends; a
-//! successful login clears the user's count. A client address gets three times the user limit,
-//! so that one client trying many names is stopped too.
+//! Password attempts are tracked under two keys: the client address (IPv6 addresses by their
+//! /64, the block one host usually holds), and the pair (user name, client address). Nothing
+//! is kept per user name alone, so failures sent from one address never block that user at
+//! another address. API token secrets never pass through here (see `Auth::login`): guessing a
+//! 256-bit secret is hopeless, and checking one costs a SHA-256 and one indexed lookup.
+//!
+//! Per key (its allowance `free` is `auth.max_failed_logins` for a (user, address) pair and
+//! three times that for an address, so that one client trying many names is stopped too):
+//!
+//! - The first `free` failures cost nothing. The failure that reaches `free` blocks the key
+//!   for `backoff`, and each further one doubles the block, up to `backoff_max`; an attempt
+//!   while blocked is refused before any password is checked (429 with `Retry-After`).
+//! - Attempts in progress count: a key has `free - failures` attempts in flight at most (one,
+//!   once its allowance is spent), so a burst of concurrent attempts cannot run more password
+//!   checks than the allowance. An attempt that is dropped before it has an outcome (the
+//!   client went away) counts as a failure.
+//! - A success clears its (user, address) pair; the address's count stays (so that an account
+//!   of one's own cannot be used to reset it between guesses at others).
+//! - A key with nothing in flight and no failure for `forget_after` (and no block left) is
+//!   forgotten.
+//!
+//! Memory is bounded: at most `max_entries` keys (each a fixed-size key: the user name is kept
+//! as a 128-bit hash, never as sent). When full, forgotten keys are swept, then keys that are
+//! neither blocked nor in flight are dropped (forgetting them gives back at most an allowance);
+//! if every key is blocked, a new key's attempt is refused (429) rather than a blocked key
+//! released, and a warning is logged. A full sweep runs at most once a second.
+//!
+//! Behind a reverse proxy the client address is what `auth.trusted_proxies` lets the server
+//! believe (see `http::auth::client_ip`): behind a proxy not listed there, every client has the
+//! proxy's address and shares its allowance.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Most keys kept; past this, expired windows are swept.
-const MAX_KEYS: usize = 100_000;
+use sha2::Digest as _;
 
-pub struct Limiter {
-    window: Duration,
-    max_per_user: u32,
-    max_per_client: u32,
-    counts: Mutex<HashMap<String, (u32, Instant)>>,
+/// How the limiter is tuned.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Failures a (user, address) pair may have before backoff starts (an address: three times).
+    pub free: u32,
+    /// The first block.
+    pub backoff: Duration,
+    /// The longest block.
+    pub backoff_max: Duration,
+    /// A key without a failure (and without a block) for this long is forgotten.
+    pub forget_after: Duration,
+    /// Most keys tracked.
+    pub max_entries: usize,
 }
 
-/// Keys of one login attempt.
+/// Most keys tracked by default (about 100 bytes each).
+pub const MAX_ENTRIES: usize = 100_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    Client(IpAddr),
+    /// The first 128 bits of SHA-256 of the user name, and the address.
+    User([u8; 16], IpAddr),
+}
+
+#[derive(Debug)]
+struct Entry {
+    failures: u32,
+    in_flight: u32,
+    blocked_until: Option<Instant>,
+    last_failure: Instant,
+}
+
+impl Entry {
+    fn blocked_at(&self, now: Instant) -> Option<Duration> {
+        self.blocked_until
+            .and_then(|until| until.checked_duration_since(now))
+            .filter(|d| !d.is_zero())
+    }
+
+    fn forgotten_at(&self, now: Instant, forget_after: Duration) -> bool {
+        self.in_flight == 0
+            && self.blocked_at(now).is_none()
+            && now.saturating_duration_since(self.last_failure) >= forget_after
+    }
+}
+
+/// The keys of one password attempt.
+#[derive(Debug, Clone, Copy)]
 pub struct Attempt {
-    client: String,
-    user: Option<String>,
+    client: Key,
+    user: Key,
+}
+
+/// The address a client is tracked under: IPv4 as is, IPv6 by its /64.
+fn client_block(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut seg = v6.segments();
+                seg[4..].fill(0);
+                IpAddr::V6(seg.into())
+            }
+        },
+    }
 }
 
 impl Attempt {
-    pub fn new(client: std::net::IpAddr, user: Option<&str>) -> Attempt {
+    pub fn new(client: IpAddr, user: &str) -> Attempt {
+        let client = client_block(client);
+        let digest = sha2::Sha256::digest(user.as_bytes());
+        let mut name = [0u8; 16];
+        name.copy_from_slice(&digest[..16]);
         Attempt {
-            client: format!("client:{client}"),
-            user: user.map(|u| format!("user:{u}")),
+            client: Key::Client(client),
+            user: Key::User(name, client),
+        }
+    }
+
+    fn keys(&self) -> [Key; 2] {
+        [self.user, self.client]
+    }
+}
+
+pub struct Limiter {
+    settings: Settings,
+    state: Mutex<State>,
+}
+
+struct State {
+    entries: HashMap<Key, Entry>,
+    /// When a sweep last failed to make room.
+    full_since: Option<Instant>,
+}
+
+/// An attempt in flight; report its outcome with [`Pending::succeed`], [`Pending::fail`] or
+/// [`Pending::release`]. Dropped without an outcome, it counts as a failure.
+pub struct Pending<'a> {
+    limiter: &'a Limiter,
+    attempt: Attempt,
+    done: bool,
+}
+
+impl Pending<'_> {
+    /// The password was right.
+    pub fn succeed(mut self) {
+        self.done = true;
+        self.limiter.finish(&self.attempt, Outcome::Success, Instant::now());
+    }
+
+    /// The password (or user name) was wrong.
+    pub fn fail(mut self) {
+        self.done = true;
+        self.limiter.finish(&self.attempt, Outcome::Failure, Instant::now());
+    }
+
+    /// No password was checked (the server was busy or failed): the attempt does not count.
+    pub fn release(mut self) {
+        self.done = true;
+        self.limiter.finish(&self.attempt, Outcome::None, Instant::now());
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.limiter.finish(&self.attempt, Outcome::Failure, Instant::now());
         }
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Success,
+    Failure,
+    None,
+}
+
+/// Whole seconds to wait for `d`, at least one.
+fn retry_secs(d: Duration) -> u64 {
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
 impl Limiter {
-    pub fn new(window: Duration, max_per_user: u32) -> Limiter {
+    pub fn new(mut settings: Settings) -> Limiter {
+        settings.free = settings.free.max(1);
+        settings.backoff_max = settings.backoff_max.max(settings.backoff);
+        settings.max_entries = settings.max_entries.max(2);
         Limiter {
-            window,
-            max_per_user: max_per_user.max(1),
-            max_per_client: max_per_user.max(1).saturating_mul(3),
-            counts: Mutex::new(HashMap::new()),
+            settings,
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                full_since: None,
+            }),
         }
     }
 
-    /// `Err(seconds to wait)` when a key of the attempt is over its limit.
-    pub fn check(&self, a: &Attempt) -> Result<(), u64> {
-        let Ok(counts) = self.counts.lock() else { return Ok(()) };
-        let now = Instant::now();
-        let over = |key: &str, max: u32| -> Option<u64> {
-            let (n, start) = counts.get(key)?;
-            let elapsed = now.duration_since(*start);
-            (elapsed < self.window && *n >= max).then(|| (self.window - elapsed).as_secs().max(1))
-        };
-        let wait = over(&a.client, self.max_per_client)
-            .into_iter()
-            .chain(a.user.as_deref().and_then(|u| over(u, self.max_per_user)))
-            .max();
-        wait.map_or(Ok(()), Err)
+    fn free(&self, key: &Key) -> u32 {
+        match key {
+            Key::User(..) => self.settings.free,
+            Key::Client(_) => self.settings.free.saturating_mul(3),
+        }
     }
 
-    /// Counts a failed attempt.
-    pub fn fail(&self, a: &Attempt) {
-        let Ok(mut counts) = self.counts.lock() else { return };
-        let now = Instant::now();
-        if counts.len() >= MAX_KEYS {
-            counts.retain(|_, (_, start)| now.duration_since(*start) < self.window);
-        }
-        for key in std::iter::once(&a.client).chain(a.user.as_ref()) {
-            let entry = counts.entry(key.clone()).or_insert((0, now));
-            if now.duration_since(entry.1) >= self.window {
-                *entry = (0, now);
+    /// Starts an attempt at `now`, or `Err(seconds to wait)` when one of its keys is blocked or
+    /// has as many attempts in flight as it may.
+    pub fn begin(&self, attempt: Attempt, now: Instant) -> Result<Pending<'_>, u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut missing = 0;
+        for key in attempt.keys() {
+            let Some(entry) = state.entries.get(&key) else {
+                missing += 1;
+                continue;
+            };
+            if let Some(left) = entry.blocked_at(now) {
+                return Err(retry_secs(left));
             }
-            entry.0 = entry.0.saturating_add(1);
+            if entry.forgotten_at(now, self.settings.forget_after) {
+                state.entries.remove(&key);
+                missing += 1;
+                continue;
+            }
+            let slots = self.free(&key).saturating_sub(entry.failures).max(1);
+            if entry.in_flight >= slots {
+                // Another attempt under this key is being checked; it takes well under a second.
+                return Err(1);
+            }
+        }
+        if state.entries.len() + missing > self.settings.max_entries && !self.make_room(&mut state, missing, now) {
+            return Err(1);
+        }
+        for key in attempt.keys() {
+            let entry = state.entries.entry(key).or_insert(Entry {
+                failures: 0,
+                in_flight: 0,
+                blocked_until: None,
+                last_failure: now,
+            });
+            entry.in_flight = entry.in_flight.saturating_add(1);
+        }
+        Ok(Pending {
+            limiter: self,
+            attempt,
+            done: false,
+        })
+    }
+
+    /// Frees room for `needed` keys; false when every key is blocked or in flight.
+    fn make_room(&self, state: &mut State, needed: usize, now: Instant) -> bool {
+        let max = self.settings.max_entries;
+        if state
+            .full_since
+            .is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1))
+        {
+            return false;
+        }
+        let forget_after = self.settings.forget_after;
+        state.entries.retain(|_, e| !e.forgotten_at(now, forget_after));
+        if state.entries.len() + needed > max {
+            state
+                .entries
+                .retain(|_, e| e.in_flight > 0 || e.blocked_at(now).is_some());
+        }
+        if state.entries.len() + needed > max {
+            state.full_since = Some(now);
+            tracing::warn!(
+                keys = state.entries.len(),
+                "the failed-login limiter is full of blocked addresses; refusing logins from new ones"
+            );
+            return false;
+        }
+        state.full_since = None;
+        true
+    }
+
+    fn finish(&self, attempt: &Attempt, outcome: Outcome, now: Instant) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for key in attempt.keys() {
+            let free = self.free(&key);
+            let Some(entry) = state.entries.get_mut(&key) else {
+                continue;
+            };
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+            match outcome {
+                Outcome::Failure => {
+                    entry.failures = entry.failures.saturating_add(1);
+                    entry.last_failure = now;
+                    if entry.failures >= free {
+                        let doublings = (entry.failures - free).min(31);
+                        let block = self
+                            .settings
+                            .backoff
+                            .saturating_mul(1u32 << doublings)
+                            .min(self.settings.backoff_max);
+                        entry.blocked_until = Some(now + block);
+                    }
+                }
+                Outcome::Success if matches!(key, Key::User(..)) => {
+                    entry.failures = 0;
+                    entry.blocked_until = None;
+                }
+                Outcome::Success | Outcome::None => {}
+            }
+            if entry.failures == 0 && entry.in_flight == 0 {
+                state.entries.remove(&key);
+            }
         }
     }
 
-    /// A successful login clears the user's failures.
-    pub fn succeed(&self, a: &Attempt) {
-        if let (Some(user), Ok(mut counts)) = (&a.user, self.counts.lock()) {
-            counts.remove(user);
-        }
+    /// Keys tracked now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.state.lock().map(|s| s.entries.len()).unwrap_or(0)
     }
 }
 
@@ -88,25 +320,168 @@ impl Limiter {
 mod tests {
     use super::*;
 
+    fn limiter(free: u32, max_entries: usize) -> Limiter {
+        Limiter::new(Settings {
+            free,
+            backoff: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            forget_after: Duration::from_secs(600),
+            max_entries,
+        })
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        [10, 0, 0, last].into()
+    }
+
+    /// Fails one attempt at `now`; panics if it is refused.
+    fn fail(l: &Limiter, a: Attempt, now: Instant) {
+        let mut p = l.begin(a, now).expect("attempt allowed");
+        p.done = true;
+        l.finish(&a, Outcome::Failure, now);
+    }
+
+    /// `Ok` if an attempt would be allowed at `now` (the attempt is then released), else the
+    /// seconds to wait.
+    fn check(l: &Limiter, a: Attempt, now: Instant) -> Result<(), u64> {
+        l.begin(a, now).map(Pending::release)
+    }
+
     #[test]
-    fn limits_per_user_and_client() {
-        let l = Limiter::new(Duration::from_secs(60), 2);
-        let ip: std::net::IpAddr = [10, 0, 0, 1].into();
-        let a = Attempt::new(ip, Some("bob"));
-        assert!(l.check(&a).is_ok());
-        l.fail(&a);
-        l.fail(&a);
-        assert!(l.check(&a).is_err());
-        // Another user from the same client is still allowed, up to the client's limit.
-        let b = Attempt::new(ip, Some("carol"));
-        assert!(l.check(&b).is_ok());
-        for _ in 0..4 {
-            l.fail(&b);
+    fn backoff_doubles_and_is_capped() {
+        let l = limiter(3, 100);
+        let a = Attempt::new(ip(1), "bob");
+        let mut now = Instant::now();
+        for _ in 0..2 {
+            fail(&l, a, now);
+            assert_eq!(check(&l, a, now), Ok(()));
         }
-        assert!(l.check(&Attempt::new(ip, Some("dave"))).is_err());
-        let elsewhere = Attempt::new([10, 0, 0, 2].into(), Some("dave"));
-        assert!(l.check(&elsewhere).is_ok());
-        l.succeed(&a);
-        assert!(l.check(&Attempt::new([10, 0, 0, 3].into(), Some("bob"))).is_ok());
+        // The third failure spends the allowance: 1 s, then 2, 4, 8, … up to 60.
+        let mut expected = 1;
+        for _ in 0..10 {
+            fail(&l, a, now);
+            assert_eq!(check(&l, a, now), Err(expected), "blocked for {expected} s");
+            let almost = now + Duration::from_secs(expected) - Duration::from_millis(1);
+            assert_eq!(check(&l, a, almost), Err(1));
+            now += Duration::from_secs(expected);
+            expected = (expected * 2).min(60);
+        }
+        assert_eq!(expected, 60);
+        assert_eq!(check(&l, a, now), Ok(()));
+    }
+
+    #[test]
+    fn other_addresses_and_users_are_not_blocked() {
+        let l = limiter(2, 100);
+        let now = Instant::now();
+        let attacker = Attempt::new(ip(66), "bob");
+        fail(&l, attacker, now);
+        fail(&l, attacker, now);
+        assert!(check(&l, attacker, now).is_err());
+        // Bob from another address, and another user from the attacker's address.
+        assert_eq!(check(&l, Attempt::new(ip(7), "bob"), now), Ok(()));
+        assert_eq!(check(&l, Attempt::new(ip(66), "carol"), now), Ok(()));
+    }
+
+    #[test]
+    fn an_address_trying_many_names_is_blocked() {
+        let l = limiter(2, 100);
+        let now = Instant::now();
+        for n in 0..6 {
+            fail(&l, Attempt::new(ip(66), &format!("user{n}")), now);
+        }
+        assert_eq!(check(&l, Attempt::new(ip(66), "fresh"), now), Err(1));
+        assert_eq!(check(&l, Attempt::new(ip(67), "fresh"), now), Ok(()));
+    }
+
+    #[test]
+    fn ipv6_clients_are_tracked_by_their_64() {
+        let l = limiter(1, 100);
+        let now = Instant::now();
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        fail(&l, Attempt::new(a, "bob"), now);
+        assert!(check(&l, Attempt::new(b, "bob"), now).is_err());
+        assert_eq!(check(&l, Attempt::new(c, "bob"), now), Ok(()));
+    }
+
+    #[test]
+    fn attempts_in_flight_count() {
+        let l = limiter(3, 100);
+        let a = Attempt::new(ip(1), "bob");
+        let held: Vec<_> = (0..3)
+            .map(|_| l.begin(a, Instant::now()).expect("within allowance"))
+            .collect();
+        assert_eq!(check(&l, a, Instant::now()), Err(1), "a fourth concurrent attempt");
+        drop(held); // dropped without an outcome: three failures
+        let now = Instant::now();
+        assert!(check(&l, a, now).is_err(), "blocked after the allowance");
+        // Once the allowance is spent, one attempt at a time.
+        let later = now + Duration::from_secs(2);
+        let one = l.begin(a, later).expect("after the block");
+        assert_eq!(check(&l, a, later), Err(1));
+        one.release();
+        assert_eq!(check(&l, a, later), Ok(()));
+    }
+
+    #[test]
+    fn success_clears_the_pair_but_not_the_address() {
+        let l = limiter(2, 100);
+        let now = Instant::now();
+        let bob = Attempt::new(ip(1), "bob");
+        fail(&l, bob, now);
+        l.begin(bob, now).expect("allowed").succeed();
+        fail(&l, bob, now);
+        assert_eq!(check(&l, bob, now), Ok(()), "the pair's count restarted");
+        // The address keeps its two failures: four more (across names) block it.
+        for n in 0..4 {
+            fail(&l, Attempt::new(ip(1), &format!("u{n}")), now);
+        }
+        assert!(check(&l, Attempt::new(ip(1), "someone"), now).is_err());
+    }
+
+    #[test]
+    fn keys_are_bounded() {
+        let l = limiter(5, 10);
+        let now = Instant::now();
+        // Five addresses with one failure each: ten keys, the table is full.
+        for n in 0..5 {
+            fail(&l, Attempt::new(ip(n), "bob"), now);
+        }
+        assert_eq!(l.len(), 10);
+        // A new address fits by dropping keys that are neither blocked nor in flight.
+        fail(&l, Attempt::new(ip(100), "bob"), now);
+        assert!(l.len() <= 10);
+    }
+
+    #[test]
+    fn blocked_keys_are_never_dropped_to_make_room() {
+        // Two addresses, each blocked (three names failed) with its three pairs: eight keys.
+        let l = limiter(1, 8);
+        let now = Instant::now();
+        for n in 0..2 {
+            for user in ["a", "b", "c"] {
+                fail(&l, Attempt::new(ip(n), user), now);
+            }
+        }
+        assert_eq!(l.len(), 8);
+        assert_eq!(check(&l, Attempt::new(ip(100), "bob"), now), Err(1), "full");
+        assert!(check(&l, Attempt::new(ip(0), "d"), now).is_err(), "still blocked");
+        assert_eq!(l.len(), 8);
+        // Once the blocks end and the keys are forgotten, there is room again.
+        let later = now + Duration::from_secs(601);
+        assert_eq!(check(&l, Attempt::new(ip(100), "bob"), later), Ok(()));
+        assert_eq!(l.len(), 0);
+    }
+
+    #[test]
+    fn successes_leave_nothing_behind() {
+        let l = limiter(5, 10);
+        let now = Instant::now();
+        for n in 0..50 {
+            l.begin(Attempt::new(ip(n), "bob"), now).expect("allowed").succeed();
+        }
+        assert_eq!(l.len(), 0);
     }
 }

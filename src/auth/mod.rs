@@ -5,13 +5,30 @@
 //! - [`policy`]: who may do what where (anonymous pull, rules, admins, API token scopes).
 //! - [`password`]: argon2id password hashes and API token secrets.
 //! - [`keys`], [`jwt`]: Ed25519 signing keys and the tokens they sign.
-//! - [`limiter`]: failed-login rate limiting.
+//! - [`limiter`]: failed-login throttling per client address and per (user, address).
 //!
 //! Credentials a request may carry: none (anonymous); HTTP Basic with a user's password or an
 //! API token secret as the password; a Bearer registry token from the token endpoint. Users and
 //! API tokens live in the catalog (`catalog::auth`); a token's user and API token are looked up
-//! on every request, so removing a user or revoking a token takes effect at once. Argon2 runs on
-//! the blocking pool.
+//! on every request, so removing a user or revoking a token takes effect at once.
+//!
+//! Password checks, on every route and on `/token` alike ([`Auth::login`]), in this order:
+//! 1. An API token secret (`stw_…`) is looked up by its SHA-256 and never throttled.
+//! 2. The [`limiter`] admits the attempt or refuses it (429) before anything else is done.
+//! 3. A password verified in the last five minutes against the same stored hash is accepted
+//!    from memory (Spack sends Basic credentials with every request).
+//! 4. Otherwise argon2 verifies it on the blocking pool, holding one of
+//!    `auth.max_concurrent_hashes` permits for the whole verification (the permit moves into
+//!    the blocking task, so a client that goes away does not free it early); an attempt that
+//!    cannot get a permit within [`HASH_WAIT`] is refused (429) without hashing. An unknown
+//!    user is verified against a dummy hash, so that both cases cost the same.
+//!
+//! Every refusal has a reason a person can read: wrong credentials (401), throttled after
+//! failures or too many verifications at once (429 `TOOMANYREQUESTS` with `Retry-After`).
+//!
+//! A registry token that has expired is accepted only to continue an upload session, and only
+//! within `auth.upload_token_grace_secs` of its expiry (bounded by the upload timeout); the
+//! upload layer makes sure the session is the token's user's own.
 
 pub mod jwt;
 pub mod keys;
@@ -44,6 +61,10 @@ const LOGIN_CACHE_TTL: Duration = Duration::from_secs(300);
 const LOGIN_CACHE_MAX: usize = 10_000;
 /// An API token's last-used time is written at most this often.
 const TOUCH_INTERVAL_SECS: i64 = 60;
+/// Longest a password attempt waits for a verification permit before it is refused.
+pub const HASH_WAIT: Duration = Duration::from_secs(2);
+/// Refused password checks are reported at most this often.
+const BUSY_WARNING_INTERVAL_SECS: u64 = 10;
 
 /// Credentials found on a request.
 #[derive(Clone)]
@@ -137,8 +158,10 @@ pub enum Refusal {
     InsufficientScope,
     /// The identity may not do this at all.
     Denied,
-    /// Too many failed logins; retry after this many seconds.
+    /// Too many failed logins from this address (for this user); retry after this many seconds.
     TooManyAttempts(u64),
+    /// Too many password verifications at once; retry after this many seconds.
+    Busy(u64),
 }
 
 /// A refusal or an internal failure.
@@ -190,6 +213,12 @@ struct Inner {
     policy: Policy,
     catalog: Catalog,
     limiter: limiter::Limiter,
+    /// Permits for password verifications (each holds argon2's memory while it runs).
+    hashes: Arc<tokio::sync::Semaphore>,
+    max_hashes: u32,
+    /// Password checks refused for want of a permit since the last warning, and when that was.
+    busy_refusals: std::sync::atomic::AtomicU64,
+    busy_warned_at: std::sync::atomic::AtomicU64,
     /// A hash to verify against when the user does not exist, so that both cases take as long.
     dummy_hash: String,
     /// sha256(user, password) -> (the PHC hash it verified against, when).
@@ -209,11 +238,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 impl Auth {
     /// Sets up authentication as configured: loads (or generates) the signing keys.
+    /// `upload_timeout` bounds how long after its expiry a token may continue an upload.
     pub async fn open(
         config: &AuthConfig,
         data_dir: &Path,
         catalog: Catalog,
-        session_grace: Duration,
+        upload_timeout: Duration,
     ) -> Result<Auth, keys::KeyError> {
         let dir = keys::key_dir(data_dir);
         let signing = config.signing_key.clone();
@@ -233,14 +263,23 @@ impl Auth {
                 issuer: config.issuer.clone(),
                 token_ttl: config.token_ttl_secs.max(1),
                 refresh_ttl: config.refresh_token_ttl_secs.max(1),
-                session_grace: session_grace.as_secs(),
+                session_grace: config.upload_token_grace_secs.min(upload_timeout.as_secs()),
                 keys,
                 policy: Policy::new(config.anonymous_pull.clone(), config.rules.clone()),
                 catalog,
-                limiter: limiter::Limiter::new(
-                    Duration::from_secs(config.failed_login_window_secs.max(1)),
-                    config.max_failed_logins,
-                ),
+                limiter: limiter::Limiter::new(limiter::Settings {
+                    free: config.max_failed_logins,
+                    backoff: Duration::from_secs(config.failed_login_backoff_secs.max(1)),
+                    backoff_max: Duration::from_secs(config.failed_login_backoff_max_secs),
+                    forget_after: Duration::from_secs(config.failed_login_window_secs),
+                    max_entries: limiter::MAX_ENTRIES,
+                }),
+                hashes: Arc::new(tokio::sync::Semaphore::new(
+                    usize::try_from(config.max_concurrent_hashes.max(1)).unwrap_or(1),
+                )),
+                max_hashes: config.max_concurrent_hashes.max(1),
+                busy_refusals: std::sync::atomic::AtomicU64::new(0),
+                busy_warned_at: std::sync::atomic::AtomicU64::new(0),
                 dummy_hash,
                 login_cache: Mutex::new(HashMap::new()),
                 touched: Mutex::new(HashMap::new()),
@@ -275,7 +314,8 @@ impl Auth {
     }
 
     /// Resolves a request's credentials. `continuing_upload` accepts a registry token that has
-    /// expired within the upload timeout: an upload is authorised when its session starts.
+    /// expired within `auth.upload_token_grace_secs`: an upload is authorised when its session
+    /// starts.
     pub async fn authenticate(
         &self,
         creds: Credentials,
@@ -384,36 +424,54 @@ impl Auth {
         }
     }
 
-    /// Checks a user name and password (or API token secret), rate-limited and in constant time
-    /// whether or not the user exists.
+    /// Checks a user name and password (or API token secret): throttled per address and per
+    /// (user, address), bounded in concurrent verifications, and in constant time whether or
+    /// not the user exists. API token secrets are never throttled.
     pub async fn login(&self, user: &str, password: String, client: IpAddr) -> Result<Identity, AuthFail> {
-        let is_token = password::is_token_secret(&password);
-        let attempt = limiter::Attempt::new(client, (!is_token).then_some(user));
-        self.inner.limiter.check(&attempt).map_err(Refusal::TooManyAttempts)?;
-        let outcome = if is_token {
+        if password::is_token_secret(&password) {
             let rec = self
                 .inner
                 .catalog
                 .api_token_by_hash(password::token_hash(&password))
                 .await?;
-            rec.and_then(|r| self.token_identity(r).ok())
-        } else {
-            self.check_password(user, password).await?
-        };
-        match outcome {
-            Some(identity) => {
-                self.inner.limiter.succeed(&attempt);
+            return match rec.and_then(|r| self.token_identity(r).ok()) {
+                Some(identity) => Ok(identity),
+                None => {
+                    tracing::info!(user, %client, "failed login: unknown, revoked or expired API token");
+                    Err(Refusal::BadCredentials.into())
+                }
+            };
+        }
+        let attempt = limiter::Attempt::new(client, user);
+        let pending = self
+            .inner
+            .limiter
+            .begin(attempt, Instant::now())
+            .map_err(|retry_after| {
+                // Refusals cost nothing and may come by the thousand: debug only. The failures that
+                // led to them were logged at info, and the limiter bounds those.
+                tracing::debug!(user, %client, retry_after, "login refused: too many failed logins from this address");
+                Refusal::TooManyAttempts(retry_after)
+            })?;
+        match self.check_password(user, password).await {
+            Ok(Some(identity)) => {
+                pending.succeed();
                 Ok(identity)
             }
-            None => {
-                self.inner.limiter.fail(&attempt);
-                tracing::info!(user, %client, "failed login");
+            Ok(None) => {
+                pending.fail();
+                tracing::info!(user, %client, "failed login: wrong user name or password");
                 Err(Refusal::BadCredentials.into())
+            }
+            Err(e) => {
+                // Nothing was verified: the attempt does not count.
+                pending.release();
+                Err(e)
             }
         }
     }
 
-    async fn check_password(&self, user: &str, password: String) -> Result<Option<Identity>, Error> {
+    async fn check_password(&self, user: &str, password: String) -> Result<Option<Identity>, AuthFail> {
         let record = self.inner.catalog.user(user).await?;
         let key: [u8; 32] = {
             let mut h = sha2::Sha256::new();
@@ -439,7 +497,18 @@ impl Auth {
         let phc = record
             .as_ref()
             .map_or_else(|| self.inner.dummy_hash.clone(), |r| r.password_hash.clone());
-        let ok = blocking(move || password::verify(&password, &phc)).await?;
+        let permit = tokio::time::timeout(HASH_WAIT, self.inner.hashes.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                self.warn_busy();
+                Refusal::Busy(1)
+            })?
+            .map_err(|_| Error::from(Internal::Other("the password verification semaphore is closed")))?;
+        let ok = blocking(move || {
+            let _permit = permit;
+            password::verify(&password, &phc)
+        })
+        .await?;
         match record {
             Some(rec) if ok => {
                 if let Ok(mut cache) = self.inner.login_cache.lock() {
@@ -459,9 +528,39 @@ impl Auth {
         }
     }
 
+    /// Logs that password checks are being refused for want of a permit: at most once every
+    /// [`BUSY_WARNING_INTERVAL_SECS`], with the number refused since the last warning.
+    fn warn_busy(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner.busy_refusals.fetch_add(1, Relaxed);
+        let now = now_secs();
+        let last = self.inner.busy_warned_at.load(Relaxed);
+        if now.saturating_sub(last) >= BUSY_WARNING_INTERVAL_SECS
+            && self
+                .inner
+                .busy_warned_at
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            let refused = self.inner.busy_refusals.swap(0, Relaxed);
+            tracing::warn!(
+                refused,
+                permits = self.inner.max_hashes,
+                "password checks refused with 429: every verification permit was taken for 2 s \
+                 (auth.max_concurrent_hashes); a burst of logins or an attack on passwords"
+            );
+        }
+    }
+
     /// Whether `who` may do `action` on repository `repo`, and if not, how to refuse.
+    ///
+    /// No identity gets less than an anonymous client: pulling a repository of
+    /// `auth.anonymous_pull` is allowed whatever the request's token covers.
     pub fn authorize(&self, who: &Principal, repo: &str, action: Action) -> Result<(), Refusal> {
         let Some(subject) = who.subject() else { return Ok(()) };
+        if action == Action::Pull && self.inner.policy.public(repo) {
+            return Ok(());
+        }
         let allowed = self.inner.policy.allows(subject, repo, action);
         let anonymous = matches!(subject, Subject::Anonymous);
         match &who.via {
@@ -583,6 +682,8 @@ impl Auth {
 /// A `WWW-Authenticate` challenge, as the HTTP layer sends it with a 401.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Challenge {
+    /// What went wrong, for a person (the error body's `message`).
+    pub message: &'static str,
     /// The token endpoint's URL.
     pub realm: String,
     pub service: String,

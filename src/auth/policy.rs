@@ -6,7 +6,9 @@
 //! - Other users may do what an `[[auth.rules]]` entry naming them (or `*`, any signed-in user)
 //!   allows, plus pull what anonymous clients may. With no rule configured, the default rule
 //!   lets every signed-in user pull and push everywhere; deleting is left to admins.
-//! - An API token acts for its user, restricted further to the token's own scopes.
+//! - An API token acts for its user, restricted further to the token's own scopes; but no
+//!   identity gets less than an anonymous client, so any token may pull what anonymous clients
+//!   may, whatever its scopes.
 
 use serde::{Deserialize, Serialize};
 
@@ -91,9 +93,10 @@ impl Policy {
         match who {
             Subject::Anonymous => action == Action::Pull && self.public(repo),
             Subject::User { name, admin, scopes } => {
-                let by_role = admin
-                    || (action == Action::Pull && self.public(repo))
-                    || self.rules.iter().any(|r| r.applies(name, repo, action));
+                if action == Action::Pull && self.public(repo) {
+                    return true;
+                }
+                let by_role = admin || self.rules.iter().any(|r| r.applies(name, repo, action));
                 by_role && scopes.is_none_or(|grants| grants.iter().any(|g| g.allows(repo, action)))
             }
         }
@@ -163,6 +166,9 @@ mod tests {
         assert!(p.allows(token, "team/x", Action::Pull));
         assert!(!p.allows(token, "team/x", Action::Push));
         assert!(!p.allows(token, "team/y", Action::Pull));
+        // A token scoped elsewhere still pulls what anonymous clients may, and no more.
+        assert!(p.allows(token, "public/x", Action::Pull));
+        assert!(!p.allows(token, "public/x", Action::Push));
         assert_eq!(
             p.allowed_actions(user("ci"), "team/y", &Action::ALL),
             vec![Action::Pull, Action::Push]

@@ -15,6 +15,7 @@
 //! at start-up; the applied version is SQLite's `user_version`.
 
 pub mod auth;
+mod fsck;
 mod gc;
 mod queries;
 mod spack;

@@ -10,7 +10,10 @@
 //! Refusals: no credentials where anonymous clients may not go, bad credentials, an invalid
 //! token, or a token lacking the action (`error="insufficient_scope"`) answer 401 with
 //! `WWW-Authenticate: Bearer realm="<scheme>://<host>/token",service="…",scope="…"` (plus a
-//! `Basic realm` challenge on plain HTTP); an identity the policy refuses gets 403 `DENIED`.
+//! `Basic realm` challenge on plain HTTP); an identity the policy refuses gets 403 `DENIED`;
+//! a password attempt throttled after failures from its address, or one that finds every
+//! verification permit taken, gets 429 `TOOMANYREQUESTS` with `Retry-After` (see `auth::limiter`).
+//! The error body's message says which.
 //! The realm is built from the scheme and host the client used; `X-Forwarded-Proto`/`-Host`/
 //! `-For` are believed only from `auth.trusted_proxies`.
 
@@ -158,19 +161,25 @@ fn refuse(auth: &Auth, req: &HttpRequest, fail: AuthFail, scope: Option<String>)
         AuthFail::Internal(e) => return e,
         AuthFail::Refused(r) => r,
     };
-    let error = match refusal {
+    let (error, message) = match refusal {
         Refusal::Denied => return Error::Denied,
         Refusal::TooManyAttempts(retry_after) => return Error::TooManyLogins { retry_after },
-        Refusal::NeedCredentials | Refusal::BadCredentials => None,
+        Refusal::Busy(retry_after) => return Error::LoginsBusy { retry_after },
+        Refusal::NeedCredentials => (None, "authentication required"),
+        Refusal::BadCredentials => (None, WRONG_CREDENTIALS),
         Refusal::InvalidToken(why) => {
             tracing::debug!(reason = %why, "refused a registry token");
-            Some("invalid_token")
+            (Some("invalid_token"), "the registry token is invalid or has expired")
         }
-        Refusal::InsufficientScope => Some("insufficient_scope"),
+        Refusal::InsufficientScope => (
+            Some("insufficient_scope"),
+            "the registry token does not grant this action",
+        ),
     };
     let base = base_url(auth, req);
     let realm = auth.realm().map_or_else(|| format!("{base}/token"), str::to_owned);
     Error::Unauthorized(Box::new(Challenge {
+        message,
         basic: realm.starts_with("http://"),
         realm,
         service: auth.service().to_owned(),
@@ -272,12 +281,20 @@ pub fn principal(req: &HttpRequest) -> Option<Principal> {
 
 // ---- The token endpoint ------------------------------------------------------------------
 
-/// A 401 from the token endpoint itself: wrong credentials.
+/// The message of a 401 for wrong credentials.
+const WRONG_CREDENTIALS: &str = "wrong user name or password (or an unknown, revoked or expired API token)";
+
+/// A refusal from the token endpoint itself: a 401 for wrong credentials, a 429 when throttled.
 fn token_refusal(auth: &Auth, fail: AuthFail) -> Error {
     match fail {
         AuthFail::Internal(e) => e,
         AuthFail::Refused(Refusal::TooManyAttempts(retry_after)) => Error::TooManyLogins { retry_after },
-        AuthFail::Refused(_) => Error::Unauthorized(Box::new(Challenge {
+        AuthFail::Refused(Refusal::Busy(retry_after)) => Error::LoginsBusy { retry_after },
+        AuthFail::Refused(refusal) => Error::Unauthorized(Box::new(Challenge {
+            message: match refusal {
+                Refusal::InvalidToken(_) => "the refresh token is invalid or has expired",
+                _ => WRONG_CREDENTIALS,
+            },
             realm: String::new(),
             service: auth.service().to_owned(),
             scope: None,

@@ -69,7 +69,9 @@ impl ResponseError for Error {
                     resp.append_header((WWW_AUTHENTICATE, value));
                 }
             }
-            Error::TooManyLogins { retry_after } | Error::TooManyUploads { retry_after } => {
+            Error::TooManyLogins { retry_after }
+            | Error::LoginsBusy { retry_after }
+            | Error::TooManyUploads { retry_after } => {
                 resp.insert_header((RETRY_AFTER, retry_after.to_string()));
             }
             _ => {}

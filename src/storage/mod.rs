@@ -5,7 +5,11 @@
 //! ```text
 //! blobs/<algorithm>/<first two hex digits>/<hex>     one object per digest, shared by all repos
 //! uploads/<uuid>/data                                 an upload being staged, never served
+//! quarantine/<algorithm>/<hex>.<unix time>            a blob `stowage fsck --repair` found corrupt
 //! ```
+//!
+//! Quarantined objects are kept for an operator to inspect or delete; nothing serves them,
+//! deduplicates against them or collects them (garbage collection lists only `blobs/`).
 //!
 //! With `storage.s3.prefix`, every key sits under that prefix.
 //!
@@ -60,6 +64,8 @@ pub enum Key<'a> {
     Blob(&'a Digest),
     /// The data of an upload in progress.
     Upload(Uuid),
+    /// A blob's object found corrupt, moved aside at the given unix time.
+    Quarantine(&'a Digest, i64),
 }
 
 impl Key<'_> {
@@ -70,6 +76,7 @@ impl Key<'_> {
                 Path::from(format!("blobs/{}/{}/{}", d.algorithm().as_str(), &hex[..2], hex))
             }
             Key::Upload(id) => Path::from(format!("uploads/{}/data", id.simple())),
+            Key::Quarantine(d, at) => Path::from(format!("quarantine/{}/{}.{at}", d.algorithm().as_str(), d.hex())),
         }
     }
 }
@@ -201,7 +208,8 @@ impl BlobStore {
     }
 
     /// Deletes a published blob's object; a missing one is not an error. Only garbage
-    /// collection calls this, once the catalog no longer records the blob.
+    /// collection calls this, once the catalog no longer records the blob, and
+    /// [`BlobStore::quarantine`], before the catalog forgets it.
     pub async fn delete_blob(&self, digest: &Digest) -> Result<()> {
         match self.store.delete(&self.path(Key::Blob(digest))).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -464,7 +472,72 @@ impl BlobStore {
         }
         Ok(n)
     }
+
+    /// Reads blob `digest`'s object whole and hashes it with the digest's algorithm: returns
+    /// the bytes read and the digest they have, or `None` when no object holds `digest`.
+    /// Streamed, never whole in memory; hashed on the blocking pool in pieces of about
+    /// [`HASH_PIECE`] bytes, never on an async worker.
+    pub async fn hash_blob(&self, digest: &Digest) -> Result<Option<(u64, Digest)>> {
+        let mut stream = match self.get(digest, None).await {
+            Ok(s) => s,
+            Err(Error::BlobUnknown(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut hasher = Hasher::new(digest.algorithm());
+        let mut size = 0u64;
+        let mut piece: Vec<Bytes> = Vec::new();
+        let mut piece_len = 0usize;
+        loop {
+            let next = stream.next().await.transpose()?;
+            if let Some(chunk) = &next {
+                size += chunk.len() as u64;
+                piece_len += chunk.len();
+                piece.push(chunk.clone());
+            }
+            if piece_len >= HASH_PIECE || (next.is_none() && !piece.is_empty()) {
+                let chunks = std::mem::take(&mut piece);
+                piece_len = 0;
+                hasher = tokio::task::spawn_blocking(move || {
+                    for c in &chunks {
+                        hasher.update(c);
+                    }
+                    hasher
+                })
+                .await?;
+            }
+            if next.is_none() {
+                return Ok(Some((size, hasher.finish())));
+            }
+        }
+    }
+
+    /// Moves blob `digest`'s object out of `blobs/` to its [`Key::Quarantine`] key for time
+    /// `at` (copied, then the original deleted), so that nothing serves it or deduplicates
+    /// against it any more. Returns where it went (a file on local disk, an object key on S3),
+    /// or `None` when there was no object to move. The caller makes sure no upload of the same
+    /// digest runs meanwhile (`stowage fsck --repair` holds the data directory's lock).
+    pub async fn quarantine(&self, digest: &Digest, at: i64) -> Result<Option<String>> {
+        let from = self.path(Key::Blob(digest));
+        let to = self.path(Key::Quarantine(digest, at));
+        let size = match self.store.head(&from).await {
+            Ok(meta) => meta.size,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match self.max_copy {
+            Some(max) if size > max => self.copy_streamed(&from, &to).await?,
+            _ => self.store.copy(&from, &to).await?,
+        }
+        self.delete_blob(digest).await?;
+        Ok(Some(match self.local_file(Key::Quarantine(digest, at)) {
+            Some(file) => file.display().to_string(),
+            None => to.to_string(),
+        }))
+    }
 }
+
+/// Bytes of a blob hashed per blocking task by [`BlobStore::hash_blob`].
+const HASH_PIECE: usize = 1024 * 1024;
 
 /// Streams `range` of a local file. One blocking task per download reads it sequentially in
 /// [`chunks::CHUNK`] pieces (recycled buffers, see [`chunks`]) into a channel holding at most [`READ_AHEAD`] of them, so reading the

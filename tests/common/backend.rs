@@ -120,6 +120,52 @@ pub fn s3_request(method: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Puts (`Some(data)`) or deletes (`None`) the object `key` in `bucket` through the S3 API,
+/// signed with the tests' credentials: moto refuses unsigned writes over existing objects.
+/// Runs on a thread of its own, so that it can be called from async tests.
+pub fn s3_write_object(bucket: &str, key: &str, data: Option<Vec<u8>>) {
+    use object_store::ObjectStoreExt as _;
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_region("us-east-1")
+        .with_endpoint(format!("http://{}", s3_server()))
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .with_access_key_id("stowage-test")
+        .with_secret_access_key("stowage-test-secret")
+        .build()
+        .expect("S3 client");
+    let path = object_store::path::Path::from(key);
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async {
+                    match data {
+                        Some(data) => store.put(&path, data.into()).await.map(|_| ()),
+                        None => store.delete(&path).await,
+                    }
+                })
+                .unwrap_or_else(|e| panic!("S3 write of {key}: {e}"));
+            })
+            .join()
+            .expect("S3 write thread");
+    });
+}
+
+/// The keys under `prefix` in `bucket` (one listing page, up to 1,000 keys).
+pub fn bucket_keys(bucket: &str, prefix: &str) -> Vec<String> {
+    let (status, body) = s3_request("GET", &format!("/{bucket}?list-type=2&prefix={prefix}"));
+    assert_eq!(status, 200, "list {prefix}: {body}");
+    body.split("<Key>")
+        .skip(1)
+        .filter_map(|k| k.split_once("</Key>").map(|(k, _)| k.to_owned()))
+        .collect()
+}
+
 /// Creates a fresh bucket on the S3 test server and returns its name.
 pub fn new_bucket() -> String {
     static N: AtomicUsize = AtomicUsize::new(0);

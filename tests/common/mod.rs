@@ -112,6 +112,88 @@ impl TestServer {
         }
     }
 
+    /// Replaces blob `digest`'s object with `data` behind the server's back (a disk or a bucket
+    /// corrupting it): the file under `blobs/` is rewritten, or the object overwritten through
+    /// the S3 API.
+    pub fn corrupt_blob_object(&self, digest: &str, data: &[u8]) {
+        match &self.bucket {
+            None => {
+                let path = self.data_dir.join("storage").join(blob_key(digest));
+                assert!(path.exists(), "no object for {digest}");
+                std::fs::write(&path, data).expect("rewrite object");
+            }
+            Some(bucket) => backend::s3_write_object(bucket, &blob_key(digest), Some(data.to_vec())),
+        }
+    }
+
+    /// Deletes blob `digest`'s object behind the server's back.
+    pub fn remove_blob_object(&self, digest: &str) {
+        match &self.bucket {
+            None => std::fs::remove_file(self.data_dir.join("storage").join(blob_key(digest))).expect("remove object"),
+            Some(bucket) => backend::s3_write_object(bucket, &blob_key(digest), None),
+        }
+    }
+
+    /// The objects under `quarantine/` in the store, as keys relative to the store's root.
+    pub fn quarantined_objects(&self) -> Vec<String> {
+        match &self.bucket {
+            None => {
+                let root = self.data_dir.join("storage");
+                let mut found = Vec::new();
+                let mut dirs = vec![root.join("quarantine")];
+                while let Some(dir) = dirs.pop() {
+                    let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+                    for entry in entries {
+                        let path = entry.expect("dir entry").path();
+                        if path.is_dir() {
+                            dirs.push(path);
+                        } else {
+                            let key = path.strip_prefix(&root).expect("under the root");
+                            found.push(key.to_string_lossy().into_owned());
+                        }
+                    }
+                }
+                found
+            }
+            Some(bucket) => backend::bucket_keys(bucket, "quarantine/"),
+        }
+    }
+
+    /// A `stowage` command with `args` (e.g. `["fsck"]`) set up for this server's data
+    /// directory and backend, as an operator runs one beside the server or after stopping it.
+    pub fn stowage_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stowage"));
+        cmd.args(args)
+            .env("STOWAGE_DATA_DIR", &self.data_dir)
+            .env("STOWAGE_AUTH__ENABLED", "false")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Runs `stowage fsck` with `extra` arguments on this server's data; returns the exit code,
+    /// stdout and stderr.
+    pub fn fsck(&self, extra: &[&str]) -> (i32, String, String) {
+        let mut args = vec!["fsck"];
+        args.extend_from_slice(extra);
+        let out = self.stowage_command(&args).output().expect("run stowage fsck");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Kills the process with SIGKILL (as a crash does) and waits for it; `crash_and_restart`
+    /// starts it again on the same data.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Whether any upload is staged right now: a staging file on local disk, or an object or
     /// multipart upload under `uploads/` in the bucket.
     pub fn has_staged_uploads(&self) -> bool {
@@ -128,6 +210,11 @@ impl TestServer {
         self.envs
             .extend(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         self.crash_and_restart();
+    }
+
+    /// The server process's id (to read its `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The server's data directory (SQLite catalog and blob store live under it).

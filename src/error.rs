@@ -5,13 +5,20 @@
 //! turns that into the spec's JSON body (`{"errors":[{"code","message","detail"}]}`) in one place
 //! (`http::error`). Internal failures (storage, catalog) are logged once there with their cause and
 //! answered with a generic message, so no internal detail reaches a client.
+//!
+//! One internal failure is told to the client: **the storage is full** (`ENOSPC`/`EDQUOT` from
+//! the disk, found anywhere in an error's chain, including inside an `object_store` error, or
+//! SQLite's `SQLITE_FULL`) is answered 507 with code `UNAVAILABLE` and a message saying so
+//! ([`Internal::is_storage_full`]), since the client can do nothing about it but wait or tell
+//! the operator.
 
 use std::borrow::Cow;
 
 use crate::oci::Digest;
 
 /// OCI distribution error codes (spec section "Error Codes": a response's code MUST be one of
-/// these), plus `UNKNOWN` for internal failures, which answer 500 and never come from bad input.
+/// these), plus `UNKNOWN` for internal failures, which answer 500 and never come from bad input,
+/// and `UNAVAILABLE` (Distribution's code for a registry that cannot serve the request now).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
     BlobUnknown,
@@ -29,6 +36,7 @@ pub enum Code {
     Unsupported,
     TooManyRequests,
     TagInvalid,
+    Unavailable,
     Unknown,
 }
 
@@ -51,6 +59,7 @@ impl Code {
             Code::Unsupported => "UNSUPPORTED",
             Code::TooManyRequests => "TOOMANYREQUESTS",
             Code::TagInvalid => "TAG_INVALID",
+            Code::Unavailable => "UNAVAILABLE",
             Code::Unknown => "UNKNOWN",
         }
     }
@@ -71,6 +80,7 @@ impl Code {
             Code::Unsupported => 405,
             Code::TooManyRequests => 429,
             Code::Unknown => 500,
+            Code::Unavailable => 503,
         }
     }
 }
@@ -163,6 +173,48 @@ pub enum Internal {
     Other(&'static str),
 }
 
+impl Internal {
+    /// Whether this failure is the storage (blob disk, staging disk or catalog) being full:
+    /// an `ENOSPC` or `EDQUOT` anywhere in the error's chain (`object_store` wraps the disk's
+    /// errors in its own), or SQLite's `SQLITE_FULL`.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Internal::Storage(e) => chain_is_storage_full(e),
+            Internal::Catalog(e) => chain_is_storage_full(e),
+            Internal::Io(e) => chain_is_storage_full(e),
+            Internal::Join(_) | Internal::Other(_) => false,
+        }
+    }
+}
+
+/// Walks `err` and its sources (and what an `io::Error` wraps) for a full disk.
+fn chain_is_storage_full(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) {
+                return true;
+            }
+            // A custom io::Error's `source` skips the error it wraps: look at that one too.
+            if let Some(inner) = io.get_ref()
+                && chain_is_storage_full(inner)
+            {
+                return true;
+            }
+        }
+        if let Some(sql) = e.downcast_ref::<rusqlite::Error>()
+            && sql.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 impl From<object_store::Error> for Error {
     fn from(e: object_store::Error) -> Self {
         Error::Internal(Internal::Storage(e))
@@ -190,6 +242,9 @@ impl From<tokio::task::JoinError> for Error {
 impl Error {
     /// The OCI error code this error is reported as.
     pub fn code(&self) -> Code {
+        if self.is_storage_full() {
+            return Code::Unavailable;
+        }
         match self {
             Error::BlobUnknown(_) => Code::BlobUnknown,
             Error::UploadUnknown => Code::BlobUploadUnknown,
@@ -219,9 +274,17 @@ impl Error {
         }
     }
 
+    /// Whether this is the storage being full (answered 507 `UNAVAILABLE`, whichever variant
+    /// carries the failure).
+    pub fn is_storage_full(&self) -> bool {
+        matches!(self, Error::Internal(i) | Error::UploadFailed(i) if i.is_storage_full())
+    }
+
     /// HTTP status, where a variant differs from its code's usual one.
     pub fn status(&self) -> u16 {
         match self {
+            // 507 Insufficient Storage: what a full disk is, rather than UNAVAILABLE's usual 503.
+            _ if self.is_storage_full() => 507,
             Error::UploadOutOfOrder { .. } => 416,
             Error::ManifestTooLarge { .. } => 413,
             // The server failed, not the client's request.
@@ -250,3 +313,58 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enospc() -> std::io::Error {
+        std::io::Error::from_raw_os_error(libc::ENOSPC)
+    }
+
+    #[test]
+    fn a_full_disk_anywhere_in_the_chain_is_507_unavailable() {
+        let cases: Vec<Error> = vec![
+            enospc().into(),
+            std::io::Error::from_raw_os_error(libc::EDQUOT).into(),
+            // object_store wraps the disk's error (as its local store and the staging file do).
+            object_store::Error::Generic {
+                store: "staging",
+                source: Box::new(enospc()),
+            }
+            .into(),
+            // An io::Error wrapping another io::Error (`io::Error::other`).
+            std::io::Error::other(enospc()).into(),
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                Some("database or disk is full".into()),
+            )
+            .into(),
+        ];
+        let ended = Error::UploadFailed(Internal::Io(enospc()));
+        for e in cases.into_iter().chain([ended]) {
+            assert!(e.is_storage_full(), "{e:?}");
+            assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+            assert_eq!(e.code().as_str(), "UNAVAILABLE");
+            assert_eq!(e.status(), 507, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn other_internal_failures_stay_500_unknown() {
+        let cases: Vec<Error> = vec![
+            std::io::Error::from_raw_os_error(libc::EIO).into(),
+            object_store::Error::Generic {
+                store: "s3",
+                source: Box::new(std::io::Error::from_raw_os_error(libc::EIO)),
+            }
+            .into(),
+            rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY), None).into(),
+            Error::Internal(Internal::Other("x")),
+        ];
+        for e in cases {
+            assert!(!e.is_storage_full(), "{e:?}");
+            assert_eq!((e.code(), e.status()), (Code::Unknown, 500), "{e:?}");
+        }
+    }
+}

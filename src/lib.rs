@@ -7,12 +7,24 @@
 //! - [`oci`]: pure types and parsing;
 //! - [`auth`]: users, tokens and the access policy (no HTTP types).
 
+/// A fault-injection point (see `faults`): with the `fault-injection` feature, returns early
+/// with the injected `std::io::Error` (through `?`) when a test's rule says so; without the
+/// feature, nothing at all.
+macro_rules! fault_point {
+    ($op:ident, $path:expr) => {
+        #[cfg(feature = "fault-injection")]
+        $crate::faults::check($crate::faults::Op::$op, $path)?;
+    };
+}
+
 pub mod admin;
 pub mod auth;
 pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod http;
 pub mod oci;
 pub mod registry;

@@ -189,6 +189,11 @@ fn tls_config(tls: &TlsConfig) -> Result<Option<rustls::ServerConfig>, String> {
 
 /// Serves until SIGINT/SIGTERM, then finishes in-flight requests and closes the catalog.
 pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    #[cfg(feature = "fault-injection")]
+    tracing::warn!(
+        "built with the test-only `fault-injection` feature: anyone can make storage fail through \
+         the unauthenticated /_stowage/faults route; never serve real users with this build"
+    );
     // Held until this function returns: after the catalog is closed.
     let data_dir = config.data_dir.clone();
     let _lock = tokio::task::spawn_blocking(move || DataDirLock::acquire(&data_dir, "serve")).await??;

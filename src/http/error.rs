@@ -1,13 +1,17 @@
 //! Turns [`Error`] into the spec's error response: status, OCI JSON body, and the headers some
 //! errors carry (`Range` and `Location` on an out-of-order chunk, `Content-Range` on an
 //! unsatisfiable byte range, `WWW-Authenticate` on a 401, `Retry-After` on a 429). Internal errors
-//! are logged here, once, and reported generically.
+//! are logged here, once, and reported generically, except a full storage, which is reported as
+//! such ([`STORAGE_FULL`], 507 `UNAVAILABLE`).
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
 use actix_web::{HttpResponse, ResponseError};
 
 use crate::error::{Code, Error};
+
+/// What a client is told when the storage is full (507 `UNAVAILABLE`).
+pub const STORAGE_FULL: &str = "the registry's storage is full: the data was not stored";
 
 /// `Range` header value for an upload holding `offset` bytes (`0-<last>`; `0-0` when empty, as
 /// clients expect the header to be present).
@@ -31,6 +35,15 @@ impl ResponseError for Error {
 
     fn error_response(&self) -> HttpResponse {
         let message = match self {
+            Error::Internal(inner) | Error::UploadFailed(inner) if inner.is_storage_full() => {
+                tracing::error!(error = %inner, "storage full while serving a request");
+                match self {
+                    Error::UploadFailed(_) => {
+                        format!("{STORAGE_FULL}; the upload was ended: start it again once space has been freed")
+                    }
+                    _ => format!("{STORAGE_FULL}; retry once space has been freed"),
+                }
+            }
             Error::Internal(inner) => {
                 tracing::error!(error = %inner, "internal error while serving a request");
                 "internal server error".to_owned()

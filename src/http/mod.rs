@@ -37,6 +37,15 @@ macro_rules! protect {
 /// ([`Guard`]); the token endpoint is `/token`.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     const NAME: &str = "/v2/{name:.+}";
+    // Test-only, unauthenticated: see `crate::faults`. Absent from builds without the feature.
+    #[cfg(feature = "fault-injection")]
+    cfg.service(
+        web::resource("/_stowage/faults")
+            .get(faults::get)
+            .put(faults::put)
+            .delete(faults::delete)
+            .default_service(web::to(method_not_allowed)),
+    );
     cfg.service(
         web::resource("/token")
             .get(auth::token_get)
@@ -172,6 +181,45 @@ async fn method_not_allowed() -> HttpResponse {
 /// `Content-Length` the matching GET would have (actix drops a manual header on empty bodies).
 fn empty_body() -> futures_util::stream::Empty<Result<bytes::Bytes, std::io::Error>> {
     futures_util::stream::empty()
+}
+
+/// `/_stowage/faults`: the fault-injection rules (feature `fault-injection`, tests only).
+#[cfg(feature = "fault-injection")]
+mod faults {
+    use actix_web::HttpResponse;
+    use actix_web::http::header::CONTENT_TYPE;
+
+    use crate::error::Code;
+    use crate::faults::{self, Rule, Rules};
+
+    fn state() -> HttpResponse {
+        HttpResponse::Ok().json(Rules { rules: faults::state() })
+    }
+
+    pub async fn get() -> HttpResponse {
+        state()
+    }
+
+    pub async fn put(body: bytes::Bytes) -> HttpResponse {
+        match serde_json::from_slice::<Rules<Rule>>(&body) {
+            Ok(rules) => {
+                faults::set(rules.rules);
+                state()
+            }
+            Err(e) => HttpResponse::BadRequest()
+                .insert_header((CONTENT_TYPE, "application/json"))
+                .body(super::error_body(
+                    Code::Unsupported,
+                    &format!("invalid fault rules: {e}"),
+                    None,
+                )),
+        }
+    }
+
+    pub async fn delete() -> HttpResponse {
+        faults::clear();
+        HttpResponse::NoContent().finish()
+    }
 }
 
 /// Keeps the type of the registry handle named in one place for `main`.

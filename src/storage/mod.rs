@@ -126,6 +126,8 @@ impl BlobStore {
         let fs = LocalFileSystem::new_with_prefix(&root)?
             .with_fsync(true)
             .with_automatic_cleanup(true);
+        #[cfg(feature = "fault-injection")]
+        let fs = crate::faults::FaultyStore::new(fs);
         Ok(BlobStore {
             store: Arc::new(fs),
             part_size,

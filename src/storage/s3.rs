@@ -117,7 +117,14 @@ fn read_credentials(file: &Path, profile: &str) -> Result<FileCredentials, S3Set
 /// The blob store for `storage.s3`, uploading in parts of `part_size` bytes.
 pub fn open(cfg: &S3Config, part_size: usize) -> Result<BlobStore, S3SetupError> {
     let s3: Arc<AmazonS3> = Arc::new(builder(cfg, cfg.endpoint.as_deref())?.build()?);
-    let mut store = BlobStore::new(s3.clone(), s3.clone(), part_size)
+    #[cfg(feature = "fault-injection")]
+    let (objects, multipart) = {
+        let faulty = Arc::new(crate::faults::FaultyStore::new(AmazonS3::clone(&s3)));
+        (faulty.clone(), faulty)
+    };
+    #[cfg(not(feature = "fault-injection"))]
+    let (objects, multipart) = (s3.clone(), s3.clone());
+    let mut store = BlobStore::new(objects, multipart, part_size)
         .with_prefix(&cfg.prefix)
         .with_max_copy(cfg.max_copy_size);
     if cfg.redirect {

@@ -19,6 +19,10 @@
 //!   whose checkpoint was never recorded).
 //!
 //! [`StagingState`] is the serialisable part of each, kept by the catalog between checkpoints.
+//!
+//! The `fault_point!` lines are where tests built with the `fault-injection` feature fail a
+//! part write, a checkpoint's sync or the completion (`crate::faults`); without the feature
+//! they are nothing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -227,17 +231,22 @@ impl Staging {
             Staging::File(f) => {
                 let file = Arc::clone(&f.file);
                 let direct = f.direct.clone().filter(|_| direct_io_aligned(&data, offset));
+                #[cfg(feature = "fault-injection")]
+                let path = f.path.to_string_lossy().into_owned();
                 Ok(Box::pin(async move {
-                    tokio::task::spawn_blocking(move || write_part_at(&file, direct.as_deref(), &data, offset))
-                        .await
-                        .map_err(|e| object_store::Error::Generic {
-                            store: "staging",
-                            source: Box::new(e),
-                        })?
-                        .map_err(|e| object_store::Error::Generic {
-                            store: "staging",
-                            source: Box::new(e),
-                        })?;
+                    tokio::task::spawn_blocking(move || {
+                        fault_point!(StagingWrite, &path);
+                        write_part_at(&file, direct.as_deref(), &data, offset)
+                    })
+                    .await
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "staging",
+                        source: Box::new(e),
+                    })?
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "staging",
+                        source: Box::new(e),
+                    })?;
                     Ok(None)
                 }))
             }
@@ -261,6 +270,7 @@ impl Staging {
 
     /// Makes every part written so far durable (local disk: fdatasync; S3: already is).
     pub async fn sync(&mut self) -> Result<()> {
+        fault_point!(StagingSync, &self.label());
         if let Staging::File(f) = self {
             let file = Arc::clone(&f.file);
             let dirs = (!f.dirs_synced).then(|| f.path.clone());
@@ -282,6 +292,7 @@ impl Staging {
     pub async fn complete(&mut self, parts: Vec<PartId>, tail: Option<Bytes>, len: u64) -> Result<()> {
         let stored = match self {
             Staging::File(f) => {
+                fault_point!(StagingComplete, &f.path.to_string_lossy());
                 let file = Arc::clone(&f.file);
                 tokio::task::spawn_blocking(move || {
                     file.sync_all()?;
@@ -311,6 +322,15 @@ impl Staging {
             return Err(Internal::Other("the staged upload does not hold the bytes that were hashed").into());
         }
         Ok(())
+    }
+
+    /// The staged file or key, for fault-injection rules.
+    #[cfg(feature = "fault-injection")]
+    fn label(&self) -> String {
+        match self {
+            Staging::File(f) => f.path.to_string_lossy().into_owned(),
+            Staging::Multipart(m) => m.path.to_string(),
+        }
     }
 
     /// Deletes what was staged.

@@ -7,6 +7,9 @@
 //! out the other blocking work (password checks, hashing, staging).
 //!
 //! Invariants:
+//! - At most [`READS_IN_FLIGHT`] reads run at once, whatever the number of downloads: a download
+//!   waits (asynchronously, holding nothing) for a slot before each read. So downloads occupy at
+//!   most that many blocking threads even when the disk is slow and thousands of clients read.
 //! - A download has at most one read in flight, and holds at most one piece it has read but not
 //!   yet handed to the HTTP layer (the HTTP layer copies each piece into the connection's write
 //!   buffer at once, and the buffer goes back to the [`chunks`](super::chunks) pool).
@@ -34,17 +37,26 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
+use tokio_util::sync::PollSemaphore;
 
 use super::chunks::{CHUNK, Chunk};
 
 /// Bytes of read-ahead all downloads together may hold (64 pieces).
 pub const READ_AHEAD_BUDGET: usize = 32 * 1024 * 1024;
 
+/// Reads running at once, over all downloads: enough to keep a fast disk's queue busy, few
+/// enough to leave tokio's blocking pool to its other work.
+pub const READS_IN_FLIGHT: usize = 32;
+
+/// Slots for reads in flight.
+static READS: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(READS_IN_FLIGHT)));
+
 /// The read-ahead budget, in pieces.
 static READ_AHEAD: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(READ_AHEAD_BUDGET / CHUNK)));
 
 /// A piece read off disk, with the read-ahead permit it was read under (if any): the permit is
-/// released when the piece is handed over or dropped.
+/// released when the piece is handed over or dropped. (The read slot is released as soon as
+/// the read returns.)
 type Piece = (io::Result<Bytes>, Option<OwnedSemaphorePermit>);
 
 /// The bytes `range` of a local file, as a stream of [`CHUNK`]-sized pieces.
@@ -52,6 +64,8 @@ pub struct FileRange {
     file: Arc<File>,
     /// The read-ahead budget this download draws on.
     budget: Arc<Semaphore>,
+    /// Slots for reads in flight, waited for before each read.
+    slots: PollSemaphore,
     /// Offset of the next piece to start reading.
     next: u64,
     end: u64,
@@ -71,6 +85,7 @@ impl FileRange {
         FileRange {
             file: Arc::new(file),
             budget,
+            slots: PollSemaphore::new(Arc::clone(&READS)),
             next: range.start,
             end: range.end.max(range.start),
             reading: None,
@@ -78,13 +93,32 @@ impl FileRange {
         }
     }
 
-    /// Starts reading the next piece on the blocking pool; `permit` when it is read ahead.
-    fn start_read(&mut self, permit: Option<OwnedSemaphorePermit>) {
+    /// Starts reading the next piece on the blocking pool in read slot `slot`; `permit` when it
+    /// is read ahead.
+    fn start_read(&mut self, slot: OwnedSemaphorePermit, permit: Option<OwnedSemaphorePermit>) {
         let offset = self.next;
         let want = (self.end - offset).min(CHUNK as u64) as usize;
         self.next += want as u64;
         let file = Arc::clone(&self.file);
-        self.reading = Some(tokio::task::spawn_blocking(move || (read_piece(&file, offset, want), permit)));
+        self.reading = Some(tokio::task::spawn_blocking(move || {
+            let piece = read_piece(&file, offset, want);
+            drop(slot);
+            (piece, permit)
+        }));
+    }
+
+    /// Starts reading the next piece ahead of demand, if a read slot and read-ahead budget are
+    /// free right now.
+    fn read_ahead(&mut self) {
+        if self.next >= self.end {
+            return;
+        }
+        let Ok(permit) = Arc::clone(&self.budget).try_acquire_owned() else {
+            return;
+        };
+        if let Ok(slot) = self.slots.clone_inner().try_acquire_owned() {
+            self.start_read(slot, Some(permit));
+        }
     }
 }
 
@@ -113,7 +147,14 @@ impl Stream for FileRange {
             if this.next >= this.end {
                 return Poll::Ready(None);
             }
-            this.start_read(None);
+            match this.slots.poll_acquire(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(slot)) => this.start_read(slot, None),
+                Poll::Ready(None) => {
+                    this.failed = true;
+                    return Poll::Ready(Some(Err(io::Error::other("download reads are shut down"))));
+                }
+            }
         }
         let Some(reading) = this.reading.as_mut() else {
             return Poll::Ready(None);
@@ -127,11 +168,7 @@ impl Stream for FileRange {
         drop(permit);
         match piece {
             Ok(bytes) => {
-                if this.next < this.end
-                    && let Ok(permit) = Arc::clone(&this.budget).try_acquire_owned()
-                {
-                    this.start_read(Some(permit));
-                }
+                this.read_ahead();
                 Poll::Ready(Some(Ok(bytes)))
             }
             Err(e) => {

@@ -463,7 +463,10 @@ mod tests {
                 jail.clear_env();
                 jail.set_env(format!("STOWAGE_SERVER__{key}"), "0");
                 let err = Config::load(None, CliOverrides::default()).expect_err(key).to_string();
-                assert!(err.contains(&format!("server.{}", key.to_ascii_lowercase())), "{key}: {err}");
+                assert!(
+                    err.contains(&format!("server.{}", key.to_ascii_lowercase())),
+                    "{key}: {err}"
+                );
             }
             jail.clear_env();
             jail.set_env("STOWAGE_SERVER__MAX_CONNECTIONS", "500");

@@ -64,6 +64,7 @@ impl DescriptorBudget {
 }
 
 /// The soft and hard `RLIMIT_NOFILE`.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 on 64-bit Linux, narrower elsewhere
 fn nofile_limits() -> std::io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -78,6 +79,7 @@ fn nofile_limits() -> std::io::Result<(u64, u64)> {
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (logging both) and returns the budget
 /// under the limit now in force.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 on 64-bit Linux, narrower elsewhere
 pub fn raise_descriptor_limit() -> DescriptorBudget {
     let (soft, hard) = match nofile_limits() {
         Ok(l) => l,

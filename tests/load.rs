@@ -26,7 +26,10 @@ fn raise_own_limit() {
         lim.rlim_cur = lim.rlim_max;
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
     }
-    assert!(lim.rlim_cur >= 4096, "the tests need a hard descriptor limit of at least 4096");
+    assert!(
+        lim.rlim_cur >= 4096,
+        "the tests need a hard descriptor limit of at least 4096"
+    );
 }
 
 /// Sends a GET with `Connection: close` and reads the whole answer; returns the status and how
@@ -171,7 +174,12 @@ async fn stalled_and_dribbling_token_requests_are_cut_off_while_others_are_serve
     let mut clients: Vec<(Kind, TcpStream, Vec<u8>, Option<Duration>)> = Vec::new();
     let started = Instant::now();
     for _ in 0..EACH {
-        clients.push((Kind::Head, connect(&format!("POST /token HTTP/1.1\r\nHost: {host}\r\n")), Vec::new(), None));
+        clients.push((
+            Kind::Head,
+            connect(&format!("POST /token HTTP/1.1\r\nHost: {host}\r\n")),
+            Vec::new(),
+            None,
+        ));
         clients.push((Kind::Stalled, connect(&head(1000)), Vec::new(), None));
         clients.push((Kind::Dribbling, connect(&head(100_000)), Vec::new(), None));
     }
@@ -203,7 +211,10 @@ async fn stalled_and_dribbling_token_requests_are_cut_off_while_others_are_serve
         // A well-behaved client is served meanwhile.
         let (status, took) = timed_get(&host, "/v2/");
         assert_eq!(status, 200);
-        assert!(took < Duration::from_secs(1), "GET /v2/ took {took:?} among slow clients");
+        assert!(
+            took < Duration::from_secs(1),
+            "GET /v2/ took {took:?} among slow clients"
+        );
         served += 1;
     }
     for (kind, _, resp, done) in &clients {
@@ -223,7 +234,10 @@ async fn stalled_and_dribbling_token_requests_are_cut_off_while_others_are_serve
             "{kind:?} closed after {done:?}"
         );
     }
-    eprintln!("{} bad clients cut off; {served} good requests answered meanwhile", clients.len());
+    eprintln!(
+        "{} bad clients cut off; {served} good requests answered meanwhile",
+        clients.len()
+    );
     let (status, _) = timed_get(&host, "/v2/");
     assert_eq!(status, 200);
 }
@@ -264,4 +278,49 @@ async fn connections_beyond_the_cap_wait_and_are_served_once_others_close() {
     assert_eq!(status, 200);
     assert!(took < Duration::from_secs(1), "{took:?}");
     drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_body_fails_with_an_oci_error_and_frees_the_connection() {
+    let server = TestServer::start_with(&[("STOWAGE_SERVER__BODY_IDLE_TIMEOUT_SECS", "2")]);
+    let resp = common::client()
+        .post(server.v2("load/up/blobs/uploads/"))
+        .send()
+        .await
+        .expect("POST upload");
+    assert_eq!(resp.status(), 202);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let path = location.strip_prefix(&server.url).unwrap_or(&location).to_owned();
+    let host = server.host.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(&host).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        write!(
+            s,
+            "PATCH {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n\
+             Content-Length: 1048576\r\n\r\n"
+        )
+        .unwrap();
+        s.write_all(&[1u8; 1000]).unwrap();
+        let started = Instant::now();
+        let mut resp = Vec::new();
+        // The server answers and closes the connection: read to the end.
+        s.read_to_end(&mut resp).expect("answer to a stalled PATCH");
+        (resp, started.elapsed())
+    })
+    .await
+    .unwrap();
+    let (resp, took) = answer;
+    let text = String::from_utf8_lossy(&resp);
+    assert_eq!(status_of(&resp), 400, "{text}");
+    assert!(
+        text.contains("BLOB_UPLOAD_INVALID") && text.contains("no body data for 2 s"),
+        "{text}"
+    );
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    // The registry still takes uploads.
+    common::push_blob(&server, "load/up", b"after a stalled upload").await;
 }

@@ -20,12 +20,53 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory for the catalog (`catalog.db`) and, with the `fs` backend, the blobs.
     pub data_dir: PathBuf,
+    pub server: ServerConfig,
     pub storage: StorageConfig,
     pub registry: RegistryConfig,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
     pub gc: GcConfig,
     pub log: LogConfig,
+}
+
+/// Connections and their time limits: what one client may hold, and for how long.
+///
+/// Request heads are limited by the HTTP layer itself (not configurable): at most 96 header
+/// fields and 128 KiB for the request line and headers together, beyond which the request is
+/// answered 431 and the connection closed. Registry clients send a few KiB at most (a bearer
+/// token is the largest header), so these bound the memory an unfinished head can take.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Most client connections open at once. Beyond it new connections wait in the listen
+    /// backlog until one closes. 0: derived from the file-descriptor limit at start-up (a third
+    /// of the descriptors left after a reserve, since each connection may hold a second one
+    /// for the blob it streams; see the README).
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's line and headers once it starts one; a slower
+    /// client is answered 408 and disconnected.
+    pub request_head_timeout_secs: u64,
+    /// Seconds an idle keep-alive connection stays open.
+    pub keep_alive_secs: u64,
+    /// Seconds a request body may go without a byte arriving while the server waits for it;
+    /// the request then fails with 400 (an OCI error saying the body stalled) and its
+    /// connection closes. Counts only time the server is waiting on the client.
+    pub body_idle_timeout_secs: u64,
+    /// Seconds a small body read whole (a token request form, a manifest, a Spack JSON
+    /// document) may take in total, however steadily it trickles in.
+    pub small_body_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 0,
+            request_head_timeout_secs: 10,
+            keep_alive_secs: 30,
+            body_idle_timeout_secs: 30,
+            small_body_timeout_secs: 60,
+        }
+    }
 }
 
 /// Garbage collection, run by the server in the background.
@@ -267,6 +308,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
             data_dir: PathBuf::from("./stowage-data"),
+            server: ServerConfig::default(),
             storage: StorageConfig::default(),
             registry: RegistryConfig::default(),
             tls: TlsConfig::default(),
@@ -366,6 +408,17 @@ impl Config {
         if self.gc.interval_secs == 0 {
             return Err("gc.interval_secs must be at least 1".to_owned());
         }
+        let server = &self.server;
+        for (key, secs) in [
+            ("server.request_head_timeout_secs", server.request_head_timeout_secs),
+            ("server.keep_alive_secs", server.keep_alive_secs),
+            ("server.body_idle_timeout_secs", server.body_idle_timeout_secs),
+            ("server.small_body_timeout_secs", server.small_body_timeout_secs),
+        ] {
+            if secs == 0 {
+                return Err(format!("{key} must be at least 1"));
+            }
+        }
         let part = self.storage.part_size;
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part) {
             return Err(format!(
@@ -461,6 +514,32 @@ mod tests {
             jail.set_env("STOWAGE_AUTH__MAX_CONCURRENT_HASHES", "2");
             let ok = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(ok.auth.max_concurrent_hashes, 2);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn zero_timeouts_are_rejected() {
+        figment::Jail::expect_with(|jail| {
+            for key in [
+                "REQUEST_HEAD_TIMEOUT_SECS",
+                "KEEP_ALIVE_SECS",
+                "BODY_IDLE_TIMEOUT_SECS",
+                "SMALL_BODY_TIMEOUT_SECS",
+            ] {
+                jail.clear_env();
+                jail.set_env(format!("STOWAGE_SERVER__{key}"), "0");
+                let err = Config::load(None, CliOverrides::default()).expect_err(key).to_string();
+                assert!(
+                    err.contains(&format!("server.{}", key.to_ascii_lowercase())),
+                    "{key}: {err}"
+                );
+            }
+            jail.clear_env();
+            jail.set_env("STOWAGE_SERVER__MAX_CONNECTIONS", "500");
+            jail.set_env("STOWAGE_SERVER__BODY_IDLE_TIMEOUT_SECS", "5");
+            let c = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!((c.server.max_connections, c.server.body_idle_timeout_secs), (500, 5));
             Ok(())
         });
     }

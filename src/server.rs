@@ -7,6 +7,14 @@
 //! releases the lock when the process exits in any way, `kill -9` included, so a crash never
 //! leaves a stale lock behind. Commands that only read, or that write through the catalog's
 //! own locking (`user`, `token`, verify-only `fsck`), do not take it.
+//!
+//! File descriptors: start-up raises the soft `RLIMIT_NOFILE` to the hard limit (systemd's
+//! default soft limit of 1,024 is far too few for a registry) and divides what it allows in a
+//! [`DescriptorBudget`]: a fixed reserve for the process itself (catalog, listeners, logs), then
+//! two thirds for client connections (each may hold a second descriptor: the blob file or store
+//! connection it streams from) and one third for open upload sessions (two each on local
+//! disk). Connections beyond `server.max_connections` wait in the listen backlog, so
+//! `accept()` never fails for want of descriptors.
 
 use std::path::Path;
 use std::time::Duration;
@@ -24,6 +32,98 @@ use crate::storage::BlobStore;
 /// and filled with whole pieces, which halved server CPU per GiB downloaded (1.1 s to 0.53 s).
 /// Only connections that stream large bodies grow their buffer this far.
 const H1_WRITE_BUFFER: usize = 1024 * 1024;
+
+/// Descriptors kept for everything but clients and upload sessions: the catalog's connections
+/// (three each: database, WAL, shared memory), listeners, the epoll and signal descriptors,
+/// log files, TLS key files and S3 connections of background work.
+const RESERVED_DESCRIPTORS: u64 = 128;
+
+/// Soft descriptor limit tried when the hard limit is unlimited (Linux's default `nr_open`).
+const UNLIMITED_NOFILE: u64 = 1 << 20;
+
+/// How the file descriptors the process may open are shared out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DescriptorBudget {
+    /// The soft `RLIMIT_NOFILE` the budget is drawn from.
+    pub limit: u64,
+    /// Client connections open at once (each counted with a second descriptor for what it
+    /// streams): the default of `server.max_connections`.
+    pub connections: usize,
+    /// Upload sessions open at once (two descriptors each on local disk).
+    pub upload_sessions: usize,
+}
+
+impl DescriptorBudget {
+    /// The budget under a soft limit of `limit` descriptors.
+    pub fn for_limit(limit: u64) -> Self {
+        let reserved = RESERVED_DESCRIPTORS.min(limit / 4);
+        let available = limit.saturating_sub(reserved);
+        let third = usize::try_from(available / 3).unwrap_or(usize::MAX);
+        DescriptorBudget {
+            limit,
+            connections: third.max(1),
+            upload_sessions: (third / 2).max(1),
+        }
+    }
+
+    /// The budget under the process's current soft limit.
+    pub fn current() -> Self {
+        Self::for_limit(nofile_limits().map(|(soft, _)| soft).unwrap_or(1024))
+    }
+}
+
+/// The soft and hard `RLIMIT_NOFILE`.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 on 64-bit Linux, narrower elsewhere
+fn nofile_limits() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given, which lives on this stack frame.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((lim.rlim_cur as u64, lim.rlim_max as u64))
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (logging both) and returns the budget
+/// under the limit now in force.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 on 64-bit Linux, narrower elsewhere
+pub fn raise_descriptor_limit() -> DescriptorBudget {
+    let (soft, hard) = match nofile_limits() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the file-descriptor limit");
+            return DescriptorBudget::current();
+        }
+    };
+    let target = if hard == libc::RLIM_INFINITY as u64 {
+        UNLIMITED_NOFILE
+    } else {
+        hard
+    };
+    if soft < target {
+        let lim = libc::rlimit {
+            rlim_cur: target as libc::rlim_t,
+            rlim_max: hard as libc::rlim_t,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!(soft, hard, error = %e, "cannot raise the file-descriptor limit");
+        }
+    }
+    let budget = DescriptorBudget::current();
+    tracing::info!(
+        soft_before = soft,
+        soft = budget.limit,
+        hard,
+        connections = budget.connections,
+        upload_sessions = budget.upload_sessions,
+        "file-descriptor limit"
+    );
+    budget
+}
 
 /// How often idle upload sessions are looked for.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(60);
@@ -113,7 +213,7 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         max_manifest_size: config.registry.max_manifest_size,
         upload_timeout: Duration::from_secs(config.registry.upload_timeout_secs),
         catalog_page_size: config.registry.catalog_page_size,
-        upload_sessions: session_limits(config, open_file_limit()),
+        upload_sessions: session_limits(config, DescriptorBudget::current()),
     };
     tracing::info!(
         total = settings.upload_sessions.total,
@@ -127,27 +227,12 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
     Ok(registry)
 }
 
-/// The soft limit on open descriptors of this process.
-fn open_file_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct it is given and nothing else.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 1024;
-    }
-    lim.rlim_cur
-}
-
-/// The upload-session limits: as configured, but within a quarter of the descriptor limit
-/// (a session on local disk holds two descriptors, so sessions can use at most half of them;
-/// connections, the catalog and downloads need the rest). The per-user limit keeps its ratio
-/// to the total, so one user can never hold every session.
-fn session_limits(config: &Config, nofile: u64) -> SessionLimits {
+/// The upload-session limits: as configured, but within the descriptor budget's share for
+/// sessions (two descriptors each on local disk). The per-user limit keeps its ratio to the
+/// total, so one user can never hold every session.
+fn session_limits(config: &Config, budget: DescriptorBudget) -> SessionLimits {
     let configured = config.registry.max_upload_sessions.max(1);
-    let budget = usize::try_from(nofile / 4).unwrap_or(usize::MAX).max(16);
-    let total = configured.min(budget);
+    let total = configured.min(budget.upload_sessions);
     let per_user = config.registry.max_upload_sessions_per_user.max(1);
     let per_identity = if total < configured {
         (per_user.saturating_mul(total) / configured).max(1)
@@ -197,6 +282,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     // Held until this function returns: after the catalog is closed.
     let data_dir = config.data_dir.clone();
     let _lock = tokio::task::spawn_blocking(move || DataDirLock::acquire(&data_dir, "serve")).await??;
+    let budget = raise_descriptor_limit();
     let registry = open(&config).await?;
     tracing::info!(
         data_dir = %config.data_dir.display(),
@@ -269,6 +355,28 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         tracing::warn!("authentication is OFF (auth.enabled = false): anyone may pull, push and delete");
     }
 
+    let limits = &config.server;
+    crate::http::set_body_timeouts(crate::http::BodyTimeouts {
+        idle: Duration::from_secs(limits.body_idle_timeout_secs),
+        small_total: Duration::from_secs(limits.small_body_timeout_secs),
+    });
+    let max_connections = match limits.max_connections {
+        0 => budget.connections,
+        n => n,
+    };
+    // actix counts connections per worker thread: give each an equal share of the total.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_worker = max_connections.div_ceil(workers).max(1);
+    tracing::info!(
+        max_connections,
+        workers,
+        request_head_timeout_secs = limits.request_head_timeout_secs,
+        keep_alive_secs = limits.keep_alive_secs,
+        body_idle_timeout_secs = limits.body_idle_timeout_secs,
+        small_body_timeout_secs = limits.small_body_timeout_secs,
+        "connection limits"
+    );
+
     let data = web::Data::new(registry.clone());
     let auth = web::Data::new(auth);
     let server = HttpServer::new(move || {
@@ -280,7 +388,11 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             .configure(crate::http::routes)
     })
     .shutdown_timeout(30)
-    .h1_write_buffer_size(H1_WRITE_BUFFER);
+    .h1_write_buffer_size(H1_WRITE_BUFFER)
+    .workers(workers)
+    .max_connections(per_worker)
+    .client_request_timeout(Duration::from_secs(limits.request_head_timeout_secs))
+    .keep_alive(Duration::from_secs(limits.keep_alive_secs));
     let tls_settings = config.tls.clone();
     let tls = tokio::task::spawn_blocking(move || tls_config(&tls_settings)).await??;
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -311,7 +423,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 
 #[cfg(test)]
 mod tests {
-    use super::DataDirLock;
+    use super::*;
 
     #[test]
     fn one_holder_at_a_time_and_released_on_drop() {
@@ -325,5 +437,17 @@ mod tests {
         );
         drop(held);
         DataDirLock::acquire(&data, "fsck").expect("free again once dropped");
+    }
+
+    #[test]
+    fn budget_keeps_a_reserve_and_splits_the_rest() {
+        let b = DescriptorBudget::for_limit(1024);
+        assert_eq!((b.connections, b.upload_sessions), (298, 149));
+        // Two descriptors per connection and per session, plus the reserve, fit the limit.
+        let used = RESERVED_DESCRIPTORS as usize + 2 * b.connections + 2 * b.upload_sessions;
+        assert!(used <= 1024, "{used}");
+        let small = DescriptorBudget::for_limit(64);
+        assert!(small.connections >= 1 && small.upload_sessions >= 1);
+        assert_eq!(DescriptorBudget::for_limit(1 << 20).connections, 349_482);
     }
 }

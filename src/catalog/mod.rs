@@ -1,7 +1,12 @@
 //! The SQLite catalog: all SQL lives in this module and its children.
 //!
-//! Connections: one writer, owned by a dedicated thread, and a small pool of read-only
-//! connections used on tokio's blocking pool, so no SQLite call ever runs on an async worker.
+//! Connections: one writer, owned by a dedicated thread, and [`READERS`] reader threads, each
+//! owning one read-only connection, so no SQLite call ever runs on an async worker. The readers
+//! are the catalog's own threads, not tokio's shared blocking pool: however many downloads,
+//! hashes or password checks occupy that pool, tag listings and manifest GETs get a reader as
+//! soon as one finishes its current query. Read jobs wait in one queue, taken first come first
+//! served; a job that panics is answered with an internal error and its thread carries on with
+//! a fresh connection.
 //! The database runs in WAL mode with `synchronous=FULL`: a transaction acknowledged to a
 //! client survives a crash of the process or the machine.
 //!
@@ -37,7 +42,7 @@ mod spack;
 mod uploads;
 
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 
 use rusqlite::{Connection, OpenFlags};
@@ -51,9 +56,10 @@ use crate::error::{Error, Internal, Result};
 
 /// Most jobs committed together.
 const MAX_BATCH: usize = 256;
-/// Idle read connections kept open. Enough for the reads in flight under load (each new
-/// connection re-prepares its statements), far below SQLite's limits.
-const MAX_IDLE_READERS: usize = 64;
+/// Reader threads (each with its own read-only connection). Catalog reads are short indexed
+/// queries; a few threads keep the cores busy while others wait on the disk, and three file
+/// descriptors each (database, WAL, shared memory) stay small in the descriptor budget.
+pub const READERS: usize = 8;
 
 /// Embedded migrations, in order; the index + 1 is the schema version they bring.
 const MIGRATIONS: &[&str] = &[
@@ -68,6 +74,8 @@ const MIGRATIONS: &[&str] = &[
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;
 type Job = Box<dyn FnOnce(Option<&Connection>) -> Finisher + Send>;
+/// A read job: runs on a reader thread's connection (`None` when it could not be opened).
+type ReadJob = Box<dyn FnOnce(Option<&Connection>) + Send>;
 
 /// Handle to the catalog; cheap to clone.
 #[derive(Clone)]
@@ -76,9 +84,9 @@ pub struct Catalog {
 }
 
 struct Inner {
-    path: PathBuf,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
-    readers: Mutex<Vec<Connection>>,
+    /// The reader threads' queue; they stop when it is dropped with the last handle.
+    reads: mpsc::Sender<ReadJob>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -109,11 +117,11 @@ impl Catalog {
                     on_writer_death(&panic_message(payload.as_ref()));
                 }
             })?;
+        let reads = spawn_readers(path)?;
         Ok(Catalog {
             inner: Arc::new(Inner {
-                path: path.to_owned(),
                 jobs: Mutex::new(Some(tx)),
-                readers: Mutex::new(Vec::new()),
+                reads,
                 writer_thread: Mutex::new(Some(thread)),
             }),
         })
@@ -157,27 +165,26 @@ impl Catalog {
             .map_err(|_| Error::from(Internal::Other("catalog writer dropped a job")))?
     }
 
-    /// Runs `f` on a read-only connection on the blocking pool.
+    /// Runs `f` on a read-only connection, on one of the catalog's reader threads.
     pub async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let conn = match inner.readers.lock().ok().and_then(|mut p| p.pop()) {
-                Some(c) => c,
-                None => open_reader(&inner.path)?,
+        let (tx, rx) = oneshot::channel::<Result<T>>();
+        let job: ReadJob = Box::new(move |conn| {
+            let result = match conn {
+                Some(conn) => f(conn),
+                None => Err(Internal::Other("catalog read connection could not be opened").into()),
             };
-            let result = f(&conn);
-            if let Ok(mut pool) = inner.readers.lock()
-                && pool.len() < MAX_IDLE_READERS
-            {
-                pool.push(conn);
-            }
-            result
-        })
-        .await?
+            let _ = tx.send(result);
+        });
+        self.inner
+            .reads
+            .send(job)
+            .map_err(|_| Internal::Other("catalog readers stopped"))?;
+        rx.await
+            .map_err(|_| Error::from(Internal::Other("catalog reader dropped a job")))?
     }
 
     /// Stops the writer after the jobs already queued are committed.
@@ -235,6 +242,45 @@ fn restrict(file: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Starts the [`READERS`] reader threads; returns their queue.
+fn spawn_readers(path: &Path) -> Result<mpsc::Sender<ReadJob>> {
+    let (tx, rx) = mpsc::channel::<ReadJob>();
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..READERS {
+        let rx = Arc::clone(&rx);
+        let path = path.to_owned();
+        std::thread::Builder::new()
+            .name(format!("catalog-reader-{i}"))
+            .spawn(move || reader_loop(&path, &rx))?;
+    }
+    Ok(tx)
+}
+
+/// One reader thread: takes jobs until the queue closes. The connection is opened on first use
+/// and again after a failure to open or a job that panicked.
+fn reader_loop(path: &Path, jobs: &Mutex<mpsc::Receiver<ReadJob>>) {
+    let mut conn: Option<Connection> = None;
+    loop {
+        let job = {
+            let Ok(queue) = jobs.lock() else { return };
+            match queue.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        if conn.is_none() {
+            conn = open_reader(path)
+                .inspect_err(|e| tracing::error!(error = %e, "catalog: cannot open a read connection"))
+                .ok();
+        }
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn.as_ref())));
+        if ran.is_err() {
+            tracing::error!("catalog: a read job panicked; its reader continues with a new connection");
+            conn = None;
+        }
+    }
 }
 
 fn open_reader(path: &Path) -> Result<Connection> {

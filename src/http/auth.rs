@@ -344,9 +344,10 @@ const MAX_FORM: usize = 64 * 1024;
 /// `username`/`password`, or `grant_type=refresh_token` with `refresh_token`; `scope` (space
 /// separated), `service`, `client_id`, `access_type=offline` (asks for a refresh token).
 pub async fn token_post(req: HttpRequest, auth: web::Data<Auth>, body: web::Payload) -> Result<HttpResponse> {
-    let body = extract::read_limited(body, MAX_FORM)
-        .await
-        .map_err(|_| Error::TokenRequestInvalid("form too large or unreadable"))?;
+    let body = extract::read_limited(body, MAX_FORM).await.map_err(|e| match e {
+        Error::BodyRead(_) => Error::TokenRequestInvalid("form not received in time, or unreadable"),
+        _ => Error::TokenRequestInvalid("form too large"),
+    })?;
     let form = std::str::from_utf8(&body).map_err(|_| Error::TokenRequestInvalid("form is not UTF-8"))?;
     let pairs = web::Query::<Vec<(String, String)>>::from_query(form)
         .map(|q| q.into_inner())

@@ -31,6 +31,7 @@
 
 mod aligned;
 mod chunks;
+mod download;
 pub mod s3;
 pub mod staging;
 mod writer;
@@ -53,9 +54,6 @@ pub use writer::{Checkpoint, StagedWriter};
 
 use crate::error::{Error, Internal, Result};
 use crate::oci::{Algorithm, Digest, Hasher};
-
-/// Chunks a download reads ahead of the client.
-const READ_AHEAD: usize = 2;
 
 /// Every object the registry stores, and the only place object paths are built.
 #[derive(Debug, Clone, Copy)]
@@ -267,7 +265,7 @@ impl BlobStore {
         };
         let range = result.range.clone();
         Ok(match result.payload {
-            GetResultPayload::File(file, _) => read_file_range(file, range),
+            GetResultPayload::File(file, _) => download::FileRange::new(file, range).boxed(),
             GetResultPayload::Stream(s) => s.map_err(std::io::Error::other).boxed(),
         })
     }
@@ -599,39 +597,4 @@ fn remove_empty_upload_dirs(uploads: &std::path::Path, keep: &std::collections::
         }
     }
     Ok(n)
-}
-
-/// Streams `range` of a local file. One blocking task per download reads it sequentially in
-/// [`chunks::CHUNK`] pieces (recycled buffers, see [`chunks`]) into a channel holding at most [`READ_AHEAD`] of them, so reading the
-/// disk overlaps with sending and memory per download stays at a few MiB. The task stops as soon
-/// as the client goes away (the channel closes).
-fn read_file_range(file: std::fs::File, range: Range<u64>) -> ByteStream {
-    use std::io::{Read, Seek, SeekFrom};
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(READ_AHEAD);
-    tokio::task::spawn_blocking(move || {
-        let mut file = file;
-        if let Err(e) = file.seek(SeekFrom::Start(range.start)) {
-            let _ = tx.blocking_send(Err(e));
-            return;
-        }
-        let mut remaining = range.end.saturating_sub(range.start);
-        while remaining > 0 {
-            let want = remaining.min(chunks::CHUNK as u64) as usize;
-            let mut chunk = chunks::Chunk::take();
-            let item = match file.read_exact(&mut chunk.buf_mut()[..want]) {
-                Ok(()) => Ok(chunk.freeze(want)),
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "blob shorter than recorded",
-                )),
-                Err(e) => Err(e),
-            };
-            let failed = item.is_err();
-            if tx.blocking_send(item).is_err() || failed {
-                return;
-            }
-            remaining -= want as u64;
-        }
-    });
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }

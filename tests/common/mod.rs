@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod limits;
 pub mod oci;
 pub mod replay;
 pub mod spack;
@@ -74,10 +75,7 @@ impl TestServer {
     /// Starts a server whose descriptor limit (soft and hard) is `nofile`, on this and every
     /// restart.
     pub fn start_with_rlimit_nofile(envs: &[(&str, &str)], nofile: u64) -> Self {
-        let n = nofile.to_string();
-        let mut all = envs.to_vec();
-        all.push((RLIMIT_NOFILE_ENV, &n));
-        Self::start_with(&all)
+        Self::start_with_nofile(envs, (nofile, nofile))
     }
 
     /// Whether the store holds an object for blob `digest` (`sha256:<hex>`).
@@ -270,7 +268,8 @@ fn host_of(url: &str) -> String {
     url.split("://").nth(1).unwrap_or_default().to_owned()
 }
 
-/// Not a setting: tells `spawn` to start the server under this descriptor limit.
+/// Not a setting: tells `spawn` to start the server under this descriptor limit
+/// (`soft:hard`).
 const RLIMIT_NOFILE_ENV: &str = "TEST_RLIMIT_NOFILE";
 
 /// Starts the server; returns the process and its base URL (`http://…` or `https://…`).
@@ -278,13 +277,15 @@ fn spawn(data_dir: &Path, envs: &[(String, String)]) -> (Child, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stowage"));
     if let Some((_, n)) = envs.iter().find(|(k, _)| k == RLIMIT_NOFILE_ENV) {
         use std::os::unix::process::CommandExt;
-        let n: libc::rlim_t = n.parse().expect("descriptor limit");
+        let (soft, hard) = n.split_once(':').expect("soft:hard");
+        let soft: libc::rlim_t = soft.parse().expect("soft descriptor limit");
+        let hard: libc::rlim_t = hard.parse().expect("hard descriptor limit");
         // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
         unsafe {
             cmd.pre_exec(move || {
                 let lim = libc::rlimit {
-                    rlim_cur: n,
-                    rlim_max: n,
+                    rlim_cur: soft,
+                    rlim_max: hard,
                 };
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                     return Err(std::io::Error::last_os_error());

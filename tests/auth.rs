@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::io::Write as _;
-use std::path::Path;
 use std::process::{Command, Stdio};
 
 use base64::Engine as _;
-use common::{TestServer, client, sha256};
+use common::{TestServer, client, run_cli as stowage, sha256};
 use reqwest::{Method, StatusCode};
 
 const CONFIG: &str = r#"
@@ -35,31 +33,6 @@ actions = ["pull", "push"]
 struct AuthServer {
     server: TestServer,
     _config: tempfile::TempDir,
-}
-
-fn stowage(data_dir: &Path, args: &[&str], stdin: &str) -> std::process::Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .args(args)
-        .env("STOWAGE_DATA_DIR", data_dir)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run stowage");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("wait for stowage");
-    assert!(
-        out.status.success(),
-        "stowage {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 impl AuthServer {

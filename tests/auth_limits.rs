@@ -11,12 +11,16 @@
 
 mod common;
 
-use std::io::Write as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{TestServer, client, sha256};
+
+/// Runs an admin command; returns what it printed, trimmed.
+fn stowage(data_dir: &Path, args: &[&str], stdin: &str) -> String {
+    let out = common::run_cli(data_dir, args, stdin);
+    String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
+}
 use futures_util::future::join_all;
 use reqwest::{Method, RequestBuilder, Response};
 
@@ -29,31 +33,6 @@ enabled = true
 trusted_proxies = ["127.0.0.1"]
 anonymous_pull = ["public/**"]
 "#;
-
-fn stowage(data_dir: &Path, args: &[&str], stdin: &str) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .args(args)
-        .env("STOWAGE_DATA_DIR", data_dir)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run stowage");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("wait for stowage");
-    assert!(
-        out.status.success(),
-        "stowage {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
-}
 
 /// A server with authentication on (`extra` appended to the `[auth]` section), and users
 /// `pusher` (password `pusher-pw`) and `admin` (`admin-pw`, an admin).

@@ -10,8 +10,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -246,27 +244,7 @@ async fn a_cancelled_or_committed_session_is_gone() {
 
 /// Runs `stowage <args>` on the server's data directory with `stdin`.
 fn stowage(server: &TestServer, args: &[&str], stdin: &str) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .args(args)
-        .env("STOWAGE_DATA_DIR", server.data_dir())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run stowage");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("wait for stowage");
-    assert!(
-        out.status.success(),
-        "stowage {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_cli(server.data_dir(), args, stdin);
 }
 
 /// Starts a server with authentication on, and admin users `alice` and `bob`.

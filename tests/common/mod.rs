@@ -331,6 +331,34 @@ fn spawn(data_dir: &Path, envs: &[(String, String)]) -> (Child, String) {
     }
 }
 
+/// Runs `stowage <args>` (an admin command: `user add`, `token create`, …) on `data_dir`,
+/// writing `stdin` to it; asserts it succeeded and returns its output.
+pub fn run_cli(data_dir: &Path, args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(args)
+        .env("STOWAGE_DATA_DIR", data_dir)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run stowage");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait for stowage");
+    assert!(
+        out.status.success(),
+        "stowage {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// sha256 digest string (`sha256:<hex>`) of `data`.
 pub fn sha256(data: &[u8]) -> String {
     use sha2::Digest as _;

@@ -489,6 +489,20 @@ async fn challenges_name_realm_service_and_scope() {
             format!("Basic realm=\"{}/token\"", s.server.url),
         ]
     );
+    // `/v2/` offers Bearer alone: docker runs every handler whose scheme its `/v2/` ping saw,
+    // and its Basic handler fails every request once `docker login` stored an identity token.
+    let resp = client().get(s.server.v2("")).send().await.expect("GET /v2/");
+    assert_eq!(resp.status(), 401);
+    let values: Vec<String> = resp
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().expect("ascii").to_owned())
+        .collect();
+    assert_eq!(
+        values,
+        vec![format!("Bearer realm=\"{}/token\",service=\"stowage\"", s.server.url)]
+    );
     // A trusted proxy's forwarded scheme and host are not believed from anyone else.
     let resp = client()
         .post(s.server.v2("private/app/blobs/uploads/"))

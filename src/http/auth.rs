@@ -10,7 +10,8 @@
 //! Refusals: no credentials where anonymous clients may not go, bad credentials, an invalid
 //! token, or a token lacking the action (`error="insufficient_scope"`) answer 401 with
 //! `WWW-Authenticate: Bearer realm="<scheme>://<host>/token",service="…",scope="…"` (plus a
-//! `Basic realm` challenge on plain HTTP); an identity the policy refuses gets 403 `DENIED`;
+//! `Basic realm` challenge on plain HTTP for repository requests, never on `/v2/`: see
+//! [`refuse`]); an identity the policy refuses gets 403 `DENIED`;
 //! a password attempt throttled after failures from its address, or one that finds every
 //! verification permit taken, gets 429 `TOOMANYREQUESTS` with `Retry-After` (see `auth::limiter`).
 //! The error body's message says which.
@@ -178,9 +179,17 @@ fn refuse(auth: &Auth, req: &HttpRequest, fail: AuthFail, scope: Option<String>)
     };
     let base = base_url(auth, req);
     let realm = auth.realm().map_or_else(|| format!("{base}/token"), str::to_owned);
+    // Basic is offered next to Bearer only over plain HTTP (where Spack refuses an http token
+    // realm and falls back to Basic) and only on repository requests, never on `/v2/` or the
+    // catalog. Docker learns a registry's challenges from its `/v2/` ping and then runs the
+    // handler of every scheme it saw on every request: after `docker login` it holds an
+    // identity token and no password, so a Basic challenge there made its Basic handler fail
+    // each push and pull before it was sent. Spack never asks `/v2/`; it reads the challenge
+    // of each refused repository request.
+    let basic = realm.starts_with("http://") && scope.is_some();
     Error::Unauthorized(Box::new(Challenge {
         message,
-        basic: realm.starts_with("http://"),
+        basic,
         realm,
         service: auth.service().to_owned(),
         scope,

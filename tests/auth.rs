@@ -855,7 +855,7 @@ async fn forged_tokens_are_refused() {
         // Expired, not yet valid.
         s.craft_token("admin", all.clone(), -60, -600),
         s.craft_token("admin", all.clone(), 900, 600),
-        "garbage".to_owned(),
+        "garbage.in.here".to_owned(),
     ];
     // Signed by a key the server does not know.
     {
@@ -883,6 +883,12 @@ async fn forged_tokens_are_refused() {
         let c = bearer_challenge(&resp).expect("challenge");
         assert_eq!(param(&c, "error"), Some("invalid_token"), "forged token #{i}");
     }
+    // A Bearer value that cannot be a token at all (Homebrew's `QQ==`) is no credential: the
+    // client is challenged as an anonymous one, not told its token is invalid.
+    let resp = client().get(&url).bearer_auth("garbage").send().await.expect("GET");
+    assert_eq!(resp.status(), 401);
+    let c = bearer_challenge(&resp).expect("challenge");
+    assert_eq!(param(&c, "error"), None);
 }
 
 fn claims_of_header(token: &str) -> String {

@@ -199,7 +199,9 @@ fn refuse(auth: &Auth, req: &HttpRequest, fail: AuthFail, scope: Option<String>)
 }
 
 /// The credentials of a request's `Authorization` header. A header that cannot be parsed
-/// counts as wrong credentials, never as none.
+/// counts as wrong credentials, never as none, with one exception: a Bearer value that cannot
+/// be a registry token at all (no `.`; Homebrew sends `Bearer QQ==` for its anonymous pulls)
+/// is no credential, so it gets what an anonymous client gets.
 pub fn credentials(req: &HttpRequest) -> Credentials {
     let Some(value) = req.headers().get(AUTHORIZATION) else {
         return Credentials::None;
@@ -219,7 +221,11 @@ pub fn credentials(req: &HttpRequest) -> Credentials {
             password: password.to_owned(),
         }
     } else if scheme.eq_ignore_ascii_case("bearer") {
-        Credentials::Bearer(rest.to_owned())
+        if rest.contains('.') {
+            Credentials::Bearer(rest.to_owned())
+        } else {
+            Credentials::None
+        }
     } else {
         Credentials::Bearer(String::new())
     }
@@ -388,13 +394,18 @@ pub async fn token_post(req: HttpRequest, auth: web::Data<Auth>, body: web::Payl
     token_json(&auth.issue(&principal, &scopes, offline)?)
 }
 
-/// Whether this request may mount a blob from `from` (from any repository when `None`): it
-/// needs pull there. Mounting from anywhere is left to admins once authentication is on, as it
-/// would reveal blobs of repositories the caller cannot read.
-pub fn may_mount_from(auth: &Auth, req: &HttpRequest, from: Option<&RepoName>) -> bool {
-    let Some(who) = principal(req) else { return false };
+/// Whether this request may mount a blob from `from` (from any repository when `None`) into
+/// `repo`: it needs pull there. Mounting from anywhere is left to admins once authentication
+/// is on, as it would reveal blobs of repositories the caller cannot read.
+///
+/// A registry token that lacks pull on `from`, where its identity has it, is answered with a
+/// 401 challenge naming both scopes (`from`'s pull and `repo`'s push), as Distribution does:
+/// clients that take their scopes from the challenge (docker) then fetch a token that mounts.
+/// Anything else that may not read `from` is not an error: the caller gets a session instead.
+pub fn may_mount_from(auth: &Auth, req: &HttpRequest, repo: &RepoName, from: Option<&RepoName>) -> Result<bool> {
+    let Some(who) = principal(req) else { return Ok(false) };
     match (&who.identity, from) {
-        (Identity::Open, _) => true,
+        (Identity::Open, _) => Ok(true),
         (
             Identity::User {
                 admin: true,
@@ -402,8 +413,19 @@ pub fn may_mount_from(auth: &Auth, req: &HttpRequest, from: Option<&RepoName>) -
                 ..
             },
             None,
-        ) => true,
-        (_, None) => false,
-        (_, Some(from)) => auth.authorize(&who, from.as_str(), Action::Pull).is_ok(),
+        ) => Ok(true),
+        (_, None) => Ok(false),
+        (_, Some(from)) => match auth.authorize(&who, from.as_str(), Action::Pull) {
+            Ok(()) => Ok(true),
+            Err(Refusal::InsufficientScope) => {
+                let scope = format!(
+                    "{} {}",
+                    challenge_scope(from, Action::Pull),
+                    challenge_scope(repo, Action::Push)
+                );
+                Err(refuse(auth, req, Refusal::InsufficientScope.into(), Some(scope)))
+            }
+            Err(_) => Ok(false),
+        },
     }
 }

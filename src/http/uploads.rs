@@ -70,7 +70,7 @@ pub async fn start(
         let from = extract::query_param(&q, "from").and_then(|f| f.parse::<RepoName>().ok());
         let has_from = extract::query_param(&q, "from").is_some();
         // A source the caller may not read is treated like one that lacks the blob.
-        let permitted = super::auth::may_mount_from(&auth, &req, from.as_ref());
+        let permitted = super::auth::may_mount_from(&auth, &req, &repo, from.as_ref())?;
         if permitted && (from.is_some() || !has_from) && reg.mount_blob(&repo, &digest, from.as_ref()).await? {
             return Ok(blob_created(&repo, &digest));
         }

@@ -18,8 +18,8 @@ use common::oci::assert_error;
 use common::{TestServer, client, sha256};
 
 /// Trials per race test: stopped early after `RACE_BUDGET`, but at least `MIN_TRIALS` must run.
-const MAX_TRIALS: usize = 200;
-const MIN_TRIALS: usize = 20;
+const MAX_TRIALS: usize = 400;
+const MIN_TRIALS: usize = 100;
 const RACE_BUDGET: Duration = Duration::from_secs(40);
 
 /// Bytes that differ from trial to trial (so no trial is satisfied by deduplication).
@@ -95,7 +95,7 @@ async fn race_closing_put(close: Close) {
     let server = TestServer::start();
     let http = client();
     let repo = "race/blob";
-    let len = 8 * 1024 * 1024;
+    let len = 4 * 1024 * 1024;
     let started = Instant::now();
     let mut trials = 0;
     let mut committed = 0;

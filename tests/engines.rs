@@ -7,9 +7,12 @@
 //!
 //! Nothing touches the machine's own engine state: each podman/buildah test has its own
 //! `storage.conf` (driver `vfs`, graphroot and runroot in a temp dir, via
-//! `CONTAINERS_STORAGE_CONF`), auth file (`REGISTRY_AUTH_FILE`), `HOME` and `XDG_RUNTIME_DIR`.
+//! `CONTAINERS_STORAGE_CONF`), `containers.conf` (`tmp_dir` there, no event log), auth file
+//! (`REGISTRY_AUTH_FILE`), `HOME` and `XDG_RUNTIME_DIR`, and runs each command in a private mount
+//! namespace with its own dir over root's blob-info cache (`/var/lib/containers/cache`).
 //! containerd runs once per test binary (`OnceLock`) with its own `config.toml` whose root, state
-//! and sockets are in a temp dir; it is killed and its dir removed when the test process exits.
+//! and sockets are in a temp dir (and without the CRI and `/opt/containerd` plugins); it is
+//! killed and its dir removed when the test process exits.
 //!
 //! The tools are installed by `scripts/test`. A missing tool, or a containerd that does not
 //! start, FAILS these tests: they never pass without having talked to the server.
@@ -167,6 +170,9 @@ fn stdout(out: &Output) -> String {
 // podman and buildah with throwaway state
 // ---------------------------------------------------------------------------------------------
 
+/// Where containers/image keeps its blob-info cache when it runs as root.
+const SYSTEM_BLOB_INFO_CACHE: &str = "/var/lib/containers/cache";
+
 /// A private podman/buildah world: vfs storage, auth file, HOME and runtime dir in a temp dir.
 struct Engine {
     dir: tempfile::TempDir,
@@ -176,7 +182,7 @@ impl Engine {
     fn new() -> Engine {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
-        for sub in ["graph", "run", "home", "xdg", "rootfs/bin"] {
+        for sub in ["graph", "run", "home", "xdg", "libpod", "blob-info-cache"] {
             std::fs::create_dir_all(root.join(sub)).expect("mkdir");
         }
         std::fs::write(
@@ -188,6 +194,15 @@ impl Engine {
             ),
         )
         .expect("write storage.conf");
+        // podman as root keeps its locks and event log under /run/libpod by default.
+        std::fs::write(
+            root.join("containers.conf"),
+            format!(
+                "[engine]\ntmp_dir = \"{}\"\nevents_logger = \"none\"\n",
+                root.join("libpod").display()
+            ),
+        )
+        .expect("write containers.conf");
         // podman refuses an auth file that does not exist.
         std::fs::write(root.join("auth.json"), "{}").expect("write auth.json");
         Engine { dir }
@@ -197,13 +212,46 @@ impl Engine {
         self.dir.path().join(sub)
     }
 
+    /// A podman or buildah command in this engine's world. Run as root, containers/image keeps
+    /// a blob-info cache in `/var/lib/containers/cache` that no flag or variable moves, so the
+    /// command runs in a mount namespace of its own where this engine's empty dir is mounted
+    /// there.
     fn command(&self, tool: &str) -> Command {
+        use std::os::unix::ffi::OsStrExt as _;
+        use std::os::unix::process::CommandExt as _;
         let mut cmd = Command::new(require_tool(tool));
         cmd.env("CONTAINERS_STORAGE_CONF", self.path("storage.conf"))
+            .env("CONTAINERS_CONF", self.path("containers.conf"))
             .env("REGISTRY_AUTH_FILE", self.path("auth.json"))
             .env("HOME", self.path("home"))
             .env("XDG_RUNTIME_DIR", self.path("xdg"))
             .env_remove("CONTAINERS_REGISTRIES_CONF");
+        // The mount point must exist (containers/image would create it on first use anyway).
+        std::fs::create_dir_all(SYSTEM_BLOB_INFO_CACHE).expect("create the mount point");
+        let cstr = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path without NUL");
+        let root = cstr(Path::new("/"));
+        let source = cstr(&self.path("blob-info-cache"));
+        let target = cstr(Path::new(SYSTEM_BLOB_INFO_CACHE));
+        // SAFETY: only async-signal-safe system calls on memory owned by the closure, in the
+        // child between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let none = std::ptr::null();
+                if libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        none,
+                        root.as_ptr(),
+                        none,
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    || libc::mount(source.as_ptr(), target.as_ptr(), none, libc::MS_BIND, std::ptr::null()) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd
     }
 
@@ -515,9 +563,11 @@ impl Containerd {
             .expect("temp dir")
             .keep();
         let socket = dir.join("c.sock");
+        // Not needed here: the CRI plugin, and the `opt` plugin, which would create
+        // /opt/containerd.
         let config = format!(
             "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.internal.v1.opt\"]\n\
              [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{ttrpc}\"\n\
              [debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
             root = dir.join("root").display(),

@@ -1,5 +1,7 @@
 //! Container engines against a real `stowage serve` with authentication on, over plain HTTP on
-//! 127.0.0.1: podman and buildah (Debian packages, vfs storage) and containerd driven by `ctr`.
+//! 127.0.0.1 and (podman, containerd) over native TLS with a self-signed certificate they are
+//! given (podman `--cert-dir`, ctr `--hosts-dir`): podman and buildah (Debian packages, vfs
+//! storage) and containerd driven by `ctr`.
 //!
 //! Images are made here, never pulled from the internet: a one-file root filesystem holding
 //! `/bin/busybox` from Debian's `busybox-static`, committed with `buildah from scratch` +
@@ -46,24 +48,65 @@ actions = ["pull"]
 
 const ALICE_PW: &str = "alice-pw";
 
-/// A Stowage server with authentication on and the users of `CONFIG`.
+/// A Stowage server with authentication on and the users of `CONFIG`, over plain HTTP or
+/// native TLS.
 struct Registry {
     server: TestServer,
     _config: tempfile::TempDir,
+    /// With TLS: the dir holding `ca.crt` (the server's self-signed certificate), as podman,
+    /// buildah and skopeo take it with `--cert-dir`.
+    cert_dir: Option<PathBuf>,
 }
 
 impl Registry {
     fn start() -> Registry {
+        Self::start_on(false)
+    }
+
+    /// Serves HTTPS with a self-signed certificate for 127.0.0.1.
+    fn start_tls() -> Registry {
+        Self::start_on(true)
+    }
+
+    fn start_on(tls: bool) -> Registry {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("stowage.toml");
         std::fs::write(&path, CONFIG).expect("write config");
-        let server = TestServer::start_with(&[
-            ("STOWAGE_CONFIG", path.to_str().expect("utf-8 path")),
-            ("STOWAGE_AUTH__ENABLED", "true"),
-        ]);
+        let mut envs = vec![
+            ("STOWAGE_CONFIG", path.to_str().expect("utf-8 path").to_owned()),
+            ("STOWAGE_AUTH__ENABLED", "true".to_owned()),
+        ];
+        let cert_dir = tls.then(|| {
+            let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("generate certificate");
+            let certs = dir.path().join("certs");
+            std::fs::create_dir_all(&certs).expect("mkdir certs");
+            std::fs::write(certs.join("ca.crt"), ck.cert.pem()).expect("write ca.crt");
+            let key = dir.path().join("key.pem");
+            std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
+            let cert = certs.join("ca.crt");
+            envs.push(("STOWAGE_TLS__CERT", cert.to_str().expect("utf-8 path").to_owned()));
+            envs.push(("STOWAGE_TLS__KEY", key.to_str().expect("utf-8 path").to_owned()));
+            certs
+        });
+        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let server = TestServer::start_with(&envs);
+        assert_eq!(server.url.starts_with("https://"), tls, "served at {}", server.url);
         stowage(server.data_dir(), &["user", "add", "alice"], &format!("{ALICE_PW}\n"));
         stowage(server.data_dir(), &["user", "add", "bob"], "bob-pw\n");
-        Registry { server, _config: dir }
+        Registry {
+            server,
+            _config: dir,
+            cert_dir,
+        }
+    }
+
+    /// How podman, buildah and skopeo reach this server: `--tls-verify=false` for plain HTTP,
+    /// `--cert-dir=<dir with ca.crt>` for TLS (verified).
+    fn tls_flag(&self) -> String {
+        match &self.cert_dir {
+            None => "--tls-verify=false".to_owned(),
+            Some(dir) => format!("--cert-dir={}", dir.display()),
+        }
     }
 
     fn host(&self) -> &str {
@@ -90,7 +133,7 @@ impl Registry {
         run(Command::new(require_tool("skopeo")).args([
             "inspect",
             "--raw",
-            "--tls-verify=false",
+            &self.tls_flag(),
             "--creds",
             &format!("alice:{ALICE_PW}"),
             &format!("docker://{}", self.image(repo_ref)),
@@ -291,11 +334,11 @@ impl Engine {
         self.buildah(&["commit", "--quiet", "--rm", &container, &format!("localhost/{name}")]);
     }
 
-    /// `podman login` to `host` with the secret on stdin; returns the command's output.
-    fn login(&self, host: &str, user: &str, secret: &str) -> Output {
+    /// `podman login` to `reg` with the secret on stdin; returns the command's output.
+    fn login(&self, reg: &Registry, user: &str, secret: &str) -> Output {
         let mut child = self
             .command("podman")
-            .args(["login", "--tls-verify=false", host, "-u", user, "--password-stdin"])
+            .args(["login", &reg.tls_flag(), reg.host(), "-u", user, "--password-stdin"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -322,12 +365,23 @@ impl Engine {
 
 #[test]
 fn podman_logs_in_pushes_pulls_and_logs_out() {
-    let reg = Registry::start();
+    podman_round_trip(&Registry::start());
+}
+
+#[test]
+fn podman_logs_in_pushes_pulls_and_logs_out_over_tls() {
+    podman_round_trip(&Registry::start_tls());
+}
+
+/// login with a password, push, tag list, catalog, rmi, pull (digest unchanged), logout, and an
+/// anonymous push refused.
+fn podman_round_trip(reg: &Registry) {
+    let tls = reg.tls_flag();
     let engine = Engine::new();
     engine.build_image("app:v1", "amd64");
     let remote = reg.image("demo/app:v1");
 
-    let login = engine.login(reg.host(), "alice", ALICE_PW);
+    let login = engine.login(reg, "alice", ALICE_PW);
     assert!(
         login.status.success(),
         "podman login: {}",
@@ -336,10 +390,11 @@ fn podman_logs_in_pushes_pulls_and_logs_out() {
     assert!(stdout(&login).contains("Login Succeeded"), "{}", stdout(&login));
     assert!(engine.auth_file().contains(reg.host()), "login stored no credentials");
 
-    engine.podman(&["push", "--tls-verify=false", "localhost/app:v1", &remote]);
+    engine.podman(&["push", &tls, "localhost/app:v1", &remote]);
     let served = reg.digest("demo/app:v1");
 
-    // Tag list and catalog through podman's search (with the stored credentials).
+    // Tag list and catalog through podman's search (with the stored credentials). search has
+    // no --cert-dir: over TLS it skips verification (it still speaks HTTPS first).
     let tags = stdout(&engine.podman(&["search", "--tls-verify=false", "--list-tags", &reg.image("demo/app")]));
     println!("podman search --list-tags:\n{tags}");
     assert!(
@@ -351,7 +406,7 @@ fn podman_logs_in_pushes_pulls_and_logs_out() {
     assert!(catalog.contains(&reg.image("demo/app")), "catalog: {catalog}");
 
     engine.podman(&["rmi", "localhost/app:v1"]);
-    engine.podman(&["pull", "--tls-verify=false", &remote]);
+    engine.podman(&["pull", &tls, &remote]);
     let pulled = stdout(&engine.podman(&["image", "inspect", "--format", "{{.Digest}}", &remote]));
     assert_eq!(pulled, served, "podman pulled another manifest than Stowage serves");
 
@@ -361,12 +416,11 @@ fn podman_logs_in_pushes_pulls_and_logs_out() {
         "logout left credentials behind"
     );
     // Logged out, a push is refused (alice's repository is not anonymous).
-    let refused = run_unchecked(engine.command("podman").args([
-        "push",
-        "--tls-verify=false",
-        &remote,
-        &reg.image("demo/app:anon"),
-    ]));
+    let refused = run_unchecked(
+        engine
+            .command("podman")
+            .args(["push", &tls, &remote, &reg.image("demo/app:anon")]),
+    );
     assert!(!refused.status.success(), "an anonymous push succeeded");
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -383,7 +437,7 @@ fn podman_logs_in_with_an_api_token_and_pushes() {
     let token = reg.token("ci", "ci/**:pull,push");
     assert!(token.starts_with("stw_"), "token create printed {token:?}");
 
-    let login = engine.login(reg.host(), "alice", &token);
+    let login = engine.login(&reg, "alice", &token);
     assert!(
         login.status.success(),
         "podman login with a token: {}",
@@ -425,7 +479,7 @@ fn podman_logs_in_with_an_api_token_and_pushes() {
 fn podman_login_with_a_wrong_password_is_refused() {
     let reg = Registry::start();
     let engine = Engine::new();
-    let out = engine.login(reg.host(), "alice", "not-the-password");
+    let out = engine.login(&reg, "alice", "not-the-password");
     assert!(!out.status.success(), "a wrong password logged in");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -459,7 +513,7 @@ fn podman_pushes_a_multi_arch_index() {
     let engine = Engine::new();
     engine.build_image("multi-amd64:v1", "amd64");
     engine.build_image("multi-arm64:v1", "arm64");
-    let login = engine.login(reg.host(), "alice", ALICE_PW);
+    let login = engine.login(&reg, "alice", ALICE_PW);
     assert!(
         login.status.success(),
         "podman login: {}",
@@ -654,7 +708,7 @@ fn push_with_podman(reg: &Registry, repo_tag: &str) -> String {
     engine.build_image("ctd:v1", "amd64");
     engine.podman(&[
         "push",
-        "--tls-verify=false",
+        &reg.tls_flag(),
         "--creds",
         &format!("alice:{ALICE_PW}"),
         "localhost/ctd:v1",
@@ -720,4 +774,40 @@ fn containerd_pulls_anonymously_from_an_anonymous_pull_repository() {
     let source = reg.image("public/ctd:v1");
     run(&mut ctd.ctr(&["images", "pull", "--plain-http", &source]));
     assert_eq!(ctr_digest(ctd, &source), served, "containerd pulled another manifest");
+}
+
+#[test]
+fn containerd_pulls_and_pushes_over_tls() {
+    let reg = Registry::start_tls();
+    let ctd = Containerd::get();
+    let served = push_with_podman(&reg, "demo/ctd:v1");
+    // ctr 1.6 speaks plain HTTP to 127.0.0.1 unless a hosts dir says otherwise.
+    let ca = reg.cert_dir.as_ref().expect("TLS").join("ca.crt");
+    let hosts = tempfile::tempdir().expect("temp dir");
+    let host_dir = hosts.path().join(reg.host());
+    std::fs::create_dir_all(&host_dir).expect("mkdir hosts dir");
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"https://{host}\"\n[host.\"https://{host}\"]\n  ca = \"{ca}\"\n",
+            host = reg.host(),
+            ca = ca.display()
+        ),
+    )
+    .expect("write hosts.toml");
+    let hosts = hosts.path().to_str().expect("utf-8 path");
+    let user = format!("alice:{ALICE_PW}");
+    let source = reg.image("demo/ctd:v1");
+
+    run(&mut ctd.ctr(&["images", "pull", "--hosts-dir", hosts, "--user", &user, &source]));
+    assert_eq!(ctr_digest(ctd, &source), served, "containerd pulled another manifest");
+
+    let target = reg.image("copies/ctd:tls");
+    run(&mut ctd.ctr(&["images", "tag", "--force", &source, &target]));
+    run(&mut ctd.ctr(&["images", "push", "--hosts-dir", hosts, "--user", &user, &target]));
+    assert_eq!(
+        reg.digest("copies/ctd:tls"),
+        served,
+        "containerd pushed another manifest"
+    );
 }

@@ -559,6 +559,40 @@ fn podman_pushes_a_multi_arch_index() {
     }
 }
 
+#[test]
+fn podman_pulls_anonymously_from_an_anonymous_pull_repository() {
+    let reg = Registry::start();
+    let served = push_with_podman(&reg, "public/anon:v1");
+    let engine = Engine::new();
+    engine.podman(&["pull", "--tls-verify=false", &reg.image("public/anon:v1")]);
+    let pulled = stdout(&engine.podman(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Digest}}",
+        &reg.image("public/anon:v1"),
+    ]));
+    assert_eq!(pulled, served, "podman pulled another manifest than Stowage serves");
+    // Outside `anonymous_pull`, the same anonymous pull is refused.
+    push_with_podman(&reg, "demo/anon:v1");
+    let refused =
+        run_unchecked(
+            engine
+                .command("podman")
+                .args(["pull", "--tls-verify=false", &reg.image("demo/anon:v1")]),
+        );
+    assert!(
+        !refused.status.success(),
+        "an anonymous pull of a private repository succeeded"
+    );
+    // podman shows only the code when the message is the code's default text.
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("demo/anon") && err.contains("unauthorized"),
+        "anonymous pull refused with: {err}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // buildah
 // ---------------------------------------------------------------------------------------------

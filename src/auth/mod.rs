@@ -146,7 +146,7 @@ impl Principal {
 }
 
 /// Why a request is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// No credentials, and anonymous clients may not do this: challenge.
     NeedCredentials,
@@ -156,8 +156,10 @@ pub enum Refusal {
     InvalidToken(VerifyError),
     /// A valid token that lacks the action; a new token would carry it.
     InsufficientScope,
-    /// The identity may not do this at all.
-    Denied,
+    /// The identity may not do this at all; the message says who may not do what where (a
+    /// message of its own also keeps docker from taking the refusal for a passing failure: it
+    /// retries a push for ~50 s on an error that carries only the code's default text).
+    Denied(String),
     /// Too many failed logins from this address (for this user); retry after this many seconds.
     TooManyAttempts(u64),
     /// Too many password verifications at once; retry after this many seconds.
@@ -568,7 +570,7 @@ impl Auth {
             Via::Bearer(_) if allowed => Err(Refusal::InsufficientScope),
             _ if allowed => Ok(()),
             _ if anonymous => Err(Refusal::NeedCredentials),
-            _ => Err(Refusal::Denied),
+            _ => Err(Refusal::Denied(denial(subject, &self.inner.policy, repo, action))),
         }
     }
 
@@ -676,6 +678,29 @@ impl Auth {
             identity,
             via: Via::Basic,
         })
+    }
+}
+
+/// The message of a 403 `DENIED`: who may not do what on which repository. When the user's role
+/// would allow it, the API token's scopes are what refuse, and the message says so.
+fn denial(subject: Subject<'_>, policy: &Policy, repo: &str, action: Action) -> String {
+    match subject {
+        Subject::User { name, admin, scopes } => {
+            let role = Subject::User {
+                name,
+                admin,
+                scopes: None,
+            };
+            if scopes.is_some() && policy.allows(role, repo, action) {
+                format!(
+                    "the API token's scopes do not grant {} on repository {repo}",
+                    action.as_str()
+                )
+            } else {
+                format!("user {name} may not {} on repository {repo}", action.as_str())
+            }
+        }
+        Subject::Anonymous => format!("anonymous clients may not {} on repository {repo}", action.as_str()),
     }
 }
 

@@ -163,7 +163,7 @@ fn refuse(auth: &Auth, req: &HttpRequest, fail: AuthFail, scope: Option<String>)
         AuthFail::Refused(r) => r,
     };
     let (error, message) = match refusal {
-        Refusal::Denied => return Error::Denied,
+        Refusal::Denied(message) => return Error::Denied(message),
         Refusal::TooManyAttempts(retry_after) => return Error::TooManyLogins { retry_after },
         Refusal::Busy(retry_after) => return Error::LoginsBusy { retry_after },
         Refusal::NeedCredentials => (None, "authentication required"),

@@ -746,3 +746,43 @@ impl Challenge {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_denial_names_the_user_or_the_token_the_action_and_the_repository() {
+        let policy = Policy::new(
+            vec![],
+            vec![Rule {
+                repositories: vec![Pattern::new("demo/**")],
+                users: vec!["alice".into()],
+                actions: vec![Action::Pull, Action::Push],
+            }],
+        );
+        let alice = |scopes| Subject::User {
+            name: "alice",
+            admin: false,
+            scopes,
+        };
+        let grants = [Grant::parse("other/**:pull,push").expect("grant")];
+        assert_eq!(
+            denial(alice(Some(&grants)), &policy, "demo/app", Action::Push),
+            "the API token's scopes do not grant push on repository demo/app"
+        );
+        // Outside her rules the token is not what refuses.
+        assert_eq!(
+            denial(alice(Some(&grants)), &policy, "else/app", Action::Push),
+            "user alice may not push on repository else/app"
+        );
+        assert_eq!(
+            denial(alice(None), &policy, "demo/app", Action::Delete),
+            "user alice may not delete on repository demo/app"
+        );
+        assert_eq!(
+            denial(Subject::Anonymous, &policy, "demo/app", Action::Pull),
+            "anonymous clients may not pull on repository demo/app"
+        );
+    }
+}

@@ -11,7 +11,9 @@
 //! token, or a token lacking the action (`error="insufficient_scope"`) answer 401 with
 //! `WWW-Authenticate: Bearer realm="<scheme>://<host>/token",service="…",scope="…"` (plus a
 //! `Basic realm` challenge on plain HTTP for repository requests, never on `/v2/`: see
-//! [`refuse`]); an identity the policy refuses gets 403 `DENIED`;
+//! [`refuse`]); an identity the policy refuses gets 403 `DENIED` whose message names the user
+//! (or the API token's scopes), the action and the repository, never the code's default text,
+//! which docker takes for a passing failure and retries a push on for ~50 s;
 //! a password attempt throttled after failures from its address, or one that finds every
 //! verification permit taken, gets 429 `TOOMANYREQUESTS` with `Retry-After` (see `auth::limiter`).
 //! The error body's message says which.

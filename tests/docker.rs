@@ -513,6 +513,7 @@ async fn anonymous_pull_of_an_anonymous_pull_repository() {
 async fn a_wrong_password_is_refused_with_stowage_s_message() {
     let s = Setup::start(None);
     let run = s.login("alice", "not-the-password");
+    eprintln!("wrong password:\n{}", run.text);
     assert!(!run.ok, "login with a wrong password must fail:\n{}", run.text);
     assert!(
         run.text.contains("wrong user name or password"),
@@ -541,6 +542,23 @@ async fn a_token_for_another_repository_is_refused_at_once_on_push() {
     assert!(
         run.text
             .contains("the API token's scopes do not grant push on repository demo/busybox"),
+        "the output names the problem:\n{}",
+        run.text
+    );
+}
+
+#[tokio::test]
+async fn a_user_without_push_rights_is_refused_at_once_with_the_reason() {
+    let s = Setup::start(None);
+    let login = s.login("bob", "bob-pw");
+    assert!(login.ok, "{}", login.text);
+    let image = s.image("demo/busybox:1");
+    s.ok(&["tag", "local/busybox:1", &image]);
+    let run = s.docker(&["push", &image], "");
+    assert!(!run.ok, "bob may not push:\n{}", run.text);
+    assert!(run.took < Duration::from_secs(20), "{:?}\n{}", run.took, run.text);
+    assert!(
+        run.text.contains("user bob may not push on repository demo/busybox"),
         "the output names the problem:\n{}",
         run.text
     );

@@ -507,6 +507,11 @@ async fn anonymous_pull_of_an_anonymous_pull_repository() {
     s.ok(&["tag", "local/busybox:1", &image]);
     let run = s.docker(&["push", &image], "");
     assert!(!run.ok, "an anonymous push must fail:\n{}", run.text);
+    assert!(
+        run.text.contains("authentication required: log in"),
+        "the output says what is missing:\n{}",
+        run.text
+    );
 }
 
 #[tokio::test]

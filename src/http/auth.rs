@@ -168,7 +168,9 @@ fn refuse(auth: &Auth, req: &HttpRequest, fail: AuthFail, scope: Option<String>)
         Refusal::Denied(message) => return Error::Denied(message),
         Refusal::TooManyAttempts(retry_after) => return Error::TooManyLogins { retry_after },
         Refusal::Busy(retry_after) => return Error::LoginsBusy { retry_after },
-        Refusal::NeedCredentials => (None, "authentication required"),
+        // Not the code's default text ("authentication required"), which docker reduces to a
+        // bare "unauthorized".
+        Refusal::NeedCredentials => (None, NEED_CREDENTIALS),
         Refusal::BadCredentials => (None, WRONG_CREDENTIALS),
         Refusal::InvalidToken(why) => {
             tracing::debug!(reason = %why, "refused a registry token");
@@ -291,6 +293,9 @@ pub fn principal(req: &HttpRequest) -> Option<Principal> {
 }
 
 // ---- The token endpoint ------------------------------------------------------------------
+
+/// The message of a 401 for a request without credentials where anonymous clients may not go.
+const NEED_CREDENTIALS: &str = "authentication required: log in with a user name and password or an API token";
 
 /// The message of a 401 for wrong credentials.
 const WRONG_CREDENTIALS: &str = "wrong user name or password (or an unknown, revoked or expired API token)";

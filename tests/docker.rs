@@ -122,6 +122,8 @@ fn start_dockerd() -> Result<String, String> {
         .map_err(|e| format!("temp dir: {e}"))?;
     let sock = dir.path().join("docker.sock");
     let host = format!("unix://{}", sock.display());
+    // The CLI's configuration while the engine is set up (tests use their own).
+    let cli_config = dir.path().join("cli-config");
     let log_path = dir.path().join("dockerd.log");
     let log = std::fs::File::create(&log_path).map_err(|e| format!("dockerd log: {e}"))?;
     let log2 = log.try_clone().map_err(|e| format!("dockerd log: {e}"))?;
@@ -154,7 +156,7 @@ fn start_dockerd() -> Result<String, String> {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ping = docker_cmd(&host, None)
+        let ping = docker_cmd(&host, &cli_config)
             .args(["version", "--format", "{{.Server.Version}}"])
             .output();
         if let Ok(out) = &ping
@@ -211,7 +213,7 @@ fn start_dockerd() -> Result<String, String> {
     // platform in the manifest list test (dockerd 20.10 ignores `import --platform` unless
     // experimental, so the list is annotated instead).
     for tag in ["local/busybox:1", "local/busybox:arm64"] {
-        let out = docker_cmd(&host, None)
+        let out = docker_cmd(&host, &cli_config)
             .arg("import")
             .arg(&tar)
             .arg(tag)
@@ -246,18 +248,16 @@ fn docker_cli() -> String {
     std::env::var("DOCKER_TEST_CLI").unwrap_or_else(|_| "docker".into())
 }
 
-/// A docker CLI command for the engine at `host`, with its configuration in `config` (or in no
-/// directory at all: an empty one is made per call by the caller).
-fn docker_cmd(host: &str, config: Option<&Path>) -> Command {
+/// A docker CLI command for the engine at `host`, with its configuration (logins) in the
+/// directory `config`, never the machine's `~/.docker`.
+fn docker_cmd(host: &str, config: &Path) -> Command {
     let mut cmd = Command::new(docker_cli());
     cmd.env("DOCKER_HOST", host)
         .env("DOCKER_CLI_EXPERIMENTAL", "enabled")
         .env_remove("DOCKER_CONTEXT")
         .env_remove("DOCKER_TLS_VERIFY")
+        .env("DOCKER_CONFIG", config)
         .stdin(Stdio::null());
-    if let Some(config) = config {
-        cmd.env("DOCKER_CONFIG", config);
-    }
     cmd
 }
 
@@ -327,7 +327,7 @@ impl Setup {
 
     /// Runs `docker <args>` (with `stdin`), giving up after `COMMAND_TIMEOUT`.
     fn docker(&self, args: &[&str], stdin: &str) -> Run {
-        let mut cmd = docker_cmd(self.host, Some(self.docker_config.path()));
+        let mut cmd = docker_cmd(self.host, self.docker_config.path());
         cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -428,7 +428,7 @@ impl Setup {
 impl Drop for Setup {
     fn drop(&mut self) {
         // Untag what this test made, so the shared engine does not accumulate names.
-        let Ok(out) = docker_cmd(self.host, Some(self.docker_config.path()))
+        let Ok(out) = docker_cmd(self.host, self.docker_config.path())
             .args(["image", "ls", "--format", "{{.Repository}}:{{.Tag}}"])
             .output()
         else {
@@ -440,7 +440,7 @@ impl Drop for Setup {
             .map(str::to_owned)
             .collect();
         if !mine.is_empty() {
-            let _ = docker_cmd(self.host, Some(self.docker_config.path()))
+            let _ = docker_cmd(self.host, self.docker_config.path())
                 .arg("rmi")
                 .args(&mine)
                 .output();

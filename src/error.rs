@@ -142,8 +142,9 @@ pub enum Error {
     #[error("{}", .0.message)]
     Unauthorized(Box<crate::auth::Challenge>),
     /// The identity may not do this (403).
-    #[error("requested access to the resource is denied")]
-    Denied,
+    /// The message names the identity, action and repository (see `auth::denial`).
+    #[error("{0}")]
+    Denied(String),
     /// A token request the endpoint cannot serve (400).
     #[error("invalid token request: {0}")]
     TokenRequestInvalid(&'static str),
@@ -265,7 +266,7 @@ impl Error {
             Error::BodyRead(_) => Code::BlobUploadInvalid,
             Error::Unsupported(_) => Code::Unsupported,
             Error::Unauthorized(_) => Code::Unauthorized,
-            Error::Denied => Code::Denied,
+            Error::Denied(_) => Code::Denied,
             Error::TokenRequestInvalid(_) => Code::Unsupported,
             Error::TooManyLogins { .. } | Error::LoginsBusy { .. } | Error::TooManyUploads { .. } => {
                 Code::TooManyRequests

@@ -4,6 +4,8 @@
 //!   repository anyone may pull must answer it like an anonymous request.
 //! - rattler/pixi ask `GET /token?scope=…` with no `service` and no credentials, and expect an
 //!   anonymous token for what anonymous clients may pull.
+//! - A refusal says who may not do what: docker prints a 403's message only when it differs
+//!   from the default text, and otherwise retries the push for about 50 s.
 //! - A cross-repository mount whose token lacks pull on the source is challenged with both
 //!   scopes (the source's pull and the target's push), so a client that takes its scopes from
 //!   the challenge can get a token that mounts.
@@ -18,9 +20,14 @@ enabled = true
 anonymous_pull = ["public/**"]
 
 [[auth.rules]]
-repositories = ["**"]
+repositories = ["team/**", "public/**", "private/**"]
 users = ["*"]
 actions = ["pull", "push"]
+
+[[auth.rules]]
+repositories = ["readonly/**"]
+users = ["*"]
+actions = ["pull"]
 "#;
 
 struct Server {
@@ -182,4 +189,53 @@ async fn a_mount_the_token_cannot_read_is_challenged_with_both_scopes() {
     let both = json["token"].as_str().expect("token").to_owned();
     let resp = http.post(&mount).bearer_auth(&both).send().await.expect("POST");
     assert_eq!(resp.status(), 201, "mounted with a token for both scopes");
+}
+
+#[tokio::test]
+async fn a_refused_push_says_who_may_not_do_what() {
+    let s = start();
+    let resp = client()
+        .post(s.server.v2("readonly/tool/blobs/uploads/"))
+        .basic_auth("alice", Some("alice-pw"))
+        .send()
+        .await
+        .expect("POST");
+    let body = common::oci::assert_error(resp, 403, &["DENIED"]).await;
+    let message = body["errors"][0]["message"].as_str().expect("message").to_owned();
+    assert!(
+        message.contains("user alice may not push on repository readonly/tool"),
+        "{message}"
+    );
+    let token = String::from_utf8(
+        run_cli(
+            s.server.data_dir(),
+            &[
+                "token",
+                "create",
+                "--user",
+                "alice",
+                "--name",
+                "ci",
+                "--scope",
+                "team/**:pull",
+            ],
+            "",
+        )
+        .stdout,
+    )
+    .expect("utf-8")
+    .trim()
+    .to_owned();
+    let resp = client()
+        .post(s.server.v2("team/app/blobs/uploads/"))
+        .basic_auth("alice", Some(&token))
+        .send()
+        .await
+        .expect("POST");
+    let body = common::oci::assert_error(resp, 403, &["DENIED"]).await;
+    let message = body["errors"][0]["message"].as_str().expect("message").to_owned();
+    assert!(
+        message.contains("the API token's scopes do not grant push on repository team/app"),
+        "{message}"
+    );
 }

@@ -146,7 +146,7 @@ impl Principal {
 }
 
 /// Why a request is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// No credentials, and anonymous clients may not do this: challenge.
     NeedCredentials,
@@ -156,8 +156,10 @@ pub enum Refusal {
     InvalidToken(VerifyError),
     /// A valid token that lacks the action; a new token would carry it.
     InsufficientScope,
-    /// The identity may not do this at all.
-    Denied,
+    /// The identity may not do this at all; the message says who may not do what where (a
+    /// message of its own also keeps docker from taking the refusal for a passing failure: it
+    /// retries a push for ~50 s on an error that carries only the code's default text).
+    Denied(String),
     /// Too many failed logins from this address (for this user); retry after this many seconds.
     TooManyAttempts(u64),
     /// Too many password verifications at once; retry after this many seconds.
@@ -568,7 +570,7 @@ impl Auth {
             Via::Bearer(_) if allowed => Err(Refusal::InsufficientScope),
             _ if allowed => Ok(()),
             _ if anonymous => Err(Refusal::NeedCredentials),
-            _ => Err(Refusal::Denied),
+            _ => Err(Refusal::Denied(denial(subject, &self.inner.policy, repo, action))),
         }
     }
 
@@ -679,6 +681,29 @@ impl Auth {
     }
 }
 
+/// The message of a 403 `DENIED`: who may not do what on which repository. When the user's role
+/// would allow it, the API token's scopes are what refuse, and the message says so.
+fn denial(subject: Subject<'_>, policy: &Policy, repo: &str, action: Action) -> String {
+    match subject {
+        Subject::User { name, admin, scopes } => {
+            let role = Subject::User {
+                name,
+                admin,
+                scopes: None,
+            };
+            if scopes.is_some() && policy.allows(role, repo, action) {
+                format!(
+                    "the API token's scopes do not grant {} on repository {repo}",
+                    action.as_str()
+                )
+            } else {
+                format!("user {name} may not {} on repository {repo}", action.as_str())
+            }
+        }
+        Subject::Anonymous => format!("anonymous clients may not {} on repository {repo}", action.as_str()),
+    }
+}
+
 /// A `WWW-Authenticate` challenge, as the HTTP layer sends it with a 401.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Challenge {
@@ -719,5 +744,45 @@ impl Challenge {
             out.push(format!("Basic realm=\"{realm}\""));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_denial_names_the_user_or_the_token_the_action_and_the_repository() {
+        let policy = Policy::new(
+            vec![],
+            vec![Rule {
+                repositories: vec![Pattern::new("demo/**")],
+                users: vec!["alice".into()],
+                actions: vec![Action::Pull, Action::Push],
+            }],
+        );
+        let alice = |scopes| Subject::User {
+            name: "alice",
+            admin: false,
+            scopes,
+        };
+        let grants = [Grant::parse("other/**:pull,push").expect("grant")];
+        assert_eq!(
+            denial(alice(Some(&grants)), &policy, "demo/app", Action::Push),
+            "the API token's scopes do not grant push on repository demo/app"
+        );
+        // Outside her rules the token is not what refuses.
+        assert_eq!(
+            denial(alice(Some(&grants)), &policy, "else/app", Action::Push),
+            "user alice may not push on repository else/app"
+        );
+        assert_eq!(
+            denial(alice(None), &policy, "demo/app", Action::Delete),
+            "user alice may not delete on repository demo/app"
+        );
+        assert_eq!(
+            denial(Subject::Anonymous, &policy, "demo/app", Action::Pull),
+            "anonymous clients may not pull on repository demo/app"
+        );
     }
 }

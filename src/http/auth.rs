@@ -11,7 +11,9 @@
 //! token, or a token lacking the action (`error="insufficient_scope"`) answer 401 with
 //! `WWW-Authenticate: Bearer realm="<scheme>://<host>/token",service="…",scope="…"` (plus a
 //! `Basic realm` challenge on plain HTTP for repository requests, never on `/v2/`: see
-//! [`refuse`]); an identity the policy refuses gets 403 `DENIED`;
+//! [`refuse`]); an identity the policy refuses gets 403 `DENIED` whose message names the user
+//! (or the API token's scopes), the action and the repository, never the code's default text,
+//! which docker takes for a passing failure and retries a push on for ~50 s;
 //! a password attempt throttled after failures from its address, or one that finds every
 //! verification permit taken, gets 429 `TOOMANYREQUESTS` with `Retry-After` (see `auth::limiter`).
 //! The error body's message says which.
@@ -163,10 +165,12 @@ fn refuse(auth: &Auth, req: &HttpRequest, fail: AuthFail, scope: Option<String>)
         AuthFail::Refused(r) => r,
     };
     let (error, message) = match refusal {
-        Refusal::Denied => return Error::Denied,
+        Refusal::Denied(message) => return Error::Denied(message),
         Refusal::TooManyAttempts(retry_after) => return Error::TooManyLogins { retry_after },
         Refusal::Busy(retry_after) => return Error::LoginsBusy { retry_after },
-        Refusal::NeedCredentials => (None, "authentication required"),
+        // Not the code's default text ("authentication required"), which docker reduces to a
+        // bare "unauthorized".
+        Refusal::NeedCredentials => (None, NEED_CREDENTIALS),
         Refusal::BadCredentials => (None, WRONG_CREDENTIALS),
         Refusal::InvalidToken(why) => {
             tracing::debug!(reason = %why, "refused a registry token");
@@ -295,6 +299,9 @@ pub fn principal(req: &HttpRequest) -> Option<Principal> {
 }
 
 // ---- The token endpoint ------------------------------------------------------------------
+
+/// The message of a 401 for a request without credentials where anonymous clients may not go.
+const NEED_CREDENTIALS: &str = "authentication required: log in with a user name and password or an API token";
 
 /// The message of a 401 for wrong credentials.
 const WRONG_CREDENTIALS: &str = "wrong user name or password (or an unknown, revoked or expired API token)";

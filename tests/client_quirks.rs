@@ -50,25 +50,18 @@ fn start() -> Server {
 /// Pushes a one-layer image with alice's password; returns the manifest digest.
 async fn push(s: &Server, repo: &str, layer: &[u8]) -> String {
     let http = client();
-    let digest = sha256(layer);
-    let resp = http
-        .post(s.server.v2(&format!("{repo}/blobs/uploads/?digest={digest}")))
-        .basic_auth("alice", Some("alice-pw"))
-        .body(layer.to_vec())
-        .send()
-        .await
-        .expect("POST blob");
-    assert_eq!(resp.status(), 201, "push layer");
-    let config = br#"{"architecture":"amd64","os":"linux"}"#;
-    let config_digest = sha256(config);
-    let resp = http
-        .post(s.server.v2(&format!("{repo}/blobs/uploads/?digest={config_digest}")))
-        .basic_auth("alice", Some("alice-pw"))
-        .body(config.to_vec())
-        .send()
-        .await
-        .expect("POST config");
-    assert_eq!(resp.status(), 201, "push config");
+    let config: &[u8] = br#"{"architecture":"amd64","os":"linux"}"#;
+    let (digest, config_digest) = (sha256(layer), sha256(config));
+    for (blob, blob_digest) in [(layer, &digest), (config, &config_digest)] {
+        let resp = http
+            .post(s.server.v2(&format!("{repo}/blobs/uploads/?digest={blob_digest}")))
+            .basic_auth("alice", Some("alice-pw"))
+            .body(blob.to_vec())
+            .send()
+            .await
+            .expect("POST blob");
+        assert_eq!(resp.status(), 201, "push blob {blob_digest}");
+    }
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",

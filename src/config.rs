@@ -69,13 +69,15 @@ impl Default for ServerConfig {
     }
 }
 
-/// Garbage collection, run by the server in the background.
+/// Garbage collection, run by the server in the background (the rules: `registry::gc`).
 ///
-/// A blob stays linked to a repository while a manifest of that repository references it; an
-/// unreferenced link older than `grace_secs` (counted from the upload, the mount, or the
-/// deletion of the last manifest referencing it) is removed, and a blob no repository links
-/// any more is deleted from storage. The grace period covers pushes in progress (blobs are
-/// uploaded before the manifest that references them) and pulls of a just-deleted manifest.
+/// A manifest that no tag names and nothing else keeps is removed `grace_secs` after it lost
+/// its last tag (or was pushed untagged). A blob stays linked to a repository while a manifest
+/// of that repository references it; an unreferenced link older than `grace_secs` (counted
+/// from the upload, the mount, or the deletion of the last manifest referencing it) is
+/// removed, and a blob no repository links any more is deleted from storage. The grace period
+/// covers pushes in progress (blobs are uploaded before the manifest that references them)
+/// and pulls of a manifest whose tag just moved.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GcConfig {
@@ -83,8 +85,15 @@ pub struct GcConfig {
     pub enabled: bool,
     /// Seconds between two runs (the first runs this long after start-up).
     pub interval_secs: u64,
-    /// Seconds an unreferenced blob link is kept.
+    /// Seconds an unneeded manifest or an unreferenced blob link is kept.
     pub grace_secs: u64,
+    /// Collect manifests that no tag names and that nothing else keeps (an index that lists
+    /// them, a subject they refer to, a Spack build cache whose current index they are).
+    pub untagged_manifests: bool,
+    /// Seconds a superseded Spack index blob is kept for readers given the old index.
+    pub spack_index_grace_secs: u64,
+    /// Seconds between two listings of storage for objects the catalog does not record.
+    pub orphan_interval_secs: u64,
 }
 
 impl Default for GcConfig {
@@ -93,6 +102,9 @@ impl Default for GcConfig {
             enabled: true,
             interval_secs: 3600,
             grace_secs: 24 * 3600,
+            untagged_manifests: true,
+            spack_index_grace_secs: 600,
+            orphan_interval_secs: 24 * 3600,
         }
     }
 }
@@ -407,6 +419,9 @@ impl Config {
     fn validate(&self) -> Result<(), String> {
         if self.gc.interval_secs == 0 {
             return Err("gc.interval_secs must be at least 1".to_owned());
+        }
+        if self.gc.orphan_interval_secs == 0 {
+            return Err("gc.orphan_interval_secs must be at least 1".to_owned());
         }
         let server = &self.server;
         for (key, secs) in [

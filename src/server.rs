@@ -308,10 +308,16 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let collector = config.gc.enabled.then(|| {
         let registry = registry.clone();
         let every = Duration::from_secs(config.gc.interval_secs.max(1));
-        let grace = Duration::from_secs(config.gc.grace_secs);
+        let opts = crate::registry::GcOptions {
+            grace: Duration::from_secs(config.gc.grace_secs),
+            untagged_manifests: config.gc.untagged_manifests,
+            orphan_interval: Duration::from_secs(config.gc.orphan_interval_secs),
+        };
         tracing::info!(
             interval_secs = every.as_secs(),
-            grace_secs = grace.as_secs(),
+            grace_secs = opts.grace.as_secs(),
+            untagged_manifests = opts.untagged_manifests,
+            orphan_interval_secs = opts.orphan_interval.as_secs(),
             "garbage collection on"
         );
         tokio::spawn(async move {
@@ -320,9 +326,10 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             loop {
                 tick.tick().await;
                 let started = std::time::Instant::now();
-                match registry.collect_garbage(grace).await {
+                match registry.collect_garbage(opts).await {
                     Ok(r) if r.is_empty() => tracing::debug!("garbage collection: nothing to remove"),
                     Ok(r) => tracing::info!(
+                        manifests = r.manifests,
                         links = r.links,
                         blobs = r.blobs,
                         bytes = r.bytes,
@@ -331,6 +338,29 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                         "garbage collected"
                     ),
                     Err(e) => tracing::warn!(error = %e, "garbage collection failed; retrying next time"),
+                }
+            }
+        })
+    });
+    // Superseded Spack index blobs leave soon after their grace, not at the next full pass.
+    let index_collector = config.gc.enabled.then(|| {
+        let registry = registry.clone();
+        let grace = Duration::from_secs(config.gc.spack_index_grace_secs);
+        let every = (grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match registry.collect_superseded_indexes(grace).await {
+                    Ok(r) if r.is_empty() => {}
+                    Ok(r) => tracing::info!(
+                        links = r.links,
+                        blobs = r.blobs,
+                        bytes = r.bytes,
+                        "superseded spack index blobs removed"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "removing superseded spack index blobs failed"),
                 }
             }
         })
@@ -407,8 +437,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     server.run().await?;
 
     sweeper.abort();
-    if let Some(collector) = collector {
-        collector.abort();
+    for task in [collector, index_collector].into_iter().flatten() {
+        task.abort();
     }
     // Sessions left open keep the bytes past their last part (S3) for after the restart.
     let spilled = registry.spill_idle_uploads(Duration::ZERO).await;

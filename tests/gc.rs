@@ -13,7 +13,11 @@ use common::{Backend, TestServer, client, push_blob, sha256};
 fn gc_server(backend: Backend, grace: &str) -> TestServer {
     TestServer::start_on(
         backend,
-        &[("STOWAGE_GC__INTERVAL_SECS", "1"), ("STOWAGE_GC__GRACE_SECS", grace)],
+        &[
+            ("STOWAGE_GC__INTERVAL_SECS", "1"),
+            ("STOWAGE_GC__ORPHAN_INTERVAL_SECS", "1"),
+            ("STOWAGE_GC__GRACE_SECS", grace),
+        ],
     )
 }
 
@@ -178,8 +182,10 @@ async fn fresh_unreferenced_blobs_survive_the_grace_period() {
 
 /// Pushes race collection with no grace period: blobs may vanish between their upload and the
 /// manifest (the manifest PUT then fails and the client pushes again, as real clients do), but
-/// a manifest once stored never lacks a blob, and every blob reads back byte-exact. The layers
-/// are shared, so uploads keep publishing digests that collection is deleting.
+/// a tag always names the manifest pushed to it last, that manifest never lacks a blob, and
+/// every blob reads back byte-exact. The layers are shared, so uploads keep publishing digests
+/// that collection is deleting, and tags are re-pushed, so collection keeps removing the
+/// manifests they named before.
 #[tokio::test]
 async fn collection_beside_pushes_never_breaks_a_stored_image() {
     let server = std::sync::Arc::new(gc_server(common::backend(), "0"));
@@ -192,12 +198,14 @@ async fn collection_beside_pushes_never_breaks_a_stored_image() {
         let (server, layers) = (server.clone(), layers.clone());
         tasks.push(tokio::spawn(async move {
             let http = client();
-            let mut kept = Vec::new();
+            // Each worker re-pushes its own three tags over and over: every push leaves the
+            // tag's previous manifest untagged, for collection to remove.
+            let mut kept = std::collections::HashMap::new();
             let mut n = 0;
             while Instant::now() < deadline {
                 n += 1;
                 let repo = format!("gc/race{}", worker % 3);
-                let tag = format!("w{worker}-{n}");
+                let tag = format!("w{worker}-{}", n % 3);
                 let layer = &layers[n % layers.len()];
                 let mut stored = false;
                 for _attempt in 0..10 {
@@ -212,17 +220,19 @@ async fn collection_beside_pushes_never_breaks_a_stored_image() {
                         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                                     "digest": layer_digest, "size": layer.len()}],
                     });
+                    let body = serde_json::to_vec(&manifest).expect("manifest");
                     let resp = http
                         .put(server.v2(&format!("{repo}/manifests/{tag}")))
                         .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
-                        .body(serde_json::to_vec(&manifest).expect("manifest"))
+                        .body(body.clone())
                         .send()
                         .await
                         .expect("PUT manifest");
                     match resp.status().as_u16() {
                         201 => {
                             stored = true;
-                            kept.push((repo.clone(), config, config_digest, layer.clone(), layer_digest));
+                            let image = (body, config, config_digest, layer.clone(), layer_digest);
+                            kept.insert((repo.clone(), tag.clone()), image);
                             break;
                         }
                         400 => {
@@ -252,7 +262,19 @@ async fn collection_beside_pushes_never_breaks_a_stored_image() {
         })
         .await;
     }
-    for (repo, config, config_digest, layer, layer_digest) in images {
+    for ((repo, tag), (manifest, config, config_digest, layer, layer_digest)) in images {
+        let resp = client()
+            .get(server.v2(&format!("{repo}/manifests/{tag}")))
+            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .expect("GET manifest");
+        assert_eq!(resp.status(), 200, "{repo}:{tag}");
+        assert_eq!(
+            resp.bytes().await.expect("body").as_ref(),
+            manifest.as_slice(),
+            "{repo}:{tag} is the last push"
+        );
         for (data, digest) in [(config, config_digest), (layer, layer_digest)] {
             let resp = client()
                 .get(server.v2(&format!("{repo}/blobs/{digest}")))
@@ -309,4 +331,336 @@ async fn collection_works_through_many_batches() {
         })
         .await;
     }
+}
+
+/// Status of `GET /v2/<repo>/manifests/<reference>`.
+async fn manifest_status(server: &TestServer, repo: &str, reference: &str) -> u16 {
+    client()
+        .get(server.v2(&format!("{repo}/manifests/{reference}")))
+        .header(
+            "Accept",
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+        )
+        .send()
+        .await
+        .expect("GET manifest")
+        .status()
+        .as_u16()
+}
+
+/// PUTs `manifest` (JSON) under `reference`; returns its digest.
+async fn put_manifest(server: &TestServer, repo: &str, reference: &str, manifest: serde_json::Value) -> String {
+    let media_type = manifest["mediaType"].as_str().expect("mediaType").to_owned();
+    let body = serde_json::to_vec(&manifest).expect("manifest");
+    let resp = client()
+        .put(server.v2(&format!("{repo}/manifests/{reference}")))
+        .header("Content-Type", media_type)
+        .body(body.clone())
+        .send()
+        .await
+        .expect("PUT manifest");
+    assert_eq!(resp.status(), 201, "PUT {repo}:{reference}");
+    sha256(&body)
+}
+
+async fn delete_manifest(server: &TestServer, repo: &str, reference: &str) {
+    let resp = client()
+        .delete(server.v2(&format!("{repo}/manifests/{reference}")))
+        .send()
+        .await
+        .expect("DELETE manifest");
+    assert_eq!(resp.status(), 202, "DELETE {repo}:{reference}");
+}
+
+/// Waits until a whole collection pass ran after this call: an unreferenced blob pushed now
+/// goes in the first pass that begins after it (no grace period), so two of them, the second
+/// pushed after the first is gone, prove that a pass began and ended meanwhile.
+async fn wait_for_whole_pass(server: &TestServer, repo: &str) {
+    for n in 0..2 {
+        let marker = push_blob(server, repo, format!("pass marker {n} {:?}", Instant::now()).as_bytes()).await;
+        wait_until("a collection pass ran", || async {
+            blob_status(server, repo, &marker).await == 404
+        })
+        .await;
+    }
+}
+
+/// A one-layer image manifest over blobs pushed to `repo`, with an optional subject.
+async fn image_manifest(
+    server: &TestServer,
+    repo: &str,
+    layer: &[u8],
+    subject: Option<(&str, usize)>,
+) -> serde_json::Value {
+    let config = br#"{"architecture":"amd64","os":"linux"}"#;
+    let config_digest = push_blob(server, repo, config).await;
+    let layer_digest = push_blob(server, repo, layer).await;
+    let mut m = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": layer_digest, "size": layer.len()}],
+    });
+    if let Some((digest, size)) = subject {
+        m["subject"] = serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": size,
+        });
+        m["artifactType"] = serde_json::json!("application/vnd.example.signature");
+    }
+    m
+}
+
+/// A re-pushed tag leaves its old manifest untagged: the manifest goes one grace period after
+/// the tag moved and its layer one grace period after that (a client that saw either has that
+/// long to use it), never sooner; the image the tag names now stays whole.
+#[tokio::test]
+async fn a_re_pushed_tag_releases_the_old_manifest_and_layers_after_the_grace_period() {
+    const GRACE: Duration = Duration::from_secs(2);
+    let server = gc_server(common::backend(), "2");
+    let repo = "gc/repush";
+    let (old, old_manifest) = push_image_again_if_collected(&server, repo, "latest", b"old build's layer").await;
+    let (_, old_layer) = blobs_of(&old_manifest);
+    let moved = Instant::now();
+    let (new, new_manifest) = push_image_again_if_collected(&server, repo, "latest", b"new build's layer").await;
+    assert_ne!(old, new);
+
+    let (manifest_gone, layer_gone) = (std::cell::Cell::new(None), std::cell::Cell::new(None));
+    wait_until("the old manifest and its layer are gone", || async {
+        let manifest = manifest_status(&server, repo, &old).await;
+        let layer = blob_status(&server, repo, &old_layer).await;
+        if manifest == 404 && manifest_gone.get().is_none() {
+            manifest_gone.set(Some(moved.elapsed()));
+        }
+        if manifest == 200 {
+            assert_eq!(layer, 200, "the layer of a stored manifest is never collected");
+        }
+        if layer == 404 && layer_gone.get().is_none() {
+            layer_gone.set(Some(moved.elapsed()));
+        }
+        manifest == 404 && layer == 404 && !server.blob_object_exists(&old_layer)
+    })
+    .await;
+    let (manifest_gone, layer_gone) = (
+        manifest_gone.get().expect("seen gone"),
+        layer_gone.get().expect("seen gone"),
+    );
+    assert!(
+        manifest_gone > GRACE,
+        "old manifest removed {manifest_gone:?} after its tag moved"
+    );
+    assert!(
+        layer_gone > 2 * GRACE,
+        "old layer removed {layer_gone:?} after its tag moved"
+    );
+
+    assert_eq!(manifest_status(&server, repo, "latest").await, 200);
+    assert_eq!(manifest_status(&server, repo, &new).await, 200);
+    let (config, layer) = blobs_of(&new_manifest);
+    for digest in [&config, &layer] {
+        let resp = client()
+            .get(server.v2(&format!("{repo}/blobs/{digest}")))
+            .send()
+            .await
+            .expect("GET blob");
+        assert_eq!(resp.status(), 200, "{digest} of the tagged image");
+        assert_eq!(&sha256(&resp.bytes().await.expect("body")), digest);
+    }
+}
+
+/// Untagged manifests that something keeps stay: an index's children while the index is
+/// tagged, and the referrers (and referrers of referrers) of a kept manifest. Referrers of a
+/// removed manifest go with it, an untagged stray goes, and untagging the index frees its
+/// children.
+#[tokio::test]
+async fn index_children_and_referrers_of_kept_manifests_survive() {
+    // Set up with an hour's grace (no grace would collect blobs between their upload and the
+    // manifest that references them), then collect with none.
+    let mut server = gc_server(common::backend(), "3600");
+    let repo = "gc/keep";
+    // An index tagged `multi` over two untagged platform manifests.
+    let amd = image_manifest(&server, repo, b"amd64 layer", None).await;
+    let arm = image_manifest(&server, repo, b"arm64 layer", None).await;
+    let (amd_len, arm_len) = (
+        serde_json::to_vec(&amd).expect("json").len(),
+        serde_json::to_vec(&arm).expect("json").len(),
+    );
+    let amd = put_manifest(&server, repo, &sha256(&serde_json::to_vec(&amd).expect("json")), amd).await;
+    let arm = put_manifest(&server, repo, &sha256(&serde_json::to_vec(&arm).expect("json")), arm).await;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": amd, "size": amd_len,
+             "platform": {"architecture": "amd64", "os": "linux"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": arm, "size": arm_len,
+             "platform": {"architecture": "arm64", "os": "linux"}},
+        ],
+    });
+    let index = put_manifest(&server, repo, "multi", index).await;
+
+    // A tagged image with a signature, and a signature of that signature (both untagged).
+    let (image, image_body) = push_image_again_if_collected(&server, repo, "app", b"app layer").await;
+    let sig = image_manifest(&server, repo, b"signature", Some((&image, image_body.len()))).await;
+    let sig_body = serde_json::to_vec(&sig).expect("json");
+    let sig = put_manifest(&server, repo, &sha256(&sig_body), sig).await;
+    let sig2 = image_manifest(&server, repo, b"countersignature", Some((&sig, sig_body.len()))).await;
+    let sig2 = put_manifest(&server, repo, &sha256(&serde_json::to_vec(&sig2).expect("json")), sig2).await;
+
+    // An image whose tag is deleted, with a signature: both go. And an untagged stray.
+    let (gone, gone_body) = push_image_again_if_collected(&server, repo, "old", b"old layer").await;
+    let gone_sig = image_manifest(&server, repo, b"old signature", Some((&gone, gone_body.len()))).await;
+    let gone_sig = put_manifest(
+        &server,
+        repo,
+        &sha256(&serde_json::to_vec(&gone_sig).expect("json")),
+        gone_sig,
+    )
+    .await;
+    delete_manifest(&server, repo, "old").await;
+    let stray = image_manifest(&server, repo, b"stray layer", None).await;
+    let stray = put_manifest(
+        &server,
+        repo,
+        &sha256(&serde_json::to_vec(&stray).expect("json")),
+        stray,
+    )
+    .await;
+    server.crash_and_restart_with(&[("STOWAGE_GC__GRACE_SECS", "0")]);
+
+    wait_until("the untagged image, its signature and the stray are gone", || async {
+        manifest_status(&server, repo, &gone).await == 404
+            && manifest_status(&server, repo, &gone_sig).await == 404
+            && manifest_status(&server, repo, &stray).await == 404
+    })
+    .await;
+    wait_for_whole_pass(&server, repo).await;
+    for (what, digest) in [
+        ("index", &index),
+        ("amd64 child", &amd),
+        ("arm64 child", &arm),
+        ("image", &image),
+        ("signature", &sig),
+        ("countersignature", &sig2),
+    ] {
+        assert_eq!(
+            manifest_status(&server, repo, digest).await,
+            200,
+            "{what} {digest} is kept"
+        );
+    }
+    let referrers: serde_json::Value = client()
+        .get(server.v2(&format!("{repo}/referrers/{image}")))
+        .send()
+        .await
+        .expect("GET referrers")
+        .json()
+        .await
+        .expect("referrers JSON");
+    assert_eq!(referrers["manifests"][0]["digest"], sig.as_str(), "{referrers}");
+
+    // Untagged, the index goes, and then its children.
+    delete_manifest(&server, repo, "multi").await;
+    wait_until("the index and its children are gone", || async {
+        manifest_status(&server, repo, &index).await == 404
+            && manifest_status(&server, repo, &amd).await == 404
+            && manifest_status(&server, repo, &arm).await == 404
+    })
+    .await;
+    assert_eq!(
+        manifest_status(&server, repo, &sig2).await,
+        200,
+        "the image's referrers stay"
+    );
+}
+
+/// `gc.untagged_manifests = false`: untagged manifests stay.
+#[tokio::test]
+async fn untagged_manifest_collection_can_be_turned_off() {
+    let mut server = TestServer::start_on(
+        common::backend(),
+        &[
+            ("STOWAGE_GC__INTERVAL_SECS", "1"),
+            ("STOWAGE_GC__GRACE_SECS", "3600"),
+            ("STOWAGE_GC__UNTAGGED_MANIFESTS", "false"),
+        ],
+    );
+    let repo = "gc/off";
+    let stray = image_manifest(&server, repo, b"kept stray", None).await;
+    let stray = put_manifest(
+        &server,
+        repo,
+        &sha256(&serde_json::to_vec(&stray).expect("json")),
+        stray,
+    )
+    .await;
+    server.crash_and_restart_with(&[("STOWAGE_GC__GRACE_SECS", "0")]);
+    wait_for_whole_pass(&server, repo).await;
+    wait_for_whole_pass(&server, repo).await;
+    assert_eq!(manifest_status(&server, repo, &stray).await, 200);
+}
+
+/// A Spack build cache's current index manifest is never tagged, yet collection, even with no
+/// grace period, keeps it and its blob.
+#[tokio::test]
+async fn the_current_spack_index_is_kept() {
+    use common::spack::{FixtureRepo, push_fixture, served_index};
+    let mut server = gc_server(common::backend(), "3600");
+    let repo = "gc/spack";
+    let fixture = FixtureRepo::load("http-noauth", "spack_buildcache");
+    push_fixture(&server, repo, &fixture).await;
+    let (first, _) = served_index(&server, repo).await;
+    server.crash_and_restart_with(&[("STOWAGE_GC__GRACE_SECS", "0")]);
+    wait_for_whole_pass(&server, repo).await;
+    wait_for_whole_pass(&server, repo).await;
+    let (again, index) = served_index(&server, repo).await;
+    assert_eq!(
+        first, again,
+        "the current index survived collection and was not rebuilt"
+    );
+    assert_eq!(index, fixture.spack_index().expect("fixture index"));
+}
+
+/// A superseded index's blob goes `gc.spack_index_grace_secs` after the new index was
+/// published, not a whole grace period (here an hour) later, and not before.
+#[tokio::test]
+async fn a_superseded_spack_index_blob_is_removed_promptly() {
+    use common::spack::{FixtureRepo, push_fixture, served_index};
+    const INDEX_GRACE: Duration = Duration::from_secs(2);
+    let server = TestServer::start_on(
+        common::backend(),
+        &[
+            ("STOWAGE_GC__GRACE_SECS", "3600"),
+            ("STOWAGE_GC__SPACK_INDEX_GRACE_SECS", "2"),
+        ],
+    );
+    let repo = "gc/spack";
+    let fixture = FixtureRepo::load("http-noauth", "spack_buildcache");
+    push_fixture(&server, repo, &fixture).await;
+    let (first, _) = served_index(&server, repo).await;
+    let old_blob = first["layers"][0]["digest"].as_str().expect("layer").to_owned();
+
+    // A spec leaves: the next read builds a new index and supersedes the old one.
+    let spec = fixture.spec_tags().into_iter().next().expect("a spec tag");
+    delete_manifest(&server, repo, &spec).await;
+    let superseded = Instant::now();
+    let (second, _) = served_index(&server, repo).await;
+    assert_ne!(first, second);
+    let gone_after = std::cell::Cell::new(None);
+    wait_until("the superseded index blob is gone", || async {
+        let gone = blob_status(&server, repo, &old_blob).await == 404;
+        if gone && gone_after.get().is_none() {
+            gone_after.set(Some(superseded.elapsed()));
+        }
+        gone && !server.blob_object_exists(&old_blob)
+    })
+    .await;
+    let gone_after = gone_after.get().expect("seen gone");
+    assert!(
+        gone_after > INDEX_GRACE,
+        "superseded index blob removed after {gone_after:?}"
+    );
+    let (third, _) = served_index(&server, repo).await;
+    assert_eq!(second, third, "the current index stays");
 }

@@ -1,45 +1,199 @@
-//! The catalog's side of garbage collection (see `registry::gc`).
+//! The catalog's side of garbage collection (see `registry::gc` for the rules).
+//!
+//! Every step comes in two halves: a *scan* on a reader connection, which walks one bounded
+//! slice of a table in key order and returns the candidates in it, and a *delete* in a short
+//! write job, which re-checks each candidate's condition inside the write transaction and
+//! removes only those that still meet it. The scans therefore never hold up writers (readers
+//! see a WAL snapshot), the write jobs stay a few milliseconds long whatever the catalog's
+//! size, and a candidate that a push revived between the two halves is left alone.
 
-use rusqlite::{OptionalExtension, params};
+use std::collections::{HashMap, HashSet};
+
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 
 use super::Catalog;
 use crate::error::Result;
 
+/// Whether manifest `m` has no reason to stay, apart from its age: no tag names it, no manifest
+/// of its repository lists it as a child, the manifest it refers to (its subject, for a
+/// referrer) is not stored, and it is not a Spack build cache's current index.
+const MANIFEST_UNNEEDED: &str = "
+    NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = m.id)
+    AND NOT EXISTS (SELECT 1 FROM manifest_refs r JOIN manifests p ON p.id = r.manifest_id
+                     WHERE r.digest = m.digest AND r.kind = 'manifest' AND p.repo_id = m.repo_id)
+    AND (m.subject IS NULL
+         OR NOT EXISTS (SELECT 1 FROM manifests s WHERE s.repo_id = m.repo_id AND s.digest = m.subject))
+    AND NOT EXISTS (SELECT 1 FROM spack_index x WHERE x.repo_id = m.repo_id AND x.manifest_digest = m.digest)";
+
+/// Whether link `rb` is referenced as config or layer by a manifest of its repository.
+const LINK_REFERENCED: &str = "
+    EXISTS (SELECT 1 FROM manifest_refs r JOIN manifests m ON m.id = r.manifest_id
+             WHERE r.digest = rb.digest AND m.repo_id = rb.repo_id AND r.kind IN ('config', 'layer'))";
+
+/// One slice of a scan: the candidates found in it, and where the next slice starts (`None`
+/// when the scan reached the end).
+#[derive(Debug)]
+pub struct Slice<T, K> {
+    pub candidates: Vec<T>,
+    pub next: Option<K>,
+}
+
+/// A manifest the collector removed.
+#[derive(Debug, Clone)]
+pub struct RemovedManifest {
+    pub repo: String,
+    pub digest: String,
+}
+
+/// Scan position in `manifests_by_touched` order.
+pub type ManifestKey = (i64, i64);
+/// Scan position in `repo_blobs` order.
+pub type LinkKey = (i64, String);
+
 impl Catalog {
-    /// Removes up to `limit` blob links linked (or last touched) before `cutoff` (unix seconds)
-    /// that no manifest of their repository references. Returns how many; the caller repeats
-    /// while that is `limit`, so that each write transaction stays short and pushes are not held
-    /// up behind one large deletion.
-    pub async fn gc_unlink_unreferenced(&self, cutoff: i64, limit: usize) -> Result<u64> {
-        self.write(move |c| {
-            let n = c.execute(
-                "DELETE FROM repo_blobs
-                  WHERE (repo_id, digest) IN (
-                        SELECT rb.repo_id, rb.digest FROM repo_blobs rb
-                         WHERE rb.linked_at < ?1
-                           AND NOT EXISTS (SELECT 1 FROM manifest_refs r JOIN manifests m ON m.id = r.manifest_id
-                                            WHERE r.digest = rb.digest AND m.repo_id = rb.repo_id
-                                              AND r.kind IN ('config', 'layer'))
-                         LIMIT ?2)",
-                params![cutoff, limit as i64],
-            )?;
-            Ok(n as u64)
+    /// Examines up to `limit` manifests touched before `cutoff`, after `after`, and returns the
+    /// ids of those nothing needs.
+    pub async fn gc_scan_manifests(
+        &self,
+        cutoff: i64,
+        after: Option<ManifestKey>,
+        limit: usize,
+    ) -> Result<Slice<i64, ManifestKey>> {
+        self.read(move |c| {
+            let (t, id) = after.unwrap_or((i64::MIN, i64::MIN));
+            let sql = format!(
+                "SELECT m.touched_at, m.id, CASE WHEN {MANIFEST_UNNEEDED} THEN 1 ELSE 0 END
+                   FROM manifests m INDEXED BY manifests_by_touched
+                  WHERE m.touched_at < ?1 AND (m.touched_at, m.id) > (?2, ?3)
+                  ORDER BY m.touched_at, m.id LIMIT ?4"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let mut rows = stmt.query(params![cutoff, t, id, limit as i64])?;
+            let (mut candidates, mut last, mut seen) = (Vec::new(), None, 0usize);
+            while let Some(row) = rows.next()? {
+                seen += 1;
+                let key: ManifestKey = (row.get(0)?, row.get(1)?);
+                if row.get::<_, i64>(2)? == 1 {
+                    candidates.push(key.1);
+                }
+                last = Some(key);
+            }
+            Ok(Slice {
+                candidates,
+                next: if seen < limit { None } else { last },
+            })
         })
         .await
     }
 
-    /// Up to `limit` blobs (digest, size) that no repository links.
-    pub async fn gc_unlinked_blobs(&self, limit: usize) -> Result<Vec<(String, u64)>> {
+    /// Deletes those of manifests `ids` that are still touched before `cutoff` and still
+    /// unneeded, with their references (and so their children's and blobs' claim on them).
+    pub async fn gc_delete_manifests(&self, ids: Vec<i64>, cutoff: i64) -> Result<Vec<RemovedManifest>> {
+        self.write(move |c| {
+            let sql = format!(
+                "DELETE FROM manifests AS m WHERE m.id = ?1 AND m.touched_at < ?2 AND {MANIFEST_UNNEEDED}
+                 RETURNING repo_id, digest"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let mut removed = Vec::new();
+            for id in ids {
+                if let Some(row) = stmt
+                    .query_row(params![id, cutoff], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                    })
+                    .optional()?
+                {
+                    removed.push(row);
+                }
+            }
+            let names = repo_names(c, removed.iter().map(|(id, _)| *id))?;
+            Ok(removed
+                .into_iter()
+                .map(|(id, digest)| RemovedManifest {
+                    repo: names.get(&id).cloned().unwrap_or_default(),
+                    digest,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Examines up to `limit` blob links after `after` and returns those linked (or last
+    /// touched) before `cutoff` that no manifest of their repository references.
+    pub async fn gc_scan_links(
+        &self,
+        cutoff: i64,
+        after: Option<LinkKey>,
+        limit: usize,
+    ) -> Result<Slice<LinkKey, LinkKey>> {
+        self.read(move |c| {
+            let (repo, digest) = after.unwrap_or((i64::MIN, String::new()));
+            let sql = format!(
+                "SELECT rb.repo_id, rb.digest, CASE WHEN rb.linked_at < ?1 AND NOT {LINK_REFERENCED} THEN 1 ELSE 0 END
+                   FROM repo_blobs rb WHERE (rb.repo_id, rb.digest) > (?2, ?3)
+                  ORDER BY rb.repo_id, rb.digest LIMIT ?4"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let mut rows = stmt.query(params![cutoff, repo, digest, limit as i64])?;
+            let (mut candidates, mut last, mut seen) = (Vec::new(), None, 0usize);
+            while let Some(row) = rows.next()? {
+                seen += 1;
+                let key: LinkKey = (row.get(0)?, row.get(1)?);
+                if row.get::<_, i64>(2)? == 1 {
+                    candidates.push(key.clone());
+                }
+                last = Some(key);
+            }
+            Ok(Slice {
+                candidates,
+                next: if seen < limit { None } else { last },
+            })
+        })
+        .await
+    }
+
+    /// Removes those of `links` still unreferenced; with `cutoff`, only those also still linked
+    /// before it. Returns how many went.
+    pub async fn gc_unlink(&self, links: Vec<LinkKey>, cutoff: Option<i64>) -> Result<u64> {
+        self.write(move |c| {
+            let sql = format!(
+                "DELETE FROM repo_blobs AS rb WHERE rb.repo_id = ?1 AND rb.digest = ?2
+                    AND rb.linked_at < ?3 AND NOT {LINK_REFERENCED}"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let cutoff = cutoff.unwrap_or(i64::MAX);
+            let mut n = 0;
+            for (repo, digest) in links {
+                n += stmt.execute(params![repo, digest, cutoff])? as u64;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Examines up to `limit` blobs after `after` (in digest order) and returns those (with
+    /// their sizes) that no repository links.
+    pub async fn gc_scan_blobs(&self, after: Option<String>, limit: usize) -> Result<Slice<(String, u64), String>> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT digest, size FROM blobs b
-                  WHERE NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)
-                  LIMIT ?1",
+                "SELECT b.digest, b.size,
+                        NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)
+                   FROM blobs b WHERE b.digest > ?1 ORDER BY b.digest LIMIT ?2",
             )?;
-            let rows = stmt.query_map([limit as i64], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-            })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            let mut rows = stmt.query(params![after.unwrap_or_default(), limit as i64])?;
+            let (mut candidates, mut last, mut seen) = (Vec::new(), None, 0usize);
+            while let Some(row) = rows.next()? {
+                seen += 1;
+                let digest: String = row.get(0)?;
+                if row.get::<_, bool>(2)? {
+                    candidates.push((digest.clone(), row.get::<_, i64>(1)?.max(0) as u64));
+                }
+                last = Some(digest);
+            }
+            Ok(Slice {
+                candidates,
+                next: if seen < limit { None } else { last },
+            })
         })
         .await
     }
@@ -63,6 +217,78 @@ impl Catalog {
         .await
     }
 
+    /// Up to `limit` links of superseded Spack index blobs recorded before `before`.
+    pub async fn gc_superseded_due(&self, before: i64, limit: usize) -> Result<Vec<LinkKey>> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT repo_id, digest FROM gc_superseded WHERE superseded_at < ?1
+                  ORDER BY superseded_at LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![before, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<LinkKey>>>()?)
+        })
+        .await
+    }
+
+    /// Unlinks those of the superseded index blobs `links` that no manifest of their repository
+    /// references (whatever their link's age), and forgets the records of all of them, if still
+    /// recorded before `before` (an index superseded again meanwhile waits its turn).
+    /// Returns how many links went.
+    pub async fn gc_unlink_superseded(&self, links: Vec<LinkKey>, before: i64) -> Result<u64> {
+        self.write(move |c| {
+            let mut done = c.prepare_cached(
+                "DELETE FROM gc_superseded WHERE repo_id = ?1 AND digest = ?2 AND superseded_at < ?3",
+            )?;
+            let sql = format!(
+                "DELETE FROM repo_blobs AS rb WHERE rb.repo_id = ?1 AND rb.digest = ?2 AND NOT {LINK_REFERENCED}"
+            );
+            let mut unlink = c.prepare_cached(&sql)?;
+            let mut n = 0;
+            for (repo, digest) in links {
+                if done.execute(params![repo, digest, before])? > 0 {
+                    n += unlink.execute(params![repo, digest])? as u64;
+                }
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Sizes of those of `digests` that the catalog records and no repository links.
+    pub async fn blob_sizes_if_unlinked(&self, digests: Vec<String>) -> Result<HashMap<String, u64>> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT size FROM blobs b WHERE b.digest = ?1
+                    AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)",
+            )?;
+            let mut sizes = HashMap::new();
+            for digest in digests {
+                if let Some(size) = stmt.query_row([&digest], |r| r.get::<_, i64>(0)).optional()? {
+                    sizes.insert(digest, size.max(0) as u64);
+                }
+            }
+            Ok(sizes)
+        })
+        .await
+    }
+
+    /// Which of `digests` the catalog records as blobs.
+    pub async fn blobs_known(&self, digests: Vec<String>) -> Result<HashSet<String>> {
+        self.read(move |c| {
+            let mut known = HashSet::new();
+            for chunk in digests.chunks(500) {
+                let marks = vec!["?"; chunk.len()].join(",");
+                let mut stmt = c.prepare(&format!("SELECT digest FROM blobs WHERE digest IN ({marks})"))?;
+                let rows = stmt.query_map(params_from_iter(chunk.iter()), |r| r.get::<_, String>(0))?;
+                for row in rows {
+                    known.insert(row?);
+                }
+            }
+            Ok(known)
+        })
+        .await
+    }
+
     /// Whether the catalog records blob `digest` at all.
     pub async fn blob_known(&self, digest: &str) -> Result<bool> {
         let digest = digest.to_owned();
@@ -75,4 +301,41 @@ impl Catalog {
         })
         .await
     }
+
+    /// A persistent value of the collector's (see `gc_state`).
+    pub async fn gc_state(&self, key: &'static str) -> Result<Option<i64>> {
+        self.read(move |c| {
+            Ok(
+                c.query_row("SELECT value FROM gc_state WHERE key = ?1", [key], |r| r.get(0))
+                    .optional()?,
+            )
+        })
+        .await
+    }
+
+    pub async fn set_gc_state(&self, key: &'static str, value: i64) -> Result<()> {
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO gc_state (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Names of the repositories `ids`.
+fn repo_names(c: &Connection, ids: impl Iterator<Item = i64>) -> rusqlite::Result<HashMap<i64, String>> {
+    let mut stmt = c.prepare_cached("SELECT name FROM repositories WHERE id = ?1")?;
+    let mut names = HashMap::new();
+    for id in ids {
+        if let std::collections::hash_map::Entry::Vacant(e) = names.entry(id)
+            && let Some(name) = stmt.query_row([id], |r| r.get::<_, String>(0)).optional()?
+        {
+            e.insert(name);
+        }
+    }
+    Ok(names)
 }

@@ -70,6 +70,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0005_credentials_epoch.sql"),
     include_str!("../../migrations/0006_gc.sql"),
     include_str!("../../migrations/0007_upload_owner.sql"),
+    include_str!("../../migrations/0008_gc_untagged.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

@@ -217,9 +217,11 @@ impl Catalog {
             let digest = m.digest.to_string();
             let manifest_id: i64 = c.query_row(
                 "INSERT INTO manifests
-                    (repo_id, digest, media_type, size, content, artifact_type, subject, annotations, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT (repo_id, digest) DO UPDATE SET media_type = excluded.media_type
+                    (repo_id, digest, media_type, size, content, artifact_type, subject, annotations,
+                     created_at, touched_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+                 ON CONFLICT (repo_id, digest) DO UPDATE
+                    SET media_type = excluded.media_type, touched_at = excluded.touched_at
                  RETURNING id",
                 params![
                     repo_id,

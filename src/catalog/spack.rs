@@ -121,6 +121,16 @@ pub(super) fn publish_index(c: &Connection, repo_id: i64, generation: i64, diges
     if updated > 0
         && let Some(old) = previous.filter(|old| old != digest)
     {
+        // Its blobs (the old index) leave promptly, not a grace period later: see
+        // `registry::gc`. Recorded before the manifest goes, while its references are known.
+        c.execute(
+            "INSERT INTO gc_superseded (repo_id, digest, superseded_at)
+             SELECT ?1, r.digest, ?3 FROM manifests m JOIN manifest_refs r ON r.manifest_id = m.id
+              WHERE m.repo_id = ?1 AND m.digest = ?2 AND r.kind IN ('config', 'layer')
+                AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = m.id)
+             ON CONFLICT DO UPDATE SET superseded_at = excluded.superseded_at",
+            params![repo_id, old, super::now()],
+        )?;
         c.execute(
             "DELETE FROM manifests WHERE repo_id = ?1 AND digest = ?2
                     AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = manifests.id)",

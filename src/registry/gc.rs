@@ -1,41 +1,103 @@
-//! Garbage collection: removes blob links no manifest needs and deletes the blobs no repository
-//! links. Runs inside the server (see `server.rs`), because deleting a blob object must not
-//! interleave with an upload publishing the same digest: both hold the digest's lock in
-//! [`Registry::blob_locks`].
+//! Garbage collection: removes the manifests nothing needs, the blob links no manifest needs,
+//! and the blobs no repository links. Runs inside the server (see `server.rs`), because
+//! deleting a blob object must not interleave with an upload publishing the same digest: both
+//! hold the digest's lock in [`Registry::blob_locks`].
 //!
-//! One pass, in order:
-//! 1. **Links.** A link (repository, blob) that no manifest of that repository references as
-//!    config or layer, and that is older than the grace period (`repo_blobs.linked_at`, reset
-//!    by a re-upload or mount, and by the deletion of a manifest that referenced it), is
-//!    removed. The grace period covers pushes in progress, whose blobs arrive before their
-//!    manifest, and pulls that read a manifest just before it was deleted.
-//! 2. **Blobs.** A blob no repository links is forgotten by the catalog, then its object is
-//!    deleted: under the digest's lock, so an upload of the same digest either finished
-//!    linking it first (the blob stays) or publishes it afresh afterwards.
-//! 3. **Orphans.** An object under `blobs/` that the catalog does not record (left by a crash
-//!    between publishing and linking, or between steps 2's two halves), older than the grace
-//!    period, is deleted, again under the digest's lock.
+//! # What stays
+//!
+//! A manifest stays while any of these holds; otherwise it is removed once it has been
+//! unneeded for the grace period (`gc.grace_secs`, counted from `manifests.touched_at`: its
+//! push, a re-push, or the moment a tag left it):
+//! - a tag names it;
+//! - it is a child of a manifest (an index) of its repository that stays;
+//! - it is a referrer (it has a `subject`) whose subject stays: a signature, SBOM or
+//!   attestation lives as long as what it describes, and goes with it;
+//! - it is the current index of a Spack build cache (that manifest is never tagged).
+//!
+//! Each rule is local (it looks at one manifest and its direct neighbours), so the collector
+//! needs no global mark phase: it removes the manifests that meet none of them, which frees
+//! their children and referrers, and repeats until a round removes nothing. An index and its
+//! children, or a chain of referrers, therefore go in one pass, a level per round.
+//! `gc.untagged_manifests = false` turns this part off (manifests then go only when a client
+//! deletes them).
+//!
+//! A blob link (repository, blob) stays while a manifest of that repository references the
+//! blob as config or layer, and for the grace period after it was last linked or last
+//! referenced (`repo_blobs.linked_at`, which the deletion of a referencing manifest resets). A
+//! client that saw a blob (a `HEAD` before a push, a manifest before a pull) therefore has a
+//! whole grace period to use it; the blobs of a collected manifest go one grace period after
+//! the manifest. A blob that no repository links is deleted from the catalog and then from
+//! storage, under its digest's lock, so an upload of the same digest either linked it first
+//! (it stays) or publishes it afresh afterwards.
+//!
+//! A superseded Spack index is the exception to that second grace period: a build cache
+//! rebuilds its index after every change, and each old index blob would otherwise stay a day.
+//! Its blobs are recorded in `gc_superseded` when the new index is published and unlinked
+//! `gc.spack_index_grace_secs` later (long enough for a reader given the old index manifest
+//! to fetch it) by [`Registry::collect_superseded_indexes`], which the server runs often.
+//!
+//! # Never stalling writers
+//!
+//! Every step scans on the catalog's reader connections, a bounded slice at a time, and
+//! deletes in short write jobs that re-check each candidate's condition in the write
+//! transaction (see `catalog::gc`). A push that revives a candidate between scan and delete
+//! (tags it, references it, links it again) therefore wins, and no write job is longer than
+//! [`WRITE_BATCH`] indexed deletions.
+//!
+//! # Orphans
+//!
+//! An object under `blobs/` that the catalog does not record (left by a crash between
+//! publishing and linking, or between a blob's two deletions), older than the grace period, is
+//! deleted, again under the digest's lock. Listing storage is slow and, on S3, billed, so this
+//! step runs on its own schedule (`gc.orphan_interval_secs`), remembered across restarts.
 //!
 //! A pass cut short (a stop, an error) leaves nothing inconsistent: every step is safe to
-//! repeat, and orphans are picked up by the next pass.
+//! repeat.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
 
 use super::Registry;
+use crate::catalog::now;
 use crate::error::Result;
 use crate::oci::Digest;
 
-/// Links removed, and unlinked blobs looked up, per catalog query.
-const BATCH: usize = 500;
+/// Rows a scan examines per read (one slice of a table).
+const SCAN_SLICE: usize = 2000;
+
+/// Candidates removed per write job.
+const WRITE_BATCH: usize = 200;
 
 /// Object deletions in flight at once (S3 answers each in a round trip).
 const PARALLEL_DELETES: usize = 8;
 
+/// Rounds of manifest removal per pass: each frees one more level of children and referrers.
+const MAX_MANIFEST_ROUNDS: usize = 16;
+
+/// Orphans listed before they are checked against the catalog and deleted.
+const ORPHAN_BATCH: usize = 1000;
+
+/// `gc_state` key: when storage was last listed for orphans (unix seconds).
+const ORPHANS_LISTED_AT: &str = "orphans_listed_at";
+
+/// What one pass is to do.
+#[derive(Debug, Clone, Copy)]
+pub struct GcOptions {
+    /// How long an unneeded manifest or blob link is kept.
+    pub grace: Duration,
+    /// Collect manifests that no tag names and nothing else needs.
+    pub untagged_manifests: bool,
+    /// List storage for orphans when it was last listed this long ago (or never).
+    pub orphan_interval: Duration,
+}
+
 /// What one pass removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GcReport {
+    /// Manifests removed.
+    pub manifests: u64,
     /// Blob links removed.
     pub links: u64,
     /// Blobs deleted (catalog row and object).
@@ -53,68 +115,180 @@ impl GcReport {
 }
 
 impl Registry {
-    /// Runs one garbage collection pass with the given grace period.
-    pub async fn collect_garbage(&self, grace: Duration) -> Result<GcReport> {
-        let cutoff = crate::catalog::now() - grace.as_secs() as i64;
+    /// Runs one garbage collection pass.
+    pub async fn collect_garbage(&self, opts: GcOptions) -> Result<GcReport> {
+        let cutoff = now() - opts.grace.as_secs() as i64;
+        let mut report = GcReport::default();
+        if opts.untagged_manifests {
+            report.manifests = self.collect_manifests(cutoff).await?;
+        }
+        report.links = self.collect_links(cutoff).await?;
+        let (blobs, bytes) = self.collect_blobs().await?;
+        report.blobs = blobs;
+        report.bytes = bytes;
+
+        let listed = self.catalog.gc_state(ORPHANS_LISTED_AT).await?;
+        if listed.is_none_or(|at| now() - at >= opts.orphan_interval.as_secs() as i64) {
+            let started = now();
+            report.orphans = self.collect_orphans(cutoff).await?;
+            self.catalog.set_gc_state(ORPHANS_LISTED_AT, started).await?;
+        }
+        Ok(report)
+    }
+
+    /// Unlinks the blobs of Spack indexes superseded more than `grace` ago, and deletes those
+    /// no repository links any more.
+    pub async fn collect_superseded_indexes(&self, grace: Duration) -> Result<GcReport> {
+        let before = now() - grace.as_secs() as i64;
         let mut report = GcReport::default();
         loop {
-            let n = self.catalog.gc_unlink_unreferenced(cutoff, BATCH).await?;
-            report.links += n;
-            if n < BATCH as u64 {
+            let due = self.catalog.gc_superseded_due(before, WRITE_BATCH).await?;
+            if due.is_empty() {
+                break;
+            }
+            let digests: Vec<String> = due.iter().map(|(_, d)| d.clone()).collect();
+            let n = due.len();
+            report.links += self.catalog.gc_unlink_superseded(due, before).await?;
+            let sizes = self.catalog.blob_sizes_if_unlinked(digests).await?;
+            let (blobs, bytes) = self.delete_unlinked(sizes).await?;
+            report.blobs += blobs;
+            report.bytes += bytes;
+            if n < WRITE_BATCH {
                 break;
             }
         }
+        Ok(report)
+    }
 
-        loop {
-            let batch = self.catalog.gc_unlinked_blobs(BATCH).await?;
-            if batch.is_empty() {
-                break;
-            }
-            // Every digest's lock, in one order (an upload holds at most one, so this cannot
-            // deadlock), then one transaction forgets those still unlinked.
-            let mut digests: Vec<String> = batch.iter().map(|(d, _)| d.clone()).collect();
-            digests.sort();
-            let mut locks = Vec::with_capacity(digests.len());
-            for d in &digests {
-                locks.push(self.blob_locks.lock(d).await);
-            }
-            let forgotten = self.catalog.gc_forget_blobs(digests).await?;
-            let sizes: std::collections::HashMap<&str, u64> = batch.iter().map(|(d, s)| (d.as_str(), *s)).collect();
-            report.blobs += forgotten.len() as u64;
-            report.bytes += forgotten.iter().filter_map(|d| sizes.get(d.as_str())).sum::<u64>();
-            let deletes = futures_util::stream::iter(forgotten.clone())
-                .map(|digest| {
-                    let store = self.store.clone();
-                    async move {
-                        match digest.parse::<Digest>() {
-                            // A failed delete leaves an orphan: the next pass's step 3 retries it.
-                            Ok(d) => {
-                                if let Err(e) = store.delete_blob(&d).await {
-                                    tracing::warn!(digest = %digest, error = %e, "deleting a blob object failed");
-                                }
-                            }
-                            Err(_) => tracing::warn!(digest = %digest, "forgot a blob row with an invalid digest"),
-                        }
+    /// Removes unneeded manifests touched before `cutoff`, a level per round. Returns how many.
+    async fn collect_manifests(&self, cutoff: i64) -> Result<u64> {
+        let mut total = 0;
+        for _round in 0..MAX_MANIFEST_ROUNDS {
+            let mut removed_this_round = 0;
+            let mut after = None;
+            loop {
+                let slice = self.catalog.gc_scan_manifests(cutoff, after, SCAN_SLICE).await?;
+                for ids in slice.candidates.chunks(WRITE_BATCH) {
+                    let removed = self.catalog.gc_delete_manifests(ids.to_vec(), cutoff).await?;
+                    for m in &removed {
+                        tracing::info!(repo = %m.repo, digest = %m.digest, "garbage collection removed an unneeded manifest");
                     }
-                })
-                .buffer_unordered(PARALLEL_DELETES)
-                .collect::<Vec<()>>();
-            deletes.await;
-            drop(locks);
-            if batch.len() < BATCH || forgotten.is_empty() {
+                    removed_this_round += removed.len() as u64;
+                }
+                match slice.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            total += removed_this_round;
+            if removed_this_round == 0 {
                 break;
             }
         }
+        Ok(total)
+    }
 
-        // Listed first and deleted after: deleting while the listing walks the same folders
-        // (on local disk, emptied folders are removed) would upset the walk. Orphans are rare.
-        let mut orphans = Vec::new();
-        let mut objects = std::pin::pin!(self.store.blob_objects());
-        while let Some((digest, modified)) = objects.try_next().await? {
-            if modified < cutoff && !self.catalog.blob_known(&digest.to_string()).await? {
-                orphans.push(digest);
+    /// Removes unreferenced blob links last linked before `cutoff`. Returns how many.
+    async fn collect_links(&self, cutoff: i64) -> Result<u64> {
+        let mut total = 0;
+        let mut after = None;
+        loop {
+            let slice = self.catalog.gc_scan_links(cutoff, after, SCAN_SLICE).await?;
+            for links in slice.candidates.chunks(WRITE_BATCH) {
+                total += self.catalog.gc_unlink(links.to_vec(), Some(cutoff)).await?;
+            }
+            match slice.next {
+                Some(next) => after = Some(next),
+                None => return Ok(total),
             }
         }
+    }
+
+    /// Deletes every blob no repository links. Returns how many, and their bytes.
+    async fn collect_blobs(&self) -> Result<(u64, u64)> {
+        let (mut blobs, mut bytes) = (0, 0);
+        let mut after = None;
+        loop {
+            let slice = self.catalog.gc_scan_blobs(after, SCAN_SLICE).await?;
+            for batch in slice.candidates.chunks(WRITE_BATCH) {
+                let (n, b) = self.delete_unlinked(batch.iter().cloned().collect()).await?;
+                blobs += n;
+                bytes += b;
+            }
+            match slice.next {
+                Some(next) => after = Some(next),
+                None => return Ok((blobs, bytes)),
+            }
+        }
+    }
+
+    /// Forgets and deletes those of the blobs `sizes` (digest → size) that no repository links,
+    /// under their digests' locks. Returns how many went, and their bytes.
+    async fn delete_unlinked(&self, sizes: HashMap<String, u64>) -> Result<(u64, u64)> {
+        if sizes.is_empty() {
+            return Ok((0, 0));
+        }
+        // Every digest's lock, in one order (an upload holds at most one, so this cannot
+        // deadlock), then one transaction forgets those still unlinked.
+        let mut digests: Vec<String> = sizes.keys().cloned().collect();
+        digests.sort();
+        let mut locks = Vec::with_capacity(digests.len());
+        for d in &digests {
+            locks.push(self.blob_locks.lock(d).await);
+        }
+        let forgotten = self.catalog.gc_forget_blobs(digests).await?;
+        let bytes = forgotten.iter().filter_map(|d| sizes.get(d)).sum::<u64>();
+        futures_util::stream::iter(forgotten.iter().cloned())
+            .map(|digest| {
+                let store = self.store.clone();
+                async move {
+                    match digest.parse::<Digest>() {
+                        // A failed delete leaves an orphan, which the orphan step removes.
+                        Ok(d) => {
+                            if let Err(e) = store.delete_blob(&d).await {
+                                tracing::warn!(digest = %digest, error = %e, "deleting a blob object failed");
+                            }
+                        }
+                        Err(_) => tracing::warn!(digest = %digest, "forgot a blob row with an invalid digest"),
+                    }
+                }
+            })
+            .buffer_unordered(PARALLEL_DELETES)
+            .collect::<Vec<()>>()
+            .await;
+        drop(locks);
+        Ok((forgotten.len() as u64, bytes))
+    }
+
+    /// Deletes objects under `blobs/` that the catalog does not record and that were written
+    /// before `cutoff`. Returns how many.
+    async fn collect_orphans(&self, cutoff: i64) -> Result<u64> {
+        // Listed first and deleted after: deleting while the listing walks the same folders
+        // (on local disk, emptied folders are removed) would upset the walk. Orphans are rare,
+        // so only they are kept; the objects are checked against the catalog in batches.
+        let mut orphans = Vec::new();
+        let mut batch = Vec::with_capacity(ORPHAN_BATCH);
+        let mut objects = std::pin::pin!(self.store.blob_objects());
+        loop {
+            let next = objects.try_next().await?;
+            let end = next.is_none();
+            if let Some((digest, modified)) = next
+                && modified < cutoff
+            {
+                batch.push(digest);
+            }
+            if batch.len() >= ORPHAN_BATCH || (end && !batch.is_empty()) {
+                let known = self
+                    .catalog
+                    .blobs_known(batch.iter().map(|d| d.to_string()).collect())
+                    .await?;
+                orphans.extend(batch.drain(..).filter(|d| !known.contains(&d.to_string())));
+            }
+            if end {
+                break;
+            }
+        }
+        let mut removed = 0;
         for digest in orphans {
             let key = digest.to_string();
             let _lock = self.blob_locks.lock(&key).await;
@@ -122,8 +296,9 @@ impl Registry {
                 continue; // published and linked meanwhile
             }
             self.store.delete_blob(&digest).await?;
-            report.orphans += 1;
+            tracing::info!(digest = %key, "garbage collection removed an object the catalog did not record");
+            removed += 1;
         }
-        Ok(report)
+        Ok(removed)
     }
 }

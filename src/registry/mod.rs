@@ -14,7 +14,7 @@ mod uploads;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use gc::GcReport;
+pub use gc::{GcOptions, GcReport};
 pub use manifests::PutOutcome;
 pub use uploads::{Chunk, ChunkRange, SessionLimits, Uploads};
 

@@ -25,6 +25,15 @@
 //! Kubernetes) restarts Stowage, and the restart recovers from the WAL like any crash. The
 //! thread ending because the catalog was closed (every sender dropped) is the normal end.
 //!
+//! Checkpoints: SQLite would copy the WAL back into the database file inside the commit that
+//! crosses its threshold, on the writer thread, holding every write queued behind it for as
+//! long as that copy and its fsync take (a collection pass that touched pages all over the
+//! file made that a quarter of a second). The writer's automatic checkpoints are therefore off,
+//! and a thread of its own runs a passive checkpoint every [`CHECKPOINT_EVERY`]: passive
+//! checkpoints never block the writer or the readers, and a commit no longer waits for one.
+//! The thread stops when the catalog is closed; the last connection to close checkpoints the
+//! rest, as SQLite always does.
+//!
 //! Schema changes are the numbered files in `migrations/`, embedded in the binary and applied
 //! at start-up; the applied version is SQLite's `user_version`.
 //!
@@ -61,6 +70,9 @@ const MAX_BATCH: usize = 256;
 /// descriptors each (database, WAL, shared memory) stay small in the descriptor budget.
 pub const READERS: usize = 8;
 
+/// How often the checkpoint thread copies the WAL into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Embedded migrations, in order; the index + 1 is the schema version they bring.
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
@@ -89,6 +101,8 @@ struct Inner {
     /// The reader threads' queue; they stop when it is dropped with the last handle.
     reads: mpsc::Sender<ReadJob>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Dropping it stops the checkpoint thread.
+    checkpoints: Mutex<Option<mpsc::Sender<()>>>,
 }
 
 impl Catalog {
@@ -109,6 +123,8 @@ impl Catalog {
              PRAGMA busy_timeout = 10000;",
         )?;
         migrate(&mut conn)?;
+        // The checkpoint thread does this writer's checkpoints (see the module doc).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("catalog-writer".into())
@@ -119,11 +135,13 @@ impl Catalog {
                 }
             })?;
         let reads = spawn_readers(path)?;
+        let checkpoints = spawn_checkpointer(path)?;
         Ok(Catalog {
             inner: Arc::new(Inner {
                 jobs: Mutex::new(Some(tx)),
                 reads,
                 writer_thread: Mutex::new(Some(thread)),
+                checkpoints: Mutex::new(Some(checkpoints)),
             }),
         })
     }
@@ -190,6 +208,9 @@ impl Catalog {
 
     /// Stops the writer after the jobs already queued are committed.
     pub fn close(&self) {
+        if let Ok(mut checkpoints) = self.inner.checkpoints.lock() {
+            checkpoints.take();
+        }
         if let Ok(mut jobs) = self.inner.jobs.lock() {
             jobs.take();
         }
@@ -246,6 +267,32 @@ fn restrict(file: &Path) -> Result<()> {
 }
 
 /// Starts the [`READERS`] reader threads; returns their queue.
+/// Starts the checkpoint thread; it runs until the returned sender is dropped.
+fn spawn_checkpointer(path: &Path) -> Result<mpsc::Sender<()>> {
+    let (tx, rx) = mpsc::channel::<()>();
+    let path = path.to_owned();
+    std::thread::Builder::new()
+        .name("catalog-checkpoint".into())
+        .spawn(move || {
+            let mut conn: Option<Connection> = None;
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(CHECKPOINT_EVERY) {
+                if conn.is_none() {
+                    conn = Connection::open(&path)
+                        .and_then(|c| c.busy_timeout(std::time::Duration::from_secs(1)).map(|()| c))
+                        .inspect_err(|e| tracing::error!(error = %e, "catalog: cannot open the checkpoint connection"))
+                        .ok();
+                }
+                if let Some(c) = &conn
+                    && let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                {
+                    tracing::warn!(error = %e, "catalog: checkpoint failed; retrying");
+                    conn = None;
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
 fn spawn_readers(path: &Path) -> Result<mpsc::Sender<ReadJob>> {
     let (tx, rx) = mpsc::channel::<ReadJob>();
     let rx = Arc::new(Mutex::new(rx));

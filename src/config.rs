@@ -55,6 +55,10 @@ pub struct ServerConfig {
     /// Seconds a small body read whole (a token request form, a manifest, a Spack JSON
     /// document) may take in total, however steadily it trickles in.
     pub small_body_timeout_secs: u64,
+    /// Seconds the server keeps serving after `SIGTERM` while `/readyz` answers 503, so that
+    /// a load balancer (a Kubernetes Service) stops sending it requests before it stops
+    /// accepting them. 0: stop accepting at once.
+    pub shutdown_delay_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +69,7 @@ impl Default for ServerConfig {
             keep_alive_secs: 30,
             body_idle_timeout_secs: 30,
             small_body_timeout_secs: 60,
+            shutdown_delay_secs: 0,
         }
     }
 }
@@ -207,6 +212,9 @@ impl Default for S3Config {
 pub struct RegistryConfig {
     /// Allow DELETE of manifests, tags and blobs. When false they answer 405 `UNSUPPORTED`.
     pub delete_enabled: bool,
+    /// Start in read-only maintenance mode (pulls only; `SIGUSR2` leaves it, `SIGUSR1` enters
+    /// it again). See `registry::maintenance`.
+    pub read_only: bool,
     /// Largest manifest accepted, in bytes (the OCI spec asks registries to take 4 MiB).
     pub max_manifest_size: usize,
     /// Seconds an upload session may sit idle before it is cancelled and its data removed.
@@ -346,6 +354,7 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         RegistryConfig {
             delete_enabled: true,
+            read_only: false,
             max_manifest_size: 4 * 1024 * 1024,
             upload_timeout_secs: 24 * 3600,
             catalog_page_size: 1000,

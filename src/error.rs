@@ -155,6 +155,11 @@ pub enum Error {
     /// Too many password checks at once (429 with `Retry-After`).
     #[error("too many logins are being checked at once; try again in {retry_after} s")]
     LoginsBusy { retry_after: u64 },
+    /// The registry is in read-only maintenance mode (503).
+    #[error(
+        "the registry is read-only for maintenance: pulls work, pushes and deletes are refused until it is writable again"
+    )]
+    ReadOnly,
     #[error("internal error: {0}")]
     Internal(#[from] Internal),
 }
@@ -271,6 +276,7 @@ impl Error {
             Error::TooManyLogins { .. } | Error::LoginsBusy { .. } | Error::TooManyUploads { .. } => {
                 Code::TooManyRequests
             }
+            Error::ReadOnly => Code::Unavailable,
             Error::Internal(_) => Code::Unknown,
         }
     }

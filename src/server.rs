@@ -221,6 +221,7 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         "upload session limits"
     );
     let registry = Registry::new(catalog, store, settings);
+    registry.set_read_only(config.registry.read_only);
     // Upload sessions recorded in the catalog resume, unless they expired or lost their data;
     // anything else staged is left over from uploads that cannot.
     registry.clean_up_uploads_at_start().await?;
@@ -270,6 +271,48 @@ fn tls_config(tls: &TlsConfig) -> Result<Option<rustls::ServerConfig>, String> {
         .with_single_cert(chain, key)
         .map_err(|e| format!("tls.cert and tls.key: {e}"))?;
     Ok(Some(config))
+}
+
+/// Seconds in-flight requests get to finish once the server stops accepting.
+const SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+
+/// Signals: `SIGUSR1` enters read-only mode and `SIGUSR2` leaves it; `SIGTERM` or `SIGINT`
+/// starts draining (`/readyz` answers 503), keeps serving for `delay`, then stops the server
+/// gracefully (in-flight requests get [`SHUTDOWN_TIMEOUT_SECS`]).
+async fn handle_signals(registry: Registry, server: actix_web::dev::ServerHandle, delay: Duration) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let streams = (|| {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::user_defined1())?,
+            signal(SignalKind::user_defined2())?,
+        ))
+    })();
+    let (mut term, mut int, mut usr1, mut usr2) = match streams {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for signals; stopping");
+            server.stop(true).await;
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = usr1.recv() => { registry.set_read_only(true); }
+            _ = usr2.recv() => { registry.set_read_only(false); }
+        }
+    }
+    registry.start_draining();
+    tracing::info!(
+        delay_secs = delay.as_secs(),
+        "stopping: /readyz answers 503 from now on; new requests are served until the delay is over"
+    );
+    tokio::time::sleep(delay).await;
+    tracing::info!("no longer accepting connections; finishing the requests in flight");
+    server.stop(true).await;
 }
 
 /// Serves until SIGINT/SIGTERM, then finishes in-flight requests and closes the catalog.
@@ -325,6 +368,10 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                if registry.is_read_only() {
+                    tracing::info!("read-only mode: garbage collection skipped");
+                    continue;
+                }
                 let started = std::time::Instant::now();
                 match registry.collect_garbage(opts).await {
                     Ok(r) if r.is_empty() => tracing::debug!("garbage collection: nothing to remove"),
@@ -352,6 +399,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                if registry.is_read_only() {
+                    continue;
+                }
                 match registry.collect_superseded_indexes(grace).await {
                     Ok(r) if r.is_empty() => {}
                     Ok(r) => tracing::info!(
@@ -413,11 +463,11 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         App::new()
             .app_data(data.clone())
             .app_data(auth.clone())
-            .wrap(middleware::from_fn(crate::http::log_requests))
+            .wrap(middleware::from_fn(crate::http::access))
             .wrap(crate::http::default_headers())
             .configure(crate::http::routes)
     })
-    .shutdown_timeout(30)
+    .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
     .h1_write_buffer_size(H1_WRITE_BUFFER)
     .workers(workers)
     .max_connections(per_worker)
@@ -434,7 +484,14 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         println!("stowage listening on {scheme}://{addr}");
         tracing::info!(%addr, scheme, "listening");
     }
-    server.run().await?;
+    let server = server.disable_signals().run();
+    let signals = tokio::spawn(handle_signals(
+        registry.clone(),
+        server.handle(),
+        Duration::from_secs(limits.shutdown_delay_secs),
+    ));
+    server.await?;
+    signals.abort();
 
     sweeper.abort();
     for task in [collector, index_collector].into_iter().flatten() {

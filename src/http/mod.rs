@@ -1,4 +1,5 @@
-//! HTTP wiring: the route table, the headers every response carries, request logging.
+//! HTTP wiring: the route table, the headers every response carries; request ids, the access
+//! log, probes and the read-only refusal are in `ops`.
 //!
 //! One file per OCI resource; each handler extracts and validates its inputs (`extract`), calls
 //! one [`Registry`] method, and maps the result. Errors become OCI error bodies in `error`.
@@ -9,20 +10,18 @@ mod error;
 mod extract;
 mod listing;
 mod manifests;
+mod ops;
 mod spack_api;
 mod uploads;
 
-use std::time::Instant;
-
-use actix_web::body::MessageBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::CONTENT_TYPE;
-use actix_web::middleware::{DefaultHeaders, Next, from_fn};
+use actix_web::middleware::{DefaultHeaders, from_fn};
 use actix_web::{HttpResponse, web};
 
 pub use auth::Guard;
 pub use error::error_body;
 pub use extract::{BodyTimeouts, set_body_timeouts};
+pub use ops::access;
 
 use crate::error::Code;
 use crate::registry::Registry;
@@ -45,6 +44,18 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .get(faults::get)
             .put(faults::put)
             .delete(faults::delete)
+            .default_service(web::to(method_not_allowed)),
+    );
+    cfg.service(
+        web::resource("/livez")
+            .get(ops::livez)
+            .head(ops::livez)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/readyz")
+            .get(ops::readyz)
+            .head(ops::readyz)
             .default_service(web::to(method_not_allowed)),
     );
     cfg.service(
@@ -134,25 +145,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// Headers on every response.
 pub fn default_headers() -> DefaultHeaders {
     DefaultHeaders::new().add(("Docker-Distribution-API-Version", "registry/2.0"))
-}
-
-/// Logs each request with its outcome and duration.
-pub async fn log_requests(
-    req: ServiceRequest,
-    next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let started = Instant::now();
-    let method = req.method().clone();
-    let path = req.path().to_owned();
-    let resp = next.call(req).await?;
-    let status = resp.status().as_u16();
-    let duration_ms = started.elapsed().as_millis() as u64;
-    if resp.status().is_server_error() {
-        tracing::warn!(%method, %path, status, duration_ms, "request failed");
-    } else {
-        tracing::debug!(%method, %path, status, duration_ms, "request");
-    }
-    Ok(resp)
 }
 
 /// `/v2/`: the API version check.

@@ -68,7 +68,7 @@ use crate::oci::Digest;
 const SCAN_SLICE: usize = 2000;
 
 /// Candidates removed per write job.
-const WRITE_BATCH: usize = 200;
+const WRITE_BATCH: usize = 100;
 
 /// Object deletions in flight at once (S3 answers each in a round trip).
 const PARALLEL_DELETES: usize = 8;

@@ -7,6 +7,7 @@
 pub mod blobs;
 mod gc;
 mod locks;
+mod maintenance;
 mod manifests;
 mod spack;
 mod uploads;
@@ -49,6 +50,8 @@ pub struct Registry {
     /// Held (per digest) while a blob is published and linked, and while garbage collection
     /// deletes it, so that neither sees the other half done.
     pub(crate) blob_locks: Arc<locks::KeyedLocks>,
+    /// Read-only mode, draining, readiness.
+    pub(crate) maintenance: Arc<maintenance::Maintenance>,
 }
 
 impl Registry {
@@ -60,6 +63,7 @@ impl Registry {
             settings: Arc::new(settings),
             spack_builds: Arc::new(locks::KeyedLocks::default()),
             blob_locks: Arc::new(locks::KeyedLocks::default()),
+            maintenance: Arc::new(maintenance::Maintenance::default()),
         }
     }
 
@@ -110,6 +114,10 @@ impl Registry {
     /// catalog but not held (opened before a restart and not resumed since) by their last
     /// checkpoint.
     pub async fn expire_uploads(&self) {
+        // Expiry and spilling write to storage and the catalog: not while they are being copied.
+        if self.is_read_only() {
+            return;
+        }
         self.expire_held_uploads().await;
         self.spill_idle_uploads(SPILL_IDLE_AFTER).await;
         let timeout = i64::try_from(self.settings.upload_timeout.as_secs()).unwrap_or(i64::MAX);

@@ -27,6 +27,21 @@ impl Registry {
             Current::Fresh(m) => return Ok(Some(m)),
             Current::Stale => {}
         }
+        // Read-only: building would write; serve the index as last built, if there is one.
+        if self.is_read_only() {
+            let last = self
+                .catalog
+                .spack_index_state(repo)
+                .await?
+                .and_then(|s| s.manifest_digest);
+            return match last {
+                Some(digest) => match self.index_manifest(repo, &digest, with_content).await? {
+                    Some(m) => Ok(Some(m)),
+                    None => Err(Error::ReadOnly),
+                },
+                None => Err(Error::ReadOnly),
+            };
+        }
         // The build runs as a task of its own, so that a reader that goes away does not abandon
         // (and leave half-staged) a build that other readers are waiting for.
         let (this, owned) = (self.clone(), repo.clone());

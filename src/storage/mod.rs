@@ -208,6 +208,15 @@ impl BlobStore {
         }
     }
 
+    /// Whether the store answers: asks for the metadata of an object that does not exist
+    /// (one round trip on S3, one `stat` on local disk). Only "not found" is the right answer.
+    pub async fn probe(&self) -> Result<()> {
+        match self.store.head(&self.path_of("stowage-readiness-probe")).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Deletes a published blob's object; a missing one is not an error. Only garbage
     /// collection calls this, once the catalog no longer records the blob, and
     /// [`BlobStore::quarantine`], before the catalog forgets it.

@@ -271,6 +271,9 @@ fn host_of(url: &str) -> String {
 /// Not a setting: tells `spawn` to start the server under this descriptor limit
 /// (`soft:hard`).
 const RLIMIT_NOFILE_ENV: &str = "TEST_RLIMIT_NOFILE";
+/// Pseudo-environment variable: the server's standard error goes to this file (for tests that
+/// read its log) instead of the test's own.
+pub const STDERR_FILE_ENV: &str = "TEST_STDERR_FILE";
 
 /// Starts the server; returns the process and its base URL (`http://…` or `https://…`).
 fn spawn(data_dir: &Path, envs: &[(String, String)]) -> (Child, String) {
@@ -305,6 +308,14 @@ fn spawn(data_dir: &Path, envs: &[(String, String)]) -> (Child, String) {
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    if let Some((_, path)) = envs.iter().find(|(k, _)| k == STDERR_FILE_ENV) {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("server log file");
+        cmd.stderr(file);
+    }
     for (k, v) in envs {
         cmd.env(k, v);
     }

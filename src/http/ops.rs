@@ -1,0 +1,124 @@
+//! What operators and their machinery see: health probes, the access log with request ids, and
+//! the read-only refusal (see `registry::maintenance`).
+//!
+//! - `GET /livez`: 200 while the process answers HTTP; no checks, no credentials.
+//! - `GET /readyz`: 200 when the server can take traffic, 503 with the reason when it cannot
+//!   (draining before a stop, catalog not writable, storage unreachable); no credentials, and
+//!   at most one real check a second however many probes arrive.
+//! - Every request gets an id: the client's `X-Request-Id` if it sent a sane one (1 to 128
+//!   visible ASCII characters), otherwise a fresh UUID. It is returned in `X-Request-Id`, and
+//!   every log line written while the request is handled carries it (a `request` span).
+//! - One access-log line per request, at `info` under the target `stowage::access` (so that
+//!   `RUST_LOG=info,stowage::access=off` silences it): method, route, repository, status,
+//!   bytes in and out (as declared by `Content-Length`; a streamed body without one logs 0 in and
+//!   its size hint out), duration, user and API token id, client address and request id. Never
+//!   a header value, so never a credential. Server errors are logged at `warn`.
+
+use std::time::Instant;
+
+use actix_web::body::{BodySize, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::Method;
+use actix_web::http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{HttpMessage, HttpResponse, web};
+use tracing::Instrument;
+
+use crate::auth::{Identity, Principal};
+use crate::error::Error;
+use crate::registry::Registry;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// `GET /livez`.
+pub async fn livez() -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
+        .body("ok\n")
+}
+
+/// `GET /readyz`.
+pub async fn readyz(registry: web::Data<Registry>) -> HttpResponse {
+    match registry.readiness().await {
+        Ok(()) => HttpResponse::Ok()
+            .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
+            .body("ok\n"),
+        Err(why) => HttpResponse::ServiceUnavailable()
+            .insert_header((CONTENT_TYPE, "text/plain; charset=utf-8"))
+            .body(format!("not ready: {why}\n")),
+    }
+}
+
+/// The id of a request: the client's, when sane, or a new one.
+fn request_id(req: &ServiceRequest) -> String {
+    req.headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned)
+}
+
+fn is_write(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
+}
+
+/// Assigns the request id, refuses writes in read-only mode, and writes the access-log line.
+pub async fn access(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<actix_web::body::EitherBody<impl MessageBody>>, actix_web::Error> {
+    let started = Instant::now();
+    let id = request_id(&req);
+    let span = tracing::info_span!("request", request_id = %id);
+    let method = req.method().clone();
+    let path = req.path().to_owned();
+    let bytes_in = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let read_only = req.app_data::<web::Data<Registry>>().is_some_and(|r| r.is_read_only());
+    let mut resp = if read_only && is_write(&method) && (path.starts_with("/v2/") || path.starts_with("/stowage/v1/")) {
+        req.error_response(Error::ReadOnly).map_into_right_body()
+    } else {
+        next.call(req).instrument(span.clone()).await?.map_into_left_body()
+    };
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, value);
+    }
+    let request = resp.request();
+    // The pattern without its regular expressions: `/v2/{name}/blobs/{digest}`.
+    let route = request
+        .match_pattern()
+        .map_or_else(|| path.clone(), |p| p.replace(":.+", ""));
+    let repo = request.match_info().get("name").unwrap_or("").to_owned();
+    let client = match request.app_data::<web::Data<crate::auth::Auth>>() {
+        Some(auth) => super::auth::client_ip(auth, request).to_string(),
+        None => request.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default(),
+    };
+    let (user, token) = match request.extensions().get::<Principal>().map(|p| &p.identity) {
+        Some(Identity::User { name, token, .. }) => (name.clone(), token.as_ref().map(|(id, _)| *id)),
+        Some(Identity::Anonymous) => ("-anonymous-".to_owned(), None),
+        _ => (String::new(), None),
+    };
+    let bytes_out = match resp.response().body().size() {
+        BodySize::Sized(n) => n,
+        _ => 0,
+    };
+    let status = resp.status().as_u16();
+    let duration_ms = (started.elapsed().as_secs_f64() * 1e4).round() / 10.0;
+    let _in_span = span.enter();
+    if resp.status().is_server_error() {
+        tracing::warn!(
+            target: "stowage::access", %method, %route, %repo, status, bytes_in, bytes_out, duration_ms,
+            %user, token, %client, request_id = %id, "request failed"
+        );
+    } else {
+        tracing::info!(
+            target: "stowage::access", %method, %route, %repo, status, bytes_in, bytes_out, duration_ms,
+            %user, token, %client, request_id = %id, "request"
+        );
+    }
+    Ok(resp)
+}

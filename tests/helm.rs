@@ -4,9 +4,9 @@
 //! binary in Debian.
 //!
 //! Each test starts its own server (see `tests/clients/auth_setup.rs`: `alice` may do anything,
-//! `bob` nothing) and runs `tests/clients/helm_auth.py`, which makes and packages a small chart
-//! and drives `registry login`, `push`, `pull`, `show`, `template` and `registry logout`. Over
-//! TLS Helm verifies the server's certificate against the CA in `SSL_CERT_FILE` (the SDK has no
+//! `bob` nothing but pull `public/**`, as anyone may) and runs `tests/clients/helm_auth.py`,
+//! which makes and packages a small chart and drives `registry login`, `push`, `pull`, `show`,
+//! `template` and `registry logout`, and an anonymous pull from `public/**`. Over TLS Helm verifies the server's certificate against the CA in `SSL_CERT_FILE` (the SDK has no
 //! `--ca-file`). The script's claims (digests, tags) are checked against the server directly.
 
 #[path = "clients/auth_setup.rs"]
@@ -148,4 +148,14 @@ async fn a_user_without_push_rights_is_refused_on_push() {
     let s = Setup::start(false);
     let run = helm(&s, "push", "bob", "bob-pw");
     assert_refused(&run, "HELM_PUSH_REFUSED", "response status code 403");
+}
+
+#[tokio::test]
+async fn anonymous_pull_of_an_anonymous_pull_repository() {
+    let s = Setup::start(false);
+    let run = helm(&s, "anonymous", "alice", "alice-pw");
+    assert_eq!(run.code, Some(0), "helm_auth.py anonymous failed:\n{}", run.text);
+    assert!(run.stdout.contains("HELM_ANONYMOUS_OK"), "{}", run.text);
+    let (_, tags) = s.served(&format!("public/{REPO}"), VERSION).await;
+    assert_eq!(tags, [VERSION]);
 }

@@ -2,9 +2,9 @@
 //! with authentication on, over plain HTTP and native TLS (issue 10).
 //!
 //! Each test starts its own server (see `tests/clients/auth_setup.rs`: `alice` may do anything,
-//! `bob` nothing) and runs `tests/clients/oras_auth.py`, which uses the SDK as the README's
-//! recipe does (`auth_backend="basic"`, `login` with a config file). The script's claims
-//! (digests, tags) are checked against the server directly.
+//! `bob` nothing but pull `public/**`, as anyone may) and runs `tests/clients/oras_auth.py`,
+//! which uses the SDK as the README's recipe does (`auth_backend="basic"`, `login` with a config
+//! file). The script's claims (digests, tags) are checked against the server directly.
 
 #[path = "clients/auth_setup.rs"]
 mod auth_setup;

@@ -4,10 +4,10 @@
 //! with a time limit.
 //!
 //! The server has users `alice` (password `alice-pw`; may pull, push and delete everywhere) and
-//! `bob` (`bob-pw`; no rules, so no access). Over TLS its certificate is self-signed for
-//! 127.0.0.1 and doubles as the CA the clients are given. Python is `$ORAS_TEST_PYTHON` or
-//! `python3` (`scripts/test` installs the SDKs for it); a missing SDK fails the test, never
-//! skips it.
+//! `bob` (`bob-pw`; no rules), and `public/**` in `auth.anonymous_pull`, so bob, like anyone,
+//! may only pull there. Over TLS its certificate is self-signed for 127.0.0.1 and doubles as the
+//! CA the clients are given. Python is `$ORAS_TEST_PYTHON` or `python3` (`scripts/test`
+//! installs the SDKs for it); a missing SDK fails the test, never skips it.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -25,6 +25,7 @@ pub const DRIVER_TIMEOUT: Duration = Duration::from_secs(120);
 const CONFIG: &str = r#"
 [auth]
 enabled = true
+anonymous_pull = ["public/**"]
 
 [[auth.rules]]
 repositories = ["**"]

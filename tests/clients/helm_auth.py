@@ -6,6 +6,7 @@ Usage:
   helm_auth.py roundtrip HOST:PORT WORKDIR USER SECRET
   helm_auth.py login     HOST:PORT WORKDIR USER SECRET
   helm_auth.py push      HOST:PORT WORKDIR USER SECRET
+  helm_auth.py anonymous HOST:PORT WORKDIR USER SECRET
 
 Run by tests/helm.rs against a fresh `stowage serve`: over plain HTTP (`plain_http=True`, as
 `helm … --plain-http`), or, when HELM_TEST_CA names the server's CA certificate, over HTTPS.
@@ -28,6 +29,9 @@ login: `helm registry login` only, which the test expects to be refused: exits 0
   `HELM_LOGIN_OK` if it was not, else exits 1 printing `HELM_LOGIN_REFUSED <the SDK's error>`.
 push: login, then push, which the test expects to be refused: exits 0 printing `HELM_PUSH_OK`
   if it was not, else exits 1 printing `HELM_PUSH_REFUSED <the SDK's error>`.
+anonymous: login and push to oci://HOST/public/charts (an `auth.anonymous_pull` repository),
+  then a new client that never logged in pulls it back (the archive must be the one pushed) and
+  shows it; printing `HELM_ANONYMOUS_OK`.
 The SDK's errors carry the registry's error message, as `helm` prints it. Any failed check exits
 2 saying what differed.
 """
@@ -106,13 +110,13 @@ class Registry:
     def login(self, user, secret):
         self.client.login(self.host, user, secret, plain_http=self.plain)
 
-    def push(self, archive):
-        return self.client.push(archive, f"oci://{self.host}/charts", plain_http=self.plain)
+    def push(self, archive, path="charts"):
+        return self.client.push(archive, f"oci://{self.host}/{path}", plain_http=self.plain)
 
-    def pull(self, destination):
+    def pull(self, destination, path="charts"):
         os.makedirs(destination)
         self.client.pull(
-            f"oci://{self.host}/charts/{CHART}",
+            f"oci://{self.host}/{path}/{CHART}",
             version=VERSION,
             destination=destination,
             plain_http=self.plain,
@@ -194,10 +198,27 @@ def push(host, workdir, user, secret):
     print("HELM_PUSH_OK")
 
 
+def anonymous(host, workdir, user, secret):
+    archive = make_chart(workdir)
+    pusher = Registry(host, workdir)
+    pusher.login(user, secret)
+    pusher.push(archive, path="public/charts")
+    anonymous = Registry(host, os.path.join(workdir, "anonymous"))
+    pulled = anonymous.pull(os.path.join(workdir, "pulled"), path="public/charts")
+    with open(archive, "rb") as a, open(pulled, "rb") as b:
+        check(a.read() == b.read(), "the anonymously pulled archive differs from the pushed one")
+    shown = anonymous.client.show(
+        f"oci://{host}/public/charts/{CHART}:{VERSION}", output_format="chart", plain_http=anonymous.plain
+    )
+    check(f"name: {CHART}" in shown, f"show chart: {shown}")
+    print("HELM_ANONYMOUS_OK")
+
+
 def main():
     mode, args = sys.argv[1], sys.argv[2:]
     check(len(args) == 4, f"usage: helm_auth.py {mode} HOST WORKDIR USER SECRET")
-    {"roundtrip": roundtrip, "login": login, "push": push}[mode](*args)
+    modes = {"roundtrip": roundtrip, "login": login, "push": push, "anonymous": anonymous}
+    modes[mode](*args)
 
 
 if __name__ == "__main__":

@@ -122,3 +122,13 @@ async fn a_user_without_push_rights_is_refused_with_the_reason() {
         "user bob may not push on repository demo/oras",
     );
 }
+
+#[tokio::test]
+async fn anonymous_pull_of_an_anonymous_pull_repository() {
+    let s = Setup::start(false);
+    let run = oras(&s, "anonymous", "alice", "alice-pw", "public/oras");
+    assert_eq!(run.code, Some(0), "oras_auth.py anonymous failed:\n{}", run.text);
+    assert!(run.stdout.contains("ORAS_ANONYMOUS_OK"), "{}", run.text);
+    let (_, tags) = s.served("public/oras", "v1").await;
+    assert_eq!(tags, ["v1"]);
+}

@@ -110,6 +110,9 @@ impl Setup {
             .args(&args[1..])
             .env("PYTHONUNBUFFERED", "1")
             .env("HOME", work.path())
+            // oras-py's basic backend would take credentials from these.
+            .env_remove("ORAS_USER")
+            .env_remove("ORAS_PASS")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -4,6 +4,7 @@
 Usage:
   oras_auth.py roundtrip HOST:PORT WORKDIR USER SECRET REPO
   oras_auth.py push      HOST:PORT WORKDIR USER SECRET REPO
+  oras_auth.py anonymous HOST:PORT WORKDIR USER SECRET REPO
 
 Run by tests/oras_auth.rs against a fresh `stowage serve`: over plain HTTP (`insecure=True`),
 or, when ORAS_TEST_CA names a CA certificate file, over HTTPS verified against it (the SDK's
@@ -20,6 +21,9 @@ roundtrip: login; push two files as REPO:v1 and one as REPO:v2; pull v1 back (fi
 push: login, then push REPO:v1, which the test expects to be refused. Exits 0 printing
   `ORAS_PUSH_OK` if it was not; otherwise exits 1 printing `ORAS_PUSH_REFUSED <the SDK's
   exception>`, whose text carries the registry's error body, as a user would see it.
+anonymous: login and push REPO:v1 (REPO in `auth.anonymous_pull`), then a new client that never
+  logged in, with the SDK's default (token) auth backend, pulls it back; prints
+  `ORAS_ANONYMOUS_OK`.
 Any failed check exits 2 saying what differed.
 """
 
@@ -151,10 +155,25 @@ def push(host, workdir, user, secret, repo):
     print("ORAS_PUSH_OK")
 
 
+def anonymous(host, workdir, user, secret, repo):
+    client = logged_in_client(host, workdir, user, secret)
+    os.chdir(workdir)
+    write("public.txt", b"anyone may pull this\n")
+    resp = client.push(target=f"{host}/{repo}:v1", files=["public.txt"], quiet=True)
+    check(resp.status_code == 201, f"push: {resp.status_code} {resp.text[:300]}")
+    ca = os.environ.get("ORAS_TEST_CA")
+    anonymous = oras.client.OrasClient(hostname=host, insecure=not ca, tls_verify=ca or False)
+    got = anonymous.pull(target=f"{host}/{repo}:v1", outdir=os.path.join(workdir, "pulled"))
+    check([os.path.basename(p) for p in got] == ["public.txt"], f"pulled {got}")
+    with open(got[0], "rb") as f:
+        check(f.read() == b"anyone may pull this\n", "the pulled file differs")
+    print("ORAS_ANONYMOUS_OK")
+
+
 def main():
     mode, args = sys.argv[1], sys.argv[2:]
     check(len(args) == 5, f"usage: oras_auth.py {mode} HOST WORKDIR USER SECRET REPO")
-    {"roundtrip": roundtrip, "push": push}[mode](*args)
+    {"roundtrip": roundtrip, "push": push, "anonymous": anonymous}[mode](*args)
 
 
 if __name__ == "__main__":

@@ -1318,3 +1318,150 @@ async fn admin_role_is_granted_and_revoked_from_the_cli() {
     assert!(!unknown.status.success(), "an unknown user is an error");
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no user nobody"));
 }
+
+/// A 401's `error` challenge parameter and its body's message, after checking the body is an
+/// OCI `UNAUTHORIZED` error.
+async fn unauthorized(resp: reqwest::Response) -> (Option<String>, String) {
+    let error = bearer_challenge(&resp).and_then(|c| param(&c, "error").map(str::to_owned));
+    let body = common::oci::assert_error(resp, 401, &["UNAUTHORIZED"]).await;
+    let message = body["errors"][0]["message"].as_str().expect("message").to_owned();
+    assert_ne!(message, "authentication required", "never the code's default text");
+    (error, message)
+}
+
+/// Each kind of refused credential is told why, on requests and at the token endpoint: a token
+/// lacking a scope names the repository and action (with `insufficient_scope`), a revoked or
+/// expired API token says so and names itself, an expired registry token says it expired, a
+/// forged one that it is invalid, an invalid refresh token that it is invalid.
+#[tokio::test]
+async fn refusals_say_why() {
+    let s = AuthServer::start().await;
+    let uploads = s.server.v2("private/app/blobs/uploads/");
+    let tags = s.server.v2("private/app/tags/list");
+
+    // Insufficient scope: the challenge asks for the scope, the message names repository and
+    // action.
+    let pull_only = token_for(&s, &Creds::basic("pusher", "pusher-pw"), "repository:private/app:pull").await;
+    let resp = client()
+        .post(&uploads)
+        .bearer_auth(pull_only["token"].as_str().expect("token"))
+        .send()
+        .await
+        .expect("POST");
+    let (error, message) = unauthorized(resp).await;
+    assert_eq!(error.as_deref(), Some("insufficient_scope"));
+    assert!(
+        message.contains("does not grant push on repository private/app"),
+        "{message}"
+    );
+    // The same for delete, on a manifest, for an admin holding a pull-only token.
+    let admin_pull = token_for(&s, &Creds::basic("admin", "admin-pw"), "repository:private/app:pull").await;
+    let resp = client()
+        .delete(s.server.v2("private/app/manifests/v1"))
+        .bearer_auth(admin_pull["token"].as_str().expect("token"))
+        .send()
+        .await
+        .expect("DELETE");
+    let (_, message) = unauthorized(resp).await;
+    assert!(
+        message.contains("does not grant delete on repository private/app"),
+        "{message}"
+    );
+
+    // A revoked API token, as the password and behind a registry token, and at /token.
+    let secret = s.token_create("pusher", "ci", "private/**:pull,push", &[]);
+    let api = Creds::basic("pusher", &secret);
+    let bearer = Creds::Bearer(
+        token_for(&s, &api, "repository:private/app:pull").await["token"]
+            .as_str()
+            .expect("token")
+            .to_owned(),
+    );
+    stowage(s.server.data_dir(), &["token", "revoke", "ci", "--user", "pusher"], "");
+    let revoked = r#"the API token "ci" of user pusher has been revoked"#;
+    for (what, creds) in [("as the password", &api), ("behind a registry token", &bearer)] {
+        let (_, message) = unauthorized(creds.apply(client().get(&tags)).send().await.expect("GET")).await;
+        assert!(message.contains(revoked), "{what}: {message}");
+    }
+    let resp = api
+        .apply(client().get(format!("{}/token", s.server.url)))
+        .query(&[("scope", "repository:private/app:pull")])
+        .send()
+        .await
+        .expect("GET /token");
+    let (_, message) = unauthorized(resp).await;
+    assert!(message.contains(revoked), "at /token: {message}");
+    let resp = client()
+        .post(format!("{}/token", s.server.url))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(form(&[
+            ("grant_type", "password"),
+            ("username", "pusher"),
+            ("password", &secret),
+            ("service", "stowage"),
+        ]))
+        .send()
+        .await
+        .expect("POST /token");
+    let (_, message) = unauthorized(resp).await;
+    assert!(message.contains(revoked), "POST /token: {message}");
+
+    // An expired API token.
+    let short = s.token_create("pusher", "short", "private/**:pull", &["--expires-in-days", "0"]);
+    let resp = Creds::basic("pusher", &short)
+        .apply(client().get(&tags))
+        .send()
+        .await
+        .expect("GET");
+    let (_, message) = unauthorized(resp).await;
+    assert!(
+        message.contains(r#"the API token "short" of user pusher has expired"#),
+        "{message}"
+    );
+
+    // An unknown API token and a wrong password are wrong credentials.
+    for password in ["stw_0000000000000000000000000000000000000000", "nope"] {
+        let resp = Creds::basic("pusher", password)
+            .apply(client().get(&tags))
+            .send()
+            .await
+            .expect("GET");
+        let (_, message) = unauthorized(resp).await;
+        assert!(message.contains("wrong user name or password"), "{message}");
+    }
+
+    // An expired registry token and a forged one.
+    let pull = vec![stowage::auth::jwt::AccessEntry::repository(
+        "private/app",
+        &[stowage::auth::Action::Pull],
+    )];
+    let expired = s.craft_token("pusher", pull, -60, -600);
+    let resp = client().get(&tags).bearer_auth(&expired).send().await.expect("GET");
+    let (error, message) = unauthorized(resp).await;
+    assert_eq!(error.as_deref(), Some("invalid_token"));
+    assert!(message.contains("the registry token has expired"), "{message}");
+    let resp = client()
+        .get(&tags)
+        .bearer_auth("garbage.in.here")
+        .send()
+        .await
+        .expect("GET");
+    let (error, message) = unauthorized(resp).await;
+    assert_eq!(error.as_deref(), Some("invalid_token"));
+    assert!(message.contains("the registry token is invalid"), "{message}");
+
+    // An invalid refresh token at the token endpoint.
+    let resp = client()
+        .post(format!("{}/token", s.server.url))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", "garbage.in.here"),
+            ("service", "stowage"),
+        ]))
+        .send()
+        .await
+        .expect("POST refresh");
+    let (_, message) = unauthorized(resp).await;
+    assert!(message.contains("the refresh token is invalid"), "{message}");
+}

@@ -647,3 +647,59 @@ async fn login_push_pull_over_native_tls() {
     assert_eq!(pulled, pushed);
     s.ok(&["logout", &s.server.host]);
 }
+
+#[tokio::test]
+async fn a_revoked_or_expired_api_token_is_refused_at_once_with_the_reason() {
+    let s = Setup::start(None);
+    // Revoked after login: docker's next push fails at once, saying the token was revoked.
+    let token = s.token("alice", "demo/**:pull,push");
+    let login = s.login("alice", &token);
+    assert!(login.ok, "{}", login.text);
+    run_cli(
+        s.server.data_dir(),
+        &["token", "revoke", "docker", "--user", "alice"],
+        "",
+    );
+    let image = s.image("demo/busybox:1");
+    s.ok(&["tag", "local/busybox:1", &image]);
+    let run = s.docker(&["push", &image], "");
+    eprintln!("push with a revoked token took {:?}:\n{}", run.took, run.text);
+    assert!(!run.ok, "a push with a revoked token must fail:\n{}", run.text);
+    assert!(run.took < Duration::from_secs(20), "{:?}\n{}", run.took, run.text);
+    let revoked = r#"the API token "docker" of user alice has been revoked"#;
+    assert!(
+        run.text.contains(revoked),
+        "the output names the problem:\n{}",
+        run.text
+    );
+    // And a login with it says the same.
+    let run = s.login("alice", &token);
+    assert!(!run.ok, "{}", run.text);
+    assert!(run.text.contains(revoked), "login names the problem:\n{}", run.text);
+
+    // An expired token's login says it expired.
+    let out = run_cli(
+        s.server.data_dir(),
+        &[
+            "token",
+            "create",
+            "--user",
+            "alice",
+            "--name",
+            "short",
+            "--scope",
+            "demo/**:pull",
+            "--expires-in-days",
+            "0",
+        ],
+        "",
+    );
+    let short = String::from_utf8(out.stdout).expect("utf-8").trim().to_owned();
+    let run = s.login("alice", &short);
+    assert!(!run.ok, "{}", run.text);
+    assert!(
+        run.text.contains(r#"the API token "short" of user alice has expired"#),
+        "login names the problem:\n{}",
+        run.text
+    );
+}

@@ -23,8 +23,13 @@
 //!    cannot get a permit within [`HASH_WAIT`] is refused (429) without hashing. An unknown
 //!    user is verified against a dummy hash, so that both cases cost the same.
 //!
-//! Every refusal has a reason a person can read: wrong credentials (401), throttled after
-//! failures or too many verifications at once (429 `TOOMANYREQUESTS` with `Retry-After`).
+//! Every refusal has a reason a person can read ([`Refusal`]), never only the code's default
+//! text: wrong credentials; an API token that was revoked or has expired (naming the token and
+//! its user: whoever presents it holds its secret); a registry token that has expired or does
+//! not verify (saying which); a registry token that lacks an action (naming the repository and
+//! the action); an identity the policy refuses (naming who, what and where); throttled after
+//! failures or too many verifications at once (429 `TOOMANYREQUESTS` with `Retry-After`). The
+//! HTTP layer turns each into its status and message (`http::auth`).
 //!
 //! A registry token that has expired is accepted only to continue an upload session, and only
 //! within `auth.upload_token_grace_secs` of its expiry (bounded by the upload timeout); the
@@ -150,12 +155,16 @@ impl Principal {
 pub enum Refusal {
     /// No credentials, and anonymous clients may not do this: challenge.
     NeedCredentials,
-    /// Wrong password, unknown user, or an unusable API token.
+    /// Wrong password, unknown user, or an unknown API token.
     BadCredentials,
+    /// An API token (used as the password, or behind a registry token) that was revoked.
+    TokenRevoked { user: String, name: String },
+    /// An API token (used as the password, or behind a registry token) past its expiry.
+    TokenExpired { user: String, name: String },
     /// A registry token that does not verify.
     InvalidToken(VerifyError),
-    /// A valid token that lacks the action; a new token would carry it.
-    InsufficientScope,
+    /// A valid registry token that lacks `action` on `repo`; a new token would carry it.
+    InsufficientScope { repo: String, action: Action },
     /// The identity may not do this at all; the message says who may not do what where (a
     /// message of its own also keeps docker from taking the refusal for a passing failure: it
     /// retries a push for ~50 s on an error that carries only the code's default text).
@@ -371,7 +380,7 @@ impl Auth {
             if rec.user != claims.sub {
                 return Err(Refusal::InvalidToken(VerifyError::WrongUse).into());
             }
-            return self.token_identity(rec).map_err(|_| Refusal::BadCredentials.into());
+            return self.token_identity(rec).map_err(AuthFail::from);
         }
         let user = self.inner.catalog.user(&claims.sub).await?;
         let user = user.ok_or(Refusal::BadCredentials)?;
@@ -386,13 +395,25 @@ impl Auth {
         })
     }
 
-    /// The identity of a live API token (`Err` when revoked, expired or unreadable).
-    fn token_identity(&self, rec: ApiTokenRecord) -> Result<Identity, ()> {
+    /// The identity of a live API token; a revoked or expired one is refused saying so.
+    fn token_identity(&self, rec: ApiTokenRecord) -> Result<Identity, Refusal> {
         let now = now_secs() as i64;
-        if rec.revoked_at.is_some() || rec.expires_at.is_some_and(|e| e <= now) {
-            return Err(());
+        if rec.revoked_at.is_some() {
+            return Err(Refusal::TokenRevoked {
+                user: rec.user,
+                name: rec.name,
+            });
         }
-        let scopes: Vec<Grant> = serde_json::from_str(&rec.scopes).map_err(|_| ())?;
+        if rec.expires_at.is_some_and(|e| e <= now) {
+            return Err(Refusal::TokenExpired {
+                user: rec.user,
+                name: rec.name,
+            });
+        }
+        let scopes: Vec<Grant> = serde_json::from_str(&rec.scopes).map_err(|_| {
+            tracing::error!(token_id = rec.id, "an API token's scopes in the catalog are unreadable");
+            Refusal::BadCredentials
+        })?;
         self.touch(rec.id, now);
         Ok(Identity::User {
             name: rec.user,
@@ -436,13 +457,14 @@ impl Auth {
                 .catalog
                 .api_token_by_hash(password::token_hash(&password))
                 .await?;
-            return match rec.and_then(|r| self.token_identity(r).ok()) {
-                Some(identity) => Ok(identity),
-                None => {
-                    tracing::info!(user, %client, "failed login: unknown, revoked or expired API token");
-                    Err(Refusal::BadCredentials.into())
-                }
+            let Some(rec) = rec else {
+                tracing::info!(user, %client, "failed login: unknown API token");
+                return Err(Refusal::BadCredentials.into());
             };
+            return self.token_identity(rec).map_err(|refusal| {
+                tracing::info!(user, %client, reason = ?refusal, "failed login: unusable API token");
+                refusal.into()
+            });
         }
         let attempt = limiter::Attempt::new(client, user);
         let pending = self
@@ -567,7 +589,10 @@ impl Auth {
         let anonymous = matches!(subject, Subject::Anonymous);
         match &who.via {
             Via::Bearer(claims) if allowed && claims.grants(repo, action) => Ok(()),
-            Via::Bearer(_) if allowed => Err(Refusal::InsufficientScope),
+            Via::Bearer(_) if allowed => Err(Refusal::InsufficientScope {
+                repo: repo.to_owned(),
+                action,
+            }),
             _ if allowed => Ok(()),
             _ if anonymous => Err(Refusal::NeedCredentials),
             _ => Err(Refusal::Denied(denial(subject, &self.inner.policy, repo, action))),
@@ -707,8 +732,9 @@ fn denial(subject: Subject<'_>, policy: &Policy, repo: &str, action: Action) -> 
 /// A `WWW-Authenticate` challenge, as the HTTP layer sends it with a 401.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Challenge {
-    /// What went wrong, for a person (the error body's `message`).
-    pub message: &'static str,
+    /// What went wrong, for a person (the error body's `message`): never the code's default
+    /// text, and naming the repository and action where a token's scope is what is missing.
+    pub message: String,
     /// The token endpoint's URL.
     pub realm: String,
     pub service: String,

@@ -16,7 +16,10 @@
 //! which docker takes for a passing failure and retries a push on for ~50 s;
 //! a password attempt throttled after failures from its address, or one that finds every
 //! verification permit taken, gets 429 `TOOMANYREQUESTS` with `Retry-After` (see `auth::limiter`).
-//! The error body's message says which.
+//! The error body's message says which. A 401's message says what is wrong for a person (see
+//! `unauthorized_message`): no credentials, wrong ones, a revoked or expired API token (named),
+//! an expired or invalid registry token, or, with `insufficient_scope`, the repository and
+//! action the token does not grant.
 //! The realm is built from the scheme and host the client used; `X-Forwarded-Proto`/`-Host`/
 //! `-For` are believed only from `auth.trusted_proxies`.
 
@@ -31,7 +34,7 @@ use actix_web::{HttpMessage as _, HttpRequest, HttpResponse, web};
 use base64::Engine as _;
 
 use super::extract;
-use crate::auth::{Action, Auth, AuthFail, Challenge, Credentials, Identity, Principal, Refusal, Scope};
+use crate::auth::{Action, Auth, AuthFail, Challenge, Credentials, Identity, Principal, Refusal, Scope, VerifyError};
 use crate::error::{Error, Internal, Result};
 use crate::oci::RepoName;
 
@@ -164,23 +167,29 @@ fn refuse(auth: &Auth, req: &HttpRequest, fail: AuthFail, scope: Option<String>)
         AuthFail::Internal(e) => return e,
         AuthFail::Refused(r) => r,
     };
-    let (error, message) = match refusal {
-        Refusal::Denied(message) => return Error::Denied(message),
-        Refusal::TooManyAttempts(retry_after) => return Error::TooManyLogins { retry_after },
-        Refusal::Busy(retry_after) => return Error::LoginsBusy { retry_after },
-        // Not the code's default text ("authentication required"), which docker reduces to a
-        // bare "unauthorized".
-        Refusal::NeedCredentials => (None, NEED_CREDENTIALS),
-        Refusal::BadCredentials => (None, WRONG_CREDENTIALS),
+    let error = match &refusal {
+        Refusal::Denied(message) => return Error::Denied(message.clone()),
+        Refusal::TooManyAttempts(retry_after) => {
+            return Error::TooManyLogins {
+                retry_after: *retry_after,
+            };
+        }
+        Refusal::Busy(retry_after) => {
+            return Error::LoginsBusy {
+                retry_after: *retry_after,
+            };
+        }
         Refusal::InvalidToken(why) => {
             tracing::debug!(reason = %why, "refused a registry token");
-            (Some("invalid_token"), "the registry token is invalid or has expired")
+            Some("invalid_token")
         }
-        Refusal::InsufficientScope => (
-            Some("insufficient_scope"),
-            "the registry token does not grant this action",
-        ),
+        Refusal::InsufficientScope { .. } => Some("insufficient_scope"),
+        Refusal::NeedCredentials
+        | Refusal::BadCredentials
+        | Refusal::TokenRevoked { .. }
+        | Refusal::TokenExpired { .. } => None,
     };
+    let message = unauthorized_message(&refusal, "registry token");
     let base = base_url(auth, req);
     let realm = auth.realm().map_or_else(|| format!("{base}/token"), str::to_owned);
     // Basic is offered next to Bearer only over plain HTTP (where Spack refuses an http token
@@ -304,7 +313,33 @@ pub fn principal(req: &HttpRequest) -> Option<Principal> {
 const NEED_CREDENTIALS: &str = "authentication required: log in with a user name and password or an API token";
 
 /// The message of a 401 for wrong credentials.
-const WRONG_CREDENTIALS: &str = "wrong user name or password (or an unknown, revoked or expired API token)";
+const WRONG_CREDENTIALS: &str = "wrong user name or password (or an unknown API token)";
+
+/// The message of a 401: what is wrong with the credentials, for a person. Never the code's
+/// default text ("authentication required"), which docker reduces to a bare "unauthorized"
+/// and, on a push, retries for ~50 s. `jwt` says which kind of signed token was refused
+/// ("registry token" on a request, "refresh token" at the token endpoint).
+fn unauthorized_message(refusal: &Refusal, jwt: &str) -> String {
+    match refusal {
+        Refusal::NeedCredentials => NEED_CREDENTIALS.to_owned(),
+        Refusal::TokenRevoked { user, name } => {
+            format!("the API token {name:?} of user {user} has been revoked: use another token")
+        }
+        Refusal::TokenExpired { user, name } => {
+            format!("the API token {name:?} of user {user} has expired: create a new one")
+        }
+        Refusal::InvalidToken(VerifyError::Expired) => {
+            format!("the {jwt} has expired: log in again or fetch a new one from the token endpoint")
+        }
+        Refusal::InvalidToken(why) => format!("the {jwt} is invalid ({why}): log in again"),
+        Refusal::InsufficientScope { repo, action } => format!(
+            "the registry token does not grant {} on repository {repo}: fetch a token for that scope",
+            action.as_str()
+        ),
+        Refusal::Denied(message) => message.clone(),
+        Refusal::BadCredentials | Refusal::TooManyAttempts(_) | Refusal::Busy(_) => WRONG_CREDENTIALS.to_owned(),
+    }
+}
 
 /// A refusal from the token endpoint itself: a 401 for wrong credentials, a 429 when throttled.
 fn token_refusal(auth: &Auth, fail: AuthFail) -> Error {
@@ -313,10 +348,7 @@ fn token_refusal(auth: &Auth, fail: AuthFail) -> Error {
         AuthFail::Refused(Refusal::TooManyAttempts(retry_after)) => Error::TooManyLogins { retry_after },
         AuthFail::Refused(Refusal::Busy(retry_after)) => Error::LoginsBusy { retry_after },
         AuthFail::Refused(refusal) => Error::Unauthorized(Box::new(Challenge {
-            message: match refusal {
-                Refusal::InvalidToken(_) => "the refresh token is invalid or has expired",
-                _ => WRONG_CREDENTIALS,
-            },
+            message: unauthorized_message(&refusal, "refresh token"),
             realm: String::new(),
             service: auth.service().to_owned(),
             scope: None,
@@ -424,13 +456,13 @@ pub fn may_mount_from(auth: &Auth, req: &HttpRequest, repo: &RepoName, from: Opt
         (_, None) => Ok(false),
         (_, Some(from)) => match auth.authorize(&who, from.as_str(), Action::Pull) {
             Ok(()) => Ok(true),
-            Err(Refusal::InsufficientScope) => {
+            Err(refusal @ Refusal::InsufficientScope { .. }) => {
                 let scope = format!(
                     "{} {}",
                     challenge_scope(from, Action::Pull),
                     challenge_scope(repo, Action::Push)
                 );
-                Err(refuse(auth, req, Refusal::InsufficientScope.into(), Some(scope)))
+                Err(refuse(auth, req, refusal.into(), Some(scope)))
             }
             Err(_) => Ok(false),
         },

@@ -145,6 +145,10 @@ pub enum Error {
     /// The message names the identity, action and repository (see `auth::denial`).
     #[error("{0}")]
     Denied(String),
+    /// A write would move or delete a tag an `[[immutable_tags]]` rule protects (403 `DENIED`);
+    /// the message names the tag, the repository and the rule (see `auth::immutable`).
+    #[error("{0}")]
+    TagImmutable(Box<crate::auth::ImmutableTagRefusal>),
     /// A token request the endpoint cannot serve (400).
     #[error("invalid token request: {0}")]
     TokenRequestInvalid(&'static str),
@@ -216,6 +220,12 @@ fn chain_is_storage_full(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+impl From<crate::auth::ImmutableTagRefusal> for Error {
+    fn from(r: crate::auth::ImmutableTagRefusal) -> Self {
+        Error::TagImmutable(Box::new(r))
+    }
+}
+
 impl From<object_store::Error> for Error {
     fn from(e: object_store::Error) -> Self {
         Error::Internal(Internal::Storage(e))
@@ -266,7 +276,7 @@ impl Error {
             Error::BodyRead(_) => Code::BlobUploadInvalid,
             Error::Unsupported(_) => Code::Unsupported,
             Error::Unauthorized(_) => Code::Unauthorized,
-            Error::Denied(_) => Code::Denied,
+            Error::Denied(_) | Error::TagImmutable(_) => Code::Denied,
             Error::TokenRequestInvalid(_) => Code::Unsupported,
             Error::TooManyLogins { .. } | Error::LoginsBusy { .. } | Error::TooManyUploads { .. } => {
                 Code::TooManyRequests
@@ -308,6 +318,11 @@ impl Error {
             })),
             Error::ManifestTooLarge { limit } => Some(serde_json::json!({ "limit": limit })),
             Error::RangeNotSatisfiable { size } => Some(serde_json::json!({ "size": size })),
+            Error::TagImmutable(r) => Some(serde_json::json!({
+                "repository": r.repo,
+                "tag": r.tag,
+                "rule": r.rule,
+            })),
             _ => None,
         }
     }

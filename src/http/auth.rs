@@ -94,6 +94,8 @@ fn challenge_scope(repo: &RepoName, action: Action) -> String {
         Action::Pull => format!("repository:{repo}:pull"),
         Action::Push => format!("repository:{repo}:pull,push"),
         Action::Delete => format!("repository:{repo}:delete"),
+        // No route needs it (the catalog checks it on the tag writes that need it).
+        Action::Overwrite => format!("repository:{repo}:pull,push,overwrite"),
     }
 }
 

@@ -29,8 +29,9 @@
 //! docker user allowed to overwrite could otherwise never do it. With authentication off
 //! (`auth.enabled = false`) nobody has it: the rules hold for every client.
 //!
-//! Tags the server writes itself (a Spack build cache's `index.spack`) are not client tags and
-//! are never checked.
+//! A Spack build cache's `index.spack` is never immutable: the server builds that index and
+//! never serves a pushed one (`spack`), and Spack pushes a new one after every change
+//! (`spack buildcache update-index`), which a rule covering every tag would otherwise refuse.
 
 use serde::{Deserialize, Serialize};
 
@@ -155,6 +156,9 @@ impl TagLocks {
 
     /// The first rule that makes `tag` immutable, described for people.
     fn rule_for(&self, tag: &str) -> Option<String> {
+        if tag == crate::spack::INDEX_TAG {
+            return None;
+        }
         self.rules.iter().find(|(_, r)| r.covers_tag(tag)).map(|(n, r)| {
             let repos: Vec<&str> = r.repositories.iter().map(Pattern::as_str).collect();
             let tags: Vec<&str> = r.tags.iter().map(TagPattern::as_str).collect();
@@ -250,6 +254,7 @@ mod tests {
             refused.to_string().contains("it cannot be moved to sha256:ab"),
             "{refused}"
         );
+        assert_eq!(spack.check("index.spack", TagChange::Delete), Ok(None));
         assert!(all.for_repo("dev/app", Overwrite::Refused).is_empty());
         assert!(all.for_repo("spack/a/b", Overwrite::Refused).is_empty());
     }

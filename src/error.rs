@@ -367,6 +367,26 @@ mod tests {
     }
 
     #[test]
+    fn an_immutable_tag_refusal_is_403_denied_with_its_message_and_detail() {
+        let e = Error::from(crate::auth::ImmutableTagRefusal {
+            repo: "prod/app".into(),
+            tag: "v1".into(),
+            rule: "immutable_tags rule 1: tags v* in repositories prod/**".into(),
+            change: crate::auth::TagChange::Delete,
+        });
+        assert_eq!((e.code(), e.status()), (Code::Denied, 403));
+        assert!(
+            e.to_string().starts_with("tag v1 in repository prod/app is immutable"),
+            "{e}"
+        );
+        let detail = e.detail().expect("detail");
+        assert_eq!(
+            (&detail["tag"], &detail["repository"]),
+            (&"v1".into(), &"prod/app".into())
+        );
+    }
+
+    #[test]
     fn other_internal_failures_stay_500_unknown() {
         let cases: Vec<Error> = vec![
             std::io::Error::from_raw_os_error(libc::EIO).into(),

@@ -15,6 +15,7 @@ use reqwest::Response;
 use serde_json::Value;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 const CONFIG: &str = r#"
 [auth]
@@ -134,11 +135,15 @@ impl Server {
     }
 
     async fn put(&self, creds: &Creds, repo: &str, reference: &str, body: &[u8]) -> Response {
+        self.put_as(creds, repo, reference, body, OCI_MANIFEST).await
+    }
+
+    async fn put_as(&self, creds: &Creds, repo: &str, reference: &str, body: &[u8], content_type: &str) -> Response {
         creds
             .apply(
                 client()
                     .put(self.server.v2(&format!("{repo}/manifests/{reference}")))
-                    .header("Content-Type", OCI_MANIFEST)
+                    .header("Content-Type", content_type)
                     .body(body.to_vec()),
             )
             .send()
@@ -313,6 +318,66 @@ async fn deleting_an_immutable_tag_or_the_manifest_it_names_is_refused() {
     // Deleting what does not exist is still a plain 404.
     let resp = s.delete(&dev, "prod/app", "v9").await;
     assert_error(resp, 404, &["MANIFEST_UNKNOWN"]).await;
+}
+
+/// An OCI index listing `children`, each with its media type.
+fn index_of(children: &[(&[u8], &str)]) -> Vec<u8> {
+    let manifests: Vec<Value> = children
+        .iter()
+        .map(|(c, media_type)| serde_json::json!({"mediaType": media_type, "digest": sha256(c), "size": c.len()}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": manifests,
+    }))
+    .expect("index JSON")
+}
+
+#[tokio::test]
+async fn a_manifest_an_immutable_index_lists_cannot_be_deleted() {
+    let s = Server::with_auth();
+    let dev = Creds::basic("dev", "dev-pw");
+    let repo = "prod/multi";
+    let mut children = Vec::new();
+    for layer in ["amd64", "arm64", "mutable"] {
+        let m = s.image(&dev, repo, layer).await;
+        assert_eq!(s.put(&dev, repo, &sha256(&m), &m).await.status(), 201);
+        children.push(m);
+    }
+    // v1 names an index listing child 0; v2 names an index listing an untagged index listing
+    // child 1.
+    let direct = index_of(&[(&children[0], OCI_MANIFEST)]);
+    assert_eq!(s.put_as(&dev, repo, "v1", &direct, OCI_INDEX).await.status(), 201);
+    let inner = index_of(&[(&children[1], OCI_MANIFEST)]);
+    assert_eq!(
+        s.put_as(&dev, repo, &sha256(&inner), &inner, OCI_INDEX).await.status(),
+        201
+    );
+    let outer = index_of(&[(&inner, OCI_INDEX)]);
+    assert_eq!(s.put_as(&dev, repo, "v2", &outer, OCI_INDEX).await.status(), 201);
+    for (child, tag, index) in [
+        (&children[0], "v1", &direct),
+        (&children[1], "v2", &outer),
+        (&inner, "v2", &outer),
+    ] {
+        let message = assert_immutable(s.delete(&dev, repo, &sha256(child)).await, repo, tag, 1).await;
+        let expected = format!(
+            "manifest {}, which the index {} it names lists, cannot be deleted",
+            sha256(child),
+            sha256(index)
+        );
+        assert!(message.contains(&expected), "{message}");
+        assert_eq!(s.resolve(repo, &sha256(child)).await, Some(sha256(child)));
+    }
+    // An index only a mutable tag names leaves its children deletable, as without rules.
+    let mutable = index_of(&[(&children[2], OCI_MANIFEST)]);
+    assert_eq!(s.put_as(&dev, repo, "latest", &mutable, OCI_INDEX).await.status(), 201);
+    assert_eq!(s.delete(&dev, repo, &sha256(&children[2])).await.status(), 202);
+    // With overwrite the child goes.
+    let release = Creds::basic("release", "release-pw");
+    assert_eq!(s.delete(&release, repo, &sha256(&children[0])).await.status(), 202);
+    assert_eq!(s.resolve(repo, &sha256(&children[0])).await, None);
 }
 
 #[tokio::test]

@@ -14,7 +14,8 @@
 //!   succeeds (docker and `spack buildcache push --force` re-push unchanged images), and so does
 //!   the PUT that creates it;
 //! - DELETE by tag is refused the same way, and so is DELETE of a manifest by digest while an
-//!   immutable tag names it (it would delete the tag with it).
+//!   immutable tag names it (it would delete the tag with it) or names an index that lists it,
+//!   at any depth (the tagged image would lose a platform).
 //!
 //! The check runs inside the catalog write transaction that moves or deletes the tag
 //! (`catalog::queries`), never as a read before it, so it cannot race: of two PUTs of different
@@ -126,8 +127,9 @@ pub enum TagChange {
     Move { to: String },
     /// Delete it.
     Delete,
-    /// Delete the manifest (this digest) it names.
-    DeleteManifest { digest: String },
+    /// Delete the manifest (this digest) it names, or that an index it names lists (`via`,
+    /// that index).
+    DeleteManifest { digest: String, via: Option<String> },
 }
 
 /// The immutable-tag rules of one repository, and whether this writer may overwrite them:
@@ -152,6 +154,11 @@ impl TagLocks {
     /// No tag of the repository is immutable.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// Whether a rule makes `tag` immutable (for callers that skip such tags, e.g. retention).
+    pub fn is_immutable(&self, tag: &str) -> bool {
+        self.rule_for(tag).is_some()
     }
 
     /// The first rule that makes `tag` immutable, described for people.
@@ -214,7 +221,15 @@ impl std::fmt::Display for ImmutableTagRefusal {
         let what = match change {
             TagChange::Move { to } => format!("it cannot be moved to {to}"),
             TagChange::Delete => "it cannot be deleted".to_owned(),
-            TagChange::DeleteManifest { digest } => format!("manifest {digest}, which it names, cannot be deleted"),
+            TagChange::DeleteManifest { digest, via: None } => {
+                format!("manifest {digest}, which it names, cannot be deleted")
+            }
+            TagChange::DeleteManifest {
+                digest,
+                via: Some(index),
+            } => {
+                format!("manifest {digest}, which the index {index} it names lists, cannot be deleted")
+            }
         };
         write!(
             f,
@@ -268,11 +283,29 @@ mod tests {
                 "v1",
                 TagChange::DeleteManifest {
                     digest: "sha256:x".into(),
+                    via: None,
                 },
             )
             .unwrap()
             .unwrap();
         assert_eq!((done.tag.as_str(), done.by.as_str()), ("v1", "ci"));
+        let refused = all
+            .for_repo("a", Overwrite::Refused)
+            .check(
+                "v1",
+                TagChange::DeleteManifest {
+                    digest: "sha256:child".into(),
+                    via: Some("sha256:index".into()),
+                },
+            )
+            .unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .ends_with("manifest sha256:child, which the index sha256:index it names lists, cannot be deleted without the overwrite action"),
+            "{refused}"
+        );
+        assert!(all.for_repo("a", Overwrite::Refused).is_immutable("v1"));
     }
 
     #[test]

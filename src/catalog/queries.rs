@@ -351,15 +351,31 @@ impl Catalog {
             };
             let mut overwritten = Vec::new();
             if !locks.is_empty() {
+                // The tags naming the manifest, or an index that lists it (at any depth):
+                // deleting a child would break the immutable image as surely as the index.
                 let tags = c
                     .prepare_cached(
-                        "SELECT t.name FROM tags t JOIN manifests m ON m.id = t.manifest_id
-                          WHERE m.repo_id = ?1 AND m.digest = ?2 ORDER BY t.name",
+                        "WITH RECURSIVE up(digest) AS (
+                             SELECT ?2
+                             UNION
+                             SELECT m.digest FROM up
+                               JOIN manifest_refs r ON r.digest = up.digest AND r.kind = 'manifest'
+                               JOIN manifests m ON m.id = r.manifest_id AND m.repo_id = ?1
+                         )
+                         SELECT t.name, m.digest FROM up
+                           JOIN manifests m ON m.repo_id = ?1 AND m.digest = up.digest
+                           JOIN tags t ON t.manifest_id = m.id
+                          ORDER BY t.name",
                     )?
-                    .query_map(params![repo_id, digest], |r| r.get::<_, String>(0))?
+                    .query_map(params![repo_id, digest], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                    })?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
-                for tag in tags {
-                    let change = TagChange::DeleteManifest { digest: digest.clone() };
+                for (tag, named) in tags {
+                    let change = TagChange::DeleteManifest {
+                        digest: digest.clone(),
+                        via: (named != digest).then_some(named),
+                    };
                     overwritten.extend(locks.check(&tag, change)?);
                 }
             }

@@ -43,7 +43,8 @@ pub enum Guard {
     Base,
     /// `/v2/_catalog`: any identity, anonymous included; the listing is filtered.
     Catalog,
-    /// Manifests: GET/HEAD pull, PUT push, DELETE delete.
+    /// Manifests: GET/HEAD pull, PUT push, DELETE delete (moving or deleting an immutable tag
+    /// also needs `overwrite`, checked by the catalog in the write's transaction).
     Manifests,
     /// Blobs: GET/HEAD pull, DELETE delete.
     Blobs,

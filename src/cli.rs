@@ -112,6 +112,7 @@ pub enum TokenCommand {
         #[arg(long)]
         name: String,
         /// What the token may do: `<repository pattern>:<actions>`, e.g. `spack/**:pull,push`.
+        /// Actions: pull, push, delete, overwrite (move or delete immutable tags), `*` for all.
         /// Repeatable. The user's own permissions still apply.
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,

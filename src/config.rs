@@ -25,6 +25,9 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
+    /// Tags that may not be moved or deleted (`[[immutable_tags]]` with `repositories` and
+    /// `tags`), except by identities with the `overwrite` action. See `auth::immutable`.
+    pub immutable_tags: Vec<crate::auth::ImmutableTagRule>,
     pub gc: GcConfig,
     pub log: LogConfig,
 }
@@ -333,6 +336,7 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
+            immutable_tags: Vec::new(),
             gc: GcConfig::default(),
             log: LogConfig::default(),
         }
@@ -465,6 +469,7 @@ impl Config {
                 auth.max_concurrent_hashes
             ));
         }
+        crate::auth::ImmutableTags::validate(&self.immutable_tags)?;
         Ok(())
     }
 
@@ -573,6 +578,40 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file("bad.toml", "[registry]\ndelete_enabeld = false\n")?;
             assert!(Config::load(Some(Path::new("bad.toml")), CliOverrides::default()).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn immutable_tag_rules_are_read_and_validated() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "ok.toml",
+                "[[immutable_tags]]\nrepositories = [\"prod/**\"]\ntags = [\"v*\"]\n\n\
+                 [[immutable_tags]]\nrepositories = [\"spack/*\"]\n",
+            )?;
+            let c = Config::load(Some(Path::new("ok.toml")), CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.immutable_tags.len(), 2);
+            assert_eq!(c.immutable_tags[0].tags[0].as_str(), "v*");
+            assert_eq!(c.immutable_tags[1].tags[0].as_str(), "*");
+            for (bad, expect) in [
+                ("[[immutable_tags]]\nrepositories = []\n", "immutable_tags rule 1"),
+                (
+                    "[[immutable_tags]]\nrepositories = [\"a\"]\ntags = []\n",
+                    "immutable_tags rule 1",
+                ),
+                (
+                    "[[immutable_tags]]\nrepositories = [\"a\"]\ntags = [\"v/1\"]\n",
+                    "tag pattern",
+                ),
+                ("[[immutable_tags]]\nrepository = [\"a\"]\n", "repository"),
+            ] {
+                jail.create_file("bad.toml", bad)?;
+                let err = Config::load(Some(Path::new("bad.toml")), CliOverrides::default())
+                    .expect_err(bad)
+                    .to_string();
+                assert!(err.contains(expect), "{bad}: {err}");
+            }
             Ok(())
         });
     }

@@ -145,6 +145,10 @@ pub enum Error {
     /// The message names the identity, action and repository (see `auth::denial`).
     #[error("{0}")]
     Denied(String),
+    /// A write would move or delete a tag an `[[immutable_tags]]` rule protects (403 `DENIED`);
+    /// the message names the tag, the repository and the rule (see `auth::immutable`).
+    #[error("{0}")]
+    TagImmutable(Box<crate::auth::ImmutableTagRefusal>),
     /// A token request the endpoint cannot serve (400).
     #[error("invalid token request: {0}")]
     TokenRequestInvalid(&'static str),
@@ -221,6 +225,12 @@ fn chain_is_storage_full(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+impl From<crate::auth::ImmutableTagRefusal> for Error {
+    fn from(r: crate::auth::ImmutableTagRefusal) -> Self {
+        Error::TagImmutable(Box::new(r))
+    }
+}
+
 impl From<object_store::Error> for Error {
     fn from(e: object_store::Error) -> Self {
         Error::Internal(Internal::Storage(e))
@@ -271,7 +281,7 @@ impl Error {
             Error::BodyRead(_) => Code::BlobUploadInvalid,
             Error::Unsupported(_) => Code::Unsupported,
             Error::Unauthorized(_) => Code::Unauthorized,
-            Error::Denied(_) => Code::Denied,
+            Error::Denied(_) | Error::TagImmutable(_) => Code::Denied,
             Error::TokenRequestInvalid(_) => Code::Unsupported,
             Error::TooManyLogins { .. } | Error::LoginsBusy { .. } | Error::TooManyUploads { .. } => {
                 Code::TooManyRequests
@@ -314,6 +324,11 @@ impl Error {
             })),
             Error::ManifestTooLarge { limit } => Some(serde_json::json!({ "limit": limit })),
             Error::RangeNotSatisfiable { size } => Some(serde_json::json!({ "size": size })),
+            Error::TagImmutable(r) => Some(serde_json::json!({
+                "repository": r.repo,
+                "tag": r.tag,
+                "rule": r.rule,
+            })),
             _ => None,
         }
     }
@@ -355,6 +370,26 @@ mod tests {
             assert_eq!(e.code().as_str(), "UNAVAILABLE");
             assert_eq!(e.status(), 507, "{e:?}");
         }
+    }
+
+    #[test]
+    fn an_immutable_tag_refusal_is_403_denied_with_its_message_and_detail() {
+        let e = Error::from(crate::auth::ImmutableTagRefusal {
+            repo: "prod/app".into(),
+            tag: "v1".into(),
+            rule: "immutable_tags rule 1: tags v* in repositories prod/**".into(),
+            change: crate::auth::TagChange::Delete,
+        });
+        assert_eq!((e.code(), e.status()), (Code::Denied, 403));
+        assert!(
+            e.to_string().starts_with("tag v1 in repository prod/app is immutable"),
+            "{e}"
+        );
+        let detail = e.detail().expect("detail");
+        assert_eq!(
+            (&detail["tag"], &detail["repository"]),
+            (&"v1".into(), &"prod/app".into())
+        );
     }
 
     #[test]

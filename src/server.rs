@@ -214,6 +214,7 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         upload_timeout: Duration::from_secs(config.registry.upload_timeout_secs),
         catalog_page_size: config.registry.catalog_page_size,
         upload_sessions: session_limits(config, DescriptorBudget::current()),
+        immutable_tags: crate::auth::ImmutableTags::new(config.immutable_tags.clone()),
     };
     tracing::info!(
         total = settings.upload_sessions.total,

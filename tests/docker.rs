@@ -41,6 +41,15 @@ anonymous_pull = ["public/**"]
 repositories = ["**"]
 users = ["alice"]
 actions = ["pull", "push"]
+
+[[auth.rules]]
+repositories = ["immutable/release"]
+users = ["alice"]
+actions = ["overwrite"]
+
+[[immutable_tags]]
+repositories = ["immutable/**"]
+tags = ["v*"]
 "#;
 
 // ---------------------------------------------------------------------------------------------
@@ -567,6 +576,37 @@ async fn a_user_without_push_rights_is_refused_at_once_with_the_reason() {
         "the output names the problem:\n{}",
         run.text
     );
+}
+
+#[tokio::test]
+async fn a_changed_push_to_an_immutable_tag_is_refused_at_once_with_the_reason() {
+    let s = Setup::start(None);
+    let login = s.login("alice", "alice-pw");
+    assert!(login.ok, "{}", login.text);
+    let pushed = s.push("immutable/app", "v1");
+    // The unchanged image again: allowed.
+    assert_eq!(s.push("immutable/app", "v1"), pushed);
+    // Another image under the same tag (`local/busybox:arm64` is a second import).
+    let image = s.image("immutable/app:v1");
+    s.ok(&["tag", "local/busybox:arm64", &image]);
+    let run = s.docker(&["push", &image], "");
+    eprintln!("refused push took {:?}:\n{}", run.took, run.text);
+    assert!(!run.ok, "moving an immutable tag must fail:\n{}", run.text);
+    assert!(run.took < Duration::from_secs(20), "{:?}\n{}", run.took, run.text);
+    assert!(
+        run.text.contains("tag v1 in repository immutable/app is immutable"),
+        "the output names the problem:\n{}",
+        run.text
+    );
+    assert_eq!(s.served_digest("immutable/app", "v1", &client()).await, pushed);
+    // Where alice has `overwrite`, docker's token (asked for pull,push) carries it.
+    let first = s.push("immutable/release", "v1");
+    let image = s.image("immutable/release:v1");
+    s.ok(&["tag", "local/busybox:arm64", &image]);
+    let out = s.ok(&["push", &image]);
+    let moved = digest_in(&out, "digest: ").unwrap_or_else(|| panic!("push prints the digest:\n{out}"));
+    assert_ne!(moved, first);
+    assert_eq!(s.served_digest("immutable/release", "v1", &client()).await, moved);
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 //! - [`password`]: argon2id password hashes and API token secrets.
 //! - [`keys`], [`jwt`]: Ed25519 signing keys and the tokens they sign.
 //! - [`limiter`]: failed-login throttling per client address and per (user, address).
+//! - [`immutable`]: `[[immutable_tags]]` rules and who may overwrite them (the `overwrite` action).
 //!
 //! Credentials a request may carry: none (anonymous); HTTP Basic with a user's password or an
 //! API token secret as the password; a Bearer registry token from the token endpoint. Users and
@@ -35,6 +36,7 @@
 //! within `auth.upload_token_grace_secs` of its expiry (bounded by the upload timeout); the
 //! upload layer makes sure the session is the token's user's own.
 
+pub mod immutable;
 pub mod jwt;
 pub mod keys;
 pub mod limiter;
@@ -50,10 +52,13 @@ use std::time::{Duration, Instant};
 
 use sha2::Digest as _;
 
+pub use immutable::{
+    ImmutableTagRefusal, ImmutableTagRule, ImmutableTags, Overwrite, Overwritten, TagChange, TagLocks,
+};
 pub use jwt::{Claims, TokenUse, VerifyError};
 pub use keys::KeySet;
 pub use policy::{Policy, Rule, Subject};
-pub use scope::{Action, Grant, Pattern, Scope};
+pub use scope::{Action, Grant, Pattern, Scope, TagPattern};
 
 use crate::catalog::Catalog;
 use crate::catalog::auth::ApiTokenRecord;
@@ -599,6 +604,17 @@ impl Auth {
         }
     }
 
+    /// Whether `who` may overwrite (move or delete) immutable tags of `repo`: whether it has the
+    /// `overwrite` action there. With authentication off nobody may (see `auth::immutable`).
+    pub fn overwrite(&self, who: &Principal, repo: &str) -> Overwrite {
+        if matches!(who.identity, Identity::Open) || self.authorize(who, repo, Action::Overwrite).is_err() {
+            return Overwrite::Refused;
+        }
+        Overwrite::Allowed {
+            by: who.user().unwrap_or("anonymous").to_owned(),
+        }
+    }
+
     /// Whether `who` may see `repo` in listings (the catalog).
     pub fn may_list(&self, who: &Principal, repo: &str) -> bool {
         who.subject()
@@ -606,8 +622,10 @@ impl Auth {
     }
 
     /// Issues a registry token for the scopes asked, granting of each only what `who` may do
-    /// (never refusing a request for more). With `offline`, a signed-in user also gets a
-    /// refresh token.
+    /// (never refusing a request for more). Where `push` is granted and `who` also has
+    /// `overwrite`, the token carries `overwrite` too: clients ask for `pull,push` only, and an
+    /// identity allowed to overwrite immutable tags could otherwise never do so through them.
+    /// With `offline`, a signed-in user also gets a refresh token.
     pub fn issue(&self, who: &Principal, scopes: &[Scope], offline: bool) -> Result<TokenResponse, Error> {
         let subject = who.subject().unwrap_or(Subject::Anonymous);
         let mut access: Vec<jwt::AccessEntry> = Vec::new();
@@ -617,10 +635,17 @@ impl Auth {
                     if name.parse::<crate::oci::RepoName>().is_err() {
                         continue;
                     }
-                    let granted = match who.identity {
+                    let mut granted = match who.identity {
                         Identity::Open => actions.clone(),
                         _ => self.inner.policy.allowed_actions(subject, name, actions),
                     };
+                    if granted.contains(&Action::Push)
+                        && !granted.contains(&Action::Overwrite)
+                        && !matches!(who.identity, Identity::Open)
+                        && self.inner.policy.allows(subject, name, Action::Overwrite)
+                    {
+                        granted.push(Action::Overwrite);
+                    }
                     if granted.is_empty() {
                         continue;
                     }

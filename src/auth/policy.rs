@@ -2,10 +2,11 @@
 //!
 //! - Anonymous clients may pull from the repositories matching `auth.anonymous_pull`, and do
 //!   nothing else.
-//! - Admins may do everything.
+//! - Admins may do everything, `overwrite` of immutable tags included.
 //! - Other users may do what an `[[auth.rules]]` entry naming them (or `*`, any signed-in user)
 //!   allows, plus pull what anonymous clients may. With no rule configured, the default rule
-//!   lets every signed-in user pull and push everywhere; deleting is left to admins.
+//!   lets every signed-in user pull and push everywhere; deleting and overwriting immutable
+//!   tags (`auth::immutable`) are left to admins.
 //! - An API token acts for its user, restricted further to the token's own scopes; but no
 //!   identity gets less than an anonymous client, so any token may pull what anonymous clients
 //!   may, whatever its scopes.
@@ -22,7 +23,7 @@ pub struct Rule {
     pub repositories: Vec<Pattern>,
     /// User names the rule applies to; `*` is every signed-in user.
     pub users: Vec<String>,
-    /// Actions allowed: `pull`, `push`, `delete`.
+    /// Actions allowed: `pull`, `push`, `delete`, `overwrite` (move or delete immutable tags).
     pub actions: Vec<Action>,
 }
 
@@ -132,6 +133,32 @@ mod tests {
             scopes: None,
         };
         assert!(p.allows(admin, "a/b", Action::Delete));
+        assert!(p.allows(admin, "a/b", Action::Overwrite));
+        assert!(!p.allows(user("u"), "a/b", Action::Overwrite));
+    }
+
+    #[test]
+    fn overwrite_is_granted_by_rules_and_narrowed_by_token_scopes() {
+        let p = Policy::new(
+            vec![],
+            vec![Rule {
+                repositories: vec![Pattern::new("prod/**")],
+                users: vec!["release".into()],
+                actions: vec![Action::Pull, Action::Push, Action::Overwrite],
+            }],
+        );
+        assert!(p.allows(user("release"), "prod/app", Action::Overwrite));
+        assert!(!p.allows(user("release"), "dev/app", Action::Overwrite));
+        assert!(!p.allows(user("other"), "prod/app", Action::Overwrite));
+        let push_only = [Grant::parse("prod/**:pull,push").unwrap()];
+        let token = |scopes| Subject::User {
+            name: "release",
+            admin: false,
+            scopes: Some(scopes),
+        };
+        assert!(!p.allows(token(&push_only), "prod/app", Action::Overwrite));
+        let with_overwrite = [Grant::parse("prod/**:push,overwrite").unwrap()];
+        assert!(p.allows(token(&with_overwrite), "prod/app", Action::Overwrite));
     }
 
     #[test]

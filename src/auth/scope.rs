@@ -2,12 +2,15 @@
 //!
 //! A scope, as docker and every OCI client send it to the token endpoint and as the registry puts
 //! it in a challenge: `repository:<name>:<action>[,<action>…]`, plus `registry:catalog:*`. The
-//! actions Stowage knows are `pull`, `push` and `delete`; `*` means all three. Unknown actions are
-//! ignored (never granted, never an error), as the token protocol asks.
+//! actions Stowage knows are `pull`, `push`, `delete` and `overwrite` (moving or deleting a tag
+//! that an `[[immutable_tags]]` rule protects; see `auth::immutable`); `*` means all four.
+//! Unknown actions are ignored (never granted, never an error), as the token protocol asks.
 //!
 //! Repository patterns (policy rules, API token scopes) are globs over repository names: `*`
 //! matches within one path component, `**` matches any number of components, so `spack/*`
 //! matches `spack/cache` but not `spack/a/b`, and `spack/**` matches both (and `spack` itself).
+//! Tag patterns ([`TagPattern`]) are globs over tag names where `*` matches any run of
+//! characters: `v*` matches `v1` and `v1.2.3`.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,16 +21,19 @@ pub enum Action {
     Pull,
     Push,
     Delete,
+    /// Move or delete a tag that an `[[immutable_tags]]` rule protects.
+    Overwrite,
 }
 
 impl Action {
-    pub const ALL: [Action; 3] = [Action::Pull, Action::Push, Action::Delete];
+    pub const ALL: [Action; 4] = [Action::Pull, Action::Push, Action::Delete, Action::Overwrite];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Pull => "pull",
             Action::Push => "push",
             Action::Delete => "delete",
+            Action::Overwrite => "overwrite",
         }
     }
 
@@ -39,6 +45,7 @@ impl Action {
                 "pull" => &[Action::Pull],
                 "push" => &[Action::Push],
                 "delete" => &[Action::Delete],
+                "overwrite" => &[Action::Overwrite],
                 "*" => &Action::ALL,
                 _ => &[],
             };
@@ -166,6 +173,90 @@ fn match_glob(p: &[u8], n: &[u8]) -> bool {
     }
 }
 
+/// A tag name glob: `*` matches any run of characters (tags hold no `/`); anything else
+/// matches itself. Checked by [`TagPattern::parse`] to be made of tag characters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TagPattern(String);
+
+impl TagPattern {
+    /// Longest pattern accepted: a tag is at most 128 characters, and a few `*` besides.
+    const MAX_LEN: usize = 256;
+
+    /// A pattern of tag characters (`A-Z a-z 0-9 _ . -`) and `*`.
+    pub fn parse(s: &str) -> Result<TagPattern, String> {
+        if s.is_empty() || s.len() > Self::MAX_LEN {
+            return Err(format!(
+                "tag pattern {s:?} must be 1 to {} characters long",
+                Self::MAX_LEN
+            ));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '*')))
+        {
+            return Err(format!(
+                "tag pattern {s:?} holds {c:?}: only tag characters (A-Z a-z 0-9 _ . -) and * may appear"
+            ));
+        }
+        Ok(TagPattern(s.to_owned()))
+    }
+
+    /// `*`: every tag.
+    pub fn any() -> TagPattern {
+        TagPattern("*".to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether tag `name` matches. Linear backtracking over the last `*` only, so a pattern of
+    /// many stars costs O(pattern × tag) on a client's tag, never more.
+    pub fn matches(&self, name: &str) -> bool {
+        let (p, n) = (self.0.as_bytes(), name.as_bytes());
+        let (mut pi, mut ni) = (0, 0);
+        // Where the last `*` was, and the name position it currently stands for up to.
+        let mut star: Option<(usize, usize)> = None;
+        while ni < n.len() {
+            if pi < p.len() && p[pi] == b'*' {
+                star = Some((pi, ni));
+                pi += 1;
+            } else if pi < p.len() && p[pi] == n[ni] {
+                pi += 1;
+                ni += 1;
+            } else if let Some((sp, sn)) = star {
+                pi = sp + 1;
+                ni = sn + 1;
+                star = Some((sp, sn + 1));
+            } else {
+                return false;
+            }
+        }
+        p[pi..].iter().all(|&c| c == b'*')
+    }
+}
+
+impl TryFrom<String> for TagPattern {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        TagPattern::parse(&s)
+    }
+}
+
+impl From<TagPattern> for String {
+    fn from(p: TagPattern) -> String {
+        p.0
+    }
+}
+
+impl std::fmt::Display for TagPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A pattern with the actions it allows: an API token's scope (`spack/**:pull,push`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
@@ -182,7 +273,7 @@ impl Grant {
         let actions = Action::parse_list(actions);
         if pattern.is_empty() || actions.is_empty() {
             return Err(format!(
-                "scope {s:?}: needs a repository pattern and one or more of pull, push, delete"
+                "scope {s:?}: needs a repository pattern and one or more of pull, push, delete, overwrite"
             ));
         }
         Ok(Grant {
@@ -260,5 +351,32 @@ mod tests {
         assert!(!g.allows("other", Action::Pull));
         assert!(Grant::parse("nope").is_err());
         assert!(Grant::parse("a:bogus").is_err());
+        let g = Grant::parse("prod/**:push,overwrite").unwrap();
+        assert!(g.allows("prod/app", Action::Overwrite));
+        assert_eq!(g.to_string(), "prod/**:push,overwrite");
+        assert_eq!(Grant::parse("a:*").unwrap().actions, Action::ALL.to_vec());
+    }
+
+    #[test]
+    fn tag_patterns() {
+        let p = TagPattern::parse("v*").unwrap();
+        assert!(p.matches("v1") && p.matches("v1.2.3") && p.matches("v"));
+        assert!(!p.matches("latest") && !p.matches("xv1"));
+        let p = TagPattern::parse("*.spack").unwrap();
+        assert!(p.matches("gcc-12.3.0-abcdef.spack") && !p.matches("index.spackx"));
+        assert!(TagPattern::parse("*").unwrap().matches("anything"));
+        assert!(
+            TagPattern::parse("release-*-final")
+                .unwrap()
+                .matches("release-1.0-final")
+        );
+        for bad in ["", "a/b", "v 1", "v?", "é"] {
+            assert!(TagPattern::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(TagPattern::parse(&"a".repeat(257)).is_err());
+        // Many stars against a long tag that almost matches: answered at once.
+        let p = TagPattern::parse(&format!("{}b", "*a".repeat(60))).unwrap();
+        assert!(!p.matches(&"a".repeat(128)));
+        assert!(p.matches(&format!("{}b", "a".repeat(127))));
     }
 }

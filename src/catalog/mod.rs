@@ -57,7 +57,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
-pub use queries::{ManifestRecord, NewManifest, Referrer, RepositoryPage};
+pub use queries::{Deletion, ManifestRecord, NewManifest, Referrer, RepositoryPage};
 pub use spack::{ClosureNode, IndexSnapshot, IndexState, SpecDetail, SpecQuery, SpecSummary};
 pub use uploads::{UploadCheckpoint, UploadRecord};
 

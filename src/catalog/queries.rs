@@ -1,8 +1,14 @@
 //! The catalog's queries, one async method per question the registry asks.
+//!
+//! Immutable tags (`auth::immutable`) are enforced here, in the write transaction that moves or
+//! deletes a tag ([`Catalog::put_manifest`], [`Catalog::delete_tag`],
+//! [`Catalog::delete_manifest`]): the tag's current manifest is read and the write refused in the
+//! same transaction, so no concurrent write can slip between the check and the change.
 
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Catalog, now};
+use crate::auth::{Overwritten, TagChange, TagLocks};
 use crate::error::{Error, Result};
 use crate::oci::manifest::Manifest;
 use crate::oci::{Digest, Reference, RepoName, Tag};
@@ -28,6 +34,15 @@ pub struct NewManifest {
     pub spack: Option<SpecImage>,
     /// Set when this manifest is a freshly built Spack index for that generation.
     pub spack_index_generation: Option<i64>,
+}
+
+/// What a deletion did.
+#[derive(Debug, Clone, Default)]
+pub struct Deletion {
+    /// Whether the tag or manifest existed (and is now gone).
+    pub existed: bool,
+    /// Immutable tags it deleted, by a writer allowed to (for the log).
+    pub overwritten: Vec<Overwritten>,
 }
 
 /// A page of a filtered repository listing ([`Catalog::visible_repositories`]).
@@ -171,11 +186,29 @@ impl Catalog {
 
     /// Stores a validated manifest (and its tag) in one transaction, after checking inside that
     /// transaction that every blob and child manifest it references is present in the repository
-    /// with the size its descriptor gives (`MANIFEST_INVALID` naming the blob or child if not).
-    pub async fn put_manifest(&self, repo: &RepoName, m: NewManifest) -> Result<()> {
+    /// with the size its descriptor gives (`MANIFEST_INVALID` naming the blob or child if not),
+    /// and that the tag, if it exists and names another manifest, is not immutable under `locks`
+    /// (403 `DENIED` if it is, unless the writer may overwrite: then it is returned, to be logged).
+    pub async fn put_manifest(&self, repo: &RepoName, m: NewManifest, locks: TagLocks) -> Result<Option<Overwritten>> {
         let repo = repo.to_string();
         self.write(move |c| {
             let repo_id = ensure_repo(c, &repo)?;
+            let digest = m.digest.to_string();
+            let mut overwritten = None;
+            if let Some(tag) = &m.tag
+                && !locks.is_empty()
+            {
+                let current: Option<String> = c
+                    .prepare_cached(
+                        "SELECT m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id
+                          WHERE t.repo_id = ?1 AND t.name = ?2",
+                    )?
+                    .query_row(params![repo_id, tag.as_str()], |r| r.get(0))
+                    .optional()?;
+                if current.is_some_and(|d| d != digest) {
+                    overwritten = locks.check(tag.as_str(), TagChange::Move { to: digest.clone() })?;
+                }
+            }
             let p = &m.parsed;
             for d in p.required_blobs() {
                 match size_in_repo(c, &repo, &d.digest.to_string())? {
@@ -214,7 +247,6 @@ impl Catalog {
                     None => return Err(Error::ManifestBlobUnknown(d.digest.clone())),
                 }
             }
-            let digest = m.digest.to_string();
             let manifest_id: i64 = c.query_row(
                 "INSERT INTO manifests
                     (repo_id, digest, media_type, size, content, artifact_type, subject, annotations,
@@ -260,7 +292,7 @@ impl Catalog {
             if let Some(generation) = m.spack_index_generation {
                 super::spack::publish_index(c, repo_id, generation, &digest)?;
             }
-            Ok(())
+            Ok(overwritten)
         })
         .await
     }
@@ -311,29 +343,79 @@ impl Catalog {
         .await
     }
 
-    /// Deletes a manifest by digest, with its tags and references. Returns whether it existed.
-    pub async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+    /// Deletes a manifest by digest, with its tags and references; refused (403 `DENIED`) while
+    /// a tag immutable under `locks` names it, unless the writer may overwrite.
+    pub async fn delete_manifest(&self, repo: &RepoName, digest: &Digest, locks: TagLocks) -> Result<Deletion> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.write(move |c| {
+            let Some(repo_id) = repo_id(c, &repo)? else {
+                return Ok(Deletion::default());
+            };
+            let mut overwritten = Vec::new();
+            if !locks.is_empty() {
+                // The tags naming the manifest, or an index that lists it (at any depth):
+                // deleting a child would break the immutable image as surely as the index.
+                let tags = c
+                    .prepare_cached(
+                        "WITH RECURSIVE up(digest) AS (
+                             SELECT ?2
+                             UNION
+                             SELECT m.digest FROM up
+                               JOIN manifest_refs r ON r.digest = up.digest AND r.kind = 'manifest'
+                               JOIN manifests m ON m.id = r.manifest_id AND m.repo_id = ?1
+                         )
+                         SELECT t.name, m.digest FROM up
+                           JOIN manifests m ON m.repo_id = ?1 AND m.digest = up.digest
+                           JOIN tags t ON t.manifest_id = m.id
+                          ORDER BY t.name",
+                    )?
+                    .query_map(params![repo_id, digest], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                for (tag, named) in tags {
+                    let change = TagChange::DeleteManifest {
+                        digest: digest.clone(),
+                        via: (named != digest).then_some(named),
+                    };
+                    overwritten.extend(locks.check(&tag, change)?);
+                }
+            }
             let n = c.execute(
-                "DELETE FROM manifests WHERE digest = ?2
-                    AND repo_id = (SELECT id FROM repositories WHERE name = ?1)",
-                params![repo, digest],
+                "DELETE FROM manifests WHERE digest = ?2 AND repo_id = ?1",
+                params![repo_id, digest],
             )?;
-            Ok(n > 0)
+            Ok(Deletion {
+                existed: n > 0,
+                overwritten,
+            })
         })
         .await
     }
 
-    /// Deletes a tag (not the manifest it names). Returns whether it existed.
-    pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool> {
+    /// Deletes a tag (not the manifest it names); refused (403 `DENIED`) when it is immutable
+    /// under `locks`, unless the writer may overwrite.
+    pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag, locks: TagLocks) -> Result<Deletion> {
         let (repo, tag) = (repo.to_string(), tag.to_string());
         self.write(move |c| {
+            let Some(repo_id) = repo_id(c, &repo)? else {
+                return Ok(Deletion::default());
+            };
+            let exists = c
+                .prepare_cached("SELECT 1 FROM tags WHERE repo_id = ?1 AND name = ?2")?
+                .exists(params![repo_id, tag])?;
+            if !exists {
+                return Ok(Deletion::default());
+            }
+            let overwritten = locks.check(&tag, TagChange::Delete)?;
             let n = c.execute(
-                "DELETE FROM tags WHERE name = ?2 AND repo_id = (SELECT id FROM repositories WHERE name = ?1)",
-                params![repo, tag],
+                "DELETE FROM tags WHERE repo_id = ?1 AND name = ?2",
+                params![repo_id, tag],
             )?;
-            Ok(n > 0)
+            Ok(Deletion {
+                existed: n > 0,
+                overwritten: overwritten.into_iter().collect(),
+            })
         })
         .await
     }

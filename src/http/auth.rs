@@ -46,7 +46,8 @@ pub enum Guard {
     Base,
     /// `/v2/_catalog`: any identity, anonymous included; the listing is filtered.
     Catalog,
-    /// Manifests: GET/HEAD pull, PUT push, DELETE delete.
+    /// Manifests: GET/HEAD pull, PUT push, DELETE delete (moving or deleting an immutable tag
+    /// also needs `overwrite`, checked by the catalog in the write's transaction).
     Manifests,
     /// Blobs: GET/HEAD pull, DELETE delete.
     Blobs,
@@ -97,6 +98,8 @@ fn challenge_scope(repo: &RepoName, action: Action) -> String {
         Action::Pull => format!("repository:{repo}:pull"),
         Action::Push => format!("repository:{repo}:pull,push"),
         Action::Delete => format!("repository:{repo}:delete"),
+        // No route needs it (the catalog checks it on the tag writes that need it).
+        Action::Overwrite => format!("repository:{repo}:pull,push,overwrite"),
     }
 }
 

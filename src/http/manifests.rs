@@ -1,9 +1,13 @@
 //! `/v2/<name>/manifests/<reference>`: GET, HEAD, PUT, DELETE.
+//!
+//! PUT and DELETE pass on whether the caller has the `overwrite` action on the repository; the
+//! catalog decides, in its write transaction, whether an immutable tag needs it.
 
 use actix_web::http::header::{CONTENT_TYPE, ETAG, LOCATION};
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use super::extract;
+use crate::auth::{Auth, Overwrite};
 use crate::error::{Error, Result};
 use crate::oci::Reference;
 use crate::registry::Registry;
@@ -45,7 +49,20 @@ pub async fn head(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResp
     lookup(req, reg, false).await
 }
 
-pub async fn put(req: HttpRequest, reg: web::Data<Registry>, body: web::Payload) -> Result<HttpResponse> {
+/// Whether the caller may overwrite immutable tags of `repo`.
+fn overwrite(req: &HttpRequest, auth: &Auth, repo: &crate::oci::RepoName) -> Overwrite {
+    match super::auth::principal(req) {
+        Some(who) => auth.overwrite(&who, repo.as_str()),
+        None => Overwrite::Refused,
+    }
+}
+
+pub async fn put(
+    req: HttpRequest,
+    reg: web::Data<Registry>,
+    auth: web::Data<Auth>,
+    body: web::Payload,
+) -> Result<HttpResponse> {
     let repo = extract::repo(&req)?;
     let reference = extract::reference(&req)?;
     let limit = reg.settings().max_manifest_size;
@@ -57,8 +74,9 @@ pub async fn put(req: HttpRequest, reg: web::Data<Registry>, body: web::Payload)
         Error::BodyRead(why) => Error::ManifestInvalid(format!("manifest body could not be read: {why}").into()),
         other => other,
     })?;
+    let overwrite = overwrite(&req, &auth, &repo);
     let out = reg
-        .put_manifest(&repo, reference, extract::content_type(&req), body)
+        .put_manifest(&repo, reference, extract::content_type(&req), body, overwrite)
         .await?;
     let mut resp = HttpResponse::Created();
     resp.insert_header((LOCATION, format!("/v2/{repo}/manifests/{}", out.digest)))
@@ -69,9 +87,10 @@ pub async fn put(req: HttpRequest, reg: web::Data<Registry>, body: web::Payload)
     Ok(resp.finish())
 }
 
-pub async fn delete(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResponse> {
+pub async fn delete(req: HttpRequest, reg: web::Data<Registry>, auth: web::Data<Auth>) -> Result<HttpResponse> {
     let repo = extract::repo(&req)?;
     let reference = read_reference(&req)?;
-    reg.delete_manifest(&repo, &reference).await?;
+    let overwrite = overwrite(&req, &auth, &repo);
+    reg.delete_manifest(&repo, &reference, overwrite).await?;
     Ok(HttpResponse::Accepted().finish())
 }

@@ -1,8 +1,13 @@
 //! Manifest push, pull and delete.
+//!
+//! Writes that move or delete a tag carry the writer's [`Overwrite`] right: the catalog refuses
+//! them inside its transaction when an `[[immutable_tags]]` rule protects the tag
+//! (`auth::immutable`), and an immutable tag a writer was allowed to overwrite is logged here.
 
 use bytes::Bytes;
 
 use super::Registry;
+use crate::auth::{Overwrite, Overwritten};
 use crate::catalog::{ManifestRecord, NewManifest};
 use crate::error::{Error, Result};
 use crate::oci::manifest::{self, Manifest};
@@ -38,13 +43,15 @@ fn digest_and_parse(body: &[u8], by_digest: Option<&Digest>, content_type: Optio
 }
 
 impl Registry {
-    /// Validates and stores a manifest under a tag or its digest.
+    /// Validates and stores a manifest under a tag or its digest. Moving an immutable tag needs
+    /// `overwrite`.
     pub async fn put_manifest(
         &self,
         repo: &RepoName,
         reference: Reference,
         content_type: Option<String>,
         body: Bytes,
+        overwrite: Overwrite,
     ) -> Result<PutOutcome> {
         if body.len() > self.settings.max_manifest_size {
             return Err(Error::ManifestTooLarge {
@@ -76,8 +83,10 @@ impl Registry {
             spack,
             spack_index_generation: None,
         };
-        self.catalog.put_manifest(repo, new).await?;
+        let locks = self.settings.immutable_tags.for_repo(repo.as_str(), overwrite);
+        let overwritten = self.catalog.put_manifest(repo, new, locks).await?;
         tracing::info!(repo = %repo, digest = %digest, tag = tag_name, "manifest stored");
+        log_overwritten(repo, overwritten.as_slice(), "moved");
         Ok(PutOutcome { digest, subject })
     }
 
@@ -107,19 +116,32 @@ impl Registry {
             .ok_or(Error::ManifestUnknown)
     }
 
-    /// Deletes a tag, or a manifest (with every tag naming it) by digest.
-    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+    /// Deletes a tag, or a manifest (with every tag naming it) by digest. Deleting an immutable
+    /// tag, or a manifest one names, needs `overwrite`.
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference, overwrite: Overwrite) -> Result<()> {
         if !self.settings.delete_enabled {
             return Err(Error::Unsupported("deletion is disabled on this registry"));
         }
-        let existed = match reference {
-            Reference::Tag(t) => self.catalog.delete_tag(repo, t).await?,
-            Reference::Digest(d) => self.catalog.delete_manifest(repo, d).await?,
+        let locks = self.settings.immutable_tags.for_repo(repo.as_str(), overwrite);
+        let deleted = match reference {
+            Reference::Tag(t) => self.catalog.delete_tag(repo, t, locks).await?,
+            Reference::Digest(d) => self.catalog.delete_manifest(repo, d, locks).await?,
         };
-        if !existed {
+        if !deleted.existed {
             return Err(Error::ManifestUnknown);
         }
         tracing::info!(repo = %repo, reference = %reference, "manifest deleted");
+        log_overwritten(repo, &deleted.overwritten, "deleted");
         Ok(())
+    }
+}
+
+/// Logs immutable tags a writer with the `overwrite` action moved or deleted.
+fn log_overwritten(repo: &RepoName, overwritten: &[Overwritten], what: &str) {
+    for o in overwritten {
+        tracing::info!(
+            repo = %repo, tag = %o.tag, rule = %o.rule, user = %o.by,
+            "immutable tag {what} with the overwrite action"
+        );
     }
 }

@@ -36,6 +36,8 @@ pub struct Settings {
     pub catalog_page_size: u64,
     /// Upload sessions held at once.
     pub upload_sessions: SessionLimits,
+    /// The `[[immutable_tags]]` rules.
+    pub immutable_tags: crate::auth::ImmutableTags,
 }
 
 /// Shared handle to the registry's state; cheap to clone.

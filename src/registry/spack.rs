@@ -152,6 +152,10 @@ impl Registry {
                     spack: None,
                     spack_index_generation: Some(snapshot.generation),
                 },
+                // Untagged: no tag to protect.
+                self.settings
+                    .immutable_tags
+                    .for_repo(repo.as_str(), crate::auth::Overwrite::Refused),
             )
             .await?;
         tracing::info!(

@@ -1,5 +1,5 @@
 //! The admin run modes: `stowage user …`, `stowage token …`, `stowage key rotate`,
-//! `stowage fsck`.
+//! `stowage fsck`, `stowage spack prune --dry-run`.
 //!
 //! They work on the catalog and key directory of the configured data directory, beside a
 //! running server or without one (SQLite takes the concurrent writer). Passwords are read from
@@ -25,7 +25,7 @@ use futures_util::StreamExt as _;
 use crate::auth::{Grant, keys, password};
 use crate::catalog::Catalog;
 use crate::catalog::auth::NewTokenError;
-use crate::cli::{KeyCommand, TokenCommand, UserCommand};
+use crate::cli::{KeyCommand, SpackCommand, TokenCommand, UserCommand};
 use crate::config::Config;
 use crate::oci::Digest;
 use crate::storage::BlobStore;
@@ -493,5 +493,43 @@ mod tests {
     fn formats_times() {
         assert_eq!(super::time(0), "1970-01-01 00:00:00");
         assert_eq!(super::time(1_700_000_000), "2023-11-14 22:13:20");
+    }
+}
+
+/// `stowage spack prune --dry-run`: prints what the retention rules would delete (see
+/// `registry::retention`); reads only.
+pub async fn spack(cmd: SpackCommand, config: impl Fn(&crate::cli::ServeArgs) -> Config) -> Outcome {
+    use crate::registry::retention::{Mode, plan};
+    match cmd {
+        SpackCommand::Prune { at, dry_run: _, repo } => {
+            let config = config(&at);
+            let repo = repo
+                .map(|r| r.parse::<crate::oci::RepoName>())
+                .transpose()
+                .map_err(|_| "--repo is not a valid repository name")?;
+            if config.gc.retention.is_empty() {
+                eprintln!("no retention rules are configured ([[gc.retention]]): nothing would be deleted");
+                return Ok(());
+            }
+            let catalog = open_catalog(&config).await?;
+            let mut out = std::io::stdout().lock();
+            let mut failed = None;
+            let report = plan(&catalog, &config.gc.retention, repo.as_ref(), Mode::Preview, |r| {
+                if failed.is_none()
+                    && let Err(e) = writeln!(out, "{}\t{}\t{}\trule {}: {}", r.repo, r.tag, r.digest, r.rule, r.why)
+                {
+                    failed = Some(e);
+                }
+            })
+            .await;
+            drop(out);
+            let closing = catalog.clone();
+            tokio::task::spawn_blocking(move || closing.close()).await?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            eprintln!("{} tag(s) would be deleted", report?.would_delete);
+            Ok(())
+        }
     }
 }

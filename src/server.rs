@@ -214,6 +214,8 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         upload_timeout: Duration::from_secs(config.registry.upload_timeout_secs),
         catalog_page_size: config.registry.catalog_page_size,
         upload_sessions: session_limits(config, DescriptorBudget::current()),
+        retention: config.gc.retention.clone(),
+        keep_list_max: Duration::from_secs(config.gc.keep_list_max_secs),
     };
     tracing::info!(
         total = settings.upload_sessions.total,
@@ -301,6 +303,18 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             loop {
                 tick.tick().await;
                 registry.expire_uploads().await;
+            }
+        })
+    };
+
+    let pull_flusher = {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let every = crate::registry::retention::FLUSH_EVERY;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                registry.flush_pulls().await;
             }
         })
     };
@@ -407,6 +421,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     server.run().await?;
 
     sweeper.abort();
+    pull_flusher.abort();
+    registry.flush_pulls().await;
     if let Some(collector) = collector {
         collector.abort();
     }

@@ -38,6 +38,7 @@ pub mod auth;
 mod fsck;
 mod gc;
 mod queries;
+mod retention;
 mod spack;
 mod uploads;
 
@@ -49,6 +50,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 pub use queries::{ManifestRecord, NewManifest, Referrer, RepositoryPage};
+pub use retention::{KeepList, PULL_BATCH, RetentionDeleted, RetentionSnapshot, RetentionTag, TagRemoval};
 pub use spack::{ClosureNode, IndexSnapshot, IndexState, SpecDetail, SpecQuery, SpecSummary};
 pub use uploads::{UploadCheckpoint, UploadRecord};
 
@@ -70,6 +72,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0005_credentials_epoch.sql"),
     include_str!("../../migrations/0006_gc.sql"),
     include_str!("../../migrations/0007_upload_owner.sql"),
+    include_str!("../../migrations/0009_retention.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

@@ -55,6 +55,7 @@ impl GcReport {
 impl Registry {
     /// Runs one garbage collection pass with the given grace period.
     pub async fn collect_garbage(&self, grace: Duration) -> Result<GcReport> {
+        self.apply_retention().await;
         let cutoff = crate::catalog::now() - grace.as_secs() as i64;
         let mut report = GcReport::default();
         loop {

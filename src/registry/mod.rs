@@ -8,6 +8,7 @@ pub mod blobs;
 mod gc;
 mod locks;
 mod manifests;
+pub mod retention;
 mod spack;
 mod uploads;
 
@@ -35,6 +36,10 @@ pub struct Settings {
     pub catalog_page_size: u64,
     /// Upload sessions held at once.
     pub upload_sessions: SessionLimits,
+    /// Retention rules (`gc.retention`), applied by each collection pass.
+    pub retention: Vec<crate::config::RetentionRule>,
+    /// Longest a Spack keep-list may live (`gc.keep_list_max_secs`).
+    pub keep_list_max: Duration,
 }
 
 /// Shared handle to the registry's state; cheap to clone.
@@ -49,6 +54,8 @@ pub struct Registry {
     /// Held (per digest) while a blob is published and linked, and while garbage collection
     /// deletes it, so that neither sees the other half done.
     pub(crate) blob_locks: Arc<locks::KeyedLocks>,
+    /// Manifest pulls not yet written to the catalog (see `retention`).
+    pub(crate) pulls: Arc<retention::PullRecorder>,
 }
 
 impl Registry {
@@ -60,6 +67,7 @@ impl Registry {
             settings: Arc::new(settings),
             spack_builds: Arc::new(locks::KeyedLocks::default()),
             blob_locks: Arc::new(locks::KeyedLocks::default()),
+            pulls: Arc::new(retention::PullRecorder::default()),
         }
     }
 

@@ -335,3 +335,206 @@ impl Catalog {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A catalog with repository 1 (`r`), manifests 1 and 2, and `setup` run on it.
+    async fn catalog(setup: &'static str) -> (tempfile::TempDir, Catalog) {
+        let tmp = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&tmp.path().join("catalog.db")).unwrap();
+        catalog
+            .write(move |c| {
+                c.execute_batch(
+                    "INSERT INTO repositories (id, name, created_at) VALUES (1, 'r', 0);
+                     INSERT INTO manifests (id, repo_id, digest, media_type, size, content, created_at)
+                          VALUES (1, 1, 'sha256:01', 'x', 1, x'00', 0), (2, 1, 'sha256:02', 'x', 1, x'00', 0);",
+                )?;
+                c.execute_batch(setup)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        (tmp, catalog)
+    }
+
+    fn removal(name: &str, manifest_id: i64, updated_at: i64, spack: bool) -> TagRemoval {
+        TagRemoval {
+            name: name.into(),
+            manifest_id,
+            updated_at,
+            spack,
+        }
+    }
+
+    async fn tag_names(catalog: &Catalog) -> Vec<String> {
+        catalog
+            .read(|c| {
+                let mut stmt = c.prepare("SELECT name FROM tags ORDER BY name")?;
+                Ok(stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<Vec<String>>>()?)
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn deletes_recheck_what_the_plan_saw() {
+        let (_tmp, catalog) = catalog(
+            "INSERT INTO tags (repo_id, name, manifest_id, updated_at) VALUES
+                (1, 'gone', 1, 100), (1, 'repushed', 1, 200), (1, 'moved', 2, 300), (1, 'pulled', 2, 50);
+             UPDATE manifests SET pulled_at = 1000 WHERE id = 2;",
+        )
+        .await;
+        let done = catalog
+            .retention_delete(
+                1,
+                0,
+                None,
+                vec![
+                    removal("gone", 1, 100, false),
+                    // Pushed again after the plan read it.
+                    removal("repushed", 1, 150, false),
+                    // Now names another manifest.
+                    removal("moved", 1, 300, false),
+                    // Pulled after the rule's cutoff.
+                    removal("pulled", 2, 50, false),
+                ],
+                Some(900),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(done.deleted, ["gone"]);
+        assert_eq!(tag_names(&catalog).await, ["moved", "pulled", "repushed"]);
+        let done = catalog
+            .retention_delete(1, 0, None, vec![removal("pulled", 2, 50, false)], Some(1001), None)
+            .await
+            .unwrap();
+        assert_eq!(done.deleted, ["pulled"], "not pulled since a later cutoff");
+    }
+
+    #[tokio::test]
+    async fn keep_last_is_rechecked_against_the_tags_left() {
+        let (_tmp, catalog) = catalog(
+            "INSERT INTO tags (repo_id, name, manifest_id, updated_at) VALUES
+                (1, 'a', 1, 100), (1, 'b', 1, 200), (1, 'c', 1, 300);",
+        )
+        .await;
+        // keep_last = 2, and a plan that saw more tags (a client deleted some since): `a` still
+        // has two newer tags and goes, `b` has only one left and stays.
+        let done = catalog
+            .retention_delete(
+                1,
+                0,
+                None,
+                vec![removal("a", 1, 100, false), removal("b", 1, 200, false)],
+                None,
+                Some(2),
+            )
+            .await
+            .unwrap();
+        assert_eq!(done.deleted, ["a"]);
+        assert_eq!(tag_names(&catalog).await, ["b", "c"]);
+    }
+
+    const SPACK: &str = "INSERT INTO tags (repo_id, name, manifest_id, updated_at) VALUES
+            (1, 'p-1-aaa.spack', 1, 100), (1, 'plain', 1, 100);
+         INSERT INTO spack_specs (repo_id, tag, hash, manifest_id, layout_version)
+              VALUES (1, 'p-1-aaa.spack', 'aaa', 1, 3);";
+
+    #[tokio::test]
+    async fn spec_tags_wait_for_a_new_plan_when_spec_tags_change() {
+        let (_tmp, catalog) = catalog(SPACK).await;
+        let generation = catalog
+            .retention_snapshot(&"r".parse().unwrap(), None, 10)
+            .await
+            .unwrap()
+            .unwrap()
+            .spack_generation
+            .unwrap();
+        let plan = || vec![removal("p-1-aaa.spack", 1, 100, true), removal("plain", 1, 100, false)];
+        // A spec tag was pushed or removed since the plan: only the plain tag goes.
+        let done = catalog
+            .retention_delete(1, 10, Some(generation - 1), plan(), None, None)
+            .await
+            .unwrap();
+        assert!(done.spack_changed);
+        assert_eq!(done.deleted, ["plain"]);
+        let done = catalog
+            .retention_delete(1, 10, Some(generation), plan(), None, None)
+            .await
+            .unwrap();
+        assert!(!done.spack_changed);
+        assert_eq!(done.deleted, ["p-1-aaa.spack"]);
+        assert_eq!(done.spack_generation, Some(generation + 1), "its own deletion counted");
+    }
+
+    #[tokio::test]
+    async fn spec_tags_wait_for_a_new_plan_when_a_keep_list_is_created() {
+        let (_tmp, catalog) = catalog(SPACK).await;
+        let snapshot = catalog
+            .retention_snapshot(&"r".parse().unwrap(), None, 10)
+            .await
+            .unwrap()
+            .unwrap();
+        catalog
+            .put_keep_list(&"r".parse().unwrap(), "new".into(), i64::MAX, None, vec!["zzz".into()])
+            .await
+            .unwrap();
+        let done = catalog
+            .retention_delete(
+                1,
+                snapshot.taken_at,
+                snapshot.spack_generation,
+                vec![removal("p-1-aaa.spack", 1, 100, true)],
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(done.spack_changed && done.deleted.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_closure_follows_link_and_run_edges_of_live_keep_lists() {
+        let (_tmp, catalog) = catalog(
+            "INSERT INTO spack_nodes (repo_id, hash, name, version, external, node) VALUES
+                (1, 'a', 'a', '1', 0, '{}'), (1, 'b', 'b', '1', 0, '{}'), (1, 'c', 'c', '1', 0, '{}'),
+                (1, 'd', 'd', '1', 0, '{}'), (1, 'e', 'e', '1', 0, '{}'), (1, 'f', 'f', '1', 0, '{}');
+             INSERT INTO spack_deps (repo_id, hash, dep_hash, deptypes) VALUES
+                (1, 'a', 'b', '[\"link\"]'), (1, 'b', 'c', '[\"run\"]'), (1, 'a', 'd', '[\"build\"]'),
+                (1, 'c', 'e', '[\"build\",\"link\"]'), (1, 'd', 'f', '[\"link\"]'), (1, 'e', 'a', '[\"link\"]');
+             INSERT INTO spack_keep (repo_id, name, created_at, expires_at) VALUES (1, 'live', 0, 100), (1, 'old', 0, 5);
+             INSERT INTO spack_keep_hashes (repo_id, name, hash) VALUES (1, 'live', 'a'), (1, 'old', 'd');",
+        )
+        .await;
+        let snapshot = catalog
+            .retention_snapshot(&"r".parse().unwrap(), None, 10)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut kept: Vec<&str> = snapshot.kept_hashes.iter().map(String::as_str).collect();
+        kept.sort();
+        // d is build-only (and f only through it); the expired list keeps nothing; the cycle
+        // back to a ends.
+        assert_eq!(kept, ["a", "b", "c", "e"]);
+        let removed = catalog.remove_expired_keep_lists(10, 100).await.unwrap();
+        assert_eq!(removed, [("r".to_owned(), "old".to_owned())]);
+        let lists = catalog.keep_lists(&"r".parse().unwrap()).await.unwrap().unwrap();
+        assert_eq!(lists.len(), 1);
+        assert_eq!(lists[0].hashes, ["a"]);
+    }
+
+    #[tokio::test]
+    async fn pulls_are_written_only_when_the_stored_time_is_old() {
+        let (_tmp, catalog) = catalog("UPDATE manifests SET pulled_at = 9000 WHERE id = 2;").await;
+        let pulls = vec![
+            ("r".to_owned(), "sha256:01".to_owned(), 10_000),
+            ("r".to_owned(), "sha256:02".to_owned(), 10_000),
+            ("r".to_owned(), "sha256:ff".to_owned(), 10_000),
+        ];
+        assert_eq!(catalog.record_pulls(pulls.clone(), 3600).await.unwrap(), 1, "02 is recent, ff unknown");
+        assert_eq!(catalog.record_pulls(pulls, 500).await.unwrap(), 1, "02 is older than 500 s");
+    }
+}

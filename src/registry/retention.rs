@@ -469,6 +469,38 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn pulls_are_batched_and_written_once_an_hour() {
+        let tmp = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&tmp.path().join("catalog.db")).unwrap();
+        catalog
+            .write(|c| {
+                c.execute_batch(
+                    "INSERT INTO repositories (id, name, created_at) VALUES (1, 'r', 0);
+                     INSERT INTO manifests (id, repo_id, digest, media_type, size, content, created_at)
+                          VALUES (1, 1, 'sha256:01', 'x', 1, x'00', 0);",
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let repo: RepoName = "r".parse().unwrap();
+        let pulls = PullRecorder::default();
+        for _ in 0..3 {
+            pulls.record(&repo, "sha256:01");
+        }
+        assert_eq!(pulls.flush(&catalog).await.unwrap(), 1, "three pulls, one write");
+        let pulled_at: Option<i64> = catalog
+            .read(|c| Ok(c.query_row("SELECT pulled_at FROM manifests WHERE id = 1", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert!(pulled_at.is_some_and(|at| (crate::catalog::now() - at).abs() < 60));
+        pulls.record(&repo, "sha256:01");
+        assert!(pulls.state.lock().unwrap().pending.is_empty(), "written within the hour: not queued");
+        assert_eq!(pulls.flush(&catalog).await.unwrap(), 0);
+        catalog.close();
+    }
+
     #[test]
     fn the_first_matching_rule_applies() {
         let rules = vec![rule(&["spack/ci"]), rule(&["spack/**"])];

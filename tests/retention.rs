@@ -369,3 +369,62 @@ async fn a_kept_environment_keeps_its_link_run_closure_and_keep_lists_expire() {
     let (_, index) = served_index(&server, repo).await;
     assert!(common::spack::in_buildcache(&index).is_empty());
 }
+
+#[tokio::test]
+async fn keep_lists_need_pull_to_list_and_push_to_change() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(
+        dir.path(),
+        r#"
+[[auth.rules]]
+repositories = ["**"]
+users = ["*"]
+actions = ["pull"]
+
+[[auth.rules]]
+repositories = ["spack/**"]
+users = ["pusher"]
+actions = ["pull", "push"]
+"#,
+    );
+    let server = TestServer::start_with(&[
+        ("STOWAGE_CONFIG", config.to_str().expect("utf-8 path")),
+        ("STOWAGE_AUTH__ENABLED", "true"),
+    ]);
+    for name in ["reader", "pusher"] {
+        common::run_cli(server.data_dir(), &["user", "add", name], &format!("{name}-pw\n"));
+    }
+    // The repository exists once something is pushed to it.
+    let blob = b"a blob";
+    let resp = client()
+        .post(server.v2(&format!("spack/c/blobs/uploads/?digest={}", common::sha256(blob))))
+        .basic_auth("pusher", Some("pusher-pw"))
+        .body(blob.to_vec())
+        .send()
+        .await
+        .expect("POST blob");
+    assert_eq!(resp.status(), 201);
+
+    let url = format!("{}/stowage/v1/spack/spack/c/keep", server.url);
+    let body = json!({"name": "ci", "expires_in": 60, "hashes": [APPC]});
+    let as_user = |req: reqwest::RequestBuilder, user: &str| req.basic_auth(user, Some(format!("{user}-pw")));
+    let resp = client().get(&url).send().await.expect("GET");
+    assert_eq!(resp.status(), 401, "anonymous clients are challenged");
+    let resp = as_user(client().post(&url).json(&body), "reader").send().await.expect("POST");
+    assert_eq!(resp.status(), 403, "creating needs push");
+    let err: Value = resp.json().await.expect("JSON");
+    assert_eq!(err["errors"][0]["code"], "DENIED");
+    let resp = as_user(client().post(&url).json(&body), "pusher").send().await.expect("POST");
+    assert_eq!(resp.status(), 201);
+    let resp = as_user(client().get(&url), "reader").send().await.expect("GET");
+    assert_eq!(resp.status(), 200, "listing needs pull");
+    let listed: Value = resp.json().await.expect("JSON");
+    assert_eq!(listed["keep"][0]["name"], "ci");
+    assert_eq!(listed["keep"][0]["created_by"], "pusher");
+    assert_eq!(listed["keep"][0]["hashes"], json!([APPC]));
+    assert_eq!(listed["keep"][0]["expired"], false);
+    let resp = as_user(client().delete(format!("{url}/ci")), "reader").send().await.expect("DELETE");
+    assert_eq!(resp.status(), 403, "deleting needs push");
+    let resp = as_user(client().delete(format!("{url}/ci")), "pusher").send().await.expect("DELETE");
+    assert_eq!(resp.status(), 204);
+}

@@ -487,15 +487,6 @@ async fn repair_blob(catalog: &Catalog, store: &BlobStore, digest: &str, report:
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn formats_times() {
-        assert_eq!(super::time(0), "1970-01-01 00:00:00");
-        assert_eq!(super::time(1_700_000_000), "2023-11-14 22:13:20");
-    }
-}
-
 /// `stowage spack prune --dry-run`: prints what the retention rules would delete (see
 /// `registry::retention`); reads only.
 pub async fn spack(cmd: SpackCommand, config: impl Fn(&crate::cli::ServeArgs) -> Config) -> Outcome {
@@ -531,5 +522,14 @@ pub async fn spack(cmd: SpackCommand, config: impl Fn(&crate::cli::ServeArgs) ->
             eprintln!("{} tag(s) would be deleted", report?.would_delete);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_times() {
+        assert_eq!(super::time(0), "1970-01-01 00:00:00");
+        assert_eq!(super::time(1_700_000_000), "2023-11-14 22:13:20");
     }
 }

@@ -140,7 +140,9 @@ impl RetentionRule {
             return Err(format!("{at}.repositories must list one or more non-empty patterns"));
         }
         if self.keep_last == Some(0) {
-            return Err(format!("{at}.keep_last must be at least 1 (leave it out to keep no tag by count)"));
+            return Err(format!(
+                "{at}.keep_last must be at least 1 (leave it out to keep no tag by count)"
+            ));
         }
         if self.keep_tags.iter().any(|p| p.as_str().is_empty()) {
             return Err(format!("{at}.keep_tags must not hold an empty pattern"));
@@ -185,12 +187,16 @@ impl Period {
             "h" => 3600,
             "d" => 86_400,
             "w" => 7 * 86_400,
-            _ => return Err(format!("invalid period {s:?}: expected seconds or a number with s, m, h, d or w")),
+            _ => {
+                return Err(format!(
+                    "invalid period {s:?}: expected seconds or a number with s, m, h, d or w"
+                ));
+            }
         };
         let n: u64 = number
             .parse()
             .map_err(|_| format!("invalid period {s:?}: expected seconds or a number with s, m, h, d or w"))?;
-        Self::from_secs(n.checked_mul(scale).unwrap_or(u64::MAX))
+        Self::from_secs(n.saturating_mul(scale))
     }
 
     fn from_secs(secs: u64) -> Result<Period, String> {
@@ -205,7 +211,7 @@ impl std::fmt::Display for Period {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = self.0;
         for (unit, scale) in [("w", 7 * 86_400), ("d", 86_400), ("h", 3600), ("m", 60)] {
-            if s % scale == 0 {
+            if s.is_multiple_of(scale) {
                 return write!(f, "{}{unit}", s / scale);
             }
         }
@@ -712,7 +718,8 @@ mod tests {
             // check-config prints it back in a form that loads again.
             let printed = toml::to_string(&c).map_err(|e| e.to_string())?;
             jail.create_file("again.toml", &printed)?;
-            let again = Config::load(Some(Path::new("again.toml")), CliOverrides::default()).map_err(|e| e.to_string())?;
+            let again =
+                Config::load(Some(Path::new("again.toml")), CliOverrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(again.gc.retention, c.gc.retention);
 
             for (body, says) in [
@@ -736,7 +743,14 @@ mod tests {
 
     #[test]
     fn periods_parse_and_print() {
-        for (text, secs) in [("45", 45), ("45s", 45), ("30m", 1800), ("12h", 43_200), ("90d", 7_776_000), ("2w", 1_209_600)] {
+        for (text, secs) in [
+            ("45", 45),
+            ("45s", 45),
+            ("30m", 1800),
+            ("12h", 43_200),
+            ("90d", 7_776_000),
+            ("2w", 1_209_600),
+        ] {
             assert_eq!(Period::parse(text).map(Period::secs), Ok(secs), "{text}");
         }
         assert_eq!(Period::parse("90d").map(|p| p.to_string()), Ok("90d".to_owned()));

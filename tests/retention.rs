@@ -33,7 +33,10 @@ where
 {
     let start = Instant::now();
     while !done().await {
-        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting until {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -45,7 +48,11 @@ fn write_config(dir: &Path, toml: &str) -> PathBuf {
 }
 
 async fn tags(server: &TestServer, repo: &str) -> BTreeSet<String> {
-    let resp = client().get(server.v2(&format!("{repo}/tags/list"))).send().await.expect("GET tags");
+    let resp = client()
+        .get(server.v2(&format!("{repo}/tags/list")))
+        .send()
+        .await
+        .expect("GET tags");
     assert_eq!(resp.status(), 200, "tags of {repo}");
     let body: Value = resp.json().await.expect("tags JSON");
     body["tags"]
@@ -93,7 +100,11 @@ fn prune_preview(server: &TestServer, config: &Path) -> BTreeMap<(String, String
         .output()
         .expect("run stowage spack prune");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "prune failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "prune failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout
         .lines()
         .map(|line| {
@@ -149,10 +160,18 @@ async fn rules_keep_what_they_say_and_the_preview_lists_exactly_what_goes() {
     }
     // Pulls: one by tag (GET), one by digest (HEAD).
     let http = client();
-    let resp = http.get(server.v2("pulls/a/manifests/pulled")).send().await.expect("GET");
+    let resp = http
+        .get(server.v2("pulls/a/manifests/pulled"))
+        .send()
+        .await
+        .expect("GET");
     assert_eq!(resp.status(), 200);
     let headed = &digests[&("pulls/a".to_owned(), "headed".to_owned())];
-    let resp = http.head(server.v2(&format!("pulls/a/manifests/{headed}"))).send().await.expect("HEAD");
+    let resp = http
+        .head(server.v2(&format!("pulls/a/manifests/{headed}")))
+        .send()
+        .await
+        .expect("HEAD");
     assert_eq!(resp.status(), 200);
 
     // A graceful stop writes the recorded pulls.
@@ -171,17 +190,31 @@ async fn rules_keep_what_they_say_and_the_preview_lists_exactly_what_goes() {
     for (tag, at) in &pulled {
         match tag.as_str() {
             "unpulled" => assert_eq!(*at, None, "never pulled"),
-            _ => assert!(at.is_some_and(|at| (now() - at).abs() < 600), "{tag} pulled just now: {at:?}"),
+            _ => assert!(
+                at.is_some_and(|at| (now() - at).abs() < 600),
+                "{tag} pulled just now: {at:?}"
+            ),
         }
     }
 
     backdate(
         &server,
         "ret/app",
-        &[("t1", 50 * DAY), ("t2", 40 * DAY), ("t3", 30 * DAY), ("t4", 20 * DAY), ("t5", 10 * DAY), ("release-1", 60 * DAY)],
+        &[
+            ("t1", 50 * DAY),
+            ("t2", 40 * DAY),
+            ("t3", 30 * DAY),
+            ("t4", 20 * DAY),
+            ("t5", 10 * DAY),
+            ("release-1", 60 * DAY),
+        ],
     );
     backdate(&server, "ret/lib", &[("old", 10 * DAY)]);
-    backdate(&server, "pulls/a", &[("pulled", 10 * DAY), ("headed", 10 * DAY), ("unpulled", 10 * DAY)]);
+    backdate(
+        &server,
+        "pulls/a",
+        &[("pulled", 10 * DAY), ("headed", 10 * DAY), ("unpulled", 10 * DAY)],
+    );
     backdate(&server, "dry/x", &[("a", 10 * DAY), ("b", 5 * DAY)]);
     backdate(&server, "other/x", &[("ancient", 1000 * DAY)]);
 
@@ -196,16 +229,26 @@ async fn rules_keep_what_they_say_and_the_preview_lists_exactly_what_goes() {
         ("pulls/a", "unpulled"),
     ];
     let listed: BTreeSet<(String, String)> = preview.keys().cloned().collect();
-    let mut expected_listed: BTreeSet<(String, String)> =
-        expected_gone.iter().map(|(r, t)| (r.to_string(), t.to_string())).collect();
+    let mut expected_listed: BTreeSet<(String, String)> = expected_gone
+        .iter()
+        .map(|(r, t)| (r.to_string(), t.to_string()))
+        .collect();
     expected_listed.insert(("dry/x".into(), "a".into()));
     assert_eq!(listed, expected_listed, "preview: {preview:#?}");
     for (key, (digest, why)) in &preview {
         assert_eq!(digest, &digests[key], "{key:?}");
         assert!(why.starts_with("rule "), "{why}");
     }
-    assert!(preview[&("ret/app".into(), "t3".into())].1.contains("rule 1: not among the last 2 pushed"));
-    assert!(preview[&("pulls/a".into(), "unpulled".into())].1.contains("never pulled"));
+    assert!(
+        preview[&("ret/app".into(), "t3".into())]
+            .1
+            .contains("rule 1: not among the last 2 pushed")
+    );
+    assert!(
+        preview[&("pulls/a".into(), "unpulled".into())]
+            .1
+            .contains("never pulled")
+    );
 
     // The collector, every second, with the same rules.
     let config_env = config.to_string_lossy().into_owned();
@@ -223,9 +266,21 @@ async fn rules_keep_what_they_say_and_the_preview_lists_exactly_what_goes() {
     assert_eq!(tags(&server, "ret/app").await, set(&["t4", "t5", "release-1"]));
     assert_eq!(tags(&server, "ret/lib").await, set(&["fresh"]));
     assert_eq!(tags(&server, "pulls/a").await, set(&["pulled", "headed"]));
-    assert_eq!(tags(&server, "dry/x").await, set(&["a", "b"]), "a dry_run rule deletes nothing");
-    assert_eq!(tags(&server, "other/x").await, set(&["ancient"]), "no rule matches other/x");
-    let resp = client().get(server.v2("ret/app/manifests/t1")).send().await.expect("GET");
+    assert_eq!(
+        tags(&server, "dry/x").await,
+        set(&["a", "b"]),
+        "a dry_run rule deletes nothing"
+    );
+    assert_eq!(
+        tags(&server, "other/x").await,
+        set(&["ancient"]),
+        "no rule matches other/x"
+    );
+    let resp = client()
+        .get(server.v2("ret/app/manifests/t1"))
+        .send()
+        .await
+        .expect("GET");
     assert_eq!(resp.status(), 404, "a deleted tag is unknown");
 }
 
@@ -282,28 +337,61 @@ async fn a_kept_environment_keeps_its_link_run_closure_and_keep_lists_expire() {
         "concrete_specs": {},
     })
     .to_string();
-    let (status, body) = keep(&server, repo, json!({"name": "env", "expires_in": 3600, "lockfile": lockfile})).await;
+    let (status, body) = keep(
+        &server,
+        repo,
+        json!({"name": "env", "expires_in": 3600, "lockfile": lockfile}),
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["hashes"], 1);
-    let (status, body) = keep(&server, repo, json!({"name": "short", "expires_in": 3600, "hashes": [COMPILER_WRAPPER]})).await;
+    let (status, body) = keep(
+        &server,
+        repo,
+        json!({"name": "short", "expires_in": 3600, "hashes": [COMPILER_WRAPPER]}),
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
 
     // Bad requests are refused with an OCI error.
     for (bad, code) in [
-        (json!({"name": "x", "expires_in": 1000 * DAY, "hashes": [APPC]}), "MANIFEST_INVALID"),
+        (
+            json!({"name": "x", "expires_in": 1000 * DAY, "hashes": [APPC]}),
+            "MANIFEST_INVALID",
+        ),
         (json!({"name": "x", "hashes": [APPC]}), "MANIFEST_INVALID"),
-        (json!({"name": "x", "expires_at": 1, "hashes": [APPC]}), "MANIFEST_INVALID"),
-        (json!({"name": "x", "expires_in": 60, "hashes": ["NOT-A-HASH"]}), "DIGEST_INVALID"),
+        (
+            json!({"name": "x", "expires_at": 1, "hashes": [APPC]}),
+            "MANIFEST_INVALID",
+        ),
+        (
+            json!({"name": "x", "expires_in": 60, "hashes": ["NOT-A-HASH"]}),
+            "DIGEST_INVALID",
+        ),
         (json!({"name": "x", "expires_in": 60, "hashes": []}), "MANIFEST_INVALID"),
-        (json!({"name": "x", "expires_in": 60, "lockfile": {"no": "roots"}}), "MANIFEST_INVALID"),
-        (json!({"name": "../x", "expires_in": 60, "hashes": [APPC]}), "MANIFEST_INVALID"),
+        (
+            json!({"name": "x", "expires_in": 60, "lockfile": {"no": "roots"}}),
+            "MANIFEST_INVALID",
+        ),
+        (
+            json!({"name": "../x", "expires_in": 60, "hashes": [APPC]}),
+            "MANIFEST_INVALID",
+        ),
     ] {
         let (status, body) = keep(&server, repo, bad.clone()).await;
         assert_eq!(status, 400, "{bad}: {body}");
         assert_eq!(body["errors"][0]["code"], code, "{bad}: {body}");
     }
-    let (status, body) = keep(&server, "spack/nothing", json!({"name": "x", "expires_in": 60, "hashes": [APPC]})).await;
-    assert_eq!((status, body["errors"][0]["code"].as_str()), (404, Some("NAME_UNKNOWN")));
+    let (status, body) = keep(
+        &server,
+        "spack/nothing",
+        json!({"name": "x", "expires_in": 60, "hashes": [APPC]}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["errors"][0]["code"].as_str()),
+        (404, Some("NAME_UNKNOWN"))
+    );
     let resp = client()
         .delete(format!("{}/stowage/v1/spack/{repo}/keep/nonesuch", server.url))
         .send()
@@ -318,10 +406,16 @@ async fn a_kept_environment_keeps_its_link_run_closure_and_keep_lists_expire() {
         dir.path(),
         "[[gc.retention]]\nrepositories = [\"spack/**\"]\nkeep_tags = [\"pinned-*\"]\n",
     );
-    assert!(prune_preview(&server, &config).is_empty(), "both keep-lists keep every spec");
+    assert!(
+        prune_preview(&server, &config).is_empty(),
+        "both keep-lists keep every spec"
+    );
     // "short" expires (moved into the past while the server is stopped): it stops counting.
     let n = catalog(&server)
-        .execute("UPDATE spack_keep SET expires_at = ?1 WHERE name = 'short'", [now() - 1])
+        .execute(
+            "UPDATE spack_keep SET expires_at = ?1 WHERE name = 'short'",
+            [now() - 1],
+        )
         .expect("expire");
     assert_eq!(n, 1);
     let preview = prune_preview(&server, &config);
@@ -349,11 +443,20 @@ async fn a_kept_environment_keeps_its_link_run_closure_and_keep_lists_expire() {
         .expect("GET spec");
     assert_eq!(resp.status(), 200);
     let spec: Value = resp.json().await.expect("JSON");
-    assert_eq!(spec["missing_dependencies"], json!([COMPILER_WRAPPER]), "only the build-only dependency is gone");
+    assert_eq!(
+        spec["missing_dependencies"],
+        json!([COMPILER_WRAPPER]),
+        "only the build-only dependency is gone"
+    );
     let (_, index) = served_index(&server, repo).await;
     assert_eq!(
         common::spack::in_buildcache(&index),
-        [APPC, GCC_RUNTIME, LIBA, LIBB].iter().map(|s| s.to_string()).collect::<BTreeSet<_>>().into_iter().collect::<Vec<_>>(),
+        [APPC, GCC_RUNTIME, LIBA, LIBB]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>(),
         "the served index lists the closure"
     );
 
@@ -365,7 +468,10 @@ async fn a_kept_environment_keeps_its_link_run_closure_and_keep_lists_expire() {
         .await
         .expect("DELETE keep");
     assert_eq!(resp.status(), 204);
-    wait_until("the unkept specs are pruned", || async { tags(&server, repo).await == set(&["index.spack"]) }).await;
+    wait_until("the unkept specs are pruned", || async {
+        tags(&server, repo).await == set(&["index.spack"])
+    })
+    .await;
     let (_, index) = served_index(&server, repo).await;
     assert!(common::spack::in_buildcache(&index).is_empty());
 }
@@ -410,11 +516,17 @@ actions = ["pull", "push"]
     let as_user = |req: reqwest::RequestBuilder, user: &str| req.basic_auth(user, Some(format!("{user}-pw")));
     let resp = client().get(&url).send().await.expect("GET");
     assert_eq!(resp.status(), 401, "anonymous clients are challenged");
-    let resp = as_user(client().post(&url).json(&body), "reader").send().await.expect("POST");
+    let resp = as_user(client().post(&url).json(&body), "reader")
+        .send()
+        .await
+        .expect("POST");
     assert_eq!(resp.status(), 403, "creating needs push");
     let err: Value = resp.json().await.expect("JSON");
     assert_eq!(err["errors"][0]["code"], "DENIED");
-    let resp = as_user(client().post(&url).json(&body), "pusher").send().await.expect("POST");
+    let resp = as_user(client().post(&url).json(&body), "pusher")
+        .send()
+        .await
+        .expect("POST");
     assert_eq!(resp.status(), 201);
     let resp = as_user(client().get(&url), "reader").send().await.expect("GET");
     assert_eq!(resp.status(), 200, "listing needs pull");
@@ -423,8 +535,14 @@ actions = ["pull", "push"]
     assert_eq!(listed["keep"][0]["created_by"], "pusher");
     assert_eq!(listed["keep"][0]["hashes"], json!([APPC]));
     assert_eq!(listed["keep"][0]["expired"], false);
-    let resp = as_user(client().delete(format!("{url}/ci")), "reader").send().await.expect("DELETE");
+    let resp = as_user(client().delete(format!("{url}/ci")), "reader")
+        .send()
+        .await
+        .expect("DELETE");
     assert_eq!(resp.status(), 403, "deleting needs push");
-    let resp = as_user(client().delete(format!("{url}/ci")), "pusher").send().await.expect("DELETE");
+    let resp = as_user(client().delete(format!("{url}/ci")), "pusher")
+        .send()
+        .await
+        .expect("DELETE");
     assert_eq!(resp.status(), 204);
 }

@@ -113,11 +113,15 @@ impl Catalog {
         let repo = repo.to_string();
         self.read(move |c| {
             let tx = c.unchecked_transaction()?;
-            let Some(repo_id) = repo_id(&tx, &repo)? else { return Ok(None) };
+            let Some(repo_id) = repo_id(&tx, &repo)? else {
+                return Ok(None);
+            };
             let spack_generation = tx
-                .query_row("SELECT generation FROM spack_index WHERE repo_id = ?1", [repo_id], |r| {
-                    r.get(0)
-                })
+                .query_row(
+                    "SELECT generation FROM spack_index WHERE repo_id = ?1",
+                    [repo_id],
+                    |r| r.get(0),
+                )
                 .optional()?;
             let mut newest = HashSet::new();
             if let Some(n) = keep_last {
@@ -183,9 +187,11 @@ impl Catalog {
         self.write(move |c| {
             let repo_id = snapshot_repo;
             let generation = |c: &Connection| -> rusqlite::Result<Option<i64>> {
-                c.query_row("SELECT generation FROM spack_index WHERE repo_id = ?1", [repo_id], |r| {
-                    r.get(0)
-                })
+                c.query_row(
+                    "SELECT generation FROM spack_index WHERE repo_id = ?1",
+                    [repo_id],
+                    |r| r.get(0),
+                )
                 .optional()
             };
             let mut out = RetentionDeleted::default();
@@ -234,7 +240,10 @@ impl Catalog {
                  RETURNING (SELECT r.name FROM repositories r WHERE r.id = spack_keep.repo_id), name",
             )?;
             let rows = stmt.query_map(params![now, limit as i64], |r| {
-                Ok((r.get::<_, Option<String>>(0)?.unwrap_or_default(), r.get::<_, String>(1)?))
+                Ok((
+                    r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                    r.get::<_, String>(1)?,
+                ))
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
@@ -295,7 +304,9 @@ impl Catalog {
         let repo = repo.to_string();
         self.read(move |c| {
             let tx = c.unchecked_transaction()?;
-            let Some(repo_id) = repo_id(&tx, &repo)? else { return Ok(None) };
+            let Some(repo_id) = repo_id(&tx, &repo)? else {
+                return Ok(None);
+            };
             let mut lists = tx
                 .prepare_cached(
                     "SELECT name, created_at, expires_at, created_by FROM spack_keep WHERE repo_id = ?1 ORDER BY name",
@@ -372,7 +383,9 @@ mod tests {
         catalog
             .read(|c| {
                 let mut stmt = c.prepare("SELECT name FROM tags ORDER BY name")?;
-                Ok(stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<Vec<String>>>()?)
+                Ok(stmt
+                    .query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()?)
             })
             .await
             .unwrap()
@@ -534,7 +547,15 @@ mod tests {
             ("r".to_owned(), "sha256:02".to_owned(), 10_000),
             ("r".to_owned(), "sha256:ff".to_owned(), 10_000),
         ];
-        assert_eq!(catalog.record_pulls(pulls.clone(), 3600).await.unwrap(), 1, "02 is recent, ff unknown");
-        assert_eq!(catalog.record_pulls(pulls, 500).await.unwrap(), 1, "02 is older than 500 s");
+        assert_eq!(
+            catalog.record_pulls(pulls.clone(), 3600).await.unwrap(),
+            1,
+            "02 is recent, ff unknown"
+        );
+        assert_eq!(
+            catalog.record_pulls(pulls, 500).await.unwrap(),
+            1,
+            "02 is older than 500 s"
+        );
     }
 }

@@ -174,8 +174,9 @@ fn valid_keep_name(name: &str) -> bool {
 /// The root hashes of a `spack.lock` (the JSON document, or its text in a string).
 fn lockfile_roots(lockfile: serde_json::Value) -> Result<Vec<String>> {
     let doc = match lockfile {
-        serde_json::Value::String(text) => serde_json::from_str(&text)
-            .map_err(|_| keep_invalid("lockfile is not a spack.lock: it is not JSON"))?,
+        serde_json::Value::String(text) => {
+            serde_json::from_str(&text).map_err(|_| keep_invalid("lockfile is not a spack.lock: it is not JSON"))?
+        }
         other => other,
     };
     let roots = doc
@@ -195,12 +196,10 @@ fn lockfile_roots(lockfile: serde_json::Value) -> Result<Vec<String>> {
 
 pub async fn keep_create(req: HttpRequest, reg: web::Data<Registry>, body: web::Payload) -> Result<HttpResponse> {
     let repo = extract::repo(&req)?;
-    let body = extract::read_limited(body, MAX_KEEP_BODY)
-        .await
-        .map_err(|e| match e {
-            Error::ManifestTooLarge { .. } => Error::SizeInvalid,
-            other => other,
-        })?;
+    let body = extract::read_limited(body, MAX_KEEP_BODY).await.map_err(|e| match e {
+        Error::ManifestTooLarge { .. } => Error::SizeInvalid,
+        other => other,
+    })?;
     let request: KeepRequest = serde_json::from_slice(&body).map_err(|e| {
         keep_invalid(format!(
             "expected a JSON body {{\"name\", \"expires_at\" or \"expires_in\", \"hashes\" or \"lockfile\"}}: {e}"

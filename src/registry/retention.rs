@@ -125,7 +125,11 @@ fn decide(rule: &RetentionRule, snapshot: &RetentionSnapshot, tag: &RetentionTag
     if rule.keep_tags.iter().any(|p| p.matches(&tag.name)) {
         return None;
     }
-    if tag.spack_hash.as_ref().is_some_and(|h| snapshot.kept_hashes.contains(h)) {
+    if tag
+        .spack_hash
+        .as_ref()
+        .is_some_and(|h| snapshot.kept_hashes.contains(h))
+    {
         return None;
     }
     let mut why = Vec::new();
@@ -191,7 +195,9 @@ pub async fn plan(
             .await?;
         for name in &page.names {
             let Ok(repo) = name.parse::<RepoName>() else { continue };
-            let Some((index, rule)) = rule_for(rules, name) else { continue };
+            let Some((index, rule)) = rule_for(rules, name) else {
+                continue;
+            };
             if let Err(e) = plan_repo(catalog, &repo, index, rule, mode, &mut seen, &mut report).await {
                 tracing::warn!(repo = %name, error = %e, "retention: this repository failed; the next pass retries it");
             }
@@ -496,7 +502,10 @@ mod tests {
             .unwrap();
         assert!(pulled_at.is_some_and(|at| (crate::catalog::now() - at).abs() < 60));
         pulls.record(&repo, "sha256:01");
-        assert!(pulls.state.lock().unwrap().pending.is_empty(), "written within the hour: not queued");
+        assert!(
+            pulls.state.lock().unwrap().pending.is_empty(),
+            "written within the hour: not queued"
+        );
         assert_eq!(pulls.flush(&catalog).await.unwrap(), 0);
         catalog.close();
     }

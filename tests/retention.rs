@@ -401,6 +401,13 @@ async fn a_kept_environment_keeps_its_link_run_closure_and_keep_lists_expire() {
     assert_eq!(keep_names(&server, repo).await, ["env", "short"]);
 
     assert!(server.terminate().success());
+    // Pushed yesterday: a tag pushed in the second a pass plans is left for the next one.
+    let spec_tags: Vec<&str> = all_specs
+        .iter()
+        .map(String::as_str)
+        .filter(|t| *t != "index.spack")
+        .collect();
+    backdate(&server, repo, &spec_tags.iter().map(|t| (*t, DAY)).collect::<Vec<_>>());
     let dir = tempfile::tempdir().expect("temp dir");
     let config = write_config(
         dir.path(),

@@ -15,6 +15,8 @@
 //!   collector's untagged-manifest collection removes it, and then its blobs, after the grace
 //!   period. A Spack repository's index (`index.spack`) is the server's, not a tag: it is never
 //!   considered, nor is a client-pushed tag of that name.
+//! - A tag pushed after the pass planned its repository (or in that same second) is left for
+//!   the next pass.
 //! - A rule with `dry_run = true` only logs what it would delete. Every real deletion is
 //!   logged at info with the repository, tag, digest and rule.
 //!
@@ -112,7 +114,10 @@ pub fn rule_for<'a>(rules: &'a [RetentionRule], repo: &str) -> Option<(usize, &'
 
 /// Why `rule` deletes `tag`, or `None` when something keeps it.
 fn decide(rule: &RetentionRule, snapshot: &RetentionSnapshot, tag: &RetentionTag, now: i64) -> Option<String> {
-    if tag.name == crate::spack::INDEX_TAG || snapshot.newest.contains(&tag.name) {
+    // A tag pushed since the plan began (or in its first second) is left for the next pass:
+    // `newest` could not count it.
+    if tag.name == crate::spack::INDEX_TAG || tag.updated_at >= snapshot.taken_at || snapshot.newest.contains(&tag.name)
+    {
         return None;
     }
     let within = |at: Option<i64>, period: Option<crate::config::Period>| match (at, period) {
@@ -471,7 +476,7 @@ mod tests {
             spack_generation: None,
             newest: newest.iter().map(|s| s.to_string()).collect(),
             kept_hashes: kept.iter().map(|s| s.to_string()).collect::<HashSet<_>>(),
-            taken_at: 0,
+            taken_at: 1_000_000,
         }
     }
 
@@ -534,6 +539,15 @@ mod tests {
         assert!(decide(&r, &s, &tag("release-1", old, None, None), now).is_none());
         assert!(decide(&r, &s, &tag("x.spack", old, None, Some("keptspec")), now).is_none());
         assert!(decide(&r, &s, &tag("index.spack", old, None, None), now).is_none());
+        let mut only_releases = rule(&["**"]);
+        only_releases.keep_tags = vec![Pattern::new("release-*")];
+        let during = tag("pushed-during-the-pass", now + 5, None, None);
+        assert!(
+            decide(&only_releases, &s, &during, now + 10).is_none(),
+            "left for the next pass"
+        );
+        let before = tag("pushed-before", now - 1, None, None);
+        assert!(decide(&only_releases, &s, &before, now + 10).is_some());
         let why = decide(&r, &s, &tag("stale", old, Some(now - 8 * 86_400), Some("other")), now).unwrap();
         assert_eq!(
             why,

@@ -36,8 +36,11 @@ use crate::registry::Registry;
 /// Results per page when `limit` is absent, and the most a page may hold.
 const DEFAULT_LIMIT: u64 = 100;
 const MAX_LIMIT: u64 = 10_000;
-/// Most hashes one `missing` query may ask about, and one keep-list may name.
+/// Most hashes one `missing` query may ask about.
 const MAX_HASHES: usize = 100_000;
+/// Most hashes one keep-list may name: it is stored in one write transaction (about 20 ms at
+/// this size). Its roots are enough: the closure brings in their dependencies.
+const MAX_KEEP_HASHES: usize = 10_000;
 /// Largest keep-list request body: a `spack.lock` of a large environment is a few MiB.
 const MAX_KEEP_BODY: usize = 32 * 1024 * 1024;
 /// Longest keep-list name.
@@ -218,8 +221,10 @@ pub async fn keep_create(req: HttpRequest, reg: web::Data<Registry>, body: web::
     if hashes.is_empty() {
         return Err(keep_invalid("a keep-list needs at least one hash"));
     }
-    if hashes.len() > MAX_HASHES {
-        return Err(Error::SizeInvalid);
+    if hashes.len() > MAX_KEEP_HASHES {
+        return Err(keep_invalid(format!(
+            "a keep-list names at most {MAX_KEEP_HASHES} hashes (its roots: their dependencies are kept with them)"
+        )));
     }
     if hashes.iter().any(|h| !valid_hash(h)) {
         return Err(Error::DigestInvalid("a Spack hash is lower-case letters and digits"));

@@ -27,7 +27,8 @@
 //! stop counting at once and are removed by the next pass.
 //!
 //! **Bounded work.** A pass reads each repository on the catalog's reader connections in pages
-//! of [`BATCH`] tags and deletes each page's decisions in one short write job, which re-checks
+//! of [`BATCH`] tags and deletes each page's decisions in short write jobs of at most
+//! [`DELETE_CHUNK`] tags, each of which re-checks
 //! every condition it can inside the transaction: the tag still names the same manifest and was
 //! not pushed again, its manifest was not pulled since the cutoff, it still has `keep_last`
 //! newer tags. Spec tags are deleted only while the repository's spec tags are as planned (the
@@ -53,8 +54,11 @@ use crate::config::RetentionRule;
 use crate::error::Result;
 use crate::oci::RepoName;
 
-/// Tags read, decided and deleted per step.
+/// Tags read and decided per step.
 pub const BATCH: usize = 500;
+/// Tags deleted per write job: a spec tag's deletion also removes its closure rows (one per
+/// node of its DAG), so this keeps each job to a few milliseconds of writer time.
+const DELETE_CHUNK: usize = 100;
 /// Repositories listed per catalog query.
 const REPO_PAGE: u64 = 500;
 /// Plans of one repository per pass when its spec tags keep changing under the pass.
@@ -264,38 +268,47 @@ async fn plan_repo(
                     seen(&r);
                     report.would_delete += 1;
                 }
-            } else if !decided.is_empty() {
-                let removals = decided
-                    .iter()
-                    .map(|(t, _)| TagRemoval {
-                        name: t.name.clone(),
-                        manifest_id: t.manifest_id,
-                        updated_at: t.updated_at,
-                        spack: t.spack_hash.is_some(),
-                    })
-                    .collect();
-                let done = catalog
-                    .retention_delete(
-                        snapshot.repo_id,
-                        snapshot.taken_at,
-                        expected_generation,
-                        removals,
-                        pulled_since,
-                        rule.keep_last,
-                    )
-                    .await?;
-                let deleted: std::collections::HashSet<&str> = done.deleted.iter().map(String::as_str).collect();
-                for (t, why) in decided.iter().filter(|(t, _)| deleted.contains(t.name.as_str())) {
-                    let r = removal(t, why, false);
-                    tracing::info!(repo = %r.repo, tag = %r.tag, digest = %r.digest, rule = index, why = %r.why,
-                        "retention: deleted tag");
-                    seen(&r);
-                    report.deleted += 1;
-                }
-                if done.spack_changed {
-                    spack_stale = true;
-                } else {
-                    expected_generation = done.spack_generation;
+            } else {
+                for chunk in decided.chunks(DELETE_CHUNK) {
+                    let chunk: Vec<&(&RetentionTag, String)> = chunk
+                        .iter()
+                        .filter(|(t, _)| !(spack_stale && t.spack_hash.is_some()))
+                        .collect();
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    let removals = chunk
+                        .iter()
+                        .map(|(t, _)| TagRemoval {
+                            name: t.name.clone(),
+                            manifest_id: t.manifest_id,
+                            updated_at: t.updated_at,
+                            spack: t.spack_hash.is_some(),
+                        })
+                        .collect();
+                    let done = catalog
+                        .retention_delete(
+                            snapshot.repo_id,
+                            snapshot.taken_at,
+                            expected_generation,
+                            removals,
+                            pulled_since,
+                            rule.keep_last,
+                        )
+                        .await?;
+                    let deleted: std::collections::HashSet<&str> = done.deleted.iter().map(String::as_str).collect();
+                    for (t, why) in chunk.iter().filter(|(t, _)| deleted.contains(t.name.as_str())) {
+                        let r = removal(t, why, false);
+                        tracing::info!(repo = %r.repo, tag = %r.tag, digest = %r.digest, rule = index, why = %r.why,
+                            "retention: deleted tag");
+                        seen(&r);
+                        report.deleted += 1;
+                    }
+                    if done.spack_changed {
+                        spack_stale = true;
+                    } else {
+                        expected_generation = done.spack_generation;
+                    }
                 }
             }
             if tags.len() < BATCH {

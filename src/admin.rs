@@ -502,6 +502,12 @@ pub async fn spack(cmd: SpackCommand, config: impl Fn(&crate::cli::ServeArgs) ->
                 eprintln!("no retention rules are configured ([[gc.retention]]): nothing would be deleted");
                 return Ok(());
             }
+            if let Some(repo) = &repo
+                && crate::registry::retention::rule_for(&config.gc.retention, repo.as_str()).is_none()
+            {
+                eprintln!("no retention rule matches {repo}: nothing would be deleted there");
+                return Ok(());
+            }
             let catalog = open_catalog(&config).await?;
             let mut out = std::io::stdout().lock();
             let mut failed = None;

@@ -319,6 +319,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         })
     };
 
+    if !config.gc.enabled && !config.gc.retention.is_empty() {
+        tracing::warn!("gc.retention rules are configured but gc.enabled is false: they are not applied");
+    }
     let collector = config.gc.enabled.then(|| {
         let registry = registry.clone();
         let every = Duration::from_secs(config.gc.interval_secs.max(1));
@@ -326,6 +329,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(
             interval_secs = every.as_secs(),
             grace_secs = grace.as_secs(),
+            retention_rules = config.gc.retention.len(),
             "garbage collection on"
         );
         tokio::spawn(async move {

@@ -1,5 +1,5 @@
 //! The admin run modes: `stowage user …`, `stowage token …`, `stowage key rotate`,
-//! `stowage fsck`.
+//! `stowage fsck`, `stowage spack prune --dry-run`.
 //!
 //! They work on the catalog and key directory of the configured data directory, beside a
 //! running server or without one (SQLite takes the concurrent writer). Passwords are read from
@@ -25,7 +25,7 @@ use futures_util::StreamExt as _;
 use crate::auth::{Grant, keys, password};
 use crate::catalog::Catalog;
 use crate::catalog::auth::NewTokenError;
-use crate::cli::{KeyCommand, TokenCommand, UserCommand};
+use crate::cli::{KeyCommand, SpackCommand, TokenCommand, UserCommand};
 use crate::config::Config;
 use crate::oci::Digest;
 use crate::storage::BlobStore;
@@ -483,6 +483,58 @@ async fn repair_blob(catalog: &Catalog, store: &BlobStore, digest: &str, report:
         Err(e) => {
             report.repair_failed += 1;
             println!("{digest}: forgetting it failed: {e}");
+        }
+    }
+}
+
+/// `stowage spack prune --dry-run`: prints what the retention rules would delete (see
+/// `registry::retention`); reads only.
+pub async fn spack(cmd: SpackCommand, config: impl Fn(&crate::cli::ServeArgs) -> Config) -> Outcome {
+    use crate::registry::retention::{Mode, plan};
+    match cmd {
+        SpackCommand::Prune { at, dry_run: _, repo } => {
+            let config = config(&at);
+            let repo = repo
+                .map(|r| r.parse::<crate::oci::RepoName>())
+                .transpose()
+                .map_err(|_| "--repo is not a valid repository name")?;
+            if config.gc.retention.is_empty() {
+                eprintln!("no retention rules are configured ([[gc.retention]]): nothing would be deleted");
+                return Ok(());
+            }
+            if let Some(repo) = &repo
+                && crate::registry::retention::rule_for(&config.gc.retention, repo.as_str()).is_none()
+            {
+                eprintln!("no retention rule matches {repo}: nothing would be deleted there");
+                return Ok(());
+            }
+            let catalog = open_catalog(&config).await?;
+            let mut out = std::io::stdout().lock();
+            let mut failed = None;
+            let immutable = crate::auth::ImmutableTags::new(config.immutable_tags.clone());
+            let report = plan(
+                &catalog,
+                &config.gc.retention,
+                &immutable,
+                repo.as_ref(),
+                Mode::Preview,
+                |r| {
+                    if failed.is_none()
+                        && let Err(e) = writeln!(out, "{}\t{}\t{}\trule {}: {}", r.repo, r.tag, r.digest, r.rule, r.why)
+                    {
+                        failed = Some(e);
+                    }
+                },
+            )
+            .await;
+            drop(out);
+            let closing = catalog.clone();
+            tokio::task::spawn_blocking(move || closing.close()).await?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            eprintln!("{} tag(s) would be deleted", report?.would_delete);
+            Ok(())
         }
     }
 }

@@ -23,7 +23,8 @@ pub enum Command {
     /// storage.s3.{bucket,prefix,region,endpoint,path_style,credentials_file,profile,redirect,
     /// redirect_expiry_secs,public_endpoint,max_copy_size},
     /// registry.{delete_enabled,max_manifest_size,upload_timeout_secs,catalog_page_size},
-    /// auth.{enabled,anonymous_pull,rules,…}, gc.{enabled,interval_secs,grace_secs},
+    /// auth.{enabled,anonymous_pull,rules,…}, gc.{enabled,interval_secs,grace_secs,
+    /// keep_list_max_secs,retention},
     /// log.format. See stowage.example.toml for every setting with its default.
     Serve(ServeArgs),
     /// Print the configuration that `serve` would use, then exit.
@@ -44,6 +45,28 @@ pub enum Command {
     /// to quarantine/<algorithm>/<hex>.<unix time> in the store and the catalog forgets the
     /// blob, so that its next push stores fresh bytes; --repair needs the server stopped.
     Fsck(FsckArgs),
+    /// Spack build cache maintenance.
+    #[command(subcommand)]
+    Spack(SpackCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SpackCommand {
+    /// Show what the configured retention rules (`[[gc.retention]]`) would delete now: one line
+    /// per tag, `<repository> TAB <tag> TAB <digest> TAB <rule and reason>`, then a count on
+    /// stderr. Evaluated by the same code as the collector, honouring live Spack keep-lists.
+    /// Only reads the catalog: safe beside a running server. Pulls the server recorded in the
+    /// last minute may not be written yet, so a tag pulled just now can be listed and then kept.
+    Prune {
+        #[command(flatten)]
+        at: ServeArgs,
+        /// Only show, delete nothing (required: deletion is the collector's job).
+        #[arg(long, required = true)]
+        dry_run: bool,
+        /// Only this repository.
+        #[arg(long)]
+        repo: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -102,6 +102,13 @@ pub struct GcConfig {
     pub spack_index_grace_secs: u64,
     /// Seconds between two listings of storage for objects the catalog does not record.
     pub orphan_interval_secs: u64,
+    /// Longest a Spack keep-list may be kept, from its creation (`expires_at`/`expires_in`
+    /// beyond it are refused).
+    pub keep_list_max_secs: u64,
+    /// Retention rules (`[[gc.retention]]`), applied by each collection pass before it
+    /// collects; the first rule whose `repositories` match a repository applies to it. See
+    /// [`RetentionRule`] and the README's "Retention" section.
+    pub retention: Vec<RetentionRule>,
 }
 
 impl Default for GcConfig {
@@ -113,7 +120,144 @@ impl Default for GcConfig {
             untagged_manifests: true,
             spack_index_grace_secs: 600,
             orphan_interval_secs: 24 * 3600,
+            keep_list_max_secs: 90 * 24 * 3600,
+            retention: Vec::new(),
         }
+    }
+}
+
+/// One retention rule: in the repositories it matches, every tag is deleted unless one of the
+/// rule's keep conditions (or a live Spack keep-list) keeps it. A rule needs at least one keep
+/// condition. Deleting a tag leaves its manifest untagged, for the collector to remove after
+/// the grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    /// Repository patterns, as in `auth.rules` (`*` within a component, `**` across).
+    pub repositories: Vec<crate::auth::scope::Pattern>,
+    /// Keep the N most recently pushed tags (by push time; ties by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<u32>,
+    /// Keep tags pushed within this period (seconds, or a number with a unit: `90d`, `12h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_pushed_within: Option<Period>,
+    /// Keep tags whose manifest was pulled (GET or HEAD, by tag or digest) within this period.
+    /// Pulls are recorded to within about an hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_pulled_within: Option<Period>,
+    /// Keep tags matching any of these globs (`*` matches any run of characters).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep_tags: Vec<crate::auth::scope::Pattern>,
+    /// Only log what the rule would delete.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+impl RetentionRule {
+    fn validate(&self, index: usize) -> Result<(), String> {
+        let at = format!("gc.retention[{index}]");
+        if self.repositories.is_empty() || self.repositories.iter().any(|p| p.as_str().is_empty()) {
+            return Err(format!("{at}.repositories must list one or more non-empty patterns"));
+        }
+        if self.keep_last == Some(0) {
+            return Err(format!(
+                "{at}.keep_last must be at least 1 (leave it out to keep no tag by count)"
+            ));
+        }
+        if self.keep_tags.iter().any(|p| p.as_str().is_empty()) {
+            return Err(format!("{at}.keep_tags must not hold an empty pattern"));
+        }
+        if self.keep_last.is_none()
+            && self.keep_pushed_within.is_none()
+            && self.keep_pulled_within.is_none()
+            && self.keep_tags.is_empty()
+        {
+            return Err(format!(
+                "{at} needs at least one of keep_last, keep_pushed_within, keep_pulled_within, keep_tags \
+                 (a rule without one would delete every tag)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A period: whole seconds, written as an integer (`86400`) or as a number with one unit
+/// suffix: `s`, `m`, `h`, `d` or `w` (`90d`, `12h`). At least one second, at most 100 years.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Period(u64);
+
+/// Longest period accepted (100 years).
+const MAX_PERIOD_SECS: u64 = 100 * 365 * 24 * 3600;
+
+impl Period {
+    pub fn secs(self) -> u64 {
+        self.0
+    }
+
+    /// Parses `90d`, `12h`, `30m`, `45s`, `2w` or plain seconds.
+    pub fn parse(s: &str) -> Result<Period, String> {
+        let s = s.trim();
+        let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+            Some(i) => s.split_at(i),
+            None => (s, "s"),
+        };
+        let scale = match unit.trim() {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            "w" => 7 * 86_400,
+            _ => {
+                return Err(format!(
+                    "invalid period {s:?}: expected seconds or a number with s, m, h, d or w"
+                ));
+            }
+        };
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("invalid period {s:?}: expected seconds or a number with s, m, h, d or w"))?;
+        Self::from_secs(n.saturating_mul(scale))
+    }
+
+    fn from_secs(secs: u64) -> Result<Period, String> {
+        if !(1..=MAX_PERIOD_SECS).contains(&secs) {
+            return Err(format!("a period must be between 1 s and 100 years, not {secs} s"));
+        }
+        Ok(Period(secs))
+    }
+}
+
+impl std::fmt::Display for Period {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.0;
+        for (unit, scale) in [("w", 7 * 86_400), ("d", 86_400), ("h", 3600), ("m", 60)] {
+            if s.is_multiple_of(scale) {
+                return write!(f, "{}{unit}", s / scale);
+            }
+        }
+        write!(f, "{s}s")
+    }
+}
+
+impl Serialize for Period {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Period {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Period, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(n) => Period::from_secs(n),
+            Raw::Text(t) => Period::parse(&t),
+        }
+        .map_err(serde::de::Error::custom)
     }
 }
 
@@ -436,6 +580,12 @@ impl Config {
         if self.gc.orphan_interval_secs == 0 {
             return Err("gc.orphan_interval_secs must be at least 1".to_owned());
         }
+        if self.gc.keep_list_max_secs == 0 {
+            return Err("gc.keep_list_max_secs must be at least 1".to_owned());
+        }
+        for (i, rule) in self.gc.retention.iter().enumerate() {
+            rule.validate(i)?;
+        }
         let server = &self.server;
         for (key, secs) in [
             ("server.request_head_timeout_secs", server.request_head_timeout_secs),
@@ -571,6 +721,72 @@ mod tests {
             assert_eq!((c.server.max_connections, c.server.body_idle_timeout_secs), (500, 5));
             Ok(())
         });
+    }
+
+    #[test]
+    fn retention_rules_parse_and_are_validated() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "ok.toml",
+                r#"
+                [[gc.retention]]
+                repositories = ["spack/**"]
+                keep_last = 3
+                keep_pushed_within = "2w"
+                keep_pulled_within = 86400
+                keep_tags = ["release-*"]
+                dry_run = true
+                "#,
+            )?;
+            let c = Config::load(Some(Path::new("ok.toml")), CliOverrides::default()).map_err(|e| e.to_string())?;
+            let rule = &c.gc.retention[0];
+            assert_eq!(rule.keep_last, Some(3));
+            assert_eq!(rule.keep_pushed_within.map(Period::secs), Some(14 * 86_400));
+            assert_eq!(rule.keep_pulled_within.map(Period::secs), Some(86_400));
+            assert!(rule.dry_run && rule.keep_tags[0].matches("release-1.0"));
+            // check-config prints it back in a form that loads again.
+            let printed = toml::to_string(&c).map_err(|e| e.to_string())?;
+            jail.create_file("again.toml", &printed)?;
+            let again =
+                Config::load(Some(Path::new("again.toml")), CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(again.gc.retention, c.gc.retention);
+
+            for (body, says) in [
+                ("repositories = [\"a\"]", "needs at least one of keep_last"),
+                ("repositories = [\"a\"]\nkeep_last = 0", "keep_last must be at least 1"),
+                ("repositories = []\nkeep_last = 1", "repositories must list"),
+                ("repositories = [\"a\"]\nkeep_pushed_within = \"9x\"", "invalid period"),
+                ("repositories = [\"a\"]\nkeep_pushed_within = 0", "between 1 s"),
+                ("repositories = [\"a\"]\nkeep_pushed_within = \"d\"", "invalid period"),
+                ("repositories = [\"a\"]\nkeep_lats = 1", "unknown field"),
+            ] {
+                jail.create_file("bad.toml", &format!("[[gc.retention]]\n{body}\n"))?;
+                let err = Config::load(Some(Path::new("bad.toml")), CliOverrides::default())
+                    .expect_err(body)
+                    .to_string();
+                assert!(err.contains(says), "{body}: {err}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn periods_parse_and_print() {
+        for (text, secs) in [
+            ("45", 45),
+            ("45s", 45),
+            ("30m", 1800),
+            ("12h", 43_200),
+            ("90d", 7_776_000),
+            ("2w", 1_209_600),
+        ] {
+            assert_eq!(Period::parse(text).map(Period::secs), Ok(secs), "{text}");
+        }
+        assert_eq!(Period::parse("90d").map(|p| p.to_string()), Ok("90d".to_owned()));
+        assert_eq!(Period::parse("61").map(|p| p.to_string()), Ok("61s".to_owned()));
+        for bad in ["", "h", "1y", "-1d", "1.5d", "99999999999999999999d"] {
+            assert!(Period::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

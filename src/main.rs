@@ -75,6 +75,7 @@ async fn main() {
         Command::User(cmd) => admin_exit(stowage::admin::user(cmd, load).await),
         Command::Token(cmd) => admin_exit(stowage::admin::token(cmd, load).await),
         Command::Key(cmd) => admin_exit(stowage::admin::key(cmd, load).await),
+        Command::Spack(cmd) => admin_exit(stowage::admin::spack(cmd, load).await),
         Command::Fsck(args) => {
             let config = load(&args.at);
             init_tracing(config.log.format);

@@ -215,6 +215,8 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         catalog_page_size: config.registry.catalog_page_size,
         upload_sessions: session_limits(config, DescriptorBudget::current()),
         immutable_tags: crate::auth::ImmutableTags::new(config.immutable_tags.clone()),
+        retention: config.gc.retention.clone(),
+        keep_list_max: Duration::from_secs(config.gc.keep_list_max_secs),
     };
     tracing::info!(
         total = settings.upload_sessions.total,
@@ -349,6 +351,24 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         })
     };
 
+    let pull_flusher = {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let every = crate::registry::retention::FLUSH_EVERY;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                // Read-only mode: the times wait in memory until the catalog may be written.
+                if !registry.is_read_only() {
+                    registry.flush_pulls().await;
+                }
+            }
+        })
+    };
+
+    if !config.gc.enabled && !config.gc.retention.is_empty() {
+        tracing::warn!("gc.retention rules are configured but gc.enabled is false: they are not applied");
+    }
     let collector = config.gc.enabled.then(|| {
         let registry = registry.clone();
         let every = Duration::from_secs(config.gc.interval_secs.max(1));
@@ -362,6 +382,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             grace_secs = opts.grace.as_secs(),
             untagged_manifests = opts.untagged_manifests,
             orphan_interval_secs = opts.orphan_interval.as_secs(),
+            retention_rules = config.gc.retention.len(),
             "garbage collection on"
         );
         tokio::spawn(async move {
@@ -498,6 +519,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     for task in [collector, index_collector].into_iter().flatten() {
         task.abort();
     }
+    pull_flusher.abort();
+    registry.flush_pulls().await;
     // Sessions left open keep the bytes past their last part (S3) for after the restart.
     let spilled = registry.spill_idle_uploads(Duration::ZERO).await;
     if spilled > 0 {

@@ -47,6 +47,7 @@ pub mod auth;
 mod fsck;
 mod gc;
 mod queries;
+mod retention;
 mod spack;
 mod uploads;
 
@@ -58,6 +59,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 pub use queries::{Deletion, ManifestRecord, NewManifest, Referrer, RepositoryPage};
+pub use retention::{KeepList, PULL_BATCH, RetentionDeleted, RetentionSnapshot, RetentionTag, TagRemoval};
 pub use spack::{ClosureNode, IndexSnapshot, IndexState, SpecDetail, SpecQuery, SpecSummary};
 pub use uploads::{UploadCheckpoint, UploadRecord};
 
@@ -83,6 +85,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0006_gc.sql"),
     include_str!("../../migrations/0007_upload_owner.sql"),
     include_str!("../../migrations/0008_gc_untagged.sql"),
+    include_str!("../../migrations/0009_retention.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

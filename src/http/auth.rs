@@ -57,6 +57,8 @@ pub enum Guard {
     UploadSession,
     /// Read-only repository resources (tags, referrers, the Spack API): pull.
     Read,
+    /// Spack keep-lists: GET pull, POST and DELETE push.
+    SpackKeep,
 }
 
 /// What one request needs.
@@ -86,6 +88,8 @@ impl Guard {
                 session: true,
             },
             Guard::Read => repo(Action::Pull),
+            Guard::SpackKeep if read => repo(Action::Pull),
+            Guard::SpackKeep if method == Method::POST || method == Method::DELETE => repo(Action::Push),
             // Anything else is answered 405 by the resource.
             _ => Need::Nothing,
         }

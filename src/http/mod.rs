@@ -134,6 +134,19 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(method_not_allowed)),
     )
     .service(
+        web::resource("/stowage/v1/spack/{name:.+}/keep/{keep}")
+            .wrap(protect!(Guard::SpackKeep))
+            .delete(spack_api::keep_delete)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/stowage/v1/spack/{name:.+}/keep")
+            .wrap(protect!(Guard::SpackKeep))
+            .get(spack_api::keep_list)
+            .post(spack_api::keep_create)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
         web::resource("/stowage/v1/spack/{name:.+}/missing")
             .wrap(protect!(Guard::Read))
             .post(spack_api::missing)

@@ -6,6 +6,22 @@
 //! GET  /stowage/v1/spack/<repo>/specs/<hash>
 //! POST /stowage/v1/spack/<repo>/missing      {"hashes":["<hash>",…]}  ->  {"missing":[…]}
 //! ```
+//!
+//! And keep-lists, which retention honours (see `registry::retention`): a named set of spec
+//! hashes kept, with their link/run dependency closure, until it expires. Listing needs pull on
+//! the repository; creating, replacing and deleting need push.
+//!
+//! ```text
+//! POST   /stowage/v1/spack/<repo>/keep   {"name":"ci-2026-11","expires_in":1209600,"hashes":["<hash>",…]}
+//!                                        or {"name":…,"expires_at":<unix s>,"lockfile":<spack.lock, JSON or text>}
+//!                                        -> 201 {"name","expires_at","hashes":<count>}
+//! GET    /stowage/v1/spack/<repo>/keep   -> {"keep":[{"name","created_at","expires_at","created_by","hashes":[…],"expired"}]}
+//! DELETE /stowage/v1/spack/<repo>/keep/<name>  -> 204
+//! ```
+//!
+//! A lockfile contributes the hashes of its `roots` (`{"roots":[{"hash":…,"spec":…}],…}`); the
+//! closure brings in the rest. Exactly one of `expires_at` and `expires_in` is required, and the
+//! expiry may be at most `gc.keep_list_max_secs` ahead. POSTing an existing name replaces it.
 
 use actix_web::http::header::CONTENT_TYPE;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -13,6 +29,7 @@ use serde::Deserialize;
 
 use super::extract;
 use crate::catalog::SpecQuery;
+use crate::config::Period;
 use crate::error::{Error, Result};
 use crate::registry::Registry;
 
@@ -21,6 +38,13 @@ const DEFAULT_LIMIT: u64 = 100;
 const MAX_LIMIT: u64 = 10_000;
 /// Most hashes one `missing` query may ask about.
 const MAX_HASHES: usize = 100_000;
+/// Most hashes one keep-list may name: it is stored in one write transaction (about 20 ms at
+/// this size). Its roots are enough: the closure brings in their dependencies.
+const MAX_KEEP_HASHES: usize = 10_000;
+/// Largest keep-list request body: a `spack.lock` of a large environment is a few MiB.
+const MAX_KEEP_BODY: usize = 32 * 1024 * 1024;
+/// Longest keep-list name.
+const MAX_KEEP_NAME: usize = 128;
 
 fn valid_hash(h: &str) -> bool {
     !h.is_empty() && h.len() <= 64 && h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
@@ -125,4 +149,138 @@ pub async fn missing(req: HttpRequest, reg: web::Data<Registry>, body: web::Payl
         .await?
         .unwrap_or(hashes);
     Ok(json(serde_json::json!({ "missing": missing })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeepRequest {
+    name: String,
+    expires_at: Option<i64>,
+    expires_in: Option<u64>,
+    hashes: Option<Vec<String>>,
+    lockfile: Option<serde_json::Value>,
+}
+
+fn keep_invalid(why: impl Into<std::borrow::Cow<'static, str>>) -> Error {
+    Error::ManifestInvalid(why.into())
+}
+
+/// A keep-list name: 1 to 128 letters, digits, `.`, `_` and `-`, starting with a letter or digit.
+fn valid_keep_name(name: &str) -> bool {
+    name.len() <= MAX_KEEP_NAME
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The root hashes of a `spack.lock` (the JSON document, or its text in a string).
+fn lockfile_roots(lockfile: serde_json::Value) -> Result<Vec<String>> {
+    let doc = match lockfile {
+        serde_json::Value::String(text) => {
+            serde_json::from_str(&text).map_err(|_| keep_invalid("lockfile is not a spack.lock: it is not JSON"))?
+        }
+        other => other,
+    };
+    let roots = doc
+        .get("roots")
+        .and_then(|r| r.as_array())
+        .ok_or_else(|| keep_invalid("lockfile is not a spack.lock: it has no \"roots\" list"))?;
+    roots
+        .iter()
+        .map(|r| {
+            r.get("hash")
+                .and_then(|h| h.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| keep_invalid("lockfile is not a spack.lock: a root has no \"hash\""))
+        })
+        .collect()
+}
+
+pub async fn keep_create(req: HttpRequest, reg: web::Data<Registry>, body: web::Payload) -> Result<HttpResponse> {
+    let repo = extract::repo(&req)?;
+    let body = extract::read_limited(body, MAX_KEEP_BODY).await.map_err(|e| match e {
+        Error::ManifestTooLarge { .. } => Error::SizeInvalid,
+        other => other,
+    })?;
+    let request: KeepRequest = serde_json::from_slice(&body).map_err(|e| {
+        keep_invalid(format!(
+            "expected a JSON body {{\"name\", \"expires_at\" or \"expires_in\", \"hashes\" or \"lockfile\"}}: {e}"
+        ))
+    })?;
+    if !valid_keep_name(&request.name) {
+        return Err(keep_invalid(
+            "a keep-list name is 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        ));
+    }
+    let hashes = match (request.hashes, request.lockfile) {
+        (Some(h), None) => h,
+        (None, Some(lock)) => lockfile_roots(lock)?,
+        _ => return Err(keep_invalid("give exactly one of \"hashes\" and \"lockfile\"")),
+    };
+    if hashes.is_empty() {
+        return Err(keep_invalid("a keep-list needs at least one hash"));
+    }
+    if hashes.len() > MAX_KEEP_HASHES {
+        return Err(keep_invalid(format!(
+            "a keep-list names at most {MAX_KEEP_HASHES} hashes (its roots: their dependencies are kept with them)"
+        )));
+    }
+    if hashes.iter().any(|h| !valid_hash(h)) {
+        return Err(Error::DigestInvalid("a Spack hash is lower-case letters and digits"));
+    }
+    let now = crate::catalog::now();
+    let max = reg.settings().keep_list_max.as_secs();
+    let max_at = now.saturating_add(i64::try_from(max).unwrap_or(i64::MAX));
+    let expires_at = match (request.expires_at, request.expires_in) {
+        (Some(at), None) => at,
+        (None, Some(secs)) => now.saturating_add(i64::try_from(secs).unwrap_or(i64::MAX)),
+        _ => return Err(keep_invalid("give exactly one of \"expires_at\" and \"expires_in\"")),
+    };
+    if expires_at <= now || expires_at > max_at {
+        let most = Period::parse(&max.to_string()).map_or_else(|_| format!("{max}s"), |p| p.to_string());
+        return Err(keep_invalid(format!(
+            "the expiry must be in the future and at most {most} ({max} s, gc.keep_list_max_secs) ahead"
+        )));
+    }
+    let created_by = super::auth::principal(&req).and_then(|p| p.user().map(str::to_owned));
+    let count = hashes.len();
+    let name = request.name;
+    if !reg
+        .catalog()
+        .put_keep_list(&repo, name.clone(), expires_at, created_by.clone(), hashes)
+        .await?
+    {
+        return Err(Error::NameUnknown);
+    }
+    tracing::info!(repo = %repo, keep_list = %name, hashes = count, expires_at, user = created_by, "Spack keep-list stored");
+    Ok(HttpResponse::Created()
+        .insert_header((CONTENT_TYPE, "application/json"))
+        .body(serde_json::json!({ "name": name, "expires_at": expires_at, "hashes": count }).to_string()))
+}
+
+pub async fn keep_list(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResponse> {
+    let repo = extract::repo(&req)?;
+    let lists = reg.catalog().keep_lists(&repo).await?.ok_or(Error::NameUnknown)?;
+    let now = crate::catalog::now();
+    let lists: Vec<serde_json::Value> = lists
+        .into_iter()
+        .map(|l| {
+            let expired = l.expires_at <= now;
+            let mut v = serde_json::json!(l);
+            v["expired"] = serde_json::Value::Bool(expired);
+            v
+        })
+        .collect();
+    Ok(json(serde_json::json!({ "repository": repo.as_str(), "keep": lists })))
+}
+
+pub async fn keep_delete(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResponse> {
+    let repo = extract::repo(&req)?;
+    let name = req.match_info().get("keep").unwrap_or_default().to_owned();
+    if !valid_keep_name(&name) || !reg.catalog().delete_keep_list(&repo, name.clone()).await? {
+        return Err(Error::ManifestUnknown);
+    }
+    tracing::info!(repo = %repo, keep_list = %name, "Spack keep-list deleted");
+    Ok(HttpResponse::NoContent().finish())
 }

@@ -117,6 +117,8 @@ impl GcReport {
 impl Registry {
     /// Runs one garbage collection pass.
     pub async fn collect_garbage(&self, opts: GcOptions) -> Result<GcReport> {
+        // Retention deletes tags; the manifests they leave untagged go a grace period later.
+        self.apply_retention().await;
         let cutoff = now() - opts.grace.as_secs() as i64;
         let mut report = GcReport::default();
         if opts.untagged_manifests {

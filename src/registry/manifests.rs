@@ -110,10 +110,13 @@ impl Registry {
         reference: &Reference,
         with_content: bool,
     ) -> Result<ManifestRecord> {
-        self.catalog
+        let m = self
+            .catalog
             .manifest(repo, reference, with_content)
             .await?
-            .ok_or(Error::ManifestUnknown)
+            .ok_or(Error::ManifestUnknown)?;
+        self.record_pull(repo, &m.digest);
+        Ok(m)
     }
 
     /// Deletes a tag, or a manifest (with every tag naming it) by digest. Deleting an immutable

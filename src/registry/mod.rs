@@ -9,6 +9,7 @@ mod gc;
 mod locks;
 mod maintenance;
 mod manifests;
+pub mod retention;
 mod spack;
 mod uploads;
 
@@ -38,6 +39,10 @@ pub struct Settings {
     pub upload_sessions: SessionLimits,
     /// The `[[immutable_tags]]` rules.
     pub immutable_tags: crate::auth::ImmutableTags,
+    /// Retention rules (`gc.retention`), applied by each collection pass.
+    pub retention: Vec<crate::config::RetentionRule>,
+    /// Longest a Spack keep-list may live (`gc.keep_list_max_secs`).
+    pub keep_list_max: Duration,
 }
 
 /// Shared handle to the registry's state; cheap to clone.
@@ -54,6 +59,8 @@ pub struct Registry {
     pub(crate) blob_locks: Arc<locks::KeyedLocks>,
     /// Read-only mode, draining, readiness.
     pub(crate) maintenance: Arc<maintenance::Maintenance>,
+    /// Manifest pulls not yet written to the catalog (see `retention`).
+    pub(crate) pulls: Arc<retention::PullRecorder>,
 }
 
 impl Registry {
@@ -66,6 +73,7 @@ impl Registry {
             spack_builds: Arc::new(locks::KeyedLocks::default()),
             blob_locks: Arc::new(locks::KeyedLocks::default()),
             maintenance: Arc::new(maintenance::Maintenance::default()),
+            pulls: Arc::new(retention::PullRecorder::default()),
         }
     }
 

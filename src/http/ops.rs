@@ -69,7 +69,9 @@ pub async fn access(
 ) -> Result<ServiceResponse<actix_web::body::EitherBody<impl MessageBody>>, actix_web::Error> {
     let started = Instant::now();
     let id = request_id(&req);
-    let span = tracing::info_span!("request", request_id = %id);
+    // At error level, so that the span (and with it the id) is on every line logged, however
+    // high `RUST_LOG` sets the threshold: a warning from a failed upload still names its request.
+    let span = tracing::error_span!("request", request_id = %id);
     let method = req.method().clone();
     let path = req.path().to_owned();
     let bytes_in = req

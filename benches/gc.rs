@@ -170,7 +170,13 @@ async fn main() {
     let registry = stowage::server::open(&config).await.expect("open registry");
     let catalog = registry.catalog().clone();
 
-    // Baseline: the writer alone, for two seconds.
+    // Warm-up (caches, the first checkpoints after opening), then the writer alone for two
+    // seconds as the baseline.
+    let stop = Arc::new(AtomicBool::new(false));
+    let warm = tokio::spawn(writer(catalog.clone(), stop.clone(), 3));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    warm.await.expect("writer");
     let stop = Arc::new(AtomicBool::new(false));
     let base = tokio::spawn(writer(catalog.clone(), stop.clone(), 1));
     tokio::time::sleep(Duration::from_secs(2)).await;

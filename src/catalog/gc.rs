@@ -88,15 +88,29 @@ impl Catalog {
 
     /// Deletes those of manifests `ids` that are still touched before `cutoff` and still
     /// unneeded, with their references (and so their children's and blobs' claim on them).
-    pub async fn gc_delete_manifests(&self, ids: Vec<i64>, cutoff: i64) -> Result<Vec<RemovedManifest>> {
+    /// Stops once the job has run for `budget` (a manifest's deletion cascades to its
+    /// references and touches its blobs' links, so a whole batch can take a while on a cold
+    /// cache); returns what it removed and how many of `ids` it examined, in order.
+    pub async fn gc_delete_manifests(
+        &self,
+        ids: Vec<i64>,
+        cutoff: i64,
+        budget: std::time::Duration,
+    ) -> Result<(Vec<RemovedManifest>, usize)> {
         self.write(move |c| {
+            let started = std::time::Instant::now();
             let sql = format!(
                 "DELETE FROM manifests AS m WHERE m.id = ?1 AND m.touched_at < ?2 AND {MANIFEST_UNNEEDED}
                  RETURNING repo_id, digest"
             );
             let mut stmt = c.prepare_cached(&sql)?;
             let mut removed = Vec::new();
+            let mut examined = 0;
             for id in ids {
+                if examined > 0 && started.elapsed() >= budget {
+                    break;
+                }
+                examined += 1;
                 if let Some(row) = stmt
                     .query_row(params![id, cutoff], |r| {
                         Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
@@ -107,13 +121,14 @@ impl Catalog {
                 }
             }
             let names = repo_names(c, removed.iter().map(|(id, _)| *id))?;
-            Ok(removed
+            let removed = removed
                 .into_iter()
                 .map(|(id, digest)| RemovedManifest {
                     repo: names.get(&id).cloned().unwrap_or_default(),
                     digest,
                 })
-                .collect())
+                .collect();
+            Ok((removed, examined))
         })
         .await
     }

@@ -42,7 +42,8 @@
 //! deletes in short write jobs that re-check each candidate's condition in the write
 //! transaction (see `catalog::gc`). A push that revives a candidate between scan and delete
 //! (tags it, references it, links it again) therefore wins, and no write job is longer than
-//! [`WRITE_BATCH`] indexed deletions.
+//! [`WRITE_BATCH`] indexed deletions; a manifest job, whose deletions cascade, also stops
+//! after [`WRITE_BUDGET`].
 //!
 //! # Orphans
 //!
@@ -69,6 +70,10 @@ const SCAN_SLICE: usize = 2000;
 
 /// Candidates removed per write job.
 const WRITE_BATCH: usize = 100;
+
+/// Longest a manifest-removal write job runs before it commits and leaves the rest to the
+/// next job, so that writes queued behind it wait at most about this long.
+const WRITE_BUDGET: Duration = Duration::from_millis(5);
 
 /// Object deletions in flight at once (S3 answers each in a round trip).
 const PARALLEL_DELETES: usize = 8;
@@ -170,12 +175,15 @@ impl Registry {
             let mut after = None;
             loop {
                 let slice = self.catalog.gc_scan_manifests(cutoff, after, SCAN_SLICE).await?;
-                for ids in slice.candidates.chunks(WRITE_BATCH) {
-                    let removed = self.catalog.gc_delete_manifests(ids.to_vec(), cutoff).await?;
+                let mut pending = slice.candidates.as_slice();
+                while !pending.is_empty() {
+                    let batch = pending[..pending.len().min(WRITE_BATCH)].to_vec();
+                    let (removed, examined) = self.catalog.gc_delete_manifests(batch, cutoff, WRITE_BUDGET).await?;
                     for m in &removed {
                         tracing::info!(repo = %m.repo, digest = %m.digest, "garbage collection removed an unneeded manifest");
                     }
                     removed_this_round += removed.len() as u64;
+                    pending = &pending[examined.max(1).min(pending.len())..];
                 }
                 match slice.next {
                     Some(next) => after = Some(next),

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Backend, TestServer, client, push_blob, sha256};
+use common::{Backend, TestServer, client, push_blob, sha256, wait_until};
 
 /// Collection every second; `grace` seconds of grace.
 fn gc_server(backend: Backend, grace: &str) -> TestServer {
@@ -19,23 +19,6 @@ fn gc_server(backend: Backend, grace: &str) -> TestServer {
             ("STOWAGE_GC__GRACE_SECS", grace),
         ],
     )
-}
-
-/// Polls `done` every 200 ms until it holds; fails after 60 s (collection runs every second).
-/// The pause is between polls of a condition, never a wait standing in for one.
-async fn wait_until<F, Fut>(what: &str, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !done().await {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn blob_status(server: &TestServer, repo: &str, digest: &str) -> u16 {

@@ -7,24 +7,8 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use common::{STDERR_FILE_ENV, TestServer, client, push_blob, push_image, sha256};
-
-async fn wait_until<F, Fut>(what: &str, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !done().await {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use common::{STDERR_FILE_ENV, TestServer, client, push_blob, push_image, sha256, wait_until};
 
 async fn status_of(url: &str) -> (u16, String) {
     let resp = client().get(url).send().await.expect("GET");

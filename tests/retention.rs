@@ -12,10 +12,9 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use common::spack::{FixtureRepo, push_fixture, served_index};
-use common::{TestServer, client, push_image};
+use common::{TestServer, client, push_image, wait_until};
 use serde_json::{Value, json};
 
 const APPC: &str = "cbhp76umblq6t7nayg4dzofb4p63de3f";
@@ -24,22 +23,6 @@ const LIBA: &str = "3vaqv4q37uunzetmg437xpx7ssadj3dh";
 const GCC_RUNTIME: &str = "6ncciihz43s6lzi6zn52bxhu7ixu53u4";
 const COMPILER_WRAPPER: &str = "dioyrijxsehyuerhuyhoobduwxjym7b3";
 const DAY: i64 = 86_400;
-
-/// Polls `done` every 200 ms until it holds; fails after 60 s (collection runs every second).
-async fn wait_until<F, Fut>(what: &str, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !done().await {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 fn write_config(dir: &Path, toml: &str) -> PathBuf {
     let path = dir.join("retention.toml");

@@ -435,3 +435,20 @@ pub async fn push_image(server: &TestServer, repo: &str, reference: &str, layer:
     assert_eq!(resp.status(), 201, "manifest PUT {repo}:{reference}");
     (sha256(&body), body)
 }
+
+/// Polls `done` every 100 ms until it holds; fails after 60 s. The pause is between polls of a
+/// condition, never a wait standing in for one.
+pub async fn wait_until<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while !done().await {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

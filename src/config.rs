@@ -30,6 +30,7 @@ pub struct Config {
     pub immutable_tags: Vec<crate::auth::ImmutableTagRule>,
     pub gc: GcConfig,
     pub log: LogConfig,
+    pub ui: UiConfig,
 }
 
 /// Connections and their time limits: what one client may hold, and for how long.
@@ -455,6 +456,29 @@ impl Default for AuthConfig {
     }
 }
 
+/// The web UI at `/ui/` (see `ui`): the same users and policy as the registry API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UiConfig {
+    /// Serve the web UI at `/ui/` (and redirect `/` there). Off: both answer 404.
+    pub enabled: bool,
+    /// Seconds a UI session lasts after sign-in (at least 60). Sessions live in memory: a
+    /// restart signs everyone out.
+    pub session_ttl_secs: u64,
+    /// Most UI sessions at once (at least 1); signing in beyond it ends the oldest session.
+    pub max_sessions: usize,
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        UiConfig {
+            enabled: true,
+            session_ttl_secs: 8 * 3600,
+            max_sessions: 10_000,
+        }
+    }
+}
+
 /// Logging.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -483,6 +507,7 @@ impl Default for Config {
             immutable_tags: Vec::new(),
             gc: GcConfig::default(),
             log: LogConfig::default(),
+            ui: UiConfig::default(),
         }
     }
 }
@@ -579,6 +604,12 @@ impl Config {
         }
         if self.gc.orphan_interval_secs == 0 {
             return Err("gc.orphan_interval_secs must be at least 1".to_owned());
+        }
+        if self.ui.session_ttl_secs < 60 {
+            return Err("ui.session_ttl_secs must be at least 60".to_owned());
+        }
+        if self.ui.max_sessions == 0 {
+            return Err("ui.max_sessions must be at least 1".to_owned());
         }
         if self.gc.keep_list_max_secs == 0 {
             return Err("gc.keep_list_max_secs must be at least 1".to_owned());

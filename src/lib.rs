@@ -1,7 +1,7 @@
 //! Stowage: a self-hostable OCI registry built to be the best binary cache for package managers.
 //!
 //! Layers, each calling only the ones below it:
-//! - [`http`]: actix routes and handlers, error responses;
+//! - [`http`]: actix routes and handlers, error responses; [`ui`]: the web UI pages beside them;
 //! - [`registry`]: the services (uploads, manifests, blobs, listings);
 //! - [`catalog`] (SQLite, all SQL) and [`storage`] (blobs over `object_store`);
 //! - [`oci`]: pure types and parsing;
@@ -31,3 +31,4 @@ pub mod registry;
 pub mod server;
 pub mod spack;
 pub mod storage;
+pub mod ui;

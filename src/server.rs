@@ -481,13 +481,23 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 
     let data = web::Data::new(registry.clone());
     let auth = web::Data::new(auth);
+    let ui = match config.ui.enabled {
+        true => Some(web::Data::new(
+            crate::ui::Ui::new(&config.ui).ok_or("setting up the web UI: the random source failed")?,
+        )),
+        false => None,
+    };
     let server = HttpServer::new(move || {
-        App::new()
+        let app = App::new()
             .app_data(data.clone())
             .app_data(auth.clone())
             .wrap(middleware::from_fn(crate::http::access))
-            .wrap(crate::http::default_headers())
-            .configure(crate::http::routes)
+            .wrap(crate::http::default_headers());
+        match &ui {
+            Some(ui) => app.app_data(ui.clone()).configure(crate::ui::routes),
+            None => app,
+        }
+        .configure(crate::http::routes)
     })
     .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
     .h1_write_buffer_size(H1_WRITE_BUFFER)

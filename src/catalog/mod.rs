@@ -51,6 +51,7 @@ mod gc;
 mod queries;
 mod retention;
 mod spack;
+mod ui;
 mod uploads;
 
 use std::panic::AssertUnwindSafe;
@@ -63,6 +64,7 @@ use tokio::sync::oneshot;
 pub use queries::{Deletion, ManifestRecord, NewManifest, Referrer, RepositoryPage};
 pub use retention::{KeepList, PULL_BATCH, RetentionDeleted, RetentionSnapshot, RetentionTag, TagRemoval};
 pub use spack::{ClosureNode, IndexSnapshot, IndexState, SpecDetail, SpecQuery, SpecSummary};
+pub use ui::{RepositorySummary, SummaryPage, TagRow};
 pub use uploads::{UploadCheckpoint, UploadRecord};
 
 use crate::error::{Error, Internal, Result};

@@ -20,7 +20,9 @@ use actix_web::{HttpResponse, web};
 
 pub use auth::Guard;
 pub use error::error_body;
-pub use extract::{BodyTimeouts, set_body_timeouts};
+pub use extract::{BodyTimeouts, query, query_param, read_limited, set_body_timeouts};
+/// For the web UI (`crate::ui`): the same client address and base URL as the registry API.
+pub use auth::{base_url, client_ip};
 pub use ops::access;
 
 use crate::error::Code;

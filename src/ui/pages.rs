@@ -29,6 +29,12 @@ const MAX_MANIFEST_TAGS: u64 = 100;
 
 type Page = Result<HttpResponse, UiError>;
 
+/// Config media types of container images (not artifact types of their own).
+const IMAGE_CONFIGS: &[&str] = &[
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+];
+
 /// What every page's frame shows: who is signed in, the sign-out form, the asset URLs.
 pub struct Chrome {
     pub user: Option<String>,
@@ -246,7 +252,9 @@ pub async fn repository(
             name: r.name,
             digest: r.digest,
             media_type: r.media_type,
-            artifact_type: r.artifact_type,
+            // The catalog records an image's config media type as its artifact type: only a
+            // real artifact's type is worth showing.
+            artifact_type: r.artifact_type.filter(|a| !IMAGE_CONFIGS.contains(&a.as_str())),
         })
         .collect();
     let can_delete =

@@ -1,0 +1,692 @@
+//! The web UI (`src/ui`) against the real binary: in real headless Chromium (Debian's, driven by
+//! `playwright-core` from `tests/ui/`: sign in, browse, open manifests, delete a tag, private
+//! repositories hidden from anonymous viewers; screenshots under `<target>/ui-screenshots/`),
+//! and over plain HTTP: the security headers, CSRF refusals, escaping, the sign-in limiter,
+//! sign-out, policy, pagination.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use base64::Engine as _;
+use common::{TestServer, client, run_cli, sha256};
+use reqwest::StatusCode;
+
+const CONFIG: &str = r#"
+[auth]
+enabled = true
+anonymous_pull = ["public/**"]
+max_failed_logins = 1000
+
+[[auth.rules]]
+repositories = ["**"]
+users = ["alice"]
+actions = ["pull", "push", "delete"]
+
+[[auth.rules]]
+repositories = ["public/**"]
+users = ["bob"]
+actions = ["pull"]
+"#;
+
+const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// A server with authentication on and users `alice` (pull, push, delete everywhere) and `bob`
+/// (pull of `public/**`), passwords `<name>-pw`.
+struct UiServer {
+    server: TestServer,
+    _config: tempfile::TempDir,
+}
+
+impl UiServer {
+    fn start(config: &str) -> UiServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("stowage.toml");
+        std::fs::write(&path, config).expect("write config");
+        let server = TestServer::start_with(&[
+            ("STOWAGE_CONFIG", path.to_str().expect("utf-8 path")),
+            ("STOWAGE_AUTH__ENABLED", "true"),
+        ]);
+        for name in ["alice", "bob"] {
+            run_cli(server.data_dir(), &["user", "add", name], &format!("{name}-pw\n"));
+        }
+        UiServer { server, _config: dir }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.url)
+    }
+
+    fn basic(&self) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD.encode("alice:alice-pw");
+        format!("Basic {b64}")
+    }
+
+    async fn put_blob(&self, repo: &str, data: &[u8]) -> (String, usize) {
+        let digest = sha256(data);
+        let resp = client()
+            .post(self.server.v2(&format!("{repo}/blobs/uploads/?digest={digest}")))
+            .header("Authorization", self.basic())
+            .header("Content-Type", "application/octet-stream")
+            .body(data.to_vec())
+            .send()
+            .await
+            .expect("POST blob");
+        assert_eq!(resp.status(), 201, "blob upload to {repo}");
+        (digest, data.len())
+    }
+
+    async fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &serde_json::Value) -> String {
+        let bytes = serde_json::to_vec(body).expect("json");
+        let resp = client()
+            .put(self.server.v2(&format!("{repo}/manifests/{reference}")))
+            .header("Authorization", self.basic())
+            .header("Content-Type", media_type)
+            .body(bytes.clone())
+            .send()
+            .await
+            .expect("PUT manifest");
+        assert_eq!(resp.status(), 201, "manifest {repo}:{reference}");
+        sha256(&bytes)
+    }
+
+    /// An image of `layers` layers with `annotations`, tagged `reference`; returns its digest.
+    async fn image(&self, repo: &str, reference: &str, layers: usize, annotations: serde_json::Value) -> String {
+        self.image_for(repo, reference, layers, annotations, "amd64").await
+    }
+
+    async fn image_for(
+        &self,
+        repo: &str,
+        reference: &str,
+        layers: usize,
+        annotations: serde_json::Value,
+        arch: &str,
+    ) -> String {
+        let config = format!(r#"{{"architecture":"{arch}","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}}}}"#);
+        let (cd, cs) = self.put_blob(repo, config.as_bytes()).await;
+        let mut descs = Vec::new();
+        for i in 0..layers {
+            let (d, s) = self
+                .put_blob(repo, format!("layer {i} of {repo}:{reference} {arch}").as_bytes())
+                .await;
+            descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": s}));
+        }
+        let mut m = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+            "layers": descs,
+        });
+        if !annotations.is_null() {
+            m["annotations"] = annotations;
+        }
+        self.put_manifest(repo, reference, MANIFEST, &m).await
+    }
+
+    /// An SBOM referrer of `subject` (an artifact of type `application/spdx+json`).
+    async fn sbom(&self, repo: &str, subject: &str, annotations: serde_json::Value) -> String {
+        let (ed, es) = self.put_blob(repo, b"{}").await;
+        let (ld, ls) = self.put_blob(repo, br#"{"spdxVersion":"SPDX-2.3"}"#).await;
+        let subject_size = self.manifest_size(repo, subject).await;
+        let m = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "artifactType": "application/spdx+json",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": ed, "size": es},
+            "layers": [{"mediaType": "application/spdx+json", "digest": ld, "size": ls}],
+            "subject": {"mediaType": MANIFEST, "digest": subject, "size": subject_size},
+            "annotations": annotations,
+        });
+        let digest = sha256(&serde_json::to_vec(&m).expect("json"));
+        self.put_manifest(repo, &digest, MANIFEST, &m).await
+    }
+
+    /// The size of a stored manifest (HEAD).
+    async fn manifest_size(&self, repo: &str, reference: &str) -> u64 {
+        client()
+            .head(self.server.v2(&format!("{repo}/manifests/{reference}")))
+            .header("Authorization", self.basic())
+            .send()
+            .await
+            .expect("HEAD manifest")
+            .headers()["content-length"]
+            .to_str()
+            .expect("length")
+            .parse()
+            .expect("number")
+    }
+
+    /// The fixture the browser test browses.
+    async fn fixture(&self) {
+        let v1 = self
+            .image(
+                "public/app",
+                "v1",
+                2,
+                serde_json::json!({"org.opencontainers.image.description": "The demo app", "org.opencontainers.image.version": "1.0"}),
+            )
+            .await;
+        self.image("public/app", "v2", 1, serde_json::Value::Null).await;
+        self.sbom(
+            "public/app",
+            &v1,
+            serde_json::json!({"org.opencontainers.image.created": "2026-11-30T12:00:00Z"}),
+        )
+        .await;
+        let amd = self
+            .image_for("public/multi", "amd64", 1, serde_json::Value::Null, "amd64")
+            .await;
+        let arm = self
+            .image_for("public/multi", "arm64", 1, serde_json::Value::Null, "arm64")
+            .await;
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": INDEX,
+            "manifests": [
+                {"mediaType": MANIFEST, "digest": amd, "size": self.manifest_size("public/multi", &amd).await, "platform": {"os": "linux", "architecture": "amd64"}},
+                {"mediaType": MANIFEST, "digest": arm, "size": self.manifest_size("public/multi", &arm).await, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+            ],
+        });
+        self.put_manifest("public/multi", "latest", INDEX, &index).await;
+        self.image("private/secret", "v1", 1, serde_json::Value::Null).await;
+    }
+
+    /// Tags of `repo` through the registry API (as alice).
+    async fn api_tags(&self, repo: &str) -> Vec<String> {
+        let resp = client()
+            .get(self.server.v2(&format!("{repo}/tags/list")))
+            .header("Authorization", self.basic())
+            .send()
+            .await
+            .expect("tags list");
+        assert_eq!(resp.status(), 200);
+        let body: serde_json::Value = resp.json().await.expect("json");
+        body["tags"]
+            .as_array()
+            .expect("tags")
+            .iter()
+            .map(|t| t.as_str().expect("tag").to_owned())
+            .collect()
+    }
+}
+
+/// A browser's cookies and the last page's CSRF token, over reqwest (no JavaScript).
+#[derive(Default)]
+struct Browser {
+    cookies: HashMap<String, String>,
+}
+
+impl Browser {
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn absorb(&mut self, resp: &reqwest::Response) {
+        for value in resp.headers().get_all("set-cookie") {
+            let value = value.to_str().expect("cookie");
+            let pair = value.split(';').next().expect("pair");
+            let (k, v) = pair.split_once('=').expect("name=value");
+            if v.is_empty() || value.contains("Max-Age=0") {
+                self.cookies.remove(k);
+            } else {
+                self.cookies.insert(k.to_owned(), v.to_owned());
+            }
+        }
+    }
+
+    async fn get(&mut self, url: &str) -> (StatusCode, String) {
+        let resp = client()
+            .get(url)
+            .header("Cookie", self.cookie_header())
+            .send()
+            .await
+            .expect("GET");
+        self.absorb(&resp);
+        let status = resp.status();
+        (status, resp.text().await.expect("body"))
+    }
+
+    async fn post(&mut self, url: &str, form: &[(&str, &str)]) -> reqwest::Response {
+        let body = form
+            .iter()
+            .map(|(k, v)| format!("{k}={}", urlencode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let resp = client()
+            .post(url)
+            .header("Cookie", self.cookie_header())
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .expect("POST");
+        self.absorb(&resp);
+        resp
+    }
+
+    /// Signs in through the form; returns the response to the POST.
+    async fn sign_in(&mut self, s: &UiServer, user: &str, password: &str) -> reqwest::Response {
+        let (status, page) = self.get(&s.url("/ui/login")).await;
+        assert_eq!(status, 200);
+        let token = csrf(&page);
+        self.post(
+            &s.url("/ui/login"),
+            &[("csrf", &token), ("username", user), ("password", password)],
+        )
+        .await
+    }
+}
+
+fn urlencode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The CSRF token of the first form on a page.
+fn csrf(page: &str) -> String {
+    let at = page.find(r#"name="csrf" value=""#).expect("a form with a CSRF token");
+    let rest = &page[at + r#"name="csrf" value=""#.len()..];
+    rest[..rest.find('"').expect("end of value")].to_owned()
+}
+
+/// Where screenshots go: `<target dir>/ui-screenshots/`.
+fn screenshot_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("the target dir")
+        .join("ui-screenshots")
+}
+
+#[tokio::test]
+async fn a_real_browser_signs_in_browses_and_deletes() {
+    let s = UiServer::start(CONFIG);
+    s.fixture().await;
+    let ui_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ui");
+    assert!(
+        ui_dir.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed in tests/ui: run scripts/test (or `npm ci` there)"
+    );
+    assert!(
+        std::path::Path::new("/usr/bin/chromium").exists(),
+        "Debian's chromium is not installed: run scripts/test (or `apt-get install chromium`)"
+    );
+    let shots = screenshot_dir().join(format!("{:?}", s.server.backend).to_lowercase());
+    let script = ui_dir.clone();
+    let url = s.server.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg("browse.mjs")
+            .current_dir(script)
+            .env("STOWAGE_URL", url)
+            .env("SCREENSHOT_DIR", &shots)
+            .env("UI_USER", "alice")
+            .env("UI_PASSWORD", "alice-pw")
+            .output()
+            .expect("run node")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "browser checks failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("browser checks passed"), "{stdout}");
+    // What the browser deleted is gone from the registry API too; the rest stays.
+    assert_eq!(s.api_tags("public/app").await, vec!["v1".to_owned()]);
+    assert_eq!(s.api_tags("private/secret").await, vec!["v1".to_owned()]);
+}
+
+#[tokio::test]
+async fn every_page_has_the_security_headers_and_assets_are_cached_by_hash() {
+    let s = UiServer::start(CONFIG);
+    s.image("public/app", "v1", 1, serde_json::Value::Null).await;
+    let resp = client().get(s.url("/")).send().await.expect("GET /");
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["location"], "/ui/");
+    let mut b = Browser::default();
+    for (path, status) in [
+        ("/ui/", 200),
+        ("/ui/login", 200),
+        ("/ui/repos/public/app", 200),
+        ("/ui/repos/nothing/here", 404),
+        ("/ui/no-such-page", 404),
+    ] {
+        let resp = client()
+            .get(s.url(path))
+            .header("Cookie", b.cookie_header())
+            .send()
+            .await
+            .expect("GET");
+        b.absorb(&resp);
+        assert_eq!(resp.status().as_u16(), status, "{path}");
+        let h = resp.headers();
+        let csp = h["content-security-policy"].to_str().expect("csp");
+        for directive in [
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "frame-ancestors 'none'",
+            "form-action 'self'",
+        ] {
+            assert!(csp.contains(directive), "{path}: {csp} lacks {directive}");
+        }
+        assert!(!csp.contains("unsafe"), "{path}: {csp}");
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(h["referrer-policy"], "same-origin", "{path}");
+        assert_eq!(h["x-frame-options"], "DENY", "{path}");
+        assert_eq!(h["cache-control"], "no-store", "{path}");
+        assert!(h["content-type"].to_str().expect("type").starts_with("text/html"), "{path}");
+        let body = resp.text().await.expect("body");
+        // No inline script: every <script> has a src under /ui/assets/.
+        for tag in body.split("<script").skip(1) {
+            let head = &tag[..tag.find('>').expect("tag end")];
+            assert!(head.contains(r#"src="/ui/assets/"#), "{path}: inline script {head}");
+        }
+        assert!(!body.contains(" style=\""), "{path}: inline style");
+    }
+    // The session cookie's attributes, from a real sign-in.
+    let resp = b.sign_in(&s, "alice", "alice-pw").await;
+    assert_eq!(resp.status(), 303);
+    let cookie = resp.headers()["set-cookie"].to_str().expect("cookie").to_owned();
+    assert!(cookie.starts_with("stowage_session="), "{cookie}");
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age="] {
+        assert!(cookie.contains(attr), "{cookie} lacks {attr}");
+    }
+    assert!(!cookie.contains("Secure"), "plain HTTP: no Secure attribute: {cookie}");
+    // Assets: content-hashed URLs, cached for a year, others 404.
+    let (_, page) = b.get(&s.url("/ui/")).await;
+    for name in ["style.css", "htmx.min.js", "ui.js"] {
+        let at = page.find(&format!("/{name}\"")).expect("asset link");
+        let start = page[..at].rfind("\"/ui/assets/").expect("asset url") + 1;
+        let url = &page[start..at + name.len() + 1];
+        let resp = client().get(s.url(url)).send().await.expect("asset");
+        assert_eq!(resp.status(), 200, "{url}");
+        assert_eq!(resp.headers()["cache-control"], "public, max-age=31536000, immutable");
+        let stale = url.replace("/ui/assets/", "/ui/assets/0000");
+        assert_eq!(client().get(s.url(&stale)).send().await.expect("asset").status(), 404);
+    }
+    let htmx = client()
+        .get(s.url(&{
+            let at = page.find("/htmx.min.js\"").expect("htmx");
+            let start = page[..at].rfind("\"/ui/assets/").expect("url") + 1;
+            page[start..at + "/htmx.min.js".len()].to_owned()
+        }))
+        .send()
+        .await
+        .expect("htmx")
+        .bytes()
+        .await
+        .expect("bytes");
+    let vendored = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("web/vendor/htmx-2.0.11.min.js"))
+        .expect("vendored htmx");
+    assert_eq!(&htmx[..], &vendored[..], "the vendored htmx, byte for byte");
+}
+
+#[tokio::test]
+async fn forms_without_their_csrf_token_are_refused() {
+    let s = UiServer::start(CONFIG);
+    s.image("public/app", "v1", 1, serde_json::Value::Null).await;
+    s.image("public/app", "v2", 1, serde_json::Value::Null).await;
+    let delete = s.url("/ui/repos/public/app/tags/v1/delete");
+
+    // Sign-in without a token, with a token of another browser, with a made-up one.
+    let mut b = Browser::default();
+    b.get(&s.url("/ui/login")).await;
+    let creds = [("username", "alice"), ("password", "alice-pw")];
+    let resp = b.post(&s.url("/ui/login"), &creds).await;
+    assert_eq!(resp.status(), 403, "sign-in without a CSRF token");
+    let mut other = Browser::default();
+    let (_, other_page) = other.get(&s.url("/ui/login")).await;
+    let foreign = csrf(&other_page);
+    let resp = b
+        .post(&s.url("/ui/login"), &[("csrf", &foreign), creds[0], creds[1]])
+        .await;
+    assert_eq!(resp.status(), 403, "sign-in with another browser's token");
+    let body = resp.text().await.expect("body");
+    assert!(body.contains("CSRF"), "the page says why: {body}");
+    assert!(!b.cookies.contains_key("stowage_session"));
+
+    // Signed in: deletes without the session's token are refused, and nothing is deleted.
+    assert_eq!(b.sign_in(&s, "alice", "alice-pw").await.status(), 303);
+    assert!(b.cookies.contains_key("stowage_session"));
+    assert_eq!(b.post(&delete, &[]).await.status(), 403, "no token");
+    assert_eq!(b.post(&delete, &[("csrf", "")]).await.status(), 403, "empty token");
+    assert_eq!(b.post(&delete, &[("csrf", &foreign)]).await.status(), 403, "another browser's token");
+    // A token from before sign-in (bound to the pre-session cookie) is not the session's.
+    let mut alice2 = Browser::default();
+    alice2.sign_in(&s, "alice", "alice-pw").await;
+    let (_, page2) = alice2.get(&s.url("/ui/repos/public/app")).await;
+    let token2 = csrf(&page2);
+    assert_eq!(b.post(&delete, &[("csrf", &token2)]).await.status(), 403, "another session's token");
+    assert_eq!(s.api_tags("public/app").await, vec!["v1", "v2"], "nothing deleted");
+    // A cross-site post carries no cookie at all (SameSite=Strict): refused as well.
+    let resp = client()
+        .post(&delete)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={token2}"))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), 403);
+
+    // With its own token, the delete goes through.
+    let (_, page) = b.get(&s.url("/ui/repos/public/app")).await;
+    let token = csrf(&page);
+    let resp = b.post(&delete, &[("csrf", &token)]).await;
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["location"], "/ui/repos/public/app?deleted=v1");
+    assert_eq!(s.api_tags("public/app").await, vec!["v2"]);
+
+    // Sign-out needs the token too; after it the old cookie is worth nothing.
+    assert_eq!(b.post(&s.url("/ui/logout"), &[]).await.status(), 403);
+    let old = b.cookie_header();
+    let resp = b.post(&s.url("/ui/logout"), &[("csrf", &token)]).await;
+    assert_eq!(resp.status(), 303);
+    let resp = client()
+        .get(s.url("/ui/repos/private/secret"))
+        .header("Cookie", &old)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 404, "the signed-out session sees no private repository");
+    let resp = client()
+        .post(s.url("/ui/repos/public/app/tags/v2/delete"))
+        .header("Cookie", &old)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={token}"))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), 403, "the signed-out session's token is dead");
+    assert_eq!(s.api_tags("public/app").await, vec!["v2"]);
+}
+
+#[tokio::test]
+async fn html_special_characters_are_escaped() {
+    let s = UiServer::start(CONFIG);
+    let evil = r#"<script>alert("x")</script> & 'quotes'"#;
+    let digest = s
+        .image(
+            "public/app",
+            "v1",
+            1,
+            serde_json::json!({ "org.example.note": evil, "org.example.<b>key</b>": "v" }),
+        )
+        .await;
+    s.sbom("public/app", &digest, serde_json::json!({ "org.example.sbom": evil }))
+        .await;
+    let mut b = Browser::default();
+    let (status, page) = b.get(&s.url(&format!("/ui/repos/public/app/manifests/{digest}"))).await;
+    assert_eq!(status, 200);
+    assert!(!page.contains("<script>alert"), "unescaped annotation:\n{page}");
+    assert!(!page.contains("<b>key</b>"), "unescaped annotation key");
+    let escaped = "&#60;script&#62;alert(&#34;x&#34;)&#60;/script&#62; &#38; &#39;quotes&#39;";
+    assert_eq!(
+        page.matches(escaped).count(),
+        2,
+        "the annotation is shown escaped, on the manifest and on its referrer:\n{page}"
+    );
+    assert!(page.contains("org.example.&#60;b&#62;key&#60;/b&#62;"));
+    // The filter is echoed into the page (the search box, "no match" line), escaped.
+    let (status, page) = b
+        .get(&s.url("/ui/?q=%22%3E%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E"))
+        .await;
+    assert_eq!(status, 200);
+    assert!(!page.contains("<img src=x"), "unescaped filter:\n{page}");
+    assert!(page.contains("&#34;&#62;&#60;img src=x onerror=alert(1)&#62;"), "{page}");
+}
+
+#[tokio::test]
+async fn sign_in_is_rate_limited_like_the_token_endpoint() {
+    let config = CONFIG.replace(
+        "max_failed_logins = 1000",
+        "max_failed_logins = 2\nfailed_login_backoff_secs = 60",
+    );
+    let s = UiServer::start(&config);
+    let mut b = Browser::default();
+    for attempt in 0..2 {
+        let resp = b.sign_in(&s, "alice", "wrong").await;
+        assert_eq!(resp.status(), 401, "attempt {attempt}");
+        let page = resp.text().await.expect("body");
+        assert!(page.contains("Wrong user name or password"), "{page}");
+    }
+    // Blocked now: even the right password is refused before it is checked.
+    let resp = b.sign_in(&s, "alice", "alice-pw").await;
+    assert_eq!(resp.status(), 429);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .expect("retry-after")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert!(!b.cookies.contains_key("stowage_session"));
+    // The same limiter as /token: alice is refused there too from this address.
+    let resp = client()
+        .get(s.url("/token?service=stowage"))
+        .header("Authorization", s.basic())
+        .send()
+        .await
+        .expect("token");
+    assert_eq!(resp.status(), 429, "/token shares the limiter");
+    // Another user from the same address is not blocked by alice's failures.
+    assert_eq!(b.sign_in(&s, "bob", "bob-pw").await.status(), 303);
+}
+
+#[tokio::test]
+async fn pages_show_only_what_the_viewer_may_pull_and_delete() {
+    let s = UiServer::start(CONFIG);
+    s.image("public/app", "v1", 1, serde_json::Value::Null).await;
+    let secret = s.image("private/secret", "v1", 1, serde_json::Value::Null).await;
+    let secret_page = s.url(&format!("/ui/repos/private/secret/manifests/{secret}"));
+
+    let mut anon = Browser::default();
+    let (_, page) = anon.get(&s.url("/ui/")).await;
+    assert!(page.contains("public/app") && !page.contains("private/secret"));
+    for url in [s.url("/ui/repos/private/secret"), secret_page.clone()] {
+        let (status, page) = anon.get(&url).await;
+        assert_eq!(status, 404, "{url}");
+        assert!(!page.contains(&secret), "the 404 page reveals nothing");
+    }
+    let (_, page) = anon.get(&s.url("/ui/repos/public/app")).await;
+    assert!(!page.contains("data-delete="), "no delete button for anonymous");
+
+    // bob may pull public/** only, and delete nothing.
+    let mut bob = Browser::default();
+    assert_eq!(bob.sign_in(&s, "bob", "bob-pw").await.status(), 303);
+    let (_, page) = bob.get(&s.url("/ui/")).await;
+    assert!(page.contains("Signed in as") && page.contains("bob"));
+    assert!(!page.contains("private/secret"));
+    assert_eq!(bob.get(&secret_page).await.0, 404);
+    let (_, page) = bob.get(&s.url("/ui/repos/public/app")).await;
+    assert!(!page.contains("data-delete="), "no delete button for bob");
+    let token = csrf(&page);
+    let resp = bob
+        .post(&s.url("/ui/repos/public/app/tags/v1/delete"), &[("csrf", &token)])
+        .await;
+    assert_eq!(resp.status(), 403, "bob may not delete");
+    let body = resp.text().await.expect("body");
+    assert!(body.contains("user bob may not delete on repository public/app"), "{body}");
+    assert_eq!(s.api_tags("public/app").await, vec!["v1"]);
+
+    // alice sees and may delete everything.
+    let mut alice = Browser::default();
+    alice.sign_in(&s, "alice", "alice-pw").await;
+    let (_, page) = alice.get(&s.url("/ui/")).await;
+    assert!(page.contains("private/secret"));
+    let (status, page) = alice.get(&secret_page).await;
+    assert_eq!(status, 200);
+    assert!(page.contains(&secret));
+    let (_, page) = alice.get(&s.url("/ui/repos/public/app")).await;
+    assert!(page.contains(r#"data-delete="v1""#));
+
+    // Removing a user ends their sessions at once.
+    run_cli(s.server.data_dir(), &["user", "remove", "alice"], "");
+    let (status, page) = alice.get(&secret_page).await;
+    assert_eq!(status, 404);
+    assert!(!page.contains("Signed in as"));
+}
+
+#[tokio::test]
+async fn listings_are_paginated_and_filtered() {
+    let s = UiServer::start(CONFIG);
+    for tag in ["a1", "a2", "b1", "b2", "b3"] {
+        s.image("public/app", tag, 1, serde_json::Value::Null).await;
+    }
+    for repo in ["public/r1", "public/r2", "public/x3"] {
+        s.image(repo, "v1", 1, serde_json::Value::Null).await;
+    }
+    let mut b = Browser::default();
+    let tags_of = |page: &str| -> Vec<String> {
+        page.split(r#"class="tag" href=""#)
+            .skip(1)
+            .map(|rest| {
+                let text = &rest[rest.find('>').expect(">") + 1..];
+                text[..text.find('<').expect("<")].to_owned()
+            })
+            .collect()
+    };
+    let next_of = |page: &str| -> Option<String> {
+        let at = page.find(r#"rel="next" href=""#)?;
+        let rest = &page[at + r#"rel="next" href=""#.len()..];
+        Some(rest[..rest.find('"').expect("end")].replace("&#38;", "&"))
+    };
+    let (_, page) = b.get(&s.url("/ui/repos/public/app?n=2")).await;
+    assert_eq!(tags_of(&page), ["a1", "a2"]);
+    let next = next_of(&page).expect("a next page");
+    assert_eq!(next, "/ui/repos/public/app?after=a2&n=2");
+    let (_, page) = b.get(&s.url(&next)).await;
+    assert_eq!(tags_of(&page), ["b1", "b2"]);
+    let (_, page) = b.get(&s.url(&next_of(&page).expect("third page"))).await;
+    assert_eq!(tags_of(&page), ["b3"]);
+    assert!(next_of(&page).is_none(), "the last page has no next link");
+    // Filtered and paginated together.
+    let (_, page) = b.get(&s.url("/ui/repos/public/app?q=b&n=2")).await;
+    assert_eq!(tags_of(&page), ["b1", "b2"]);
+    let next = next_of(&page).expect("next");
+    assert_eq!(next, "/ui/repos/public/app?after=b2&q=b&n=2");
+    let (_, page) = b.get(&s.url(&next)).await;
+    assert_eq!(tags_of(&page), ["b3"]);
+    // Repositories: filter by name; counts and sizes shown.
+    let (_, page) = b.get(&s.url("/ui/?q=public/r")).await;
+    assert!(page.contains("public/r1") && page.contains("public/r2") && !page.contains("public/x3"));
+    let (_, page) = b.get(&s.url("/ui/?n=1")).await;
+    assert!(page.contains(">public/app<") && !page.contains(">public/r1<"));
+    assert_eq!(next_of(&page).as_deref(), Some("/ui/?after=public%2Fapp&n=1"));
+    // Bad parameters get a 400 page, never a 500.
+    assert_eq!(b.get(&s.url("/ui/?n=abc")).await.0, 400);
+    assert_eq!(b.get(&s.url(&format!("/ui/?q={}", "x".repeat(300)))).await.0, 400);
+    assert_eq!(b.get(&s.url("/ui/repos/public/app/manifests/sha256:nothex")).await.0, 404);
+    assert_eq!(b.get(&s.url("/ui/repos/Bad..Name")).await.0, 404);
+}

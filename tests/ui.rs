@@ -690,3 +690,18 @@ async fn listings_are_paginated_and_filtered() {
     assert_eq!(b.get(&s.url("/ui/repos/public/app/manifests/sha256:nothex")).await.0, 404);
     assert_eq!(b.get(&s.url("/ui/repos/Bad..Name")).await.0, 404);
 }
+
+#[tokio::test]
+async fn the_ui_can_be_turned_off() {
+    let server = TestServer::start_with(&[("STOWAGE_UI__ENABLED", "false")]);
+    for path in ["/", "/ui/", "/ui/login"] {
+        let resp = client()
+            .get(format!("{}{path}", server.url))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(resp.status(), 404, "{path}");
+    }
+    // The registry itself is unaffected.
+    assert_eq!(client().get(server.v2("")).send().await.expect("GET /v2/").status(), 200);
+}

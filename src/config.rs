@@ -735,13 +735,19 @@ mod tests {
                 jail.clear_env();
                 jail.set_env(format!("STOWAGE_UI__{key}"), bad);
                 let err = Config::load(None, CliOverrides::default()).expect_err(bad).to_string();
-                assert!(err.contains(&format!("ui.{}", key.to_ascii_lowercase())), "{key}={bad}: {err}");
+                assert!(
+                    err.contains(&format!("ui.{}", key.to_ascii_lowercase())),
+                    "{key}={bad}: {err}"
+                );
             }
             jail.clear_env();
             jail.create_file("ui.toml", "[ui]\nenabled = false\nsession_ttl_secs = 600\n")?;
             jail.set_env("STOWAGE_UI__MAX_SESSIONS", "5");
             let c = Config::load(Some(Path::new("ui.toml")), CliOverrides::default()).map_err(|e| e.to_string())?;
-            assert_eq!((c.ui.enabled, c.ui.session_ttl_secs, c.ui.max_sessions), (false, 600, 5));
+            assert_eq!(
+                (c.ui.enabled, c.ui.session_ttl_secs, c.ui.max_sessions),
+                (false, 600, 5)
+            );
             Ok(())
         });
     }

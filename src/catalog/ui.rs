@@ -179,7 +179,9 @@ impl Catalog {
     pub async fn tags_of_manifest(&self, repo: &RepoName, digest: String, limit: u64) -> Result<Vec<String>> {
         let repo = repo.to_string();
         self.read(move |c| {
-            let Some(id) = repo_id(c, &repo)? else { return Ok(Vec::new()) };
+            let Some(id) = repo_id(c, &repo)? else {
+                return Ok(Vec::new());
+            };
             let mut stmt = c.prepare_cached(
                 "SELECT t.name FROM manifests m JOIN tags t ON t.manifest_id = m.id
                   WHERE m.repo_id = ?1 AND m.digest = ?2 ORDER BY t.name LIMIT ?3",

@@ -19,10 +19,10 @@ use actix_web::middleware::{DefaultHeaders, from_fn};
 use actix_web::{HttpResponse, web};
 
 pub use auth::Guard;
-pub use error::error_body;
-pub use extract::{BodyTimeouts, query, query_param, read_limited, set_body_timeouts};
 /// For the web UI (`crate::ui`): the same client address and base URL as the registry API.
 pub use auth::{base_url, client_ip};
+pub use error::error_body;
+pub use extract::{BodyTimeouts, query, query_param, read_limited, set_body_timeouts};
 pub use ops::access;
 
 use crate::error::Code;

@@ -57,10 +57,7 @@ pub fn url(name: &str) -> String {
 /// `GET /ui/assets/{hash}/{name}`.
 pub async fn serve(path: web::Path<(String, String)>) -> HttpResponse {
     let (hash, name) = path.into_inner();
-    let found = ASSETS
-        .iter()
-        .zip(hashes())
-        .find(|(a, h)| a.name == name && **h == hash);
+    let found = ASSETS.iter().zip(hashes()).find(|(a, h)| a.name == name && **h == hash);
     match found {
         Some((asset, _)) => HttpResponse::Ok()
             .insert_header((CONTENT_TYPE, asset.content_type))

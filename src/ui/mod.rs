@@ -58,7 +58,10 @@ impl Ui {
     /// The UI as configured; `None` if the system's random source fails.
     pub fn new(config: &UiConfig) -> Option<Ui> {
         Some(Ui {
-            sessions: Sessions::new(Duration::from_secs(config.session_ttl_secs.max(60)), config.max_sessions)?,
+            sessions: Sessions::new(
+                Duration::from_secs(config.session_ttl_secs.max(60)),
+                config.max_sessions,
+            )?,
         })
     }
 }
@@ -225,11 +228,7 @@ impl Viewer {
             }
             _ => false,
         };
-        if ok {
-            Ok(())
-        } else {
-            Err(UiError::Csrf)
-        }
+        if ok { Ok(()) } else { Err(UiError::Csrf) }
     }
 }
 
@@ -280,11 +279,9 @@ impl ResponseError for UiError {
         let status = self.status_code();
         let message = match self {
             UiError::NotFound => "There is no such page, or you may not see it.".to_owned(),
-            UiError::Csrf => {
-                "The form was refused: its CSRF token is missing or does not belong to this browser's \
+            UiError::Csrf => "The form was refused: its CSRF token is missing or does not belong to this browser's \
                  session. Reload the page and try again."
-                    .to_owned()
-            }
+                .to_owned(),
             UiError::BadRequest(m) => (*m).to_owned(),
             UiError::Forbidden(m) => m.clone(),
             UiError::Registry(Error::Internal(inner)) => {
@@ -313,5 +310,6 @@ fn html(viewer: &Viewer, status: StatusCode, body: String) -> HttpResponse {
     for c in &viewer.set_cookies {
         resp.append_header((SET_COOKIE, c.as_str()));
     }
-    resp.insert_header((CONTENT_TYPE, "text/html; charset=utf-8")).body(body)
+    resp.insert_header((CONTENT_TYPE, "text/html; charset=utf-8"))
+        .body(body)
 }

@@ -481,7 +481,14 @@ struct LoginPage {
     username: String,
 }
 
-fn login_page(viewer: &Viewer, ui: &super::Ui, auth: &Auth, status: StatusCode, error: Option<String>, username: String) -> Page {
+fn login_page(
+    viewer: &Viewer,
+    ui: &super::Ui,
+    auth: &Auth,
+    status: StatusCode,
+    error: Option<String>,
+    username: String,
+) -> Page {
     let page = LoginPage {
         chrome: Chrome::new(Some(viewer), viewer.csrf(ui), auth.enabled()),
         error,
@@ -521,7 +528,9 @@ pub async fn login(
         .unwrap_or_default()
         .trim()
         .to_owned();
-    let password = crate::http::query_param(&form, "password").unwrap_or_default().to_owned();
+    let password = crate::http::query_param(&form, "password")
+        .unwrap_or_default()
+        .to_owned();
     if user.is_empty() || password.is_empty() {
         let error = Some("Enter your user name and password.".to_owned());
         return login_page(&viewer, &ui, &auth, StatusCode::BAD_REQUEST, error, user);

@@ -77,7 +77,10 @@ pub fn random_token() -> Option<String> {
 
 /// Whether a cookie value has the shape [`random_token`] gives (anything else is ignored).
 pub fn plausible_token(value: &str) -> bool {
-    value.len() == 43 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    value.len() == 43
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn key_of(id: &str) -> [u8; 32] {
@@ -123,7 +126,10 @@ impl Sessions {
         }
         if table.len() >= self.max {
             evict_oldest(&mut table, |_| true);
-            tracing::warn!(max = self.max, "the web UI session table is full: ended the oldest session");
+            tracing::warn!(
+                max = self.max,
+                "the web UI session table is full: ended the oldest session"
+            );
         }
         table.insert(
             key_of(&id),

@@ -195,6 +195,35 @@ impl UiServer {
         });
         self.put_manifest("public/multi", "latest", INDEX, &index).await;
         self.image("private/secret", "v1", 1, serde_json::Value::Null).await;
+        self.spack_fixture("public/spack", &[]).await;
+    }
+
+    /// Pushes the Spack build cache fixture (real Spack's pushes) into `repo`, but for the spec
+    /// tags that start with one of `skip`.
+    async fn spack_fixture(&self, repo: &str, skip: &[&str]) {
+        let fixture = common::spack::FixtureRepo::load("http-noauth", "spack_buildcache");
+        for data in fixture.blobs.values() {
+            self.put_blob(repo, data).await;
+        }
+        // Image manifests before the indexes that may list them.
+        let mut order: Vec<_> = fixture
+            .manifests
+            .iter()
+            .filter(|(t, _)| *t != "index.spack" && !skip.iter().any(|s| t.starts_with(s)))
+            .collect();
+        order.sort_by_key(|(_, (body, _))| body.windows(11).any(|w| w == b"\"manifests\""));
+        for (tag, (body, ct)) in order {
+            let json: serde_json::Value = serde_json::from_slice(body).expect("fixture manifest");
+            let resp = client()
+                .put(self.server.v2(&format!("{repo}/manifests/{tag}")))
+                .header("Authorization", self.basic())
+                .header("Content-Type", ct.as_str())
+                .body(body.clone())
+                .send()
+                .await
+                .expect("PUT manifest");
+            assert_eq!(resp.status(), 201, "{tag}: {json}");
+        }
     }
 
     /// Tags of `repo` through the registry API (as alice).
@@ -444,7 +473,7 @@ async fn forms_without_their_csrf_token_are_refused() {
     let s = UiServer::start(CONFIG);
     s.image("public/app", "v1", 1, serde_json::Value::Null).await;
     s.image("public/app", "v2", 1, serde_json::Value::Null).await;
-    let delete = s.url("/ui/repos/public/app/tags/v1/delete");
+    let delete = s.url("/ui/repos/public/app/-/tags/v1/delete");
 
     // Sign-in without a token, with a token of another browser, with a made-up one.
     let mut b = Browser::default();
@@ -515,7 +544,7 @@ async fn forms_without_their_csrf_token_are_refused() {
         .expect("GET");
     assert_eq!(resp.status(), 404, "the signed-out session sees no private repository");
     let resp = client()
-        .post(s.url("/ui/repos/public/app/tags/v2/delete"))
+        .post(s.url("/ui/repos/public/app/-/tags/v2/delete"))
         .header("Cookie", &old)
         .header("Content-Type", "application/x-www-form-urlencoded")
         .body(format!("csrf={token}"))
@@ -541,7 +570,9 @@ async fn html_special_characters_are_escaped() {
     s.sbom("public/app", &digest, serde_json::json!({ "org.example.sbom": evil }))
         .await;
     let mut b = Browser::default();
-    let (status, page) = b.get(&s.url(&format!("/ui/repos/public/app/manifests/{digest}"))).await;
+    let (status, page) = b
+        .get(&s.url(&format!("/ui/repos/public/app/-/manifests/{digest}")))
+        .await;
     assert_eq!(status, 200);
     assert!(!page.contains("<script>alert"), "unescaped annotation:\n{page}");
     assert!(!page.contains("<b>key</b>"), "unescaped annotation key");
@@ -605,7 +636,7 @@ async fn pages_show_only_what_the_viewer_may_pull_and_delete() {
     let s = UiServer::start(CONFIG);
     s.image("public/app", "v1", 1, serde_json::Value::Null).await;
     let secret = s.image("private/secret", "v1", 1, serde_json::Value::Null).await;
-    let secret_page = s.url(&format!("/ui/repos/private/secret/manifests/{secret}"));
+    let secret_page = s.url(&format!("/ui/repos/private/secret/-/manifests/{secret}"));
 
     let mut anon = Browser::default();
     let (_, page) = anon.get(&s.url("/ui/")).await;
@@ -629,7 +660,7 @@ async fn pages_show_only_what_the_viewer_may_pull_and_delete() {
     assert!(!page.contains("data-delete="), "no delete button for bob");
     let token = csrf(&page);
     let resp = bob
-        .post(&s.url("/ui/repos/public/app/tags/v1/delete"), &[("csrf", &token)])
+        .post(&s.url("/ui/repos/public/app/-/tags/v1/delete"), &[("csrf", &token)])
         .await;
     assert_eq!(resp.status(), 403, "bob may not delete");
     let body = resp.text().await.expect("body");
@@ -707,7 +738,7 @@ async fn listings_are_paginated_and_filtered() {
     assert_eq!(b.get(&s.url("/ui/?n=abc")).await.0, 400);
     assert_eq!(b.get(&s.url(&format!("/ui/?q={}", "x".repeat(300)))).await.0, 400);
     assert_eq!(
-        b.get(&s.url("/ui/repos/public/app/manifests/sha256:nothex")).await.0,
+        b.get(&s.url("/ui/repos/public/app/-/manifests/sha256:nothex")).await.0,
         404
     );
     assert_eq!(b.get(&s.url("/ui/repos/Bad..Name")).await.0, 404);
@@ -811,4 +842,80 @@ async fn pages_stay_fast_at_ten_thousand_tags() {
     // The goal is 100 ms; a debug build on a machine shared with other test runs is given five
     // times that before the test fails (the figures are printed, and in the README).
     assert!(worst < 500.0, "the slowest page took {worst:.0} ms");
+}
+
+#[tokio::test]
+async fn spack_pages_search_specs_and_show_what_is_missing() {
+    let s = UiServer::start(CONFIG);
+    // Everything but gcc-runtime: liba and libb depend on it, so it is missing for them.
+    s.spack_fixture("public/spack", &["gcc-runtime-"]).await;
+    s.image("public/app", "v1", 1, serde_json::Value::Null).await;
+    let mut b = Browser::default();
+    let (_, page) = b.get(&s.url("/ui/repos/public/spack")).await;
+    assert!(
+        page.contains(r#"id="spack-link""#),
+        "the repository page links its Spack search"
+    );
+    let (_, page) = b.get(&s.url("/ui/repos/public/app")).await;
+    assert!(!page.contains(r#"id="spack-link""#), "not for a plain image repository");
+
+    let specs_of = |page: &str| -> Vec<String> {
+        page.split(r#"class="spec" href=""#)
+            .skip(1)
+            .map(|rest| {
+                let text = &rest[rest.find('>').expect(">") + 1..];
+                text[..text.find('<').expect("<")].to_owned()
+            })
+            .collect()
+    };
+    let (status, page) = b.get(&s.url("/ui/repos/public/spack/-/spack")).await;
+    assert_eq!(status, 200);
+    assert_eq!(specs_of(&page), ["appc", "compiler-wrapper", "liba", "libb"]);
+    assert!(page.contains(&format!("spack mirror add spack oci://{}/public/spack", s.server.host)));
+    let (_, page) = b
+        .get(&s.url("/ui/repos/public/spack/-/spack?name=libb&version=2.1"))
+        .await;
+    assert_eq!(specs_of(&page), ["libb"]);
+    let (_, page) = b
+        .get(&s.url("/ui/repos/public/spack/-/spack?name=libb&version=9"))
+        .await;
+    assert!(specs_of(&page).is_empty() && page.contains("No spec named"));
+
+    // liba's spec page: its DAG, gcc-runtime missing, the install line.
+    let hash = "3vaqv4q37uunzetmg437xpx7ssadj3dh";
+    let (status, page) = b.get(&s.url(&format!("/ui/repos/public/spack/-/spack/{hash}"))).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("liba@1.0"));
+    assert!(page.contains(&format!("spack install --cache-only liba@1.0/{hash}")));
+    let row = |name: &str| -> String {
+        let at = page
+            .find(&format!("{name}@"))
+            .unwrap_or_else(|| panic!("{name} in the DAG:\n{page}"));
+        let start = page[..at].rfind("<tr").expect("row start");
+        page[start..start + page[start..].find("</tr>").expect("row end")].to_owned()
+    };
+    assert!(
+        row("gcc-runtime").contains("<strong>missing</strong>"),
+        "{}",
+        row("gcc-runtime")
+    );
+    assert!(row("gcc-runtime").contains("direct: link"), "{}", row("gcc-runtime"));
+    assert!(
+        row("compiler-wrapper").contains(r#"class="cached""#),
+        "{}",
+        row("compiler-wrapper")
+    );
+    assert!(page.contains("<strong>1 missing</strong>"), "{page}");
+    // Unknown or malformed hashes, bad fields: 404 and 400 pages.
+    assert_eq!(b.get(&s.url("/ui/repos/public/spack/-/spack/aaaaaaaa")).await.0, 404);
+    assert_eq!(b.get(&s.url("/ui/repos/public/spack/-/spack/NOT-A-HASH")).await.0, 404);
+    assert_eq!(
+        b.get(&s.url("/ui/repos/public/spack/-/spack?name=%3Cb%3E")).await.0,
+        400
+    );
+    assert_eq!(
+        b.get(&s.url("/ui/repos/public/app/-/spack")).await.0,
+        404,
+        "not a build cache"
+    );
 }

@@ -10,11 +10,18 @@
 //!   (`after`, `n`).
 //! - `GET /ui/repos/<name>` a repository's tags: digest, media type, size, pushed-at, pull
 //!   lines, a delete button for those allowed; filter and pages as above.
-//! - `GET /ui/repos/<name>/manifests/<digest>` a manifest: config and layers, an index's
+//! - `GET /ui/repos/<name>/-/manifests/<digest>` a manifest: config and layers, an index's
 //!   platforms, referrers grouped by artifact type, annotations, the tags naming it.
-//! - `POST /ui/repos/<name>/tags/<tag>/delete` deletes a tag (the registry's own deletion,
+//! - `POST /ui/repos/<name>/-/tags/<tag>/delete` deletes a tag (the registry's own deletion,
 //!   immutable tags and `registry.delete_enabled` included).
+//! - `GET /ui/repos/<name>/-/spack` a Spack build cache: its index generation, the
+//!   `spack mirror add` line, specs searched by name and version (the Spack API's query).
+//! - `GET /ui/repos/<name>/-/spack/<hash>` one spec: variants, its dependency DAG with which
+//!   nodes the cache holds and which it lacks, the `spack install` line.
 //! - `GET`/`POST /ui/login`, `POST /ui/logout`; `GET /ui/assets/<hash>/<file>`.
+//!
+//! A repository's sub-pages follow `/-/`: no repository name has a component `-` alone, so
+//! `/ui/repos/a/-/…` can never be the page of a repository named `a/-/…`.
 //!
 //! Who sees what: the same users and policy as the registry API (`crate::auth`). A viewer is
 //! anonymous, a user signed in through a session (`session`), or anyone when authentication is
@@ -94,8 +101,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(web::resource("/assets/{hash}/{file}").get(assets::serve))
                 .service(web::resource("/login").get(pages::login_form).post(pages::login))
                 .service(web::resource("/logout").post(pages::logout))
-                .service(web::resource(format!("{REPO}/manifests/{{digest}}")).get(pages::manifest))
-                .service(web::resource(format!("{REPO}/tags/{{tag}}/delete")).post(pages::delete_tag))
+                .service(web::resource(format!("{REPO}/-/manifests/{{digest}}")).get(pages::manifest))
+                .service(web::resource(format!("{REPO}/-/tags/{{tag}}/delete")).post(pages::delete_tag))
+                .service(web::resource(format!("{REPO}/-/spack/{{hash}}")).get(pages::spack_spec))
+                .service(web::resource(format!("{REPO}/-/spack")).get(pages::spack_search))
                 .service(web::resource(REPO).get(pages::repository))
                 .default_service(web::to(pages::not_found)),
         );

@@ -141,6 +141,22 @@ try {
   check(platforms.includes("linux/amd64") && platforms.includes("linux/arm64/v8"), `platforms ${platforms.join(", ")}`);
   await shot(page, "index.png");
 
+  // A Spack build cache: search a package, open its spec page and DAG.
+  await page.goto(`${base}/ui/repos/public/spack`);
+  await page.click("#spack-link");
+  await page.locator("#spec-name").waitFor();
+  await page.fill("#spec-name", "liba");
+  await page.click('form.filter button[type="submit"]');
+  await page.waitForFunction(() => document.querySelectorAll("a.spec").length === 1);
+  check((await page.locator("a.spec").textContent()) === "liba", "searching liba finds one spec");
+  await shot(page, "spack.png");
+  await page.click('a.spec:text-is("liba")');
+  await page.locator("#dependencies").waitFor();
+  check((await page.locator("#spec-title").textContent()) === "liba@1.0", "liba's spec page opened");
+  const deps = await page.locator("#dependencies .dep").allTextContents();
+  check(deps.some((d) => d.startsWith("gcc-runtime@")), `its DAG lists gcc-runtime (${deps.join(", ")})`);
+  await shot(page, "spack-spec.png");
+
   // Delete a tag (the confirmation dialog is accepted).
   await page.goto(`${base}/ui/repos/public/app`);
   await page.click('button[data-delete="v2"]');

@@ -919,3 +919,46 @@ async fn spack_pages_search_specs_and_show_what_is_missing() {
         "not a build cache"
     );
 }
+
+#[tokio::test]
+async fn cookies_are_secure_when_the_browser_came_over_https() {
+    // Behind a trusted proxy that terminated TLS (X-Forwarded-Proto: https).
+    let config = CONFIG.replace(
+        "max_failed_logins = 1000",
+        "max_failed_logins = 1000\ntrusted_proxies = [\"127.0.0.1\"]",
+    );
+    let s = UiServer::start(&config);
+    let get = |proto: &'static str| {
+        client()
+            .get(s.url("/ui/login"))
+            .header("X-Forwarded-Proto", proto)
+            .send()
+    };
+    let plain = get("http").await.expect("GET");
+    assert!(
+        !plain.headers()["set-cookie"]
+            .to_str()
+            .expect("cookie")
+            .contains("Secure")
+    );
+    let resp = get("https").await.expect("GET");
+    let pre = resp.headers()["set-cookie"].to_str().expect("cookie").to_owned();
+    assert!(pre.ends_with("; Secure"), "{pre}");
+    let pre = pre.split(';').next().expect("pair").to_owned();
+    let token = csrf(&resp.text().await.expect("body"));
+    let resp = client()
+        .post(s.url("/ui/login"))
+        .header("X-Forwarded-Proto", "https")
+        .header("Cookie", &pre)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={token}&username=alice&password=alice-pw"))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), 303);
+    let session = resp.headers()["set-cookie"].to_str().expect("cookie");
+    assert!(
+        session.starts_with("stowage_session=") && session.contains("HttpOnly") && session.ends_with("; Secure"),
+        "{session}"
+    );
+}

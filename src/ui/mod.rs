@@ -129,6 +129,8 @@ pub struct Viewer {
     session: Option<String>,
     /// The pre-session cookie (`stowage_csrf`) otherwise.
     anonymous_cookie: Option<String>,
+    /// The pre-session cookie was made for this response (no form can carry its token yet).
+    fresh_cookie: bool,
     /// Cookies to set on the response (a new pre-session cookie; clearing an ended session).
     set_cookies: Vec<String>,
     /// Whether the browser reached the server over HTTPS (cookies get `Secure`).
@@ -174,6 +176,7 @@ impl Viewer {
             user: None,
             session: None,
             anonymous_cookie: None,
+            fresh_cookie: false,
             set_cookies: Vec::new(),
             secure,
         };
@@ -212,6 +215,7 @@ impl Viewer {
                     .set_cookies
                     .push(set_cookie(session::LOGIN_COOKIE, &fresh, None, secure));
                 viewer.anonymous_cookie = Some(fresh);
+                viewer.fresh_cookie = true;
             }
         }
         Ok(viewer)
@@ -231,10 +235,7 @@ impl Viewer {
         let token = crate::http::query_param(form, "csrf").unwrap_or_default();
         let ok = match (&self.session, &self.anonymous_cookie) {
             (Some(id), _) => ui.sessions.csrf_valid(session::Purpose::Session, id, token),
-            // A new pre-session cookie was only just made: no form can carry its token.
-            (None, Some(c)) if self.set_cookies.is_empty() => {
-                ui.sessions.csrf_valid(session::Purpose::SignIn, c, token)
-            }
+            (None, Some(c)) if !self.fresh_cookie => ui.sessions.csrf_valid(session::Purpose::SignIn, c, token),
             _ => false,
         };
         if ok { Ok(()) } else { Err(UiError::Csrf) }

@@ -560,6 +560,11 @@ pub async fn login(
     let Identity::User { name, epoch, .. } = identity else {
         return Err(Error::from(Internal::Other("a password login gave no user")).into());
     };
+    // A new id at every sign-in (a session id is never carried over), and the one this browser
+    // held before, if any, ends.
+    if let Some(old) = &viewer.session {
+        ui.sessions.remove(old);
+    }
     let id = ui
         .sessions
         .create(&name, epoch)

@@ -10,6 +10,8 @@
 //! - `REGBENCH_STOWAGE=distribution`  run a second Distribution in Stowage's place (to debug
 //!   the client code while the server does not run yet)
 //! - `REGBENCH_STOWAGE_LOG`        RUST_LOG for Stowage (default `error`)
+//! - `REGBENCH_OVERHEAD=1`         instead of the comparison, measure what metrics and the
+//!   access log cost on manifest GET (Stowage alone, in three configurations, interleaved)
 //! - `REGBENCH_S3=0`               skip the S3 backend's run (Stowage on a moto S3 server on
 //!   127.0.0.1, `$STOWAGE_TEST_PYTHON -m moto.server`; `scripts/test` installs moto)
 
@@ -1222,8 +1224,80 @@ fn cpu_report(rows: &[Row], stow_label: &str) -> String {
 // Main
 // ---------------------------------------------------------------------------------------------
 
+/// Rounds of the overhead measurement; each runs every configuration once, in turn, so that a
+/// change in the machine's load falls on all of them alike. The median round is reported.
+const OVERHEAD_ROUNDS: usize = 5;
+
+/// `REGBENCH_OVERHEAD=1`: manifest GET at `RATE_CONNS` connections against Stowage with metrics
+/// and the access log off, metrics on, and both on (the access log written at `info` to a
+/// file, as in production). Prints requests per second and server CPU per request.
+fn overhead_main(bin: &Path, settings: &Settings) -> ExitCode {
+    type Config<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+    let configs: [Config; 3] = [
+        (
+            "metrics off, access log off",
+            "error",
+            &[("STOWAGE_METRICS__ENABLED", "false")],
+        ),
+        ("metrics on, access log off", "error", &[]),
+        ("metrics on, access log on (info)", "info", &[]),
+    ];
+    let small = Image::small(usize::MAX, "latest".into());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); configs.len()];
+    for round in 0..OVERHEAD_ROUNDS {
+        for (i, (label, log, envs)) in configs.iter().enumerate() {
+            let envs: Vec<(&str, String)> = envs.iter().map(|(k, v)| (*k, v.to_string())).collect();
+            let server = start_stowage_with(bin, log, "Stowage", &envs);
+            let m = rt.block_on(async {
+                let c = client();
+                push_image(&c, &server.url, "bench/small", &small)
+                    .await
+                    .unwrap_or_else(|e| panic!("push small image: {e}"));
+                w_manifest_get(&c, &server, &small, settings.rate_secs).await
+            });
+            let cpu_us = m.server_cpu / m.ops.max(1.0) * 1e6;
+            eprintln!(
+                "[overhead] round {} {label}: {:.0} req/s, {cpu_us:.1} µs server CPU per request, {} errors",
+                round + 1,
+                m.value,
+                m.errors
+            );
+            results[i].push((m.value, cpu_us));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mut base_rate, mut base_cpu) = (0.0, 0.0);
+    println!(
+        "| manifest GET, {RATE_CONNS} conns, median of {OVERHEAD_ROUNDS} | req/s | server CPU µs/req | CPU vs. both off |"
+    );
+    println!("|---|---:|---:|---:|");
+    for (i, (label, _, _)) in configs.iter().enumerate() {
+        let rate = median(&mut results[i].iter().map(|r| r.0).collect());
+        let cpu = median(&mut results[i].iter().map(|r| r.1).collect());
+        if i == 0 {
+            (base_rate, base_cpu) = (rate, cpu);
+        }
+        println!(
+            "| {label} | {rate:.0} ({:+.1} %) | {cpu:.1} | {:+.1} % |",
+            (rate / base_rate - 1.0) * 100.0,
+            (cpu / base_cpu - 1.0) * 100.0
+        );
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let settings = Settings::from_env();
+    if std::env::var("REGBENCH_OVERHEAD").is_ok_and(|v| v == "1") {
+        return overhead_main(&build_stowage(), &settings);
+    }
     if !Path::new(DISTRIBUTION_BIN).exists() {
         eprintln!(
             "error: {DISTRIBUTION_BIN} is missing. This benchmark compares Stowage with CNCF \

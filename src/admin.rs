@@ -34,7 +34,7 @@ type Outcome = Result<(), Box<dyn std::error::Error>>;
 
 async fn open_catalog(config: &Config) -> Result<Catalog, Box<dyn std::error::Error>> {
     let path = config.catalog_path();
-    Ok(tokio::task::spawn_blocking(move || Catalog::open(&path)).await??)
+    Ok(crate::metrics::spawn_blocking(move || Catalog::open(&path)).await??)
 }
 
 /// Reads a line from the terminal with echo off.
@@ -87,7 +87,7 @@ fn read_new_password() -> Result<String, Box<dyn std::error::Error>> {
 }
 
 async fn hash_password(pw: String) -> Result<String, Box<dyn std::error::Error>> {
-    Ok(tokio::task::spawn_blocking(move || password::hash(&pw)).await??)
+    Ok(crate::metrics::spawn_blocking(move || password::hash(&pw)).await??)
 }
 
 fn valid_user_name(name: &str) -> bool {
@@ -361,14 +361,14 @@ async fn check_blob(store: &BlobStore, digest: &str, recorded: u64) -> Verdict {
 pub async fn fsck(config: &Config, repair: bool, jobs: usize) -> Result<FsckReport, Box<dyn std::error::Error>> {
     let _lock = if repair {
         let dir = config.data_dir.clone();
-        Some(tokio::task::spawn_blocking(move || crate::server::DataDirLock::acquire(&dir, "fsck")).await??)
+        Some(crate::metrics::spawn_blocking(move || crate::server::DataDirLock::acquire(&dir, "fsck")).await??)
     } else {
         None
     };
     let catalog = open_catalog(config).await?;
     let outcome = fsck_with(&catalog, config, repair, jobs).await;
     let closing = catalog.clone();
-    tokio::task::spawn_blocking(move || closing.close()).await?;
+    crate::metrics::spawn_blocking(move || closing.close()).await?;
     outcome
 }
 
@@ -529,7 +529,7 @@ pub async fn spack(cmd: SpackCommand, config: impl Fn(&crate::cli::ServeArgs) ->
             .await;
             drop(out);
             let closing = catalog.clone();
-            tokio::task::spawn_blocking(move || closing.close()).await?;
+            crate::metrics::spawn_blocking(move || closing.close()).await?;
             if let Some(e) = failed {
                 return Err(e.into());
             }

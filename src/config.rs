@@ -30,7 +30,37 @@ pub struct Config {
     pub immutable_tags: Vec<crate::auth::ImmutableTagRule>,
     pub gc: GcConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     pub ui: UiConfig,
+}
+
+/// Prometheus metrics at `/metrics` (the series: `crate::metrics` and the README).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` and record request metrics. Off: no `/metrics` route, and requests
+    /// skip the per-request counters (storage, catalog and GC series are still kept).
+    pub enabled: bool,
+    /// Serve `/metrics` on this address only (plain HTTP, no other route but the probes),
+    /// instead of on `listen`: keeps metrics off the public port.
+    pub listen: Option<SocketAddr>,
+    /// A file holding a secret: `/metrics` then needs `Authorization: Bearer <secret>`
+    /// (Prometheus: `authorization: { credentials_file: … }`). Unset: anonymous.
+    pub token_file: Option<PathBuf>,
+    /// Spack build caches given series of their own (`repository` label), first by name;
+    /// the others are summed under `repository="_other"`.
+    pub max_repository_series: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: None,
+            token_file: None,
+            max_repository_series: 50,
+        }
+    }
 }
 
 /// Connections and their time limits: what one client may hold, and for how long.
@@ -507,6 +537,7 @@ impl Default for Config {
             immutable_tags: Vec::new(),
             gc: GcConfig::default(),
             log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
             ui: UiConfig::default(),
         }
     }
@@ -599,6 +630,9 @@ impl Config {
 
     /// Checks the settings a type cannot express.
     fn validate(&self) -> Result<(), String> {
+        if self.metrics.listen.is_some_and(|m| m == self.listen) {
+            return Err("metrics.listen must differ from listen (leave it out to serve /metrics on listen)".to_owned());
+        }
         if self.gc.interval_secs == 0 {
             return Err("gc.interval_secs must be at least 1".to_owned());
         }

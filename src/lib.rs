@@ -26,6 +26,7 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
 pub mod http;
+pub mod metrics;
 pub mod oci;
 pub mod registry;
 pub mod server;

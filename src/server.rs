@@ -197,7 +197,7 @@ pub async fn open_store(config: &Config) -> Result<BlobStore, Box<dyn std::error
     Ok(match config.storage.backend {
         Backend::Fs => {
             let path = config.storage_path();
-            tokio::task::spawn_blocking(move || BlobStore::local(path, part_size)).await??
+            crate::metrics::spawn_blocking(move || BlobStore::local(path, part_size)).await??
         }
         Backend::S3 => crate::storage::s3::open(&config.storage.s3, part_size)?,
     })
@@ -206,7 +206,7 @@ pub async fn open_store(config: &Config) -> Result<BlobStore, Box<dyn std::error
 /// Opens the catalog and the blob store described by `config`.
 pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error>> {
     let catalog_path = config.catalog_path();
-    let catalog = tokio::task::spawn_blocking(move || Catalog::open(&catalog_path)).await??;
+    let catalog = crate::metrics::spawn_blocking(move || Catalog::open(&catalog_path)).await??;
     let store = open_store(config).await?;
     let settings = Settings {
         delete_enabled: config.registry.delete_enabled,
@@ -276,6 +276,31 @@ fn tls_config(tls: &TlsConfig) -> Result<Option<rustls::ServerConfig>, String> {
     Ok(Some(config))
 }
 
+/// Who may read `/metrics`: reads `metrics.token_file` (off the executor) when set. An empty
+/// or unreadable file is a start-up error, never an open endpoint.
+async fn metrics_access(cfg: &crate::config::MetricsConfig) -> Result<crate::http::MetricsAccess, String> {
+    let secret = match cfg.token_file.clone() {
+        None => None,
+        Some(path) => {
+            let read = crate::metrics::spawn_blocking(move || {
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("reading metrics.token_file {}: {e}", path.display()))
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            let secret = read.trim().to_owned();
+            if secret.len() < 16 {
+                return Err("metrics.token_file must hold a secret of at least 16 characters".to_owned());
+            }
+            Some(secret)
+        }
+    };
+    Ok(crate::http::MetricsAccess::new(
+        secret.as_deref(),
+        cfg.max_repository_series,
+    ))
+}
+
 /// Seconds in-flight requests get to finish once the server stops accepting.
 const SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 
@@ -327,7 +352,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     );
     // Held until this function returns: after the catalog is closed.
     let data_dir = config.data_dir.clone();
-    let _lock = tokio::task::spawn_blocking(move || DataDirLock::acquire(&data_dir, "serve")).await??;
+    let _lock = crate::metrics::spawn_blocking(move || DataDirLock::acquire(&data_dir, "serve")).await??;
     let budget = raise_descriptor_limit();
     let registry = open(&config).await?;
     tracing::info!(
@@ -479,6 +504,10 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         "connection limits"
     );
 
+    let metrics_on = config.metrics.enabled;
+    crate::metrics::get().set_enabled(metrics_on);
+    let metrics_access = web::Data::new(metrics_access(&config.metrics).await?);
+    let metrics_here = metrics_on && config.metrics.listen.is_none();
     let data = web::Data::new(registry.clone());
     let auth = web::Data::new(auth);
     let ui = match config.ui.enabled {
@@ -487,17 +516,24 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         )),
         false => None,
     };
+    let (app_data, app_metrics) = (data.clone(), metrics_access.clone());
     let server = HttpServer::new(move || {
         let app = App::new()
-            .app_data(data.clone())
+            .app_data(app_data.clone())
             .app_data(auth.clone())
+            .app_data(app_metrics.clone())
             .wrap(middleware::from_fn(crate::http::access))
             .wrap(crate::http::default_headers());
         match &ui {
             Some(ui) => app.app_data(ui.clone()).configure(crate::ui::routes),
             None => app,
         }
-        .configure(crate::http::routes)
+        .configure(|cfg| {
+            if metrics_here {
+                crate::http::metrics_route(cfg);
+            }
+            crate::http::routes(cfg);
+        })
     })
     .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
     .h1_write_buffer_size(H1_WRITE_BUFFER)
@@ -506,7 +542,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     .client_request_timeout(Duration::from_secs(limits.request_head_timeout_secs))
     .keep_alive(Duration::from_secs(limits.keep_alive_secs));
     let tls_settings = config.tls.clone();
-    let tls = tokio::task::spawn_blocking(move || tls_config(&tls_settings)).await??;
+    let tls = crate::metrics::spawn_blocking(move || tls_config(&tls_settings)).await??;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let server = match tls {
         Some(tls) => server.bind_rustls_0_23(config.listen, tls)?,
@@ -517,6 +553,31 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(%addr, scheme, "listening");
     }
     let server = server.disable_signals().run();
+    // The metrics listener: plain HTTP, two workers, stopped with the main server.
+    let metrics_server = match config.metrics.listen.filter(|_| metrics_on) {
+        Some(addr) => {
+            let (data, access) = (data.clone(), metrics_access.clone());
+            let s = HttpServer::new(move || {
+                App::new()
+                    .app_data(data.clone())
+                    .app_data(access.clone())
+                    .configure(crate::http::metrics_listener_routes)
+            })
+            .workers(1)
+            .max_connections(64)
+            .disable_signals()
+            .shutdown_timeout(1)
+            .bind(addr)?;
+            for addr in s.addrs() {
+                println!("stowage metrics listening on http://{addr}");
+                tracing::info!(%addr, "metrics listening");
+            }
+            Some(s.run())
+        }
+        None => None,
+    };
+    let metrics_handle = metrics_server.as_ref().map(|s| s.handle());
+    let metrics_task = metrics_server.map(tokio::spawn);
     let signals = tokio::spawn(handle_signals(
         registry.clone(),
         server.handle(),
@@ -524,6 +585,12 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     ));
     server.await?;
     signals.abort();
+    if let Some(handle) = metrics_handle {
+        handle.stop(true).await;
+    }
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
 
     sweeper.abort();
     for task in [collector, index_collector].into_iter().flatten() {
@@ -537,7 +604,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(sessions = spilled, "kept the buffered bytes of open upload sessions");
     }
     let catalog = registry.catalog().clone();
-    tokio::task::spawn_blocking(move || catalog.close()).await?;
+    crate::metrics::spawn_blocking(move || catalog.close()).await?;
     tracing::info!("stopped");
     Ok(())
 }

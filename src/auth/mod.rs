@@ -249,7 +249,7 @@ fn now_secs() -> u64 {
 
 /// Runs CPU-heavy work on the blocking pool.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
-    Ok(tokio::task::spawn_blocking(f).await?)
+    Ok(crate::metrics::spawn_blocking(f).await?)
 }
 
 impl Auth {
@@ -264,7 +264,7 @@ impl Auth {
         let dir = keys::key_dir(data_dir);
         let signing = config.signing_key.clone();
         let verify = config.verify_keys.clone();
-        let keys = tokio::task::spawn_blocking(move || KeySet::load(&dir, signing.as_deref(), &verify, now_secs()))
+        let keys = crate::metrics::spawn_blocking(move || KeySet::load(&dir, signing.as_deref(), &verify, now_secs()))
             .await
             .map_err(|e| e.to_string())??;
         let dummy_hash = blocking(|| password::hash("stowage: no such user"))
@@ -463,10 +463,12 @@ impl Auth {
                 .api_token_by_hash(password::token_hash(&password))
                 .await?;
             let Some(rec) = rec else {
+                crate::metrics::get().failed_logins.inc();
                 tracing::info!(user, %client, "failed login: unknown API token");
                 return Err(Refusal::BadCredentials.into());
             };
             return self.token_identity(rec).map_err(|refusal| {
+                crate::metrics::get().failed_logins.inc();
                 tracing::info!(user, %client, reason = ?refusal, "failed login: unusable API token");
                 refusal.into()
             });
@@ -489,6 +491,7 @@ impl Auth {
             }
             Ok(None) => {
                 pending.fail();
+                crate::metrics::get().failed_logins.inc();
                 tracing::info!(user, %client, "failed login: wrong user name or password");
                 Err(Refusal::BadCredentials.into())
             }
@@ -701,6 +704,10 @@ impl Auth {
         } else {
             None
         };
+        crate::metrics::get()
+            .tokens_issued
+            .get_or_create(&crate::metrics::KindLabels { kind: "registry" })
+            .inc();
         Ok(TokenResponse {
             access_token: token.clone(),
             token,

@@ -203,6 +203,14 @@ impl Catalog {
             Ok(Ok(c.last_insert_rowid()))
         })
         .await
+        .inspect(|created| {
+            if created.is_ok() {
+                crate::metrics::get()
+                    .tokens_issued
+                    .get_or_create(&crate::metrics::KindLabels { kind: "api" })
+                    .inc();
+            }
+        })
     }
 
     /// API tokens, of one user or all, newest first.

@@ -51,6 +51,7 @@ mod gc;
 mod queries;
 mod retention;
 mod spack;
+mod stats;
 mod ui;
 mod uploads;
 
@@ -64,6 +65,7 @@ use tokio::sync::oneshot;
 pub use queries::{Deletion, ManifestRecord, NewManifest, Referrer, RepositoryPage};
 pub use retention::{KeepList, PULL_BATCH, RetentionDeleted, RetentionSnapshot, RetentionTag, TagRemoval};
 pub use spack::{ClosureNode, IndexSnapshot, IndexState, SpecDetail, SpecQuery, SpecSummary};
+pub use stats::CatalogStats;
 pub use ui::{RepositorySummary, SummaryPage, TagRow};
 pub use uploads::{UploadCheckpoint, UploadRecord};
 
@@ -183,9 +185,12 @@ impl Catalog {
                 .lock()
                 .map_err(|_| Internal::Other("catalog lock poisoned"))?;
             let sender = guard.as_ref().ok_or(Internal::Other("catalog is closed"))?;
-            sender
-                .send(job)
-                .map_err(|_| Internal::Other("catalog writer stopped"))?;
+            // Counted before it is sent, so the writer never takes a job not yet counted.
+            crate::metrics::get().catalog_queue.inc();
+            if sender.send(job).is_err() {
+                crate::metrics::get().catalog_queue.dec();
+                return Err(Internal::Other("catalog writer stopped").into());
+            }
         }
         rx.await
             .map_err(|_| Error::from(Internal::Other("catalog writer dropped a job")))?
@@ -395,7 +400,9 @@ fn run_in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<
 }
 
 fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+    let metrics = crate::metrics::get();
     while let Ok(first) = jobs.recv() {
+        metrics.catalog_queue.dec();
         let started = conn.execute_batch("BEGIN IMMEDIATE");
         if let Err(e) = &started {
             tracing::error!(error = %e, "catalog: cannot begin a write transaction");
@@ -404,14 +411,22 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
         let mut finishers = vec![first(txn)];
         while finishers.len() < MAX_BATCH {
             match jobs.try_recv() {
-                Ok(job) => finishers.push(job(txn)),
+                Ok(job) => {
+                    metrics.catalog_queue.dec();
+                    finishers.push(job(txn));
+                }
                 Err(_) => break,
             }
         }
+        let commit_started = std::time::Instant::now();
         let committed = txn.is_some()
             && match conn.execute_batch("COMMIT") {
-                Ok(()) => true,
+                Ok(()) => {
+                    metrics.catalog_commit.observe(commit_started.elapsed().as_secs_f64());
+                    true
+                }
                 Err(e) => {
+                    metrics.catalog_commits_failed.inc();
                     tracing::error!(error = %e, batch = finishers.len(), "catalog: commit failed");
                     let _ = conn.execute_batch("ROLLBACK");
                     false

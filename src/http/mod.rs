@@ -23,7 +23,7 @@ pub use auth::Guard;
 pub use auth::{base_url, client_ip};
 pub use error::error_body;
 pub use extract::{BodyTimeouts, query, query_param, read_limited, set_body_timeouts};
-pub use ops::access;
+pub use ops::{MetricsAccess, access};
 
 use crate::error::Code;
 use crate::registry::Registry;
@@ -155,6 +155,24 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(method_not_allowed)),
     )
     .default_service(web::to(not_found));
+}
+
+/// `/metrics` (see `ops`); registered by the server only when metrics are on, on the main
+/// listener or on `metrics.listen`.
+pub fn metrics_route(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/metrics")
+            .get(ops::metrics)
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+/// The routes of the separate metrics listener (`metrics.listen`): `/metrics` and the probes.
+pub fn metrics_listener_routes(cfg: &mut web::ServiceConfig) {
+    metrics_route(cfg);
+    cfg.service(web::resource("/livez").get(ops::livez).head(ops::livez))
+        .service(web::resource("/readyz").get(ops::readyz).head(ops::readyz))
+        .default_service(web::to(not_found));
 }
 
 /// Headers on every response.

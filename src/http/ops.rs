@@ -13,6 +13,11 @@
 //!   bytes in and out (as declared by `Content-Length`; a streamed body without one logs 0 in and
 //!   its size hint out), duration, user and API token id, client address and request id. Never
 //!   a header value, so never a credential. Server errors are logged at `warn`.
+//! - Request metrics (`crate::metrics`): in-flight, count and duration per handler, recorded
+//!   here for every request, including those refused before a handler runs.
+//! - `GET /metrics`: the Prometheus exposition; anonymous unless `metrics.token_file` is set,
+//!   then only with `Authorization: Bearer <that secret>` (401 otherwise, in the OCI error
+//!   format). On `listen`, or alone on `metrics.listen`.
 
 use std::time::Instant;
 
@@ -49,6 +54,84 @@ pub async fn readyz(registry: web::Data<Registry>) -> HttpResponse {
     }
 }
 
+/// Who may read `/metrics`: the hash of the configured bearer secret, or anyone.
+#[derive(Clone)]
+pub struct MetricsAccess {
+    /// SHA-256 of the secret; compared hash to hash, so the comparison's timing says nothing
+    /// about the secret.
+    token: Option<[u8; 32]>,
+    max_repository_series: usize,
+}
+
+impl MetricsAccess {
+    pub fn new(secret: Option<&str>, max_repository_series: usize) -> Self {
+        MetricsAccess {
+            token: secret.map(sha256),
+            max_repository_series,
+        }
+    }
+}
+
+fn sha256(s: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(s.as_bytes()).into()
+}
+
+/// `GET /metrics`.
+pub async fn metrics(
+    req: actix_web::HttpRequest,
+    registry: web::Data<Registry>,
+    access: web::Data<MetricsAccess>,
+) -> HttpResponse {
+    if let Some(expected) = &access.token {
+        let given = req
+            .headers()
+            .get(actix_web::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| sha256(t.trim()));
+        if given.as_ref() != Some(expected) {
+            return HttpResponse::Unauthorized()
+                .insert_header((CONTENT_TYPE, "application/json"))
+                .insert_header(("WWW-Authenticate", "Bearer realm=\"metrics\""))
+                .body(super::error_body(
+                    crate::error::Code::Unauthorized,
+                    "/metrics needs the bearer token configured in metrics.token_file",
+                    None,
+                ));
+        }
+    }
+    let text = registry.metrics_exposition(access.max_repository_series).await;
+    HttpResponse::Ok()
+        .insert_header((
+            CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ))
+        .body(text)
+}
+
+/// Counts a request in flight until dropped (however the request ends).
+struct InFlight(&'static str);
+
+impl InFlight {
+    fn start(handler: &'static str) -> Self {
+        crate::metrics::get()
+            .http_in_flight
+            .get_or_create(&crate::metrics::HandlerLabels { handler })
+            .inc();
+        InFlight(handler)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        crate::metrics::get()
+            .http_in_flight
+            .get_or_create(&crate::metrics::HandlerLabels { handler: self.0 })
+            .dec();
+    }
+}
+
 /// The id of a request: the client's, when sane, or a new one.
 fn request_id(req: &ServiceRequest) -> String {
     req.headers()
@@ -74,6 +157,9 @@ pub async fn access(
     let span = tracing::error_span!("request", request_id = %id);
     let method = req.method().clone();
     let path = req.path().to_owned();
+    let metered = crate::metrics::get().enabled();
+    let handler = crate::metrics::handler_of(&path);
+    let in_flight = metered.then(|| InFlight::start(handler));
     let bytes_in = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -109,6 +195,21 @@ pub async fn access(
         _ => 0,
     };
     let status = resp.status().as_u16();
+    if metered {
+        let m = crate::metrics::get();
+        let method = crate::metrics::method_label(&method);
+        m.http_requests
+            .get_or_create(&crate::metrics::RequestLabels {
+                method,
+                code: status,
+                handler,
+            })
+            .inc();
+        m.http_duration
+            .get_or_create(&crate::metrics::DurationLabels { method, handler })
+            .observe(started.elapsed().as_secs_f64());
+    }
+    drop(in_flight);
     let duration_ms = (started.elapsed().as_secs_f64() * 1e4).round() / 10.0;
     let _in_span = span.enter();
     if resp.status().is_server_error() {

@@ -59,7 +59,7 @@ impl Digest {
 
     /// sha256 of a buffer too large to hash on an async worker thread.
     pub async fn sha256_of_blocking(data: bytes::Bytes) -> Result<Digest, Error> {
-        tokio::task::spawn_blocking(move || Digest::sha256_of(&data))
+        crate::metrics::spawn_blocking(move || Digest::sha256_of(&data))
             .await
             .map_err(|e| Error::Internal(crate::error::Internal::Join(e)))
     }

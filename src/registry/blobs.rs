@@ -61,6 +61,10 @@ impl Registry {
             Some(r) => Some(r.resolve(size).ok_or(Error::RangeNotSatisfiable { size })?),
         };
         let body = self.store.get(digest, range.clone()).await?;
+        // Counted as the client takes each piece: bytes sent, not bytes promised.
+        let body = Box::pin(futures_util::TryStreamExt::inspect_ok(body, |piece| {
+            crate::metrics::get().bytes_downloaded.inc_by(piece.len() as u64);
+        }));
         Ok(BlobBody { size, range, body })
     }
 

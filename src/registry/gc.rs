@@ -117,11 +117,36 @@ impl GcReport {
     pub fn is_empty(&self) -> bool {
         *self == GcReport::default()
     }
+
+    /// Adds this report to the metrics: its blobs counted as `blobs` (orphans as `orphan`).
+    fn count(&self, blobs: &'static str, manifests: &'static str) {
+        let m = crate::metrics::get();
+        m.deleted(blobs, self.blobs);
+        m.deleted(manifests, self.manifests);
+        m.deleted("orphan", self.orphans);
+        m.gc_freed_bytes.inc_by(self.bytes);
+    }
 }
 
 impl Registry {
-    /// Runs one garbage collection pass.
+    /// Runs one garbage collection pass, counted in the `stowage_gc_*` metrics.
     pub async fn collect_garbage(&self, opts: GcOptions) -> Result<GcReport> {
+        let started = std::time::Instant::now();
+        let result = self.collect_garbage_pass(opts).await;
+        let m = crate::metrics::get();
+        m.gc_duration.observe(started.elapsed().as_secs_f64());
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        m.gc_passes
+            .get_or_create(&crate::metrics::KindLabels { kind: outcome })
+            .inc();
+        if let Ok(r) = &result {
+            r.count("blob", "manifest");
+            m.gc_last_pass.set(now());
+        }
+        result
+    }
+
+    async fn collect_garbage_pass(&self, opts: GcOptions) -> Result<GcReport> {
         // Retention deletes tags; the manifests they leave untagged go a grace period later.
         self.apply_retention().await;
         let cutoff = now() - opts.grace.as_secs() as i64;
@@ -146,6 +171,14 @@ impl Registry {
     /// Unlinks the blobs of Spack indexes superseded more than `grace` ago, and deletes those
     /// no repository links any more.
     pub async fn collect_superseded_indexes(&self, grace: Duration) -> Result<GcReport> {
+        let result = self.collect_superseded_pass(grace).await;
+        if let Ok(r) = &result {
+            r.count("spack_index", "manifest");
+        }
+        result
+    }
+
+    async fn collect_superseded_pass(&self, grace: Duration) -> Result<GcReport> {
         let before = now() - grace.as_secs() as i64;
         let mut report = GcReport::default();
         loop {

@@ -66,7 +66,7 @@ impl Registry {
             digest_and_parse(&body, by_digest.as_ref(), content_type.as_deref())?
         } else {
             let body = body.clone();
-            tokio::task::spawn_blocking(move || digest_and_parse(&body, by_digest.as_ref(), content_type.as_deref()))
+            crate::metrics::spawn_blocking(move || digest_and_parse(&body, by_digest.as_ref(), content_type.as_deref()))
                 .await??
         };
         let subject = parsed.subject.as_ref().map(|s| s.digest.clone());
@@ -100,7 +100,7 @@ impl Registry {
             return Ok(None);
         }
         let bytes = self.store.read_small(&config.digest, spack::MAX_CONFIG_SIZE).await?;
-        Ok(tokio::task::spawn_blocking(move || spack::parse_config(&bytes)).await?)
+        Ok(crate::metrics::spawn_blocking(move || spack::parse_config(&bytes)).await?)
     }
 
     /// Looks a manifest up; `with_content` false for HEAD.

@@ -9,6 +9,7 @@ mod gc;
 mod locks;
 mod maintenance;
 mod manifests;
+mod metrics;
 pub mod retention;
 mod spack;
 mod uploads;

@@ -454,13 +454,16 @@ impl Registry {
         .await
         {
             Ok(r) if r == RetentionReport::default() => tracing::debug!("retention: nothing to delete"),
-            Ok(r) => tracing::info!(
-                deleted = r.deleted,
-                would_delete = r.would_delete,
-                deferred_repositories = r.deferred,
-                duration_ms = started.elapsed().as_millis() as u64,
-                "retention applied"
-            ),
+            Ok(r) => {
+                crate::metrics::get().deleted("retention_tag", r.deleted);
+                tracing::info!(
+                    deleted = r.deleted,
+                    would_delete = r.would_delete,
+                    deferred_repositories = r.deferred,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "retention applied"
+                )
+            }
             Err(e) => tracing::warn!(error = %e, "retention failed; retrying next pass"),
         }
     }

@@ -60,7 +60,16 @@ impl Registry {
         match self.current_spack_index(repo, false).await? {
             Current::NotSpack => Ok(None),
             Current::Fresh(m) => Ok(Some(m.digest)),
-            Current::Stale => self.build_spack_index(repo).await.map(Some),
+            Current::Stale => {
+                let started = std::time::Instant::now();
+                let built = self.build_spack_index(repo).await;
+                if built.is_ok() {
+                    let m = crate::metrics::get();
+                    m.spack_builds.inc();
+                    m.spack_build_duration.observe(started.elapsed().as_secs_f64());
+                }
+                built.map(Some)
+            }
         }
     }
 

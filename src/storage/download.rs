@@ -100,7 +100,7 @@ impl FileRange {
         let want = (self.end - offset).min(CHUNK as u64) as usize;
         self.next += want as u64;
         let file = Arc::clone(&self.file);
-        self.reading = Some(tokio::task::spawn_blocking(move || {
+        self.reading = Some(crate::metrics::spawn_blocking(move || {
             let piece = read_piece(&file, offset, want);
             drop(slot);
             (piece, permit)

@@ -117,7 +117,40 @@ impl std::fmt::Debug for BlobStore {
     }
 }
 
+/// Times a store operation into `registry_storage_action_seconds` when dropped, so that
+/// failed operations are timed too.
+pub(crate) struct Timer {
+    driver: &'static str,
+    action: &'static str,
+    started: std::time::Instant,
+}
+
+impl Timer {
+    pub(crate) fn start(driver: &'static str, action: &'static str) -> Self {
+        Timer {
+            driver,
+            action,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        crate::metrics::get().storage(self.driver, self.action, self.started);
+    }
+}
+
 impl BlobStore {
+    /// The `driver` label of this store's metrics (Distribution's names).
+    fn driver(&self) -> &'static str {
+        if self.local_root.is_some() { "filesystem" } else { "s3" }
+    }
+
+    fn timer(&self, action: &'static str) -> Timer {
+        Timer::start(self.driver(), action)
+    }
+
     /// A store on local disk under `root` (created if missing), with fsync on every write.
     pub fn local(root: PathBuf, part_size: usize) -> Result<Self> {
         std::fs::create_dir_all(&root)?;
@@ -201,6 +234,7 @@ impl BlobStore {
 
     /// Size of a stored blob, or `None` if no object holds that digest.
     pub async fn size(&self, digest: &Digest) -> Result<Option<u64>> {
+        let _timer = self.timer("stat");
         match self.store.head(&self.path(Key::Blob(digest))).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -221,6 +255,7 @@ impl BlobStore {
     /// collection calls this, once the catalog no longer records the blob, and
     /// [`BlobStore::quarantine`], before the catalog forgets it.
     pub async fn delete_blob(&self, digest: &Digest) -> Result<()> {
+        let _timer = self.timer("delete");
         match self.store.delete(&self.path(Key::Blob(digest))).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
@@ -263,6 +298,7 @@ impl BlobStore {
 
     /// Streams a blob, or the byte `range` of it.
     pub async fn get(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<ByteStream> {
+        let _timer = self.timer("get");
         let options = GetOptions {
             range: range.map(GetRange::Bounded),
             ..Default::default()
@@ -309,7 +345,7 @@ impl BlobStore {
     /// Starts staging a new upload's data, hashed with `algorithm`.
     pub async fn start_upload(&self, id: Uuid, algorithm: Algorithm) -> Result<StagedWriter> {
         let staging = match self.local_file(Key::Upload(id)) {
-            Some(file) => Staging::File(tokio::task::spawn_blocking(move || FileStaging::create(file)).await??),
+            Some(file) => Staging::File(crate::metrics::spawn_blocking(move || FileStaging::create(file)).await??),
             None => self.staging(id, None)?,
         };
         Ok(StagedWriter::new(staging, self.part_size, Hasher::new(algorithm)))
@@ -332,7 +368,7 @@ impl BlobStore {
             self.local_file(Key::Upload(id)),
         ) {
             (Some(StagingState::File), Some(file)) => {
-                match tokio::task::spawn_blocking(move || FileStaging::reopen(file, offset)).await?? {
+                match crate::metrics::spawn_blocking(move || FileStaging::reopen(file, offset)).await?? {
                     Some(f) => (Staging::File(f), Vec::new(), 0),
                     None => return Ok(None),
                 }
@@ -368,7 +404,7 @@ impl BlobStore {
         let mut hasher = Hasher::new(algorithm);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
-            hasher = tokio::task::spawn_blocking(move || {
+            hasher = crate::metrics::spawn_blocking(move || {
                 hasher.update(&chunk);
                 hasher
             })
@@ -386,6 +422,7 @@ impl BlobStore {
     /// commit, or a damaged one) is replaced, atomically, by the verified staged bytes. The
     /// published object's size is checked afterwards.
     pub async fn publish(&self, id: Uuid, digest: &Digest, size: u64, verified: bool) -> Result<()> {
+        let _timer = self.timer("publish");
         let staged = self.path(Key::Upload(id));
         let existing = self.size(digest).await?;
         if !(verified && existing == Some(size)) {
@@ -443,6 +480,7 @@ impl BlobStore {
     /// Removes whatever an upload staged (idempotent). `staging` is the session's recorded
     /// staging state, when it has one: an unfinished S3 multipart upload is aborted with it.
     pub async fn discard(&self, id: Uuid, staging: Option<&str>) -> Result<()> {
+        let _timer = self.timer("delete_upload");
         if let Some(StagingState::Multipart { upload_id, tail, .. }) = staging.and_then(StagingState::from_json) {
             let mut s = self.staging(id, upload_id.clone())?;
             if upload_id.is_some()
@@ -457,7 +495,7 @@ impl BlobStore {
             }
         }
         if let Some(file) = self.local_file(Key::Upload(id)) {
-            tokio::task::spawn_blocking(move || staging::remove_staging_file(&file)).await??;
+            crate::metrics::spawn_blocking(move || staging::remove_staging_file(&file)).await??;
             return Ok(());
         }
         match self.store.delete(&self.path(Key::Upload(id))).await {
@@ -477,7 +515,7 @@ impl BlobStore {
         if !matches!(StagingState::from_json(staging), Some(StagingState::File)) {
             return Ok(false);
         }
-        match tokio::task::spawn_blocking(move || std::fs::metadata(file)).await? {
+        match crate::metrics::spawn_blocking(move || std::fs::metadata(file)).await? {
             Ok(m) => Ok(m.is_file() && m.len() >= offset),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e.into()),
@@ -513,7 +551,7 @@ impl BlobStore {
         }
         if let Some(root) = &self.local_root {
             let (dir, keep) = (root.join("uploads"), keep.clone());
-            n += tokio::task::spawn_blocking(move || remove_empty_upload_dirs(&dir, &keep)).await??;
+            n += crate::metrics::spawn_blocking(move || remove_empty_upload_dirs(&dir, &keep)).await??;
         }
         Ok(n)
     }
@@ -542,7 +580,7 @@ impl BlobStore {
             if piece_len >= HASH_PIECE || (next.is_none() && !piece.is_empty()) {
                 let chunks = std::mem::take(&mut piece);
                 piece_len = 0;
-                hasher = tokio::task::spawn_blocking(move || {
+                hasher = crate::metrics::spawn_blocking(move || {
                     for c in &chunks {
                         hasher.update(c);
                     }

@@ -225,8 +225,17 @@ impl Staging {
         Ok(())
     }
 
+    /// The `driver` label of this staging's metrics.
+    fn driver(&self) -> &'static str {
+        match self {
+            Staging::File(_) => "filesystem",
+            Staging::Multipart(_) => "s3",
+        }
+    }
+
     /// Starts writing part number `index` (0-based) holding the bytes at `offset`.
     pub async fn put_part(&mut self, index: usize, offset: u64, data: Bytes) -> Result<PartWrite> {
+        let timer = super::Timer::start(self.driver(), "write_part");
         match self {
             Staging::File(f) => {
                 let file = Arc::clone(&f.file);
@@ -234,7 +243,8 @@ impl Staging {
                 #[cfg(feature = "fault-injection")]
                 let path = f.path.to_string_lossy().into_owned();
                 Ok(Box::pin(async move {
-                    tokio::task::spawn_blocking(move || {
+                    let _timer = timer;
+                    crate::metrics::spawn_blocking(move || {
                         fault_point!(StagingWrite, &path);
                         write_part_at(&file, direct.as_deref(), &data, offset)
                     })
@@ -261,6 +271,7 @@ impl Staging {
                 };
                 let (multipart, path) = (Arc::clone(&m.multipart), m.path.clone());
                 Ok(Box::pin(async move {
+                    let _timer = timer;
                     let part = multipart.put_part(&path, &id, index, PutPayload::from(data)).await?;
                     Ok(Some(part))
                 }))
@@ -271,10 +282,11 @@ impl Staging {
     /// Makes every part written so far durable (local disk: fdatasync; S3: already is).
     pub async fn sync(&mut self) -> Result<()> {
         fault_point!(StagingSync, &self.label());
+        let _timer = super::Timer::start(self.driver(), "sync");
         if let Staging::File(f) = self {
             let file = Arc::clone(&f.file);
             let dirs = (!f.dirs_synced).then(|| f.path.clone());
-            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            crate::metrics::spawn_blocking(move || -> std::io::Result<()> {
                 file.sync_data()?;
                 if let Some(path) = dirs {
                     sync_parent_dirs(&path)?;
@@ -290,11 +302,12 @@ impl Staging {
     /// Completes the staged object from the parts written (`tail`: bytes never sent as a part,
     /// only possible when no part was written), and checks that it holds exactly `len` bytes.
     pub async fn complete(&mut self, parts: Vec<PartId>, tail: Option<Bytes>, len: u64) -> Result<()> {
+        let _timer = super::Timer::start(self.driver(), "complete_upload");
         let stored = match self {
             Staging::File(f) => {
                 fault_point!(StagingComplete, &f.path.to_string_lossy());
                 let file = Arc::clone(&f.file);
-                tokio::task::spawn_blocking(move || {
+                crate::metrics::spawn_blocking(move || {
                     file.sync_all()?;
                     Ok::<_, std::io::Error>(file.metadata()?.len())
                 })
@@ -338,7 +351,7 @@ impl Staging {
         match self {
             Staging::File(f) => {
                 let path = f.path.clone();
-                tokio::task::spawn_blocking(move || remove_staging_file(&path)).await??;
+                crate::metrics::spawn_blocking(move || remove_staging_file(&path)).await??;
                 Ok(())
             }
             Staging::Multipart(m) => {

@@ -258,6 +258,7 @@ impl StagedWriter {
     /// Appends `data`; full parts are hashed and handed to the store.
     pub async fn write(&mut self, data: Bytes) -> Result<()> {
         self.check()?;
+        crate::metrics::get().bytes_uploaded.inc_by(data.len() as u64);
         let r = self.write_inner(data).await;
         self.poison_on_err(r)
     }
@@ -295,7 +296,7 @@ impl StagedWriter {
     /// Hashes `part` on the blocking pool; returns it with the hash state after it.
     async fn hash(&mut self, part: Bytes) -> Result<(Bytes, Vec<u8>)> {
         let mut hasher = self.hasher.take().ok_or(Internal::Other("hasher used after finish"))?;
-        let (hasher, part, state) = tokio::task::spawn_blocking(move || {
+        let (hasher, part, state) = crate::metrics::spawn_blocking(move || {
             hasher.update(&part);
             let state = hasher.save();
             (hasher, part, state)
@@ -322,7 +323,7 @@ impl StagedWriter {
                 let wait_to = start.saturating_sub(len * MAX_IN_FLIGHT as u64);
                 tokio::spawn(async move {
                     let id = write.await?;
-                    let _ = tokio::task::spawn_blocking(move || wb.advance(start, len, wait_to)).await;
+                    let _ = crate::metrics::spawn_blocking(move || wb.advance(start, len, wait_to)).await;
                     Ok(id)
                 })
             }

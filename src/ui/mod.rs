@@ -255,6 +255,9 @@ pub enum UiError {
     Csrf,
     /// Any registry error, answered with its status and message.
     Registry(Error),
+    /// A failure of the UI itself (a template that did not render), logged where it happened:
+    /// 500 without details.
+    Failed,
 }
 
 impl From<Error> for UiError {
@@ -271,6 +274,7 @@ impl std::fmt::Display for UiError {
             UiError::Forbidden(m) => f.write_str(m),
             UiError::Csrf => f.write_str("the form's CSRF token is missing or invalid"),
             UiError::Registry(e) => e.fmt(f),
+            UiError::Failed => f.write_str("internal server error"),
         }
     }
 }
@@ -282,6 +286,7 @@ impl ResponseError for UiError {
             UiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             UiError::Forbidden(_) | UiError::Csrf => StatusCode::FORBIDDEN,
             UiError::Registry(e) => StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            UiError::Failed => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -298,6 +303,7 @@ impl ResponseError for UiError {
                 tracing::error!(error = %inner, "internal error while serving a UI page");
                 "Internal server error.".to_owned()
             }
+            UiError::Failed => "Internal server error.".to_owned(),
             UiError::Registry(e) => e.to_string(),
         };
         let mut resp = HttpResponse::build(status);

@@ -61,7 +61,7 @@ impl Chrome {
 fn render(t: &impl Template) -> Result<String, UiError> {
     t.render().map_err(|e| {
         tracing::error!(error = %e, "rendering a UI template failed");
-        UiError::Registry(Error::from(Internal::Other("rendering a page failed")))
+        UiError::Failed
     })
 }
 

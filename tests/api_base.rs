@@ -101,8 +101,10 @@ async fn route_outside_v2_is_404() {
     let server = TestServer::start();
     let resp = client().get(format!("{}/v1/_ping", server.url)).send().await.unwrap();
     assert_eq!(resp.status(), 404);
+    // `/` is the web UI's: a redirect to `/ui/` (see tests/ui.rs).
     let resp = client().get(format!("{}/", server.url)).send().await.unwrap();
-    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["location"], "/ui/");
 }
 
 #[tokio::test]

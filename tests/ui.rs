@@ -1,6 +1,7 @@
 //! The web UI (`src/ui`) against the real binary: in real headless Chromium (Debian's, driven by
 //! `playwright-core` from `tests/ui/`: sign in, browse, open manifests, delete a tag, private
-//! repositories hidden from anonymous viewers; screenshots under `<target>/ui-screenshots/`),
+//! repositories hidden from anonymous viewers, Spack search and spec pages, then browsing with
+//! JavaScript off; screenshots under `<target>/ui-screenshots/<backend>/`),
 //! and over plain HTTP: the security headers, CSRF refusals, escaping, the sign-in limiter,
 //! sign-out, policy, pagination, and page times at 10,000 tags.
 

@@ -1,4 +1,5 @@
-// Drives Debian's Chromium (headless, through playwright-core) through Stowage's web UI, as
+// Drives Debian's Chromium (headless, through playwright-core; each run in a fresh user-data-dir)
+// through Stowage's web UI, with JavaScript on and then off, as
 // tests/ui.rs sets it up: a server with authentication on, public/app (v1 with annotations and a
 // referrer, v2), public/multi (an index of two platforms) and private/secret pushed, and a user
 // who may pull and delete everywhere. Prints one `ok - …` line per check and exits non-zero on
@@ -45,24 +46,26 @@ async function listedRepos(page) {
 }
 
 const userDataDir = mkdtempSync(path.join(tmpdir(), "stowage-ui-chromium-"));
+const noScriptDir = mkdtempSync(path.join(tmpdir(), "stowage-ui-chromium-nojs-"));
+const launchOptions = {
+  executablePath: "/usr/bin/chromium",
+  headless: true,
+  args: [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-sync",
+  ],
+  viewport: { width: 1280, height: 860 },
+  timeout: 60_000,
+};
 let context;
 try {
-  context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: "/usr/bin/chromium",
-    headless: true,
-    args: [
-      "--headless",
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--no-first-run",
-      "--disable-quic",
-      "--disable-sync",
-    ],
-    viewport: { width: 1280, height: 860 },
-    timeout: 60_000,
-  });
+  context = await chromium.launchPersistentContext(userDataDir, launchOptions);
   const page = context.pages()[0] ?? (await context.newPage());
   page.setDefaultTimeout(20_000);
   const policyViolations = [];
@@ -173,6 +176,23 @@ try {
 
   check(policyViolations.length === 0, `no Content-Security-Policy violation (${policyViolations.join(" | ")})`);
   check(scriptErrors.length === 0, `no script error (${scriptErrors.join(" | ")})`);
+  await context.close();
+  context = undefined;
+
+  // The same pages with JavaScript off: plain links and forms.
+  context = await chromium.launchPersistentContext(noScriptDir, { ...launchOptions, javaScriptEnabled: false });
+  const plain = context.pages()[0] ?? (await context.newPage());
+  plain.setDefaultTimeout(20_000);
+  await plain.goto(`${base}/ui/`);
+  await Promise.all([plain.waitForURL(`${base}/ui/repos/public/multi`), plain.click('a.repo:text-is("public/multi")')]);
+  check((await plain.locator("a.tag").count()) === 3, "without JavaScript a repository page opens");
+  check(!(await plain.locator("button.copy").first().isVisible()), "without JavaScript the copy buttons are hidden");
+  await plain.fill("#q", "arm");
+  await Promise.all([plain.waitForURL(/q=arm/), plain.press("#q", "Enter")]);
+  const filtered = await plain.locator("a.tag").allTextContents();
+  check(filtered.join() === "arm64", `without JavaScript the filter form works (${filtered.join(", ")})`);
+  await Promise.all([plain.waitForURL(/-\/manifests\//), plain.click('a.tag:text-is("arm64")')]);
+  check((await plain.locator("#layers tbody tr").count()) === 1, "without JavaScript the manifest page opens");
   console.log("browser checks passed");
 } catch (e) {
   console.error(String(e?.stack ?? e));
@@ -180,4 +200,5 @@ try {
 } finally {
   await context?.close();
   rmSync(userDataDir, { recursive: true, force: true });
+  rmSync(noScriptDir, { recursive: true, force: true });
 }

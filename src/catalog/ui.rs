@@ -9,14 +9,15 @@
 //!   lookup each), plus its manifests' own bytes (`manifests (repo_id, digest)` unique index).
 //! - [`Catalog::tag_rows`] walks the repository's tags in primary-key order from `after`,
 //!   stopping at `limit` matches; the size of each row shown is its manifest's referenced blobs
-//!   (an index: its children's, one level down, each blob counted once).
+//!   (an index: its children's, one level down, each blob counted once); an index's own bytes
+//!   come along (a few KiB each) for its platforms.
 
 use rusqlite::params;
 
 use super::Catalog;
 use super::queries::repo_id;
 use crate::error::Result;
-use crate::oci::RepoName;
+use crate::oci::{RepoName, media};
 
 /// One row of the repositories page.
 #[derive(Debug, Clone)]
@@ -51,6 +52,8 @@ pub struct TagRow {
     pub content_size: u64,
     /// When the tag was last pushed (unix seconds).
     pub pushed_at: i64,
+    /// An index's bytes (to read its platforms from); `None` for any other manifest.
+    pub index_content: Option<Vec<u8>>,
 }
 
 impl Catalog {
@@ -144,7 +147,8 @@ impl Catalog {
                                JOIN manifests child ON child.repo_id = m.repo_id AND child.digest = r.digest
                                JOIN manifest_refs r2 ON r2.manifest_id = child.id AND r2.kind IN ('config', 'layer')
                               WHERE r.manifest_id = m.id AND r.kind = 'manifest'
-                         ) d JOIN blobs b ON b.digest = d.digest)
+                         ) d JOIN blobs b ON b.digest = d.digest),
+                        CASE WHEN m.media_type IN (?5, ?6) THEN m.content END
                    FROM tags t JOIN manifests m ON m.id = t.manifest_id
                   WHERE t.repo_id = ?1 AND t.name > ?2 AND (?3 = '' OR instr(t.name, ?3) > 0)
                   ORDER BY t.name LIMIT ?4",
@@ -155,7 +159,9 @@ impl Catalog {
                         id,
                         after.unwrap_or_default(),
                         contains.unwrap_or_default(),
-                        limit.min(i64::MAX as u64) as i64
+                        limit.min(i64::MAX as u64) as i64,
+                        media::OCI_INDEX,
+                        media::DOCKER_LIST
                     ],
                     |r| {
                         Ok(TagRow {
@@ -166,6 +172,7 @@ impl Catalog {
                             manifest_size: r.get::<_, i64>(4)?.max(0) as u64,
                             pushed_at: r.get(5)?,
                             content_size: r.get::<_, i64>(6)?.max(0) as u64,
+                            index_content: r.get(7)?,
                         })
                     },
                 )?

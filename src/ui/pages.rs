@@ -179,6 +179,8 @@ pub async fn repositories(
 // ---- One repository ------------------------------------------------------------------------
 
 struct TagView {
+    /// An index's platforms (`linux/amd64, linux/arm64/v8`); empty for an image.
+    platforms: String,
     name: String,
     digest: String,
     short_digest: String,
@@ -216,6 +218,20 @@ fn readable_repo(req: &HttpRequest, auth: &Auth, viewer: &Viewer) -> Result<Repo
     Ok(repo)
 }
 
+/// The platforms an index lists, `os/architecture[/variant]`, comma-separated.
+fn index_platforms(content: &[u8]) -> String {
+    let json: serde_json::Value = serde_json::from_slice(content).unwrap_or(serde_json::Value::Null);
+    json.get("manifests")
+        .and_then(|m| m.as_array())
+        .map(|m| {
+            m.iter()
+                .filter_map(|d| descriptor(d).platform)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
 fn short(digest: &str) -> String {
     let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
     hex.chars().take(12).collect()
@@ -247,6 +263,7 @@ pub async fn repository(
     let tags = rows
         .into_iter()
         .map(|r| TagView {
+            platforms: r.index_content.as_deref().map(index_platforms).unwrap_or_default(),
             pulls: view::pull_lines(&host, repo.as_str(), &format!(":{}", r.name)),
             short_digest: short(&r.digest),
             size: view::size(r.manifest_size + r.content_size),

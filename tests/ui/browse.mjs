@@ -138,6 +138,8 @@ try {
 
   // An index: its platforms.
   await page.goto(`${base}/ui/repos/public/multi`);
+  const listed = await page.locator("#tag-latest .platforms").textContent();
+  check(listed === "linux/amd64, linux/arm64/v8", `the tag list shows the index's platforms (${listed})`);
   await page.click('a.tag:text-is("latest")');
   await page.locator("#platforms").waitFor();
   const platforms = await page.locator("#platforms td.platform").allTextContents();

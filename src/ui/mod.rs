@@ -5,6 +5,10 @@
 //! without JavaScript; htmx only turns links and forms into in-place updates (`hx-boost`) and
 //! filters lists as one types.
 //!
+//! askama rather than minijinja: its templates are compiled with the crate and checked against
+//! the structs that fill them (a misspelt field is a build error, never a 500 at run time),
+//! rendering needs no template parser at run time, and `.html` templates escape by default.
+//!
 //! Routes (all under the security headers of [`security_headers`]):
 //! - `GET /ui/` repositories: name, tags, stored size, last push; filter `q`, keyset pages
 //!   (`after`, `n`).

@@ -401,6 +401,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             grace: Duration::from_secs(config.gc.grace_secs),
             untagged_manifests: config.gc.untagged_manifests,
             orphan_interval: Duration::from_secs(config.gc.orphan_interval_secs),
+            write_pause: crate::registry::WRITE_PAUSE,
         };
         tracing::info!(
             interval_secs = every.as_secs(),

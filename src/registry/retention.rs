@@ -283,11 +283,13 @@ async fn plan_repo(
                     }
                     let removals = chunk
                         .iter()
-                        .map(|(t, _)| TagRemoval {
+                        .map(|(t, why)| TagRemoval {
                             name: t.name.clone(),
                             manifest_id: t.manifest_id,
                             updated_at: t.updated_at,
                             spack: t.spack_hash.is_some(),
+                            digest: t.digest.clone(),
+                            reason: format!("rule {index}: {why}"),
                         })
                         .collect();
                     let done = catalog

@@ -28,6 +28,7 @@ pub mod faults;
 pub mod http;
 pub mod oci;
 pub mod registry;
+pub mod runmodes;
 pub mod server;
 pub mod spack;
 pub mod storage;

@@ -203,12 +203,9 @@ pub async fn open_store(config: &Config) -> Result<BlobStore, Box<dyn std::error
     })
 }
 
-/// Opens the catalog and the blob store described by `config`.
-pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error>> {
-    let catalog_path = config.catalog_path();
-    let catalog = tokio::task::spawn_blocking(move || Catalog::open(&catalog_path)).await??;
-    let store = open_store(config).await?;
-    let settings = Settings {
+/// The registry's settings as `config` describes them.
+pub fn settings(config: &Config) -> Settings {
+    Settings {
         delete_enabled: config.registry.delete_enabled,
         max_manifest_size: config.registry.max_manifest_size,
         upload_timeout: Duration::from_secs(config.registry.upload_timeout_secs),
@@ -217,7 +214,15 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         immutable_tags: crate::auth::ImmutableTags::new(config.immutable_tags.clone()),
         retention: config.gc.retention.clone(),
         keep_list_max: Duration::from_secs(config.gc.keep_list_max_secs),
-    };
+    }
+}
+
+/// Opens the catalog and the blob store described by `config`.
+pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error>> {
+    let catalog_path = config.catalog_path();
+    let catalog = tokio::task::spawn_blocking(move || Catalog::open(&catalog_path)).await??;
+    let store = open_store(config).await?;
+    let settings = settings(config);
     tracing::info!(
         total = settings.upload_sessions.total,
         per_user = settings.upload_sessions.per_identity,
@@ -366,6 +371,27 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         })
     };
 
+    // Old audit rows go at start-up and hourly after (`catalog::audit`).
+    let audit_pruner = {
+        let registry = registry.clone();
+        let days = config.audit.retention_days;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::catalog::audit::PRUNE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if days == 0 || registry.is_read_only() {
+                    continue;
+                }
+                match registry.catalog().prune_audit_older_than(days).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(rows = n, retention_days = days, "audit: old rows deleted"),
+                    Err(e) => tracing::warn!(error = %e, "audit: deleting old rows failed; retrying next time"),
+                }
+            }
+        })
+    };
+
     if !config.gc.enabled && !config.gc.retention.is_empty() {
         tracing::warn!("gc.retention rules are configured but gc.enabled is false: they are not applied");
     }
@@ -376,6 +402,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             grace: Duration::from_secs(config.gc.grace_secs),
             untagged_manifests: config.gc.untagged_manifests,
             orphan_interval: Duration::from_secs(config.gc.orphan_interval_secs),
+            dry_run: false,
         };
         tracing::info!(
             interval_secs = every.as_secs(),
@@ -520,6 +547,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         task.abort();
     }
     pull_flusher.abort();
+    audit_pruner.abort();
     registry.flush_pulls().await;
     // Sessions left open keep the bytes past their last part (S3) for after the restart.
     let spilled = registry.spill_idle_uploads(Duration::ZERO).await;

@@ -43,6 +43,10 @@ pub const REFUSAL_BATCH: usize = 500;
 const REFUSAL_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 /// Longest detail kept (serialised JSON); a larger one is replaced by a note saying so.
 const MAX_DETAIL: usize = 2048;
+/// Rows deleted per write job when old rows are pruned.
+pub const PRUNE_BATCH: usize = 1000;
+/// How often the server prunes old rows (the first time at start-up).
+pub const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Most rows one query returns.
 pub const MAX_PAGE: usize = 1000;
 
@@ -430,6 +434,24 @@ impl Catalog {
     /// A page of audit rows, newest first.
     pub async fn audit(&self, q: AuditQuery) -> Result<AuditPage> {
         self.read(move |c| Ok(query(c, &q)?)).await
+    }
+
+    /// Deletes the rows older than `retention_days` days ([`PRUNE_BATCH`] per write job, so the
+    /// writer is never held long); returns how many. 0 days keeps everything.
+    pub async fn prune_audit_older_than(&self, retention_days: u64) -> Result<u64> {
+        if retention_days == 0 {
+            return Ok(0);
+        }
+        let age = i64::try_from(retention_days.saturating_mul(86_400)).unwrap_or(i64::MAX);
+        let before = now().saturating_sub(age);
+        let mut total = 0;
+        loop {
+            let n = self.prune_audit(before, PRUNE_BATCH).await?;
+            total += n;
+            if n < PRUNE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
     }
 
     /// Deletes up to `limit` rows older than `before` (unix seconds); returns how many.

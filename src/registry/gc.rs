@@ -54,8 +54,18 @@
 //!
 //! A pass cut short (a stop, an error) leaves nothing inconsistent: every step is safe to
 //! repeat.
+//!
+//! # One-off passes and dry runs
+//!
+//! `stowage gc` runs [`Registry::collect_listed`] once, with the server stopped (it holds the
+//! data directory's lock: the digest locks above are in-process and cannot cover another
+//! process's uploads). `stowage gc --dry-run` runs the very same code on a snapshot copy of the
+//! catalog with [`GcOptions::dry_run`] set: the copy's rows are deleted as in a real pass, so
+//! every later step sees what a real pass would, but no object is deleted from storage (and
+//! the objects it would have deleted are not taken for orphans). It lists, as [`Removed`]
+//! items, exactly what a real pass started from the same catalog state would remove.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -96,7 +106,40 @@ pub struct GcOptions {
     pub untagged_manifests: bool,
     /// List storage for orphans when it was last listed this long ago (or never).
     pub orphan_interval: Duration,
+    /// Delete nothing from storage (run on a copy of the catalog: see the module doc).
+    pub dry_run: bool,
 }
+
+/// One thing a pass removed (or, in a dry run, would remove).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removed {
+    /// A tag a retention rule deleted.
+    RetentionTag { repo: String, tag: String, digest: String, why: String },
+    /// An unneeded manifest.
+    Manifest { repo: String, digest: String },
+    /// A blob no repository links any more (catalog row and object).
+    Blob { digest: String, bytes: u64 },
+    /// A blob of a superseded Spack index.
+    SpackIndexBlob { digest: String, bytes: u64 },
+    /// An object the catalog did not record.
+    Orphan { digest: String },
+}
+
+impl std::fmt::Display for Removed {
+    /// One tab-separated line: the kind, then what identifies the item.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Removed::RetentionTag { repo, tag, digest, why } => write!(f, "retention\t{repo}\t{tag}\t{digest}\t{why}"),
+            Removed::Manifest { repo, digest } => write!(f, "manifest\t{repo}\t{digest}"),
+            Removed::Blob { digest, bytes } => write!(f, "blob\t{digest}\t{bytes}"),
+            Removed::SpackIndexBlob { digest, bytes } => write!(f, "spack-index-blob\t{digest}\t{bytes}"),
+            Removed::Orphan { digest } => write!(f, "orphan\t{digest}"),
+        }
+    }
+}
+
+/// Where a pass reports each [`Removed`] item.
+pub type Listing<'a> = &'a mut (dyn FnMut(Removed) + Send);
 
 /// What one pass removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -122,30 +165,71 @@ impl GcReport {
 impl Registry {
     /// Runs one garbage collection pass.
     pub async fn collect_garbage(&self, opts: GcOptions) -> Result<GcReport> {
+        self.collect_garbage_listed(opts, &mut |_| {}).await
+    }
+
+    /// Runs one garbage collection pass, reporting each item removed to `listing`.
+    pub async fn collect_garbage_listed(&self, opts: GcOptions, listing: Listing<'_>) -> Result<GcReport> {
         // Retention deletes tags; the manifests they leave untagged go a grace period later.
-        self.apply_retention().await;
+        self.apply_retention(|r| {
+            listing(Removed::RetentionTag {
+                repo: r.repo.clone(),
+                tag: r.tag.clone(),
+                digest: r.digest.clone(),
+                why: format!("rule {}: {}", r.rule, r.why),
+            })
+        })
+        .await;
         let cutoff = now() - opts.grace.as_secs() as i64;
         let mut report = GcReport::default();
         if opts.untagged_manifests {
-            report.manifests = self.collect_manifests(cutoff).await?;
+            report.manifests = self.collect_manifests(cutoff, listing).await?;
         }
         report.links = self.collect_links(cutoff).await?;
-        let (blobs, bytes) = self.collect_blobs().await?;
+        // In a dry run, the objects of the blobs "deleted" are still there: not orphans.
+        let mut gone = HashSet::new();
+        let (blobs, bytes) = self.collect_blobs(opts.dry_run, &mut |r| {
+            if let Removed::Blob { digest, .. } = &r {
+                gone.insert(digest.clone());
+            }
+            listing(r)
+        })
+        .await?;
         report.blobs = blobs;
         report.bytes = bytes;
 
         let listed = self.catalog.gc_state(ORPHANS_LISTED_AT).await?;
         if listed.is_none_or(|at| now() - at >= opts.orphan_interval.as_secs() as i64) {
             let started = now();
-            report.orphans = self.collect_orphans(cutoff).await?;
+            report.orphans = self.collect_orphans(cutoff, opts.dry_run, &gone, listing).await?;
             self.catalog.set_gc_state(ORPHANS_LISTED_AT, started).await?;
         }
+        Ok(report)
+    }
+
+    /// `stowage gc`: one pass, then the superseded Spack index blobs (whatever their grace),
+    /// reporting each item to `listing`.
+    pub async fn collect_listed(
+        &self,
+        opts: GcOptions,
+        spack_index_grace: Duration,
+        listing: Listing<'_>,
+    ) -> Result<GcReport> {
+        let mut report = self.collect_garbage_listed(opts, listing).await?;
+        let index = self.superseded_indexes(spack_index_grace, opts.dry_run, listing).await?;
+        report.links += index.links;
+        report.blobs += index.blobs;
+        report.bytes += index.bytes;
         Ok(report)
     }
 
     /// Unlinks the blobs of Spack indexes superseded more than `grace` ago, and deletes those
     /// no repository links any more.
     pub async fn collect_superseded_indexes(&self, grace: Duration) -> Result<GcReport> {
+        self.superseded_indexes(grace, false, &mut |_| {}).await
+    }
+
+    async fn superseded_indexes(&self, grace: Duration, dry_run: bool, listing: Listing<'_>) -> Result<GcReport> {
         let before = now() - grace.as_secs() as i64;
         let mut report = GcReport::default();
         loop {
@@ -157,9 +241,11 @@ impl Registry {
             let n = due.len();
             report.links += self.catalog.gc_unlink_superseded(due, before).await?;
             let sizes = self.catalog.blob_sizes_if_unlinked(digests).await?;
-            let (blobs, bytes) = self.delete_unlinked(sizes).await?;
-            report.blobs += blobs;
-            report.bytes += bytes;
+            for (digest, bytes) in self.delete_unlinked(sizes, dry_run).await? {
+                report.blobs += 1;
+                report.bytes += bytes;
+                listing(Removed::SpackIndexBlob { digest, bytes });
+            }
             if n < WRITE_BATCH {
                 break;
             }
@@ -168,7 +254,7 @@ impl Registry {
     }
 
     /// Removes unneeded manifests touched before `cutoff`, a level per round. Returns how many.
-    async fn collect_manifests(&self, cutoff: i64) -> Result<u64> {
+    async fn collect_manifests(&self, cutoff: i64, listing: Listing<'_>) -> Result<u64> {
         let mut total = 0;
         for _round in 0..MAX_MANIFEST_ROUNDS {
             let mut removed_this_round = 0;
@@ -179,8 +265,12 @@ impl Registry {
                 while !pending.is_empty() {
                     let batch = pending[..pending.len().min(WRITE_BATCH)].to_vec();
                     let (removed, examined) = self.catalog.gc_delete_manifests(batch, cutoff, WRITE_BUDGET).await?;
-                    for m in &removed {
+                    for m in removed.iter().cloned() {
                         tracing::info!(repo = %m.repo, digest = %m.digest, "garbage collection removed an unneeded manifest");
+                        listing(Removed::Manifest {
+                            repo: m.repo,
+                            digest: m.digest,
+                        });
                     }
                     removed_this_round += removed.len() as u64;
                     pending = &pending[examined.max(1).min(pending.len())..];
@@ -215,15 +305,17 @@ impl Registry {
     }
 
     /// Deletes every blob no repository links. Returns how many, and their bytes.
-    async fn collect_blobs(&self) -> Result<(u64, u64)> {
+    async fn collect_blobs(&self, dry_run: bool, listing: Listing<'_>) -> Result<(u64, u64)> {
         let (mut blobs, mut bytes) = (0, 0);
         let mut after = None;
         loop {
             let slice = self.catalog.gc_scan_blobs(after, SCAN_SLICE).await?;
             for batch in slice.candidates.chunks(WRITE_BATCH) {
-                let (n, b) = self.delete_unlinked(batch.iter().cloned().collect()).await?;
-                blobs += n;
-                bytes += b;
+                for (digest, size) in self.delete_unlinked(batch.iter().cloned().collect(), dry_run).await? {
+                    blobs += 1;
+                    bytes += size;
+                    listing(Removed::Blob { digest, bytes: size });
+                }
             }
             match slice.next {
                 Some(next) => after = Some(next),
@@ -233,10 +325,11 @@ impl Registry {
     }
 
     /// Forgets and deletes those of the blobs `sizes` (digest → size) that no repository links,
-    /// under their digests' locks. Returns how many went, and their bytes.
-    async fn delete_unlinked(&self, sizes: HashMap<String, u64>) -> Result<(u64, u64)> {
+    /// under their digests' locks (objects stay in a dry run). Returns those that went, with
+    /// their sizes, in digest order.
+    async fn delete_unlinked(&self, sizes: HashMap<String, u64>, dry_run: bool) -> Result<Vec<(String, u64)>> {
         if sizes.is_empty() {
-            return Ok((0, 0));
+            return Ok(Vec::new());
         }
         // Every digest's lock, in one order (an upload holds at most one, so this cannot
         // deadlock), then one transaction forgets those still unlinked.
@@ -246,8 +339,15 @@ impl Registry {
         for d in &digests {
             locks.push(self.blob_locks.lock(d).await);
         }
-        let forgotten = self.catalog.gc_forget_blobs(digests).await?;
-        let bytes = forgotten.iter().filter_map(|d| sizes.get(d)).sum::<u64>();
+        let mut forgotten = self.catalog.gc_forget_blobs(digests).await?;
+        forgotten.sort();
+        let gone = forgotten
+            .iter()
+            .map(|d| (d.clone(), sizes.get(d).copied().unwrap_or(0)))
+            .collect();
+        if dry_run {
+            return Ok(gone);
+        }
         futures_util::stream::iter(forgotten.iter().cloned())
             .map(|digest| {
                 let store = self.store.clone();
@@ -267,12 +367,20 @@ impl Registry {
             .collect::<Vec<()>>()
             .await;
         drop(locks);
-        Ok((forgotten.len() as u64, bytes))
+        Ok(gone)
     }
 
     /// Deletes objects under `blobs/` that the catalog does not record and that were written
     /// before `cutoff`. Returns how many.
-    async fn collect_orphans(&self, cutoff: i64) -> Result<u64> {
+    /// In a dry run nothing is deleted, and `gone` (objects of blobs the pass forgot) are not
+    /// orphans.
+    async fn collect_orphans(
+        &self,
+        cutoff: i64,
+        dry_run: bool,
+        gone: &HashSet<String>,
+        listing: Listing<'_>,
+    ) -> Result<u64> {
         // Listed first and deleted after: deleting while the listing walks the same folders
         // (on local disk, emptied folders are removed) would upset the walk. Orphans are rare,
         // so only they are kept; the objects are checked against the catalog in batches.
@@ -292,7 +400,10 @@ impl Registry {
                     .catalog
                     .blobs_known(batch.iter().map(|d| d.to_string()).collect())
                     .await?;
-                orphans.extend(batch.drain(..).filter(|d| !known.contains(&d.to_string())));
+                orphans.extend(batch.drain(..).filter(|d| {
+                    let key = d.to_string();
+                    !known.contains(&key) && !(dry_run && gone.contains(&key))
+                }));
             }
             if end {
                 break;
@@ -305,8 +416,11 @@ impl Registry {
             if self.catalog.blob_known(&key).await? {
                 continue; // published and linked meanwhile
             }
-            self.store.delete_blob(&digest).await?;
-            tracing::info!(digest = %key, "garbage collection removed an object the catalog did not record");
+            if !dry_run {
+                self.store.delete_blob(&digest).await?;
+                tracing::info!(digest = %key, "garbage collection removed an object the catalog did not record");
+            }
+            listing(Removed::Orphan { digest: key });
             removed += 1;
         }
         Ok(removed)

@@ -16,7 +16,7 @@ mod uploads;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use gc::{GcOptions, GcReport};
+pub use gc::{GcOptions, GcReport, Removed};
 pub use manifests::PutOutcome;
 pub use uploads::{Chunk, ChunkRange, SessionLimits, Uploads};
 

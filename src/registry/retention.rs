@@ -420,8 +420,9 @@ impl Registry {
     }
 
     /// The collector's retention step: flushes pulls, removes expired keep-lists, then applies
-    /// the retention rules. Failures are logged; collection goes on either way.
-    pub async fn apply_retention(&self) {
+    /// the retention rules, calling `seen` with each tag it deleted. Failures are logged;
+    /// collection goes on either way.
+    pub async fn apply_retention(&self, mut seen: impl FnMut(&Removal) + Send) {
         self.flush_pulls().await;
         let now = crate::catalog::now();
         loop {
@@ -451,7 +452,11 @@ impl Registry {
             &self.settings.immutable_tags,
             None,
             Mode::Apply,
-            |_| {},
+            |r| {
+                if !r.dry_run {
+                    seen(r);
+                }
+            },
         )
         .await
         {

@@ -267,9 +267,7 @@ pub async fn token(cmd: TokenCommand, config: impl Fn(&crate::cli::ServeArgs) ->
         }
         TokenCommand::Revoke { at, token, user } => {
             let catalog = open_catalog(&config(&at)).await?;
-            let n = catalog
-                .revoke_api_token(user.as_deref(), &token, &Actor::cli())
-                .await?;
+            let n = catalog.revoke_api_token(user.as_deref(), &token, &Actor::cli()).await?;
             catalog.close();
             if n == 0 {
                 return Err(format!("no single live token {token} (give its id, or --user)").into());

@@ -686,7 +686,9 @@ mod tests {
             let forever = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(forever.audit.retention_days, 0);
             jail.set_env("STOWAGE_AUDIT__RETENTION_DAYS", "40000");
-            let err = Config::load(None, CliOverrides::default()).expect_err("too long").to_string();
+            let err = Config::load(None, CliOverrides::default())
+                .expect_err("too long")
+                .to_string();
             assert!(err.contains("audit.retention_days"), "{err}");
             Ok(())
         });

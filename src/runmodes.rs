@@ -113,7 +113,11 @@ pub async fn audit(args: AuditArgs, config: &Config) -> Outcome {
 }
 
 /// Takes the data directory's lock for `what`, saying why it is needed when a server holds it.
-async fn lock(config: &Config, what: &'static str, why: &'static str) -> Result<DataDirLock, Box<dyn std::error::Error>> {
+async fn lock(
+    config: &Config,
+    what: &'static str,
+    why: &'static str,
+) -> Result<DataDirLock, Box<dyn std::error::Error>> {
     let dir = config.data_dir.clone();
     blocking(move || DataDirLock::acquire(&dir, what).map_err(|e| format!("{e}\n{why}"))).await
 }
@@ -133,14 +137,8 @@ pub async fn migrate(config: &Config) -> Outcome {
         println!("applied migration {version}: {what}");
     }
     match migrated.applied.last() {
-        Some((to, _)) => eprintln!(
-            "catalog migrated from schema version {} to {to}",
-            migrated.from
-        ),
-        None => eprintln!(
-            "catalog already at schema version {}: nothing to apply",
-            migrated.from
-        ),
+        Some((to, _)) => eprintln!("catalog migrated from schema version {} to {to}", migrated.from),
+        None => eprintln!("catalog already at schema version {}: nothing to apply", migrated.from),
     }
     Ok(())
 }

@@ -393,7 +393,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     };
 
     if !config.gc.enabled && !config.gc.retention.is_empty() {
-        tracing::warn!("gc.retention rules are configured but gc.enabled is false: they are not applied");
+        tracing::warn!(
+            "gc.retention rules are configured but gc.enabled is false: the server does not apply them (`stowage gc` does)"
+        );
     }
     let collector = config.gc.enabled.then(|| {
         let registry = registry.clone();

@@ -233,7 +233,10 @@ async fn changes_are_recorded_with_actor_token_and_address() {
     let (status, moved, _) = s.push(&ci, "app", "v1", "layer three", "move-v1").await;
     assert_eq!(status, 201);
     assert_eq!(s.delete(&admin, "app/manifests/v1", "del-tag").await, 202);
-    assert_eq!(s.delete(&ops, &format!("app/manifests/{v2}"), "del-manifest").await, 202);
+    assert_eq!(
+        s.delete(&ops, &format!("app/manifests/{v2}"), "del-manifest").await,
+        202
+    );
     assert_eq!(s.delete(&admin, &format!("app/blobs/{layer1}"), "del-blob").await, 202);
     stowage(s.server.data_dir(), &["token", "revoke", "ci"], "");
 
@@ -242,7 +245,10 @@ async fn changes_are_recorded_with_actor_token_and_address() {
     assert_eq!(push1["actor"], "pusher");
     assert_eq!(push1["token_id"], Value::Null, "signed in with the password");
     assert_eq!(push1["client"], "127.0.0.1");
-    assert_eq!((&push1["repository"], &push1["tag"], &push1["digest"]), (&"app".into(), &"v1".into(), &v1.clone().into()));
+    assert_eq!(
+        (&push1["repository"], &push1["tag"], &push1["digest"]),
+        (&"app".into(), &"v1".into(), &v1.clone().into())
+    );
     assert_eq!(push1["detail"], Value::Null, "a new tag moved nothing");
 
     let push2 = row(&rows, "manifest.push", "request_id", "push-v2");
@@ -253,10 +259,17 @@ async fn changes_are_recorded_with_actor_token_and_address() {
 
     let moved_row = row(&rows, "manifest.push", "request_id", "move-v1");
     assert_eq!(moved_row["digest"], moved.as_str());
-    assert_eq!(moved_row["detail"]["previous"], v1.as_str(), "the tag's previous manifest");
+    assert_eq!(
+        moved_row["detail"]["previous"],
+        v1.as_str(),
+        "the tag's previous manifest"
+    );
 
     let tag = row(&rows, "tag.delete", "request_id", "del-tag");
-    assert_eq!((&tag["actor"], &tag["tag"], &tag["digest"]), (&"admin".into(), &"v1".into(), &moved.clone().into()));
+    assert_eq!(
+        (&tag["actor"], &tag["tag"], &tag["digest"]),
+        (&"admin".into(), &"v1".into(), &moved.clone().into())
+    );
     assert_eq!(tag["token_name"], Value::Null);
 
     let manifest = row(&rows, "manifest.delete", "request_id", "del-manifest");
@@ -267,7 +280,10 @@ async fn changes_are_recorded_with_actor_token_and_address() {
     assert_eq!(manifest["client"], "127.0.0.1");
 
     let blob = row(&rows, "blob.delete", "request_id", "del-blob");
-    assert_eq!((&blob["actor"], &blob["digest"]), (&"admin".into(), &layer1.clone().into()));
+    assert_eq!(
+        (&blob["actor"], &blob["digest"]),
+        (&"admin".into(), &layer1.clone().into())
+    );
 
     let revoke = rows
         .iter()
@@ -276,8 +292,14 @@ async fn changes_are_recorded_with_actor_token_and_address() {
     assert_eq!(revoke["actor"], "cli");
     assert_eq!(revoke["detail"]["token_name"], "ci");
     assert_eq!(revoke["detail"]["user"], "pusher");
-    assert_eq!(revoke["detail"]["token_id"], push2["token_id"], "the token the push used");
-    assert!(revoke["client"].as_str().is_some_and(|c| c.starts_with("local:")), "{revoke}");
+    assert_eq!(
+        revoke["detail"]["token_id"], push2["token_id"],
+        "the token the push used"
+    );
+    assert!(
+        revoke["client"].as_str().is_some_and(|c| c.starts_with("local:")),
+        "{revoke}"
+    );
     let creates: Vec<&Value> = rows.iter().filter(|r| r["action"] == "token.create").collect();
     assert_eq!(creates.len(), 2);
     assert_eq!(rows.iter().filter(|r| r["action"] == "user.add").count(), 3);
@@ -298,8 +320,14 @@ async fn changes_are_recorded_with_actor_token_and_address() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
     assert!(lines[0].contains("blob.delete") && lines[0].contains(&layer1), "{text}");
-    assert!(lines[1].contains("manifest.delete") && lines[1].contains("ops ("), "{text}");
-    assert!(lines[2].contains("tag.delete") && lines[2].contains("app:v1@"), "{text}");
+    assert!(
+        lines[1].contains("manifest.delete") && lines[1].contains("ops ("),
+        "{text}"
+    );
+    assert!(
+        lines[2].contains("tag.delete") && lines[2].contains("app:v1@"),
+        "{text}"
+    );
     // And the endpoint filters the same way.
     let (status, body, _) = s.audit(&admin, "repo=app&user=admin").await;
     assert_eq!(status, 200);
@@ -311,18 +339,31 @@ async fn only_admins_may_read_the_trail_and_nobody_may_write_it() {
     let s = AuditServer::start();
     let admin = Creds::basic("admin", "admin-pw");
     let ops = Creds::basic("admin", &s.token("admin", "ops", "**:*"));
-    for who in [Creds::basic("reader", "reader-pw"), Creds::basic("pusher", "pusher-pw"), ops] {
+    for who in [
+        Creds::basic("reader", "reader-pw"),
+        Creds::basic("pusher", "pusher-pw"),
+        ops,
+    ] {
         let (status, body, _) = s.audit(&who, "").await;
         assert_eq!(status, 403, "{body}");
         assert_eq!(body["errors"][0]["code"], "DENIED", "{body}");
-        assert!(body["errors"][0]["message"].as_str().is_some_and(|m| m.contains("audit trail")));
+        assert!(
+            body["errors"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("audit trail"))
+        );
     }
     let (status, _, _) = s.audit(&Creds::None, "").await;
     assert_eq!(status, 401, "anonymous clients are challenged");
     let (status, body, _) = s.audit(&admin, "").await;
     assert_eq!(status, 200, "{body}");
     assert!(body["entries"].as_array().is_some_and(|e| !e.is_empty()));
-    for method in [reqwest::Method::POST, reqwest::Method::PUT, reqwest::Method::DELETE, reqwest::Method::PATCH] {
+    for method in [
+        reqwest::Method::POST,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+        reqwest::Method::PATCH,
+    ] {
         let resp = admin
             .apply(client().request(method.clone(), format!("{}/stowage/v1/audit", s.server.url)))
             .body("{}")
@@ -345,7 +386,9 @@ async fn pages_hold_every_row_once_newest_first() {
     let s = AuditServer::start();
     let pusher = Creds::basic("pusher", "pusher-pw");
     for i in 0..12 {
-        let (status, _, _) = s.push(&pusher, "paged", &format!("t{i}"), "one layer", &format!("p{i}")).await;
+        let (status, _, _) = s
+            .push(&pusher, "paged", &format!("t{i}"), "one layer", &format!("p{i}"))
+            .await;
         assert_eq!(status, 201);
     }
     let everything = s.all_rows(1000).await;
@@ -395,13 +438,19 @@ async fn refusals_are_recorded() {
             .iter()
             .all(|a| rows.iter().any(|r| r["action"] == *a))
     };
-    wait_until("the refusals are in the audit trail", || async { recorded(&s.all_rows(1000).await) }).await;
+    wait_until("the refusals are in the audit trail", || async {
+        recorded(&s.all_rows(1000).await)
+    })
+    .await;
     let rows = s.all_rows(1000).await;
     let denied = row(&rows, "denied.push", "actor", "reader");
     assert_eq!(denied["repository"], "app");
     assert_eq!(denied["client"], "127.0.0.1");
     let immutable = row(&rows, "denied.immutable", "actor", "pusher");
-    assert_eq!((&immutable["repository"], &immutable["tag"]), (&"locked/app".into(), &"v1".into()));
+    assert_eq!(
+        (&immutable["repository"], &immutable["tag"]),
+        (&"locked/app".into(), &"v1".into())
+    );
     assert_eq!(immutable["request_id"], "locked-2");
     let login = row(&rows, "login.failed", "request_id", "bad-login");
     assert_eq!(login["actor"], "pusher");
@@ -438,8 +487,15 @@ async fn rows_past_the_retention_are_pruned_at_start() {
         }
     }
     s.server.crash_and_restart();
-    let pruned = |rows: &[Value]| !rows.iter().any(|r| r["request_id"] == "ancient" || r["request_id"] == "old");
-    wait_until("the rows past the retention are deleted", || async { pruned(&s.all_rows(1000).await) }).await;
+    let pruned = |rows: &[Value]| {
+        !rows
+            .iter()
+            .any(|r| r["request_id"] == "ancient" || r["request_id"] == "old")
+    };
+    wait_until("the rows past the retention are deleted", || async {
+        pruned(&s.all_rows(1000).await)
+    })
+    .await;
     let rows = s.all_rows(1000).await;
     row(&rows, "tag.delete", "request_id", "recent");
     row(&rows, "manifest.push", "request_id", "kept-push");

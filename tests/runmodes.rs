@@ -81,7 +81,10 @@ async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
     let (code, out, err) = run(&mut server.stowage_command(&["gc"]));
     assert_ne!(code, 0, "a real pass beside a server: {out}");
     assert!(out.is_empty(), "{out}");
-    assert!(err.contains("needs the server stopped") && err.contains("--dry-run"), "{err}");
+    assert!(
+        err.contains("needs the server stopped") && err.contains("--dry-run"),
+        "{err}"
+    );
     let (code, _, err) = run(&mut server.stowage_command(&["migrate"]));
     assert_ne!(code, 0);
     assert!(err.contains("`stowage migrate` needs the server stopped"), "{err}");
@@ -93,7 +96,10 @@ async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
         format!("orphan\t{orphan}"),
     ];
     for e in &expected {
-        assert!(dry.lines().any(|l| l.starts_with(e.as_str())), "dry run lacks {e:?}:\n{dry}");
+        assert!(
+            dry.lines().any(|l| l.starts_with(e.as_str())),
+            "dry run lacks {e:?}:\n{dry}"
+        );
     }
     assert!(!dry.contains(&kept) && !dry.contains(&new), "{dry}");
     // The dry run changed nothing: the objects are there, the catalog still serves the tag.
@@ -106,7 +112,11 @@ async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
     let (code, real, err) = run(&mut server.stowage_command(&["gc"]));
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("gc: removed"), "{err}");
-    assert_eq!(sorted_lines(&real), sorted_lines(&dry), "the dry run listed what the pass deleted");
+    assert_eq!(
+        sorted_lines(&real),
+        sorted_lines(&dry),
+        "the dry run listed what the pass deleted"
+    );
 
     assert!(!server.blob_object_exists(&lone), "the unreferenced blob is gone");
     assert!(!server.blob_object_exists(&orphan), "the orphan is gone");
@@ -123,10 +133,13 @@ async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
     let (_, audit, _) = run(&mut server.stowage_command(&["audit", "--json", "--user", "retention"]));
     let rows: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
     assert_eq!(rows.len(), 1, "{audit}");
-    assert_eq!((&rows[0]["repository"], &rows[0]["tag"]), (&"ret/app".into(), &"old".into()));
+    assert_eq!(
+        (&rows[0]["repository"], &rows[0]["tag"]),
+        (&"ret/app".into(), &"old".into())
+    );
     assert_eq!(rows[0]["digest"], old.as_str());
     let (_, audit, _) = run(&mut server.stowage_command(&["audit", "--user", "gc", "--repo", "gone/app"]));
-    assert!(audit.contains(&format!("gc.manifest\tgc\t")) && audit.contains(&gone), "{audit}");
+    assert!(audit.contains("gc.manifest\tgc\t") && audit.contains(&gone), "{audit}");
 
     // The registry serves what stayed.
     server.crash_and_restart();

@@ -371,26 +371,23 @@ fn query(c: &Connection, q: &AuditQuery) -> rusqlite::Result<AuditPage> {
           ORDER BY id DESC LIMIT ?5",
     )?;
     let mut entries = stmt
-        .query_map(
-            params![q.repo, q.user, q.since, q.before, limit as i64 + 1],
-            |r| {
-                let detail: Option<String> = r.get(11)?;
-                Ok(AuditRow {
-                    id: r.get(0)?,
-                    time: format_time(r.get(1)?),
-                    action: r.get(2)?,
-                    repository: r.get(3)?,
-                    tag: r.get(4)?,
-                    digest: r.get(5)?,
-                    actor: r.get(6)?,
-                    token_id: r.get(7)?,
-                    token_name: r.get(8)?,
-                    client: r.get(9)?,
-                    request_id: r.get(10)?,
-                    detail: detail.and_then(|d| serde_json::from_str(&d).ok()),
-                })
-            },
-        )?
+        .query_map(params![q.repo, q.user, q.since, q.before, limit as i64 + 1], |r| {
+            let detail: Option<String> = r.get(11)?;
+            Ok(AuditRow {
+                id: r.get(0)?,
+                time: format_time(r.get(1)?),
+                action: r.get(2)?,
+                repository: r.get(3)?,
+                tag: r.get(4)?,
+                digest: r.get(5)?,
+                actor: r.get(6)?,
+                token_id: r.get(7)?,
+                token_name: r.get(8)?,
+                client: r.get(9)?,
+                request_id: r.get(10)?,
+                detail: detail.and_then(|d| serde_json::from_str(&d).ok()),
+            })
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let next_cursor = if entries.len() > limit {
         entries.truncate(limit);
@@ -497,7 +494,12 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 pub fn format_time(t: i64) -> String {
     let (y, m, d) = civil_from_days(t.div_euclid(86_400));
     let s = t.rem_euclid(86_400);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s % 3600 / 60, s % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        s / 3600,
+        s % 3600 / 60,
+        s % 60
+    )
 }
 
 /// Parses an RFC 3339 time (`2026-11-30T12:00:00Z`, `…T12:00:00.5+01:00`; `t` and a space
@@ -510,11 +512,23 @@ pub fn parse_time(s: &str) -> Option<i64> {
             .all(u8::is_ascii_digit)
             .then(|| std::str::from_utf8(part).ok()?.parse().ok())?
     };
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':'
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
     {
         return None;
     }
-    let (y, mo, d, h, mi, sec) = (num(0, 4)?, num(5, 2)?, num(8, 2)?, num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    let (y, mo, d, h, mi, sec) = (
+        num(0, 4)?,
+        num(5, 2)?,
+        num(8, 2)?,
+        num(11, 2)?,
+        num(14, 2)?,
+        num(17, 2)?,
+    );
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
         return None;
     }
@@ -557,7 +571,9 @@ pub fn parse_since(s: &str, now: i64) -> std::result::Result<i64, String> {
     }
     crate::config::Period::parse(s)
         .map(|p| now.saturating_sub(i64::try_from(p.secs()).unwrap_or(i64::MAX)))
-        .map_err(|_| format!("invalid time {s:?}: expected RFC 3339 (2026-11-30T12:00:00Z) or a period such as 24h or 7d"))
+        .map_err(|_| {
+            format!("invalid time {s:?}: expected RFC 3339 (2026-11-30T12:00:00Z) or a period such as 24h or 7d")
+        })
 }
 
 #[cfg(test)]
@@ -573,7 +589,13 @@ mod tests {
         }
         assert_eq!(parse_time("2023-11-14T23:13:20.25+01:00"), Some(1_700_000_000));
         assert_eq!(parse_time("2023-11-14 22:13:20z"), Some(1_700_000_000));
-        for bad in ["", "2023-11-14", "2023-13-14T00:00:00Z", "2023-11-14T22:13:20", "2023-11-14T22:13:20+1:00"] {
+        for bad in [
+            "",
+            "2023-11-14",
+            "2023-13-14T00:00:00Z",
+            "2023-11-14T22:13:20",
+            "2023-11-14T22:13:20+1:00",
+        ] {
             assert_eq!(parse_time(bad), None, "{bad:?}");
         }
         assert_eq!(parse_since("24h", 100_000), Ok(100_000 - 86_400));
@@ -593,7 +615,10 @@ mod tests {
         };
         for i in 0..5 {
             let event = Event::new(Action::TagDelete).repo("a/b").tag(Some(format!("t{i}")));
-            catalog.write(move |c| Ok(record(c, &Actor::system("gc"), &event, 1000 + i)?)).await.unwrap();
+            catalog
+                .write(move |c| Ok(record(c, &Actor::system("gc"), &event, 1000 + i)?))
+                .await
+                .unwrap();
         }
         catalog.audit_refusal(&alice, Event::new(Action::DeniedPush).repo("a/b"));
         catalog.close();

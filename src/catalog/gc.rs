@@ -133,7 +133,9 @@ impl Catalog {
                 .collect();
             let (actor, at) = (Actor::system("gc"), now());
             for m in &removed {
-                let event = Event::new(Action::GcManifest).repo(m.repo.as_str()).digest(m.digest.as_str());
+                let event = Event::new(Action::GcManifest)
+                    .repo(m.repo.as_str())
+                    .digest(m.digest.as_str());
                 audit::record(c, &actor, &event, at)?;
             }
             Ok((removed, examined))

@@ -182,7 +182,12 @@ impl Catalog {
                 params![repo, digest],
             )?;
             if n > 0 {
-                audit::record(c, &actor, &Event::new(Action::BlobDelete).repo(repo).digest(digest), now())?;
+                audit::record(
+                    c,
+                    &actor,
+                    &Event::new(Action::BlobDelete).repo(repo).digest(digest),
+                    now(),
+                )?;
             }
             Ok(n > 0)
         })
@@ -432,7 +437,9 @@ impl Catalog {
                 params![repo_id, digest],
             )?;
             if n > 0 {
-                let mut event = Event::new(Action::ManifestDelete).repo(repo.as_str()).digest(digest.as_str());
+                let mut event = Event::new(Action::ManifestDelete)
+                    .repo(repo.as_str())
+                    .digest(digest.as_str());
                 if !tags.is_empty() || !overwritten.is_empty() {
                     let rules: Vec<&str> = overwritten.iter().map(|o| o.rule.as_str()).collect();
                     event = event.detail(serde_json::json!({ "tags": tags, "overwrote_immutable_rules": rules }));

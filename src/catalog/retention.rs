@@ -218,7 +218,8 @@ impl Catalog {
             let mut stmt = c.prepare_cached(&sql)?;
             let actor = Actor::system("retention");
             let now = super::now();
-            let repo_name: String = c.query_row("SELECT name FROM repositories WHERE id = ?1", [repo_id], |r| r.get(0))?;
+            let repo_name: String =
+                c.query_row("SELECT name FROM repositories WHERE id = ?1", [repo_id], |r| r.get(0))?;
             for r in removals.iter().filter(|r| spack_ok || !r.spack) {
                 let n = stmt.execute(params![
                     repo_id,

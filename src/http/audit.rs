@@ -102,7 +102,10 @@ pub fn record_login_failure(req: &HttpRequest, user: &str, fail: &AuthFail) {
             name: if name.is_empty() { "anonymous".to_owned() } else { name },
             ..edge(req)
         };
-        catalog.audit_refusal(&actor, Event::new(Action::LoginFailed).detail(serde_json::json!({ "reason": reason })));
+        catalog.audit_refusal(
+            &actor,
+            Event::new(Action::LoginFailed).detail(serde_json::json!({ "reason": reason })),
+        );
     }
 }
 
@@ -133,12 +136,17 @@ pub async fn list(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResp
             .ok_or(Error::PaginationInvalid("limit must be an integer from 1 to 1000"))?,
     };
     let before = get("cursor")
-        .map(|v| v.parse::<i64>().map_err(|_| Error::PaginationInvalid("cursor must be a next_cursor value")))
+        .map(|v| {
+            v.parse::<i64>()
+                .map_err(|_| Error::PaginationInvalid("cursor must be a next_cursor value"))
+        })
         .transpose()?;
     let since = get("since")
         .map(|v| {
             audit::parse_since(v, crate::catalog::now()).map_err(|_| {
-                Error::PaginationInvalid("since must be an RFC 3339 time (2026-11-30T12:00:00Z) or a period such as 24h")
+                Error::PaginationInvalid(
+                    "since must be an RFC 3339 time (2026-11-30T12:00:00Z) or a period such as 24h",
+                )
             })
         })
         .transpose()?;
@@ -162,7 +170,8 @@ pub async fn list(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResp
             .join("&");
         resp.insert_header((LINK, format!("</stowage/v1/audit?{encoded}>; rel=\"next\"")));
     }
-    let body = serde_json::to_string(&page).map_err(|_| crate::error::Internal::Other("serialising audit rows failed"))?;
+    let body =
+        serde_json::to_string(&page).map_err(|_| crate::error::Internal::Other("serialising audit rows failed"))?;
     Ok(resp.body(body))
 }
 

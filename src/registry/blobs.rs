@@ -66,7 +66,12 @@ impl Registry {
 
     /// Removes a blob from a repository (audited for `actor`). Its bytes stay while other
     /// repositories link it.
-    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest, actor: &crate::catalog::audit::Actor) -> Result<()> {
+    pub async fn delete_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        actor: &crate::catalog::audit::Actor,
+    ) -> Result<()> {
         if !self.settings.delete_enabled {
             return Err(Error::Unsupported("deletion is disabled on this registry"));
         }

@@ -114,7 +114,12 @@ pub struct GcOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Removed {
     /// A tag a retention rule deleted.
-    RetentionTag { repo: String, tag: String, digest: String, why: String },
+    RetentionTag {
+        repo: String,
+        tag: String,
+        digest: String,
+        why: String,
+    },
     /// An unneeded manifest.
     Manifest { repo: String, digest: String },
     /// A blob no repository links any more (catalog row and object).
@@ -188,13 +193,14 @@ impl Registry {
         report.links = self.collect_links(cutoff).await?;
         // In a dry run, the objects of the blobs "deleted" are still there: not orphans.
         let mut gone = HashSet::new();
-        let (blobs, bytes) = self.collect_blobs(opts.dry_run, &mut |r| {
-            if let Removed::Blob { digest, .. } = &r {
-                gone.insert(digest.clone());
-            }
-            listing(r)
-        })
-        .await?;
+        let (blobs, bytes) = self
+            .collect_blobs(opts.dry_run, &mut |r| {
+                if let Removed::Blob { digest, .. } = &r {
+                    gone.insert(digest.clone());
+                }
+                listing(r)
+            })
+            .await?;
         report.blobs = blobs;
         report.bytes = bytes;
 
@@ -216,7 +222,9 @@ impl Registry {
         listing: Listing<'_>,
     ) -> Result<GcReport> {
         let mut report = self.collect_garbage_listed(opts, listing).await?;
-        let index = self.superseded_indexes(spack_index_grace, opts.dry_run, listing).await?;
+        let index = self
+            .superseded_indexes(spack_index_grace, opts.dry_run, listing)
+            .await?;
         report.links += index.links;
         report.blobs += index.blobs;
         report.bytes += index.bytes;
@@ -402,7 +410,8 @@ impl Registry {
                     .await?;
                 orphans.extend(batch.drain(..).filter(|d| {
                     let key = d.to_string();
-                    !known.contains(&key) && !(dry_run && gone.contains(&key))
+                    let forgotten_here = dry_run && gone.contains(&key);
+                    !known.contains(&key) && !forgotten_here
                 }));
             }
             if end {

@@ -12,7 +12,9 @@
 //! of up to [`REFUSAL_BATCH`] rows per write job, one job at a time, pausing after a full batch.
 //! The writer therefore spends at most one short job at a time on refusals, however fast they
 //! arrive; rows that find the queue full are dropped, counted, and the count logged at `warn`.
-//! Closing the catalog writes what is queued.
+//! Closing the catalog writes what is queued. In read-only maintenance mode
+//! ([`super::Catalog::pause_audit_refusals`]) refusals wait in the queue, unwritten, until the
+//! mode ends or the catalog closes.
 //!
 //! Who acted travels as an [`Actor`]: the user name (or `anonymous`, or a system actor such as
 //! `gc`, `retention`, `cli`), the API token id when one was used, the client address and the
@@ -25,7 +27,7 @@
 //! batches by a periodic task of the server ([`super::Catalog::prune_audit`]).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use rusqlite::{Connection, OpenFlags, params};
@@ -224,6 +226,8 @@ type Queued = (i64, Actor, Event);
 pub(super) struct RefusalQueue {
     tx: Mutex<Option<mpsc::SyncSender<Queued>>>,
     dropped: Arc<AtomicU64>,
+    /// While set (and the queue is open), nothing is written.
+    paused: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -232,13 +236,15 @@ impl RefusalQueue {
     pub(super) fn start(jobs: mpsc::Sender<Job>) -> std::io::Result<RefusalQueue> {
         let (tx, rx) = mpsc::sync_channel::<Queued>(REFUSAL_QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&dropped);
+        let paused = Arc::new(AtomicBool::new(false));
+        let (counter, hold) = (Arc::clone(&dropped), Arc::clone(&paused));
         let thread = std::thread::Builder::new()
             .name("catalog-audit".into())
-            .spawn(move || flush_loop(&rx, &jobs, &counter))?;
+            .spawn(move || flush_loop(&rx, &jobs, &counter, &hold))?;
         Ok(RefusalQueue {
             tx: Mutex::new(Some(tx)),
             dropped,
+            paused,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -259,6 +265,7 @@ impl RefusalQueue {
 
     /// Writes what is queued and stops the thread. Blocking.
     pub(super) fn close(&self) {
+        self.paused.store(false, Ordering::SeqCst);
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }
@@ -268,8 +275,11 @@ impl RefusalQueue {
     }
 }
 
-fn flush_loop(rx: &mpsc::Receiver<Queued>, jobs: &mpsc::Sender<Job>, dropped: &AtomicU64) {
+fn flush_loop(rx: &mpsc::Receiver<Queued>, jobs: &mpsc::Sender<Job>, dropped: &AtomicU64, paused: &AtomicBool) {
     while let Ok(first) = rx.recv() {
+        while paused.load(Ordering::SeqCst) {
+            std::thread::sleep(REFUSAL_PAUSE);
+        }
         let mut batch = vec![first];
         while batch.len() < REFUSAL_BATCH {
             match rx.try_recv() {
@@ -426,6 +436,12 @@ impl Catalog {
     /// Queues a refusal for the audit trail (see the module doc); never waits.
     pub fn audit_refusal(&self, actor: &Actor, event: Event) {
         self.inner.refusals.push((now(), actor.clone(), event));
+    }
+
+    /// Holds refusals in memory instead of writing them (read-only maintenance mode), or
+    /// writes them again.
+    pub fn pause_audit_refusals(&self, paused: bool) {
+        self.inner.refusals.paused.store(paused, Ordering::SeqCst);
     }
 
     /// A page of audit rows, newest first.
@@ -600,6 +616,33 @@ mod tests {
         }
         assert_eq!(parse_since("24h", 100_000), Ok(100_000 - 86_400));
         assert!(parse_since("yesterday", 0).is_err());
+    }
+
+    /// A flood of refusals is bounded by the queue; the excess is dropped and counted, and what
+    /// was queued while paused (read-only mode) is written when the catalog closes.
+    #[tokio::test]
+    async fn the_refusal_queue_is_bounded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("catalog.db");
+        let catalog = Catalog::open(&path).unwrap();
+        catalog.pause_audit_refusals(true);
+        let who = Actor::system("flood");
+        let sent = REFUSAL_QUEUE + 500;
+        for _ in 0..sent {
+            catalog.audit_refusal(&who, Event::new(Action::LoginFailed));
+        }
+        // The writing thread holds at most one row out of the queue while paused.
+        let dropped = catalog.inner.refusals.dropped.load(Ordering::SeqCst) as usize;
+        assert!((499..=500).contains(&dropped), "dropped {dropped}");
+        let written: i64 = catalog
+            .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(written, 0, "nothing is written while paused");
+        catalog.close();
+        let c = Connection::open(&path).unwrap();
+        let written: i64 = c.query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0)).unwrap();
+        assert_eq!(written as usize, sent - dropped);
     }
 
     #[tokio::test]

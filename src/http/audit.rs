@@ -97,7 +97,12 @@ pub fn record_login_failure(req: &HttpRequest, user: &str, fail: &AuthFail) {
         _ => return,
     };
     if let Some(catalog) = catalog(req) {
-        let name: String = user.chars().take(128).collect();
+        // A token secret typed as the user name is not kept.
+        let name: String = if crate::auth::password::is_token_secret(user) {
+            String::new()
+        } else {
+            user.chars().take(128).collect()
+        };
         let actor = Actor {
             name: if name.is_empty() { "anonymous".to_owned() } else { name },
             ..edge(req)

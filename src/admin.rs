@@ -5,6 +5,8 @@
 //! running server or without one (SQLite takes the concurrent writer). Passwords are read from
 //! a prompt with echo off, or from stdin's first line when stdin is not a terminal; never from
 //! the command line. An API token's secret is printed once, on stdout; only its hash is kept.
+//! Every user and token change is recorded in the audit trail with actor `cli` and the Unix
+//! user who ran the command (`catalog::audit::Actor::cli`).
 //!
 //! `stowage fsck` reads every blob the catalog records, a few at a time ([`fsck`]'s `jobs`),
 //! each streamed from the store and hashed on the blocking pool: the object must exist, have

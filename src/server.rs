@@ -2,8 +2,9 @@
 //!
 //! `stowage serve` holds an exclusive advisory lock ([`DataDirLock`], `flock` on
 //! `<data_dir>/stowage.lock`) for its whole life: a second server on the same data directory
-//! refuses to start, and so does `stowage fsck --repair`, which must not move blob objects
-//! while a server publishes them (the server's per-digest locks are in-process). The kernel
+//! refuses to start, and so do `stowage fsck --repair`, which must not move blob objects
+//! while a server publishes them (the server's per-digest locks are in-process), a real
+//! `stowage gc` pass (for the same reason) and `stowage migrate` (see `runmodes`). The kernel
 //! releases the lock when the process exits in any way, `kill -9` included, so a crash never
 //! leaves a stale lock behind. Commands that only read, or that write through the catalog's
 //! own locking (`user`, `token`, verify-only `fsck`), do not take it.

@@ -37,7 +37,12 @@
 //! rest, as SQLite always does.
 //!
 //! Schema changes are the numbered files in `migrations/`, embedded in the binary and applied
-//! at start-up; the applied version is SQLite's `user_version`.
+//! at start-up (or ahead of it by `stowage migrate`, [`migrate_file`]); the applied version is
+//! SQLite's `user_version`.
+//!
+//! The audit trail (`audit`) is written by the write jobs that make each change; refusals reach
+//! the writer through a bounded queue and a thread of their own, which [`Catalog::close`] drains
+//! before it stops the writer.
 //!
 //! Files: the catalog holds password hashes and token records, so its files are owner-only.
 //! The directory holding it is created 0700 when Stowage creates it (an existing one is left as

@@ -1,6 +1,7 @@
 //! The one-off run modes on real data directories, on the configured blob backend:
 //! `stowage gc --dry-run` beside a running server lists exactly what the following real
-//! `stowage gc` deletes (retention deletions, unneeded manifests, blobs, orphaned objects) and
+//! `stowage gc` deletes (retention deletions, unneeded manifests, blobs, orphaned objects,
+//! superseded Spack index blobs) and
 //! deletes nothing itself; a real pass and `stowage migrate` refuse while a server runs, naming
 //! the alternative; `stowage migrate` applies each pending migration once and says which.
 
@@ -9,6 +10,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::spack::{FixtureRepo, push_fixture, served_index};
 use common::{TestServer, client, push_blob, push_image, sha256, wait_until};
 
 const CONFIG: &str = r#"
@@ -16,6 +18,7 @@ const CONFIG: &str = r#"
 # The server never collects by itself here: only the one-off passes do.
 enabled = false
 grace_secs = 0
+spack_index_grace_secs = 0
 
 [[gc.retention]]
 repositories = ["ret/*"]
@@ -68,6 +71,20 @@ async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
         .expect("DELETE tag");
     assert_eq!(resp.status(), 202);
     let lone = push_blob(&server, "lone/app", b"a blob no manifest references").await;
+    // A Spack build cache whose index was rebuilt: the old index blob is superseded.
+    let fixture = FixtureRepo::load("http-noauth", "spack_buildcache");
+    push_fixture(&server, "spack/cache", &fixture).await;
+    let (first_index, _) = served_index(&server, "spack/cache").await;
+    let old_index_blob = first_index["layers"][0]["digest"].as_str().expect("layer").to_owned();
+    let spec = fixture.spec_tags().into_iter().next().expect("a spec tag");
+    let resp = client()
+        .delete(server.v2(&format!("spack/cache/manifests/{spec}")))
+        .send()
+        .await
+        .expect("DELETE spec tag");
+    assert_eq!(resp.status(), 202);
+    let (second_index, _) = served_index(&server, "spack/cache").await;
+    assert_ne!(first_index, second_index, "the index was rebuilt");
     let orphan = sha256(b"an object the catalog never recorded");
     server.plant_blob_object(&orphan, Duration::from_secs(7200));
     // Everything above happened before the passes' cutoff (grace 0: "now") once the clock moves on.
@@ -94,6 +111,7 @@ async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
         format!("manifest\tgone/app\t{gone}"),
         format!("blob\t{lone}\t"),
         format!("orphan\t{orphan}"),
+        format!("spack-index-blob\t{old_index_blob}\t"),
     ];
     for e in &expected {
         assert!(
@@ -120,6 +138,10 @@ async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
 
     assert!(!server.blob_object_exists(&lone), "the unreferenced blob is gone");
     assert!(!server.blob_object_exists(&orphan), "the orphan is gone");
+    assert!(
+        !server.blob_object_exists(&old_index_blob),
+        "the superseded index blob is gone"
+    );
     let (config_digest, layer_digest) = {
         let m: serde_json::Value = serde_json::from_slice(&kept_body).expect("manifest");
         (
@@ -148,6 +170,8 @@ async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
     assert_eq!(status(server.v2("ret/app/manifests/old")).await, 404);
     assert_eq!(status(server.v2(&format!("gone/app/manifests/{gone}"))).await, 404);
     assert_eq!(status(server.v2(&format!("keep/app/blobs/{layer_digest}"))).await, 200);
+    let (third_index, _) = served_index(&server, "spack/cache").await;
+    assert_eq!(third_index, second_index, "the current index stayed");
 }
 
 /// `stowage <args>` on `data_dir`.

@@ -175,6 +175,12 @@ impl Registry {
 
     /// Runs one garbage collection pass, reporting each item removed to `listing`.
     pub async fn collect_garbage_listed(&self, opts: GcOptions, listing: Listing<'_>) -> Result<GcReport> {
+        self.pass(opts, listing, HashSet::new()).await
+    }
+
+    /// One pass; `gone` holds the digests of blobs already forgotten before it (their objects
+    /// are still there in a dry run, and are not orphans).
+    async fn pass(&self, opts: GcOptions, listing: Listing<'_>, mut gone: HashSet<String>) -> Result<GcReport> {
         // Retention deletes tags; the manifests they leave untagged go a grace period later.
         self.apply_retention(|r| {
             listing(Removed::RetentionTag {
@@ -192,7 +198,6 @@ impl Registry {
         }
         report.links = self.collect_links(cutoff).await?;
         // In a dry run, the objects of the blobs "deleted" are still there: not orphans.
-        let mut gone = HashSet::new();
         let (blobs, bytes) = self
             .collect_blobs(opts.dry_run, &mut |r| {
                 if let Removed::Blob { digest, .. } = &r {
@@ -213,18 +218,25 @@ impl Registry {
         Ok(report)
     }
 
-    /// `stowage gc`: one pass, then the superseded Spack index blobs (whatever their grace),
-    /// reporting each item to `listing`.
+    /// `stowage gc`: the superseded Spack index blobs past `spack_index_grace` (first, so that
+    /// they are reported as such rather than as blobs the pass found unlinked), then one pass;
+    /// each item is reported to `listing`.
     pub async fn collect_listed(
         &self,
         opts: GcOptions,
         spack_index_grace: Duration,
         listing: Listing<'_>,
     ) -> Result<GcReport> {
-        let mut report = self.collect_garbage_listed(opts, listing).await?;
+        let mut gone = HashSet::new();
         let index = self
-            .superseded_indexes(spack_index_grace, opts.dry_run, listing)
+            .superseded_indexes(spack_index_grace, opts.dry_run, &mut |r| {
+                if let Removed::SpackIndexBlob { digest, .. } = &r {
+                    gone.insert(digest.clone());
+                }
+                listing(r)
+            })
             .await?;
+        let mut report = self.pass(opts, listing, gone).await?;
         report.links += index.links;
         report.blobs += index.blobs;
         report.bytes += index.bytes;

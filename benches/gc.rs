@@ -199,6 +199,7 @@ async fn main() {
             grace: Duration::from_secs(3600),
             untagged_manifests: true,
             orphan_interval: Duration::from_secs(86_400),
+            dry_run: false,
             write_pause,
         })
         .await

@@ -29,6 +29,7 @@ pub struct Config {
     /// `tags`), except by identities with the `overwrite` action. See `auth::immutable`.
     pub immutable_tags: Vec<crate::auth::ImmutableTagRule>,
     pub gc: GcConfig,
+    pub audit: AuditConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
 }
@@ -59,6 +60,21 @@ impl Default for MetricsConfig {
             token_file: None,
             max_repository_series: 50,
         }
+    }
+}
+
+/// The audit trail (`catalog::audit`): who pushed, deleted, or changed users and tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Days an audit row is kept; older rows are deleted hourly, a bounded batch at a time.
+    /// 0 keeps them forever.
+    pub retention_days: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { retention_days: 365 }
     }
 }
 
@@ -512,6 +528,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             immutable_tags: Vec::new(),
             gc: GcConfig::default(),
+            audit: AuditConfig::default(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
         }
@@ -608,6 +625,9 @@ impl Config {
         if self.metrics.listen.is_some_and(|m| m == self.listen) {
             return Err("metrics.listen must differ from listen (leave it out to serve /metrics on listen)".to_owned());
         }
+        if self.audit.retention_days > MAX_PERIOD_SECS / 86_400 {
+            return Err("audit.retention_days must be at most 36500 (100 years); 0 keeps rows forever".to_owned());
+        }
         if self.gc.interval_secs == 0 {
             return Err("gc.interval_secs must be at least 1".to_owned());
         }
@@ -688,6 +708,22 @@ mod tests {
                 toml::to_string(&from_file).ok(),
                 toml::to_string(&Config::default()).ok()
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn audit_retention_is_read_and_bounded() {
+        figment::Jail::expect_with(|jail| {
+            assert_eq!(Config::default().audit.retention_days, 365);
+            jail.set_env("STOWAGE_AUDIT__RETENTION_DAYS", "0");
+            let forever = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(forever.audit.retention_days, 0);
+            jail.set_env("STOWAGE_AUDIT__RETENTION_DAYS", "40000");
+            let err = Config::load(None, CliOverrides::default())
+                .expect_err("too long")
+                .to_string();
+            assert!(err.contains("audit.retention_days"), "{err}");
             Ok(())
         });
     }

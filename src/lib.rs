@@ -29,6 +29,7 @@ pub mod http;
 pub mod metrics;
 pub mod oci;
 pub mod registry;
+pub mod runmodes;
 pub mod server;
 pub mod spack;
 pub mod storage;

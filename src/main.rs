@@ -88,6 +88,20 @@ async fn main() {
                 }
             }
         }
+        Command::Audit(args) => {
+            let config = load(&args.at);
+            admin_exit(stowage::runmodes::audit(args, &config).await);
+        }
+        Command::Migrate(args) => {
+            let config = load(&args);
+            init_tracing(config.log.format);
+            admin_exit(stowage::runmodes::migrate(&config).await);
+        }
+        Command::Gc(args) => {
+            let config = load(&args.at);
+            init_tracing(config.log.format);
+            admin_exit(stowage::runmodes::gc(args, &config).await);
+        }
         Command::CheckConfig(args) => match toml::to_string(&load(&args)) {
             Ok(s) => print!("{s}"),
             Err(e) => {

@@ -4,6 +4,7 @@
 //! One file per OCI resource; each handler extracts and validates its inputs (`extract`), calls
 //! one [`Registry`] method, and maps the result. Errors become OCI error bodies in `error`.
 
+mod audit;
 mod auth;
 mod blobs;
 mod error;
@@ -144,6 +145,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .wrap(protect!(Guard::SpackKeep))
             .get(spack_api::keep_list)
             .post(spack_api::keep_create)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/stowage/v1/audit")
+            .wrap(protect!(Guard::Base))
+            .get(audit::list)
             .default_service(web::to(method_not_allowed)),
     )
     .service(

@@ -155,6 +155,8 @@ pub async fn access(
     // At error level, so that the span (and with it the id) is on every line logged, however
     // high `RUST_LOG` sets the threshold: a warning from a failed upload still names its request.
     let span = tracing::error_span!("request", request_id = %id);
+    // For the audit trail (`http::audit`).
+    req.extensions_mut().insert(super::audit::RequestId(id.clone()));
     let method = req.method().clone();
     let path = req.path().to_owned();
     let metered = crate::metrics::get().enabled();

@@ -438,6 +438,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         })
     });
 
+    crate::auth::bootstrap::run(&config.auth, registry.catalog())
+        .await
+        .map_err(|e| format!("bootstrap: {e}"))?;
     let auth = crate::auth::Auth::open(
         &config.auth,
         &config.data_dir,

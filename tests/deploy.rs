@@ -303,3 +303,57 @@ fn weak_or_missing_secrets_stop_the_server_with_a_clear_message() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not both"), "{err}");
 }
+
+/// Runs `stowage healthcheck <args>` with `envs`; its exit code and stderr.
+fn healthcheck(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .arg("healthcheck")
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run stowage healthcheck");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn healthcheck_exits_0_while_the_server_answers_and_1_when_it_does_not() {
+    let mut server = TestServer::start_with(&[("STOWAGE_AUTH__ENABLED", "true")]);
+    let livez = format!("{}/livez", server.url);
+    assert_eq!(healthcheck(&["--url", &livez], &[]), (0, String::new()));
+    // Without --url: /livez where the configuration says the server listens.
+    assert_eq!(healthcheck(&[], &[("STOWAGE_LISTEN", &server.host)]).0, 0);
+    // A route that needs credentials answers 401: unhealthy.
+    let (code, err) = healthcheck(&["--url", &server.v2("")], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("answered 401"), "{err}");
+    server.kill();
+    let (code, err) = healthcheck(&["--url", &livez, "--timeout-secs", "2"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("connecting to"), "{err}");
+    let (code, err) = healthcheck(&["--url", "ftp://x"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("expected an http:// or https:// URL"), "{err}");
+}
+
+#[test]
+fn healthcheck_speaks_tls_to_a_tls_server() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ck = rcgen::generate_simple_self_signed(vec!["registry.example.org".to_owned()]).expect("certificate");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
+    let (cert, key) = (cert.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
+    let tls = [("STOWAGE_TLS__CERT", cert), ("STOWAGE_TLS__KEY", key)];
+    let server = TestServer::start_with(&tls);
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+    let mut envs = tls.to_vec();
+    envs.push(("STOWAGE_LISTEN", &server.host));
+    assert_eq!(healthcheck(&[], &envs), (0, String::new()));
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let plain = format!("http://{}/livez", server.host);
+    assert_eq!(healthcheck(&["--url", &plain], &[]).0, 1);
+}

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use base64::Engine as _;
-use common::{STDERR_FILE_ENV, TestServer, client, run_cli, sha256};
+use common::{STDERR_FILE_ENV, TestServer, client, dockerd, run_cli, sha256};
 
 /// A random token secret of the shape `stowage token create` makes (`stw_` + 43 base64url).
 fn random_token_secret() -> String {
@@ -356,4 +356,341 @@ fn healthcheck_speaks_tls_to_a_tls_server() {
     // Plain HTTP to the TLS port gets no HTTP answer.
     let plain = format!("http://{}/livez", server.host);
     assert_eq!(healthcheck(&["--url", &plain], &[]).0, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The container image (Dockerfile), built and run by a real dockerd (`common::dockerd`)
+// ---------------------------------------------------------------------------------------------
+
+/// How long one docker or skopeo command may take.
+const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+/// The UID and GID the image runs as.
+const IMAGE_UID: &str = "10001";
+
+/// A docker CLI for the test engine, with its own configuration directory.
+struct Docker {
+    host: &'static str,
+    config: tempfile::TempDir,
+}
+
+impl Docker {
+    fn new() -> Docker {
+        Docker {
+            host: dockerd::engine(),
+            config: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// `docker <args>`: its output, whether it succeeded or not.
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = dockerd::docker_cmd(self.host, self.config.path());
+        // The CLI without buildx uses the engine's own (legacy) builder; say so, not guess.
+        cmd.env("DOCKER_BUILDKIT", "0").args(args);
+        dockerd::output_within(&mut cmd, COMMAND_TIMEOUT)
+    }
+
+    /// `docker <args>`, which must succeed; its stdout, trimmed.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+/// The runtime base image, made from the host: the binary's shared libraries (as `ldd` lists
+/// them, at the same paths), the CA certificates, and `/tmp`. No shell, no package manager: the
+/// distroless/cc shape. Imported once per test binary as `local/stowage-runtime:test`.
+fn runtime_base(docker: &Docker) -> &'static str {
+    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    const TAG: &str = "local/stowage-runtime:test";
+    DONE.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("rootfs");
+        let ldd = Command::new("ldd")
+            .arg(env!("CARGO_BIN_EXE_stowage"))
+            .output()
+            .expect("run ldd");
+        assert!(ldd.status.success(), "ldd: {}", String::from_utf8_lossy(&ldd.stderr));
+        let mut files: Vec<PathBuf> = String::from_utf8_lossy(&ldd.stdout)
+            .lines()
+            .filter_map(|l| {
+                let path = l.split("=>").last()?.split_whitespace().next()?;
+                path.starts_with('/').then(|| PathBuf::from(path))
+            })
+            .collect();
+        assert!(files.len() >= 3, "ldd found too few libraries: {files:?}");
+        files.push(PathBuf::from("/etc/ssl/certs/ca-certificates.crt"));
+        for f in &files {
+            let to = root.join(f.strip_prefix("/").expect("absolute"));
+            std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+            std::fs::copy(f, &to).unwrap_or_else(|e| panic!("copy {}: {e}", f.display()));
+        }
+        let tmp = root.join("tmp");
+        std::fs::create_dir_all(&tmp).expect("mkdir tmp");
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).expect("chmod tmp");
+        dockerd::import_rootfs(docker.host, &root, TAG).expect("import the runtime base");
+    });
+    TAG
+}
+
+/// Builds the image from the repository's Dockerfile through its `prebuilt` stage, with this
+/// build's `stowage` binary and the locally made runtime base; returns its tag.
+fn build_image(docker: &Docker) -> String {
+    let base = runtime_base(docker);
+    let ctx = tempfile::tempdir().expect("temp dir");
+    let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile");
+    std::fs::copy(&dockerfile, ctx.path().join("Dockerfile")).expect("copy Dockerfile");
+    let bin = ctx.path().join("stowage");
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_stowage"), &bin).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_stowage"), &bin).expect("copy the binary");
+    }
+    let tag = format!("local/stowage:test-{}", uuid::Uuid::new_v4().simple());
+    docker.ok(&[
+        "build",
+        "--target",
+        "prebuilt",
+        "--build-arg",
+        &format!("RUNTIME_IMAGE={base}"),
+        "--build-arg",
+        "STOWAGE_BINARY=stowage",
+        "--build-arg",
+        "REVISION=test",
+        "-t",
+        &tag,
+        ctx.path().to_str().expect("utf-8"),
+    ]);
+    tag
+}
+
+/// A container (and its data volume) removed when dropped.
+struct Container<'a> {
+    docker: &'a Docker,
+    name: String,
+    volume: String,
+    image: String,
+}
+
+impl Drop for Container<'_> {
+    fn drop(&mut self) {
+        let _ = self.docker.run(&["rm", "-f", &self.name]);
+        let _ = self.docker.run(&["volume", "rm", "-f", &self.volume]);
+        let _ = self.docker.run(&["rmi", "-f", &self.image]);
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (the container uses the host's network: the test engine has no
+/// bridge).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// `skopeo` with no signature policy (the images are made by the test) and a private auth file.
+fn skopeo(scratch: &Path, args: &[&str]) -> String {
+    let auth = scratch.join("auth.json");
+    if !auth.exists() {
+        std::fs::write(&auth, r#"{"auths":{}}"#).expect("write skopeo auth file");
+    }
+    let mut cmd = Command::new("skopeo");
+    cmd.arg("--insecure-policy")
+        .args(args)
+        .env("REGISTRY_AUTH_FILE", &auth)
+        .env("TMPDIR", scratch);
+    let out = dockerd::output_within(&mut cmd, COMMAND_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "skopeo {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `Uid:` and `Gid:` lines of `/proc/<pid>/status` (real, effective, saved, filesystem).
+fn proc_ids(pid: &str) -> (String, String) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    (field("Uid:"), field("Gid:"))
+}
+
+#[tokio::test]
+async fn the_image_bootstraps_an_admin_serves_skopeo_keeps_data_runs_as_non_root_and_turns_healthy() {
+    let docker = Docker::new();
+    let image = build_image(&docker);
+
+    // What the image says about itself.
+    let config: serde_json::Value =
+        serde_json::from_str(&docker.ok(&["image", "inspect", "--format", "{{json .Config}}", &image]))
+            .expect("image config");
+    assert_eq!(config["User"], "10001:10001", "{config}");
+    assert!(config["Volumes"].get("/var/lib/stowage").is_some(), "{config}");
+    assert_eq!(
+        config["Healthcheck"]["Test"],
+        serde_json::json!(["CMD", "/usr/local/bin/stowage", "healthcheck"]),
+        "{config}"
+    );
+    assert_eq!(
+        config["Labels"]["org.opencontainers.image.title"], "Stowage",
+        "{config}"
+    );
+    assert_eq!(
+        config["Labels"]["org.opencontainers.image.revision"], "test",
+        "{config}"
+    );
+    assert!(
+        config["Env"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|v| v == "STOWAGE_DATA_DIR=/var/lib/stowage")),
+        "{config}"
+    );
+
+    // The bootstrap password, as a mounted secret readable by the image's user only.
+    let secrets = tempfile::tempdir().expect("temp dir");
+    let scratch = secrets.path();
+    let pw = "container-Admin-pw-1";
+    let pw_file = scratch.join("admin-password");
+    std::fs::write(&pw_file, format!("{pw}\n")).expect("write password");
+    std::os::unix::fs::chown(&pw_file, Some(10001), Some(10001)).expect("chown password file");
+    std::fs::set_permissions(&pw_file, std::os::unix::fs::PermissionsExt::from_mode(0o400)).expect("chmod");
+
+    let port = free_port();
+    let host = format!("127.0.0.1:{port}");
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let container = Container {
+        docker: &docker,
+        name: format!("stowage-deploy-{suffix}"),
+        volume: format!("stowage-data-{suffix}"),
+        image: image.clone(),
+    };
+    docker.ok(&[
+        "run",
+        "-d",
+        "--name",
+        &container.name,
+        "--network",
+        "host",
+        // The image's own check, run every second instead of every ten, so the test is quick.
+        "--health-interval",
+        "1s",
+        "-e",
+        &format!("STOWAGE_LISTEN={host}"),
+        "-e",
+        "STOWAGE_AUTH__BOOTSTRAP_ADMIN__USER=admin",
+        "-e",
+        "STOWAGE_AUTH__BOOTSTRAP_ADMIN__PASSWORD_FILE=/run/secrets/admin-password",
+        "-v",
+        &format!("{}:/run/secrets/admin-password:ro", pw_file.display()),
+        "-v",
+        &format!("{}:/var/lib/stowage", container.volume),
+        &image,
+    ]);
+    let http = client();
+    let livez = format!("http://{host}/livez");
+    let answers = || async { http.get(&livez).send().await.is_ok_and(|r| r.status().is_success()) };
+    common::wait_until("the container answers /livez", answers).await;
+
+    // The process inside runs as the image's user, not root.
+    let pid = docker.ok(&["inspect", "--format", "{{.State.Pid}}", &container.name]);
+    let (uid, gid) = proc_ids(&pid);
+    let all = |id: &str| [id; 4].join(" ");
+    assert_eq!((uid, gid), (all(IMAGE_UID), all(IMAGE_UID)), "pid {pid}");
+
+    // Auth is on: nothing without credentials; the bootstrap admin logs in.
+    let v2 = format!("http://{host}/v2/");
+    assert_eq!(http.get(&v2).send().await.expect("GET /v2/").status(), 401);
+    let login = http
+        .get(&v2)
+        .basic_auth("admin", Some(pw))
+        .send()
+        .await
+        .expect("GET /v2/");
+    assert_eq!(login.status(), 200);
+
+    // skopeo pushes an image (the runtime base, saved from the engine) and pulls it back.
+    let archive = scratch.join("image.tar");
+    docker.ok(&["save", "-o", archive.to_str().expect("utf-8"), runtime_base(&docker)]);
+    let creds = format!("admin:{pw}");
+    let remote = format!("docker://{host}/deploy/runtime:v1");
+    skopeo(
+        scratch,
+        &[
+            "copy",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &creds,
+            &format!("docker-archive:{}", archive.display()),
+            &remote,
+        ],
+    );
+    let back = scratch.join("back");
+    skopeo(
+        scratch,
+        &[
+            "copy",
+            "--src-tls-verify=false",
+            "--src-creds",
+            &creds,
+            &remote,
+            &format!("dir:{}", back.display()),
+        ],
+    );
+    let inspect = |scratch: &Path| -> serde_json::Value {
+        serde_json::from_str(&skopeo(
+            scratch,
+            &["inspect", "--tls-verify=false", "--creds", &creds, &remote],
+        ))
+        .expect("skopeo inspect JSON")
+    };
+    let pushed = inspect(scratch);
+    let digest = pushed["Digest"].as_str().expect("digest").to_owned();
+    // `dir:` keeps the manifest as served: its bytes hash to the pushed digest, and every layer
+    // it lists arrived whole.
+    let manifest = std::fs::read(back.join("manifest.json")).expect("pulled manifest");
+    assert_eq!(sha256(&manifest), digest, "pulled what was pushed");
+    let parsed: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest JSON");
+    let layers = parsed["layers"].as_array().expect("layers");
+    assert!(!layers.is_empty());
+    for layer in layers {
+        let d = layer["digest"].as_str().expect("layer digest");
+        let bytes = std::fs::read(back.join(d.trim_start_matches("sha256:"))).expect("pulled layer");
+        assert_eq!(sha256(&bytes), d);
+    }
+
+    // Docker's health check (the image's `stowage healthcheck`) turns healthy.
+    let health =
+        || async { docker.ok(&["inspect", "--format", "{{.State.Health.Status}}", &container.name]) == "healthy" };
+    common::wait_until("the container is healthy", health).await;
+
+    // Restart: the data is still there, the admin is not made again, and no secret was logged.
+    docker.ok(&["restart", &container.name]);
+    common::wait_until("the restarted container answers /livez", answers).await;
+    assert_eq!(
+        inspect(scratch)["Digest"],
+        digest.as_str(),
+        "the image survived the restart"
+    );
+    let out = docker.run(&["logs", &container.name]);
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(logs.contains("bootstrap admin created"), "{logs}");
+    assert!(logs.contains("bootstrap admin exists; left as it is"), "{logs}");
+    assert!(!logs.contains(pw), "the password is in the container's log");
+    let restarted_pid = docker.ok(&["inspect", "--format", "{{.State.Pid}}", &container.name]);
+    assert_ne!(restarted_pid, pid);
+    assert_eq!(proc_ids(&restarted_pid).0, all(IMAGE_UID));
 }

@@ -16,9 +16,9 @@
 //!
 //! Invariants:
 //! - Secrets never come from argv or the TOML file: the password from `password_file` or the
-//!   environment variable [`BOOTSTRAP_PASSWORD_ENV`] (not both), the token's secret from
-//!   `secret_file`. They are never logged; the log says what was done, to whom, and where the
-//!   secret came from.
+//!   environment variable [`BOOTSTRAP_PASSWORD_ENV`] (not both; empty counts as unset), the
+//!   token's secret from `secret_file`. They are never logged; the log says what was done, to
+//!   whom, and where the secret came from.
 //! - Idempotent, and never undoes an operator's later change. The admin is created only when
 //!   no user of that name exists *and* no other admin does: an existing user is left exactly as
 //!   it is (a password changed since is not reset), and an admin removed on purpose while other
@@ -65,7 +65,7 @@ pub fn validate(auth: &AuthConfig) -> Result<(), String> {
                 admin.user
             ));
         }
-        let from_env = std::env::var_os(BOOTSTRAP_PASSWORD_ENV).is_some();
+        let from_env = password_from_env().is_some();
         match (&admin.password_file, from_env) {
             (Some(_), true) => {
                 return Err(format!(
@@ -107,6 +107,12 @@ pub fn validate(auth: &AuthConfig) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The password in [`BOOTSTRAP_PASSWORD_ENV`]; an empty variable counts as unset (compose
+/// files and shells often set one empty).
+fn password_from_env() -> Option<std::ffi::OsString> {
+    std::env::var_os(BOOTSTRAP_PASSWORD_ENV).filter(|v| !v.is_empty())
 }
 
 /// The user a bootstrap token belongs to.
@@ -159,8 +165,10 @@ async fn bootstrap_admin(admin: &BootstrapAdmin, catalog: &Catalog) -> Result<()
             (format!("file {}", path.display()), pw)
         }
         None => {
-            let pw = std::env::var(BOOTSTRAP_PASSWORD_ENV)
-                .map_err(|_| format!("{BOOTSTRAP_PASSWORD_ENV} is not set, or not UTF-8"))?;
+            let pw = password_from_env()
+                .ok_or_else(|| format!("{BOOTSTRAP_PASSWORD_ENV} is not set"))?
+                .into_string()
+                .map_err(|_| format!("{BOOTSTRAP_PASSWORD_ENV} is not UTF-8"))?;
             (format!("environment variable {BOOTSTRAP_PASSWORD_ENV}"), pw)
         }
     };

@@ -694,3 +694,192 @@ async fn the_image_bootstraps_an_admin_serves_skopeo_keeps_data_runs_as_non_root
     assert_ne!(restarted_pid, pid);
     assert_eq!(proc_ids(&restarted_pid).0, all(IMAGE_UID));
 }
+
+// ---------------------------------------------------------------------------------------------
+// docker-compose.yml, checked by Debian's docker-compose (v1); MinIO's image cannot be pulled
+// here, so the file is not started.
+// ---------------------------------------------------------------------------------------------
+
+/// `docker-compose config` of the repository's docker-compose.yml (with no `.env` values in the
+/// environment), as JSON.
+fn compose_config() -> serde_json::Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = Command::new("docker-compose");
+    cmd.arg("-f").arg(root.join("docker-compose.yml")).arg("config");
+    for var in [
+        "MINIO_ROOT_USER",
+        "MINIO_ROOT_PASSWORD",
+        "STOWAGE_ADMIN_USER",
+        "STOWAGE_BUILDER_IMAGE",
+        "STOWAGE_RUNTIME_IMAGE",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = dockerd::output_within(&mut cmd, COMMAND_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "docker-compose config (scripts/test installs Debian's docker-compose): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // YAML to JSON with the PyYAML that kubernetes-validate brings (scripts/test installs it).
+    let python = std::env::var("ORAS_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut child = Command::new(&python)
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), &out.stdout).expect("write YAML");
+    let json = child.wait_with_output().expect("python");
+    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    serde_json::from_slice(&json.stdout).expect("compose config as JSON")
+}
+
+#[test]
+fn compose_file_is_valid_pinned_health_checked_and_bootstraps_the_admin_from_a_secret() {
+    let config = compose_config();
+    let services = config["services"].as_object().expect("services");
+    let mut names: Vec<&str> = services.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["create-bucket", "minio", "stowage"]);
+
+    // Every image is pinned to a version, never `latest` or no tag.
+    for (name, service) in services {
+        let image = service["image"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} has no image"));
+        let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+        assert!(
+            !tag.is_empty() && tag != "latest" && !tag.contains('/'),
+            "{name}: {image} is not pinned"
+        );
+    }
+    // The long-running services have health checks; Stowage's is its own subcommand.
+    assert_eq!(services["minio"]["healthcheck"]["test"][0], "CMD");
+    assert_eq!(
+        services["stowage"]["healthcheck"]["test"],
+        serde_json::json!(["CMD", "/usr/local/bin/stowage", "healthcheck"])
+    );
+    assert_eq!(
+        services["stowage"]["depends_on"]["create-bucket"]["condition"],
+        "service_completed_successfully"
+    );
+    assert_eq!(
+        services["create-bucket"]["depends_on"]["minio"]["condition"],
+        "service_healthy"
+    );
+    assert!(services["stowage"]["build"]["args"]["RUNTIME_IMAGE"].is_string());
+
+    // The bootstrap admin's password is a compose secret, mounted where the setting points.
+    let stowage = &services["stowage"];
+    assert_eq!(stowage["secrets"][0]["source"], "stowage-admin-password");
+    assert!(
+        config["secrets"]["stowage-admin-password"]["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("secrets/admin-password"))
+    );
+    let env = stowage["environment"].as_object().expect("environment");
+    assert_eq!(
+        env["STOWAGE_AUTH__BOOTSTRAP_ADMIN__PASSWORD_FILE"],
+        "/run/secrets/stowage-admin-password"
+    );
+
+    // Stowage's own loader takes the service's settings (the data directory aside).
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stowage"));
+    cmd.arg("check-config").env_remove("STOWAGE_BOOTSTRAP_ADMIN_PASSWORD");
+    for (k, v) in env {
+        if k.starts_with("STOWAGE_") {
+            cmd.env(k, v.as_str().expect("string value"));
+        }
+    }
+    let out = cmd
+        .env("STOWAGE_DATA_DIR", data.path())
+        .output()
+        .expect("run check-config");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let loaded: toml::Value = toml::from_str(&String::from_utf8_lossy(&out.stdout)).expect("TOML");
+    assert_eq!(loaded["storage"]["backend"].as_str(), Some("s3"));
+    assert_eq!(loaded["storage"]["s3"]["endpoint"].as_str(), Some("http://minio:9000"));
+    assert_eq!(loaded["auth"]["bootstrap_admin"]["user"].as_str(), Some("admin"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// contrib/stowage.service, checked by systemd's own tools (the unit is not started here: the
+// test machines have no systemd as PID 1)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn systemd_unit_verifies_and_is_sandboxed() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("contrib/stowage.service")).expect("unit");
+    for setting in [
+        "User=stowage",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/var/lib/stowage",
+        "StateDirectory=stowage",
+        "LimitNOFILE=",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=\n",
+        "LoadCredential=admin-password:",
+        "STOWAGE_AUTH__BOOTSTRAP_ADMIN__PASSWORD_FILE=%d/admin-password",
+    ] {
+        assert!(unit.contains(setting), "the unit lacks {setting:?}");
+    }
+    // `verify` checks that ExecStart's binary exists: point it at this build's, nothing else
+    // changed.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let copy = dir.path().join("stowage.service");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/stowage", env!("CARGO_BIN_EXE_stowage")),
+    )
+    .expect("copy unit");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("run systemd-analyze (Debian's systemd package)");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // systemd's own exposure score, 0 (locked down) to 10 (unprotected); "OK" is below 2.
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&copy)
+        .output()
+        .expect("run systemd-analyze security");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for stowage.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(score <= 2.0, "exposure {score}:\n{text}");
+
+    // The sysusers.d file makes the user the unit runs as.
+    let sysroot = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir_all(sysroot.path().join("etc")).expect("etc");
+    let out = Command::new("systemd-sysusers")
+        .arg("--root")
+        .arg(sysroot.path())
+        .arg(root.join("contrib/stowage.sysusers"))
+        .output()
+        .expect("run systemd-sysusers");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let passwd = std::fs::read_to_string(sysroot.path().join("etc/passwd")).expect("passwd");
+    assert!(
+        passwd
+            .lines()
+            .any(|l| l.starts_with("stowage:") && l.ends_with(":/var/lib/stowage:/usr/sbin/nologin")),
+        "{passwd}"
+    );
+}

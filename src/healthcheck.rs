@@ -252,8 +252,10 @@ mod tests {
 
     #[test]
     fn the_default_is_livez_on_loopback() {
-        let mut c = Config::default();
-        c.listen = "0.0.0.0:5000".parse().unwrap();
+        let mut c = Config {
+            listen: "0.0.0.0:5000".parse().unwrap(),
+            ..Config::default()
+        };
         assert_eq!(Target::for_config(&c).url(), "http://127.0.0.1:5000/livez");
         c.listen = "[::]:6000".parse().unwrap();
         c.tls.cert = Some("/c.pem".into());

@@ -18,9 +18,12 @@
 #
 # The `prebuilt` stage copies `${STOWAGE_BINARY}` (a path inside the build context) instead of
 # compiling: the test suite builds the image that way from its own binary (tests/deploy.rs). The
-# binary must be for the runtime image's glibc. The legacy builder (no BuildKit) builds every
-# stage before the target, so the stages the prebuilt path needs come first and need nothing
-# but the context; BuildKit builds only the stages the target uses.
+# binary must be for the runtime image's glibc. The stages come in this order so that
+# `--target prebuilt` never needs the toolchain image, even with Docker's legacy builder, which
+# builds every stage before its target. For the same reason the from-source build needs a
+# builder that skips unused stages: BuildKit (Docker's default since 23.0; DOCKER_BUILDKIT=1 on
+# 20.10), Buildah or Podman. The legacy builder stops at the `prebuilt` stage without
+# STOWAGE_BINARY.
 
 ARG BUILDER_IMAGE=docker.io/library/rust:1.95-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:latest
@@ -59,8 +62,8 @@ ENTRYPOINT ["/usr/local/bin/stowage"]
 CMD ["serve"]
 
 # A binary built elsewhere: `--target prebuilt --build-arg STOWAGE_BINARY=<path in the context>`
-# (the file's name must be `stowage`). Dockerfile is copied too only so that this stage builds
-# when STOWAGE_BINARY is not given (the legacy builder builds it on the way to `runtime`).
+# (the file's name must be `stowage`; without it the `prebuilt` stage fails on /in/stowage).
+# Dockerfile is copied too only so that the COPY has a source when STOWAGE_BINARY is not given.
 FROM scratch AS prebuilt-binary
 ARG STOWAGE_BINARY
 COPY Dockerfile ${STOWAGE_BINARY} /in/

@@ -883,3 +883,30 @@ fn systemd_unit_verifies_and_is_sandboxed() {
         "{passwd}"
     );
 }
+
+#[test]
+fn the_prebuilt_target_without_a_binary_fails_naming_it() {
+    let docker = Docker::new();
+    let base = runtime_base(&docker);
+    let ctx = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile"),
+        ctx.path().join("Dockerfile"),
+    )
+    .expect("copy Dockerfile");
+    let out = docker.run(&[
+        "build",
+        "--target",
+        "prebuilt",
+        "--build-arg",
+        &format!("RUNTIME_IMAGE={base}"),
+        ctx.path().to_str().expect("utf-8"),
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("/in/stowage"), "{text}");
+}

@@ -12,9 +12,10 @@
 //! - `stowage healthcheck`: exit 0 while `/livez` answers (plain and TLS), 1 otherwise.
 //! - The image: built from the repository's `Dockerfile` (`prebuilt` stage, this build's
 //!   binary, a runtime base `docker import`ed from the host's libraries) by a real dockerd
-//!   (`common::dockerd`), run with a bootstrap password file, pushed to and pulled from with
-//!   skopeo, restarted with its data kept, its process's UID checked, its health check
-//!   turning `healthy`.
+//!   (`common::dockerd`), run with a bootstrap password file and the chart's hardening
+//!   (read-only root, no capabilities), pushed to and pulled from with skopeo, restarted with
+//!   its data kept, its process's UID and capabilities checked, its health check turning
+//!   `healthy`.
 //! - `docker-compose.yml`: `docker-compose config` (Debian's v1) and the service's settings
 //!   loaded by `stowage check-config` (not started: MinIO's image cannot be pulled here).
 //! - `contrib/stowage.service`: `systemd-analyze verify` and `security`; the sysusers file.
@@ -611,6 +612,15 @@ async fn the_image_bootstraps_an_admin_serves_skopeo_keeps_data_runs_as_non_root
         &container.name,
         "--network",
         "host",
+        // The Helm chart's hardening: read-only root file system (only the data volume and /tmp
+        // writable), no capabilities, no privilege escalation.
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
         // The image's own check, run every second instead of every ten, so the test is quick.
         "--health-interval",
         "1s",
@@ -631,11 +641,20 @@ async fn the_image_bootstraps_an_admin_serves_skopeo_keeps_data_runs_as_non_root
     let answers = || async { http.get(&livez).send().await.is_ok_and(|r| r.status().is_success()) };
     common::wait_until("the container answers /livez", answers).await;
 
-    // The process inside runs as the image's user, not root.
+    // The process inside runs as the image's user, not root, with no capabilities.
     let pid = docker.ok(&["inspect", "--format", "{{.State.Pid}}", &container.name]);
     let (uid, gid) = proc_ids(&pid);
     let all = |id: &str| [id; 4].join(" ");
     assert_eq!((uid, gid), (all(IMAGE_UID), all(IMAGE_UID)), "pid {pid}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    for caps in ["CapEff:", "CapPrm:"] {
+        let value = status.lines().find_map(|l| l.strip_prefix(caps)).map(str::trim);
+        assert_eq!(value, Some("0000000000000000"), "{caps} of pid {pid}");
+    }
+    assert!(
+        status.lines().any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1')),
+        "{status}"
+    );
 
     // Auth is on: nothing without credentials; the bootstrap admin logs in.
     let v2 = format!("http://{host}/v2/");

@@ -93,7 +93,7 @@ async fn hash_password(pw: String) -> Result<String, Box<dyn std::error::Error>>
     Ok(crate::metrics::spawn_blocking(move || password::hash(&pw)).await??)
 }
 
-fn valid_user_name(name: &str) -> bool {
+pub(crate) fn valid_user_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name

@@ -61,6 +61,23 @@ pub enum Command {
     /// line per item removed. Needs the server stopped; with --dry-run, nothing is deleted,
     /// the server may run, and the lines are what a real pass would remove.
     Gc(GcArgs),
+    /// GET the server's /livez (or --url) and exit 0 on a 2xx answer, 1 otherwise: the
+    /// container image's HEALTHCHECK, which has no curl. Without --url, the address comes from
+    /// the same configuration as `serve` (0.0.0.0 and :: become loopback; https with [tls], the
+    /// certificate not verified).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct HealthcheckArgs {
+    #[command(flatten)]
+    pub at: ServeArgs,
+    /// The URL to GET, e.g. http://127.0.0.1:5000/livez.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Seconds the whole check may take.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -25,6 +25,7 @@ pub mod config;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+pub mod healthcheck;
 pub mod http;
 pub mod metrics;
 pub mod oci;

@@ -102,6 +102,7 @@ async fn main() {
             init_tracing(config.log.format);
             admin_exit(stowage::runmodes::gc(args, &config).await);
         }
+        Command::Healthcheck(args) => healthcheck(&args),
         Command::CheckConfig(args) => match toml::to_string(&load(&args)) {
             Ok(s) => print!("{s}"),
             Err(e) => {
@@ -109,5 +110,36 @@ async fn main() {
                 std::process::exit(1);
             }
         },
+    }
+}
+
+/// `stowage healthcheck`: exit 0 when the server answers 2xx, 1 otherwise.
+fn healthcheck(args: &stowage::cli::HealthcheckArgs) {
+    use stowage::healthcheck::{Target, check};
+    let target = match &args.url {
+        Some(url) => Target::parse(url),
+        // Exit 1, not 2, on a bad configuration too: Docker reserves status 2 of a health check.
+        None => {
+            let cli = CliOverrides {
+                listen: args.at.listen,
+                data_dir: args.at.data_dir.clone(),
+            };
+            Config::load(args.at.config.as_deref(), cli)
+                .map(|c| Target::for_config(&c))
+                .map_err(|e| format!("invalid configuration: {e}"))
+        }
+    };
+    let outcome = target
+        .and_then(|t| check(&t, std::time::Duration::from_secs(args.timeout_secs)).map(|status| (t.url(), status)));
+    match outcome {
+        Ok((_, status)) if (200..300).contains(&status) => {}
+        Ok((url, status)) => {
+            eprintln!("stowage healthcheck: {url} answered {status}");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("stowage healthcheck: {e}");
+            std::process::exit(1);
+        }
     }
 }

@@ -370,6 +370,10 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         delete_enabled = config.registry.delete_enabled,
         "registry opened"
     );
+    // The first start's admin and CI token, before anything else runs (see `auth::bootstrap`).
+    crate::auth::bootstrap::run(&config.auth, registry.catalog())
+        .await
+        .map_err(|e| format!("bootstrap: {e}"))?;
 
     let sweeper = {
         let registry = registry.clone();

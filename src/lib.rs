@@ -27,6 +27,7 @@ pub mod error;
 pub mod faults;
 pub mod healthcheck;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod oci;
 pub mod registry;

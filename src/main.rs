@@ -17,25 +17,7 @@ fn load(args: &ServeArgs) -> Config {
 }
 
 fn init_tracing(format: LogFormat) {
-    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
-    // actix logs every unparseable request (a TLS hello on the plain port, a scanner) as an
-    // error; that is noise, not a server failure. RUST_LOG=actix_http=… brings it back.
-    let directives = if rust_log.contains("actix_http") {
-        rust_log
-    } else {
-        format!("{rust_log},actix_http::h1::dispatcher=off")
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,actix_http::h1::dispatcher=off"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only for a person at a terminal, never into a file or a log collector.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    stowage::logging::init(format);
 }
 
 /// Makes glibc serve allocations of 1 MiB and more with `mmap`, so the part buffers uploads
@@ -53,6 +35,7 @@ fn tune_allocator() {
 /// Ends an admin command: errors on stderr, exit status 1.
 fn admin_exit(outcome: Result<(), Box<dyn std::error::Error>>) {
     if let Err(e) = outcome {
+        stowage::logging::flush();
         eprintln!("stowage: {e}");
         std::process::exit(1);
     }
@@ -66,8 +49,12 @@ async fn main() {
         Command::Serve(args) => {
             let config = load(&args);
             init_tracing(config.log.format);
-            if let Err(e) = stowage::server::serve(config).await {
+            let served = stowage::server::serve(config).await;
+            if let Err(e) = &served {
                 tracing::error!(error = %e, "stowage failed");
+            }
+            stowage::logging::flush();
+            if let Err(e) = served {
                 eprintln!("stowage: {e}");
                 std::process::exit(1);
             }
@@ -79,7 +66,9 @@ async fn main() {
         Command::Fsck(args) => {
             let config = load(&args.at);
             init_tracing(config.log.format);
-            match stowage::admin::fsck(&config, args.repair, usize::from(args.jobs)).await {
+            let checked = stowage::admin::fsck(&config, args.repair, usize::from(args.jobs)).await;
+            stowage::logging::flush();
+            match checked {
                 Ok(report) if report.is_clean() => {}
                 Ok(_) => std::process::exit(1),
                 Err(e) => {
@@ -111,6 +100,7 @@ async fn main() {
             }
         },
     }
+    stowage::logging::flush();
 }
 
 /// `stowage healthcheck`: exit 0 when the server answers 2xx, 1 otherwise.

@@ -76,6 +76,7 @@ const FAMILIES: &[&str] = &[
     "stowage_spack_index_build_duration_seconds",
     "stowage_spack_specs",
     "stowage_spack_index_generation_lag",
+    "stowage_log_lines_dropped",
 ];
 
 #[tokio::test]

@@ -374,6 +374,7 @@ fn exit_after_writer_death(reason: &str) {
         exit_status = WRITER_DIED_EXIT,
         "the catalog writer thread died; exiting so that a supervisor restarts stowage"
     );
+    crate::logging::flush();
     std::process::exit(WRITER_DIED_EXIT);
 }
 

@@ -22,7 +22,7 @@ use actix_web::{HttpResponse, web};
 pub use auth::Guard;
 pub use error::error_body;
 pub use extract::{BodyTimeouts, set_body_timeouts};
-pub use ops::{MetricsAccess, access};
+pub use ops::{ACCESS_TARGET, MetricsAccess, access};
 
 use crate::error::Code;
 use crate::registry::Registry;

@@ -11,7 +11,8 @@
 //!
 //! The writer beside it links a blob in a loop through the same catalog API an upload uses,
 //! each write a durable group commit, and records each write's latency before and during the
-//! pass. `GCBENCH_MANIFESTS` (default 100000) shrinks it for a quick look.
+//! pass. `GCBENCH_MANIFESTS` (default 100000) shrinks it for a quick look; `GCBENCH_PAUSE`
+//! sets the collector's pause after each write job (default `registry::WRITE_PAUSE`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -183,7 +184,13 @@ async fn main() {
     stop.store(true, Ordering::Relaxed);
     let mut baseline = base.await.expect("writer");
 
-    // The pass, with the writer beside it.
+    // The pass, with the writer beside it. `GCBENCH_PAUSE` overrides the collector's pause
+    // after each write job (a multiple of the job's time; 0: none).
+    let write_pause = std::env::var("GCBENCH_PAUSE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(stowage::registry::WRITE_PAUSE);
+    eprintln!("[gc bench] write pause factor {write_pause}");
     let stop = Arc::new(AtomicBool::new(false));
     let during = tokio::spawn(writer(catalog.clone(), stop.clone(), 2));
     let started = Instant::now();
@@ -192,6 +199,8 @@ async fn main() {
             grace: Duration::from_secs(3600),
             untagged_manifests: true,
             orphan_interval: Duration::from_secs(86_400),
+            dry_run: false,
+            write_pause,
         })
         .await
         .expect("collection pass");

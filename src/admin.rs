@@ -5,6 +5,8 @@
 //! running server or without one (SQLite takes the concurrent writer). Passwords are read from
 //! a prompt with echo off, or from stdin's first line when stdin is not a terminal; never from
 //! the command line. An API token's secret is printed once, on stdout; only its hash is kept.
+//! Every user and token change is recorded in the audit trail with actor `cli` and the Unix
+//! user who ran the command (`catalog::audit::Actor::cli`).
 //!
 //! `stowage fsck` reads every blob the catalog records, a few at a time ([`fsck`]'s `jobs`),
 //! each streamed from the store and hashed on the blocking pool: the object must exist, have
@@ -24,6 +26,7 @@ use futures_util::StreamExt as _;
 
 use crate::auth::{Grant, keys, password};
 use crate::catalog::Catalog;
+use crate::catalog::audit::Actor;
 use crate::catalog::auth::NewTokenError;
 use crate::cli::{KeyCommand, SpackCommand, TokenCommand, UserCommand};
 use crate::config::Config;
@@ -90,7 +93,7 @@ async fn hash_password(pw: String) -> Result<String, Box<dyn std::error::Error>>
     Ok(crate::metrics::spawn_blocking(move || password::hash(&pw)).await??)
 }
 
-fn valid_user_name(name: &str) -> bool {
+pub(crate) fn valid_user_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name
@@ -128,7 +131,7 @@ pub async fn user(cmd: UserCommand, config: impl Fn(&crate::cli::ServeArgs) -> C
             }
             let catalog = open_catalog(&config(&at)).await?;
             let hash = hash_password(read_new_password()?).await?;
-            let added = catalog.create_user(&name, hash, admin).await?;
+            let added = catalog.create_user(&name, hash, admin, &Actor::cli()).await?;
             catalog.close();
             if !added {
                 return Err(format!("user {name} exists (use `stowage user passwd`)").into());
@@ -141,7 +144,7 @@ pub async fn user(cmd: UserCommand, config: impl Fn(&crate::cli::ServeArgs) -> C
                 return Err(format!("no user {name}").into());
             }
             let hash = hash_password(read_new_password()?).await?;
-            let changed = catalog.set_password(&name, hash).await?;
+            let changed = catalog.set_password(&name, hash, &Actor::cli()).await?;
             catalog.close();
             if !changed {
                 return Err(format!("no user {name}").into());
@@ -150,7 +153,7 @@ pub async fn user(cmd: UserCommand, config: impl Fn(&crate::cli::ServeArgs) -> C
         }
         UserCommand::Admin { at, name, revoke } => {
             let catalog = open_catalog(&config(&at)).await?;
-            let changed = catalog.set_admin(&name, !revoke).await?;
+            let changed = catalog.set_admin(&name, !revoke, &Actor::cli()).await?;
             catalog.close();
             if !changed {
                 return Err(format!("no user {name}").into());
@@ -163,7 +166,7 @@ pub async fn user(cmd: UserCommand, config: impl Fn(&crate::cli::ServeArgs) -> C
         }
         UserCommand::Remove { at, name } => {
             let catalog = open_catalog(&config(&at)).await?;
-            let removed = catalog.remove_user(&name).await?;
+            let removed = catalog.remove_user(&name, &Actor::cli()).await?;
             catalog.close();
             if !removed {
                 return Err(format!("no user {name}").into());
@@ -209,7 +212,14 @@ pub async fn token(cmd: TokenCommand, config: impl Fn(&crate::cli::ServeArgs) ->
             let secret = password::new_token_secret()?;
             let catalog = open_catalog(&config(&at)).await?;
             let created = catalog
-                .create_api_token(&user, &name, password::token_hash(&secret), scopes_json, expires_at)
+                .create_api_token(
+                    &user,
+                    &name,
+                    password::token_hash(&secret),
+                    scopes_json,
+                    expires_at,
+                    &Actor::cli(),
+                )
                 .await?;
             catalog.close();
             let id = match created {
@@ -259,7 +269,7 @@ pub async fn token(cmd: TokenCommand, config: impl Fn(&crate::cli::ServeArgs) ->
         }
         TokenCommand::Revoke { at, token, user } => {
             let catalog = open_catalog(&config(&at)).await?;
-            let n = catalog.revoke_api_token(user.as_deref(), &token).await?;
+            let n = catalog.revoke_api_token(user.as_deref(), &token, &Actor::cli()).await?;
             catalog.close();
             if n == 0 {
                 return Err(format!("no single live token {token} (give its id, or --user)").into());

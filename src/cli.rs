@@ -48,6 +48,67 @@ pub enum Command {
     /// Spack build cache maintenance.
     #[command(subcommand)]
     Spack(SpackCommand),
+    /// Print the audit trail, newest first: who pushed, deleted, or changed users and tokens,
+    /// and the refused pushes, deletes and logins. One tab-separated line per row (time,
+    /// action, actor, token, client, repository:tag@digest, request id, detail), or JSON lines
+    /// with --json. Only reads the catalog: safe beside a running server.
+    Audit(AuditArgs),
+    /// Apply pending catalog migrations, print each, and exit. Needs the server stopped (it
+    /// takes the data directory's lock); `serve` also applies them when it starts.
+    Migrate(ServeArgs),
+    /// Run one garbage collection pass (retention, unneeded manifests and blobs, orphaned
+    /// objects, superseded Spack index blobs) with the server's own collector, printing one
+    /// line per item removed. Needs the server stopped; with --dry-run, nothing is deleted,
+    /// the server may run, and the lines are what a real pass would remove.
+    Gc(GcArgs),
+    /// GET the server's /livez (or --url) and exit 0 on a 2xx answer, 1 otherwise: the
+    /// container image's HEALTHCHECK, which has no curl. Without --url, the address comes from
+    /// the same configuration as `serve` (0.0.0.0 and :: become loopback; https with [tls], the
+    /// certificate not verified).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct HealthcheckArgs {
+    #[command(flatten)]
+    pub at: ServeArgs,
+    /// The URL to GET, e.g. http://127.0.0.1:5000/livez.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Seconds the whole check may take.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub at: ServeArgs,
+    /// Only this repository.
+    #[arg(long)]
+    pub repo: Option<String>,
+    /// Only this actor (a user name, `anonymous`, `cli`, `gc`, `retention`).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Only rows from this time on: RFC 3339 (2026-11-30T12:00:00Z) or a period back from now
+    /// (24h, 7d, 90m).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Most rows printed.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub limit: u64,
+    /// One JSON object per line, as `GET /stowage/v1/audit` gives them.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub at: ServeArgs,
+    /// List what a pass would remove, deleting nothing (safe beside a running server).
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Subcommand)]

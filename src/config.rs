@@ -29,6 +29,7 @@ pub struct Config {
     /// `tags`), except by identities with the `overwrite` action. See `auth::immutable`.
     pub immutable_tags: Vec<crate::auth::ImmutableTagRule>,
     pub gc: GcConfig,
+    pub audit: AuditConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub ui: UiConfig,
@@ -60,6 +61,21 @@ impl Default for MetricsConfig {
             token_file: None,
             max_repository_series: 50,
         }
+    }
+}
+
+/// The audit trail (`catalog::audit`): who pushed, deleted, or changed users and tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Days an audit row is kept; older rows are deleted hourly, a bounded batch at a time.
+    /// 0 keeps them forever.
+    pub retention_days: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { retention_days: 365 }
     }
 }
 
@@ -460,6 +476,53 @@ pub struct AuthConfig {
     /// session it could have started (a long upload outliving its token); at most
     /// `registry.upload_timeout_secs`. 0: an expired token is never accepted.
     pub upload_token_grace_secs: u64,
+    /// An admin user created on the first start (`[auth.bootstrap_admin]`), so that a fresh
+    /// deployment needs no shell. See `auth::bootstrap`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_admin: Option<BootstrapAdmin>,
+    /// An API token created on the first start (`[auth.bootstrap_token]`), with a secret the
+    /// operator chose, so that CI can be given it. See `auth::bootstrap`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_token: Option<BootstrapToken>,
+}
+
+/// The environment variable a bootstrap admin's password may be given in, instead of
+/// `auth.bootstrap_admin.password_file`. Read directly, never as a setting.
+pub const BOOTSTRAP_PASSWORD_ENV: &str = "STOWAGE_BOOTSTRAP_ADMIN_PASSWORD";
+
+/// `[auth.bootstrap_admin]`: an admin created when the server starts and no such user exists
+/// (and no other admin does). Its password never comes from this file or the command line:
+/// from `password_file` (e.g. a mounted Kubernetes Secret), else from the environment variable
+/// `STOWAGE_BOOTSTRAP_ADMIN_PASSWORD`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapAdmin {
+    /// The admin's user name.
+    pub user: String,
+    /// File holding the password (one line; a trailing newline is ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+/// `[auth.bootstrap_token]`: an API token created when the server starts and neither a token of
+/// this name nor one with this secret exists for the user. Its secret is read from
+/// `secret_file`, never from this file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapToken {
+    /// The user the token acts for. Default: `auth.bootstrap_admin.user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The token's name (as `stowage token create --name`).
+    pub name: String,
+    /// What it may do, as `stowage token create --scope`: `<repository pattern>:<actions>`.
+    pub scopes: Vec<String>,
+    /// Days until it expires, counted from its creation (default: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_days: Option<u32>,
+    /// File holding the secret: `stw_` followed by 43 to 256 base64url characters, as random
+    /// as `stowage token create` makes them (the README shows how to make one).
+    pub secret_file: PathBuf,
 }
 
 impl Default for AuthConfig {
@@ -482,6 +545,8 @@ impl Default for AuthConfig {
             failed_login_window_secs: 900,
             max_concurrent_hashes: 4,
             upload_token_grace_secs: 900,
+            bootstrap_admin: None,
+            bootstrap_token: None,
         }
     }
 }
@@ -536,6 +601,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             immutable_tags: Vec::new(),
             gc: GcConfig::default(),
+            audit: AuditConfig::default(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
             ui: UiConfig::default(),
@@ -633,6 +699,9 @@ impl Config {
         if self.metrics.listen.is_some_and(|m| m == self.listen) {
             return Err("metrics.listen must differ from listen (leave it out to serve /metrics on listen)".to_owned());
         }
+        if self.audit.retention_days > MAX_PERIOD_SECS / 86_400 {
+            return Err("audit.retention_days must be at most 36500 (100 years); 0 keeps rows forever".to_owned());
+        }
         if self.gc.interval_secs == 0 {
             return Err("gc.interval_secs must be at least 1".to_owned());
         }
@@ -685,6 +754,7 @@ impl Config {
             ));
         }
         crate::auth::ImmutableTags::validate(&self.immutable_tags)?;
+        crate::auth::bootstrap::validate(auth)?;
         Ok(())
     }
 
@@ -719,6 +789,22 @@ mod tests {
                 toml::to_string(&from_file).ok(),
                 toml::to_string(&Config::default()).ok()
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn audit_retention_is_read_and_bounded() {
+        figment::Jail::expect_with(|jail| {
+            assert_eq!(Config::default().audit.retention_days, 365);
+            jail.set_env("STOWAGE_AUDIT__RETENTION_DAYS", "0");
+            let forever = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(forever.audit.retention_days, 0);
+            jail.set_env("STOWAGE_AUDIT__RETENTION_DAYS", "40000");
+            let err = Config::load(None, CliOverrides::default())
+                .expect_err("too long")
+                .to_string();
+            assert!(err.contains("audit.retention_days"), "{err}");
             Ok(())
         });
     }

@@ -25,10 +25,13 @@ pub mod config;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+pub mod healthcheck;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod oci;
 pub mod registry;
+pub mod runmodes;
 pub mod server;
 pub mod spack;
 pub mod storage;

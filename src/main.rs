@@ -17,25 +17,7 @@ fn load(args: &ServeArgs) -> Config {
 }
 
 fn init_tracing(format: LogFormat) {
-    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
-    // actix logs every unparseable request (a TLS hello on the plain port, a scanner) as an
-    // error; that is noise, not a server failure. RUST_LOG=actix_http=… brings it back.
-    let directives = if rust_log.contains("actix_http") {
-        rust_log
-    } else {
-        format!("{rust_log},actix_http::h1::dispatcher=off")
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,actix_http::h1::dispatcher=off"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only for a person at a terminal, never into a file or a log collector.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    stowage::logging::init(format);
 }
 
 /// Makes glibc serve allocations of 1 MiB and more with `mmap`, so the part buffers uploads
@@ -53,6 +35,7 @@ fn tune_allocator() {
 /// Ends an admin command: errors on stderr, exit status 1.
 fn admin_exit(outcome: Result<(), Box<dyn std::error::Error>>) {
     if let Err(e) = outcome {
+        stowage::logging::flush();
         eprintln!("stowage: {e}");
         std::process::exit(1);
     }
@@ -66,8 +49,12 @@ async fn main() {
         Command::Serve(args) => {
             let config = load(&args);
             init_tracing(config.log.format);
-            if let Err(e) = stowage::server::serve(config).await {
+            let served = stowage::server::serve(config).await;
+            if let Err(e) = &served {
                 tracing::error!(error = %e, "stowage failed");
+            }
+            stowage::logging::flush();
+            if let Err(e) = served {
                 eprintln!("stowage: {e}");
                 std::process::exit(1);
             }
@@ -79,7 +66,9 @@ async fn main() {
         Command::Fsck(args) => {
             let config = load(&args.at);
             init_tracing(config.log.format);
-            match stowage::admin::fsck(&config, args.repair, usize::from(args.jobs)).await {
+            let checked = stowage::admin::fsck(&config, args.repair, usize::from(args.jobs)).await;
+            stowage::logging::flush();
+            match checked {
                 Ok(report) if report.is_clean() => {}
                 Ok(_) => std::process::exit(1),
                 Err(e) => {
@@ -88,6 +77,21 @@ async fn main() {
                 }
             }
         }
+        Command::Audit(args) => {
+            let config = load(&args.at);
+            admin_exit(stowage::runmodes::audit(args, &config).await);
+        }
+        Command::Migrate(args) => {
+            let config = load(&args);
+            init_tracing(config.log.format);
+            admin_exit(stowage::runmodes::migrate(&config).await);
+        }
+        Command::Gc(args) => {
+            let config = load(&args.at);
+            init_tracing(config.log.format);
+            admin_exit(stowage::runmodes::gc(args, &config).await);
+        }
+        Command::Healthcheck(args) => healthcheck(&args),
         Command::CheckConfig(args) => match toml::to_string(&load(&args)) {
             Ok(s) => print!("{s}"),
             Err(e) => {
@@ -95,5 +99,37 @@ async fn main() {
                 std::process::exit(1);
             }
         },
+    }
+    stowage::logging::flush();
+}
+
+/// `stowage healthcheck`: exit 0 when the server answers 2xx, 1 otherwise.
+fn healthcheck(args: &stowage::cli::HealthcheckArgs) {
+    use stowage::healthcheck::{Target, check};
+    let target = match &args.url {
+        Some(url) => Target::parse(url),
+        // Exit 1, not 2, on a bad configuration too: Docker reserves status 2 of a health check.
+        None => {
+            let cli = CliOverrides {
+                listen: args.at.listen,
+                data_dir: args.at.data_dir.clone(),
+            };
+            Config::load(args.at.config.as_deref(), cli)
+                .map(|c| Target::for_config(&c))
+                .map_err(|e| format!("invalid configuration: {e}"))
+        }
+    };
+    let outcome = target
+        .and_then(|t| check(&t, std::time::Duration::from_secs(args.timeout_secs)).map(|status| (t.url(), status)));
+    match outcome {
+        Ok((_, status)) if (200..300).contains(&status) => {}
+        Ok((url, status)) => {
+            eprintln!("stowage healthcheck: {url} answered {status}");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("stowage healthcheck: {e}");
+            std::process::exit(1);
+        }
     }
 }

@@ -120,6 +120,9 @@ pub struct Metrics {
     pub spack_build_duration: Histogram,
     pub spack_specs: Family<RepoLabels, Gauge>,
     pub spack_lag: Family<RepoLabels, Gauge>,
+    pub log_dropped: Counter,
+    /// Log lines dropped already added to `log_dropped`.
+    log_dropped_seen: std::sync::atomic::AtomicU64,
     /// When the catalog-derived gauges were last read, for [`Metrics::state_is_stale`].
     state_read: std::sync::Mutex<Option<Instant>>,
 }
@@ -163,6 +166,8 @@ impl Metrics {
             spack_build_duration: long_buckets(),
             spack_specs: Family::default(),
             spack_lag: Family::default(),
+            log_dropped: Counter::default(),
+            log_dropped_seen: std::sync::atomic::AtomicU64::new(0),
             state_read: std::sync::Mutex::new(None),
             registry: Registry::default(),
         };
@@ -307,6 +312,11 @@ impl Metrics {
             "Changes to a Spack build cache's specs not yet in its built index.spack (built on the next read)",
             m.spack_lag.clone(),
         );
+        r.register(
+            "stowage_log_lines_dropped",
+            "Log lines dropped because standard error was not read fast enough",
+            m.log_dropped.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -322,6 +332,9 @@ impl Metrics {
 
     /// The exposition, in the OpenMetrics text format.
     pub fn encode(&self) -> String {
+        let dropped = crate::logging::dropped_lines();
+        let seen = self.log_dropped_seen.swap(dropped, Ordering::Relaxed);
+        self.log_dropped.inc_by(dropped.saturating_sub(seen));
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

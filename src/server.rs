@@ -2,8 +2,9 @@
 //!
 //! `stowage serve` holds an exclusive advisory lock ([`DataDirLock`], `flock` on
 //! `<data_dir>/stowage.lock`) for its whole life: a second server on the same data directory
-//! refuses to start, and so does `stowage fsck --repair`, which must not move blob objects
-//! while a server publishes them (the server's per-digest locks are in-process). The kernel
+//! refuses to start, and so do `stowage fsck --repair`, which must not move blob objects
+//! while a server publishes them (the server's per-digest locks are in-process), a real
+//! `stowage gc` pass (for the same reason) and `stowage migrate` (see `runmodes`). The kernel
 //! releases the lock when the process exits in any way, `kill -9` included, so a crash never
 //! leaves a stale lock behind. Commands that only read, or that write through the catalog's
 //! own locking (`user`, `token`, verify-only `fsck`), do not take it.
@@ -203,12 +204,9 @@ pub async fn open_store(config: &Config) -> Result<BlobStore, Box<dyn std::error
     })
 }
 
-/// Opens the catalog and the blob store described by `config`.
-pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error>> {
-    let catalog_path = config.catalog_path();
-    let catalog = crate::metrics::spawn_blocking(move || Catalog::open(&catalog_path)).await??;
-    let store = open_store(config).await?;
-    let settings = Settings {
+/// The registry's settings as `config` describes them.
+pub fn settings(config: &Config) -> Settings {
+    Settings {
         delete_enabled: config.registry.delete_enabled,
         max_manifest_size: config.registry.max_manifest_size,
         upload_timeout: Duration::from_secs(config.registry.upload_timeout_secs),
@@ -217,7 +215,15 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         immutable_tags: crate::auth::ImmutableTags::new(config.immutable_tags.clone()),
         retention: config.gc.retention.clone(),
         keep_list_max: Duration::from_secs(config.gc.keep_list_max_secs),
-    };
+    }
+}
+
+/// Opens the catalog and the blob store described by `config`.
+pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error>> {
+    let catalog_path = config.catalog_path();
+    let catalog = crate::metrics::spawn_blocking(move || Catalog::open(&catalog_path)).await??;
+    let store = open_store(config).await?;
+    let settings = settings(config);
     tracing::info!(
         total = settings.upload_sessions.total,
         per_user = settings.upload_sessions.per_identity,
@@ -364,6 +370,10 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         delete_enabled = config.registry.delete_enabled,
         "registry opened"
     );
+    // The first start's admin and CI token, before anything else runs (see `auth::bootstrap`).
+    crate::auth::bootstrap::run(&config.auth, registry.catalog())
+        .await
+        .map_err(|e| format!("bootstrap: {e}"))?;
 
     let sweeper = {
         let registry = registry.clone();
@@ -391,8 +401,31 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         })
     };
 
+    // Old audit rows go at start-up and hourly after (`catalog::audit`).
+    let audit_pruner = {
+        let registry = registry.clone();
+        let days = config.audit.retention_days;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::catalog::audit::PRUNE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if days == 0 || registry.is_read_only() {
+                    continue;
+                }
+                match registry.catalog().prune_audit_older_than(days).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(rows = n, retention_days = days, "audit: old rows deleted"),
+                    Err(e) => tracing::warn!(error = %e, "audit: deleting old rows failed; retrying next time"),
+                }
+            }
+        })
+    };
+
     if !config.gc.enabled && !config.gc.retention.is_empty() {
-        tracing::warn!("gc.retention rules are configured but gc.enabled is false: they are not applied");
+        tracing::warn!(
+            "gc.retention rules are configured but gc.enabled is false: the server does not apply them (`stowage gc` does)"
+        );
     }
     let collector = config.gc.enabled.then(|| {
         let registry = registry.clone();
@@ -401,6 +434,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             grace: Duration::from_secs(config.gc.grace_secs),
             untagged_manifests: config.gc.untagged_manifests,
             orphan_interval: Duration::from_secs(config.gc.orphan_interval_secs),
+            dry_run: false,
+            write_pause: crate::registry::WRITE_PAUSE,
         };
         tracing::info!(
             interval_secs = every.as_secs(),
@@ -597,6 +632,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         task.abort();
     }
     pull_flusher.abort();
+    audit_pruner.abort();
     registry.flush_pulls().await;
     // Sessions left open keep the bytes past their last part (S3) for after the restart.
     let spilled = registry.spill_idle_uploads(Duration::ZERO).await;

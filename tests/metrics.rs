@@ -76,6 +76,7 @@ const FAMILIES: &[&str] = &[
     "stowage_spack_index_build_duration_seconds",
     "stowage_spack_specs",
     "stowage_spack_index_generation_lag",
+    "stowage_log_lines_dropped",
 ];
 
 #[tokio::test]
@@ -357,4 +358,41 @@ fn an_empty_token_file_stops_the_start() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("metrics.token_file"), "{err}");
+}
+
+/// The Grafana dashboard in `contrib/grafana/stowage.json` queries only series that exist:
+/// each metric name in its expressions is one of the families above, with the suffix its type
+/// gives (`_total`, `_bucket`, `_sum`, `_count`), and every family is on some panel.
+#[test]
+fn the_grafana_dashboard_queries_only_series_that_exist() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/grafana/stowage.json");
+    let dashboard: serde_json::Value = serde_json::from_slice(&std::fs::read(path).expect("dashboard")).expect("JSON");
+    let mut used = std::collections::BTreeSet::new();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    for panel in panels {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("expr");
+            for (start, _) in expr.match_indices(['r', 's']) {
+                let rest = &expr[start..];
+                if !(rest.starts_with("registry_") || rest.starts_with("stowage_"))
+                    || expr[..start].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+                {
+                    continue;
+                }
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let family = ["_total", "_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| FAMILIES.contains(f)))
+                    .or_else(|| FAMILIES.iter().copied().find(|f| *f == name))
+                    .unwrap_or_else(|| panic!("panel {:?} queries unknown series {name}", panel["title"]));
+                used.insert(family.to_owned());
+            }
+        }
+    }
+    for family in FAMILIES {
+        assert!(used.contains(*family), "no panel shows {family}");
+    }
 }

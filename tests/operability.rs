@@ -121,6 +121,12 @@ async fn request_ids_reach_the_response_and_the_access_log() {
     let generated = resp.headers()["x-request-id"].to_str().expect("ascii").to_owned();
     assert_eq!(generated.len(), 32, "a fresh id replaces an unusable one: {generated}");
 
+    // Access lines are written by the log's own thread, a moment after the response.
+    wait_until("both requests are in the access log", || async {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        text.contains("test-request-42") && text.contains(&generated)
+    })
+    .await;
     let text = std::fs::read_to_string(&log_path).expect("read log");
     let line = text
         .lines()

@@ -35,8 +35,8 @@ actions = ["pull"]
 const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
-/// A server with authentication on and users `alice` (pull, push, delete everywhere) and `bob`
-/// (pull of `public/**`), passwords `<name>-pw`.
+/// A server with authentication on and users `alice` (pull, push, delete everywhere), `bob`
+/// (pull of `public/**`) and the admin `ops`, passwords `<name>-pw`.
 struct UiServer {
     server: TestServer,
     _config: tempfile::TempDir,
@@ -54,6 +54,7 @@ impl UiServer {
         for name in ["alice", "bob"] {
             run_cli(server.data_dir(), &["user", "add", name], &format!("{name}-pw\n"));
         }
+        run_cli(server.data_dir(), &["user", "add", "ops", "--admin"], "ops-pw\n");
         UiServer { server, _config: dir }
     }
 
@@ -962,4 +963,66 @@ async fn cookies_are_secure_when_the_browser_came_over_https() {
         session.starts_with("stowage_session=") && session.contains("HttpOnly") && session.ends_with("; Secure"),
         "{session}"
     );
+}
+
+#[tokio::test]
+async fn the_audit_trail_records_ui_deletes_refusals_and_failed_sign_ins() {
+    let s = UiServer::start(CONFIG);
+    s.image("public/app", "v1", 1, serde_json::Value::Null).await;
+    s.image("public/app", "v2", 1, serde_json::Value::Null).await;
+    let mut alice = Browser::default();
+    assert_eq!(alice.sign_in(&s, "alice", "alice-pw").await.status(), 303);
+    let (_, page) = alice.get(&s.url("/ui/repos/public/app")).await;
+    let token = csrf(&page);
+    let resp = alice
+        .post(&s.url("/ui/repos/public/app/-/tags/v1/delete"), &[("csrf", &token)])
+        .await;
+    assert_eq!(resp.status(), 303);
+    let mut bob = Browser::default();
+    bob.sign_in(&s, "bob", "bob-pw").await;
+    let (_, page) = bob.get(&s.url("/ui/repos/public/app")).await;
+    let token = csrf(&page);
+    let resp = bob
+        .post(&s.url("/ui/repos/public/app/-/tags/v2/delete"), &[("csrf", &token)])
+        .await;
+    assert_eq!(resp.status(), 403);
+    assert_eq!(Browser::default().sign_in(&s, "alice", "nope").await.status(), 401);
+
+    let ops = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("ops:ops-pw")
+    );
+    let entries = || async {
+        let resp = client()
+            .get(s.url("/stowage/v1/audit?limit=100"))
+            .header("Authorization", &ops)
+            .send()
+            .await
+            .expect("audit");
+        assert_eq!(resp.status(), 200);
+        let body: serde_json::Value = resp.json().await.expect("json");
+        body["entries"].as_array().expect("entries").clone()
+    };
+    let find = |entries: &[serde_json::Value], action: &str, actor: &str| {
+        entries
+            .iter()
+            .find(|e| e["action"] == action && e["actor"] == actor)
+            .cloned()
+    };
+    common::wait_until("the refusals are in the audit trail", || async {
+        let e = entries().await;
+        find(&e, "denied.delete", "bob").is_some() && find(&e, "login.failed", "alice").is_some()
+    })
+    .await;
+    let e = entries().await;
+    let deleted = find(&e, "tag.delete", "alice").expect("alice's delete through the UI is recorded");
+    assert_eq!(deleted["repository"], "public/app");
+    assert_eq!(deleted["tag"], "v1");
+    assert_eq!(deleted["client"], "127.0.0.1");
+    assert!(
+        deleted["request_id"].as_str().is_some_and(|r| !r.is_empty()),
+        "{deleted}"
+    );
+    let denied = find(&e, "denied.delete", "bob").expect("bob's refused delete");
+    assert_eq!(denied["repository"], "public/app");
 }

@@ -6,6 +6,7 @@
 //! - [`password`]: argon2id password hashes and API token secrets.
 //! - [`keys`], [`jwt`]: Ed25519 signing keys and the tokens they sign.
 //! - [`limiter`]: failed-login throttling per client address and per (user, address).
+//! - [`bootstrap`]: the admin user and API token created on the first start.
 //! - [`immutable`]: `[[immutable_tags]]` rules and who may overwrite them (the `overwrite` action).
 //!
 //! Credentials a request may carry: none (anonymous); HTTP Basic with a user's password or an
@@ -36,6 +37,7 @@
 //! within `auth.upload_token_grace_secs` of its expiry (bounded by the upload timeout); the
 //! upload layer makes sure the session is the token's user's own.
 
+pub mod bootstrap;
 pub mod immutable;
 pub mod jwt;
 pub mod keys;

@@ -2,9 +2,12 @@
 //!
 //! Only hashes are stored: argon2id PHC strings for passwords, SHA-256 for token secrets (the
 //! `auth` module makes both). Token scopes are kept as the JSON the `auth` module gives.
+//! Every change to a user or token is recorded in the audit trail in its own transaction
+//! (`catalog::audit`), naming the user and token, never a hash.
 
 use rusqlite::{OptionalExtension, params};
 
+use super::audit::{self, Action, Actor, Event};
 use super::{Catalog, now};
 use crate::error::Result;
 
@@ -75,9 +78,9 @@ fn token_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiTokenRecord> {
 }
 
 impl Catalog {
-    /// Adds a user; `false` if the name is taken.
-    pub async fn create_user(&self, name: &str, password_hash: String, admin: bool) -> Result<bool> {
-        let name = name.to_owned();
+    /// Adds a user; `false` if the name is taken. Audited for `actor`, like every change below.
+    pub async fn create_user(&self, name: &str, password_hash: String, admin: bool, actor: &Actor) -> Result<bool> {
+        let (name, actor) = (name.to_owned(), actor.clone());
         self.write(move |c| {
             let t = now();
             let n = c.execute(
@@ -86,6 +89,10 @@ impl Catalog {
                  ON CONFLICT (name) DO NOTHING",
                 params![name, password_hash, admin as i64, t, new_epoch()],
             )?;
+            if n == 1 {
+                let detail = serde_json::json!({ "user": name, "admin": admin });
+                audit::record(c, &actor, &Event::new(Action::UserAdd).detail(detail), t)?;
+            }
             Ok(n == 1)
         })
         .await
@@ -93,36 +100,51 @@ impl Catalog {
 
     /// Replaces a user's password hash and credentials epoch (ending the tokens issued on the
     /// old password); `false` if there is no such user.
-    pub async fn set_password(&self, name: &str, password_hash: String) -> Result<bool> {
-        let name = name.to_owned();
+    pub async fn set_password(&self, name: &str, password_hash: String, actor: &Actor) -> Result<bool> {
+        let (name, actor) = (name.to_owned(), actor.clone());
         self.write(move |c| {
             let n = c.execute(
                 "UPDATE users SET password_hash = ?2, updated_at = ?3, credentials_epoch = ?4 WHERE name = ?1",
                 params![name, password_hash, now(), new_epoch()],
             )?;
+            if n == 1 {
+                let detail = serde_json::json!({ "user": name });
+                audit::record(c, &actor, &Event::new(Action::UserPasswd).detail(detail), now())?;
+            }
             Ok(n == 1)
         })
         .await
     }
 
     /// Gives or takes the admin role; `false` if there is no such user.
-    pub async fn set_admin(&self, name: &str, admin: bool) -> Result<bool> {
-        let name = name.to_owned();
+    pub async fn set_admin(&self, name: &str, admin: bool, actor: &Actor) -> Result<bool> {
+        let (name, actor) = (name.to_owned(), actor.clone());
         self.write(move |c| {
             let n = c.execute(
                 "UPDATE users SET admin = ?2, updated_at = ?3 WHERE name = ?1",
                 params![name, admin as i64, now()],
             )?;
+            if n == 1 {
+                let detail = serde_json::json!({ "user": name, "admin": admin });
+                audit::record(c, &actor, &Event::new(Action::UserAdmin).detail(detail), now())?;
+            }
             Ok(n == 1)
         })
         .await
     }
 
     /// Removes a user and their API tokens; `false` if there is no such user.
-    pub async fn remove_user(&self, name: &str) -> Result<bool> {
-        let name = name.to_owned();
-        self.write(move |c| Ok(c.execute("DELETE FROM users WHERE name = ?1", params![name])? == 1))
-            .await
+    pub async fn remove_user(&self, name: &str, actor: &Actor) -> Result<bool> {
+        let (name, actor) = (name.to_owned(), actor.clone());
+        self.write(move |c| {
+            let n = c.execute("DELETE FROM users WHERE name = ?1", params![name])?;
+            if n == 1 {
+                let detail = serde_json::json!({ "user": name });
+                audit::record(c, &actor, &Event::new(Action::UserRemove).detail(detail), now())?;
+            }
+            Ok(n == 1)
+        })
+        .await
     }
 
     /// A user by name.
@@ -176,8 +198,9 @@ impl Catalog {
         secret_hash: String,
         scopes: String,
         expires_at: Option<i64>,
+        actor: &Actor,
     ) -> Result<std::result::Result<i64, NewTokenError>> {
-        let (user, name) = (user.to_owned(), name.to_owned());
+        let (user, name, actor) = (user.to_owned(), name.to_owned(), actor.clone());
         self.write(move |c| {
             let Some(user_id) = c
                 .query_row("SELECT id FROM users WHERE name = ?1", params![user], |r| {
@@ -200,7 +223,13 @@ impl Catalog {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![user_id, name, secret_hash, scopes, now(), expires_at],
             )?;
-            Ok(Ok(c.last_insert_rowid()))
+            let id = c.last_insert_rowid();
+            let scopes = serde_json::from_str::<serde_json::Value>(&scopes).unwrap_or(serde_json::Value::Null);
+            let detail = serde_json::json!({
+                "user": user, "token_id": id, "token_name": name, "scopes": scopes, "expires_at": expires_at,
+            });
+            audit::record(c, &actor, &Event::new(Action::TokenCreate).detail(detail), now())?;
+            Ok(Ok(id))
         })
         .await
         .inspect(|created| {
@@ -258,26 +287,29 @@ impl Catalog {
     /// Revokes a live token, by id (given as digits) or by name (of `user`'s tokens when given).
     /// Returns how many were revoked (0 or 1; more only for a name several users share, without
     /// `user`, which is refused: 0 and nothing changes).
-    pub async fn revoke_api_token(&self, user: Option<&str>, id_or_name: &str) -> Result<usize> {
+    pub async fn revoke_api_token(&self, user: Option<&str>, id_or_name: &str, actor: &Actor) -> Result<usize> {
         let user = user.map(str::to_owned);
+        let actor = actor.clone();
         let key = id_or_name.to_owned();
         self.write(move |c| {
             let id: Option<i64> = key.parse().ok();
-            let matching: Vec<i64> = {
+            let matching: Vec<(i64, String, String)> = {
                 let mut stmt = c.prepare(
-                    "SELECT t.id FROM api_tokens t JOIN users u ON u.id = t.user_id
+                    "SELECT t.id, t.name, u.name FROM api_tokens t JOIN users u ON u.id = t.user_id
                      WHERE t.revoked_at IS NULL AND (t.id = ?1 OR t.name = ?2) AND (?3 IS NULL OR u.name = ?3)",
                 )?;
-                let rows = stmt.query_map(params![id, key, user], |r| r.get(0))?;
+                let rows = stmt.query_map(params![id, key, user], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()?
             };
-            if matching.len() != 1 {
+            let [(token_id, token_name, owner)] = matching.as_slice() else {
                 return Ok(0);
-            }
+            };
             c.execute(
                 "UPDATE api_tokens SET revoked_at = ?2 WHERE id = ?1",
-                params![matching[0], now()],
+                params![token_id, now()],
             )?;
+            let detail = serde_json::json!({ "user": owner, "token_id": token_id, "token_name": token_name });
+            audit::record(c, &actor, &Event::new(Action::TokenRevoke).detail(detail), now())?;
             Ok(1)
         })
         .await

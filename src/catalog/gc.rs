@@ -6,12 +6,15 @@
 //! removes only those that still meet it. The scans therefore never hold up writers (readers
 //! see a WAL snapshot), the write jobs stay a few milliseconds long whatever the catalog's
 //! size, and a candidate that a push revived between the two halves is left alone.
+//! Each manifest removed is recorded in the audit trail (actor `gc`) in its delete job.
 
 use std::collections::{HashMap, HashSet};
 
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 
 use super::Catalog;
+use super::audit::{self, Action, Actor, Event};
+use super::now;
 use crate::error::Result;
 
 /// Whether manifest `m` has no reason to stay, apart from its age: no tag names it, no manifest
@@ -121,13 +124,20 @@ impl Catalog {
                 }
             }
             let names = repo_names(c, removed.iter().map(|(id, _)| *id))?;
-            let removed = removed
+            let removed: Vec<RemovedManifest> = removed
                 .into_iter()
                 .map(|(id, digest)| RemovedManifest {
                     repo: names.get(&id).cloned().unwrap_or_default(),
                     digest,
                 })
                 .collect();
+            let (actor, at) = (Actor::system("gc"), now());
+            for m in &removed {
+                let event = Event::new(Action::GcManifest)
+                    .repo(m.repo.as_str())
+                    .digest(m.digest.as_str());
+                audit::record(c, &actor, &event, at)?;
+            }
             Ok((removed, examined))
         })
         .await

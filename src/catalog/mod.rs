@@ -37,7 +37,12 @@
 //! rest, as SQLite always does.
 //!
 //! Schema changes are the numbered files in `migrations/`, embedded in the binary and applied
-//! at start-up; the applied version is SQLite's `user_version`.
+//! at start-up (or ahead of it by `stowage migrate`, [`migrate_file`]); the applied version is
+//! SQLite's `user_version`.
+//!
+//! The audit trail (`audit`) is written by the write jobs that make each change; refusals reach
+//! the writer through a bounded queue and a thread of their own, which [`Catalog::close`] drains
+//! before it stops the writer.
 //!
 //! Files: the catalog holds password hashes and token records, so its files are owner-only.
 //! The directory holding it is created 0700 when Stowage creates it (an existing one is left as
@@ -45,6 +50,7 @@
 //! the `-wal` and `-shm` files it creates the database file's mode. A catalog file found
 //! readable by group or others at start-up is changed to 0600, with a warning in the log.
 
+pub mod audit;
 pub mod auth;
 mod fsck;
 mod gc;
@@ -92,6 +98,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0007_upload_owner.sql"),
     include_str!("../../migrations/0008_gc_untagged.sql"),
     include_str!("../../migrations/0009_retention.sql"),
+    include_str!("../../migrations/0010_audit.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;
@@ -112,6 +119,8 @@ struct Inner {
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Dropping it stops the checkpoint thread.
     checkpoints: Mutex<Option<mpsc::Sender<()>>>,
+    /// Refusals waiting for the audit trail (see `audit`).
+    refusals: audit::RefusalQueue,
 }
 
 impl Catalog {
@@ -145,8 +154,10 @@ impl Catalog {
             })?;
         let reads = spawn_readers(path)?;
         let checkpoints = spawn_checkpointer(path)?;
+        let refusals = audit::RefusalQueue::start(tx.clone())?;
         Ok(Catalog {
             inner: Arc::new(Inner {
+                refusals,
                 jobs: Mutex::new(Some(tx)),
                 reads,
                 writer_thread: Mutex::new(Some(thread)),
@@ -218,8 +229,10 @@ impl Catalog {
             .map_err(|_| Error::from(Internal::Other("catalog reader dropped a job")))?
     }
 
-    /// Stops the writer after the jobs already queued are committed.
+    /// Stops the writer after the jobs already queued (and the refusals waiting for the audit
+    /// trail) are committed. Blocking.
     pub fn close(&self) {
+        self.inner.refusals.close();
         if let Ok(mut checkpoints) = self.inner.checkpoints.lock() {
             checkpoints.take();
         }
@@ -363,6 +376,7 @@ fn exit_after_writer_death(reason: &str) {
         exit_status = WRITER_DIED_EXIT,
         "the catalog writer thread died; exiting so that a supervisor restarts stowage"
     );
+    crate::logging::flush();
     std::process::exit(WRITER_DIED_EXIT);
 }
 
@@ -438,12 +452,14 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
     }
 }
 
-fn migrate(conn: &mut Connection) -> Result<()> {
+/// Applies the migrations `conn`'s catalog lacks; returns the versions applied.
+fn migrate(conn: &mut Connection) -> Result<Vec<i64>> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let target = MIGRATIONS.len() as i64;
     if current > target {
         return Err(Internal::Other("catalog schema is newer than this stowage binary").into());
     }
+    let mut applied = Vec::new();
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let version = i as i64 + 1;
         let tx = conn.transaction()?;
@@ -451,9 +467,45 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         tx.pragma_update(None, "user_version", version)?;
         tx.commit()?;
         tracing::info!(version, "catalog migrated");
+        applied.push(version);
     }
-    Ok(())
+    Ok(applied)
 }
+
+/// What `stowage migrate` did: the schema version found, and each migration applied (its
+/// version and the first line of its file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    pub from: i64,
+    pub applied: Vec<(i64, String)>,
+}
+
+/// Applies the pending migrations to the catalog at `path` (created if missing) and closes it,
+/// without starting the catalog's threads. Blocking. The caller makes sure no server uses the
+/// catalog meanwhile (`stowage migrate` holds the data directory's lock).
+pub fn migrate_file(path: &Path) -> Result<Migrated> {
+    prepare_files(path)?;
+    let mut conn = Connection::open(path)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = ON;
+         PRAGMA busy_timeout = 10000;",
+    )?;
+    let from: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let applied = migrate(&mut conn)?
+        .into_iter()
+        .map(|v| {
+            let sql = MIGRATIONS[(v - 1) as usize];
+            let first = sql.lines().next().unwrap_or_default().trim_start_matches("--").trim();
+            (v, first.to_owned())
+        })
+        .collect();
+    Ok(Migrated { from, applied })
+}
+
+/// The schema version this binary brings the catalog to.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
 /// Current unix time in seconds.
 pub(crate) fn now() -> i64 {

@@ -7,6 +7,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::audit::{self, Action, Actor, Event};
 use super::{Catalog, now};
 use crate::auth::{Overwritten, TagChange, TagLocks};
 use crate::error::{Error, Result};
@@ -170,15 +171,24 @@ impl Catalog {
         .await
     }
 
-    /// Unlinks a blob from a repository. Returns whether it was linked.
-    pub async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
-        let (repo, digest) = (repo.to_string(), digest.to_string());
+    /// Unlinks a blob from a repository, recording it in the audit trail. Returns whether it
+    /// was linked.
+    pub async fn unlink_blob(&self, repo: &RepoName, digest: &Digest, actor: &Actor) -> Result<bool> {
+        let (repo, digest, actor) = (repo.to_string(), digest.to_string(), actor.clone());
         self.write(move |c| {
             let n = c.execute(
                 "DELETE FROM repo_blobs WHERE digest = ?2
                     AND repo_id = (SELECT id FROM repositories WHERE name = ?1)",
                 params![repo, digest],
             )?;
+            if n > 0 {
+                audit::record(
+                    c,
+                    &actor,
+                    &Event::new(Action::BlobDelete).repo(repo).digest(digest),
+                    now(),
+                )?;
+            }
             Ok(n > 0)
         })
         .await
@@ -189,15 +199,22 @@ impl Catalog {
     /// with the size its descriptor gives (`MANIFEST_INVALID` naming the blob or child if not),
     /// and that the tag, if it exists and names another manifest, is not immutable under `locks`
     /// (403 `DENIED` if it is, unless the writer may overwrite: then it is returned, to be logged).
-    pub async fn put_manifest(&self, repo: &RepoName, m: NewManifest, locks: TagLocks) -> Result<Option<Overwritten>> {
-        let repo = repo.to_string();
+    /// The push is recorded in the audit trail for `actor` (with the digest a moved tag named
+    /// before); `None` for the registry's own manifests (Spack indexes), which are not.
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        m: NewManifest,
+        locks: TagLocks,
+        actor: Option<&Actor>,
+    ) -> Result<Option<Overwritten>> {
+        let (repo, actor) = (repo.to_string(), actor.cloned());
         self.write(move |c| {
             let repo_id = ensure_repo(c, &repo)?;
             let digest = m.digest.to_string();
             let mut overwritten = None;
-            if let Some(tag) = &m.tag
-                && !locks.is_empty()
-            {
+            let mut previous = None;
+            if let Some(tag) = &m.tag {
                 let current: Option<String> = c
                     .prepare_cached(
                         "SELECT m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id
@@ -205,8 +222,11 @@ impl Catalog {
                     )?
                     .query_row(params![repo_id, tag.as_str()], |r| r.get(0))
                     .optional()?;
-                if current.is_some_and(|d| d != digest) {
-                    overwritten = locks.check(tag.as_str(), TagChange::Move { to: digest.clone() })?;
+                if let Some(current) = current.filter(|d| *d != digest) {
+                    if !locks.is_empty() {
+                        overwritten = locks.check(tag.as_str(), TagChange::Move { to: digest.clone() })?;
+                    }
+                    previous = Some(current);
                 }
             }
             let p = &m.parsed;
@@ -292,6 +312,23 @@ impl Catalog {
             if let Some(generation) = m.spack_index_generation {
                 super::spack::publish_index(c, repo_id, generation, &digest)?;
             }
+            if let Some(actor) = &actor {
+                let mut detail = serde_json::Map::new();
+                if let Some(p) = previous {
+                    detail.insert("previous".into(), p.into());
+                }
+                if let Some(o) = &overwritten {
+                    detail.insert("overwrote_immutable_rule".into(), o.rule.clone().into());
+                }
+                let mut event = Event::new(Action::ManifestPush)
+                    .repo(repo.as_str())
+                    .tag(m.tag.as_ref().map(|t| t.as_str()))
+                    .digest(digest.as_str());
+                if !detail.is_empty() {
+                    event = event.detail(detail.into());
+                }
+                audit::record(c, actor, &event, now())?;
+            }
             Ok(overwritten)
         })
         .await
@@ -344,9 +381,16 @@ impl Catalog {
     }
 
     /// Deletes a manifest by digest, with its tags and references; refused (403 `DENIED`) while
-    /// a tag immutable under `locks` names it, unless the writer may overwrite.
-    pub async fn delete_manifest(&self, repo: &RepoName, digest: &Digest, locks: TagLocks) -> Result<Deletion> {
-        let (repo, digest) = (repo.to_string(), digest.to_string());
+    /// a tag immutable under `locks` names it, unless the writer may overwrite. Recorded in the
+    /// audit trail for `actor`, with the tags that named it.
+    pub async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        locks: TagLocks,
+        actor: &Actor,
+    ) -> Result<Deletion> {
+        let (repo, digest, actor) = (repo.to_string(), digest.to_string(), actor.clone());
         self.write(move |c| {
             let Some(repo_id) = repo_id(c, &repo)? else {
                 return Ok(Deletion::default());
@@ -381,10 +425,27 @@ impl Catalog {
                     overwritten.extend(locks.check(&tag, change)?);
                 }
             }
+            let tags = c
+                .prepare_cached(
+                    "SELECT t.name FROM tags t JOIN manifests m ON m.id = t.manifest_id
+                      WHERE m.repo_id = ?1 AND m.digest = ?2 ORDER BY t.name",
+                )?
+                .query_map(params![repo_id, digest], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             let n = c.execute(
                 "DELETE FROM manifests WHERE digest = ?2 AND repo_id = ?1",
                 params![repo_id, digest],
             )?;
+            if n > 0 {
+                let mut event = Event::new(Action::ManifestDelete)
+                    .repo(repo.as_str())
+                    .digest(digest.as_str());
+                if !tags.is_empty() || !overwritten.is_empty() {
+                    let rules: Vec<&str> = overwritten.iter().map(|o| o.rule.as_str()).collect();
+                    event = event.detail(serde_json::json!({ "tags": tags, "overwrote_immutable_rules": rules }));
+                }
+                audit::record(c, &actor, &event, now())?;
+            }
             Ok(Deletion {
                 existed: n > 0,
                 overwritten,
@@ -394,24 +455,39 @@ impl Catalog {
     }
 
     /// Deletes a tag (not the manifest it names); refused (403 `DENIED`) when it is immutable
-    /// under `locks`, unless the writer may overwrite.
-    pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag, locks: TagLocks) -> Result<Deletion> {
-        let (repo, tag) = (repo.to_string(), tag.to_string());
+    /// under `locks`, unless the writer may overwrite. Recorded in the audit trail for `actor`,
+    /// with the digest the tag named.
+    pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag, locks: TagLocks, actor: &Actor) -> Result<Deletion> {
+        let (repo, tag, actor) = (repo.to_string(), tag.to_string(), actor.clone());
         self.write(move |c| {
             let Some(repo_id) = repo_id(c, &repo)? else {
                 return Ok(Deletion::default());
             };
-            let exists = c
-                .prepare_cached("SELECT 1 FROM tags WHERE repo_id = ?1 AND name = ?2")?
-                .exists(params![repo_id, tag])?;
-            if !exists {
+            let named: Option<String> = c
+                .prepare_cached(
+                    "SELECT m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id
+                      WHERE t.repo_id = ?1 AND t.name = ?2",
+                )?
+                .query_row(params![repo_id, tag], |r| r.get(0))
+                .optional()?;
+            let Some(named) = named else {
                 return Ok(Deletion::default());
-            }
+            };
             let overwritten = locks.check(&tag, TagChange::Delete)?;
             let n = c.execute(
                 "DELETE FROM tags WHERE repo_id = ?1 AND name = ?2",
                 params![repo_id, tag],
             )?;
+            if n > 0 {
+                let mut event = Event::new(Action::TagDelete)
+                    .repo(repo.as_str())
+                    .tag(Some(tag.as_str()))
+                    .digest(named);
+                if let Some(o) = &overwritten {
+                    event = event.detail(serde_json::json!({ "overwrote_immutable_rule": o.rule }));
+                }
+                audit::record(c, &actor, &event, now())?;
+            }
             Ok(Deletion {
                 existed: n > 0,
                 overwritten: overwritten.into_iter().collect(),

@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Catalog;
+use super::audit::{self, Action, Actor, Event};
 use super::queries::repo_id;
 use crate::error::Result;
 use crate::oci::RepoName;
@@ -37,6 +38,9 @@ pub struct TagRemoval {
     pub updated_at: i64,
     /// A Spack spec tag (deleted only while the repository's spec tags are as planned).
     pub spack: bool,
+    /// The manifest's digest and why the tag goes (`rule 0: …`), for the audit trail.
+    pub digest: String,
+    pub reason: String,
 }
 
 /// What one repository looked like when a pass planned its deletions.
@@ -174,7 +178,8 @@ impl Catalog {
     /// not pushed again, was not pulled since `pulled_since` (when the rule keeps pulled tags),
     /// and still has `keep_last` newer tags. Spec tags are deleted only while the repository's
     /// spec tags are at `snapshot`'s generation (`expected_generation`) and no keep-list was
-    /// created or replaced since the snapshot; otherwise they are left for a new plan.
+    /// created or replaced since the snapshot; otherwise they are left for a new plan. Each tag
+    /// deleted is recorded in the audit trail (actor `retention`, with the rule and reason).
     pub async fn retention_delete(
         &self,
         snapshot_repo: i64,
@@ -211,6 +216,10 @@ impl Catalog {
                     AND (?6 IS NULL OR {NEWER_TAGS})"
             );
             let mut stmt = c.prepare_cached(&sql)?;
+            let actor = Actor::system("retention");
+            let now = super::now();
+            let repo_name: String =
+                c.query_row("SELECT name FROM repositories WHERE id = ?1", [repo_id], |r| r.get(0))?;
             for r in removals.iter().filter(|r| spack_ok || !r.spack) {
                 let n = stmt.execute(params![
                     repo_id,
@@ -222,6 +231,12 @@ impl Catalog {
                 ])?;
                 if n > 0 {
                     out.deleted.push(r.name.clone());
+                    let event = Event::new(Action::RetentionDelete)
+                        .repo(repo_name.as_str())
+                        .tag(Some(r.name.as_str()))
+                        .digest(r.digest.as_str())
+                        .detail(serde_json::json!({ "reason": r.reason }));
+                    audit::record(c, &actor, &event, now)?;
                 }
             }
             out.spack_generation = generation(c)?;
@@ -376,6 +391,8 @@ mod tests {
             manifest_id,
             updated_at,
             spack,
+            digest: String::new(),
+            reason: "test".into(),
         }
     }
 

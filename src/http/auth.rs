@@ -145,10 +145,16 @@ async fn resolve(auth: &Auth, req: &HttpRequest, need: Need) -> Result<Principal
     let scope = repo.as_ref().zip(action).map(|(r, a)| challenge_scope(r, a));
     let creds = credentials(req);
     let anonymous_request = matches!(creds, Credentials::None);
+    let claimed = basic_user(&creds);
     let principal = auth
         .authenticate(creds, client_ip(auth, req), session)
         .await
-        .map_err(|f| refuse(auth, req, f, scope.clone()))?;
+        .map_err(|f| {
+            if let Some(user) = &claimed {
+                super::audit::record_login_failure(req, user, &f);
+            }
+            refuse(auth, req, f, scope.clone())
+        })?;
     match (need, repo, action) {
         (
             Need::Identity {
@@ -160,8 +166,12 @@ async fn resolve(auth: &Auth, req: &HttpRequest, need: Need) -> Result<Principal
             return Err(refuse(auth, req, Refusal::NeedCredentials.into(), None));
         }
         (_, Some(repo), Some(action)) => {
-            auth.authorize(&principal, repo.as_str(), action)
-                .map_err(|r| refuse(auth, req, r.into(), scope))?;
+            auth.authorize(&principal, repo.as_str(), action).map_err(|r| {
+                if let Refusal::Denied(message) = &r {
+                    super::audit::record_denied(req, &principal, repo.as_str(), action, message);
+                }
+                refuse(auth, req, r.into(), scope)
+            })?;
         }
         _ => {}
     }
@@ -216,6 +226,14 @@ fn refuse(auth: &Auth, req: &HttpRequest, fail: AuthFail, scope: Option<String>)
         error,
         bearer: true,
     }))
+}
+
+/// The user name of Basic credentials (for the audit trail of a failed login).
+fn basic_user(creds: &Credentials) -> Option<String> {
+    match creds {
+        Credentials::Basic { user, .. } => Some(user.clone()),
+        _ => None,
+    }
 }
 
 /// The credentials of a request's `Authorization` header. A header that cannot be parsed
@@ -385,10 +403,15 @@ pub async fn token_get(req: HttpRequest, auth: web::Data<Auth>) -> Result<HttpRe
     let scopes = Scope::parse_all(values(&q, "scope"));
     let offline = extract::query_param(&q, "offline_token").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let principal = match credentials(&req) {
-        creds @ Credentials::Basic { .. } if auth.enabled() => auth
-            .authenticate(creds, client_ip(&auth, &req), false)
-            .await
-            .map_err(|f| token_refusal(&auth, f))?,
+        creds @ Credentials::Basic { .. } if auth.enabled() => {
+            let claimed = basic_user(&creds).unwrap_or_default();
+            auth.authenticate(creds, client_ip(&auth, &req), false)
+                .await
+                .map_err(|f| {
+                    super::audit::record_login_failure(&req, &claimed, &f);
+                    token_refusal(&auth, f)
+                })?
+        }
         _ if auth.enabled() => Principal {
             identity: Identity::Anonymous,
             via: crate::auth::Via::Nothing,
@@ -422,9 +445,19 @@ pub async fn token_post(req: HttpRequest, auth: web::Data<Auth>, body: web::Payl
             Some("password") => {
                 let user = extract::query_param(&pairs, "username").unwrap_or_default().to_owned();
                 let password = extract::query_param(&pairs, "password").unwrap_or_default().to_owned();
-                auth.authenticate(Credentials::Basic { user, password }, client_ip(&auth, &req), false)
-                    .await
-                    .map_err(|f| token_refusal(&auth, f))?
+                auth.authenticate(
+                    Credentials::Basic {
+                        user: user.clone(),
+                        password,
+                    },
+                    client_ip(&auth, &req),
+                    false,
+                )
+                .await
+                .map_err(|f| {
+                    super::audit::record_login_failure(&req, &user, &f);
+                    token_refusal(&auth, f)
+                })?
             }
             Some("refresh_token") => {
                 let token = extract::query_param(&pairs, "refresh_token").unwrap_or_default();

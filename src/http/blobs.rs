@@ -61,6 +61,6 @@ pub async fn head(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResp
 pub async fn delete(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResponse> {
     let repo = extract::repo(&req)?;
     let digest = extract::digest_param(&req, "digest")?;
-    reg.delete_blob(&repo, &digest).await?;
+    reg.delete_blob(&repo, &digest, &super::audit::actor(&req)).await?;
     Ok(HttpResponse::Accepted().finish())
 }

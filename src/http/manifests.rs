@@ -76,7 +76,14 @@ pub async fn put(
     })?;
     let overwrite = overwrite(&req, &auth, &repo);
     let out = reg
-        .put_manifest(&repo, reference, extract::content_type(&req), body, overwrite)
+        .put_manifest(
+            &repo,
+            reference,
+            extract::content_type(&req),
+            body,
+            overwrite,
+            &super::audit::actor(&req),
+        )
         .await?;
     let mut resp = HttpResponse::Created();
     resp.insert_header((LOCATION, format!("/v2/{repo}/manifests/{}", out.digest)))
@@ -91,6 +98,7 @@ pub async fn delete(req: HttpRequest, reg: web::Data<Registry>, auth: web::Data<
     let repo = extract::repo(&req)?;
     let reference = read_reference(&req)?;
     let overwrite = overwrite(&req, &auth, &repo);
-    reg.delete_manifest(&repo, &reference, overwrite).await?;
+    reg.delete_manifest(&repo, &reference, overwrite, &super::audit::actor(&req))
+        .await?;
     Ok(HttpResponse::Accepted().finish())
 }

@@ -4,6 +4,7 @@
 //! One file per OCI resource; each handler extracts and validates its inputs (`extract`), calls
 //! one [`Registry`] method, and maps the result. Errors become OCI error bodies in `error`.
 
+mod audit;
 mod auth;
 mod blobs;
 mod error;
@@ -18,12 +19,14 @@ use actix_web::http::header::CONTENT_TYPE;
 use actix_web::middleware::{DefaultHeaders, from_fn};
 use actix_web::{HttpResponse, web};
 
+/// For the web UI (`crate::ui`): the same client address, base URL and audit records as the
+/// registry API.
+pub use audit::{actor, record_denied, record_login_failure};
 pub use auth::Guard;
-/// For the web UI (`crate::ui`): the same client address and base URL as the registry API.
 pub use auth::{base_url, client_ip};
 pub use error::error_body;
 pub use extract::{BodyTimeouts, query, query_param, read_limited, set_body_timeouts};
-pub use ops::{MetricsAccess, access};
+pub use ops::{ACCESS_TARGET, MetricsAccess, access};
 
 use crate::error::Code;
 use crate::registry::Registry;
@@ -146,6 +149,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .wrap(protect!(Guard::SpackKeep))
             .get(spack_api::keep_list)
             .post(spack_api::keep_create)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/stowage/v1/audit")
+            .wrap(protect!(Guard::Base))
+            .get(audit::list)
             .default_service(web::to(method_not_allowed)),
     )
     .service(

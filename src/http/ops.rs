@@ -33,6 +33,9 @@ use crate::auth::{Identity, Principal};
 use crate::error::Error;
 use crate::registry::Registry;
 
+/// The target of access-log lines (`crate::logging` writes them without blocking).
+pub const ACCESS_TARGET: &str = "stowage::access";
+
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// `GET /livez`.
@@ -155,6 +158,8 @@ pub async fn access(
     // At error level, so that the span (and with it the id) is on every line logged, however
     // high `RUST_LOG` sets the threshold: a warning from a failed upload still names its request.
     let span = tracing::error_span!("request", request_id = %id);
+    // For the audit trail (`http::audit`).
+    req.extensions_mut().insert(super::audit::RequestId(id.clone()));
     let method = req.method().clone();
     let path = req.path().to_owned();
     let metered = crate::metrics::get().enabled();
@@ -175,25 +180,6 @@ pub async fn access(
     if let Ok(value) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID, value);
     }
-    let request = resp.request();
-    // The pattern without its regular expressions: `/v2/{name}/blobs/{digest}`.
-    let route = request
-        .match_pattern()
-        .map_or_else(|| path.clone(), |p| p.replace(":.+", ""));
-    let repo = request.match_info().get("name").unwrap_or("").to_owned();
-    let client = match request.app_data::<web::Data<crate::auth::Auth>>() {
-        Some(auth) => super::auth::client_ip(auth, request).to_string(),
-        None => request.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default(),
-    };
-    let (user, token) = match request.extensions().get::<Principal>().map(|p| &p.identity) {
-        Some(Identity::User { name, token, .. }) => (name.clone(), token.as_ref().map(|(id, _)| *id)),
-        Some(Identity::Anonymous) => ("-anonymous-".to_owned(), None),
-        _ => (String::new(), None),
-    };
-    let bytes_out = match resp.response().body().size() {
-        BodySize::Sized(n) => n,
-        _ => 0,
-    };
     let status = resp.status().as_u16();
     if metered {
         let m = crate::metrics::get();
@@ -210,9 +196,39 @@ pub async fn access(
             .observe(started.elapsed().as_secs_f64());
     }
     drop(in_flight);
+    let failed = resp.status().is_server_error();
+    // The line's fields cost allocations: only when the line is written.
+    let wanted = if failed {
+        tracing::enabled!(target: "stowage::access", tracing::Level::WARN)
+    } else {
+        tracing::enabled!(target: "stowage::access", tracing::Level::INFO)
+    };
+    if !wanted {
+        return Ok(resp);
+    }
+    let request = resp.request();
+    // The pattern without its regular expressions: `/v2/{name}/blobs/{digest}`.
+    let route = request
+        .match_pattern()
+        .map_or_else(|| path.clone(), |p| p.replace(":.+", ""));
+    let repo = request.match_info().get("name").unwrap_or("");
+    let client = match request.app_data::<web::Data<crate::auth::Auth>>() {
+        Some(auth) => super::auth::client_ip(auth, request).to_string(),
+        None => request.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default(),
+    };
+    let extensions = request.extensions();
+    let (user, token) = match extensions.get::<Principal>().map(|p| &p.identity) {
+        Some(Identity::User { name, token, .. }) => (name.as_str(), token.as_ref().map(|(id, _)| *id)),
+        Some(Identity::Anonymous) => ("-anonymous-", None),
+        _ => ("", None),
+    };
+    let bytes_out = match resp.response().body().size() {
+        BodySize::Sized(n) => n,
+        _ => 0,
+    };
     let duration_ms = (started.elapsed().as_secs_f64() * 1e4).round() / 10.0;
     let _in_span = span.enter();
-    if resp.status().is_server_error() {
+    if failed {
         tracing::warn!(
             target: "stowage::access", %method, %route, %repo, status, bytes_in, bytes_out, duration_ms,
             %user, token, %client, request_id = %id, "request failed"
@@ -223,5 +239,6 @@ pub async fn access(
             %user, token, %client, request_id = %id, "request"
         );
     }
+    drop(extensions);
     Ok(resp)
 }

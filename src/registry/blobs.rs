@@ -68,12 +68,18 @@ impl Registry {
         Ok(BlobBody { size, range, body })
     }
 
-    /// Removes a blob from a repository. Its bytes stay while other repositories link it.
-    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+    /// Removes a blob from a repository (audited for `actor`). Its bytes stay while other
+    /// repositories link it.
+    pub async fn delete_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        actor: &crate::catalog::audit::Actor,
+    ) -> Result<()> {
         if !self.settings.delete_enabled {
             return Err(Error::Unsupported("deletion is disabled on this registry"));
         }
-        if self.catalog.unlink_blob(repo, digest).await? {
+        if self.catalog.unlink_blob(repo, digest, actor).await? {
             tracing::info!(repo = %repo, digest = %digest, "blob unlinked");
             Ok(())
         } else {

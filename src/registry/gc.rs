@@ -54,8 +54,18 @@
 //!
 //! A pass cut short (a stop, an error) leaves nothing inconsistent: every step is safe to
 //! repeat.
+//!
+//! # One-off passes and dry runs
+//!
+//! `stowage gc` runs [`Registry::collect_listed`] once, with the server stopped (it holds the
+//! data directory's lock: the digest locks above are in-process and cannot cover another
+//! process's uploads). `stowage gc --dry-run` runs the very same code on a snapshot copy of the
+//! catalog with [`GcOptions::dry_run`] set: the copy's rows are deleted as in a real pass, so
+//! every later step sees what a real pass would, but no object is deleted from storage (and
+//! the objects it would have deleted are not taken for orphans). It lists, as [`Removed`]
+//! items, exactly what a real pass started from the same catalog state would remove.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -74,6 +84,20 @@ const WRITE_BATCH: usize = 100;
 /// Longest a manifest-removal write job runs before it commits and leaves the rest to the
 /// next job, so that writes queued behind it wait at most about this long.
 const WRITE_BUDGET: Duration = Duration::from_millis(5);
+
+/// After each write job the collector waits this many times as long as the job took (its wait
+/// in the writer's queue and its commit included) before the next: it then holds the writer at
+/// most half the time, and dirties catalog pages no faster than the checkpointer writes them
+/// back, so a commit beside it does not wait on a large checkpoint's fsync. Doubles a pass's
+/// time (see the GC benchmark in the README).
+pub const WRITE_PAUSE: f64 = 1.0;
+
+/// Waits after a write job that started at `started` (see [`WRITE_PAUSE`]).
+async fn pause_after(started: std::time::Instant, factor: f64) {
+    if factor > 0.0 {
+        tokio::time::sleep(started.elapsed().mul_f64(factor)).await;
+    }
+}
 
 /// Object deletions in flight at once (S3 answers each in a round trip).
 const PARALLEL_DELETES: usize = 8;
@@ -96,7 +120,47 @@ pub struct GcOptions {
     pub untagged_manifests: bool,
     /// List storage for orphans when it was last listed this long ago (or never).
     pub orphan_interval: Duration,
+    /// Delete nothing from storage (run on a copy of the catalog: see the module doc).
+    pub dry_run: bool,
+    /// After each write job, wait this many times as long as the job took ([`WRITE_PAUSE`]).
+    pub write_pause: f64,
 }
+
+/// One thing a pass removed (or, in a dry run, would remove).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removed {
+    /// A tag a retention rule deleted.
+    RetentionTag {
+        repo: String,
+        tag: String,
+        digest: String,
+        why: String,
+    },
+    /// An unneeded manifest.
+    Manifest { repo: String, digest: String },
+    /// A blob no repository links any more (catalog row and object).
+    Blob { digest: String, bytes: u64 },
+    /// A blob of a superseded Spack index.
+    SpackIndexBlob { digest: String, bytes: u64 },
+    /// An object the catalog did not record.
+    Orphan { digest: String },
+}
+
+impl std::fmt::Display for Removed {
+    /// One tab-separated line: the kind, then what identifies the item.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Removed::RetentionTag { repo, tag, digest, why } => write!(f, "retention\t{repo}\t{tag}\t{digest}\t{why}"),
+            Removed::Manifest { repo, digest } => write!(f, "manifest\t{repo}\t{digest}"),
+            Removed::Blob { digest, bytes } => write!(f, "blob\t{digest}\t{bytes}"),
+            Removed::SpackIndexBlob { digest, bytes } => write!(f, "spack-index-blob\t{digest}\t{bytes}"),
+            Removed::Orphan { digest } => write!(f, "orphan\t{digest}"),
+        }
+    }
+}
+
+/// Where a pass reports each [`Removed`] item.
+pub type Listing<'a> = &'a mut (dyn FnMut(Removed) + Send);
 
 /// What one pass removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -132,7 +196,7 @@ impl Registry {
     /// Runs one garbage collection pass, counted in the `stowage_gc_*` metrics.
     pub async fn collect_garbage(&self, opts: GcOptions) -> Result<GcReport> {
         let started = std::time::Instant::now();
-        let result = self.collect_garbage_pass(opts).await;
+        let result = self.collect_garbage_listed(opts, &mut |_| {}).await;
         let m = crate::metrics::get();
         m.gc_duration.observe(started.elapsed().as_secs_f64());
         let outcome = if result.is_ok() { "ok" } else { "failed" };
@@ -146,39 +210,87 @@ impl Registry {
         result
     }
 
-    async fn collect_garbage_pass(&self, opts: GcOptions) -> Result<GcReport> {
+    /// Runs one garbage collection pass, reporting each item removed to `listing`.
+    pub async fn collect_garbage_listed(&self, opts: GcOptions, listing: Listing<'_>) -> Result<GcReport> {
+        self.pass(opts, listing, HashSet::new()).await
+    }
+
+    /// One pass; `gone` holds the digests of blobs already forgotten before it (their objects
+    /// are still there in a dry run, and are not orphans).
+    async fn pass(&self, opts: GcOptions, listing: Listing<'_>, mut gone: HashSet<String>) -> Result<GcReport> {
         // Retention deletes tags; the manifests they leave untagged go a grace period later.
-        self.apply_retention().await;
+        self.apply_retention(|r| {
+            listing(Removed::RetentionTag {
+                repo: r.repo.clone(),
+                tag: r.tag.clone(),
+                digest: r.digest.clone(),
+                why: format!("rule {}: {}", r.rule, r.why),
+            })
+        })
+        .await;
         let cutoff = now() - opts.grace.as_secs() as i64;
         let mut report = GcReport::default();
         if opts.untagged_manifests {
-            report.manifests = self.collect_manifests(cutoff).await?;
+            report.manifests = self.collect_manifests(cutoff, opts.write_pause, listing).await?;
         }
-        report.links = self.collect_links(cutoff).await?;
-        let (blobs, bytes) = self.collect_blobs().await?;
+        report.links = self.collect_links(cutoff, opts.write_pause).await?;
+        // In a dry run, the objects of the blobs "deleted" are still there: not orphans.
+        let (blobs, bytes) = self
+            .collect_blobs(opts.dry_run, opts.write_pause, &mut |r| {
+                if let Removed::Blob { digest, .. } = &r {
+                    gone.insert(digest.clone());
+                }
+                listing(r)
+            })
+            .await?;
         report.blobs = blobs;
         report.bytes = bytes;
 
         let listed = self.catalog.gc_state(ORPHANS_LISTED_AT).await?;
         if listed.is_none_or(|at| now() - at >= opts.orphan_interval.as_secs() as i64) {
             let started = now();
-            report.orphans = self.collect_orphans(cutoff).await?;
+            report.orphans = self.collect_orphans(cutoff, opts.dry_run, &gone, listing).await?;
             self.catalog.set_gc_state(ORPHANS_LISTED_AT, started).await?;
         }
+        Ok(report)
+    }
+
+    /// `stowage gc`: the superseded Spack index blobs past `spack_index_grace` (first, so that
+    /// they are reported as such rather than as blobs the pass found unlinked), then one pass;
+    /// each item is reported to `listing`.
+    pub async fn collect_listed(
+        &self,
+        opts: GcOptions,
+        spack_index_grace: Duration,
+        listing: Listing<'_>,
+    ) -> Result<GcReport> {
+        let mut gone = HashSet::new();
+        let index = self
+            .superseded_indexes(spack_index_grace, opts.dry_run, &mut |r| {
+                if let Removed::SpackIndexBlob { digest, .. } = &r {
+                    gone.insert(digest.clone());
+                }
+                listing(r)
+            })
+            .await?;
+        let mut report = self.pass(opts, listing, gone).await?;
+        report.links += index.links;
+        report.blobs += index.blobs;
+        report.bytes += index.bytes;
         Ok(report)
     }
 
     /// Unlinks the blobs of Spack indexes superseded more than `grace` ago, and deletes those
     /// no repository links any more.
     pub async fn collect_superseded_indexes(&self, grace: Duration) -> Result<GcReport> {
-        let result = self.collect_superseded_pass(grace).await;
+        let result = self.superseded_indexes(grace, false, &mut |_| {}).await;
         if let Ok(r) = &result {
             r.count("spack_index", "manifest");
         }
         result
     }
 
-    async fn collect_superseded_pass(&self, grace: Duration) -> Result<GcReport> {
+    async fn superseded_indexes(&self, grace: Duration, dry_run: bool, listing: Listing<'_>) -> Result<GcReport> {
         let before = now() - grace.as_secs() as i64;
         let mut report = GcReport::default();
         loop {
@@ -190,9 +302,11 @@ impl Registry {
             let n = due.len();
             report.links += self.catalog.gc_unlink_superseded(due, before).await?;
             let sizes = self.catalog.blob_sizes_if_unlinked(digests).await?;
-            let (blobs, bytes) = self.delete_unlinked(sizes).await?;
-            report.blobs += blobs;
-            report.bytes += bytes;
+            for (digest, bytes) in self.delete_unlinked(sizes, dry_run).await? {
+                report.blobs += 1;
+                report.bytes += bytes;
+                listing(Removed::SpackIndexBlob { digest, bytes });
+            }
             if n < WRITE_BATCH {
                 break;
             }
@@ -201,7 +315,7 @@ impl Registry {
     }
 
     /// Removes unneeded manifests touched before `cutoff`, a level per round. Returns how many.
-    async fn collect_manifests(&self, cutoff: i64) -> Result<u64> {
+    async fn collect_manifests(&self, cutoff: i64, pause: f64, listing: Listing<'_>) -> Result<u64> {
         let mut total = 0;
         for _round in 0..MAX_MANIFEST_ROUNDS {
             let mut removed_this_round = 0;
@@ -211,9 +325,15 @@ impl Registry {
                 let mut pending = slice.candidates.as_slice();
                 while !pending.is_empty() {
                     let batch = pending[..pending.len().min(WRITE_BATCH)].to_vec();
+                    let started = std::time::Instant::now();
                     let (removed, examined) = self.catalog.gc_delete_manifests(batch, cutoff, WRITE_BUDGET).await?;
-                    for m in &removed {
+                    pause_after(started, pause).await;
+                    for m in removed.iter().cloned() {
                         tracing::info!(repo = %m.repo, digest = %m.digest, "garbage collection removed an unneeded manifest");
+                        listing(Removed::Manifest {
+                            repo: m.repo,
+                            digest: m.digest,
+                        });
                     }
                     removed_this_round += removed.len() as u64;
                     pending = &pending[examined.max(1).min(pending.len())..];
@@ -232,13 +352,15 @@ impl Registry {
     }
 
     /// Removes unreferenced blob links last linked before `cutoff`. Returns how many.
-    async fn collect_links(&self, cutoff: i64) -> Result<u64> {
+    async fn collect_links(&self, cutoff: i64, pause: f64) -> Result<u64> {
         let mut total = 0;
         let mut after = None;
         loop {
             let slice = self.catalog.gc_scan_links(cutoff, after, SCAN_SLICE).await?;
             for links in slice.candidates.chunks(WRITE_BATCH) {
+                let started = std::time::Instant::now();
                 total += self.catalog.gc_unlink(links.to_vec(), Some(cutoff)).await?;
+                pause_after(started, pause).await;
             }
             match slice.next {
                 Some(next) => after = Some(next),
@@ -248,15 +370,20 @@ impl Registry {
     }
 
     /// Deletes every blob no repository links. Returns how many, and their bytes.
-    async fn collect_blobs(&self) -> Result<(u64, u64)> {
+    async fn collect_blobs(&self, dry_run: bool, pause: f64, listing: Listing<'_>) -> Result<(u64, u64)> {
         let (mut blobs, mut bytes) = (0, 0);
         let mut after = None;
         loop {
             let slice = self.catalog.gc_scan_blobs(after, SCAN_SLICE).await?;
             for batch in slice.candidates.chunks(WRITE_BATCH) {
-                let (n, b) = self.delete_unlinked(batch.iter().cloned().collect()).await?;
-                blobs += n;
-                bytes += b;
+                let started = std::time::Instant::now();
+                let deleted = self.delete_unlinked(batch.iter().cloned().collect(), dry_run).await?;
+                pause_after(started, pause).await;
+                for (digest, size) in deleted {
+                    blobs += 1;
+                    bytes += size;
+                    listing(Removed::Blob { digest, bytes: size });
+                }
             }
             match slice.next {
                 Some(next) => after = Some(next),
@@ -266,10 +393,11 @@ impl Registry {
     }
 
     /// Forgets and deletes those of the blobs `sizes` (digest → size) that no repository links,
-    /// under their digests' locks. Returns how many went, and their bytes.
-    async fn delete_unlinked(&self, sizes: HashMap<String, u64>) -> Result<(u64, u64)> {
+    /// under their digests' locks (objects stay in a dry run). Returns those that went, with
+    /// their sizes, in digest order.
+    async fn delete_unlinked(&self, sizes: HashMap<String, u64>, dry_run: bool) -> Result<Vec<(String, u64)>> {
         if sizes.is_empty() {
-            return Ok((0, 0));
+            return Ok(Vec::new());
         }
         // Every digest's lock, in one order (an upload holds at most one, so this cannot
         // deadlock), then one transaction forgets those still unlinked.
@@ -279,8 +407,15 @@ impl Registry {
         for d in &digests {
             locks.push(self.blob_locks.lock(d).await);
         }
-        let forgotten = self.catalog.gc_forget_blobs(digests).await?;
-        let bytes = forgotten.iter().filter_map(|d| sizes.get(d)).sum::<u64>();
+        let mut forgotten = self.catalog.gc_forget_blobs(digests).await?;
+        forgotten.sort();
+        let gone = forgotten
+            .iter()
+            .map(|d| (d.clone(), sizes.get(d).copied().unwrap_or(0)))
+            .collect();
+        if dry_run {
+            return Ok(gone);
+        }
         futures_util::stream::iter(forgotten.iter().cloned())
             .map(|digest| {
                 let store = self.store.clone();
@@ -300,12 +435,20 @@ impl Registry {
             .collect::<Vec<()>>()
             .await;
         drop(locks);
-        Ok((forgotten.len() as u64, bytes))
+        Ok(gone)
     }
 
     /// Deletes objects under `blobs/` that the catalog does not record and that were written
     /// before `cutoff`. Returns how many.
-    async fn collect_orphans(&self, cutoff: i64) -> Result<u64> {
+    /// In a dry run nothing is deleted, and `gone` (objects of blobs the pass forgot) are not
+    /// orphans.
+    async fn collect_orphans(
+        &self,
+        cutoff: i64,
+        dry_run: bool,
+        gone: &HashSet<String>,
+        listing: Listing<'_>,
+    ) -> Result<u64> {
         // Listed first and deleted after: deleting while the listing walks the same folders
         // (on local disk, emptied folders are removed) would upset the walk. Orphans are rare,
         // so only they are kept; the objects are checked against the catalog in batches.
@@ -325,7 +468,11 @@ impl Registry {
                     .catalog
                     .blobs_known(batch.iter().map(|d| d.to_string()).collect())
                     .await?;
-                orphans.extend(batch.drain(..).filter(|d| !known.contains(&d.to_string())));
+                orphans.extend(batch.drain(..).filter(|d| {
+                    let key = d.to_string();
+                    let forgotten_here = dry_run && gone.contains(&key);
+                    !known.contains(&key) && !forgotten_here
+                }));
             }
             if end {
                 break;
@@ -338,8 +485,11 @@ impl Registry {
             if self.catalog.blob_known(&key).await? {
                 continue; // published and linked meanwhile
             }
-            self.store.delete_blob(&digest).await?;
-            tracing::info!(digest = %key, "garbage collection removed an object the catalog did not record");
+            if !dry_run {
+                self.store.delete_blob(&digest).await?;
+                tracing::info!(digest = %key, "garbage collection removed an object the catalog did not record");
+            }
+            listing(Removed::Orphan { digest: key });
             removed += 1;
         }
         Ok(removed)

@@ -45,6 +45,8 @@ impl Registry {
     /// Enters (`true`) or leaves read-only mode; returns whether it changed.
     pub fn set_read_only(&self, on: bool) -> bool {
         let was = self.maintenance.read_only.swap(on, Ordering::SeqCst);
+        // Refused requests are audited once the catalog may be written again.
+        self.catalog.pause_audit_refusals(on);
         if was != on {
             if on {
                 tracing::warn!("read-only mode on: pulls work, every write is refused with 503 UNAVAILABLE");

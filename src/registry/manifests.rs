@@ -3,11 +3,14 @@
 //! Writes that move or delete a tag carry the writer's [`Overwrite`] right: the catalog refuses
 //! them inside its transaction when an `[[immutable_tags]]` rule protects the tag
 //! (`auth::immutable`), and an immutable tag a writer was allowed to overwrite is logged here.
+//! Every change is recorded in the audit trail for the request's [`Actor`] in the change's own
+//! transaction; a refused immutable-tag change is queued there as a refusal.
 
 use bytes::Bytes;
 
 use super::Registry;
 use crate::auth::{Overwrite, Overwritten};
+use crate::catalog::audit::{Action, Actor, Event};
 use crate::catalog::{ManifestRecord, NewManifest};
 use crate::error::{Error, Result};
 use crate::oci::manifest::{self, Manifest};
@@ -52,6 +55,7 @@ impl Registry {
         content_type: Option<String>,
         body: Bytes,
         overwrite: Overwrite,
+        actor: &Actor,
     ) -> Result<PutOutcome> {
         if body.len() > self.settings.max_manifest_size {
             return Err(Error::ManifestTooLarge {
@@ -84,7 +88,11 @@ impl Registry {
             spack_index_generation: None,
         };
         let locks = self.settings.immutable_tags.for_repo(repo.as_str(), overwrite);
-        let overwritten = self.catalog.put_manifest(repo, new, locks).await?;
+        let overwritten = self
+            .catalog
+            .put_manifest(repo, new, locks, Some(actor))
+            .await
+            .inspect_err(|e| self.audit_immutable_refusal(e, Action::DeniedImmutable, actor))?;
         tracing::info!(repo = %repo, digest = %digest, tag = tag_name, "manifest stored");
         log_overwritten(repo, overwritten.as_slice(), "moved");
         Ok(PutOutcome { digest, subject })
@@ -121,21 +129,41 @@ impl Registry {
 
     /// Deletes a tag, or a manifest (with every tag naming it) by digest. Deleting an immutable
     /// tag, or a manifest one names, needs `overwrite`.
-    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference, overwrite: Overwrite) -> Result<()> {
+    pub async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        overwrite: Overwrite,
+        actor: &Actor,
+    ) -> Result<()> {
         if !self.settings.delete_enabled {
             return Err(Error::Unsupported("deletion is disabled on this registry"));
         }
         let locks = self.settings.immutable_tags.for_repo(repo.as_str(), overwrite);
         let deleted = match reference {
-            Reference::Tag(t) => self.catalog.delete_tag(repo, t, locks).await?,
-            Reference::Digest(d) => self.catalog.delete_manifest(repo, d, locks).await?,
-        };
+            Reference::Tag(t) => self.catalog.delete_tag(repo, t, locks, actor).await,
+            Reference::Digest(d) => self.catalog.delete_manifest(repo, d, locks, actor).await,
+        }
+        .inspect_err(|e| self.audit_immutable_refusal(e, Action::DeniedImmutable, actor))?;
         if !deleted.existed {
             return Err(Error::ManifestUnknown);
         }
         tracing::info!(repo = %repo, reference = %reference, "manifest deleted");
         log_overwritten(repo, &deleted.overwritten, "deleted");
         Ok(())
+    }
+}
+
+impl Registry {
+    /// Queues a refused immutable-tag change for the audit trail, if `e` is one.
+    fn audit_immutable_refusal(&self, e: &Error, action: Action, actor: &Actor) {
+        if let Error::TagImmutable(r) = e {
+            let event = Event::new(action)
+                .repo(r.repo.as_str())
+                .tag(Some(r.tag.as_str()))
+                .detail(serde_json::json!({ "rule": r.rule, "message": r.to_string() }));
+            self.catalog.audit_refusal(actor, event);
+        }
     }
 }
 

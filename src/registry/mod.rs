@@ -17,7 +17,7 @@ mod uploads;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use gc::{GcOptions, GcReport};
+pub use gc::{GcOptions, GcReport, Removed, WRITE_PAUSE};
 pub use manifests::PutOutcome;
 pub use uploads::{Chunk, ChunkRange, SessionLimits, Uploads};
 

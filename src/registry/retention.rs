@@ -283,11 +283,13 @@ async fn plan_repo(
                     }
                     let removals = chunk
                         .iter()
-                        .map(|(t, _)| TagRemoval {
+                        .map(|(t, why)| TagRemoval {
                             name: t.name.clone(),
                             manifest_id: t.manifest_id,
                             updated_at: t.updated_at,
                             spack: t.spack_hash.is_some(),
+                            digest: t.digest.clone(),
+                            reason: format!("rule {index}: {why}"),
                         })
                         .collect();
                     let done = catalog
@@ -418,8 +420,9 @@ impl Registry {
     }
 
     /// The collector's retention step: flushes pulls, removes expired keep-lists, then applies
-    /// the retention rules. Failures are logged; collection goes on either way.
-    pub async fn apply_retention(&self) {
+    /// the retention rules, calling `seen` with each tag it deleted. Failures are logged;
+    /// collection goes on either way.
+    pub async fn apply_retention(&self, mut seen: impl FnMut(&Removal) + Send) {
         self.flush_pulls().await;
         let now = crate::catalog::now();
         loop {
@@ -449,7 +452,11 @@ impl Registry {
             &self.settings.immutable_tags,
             None,
             Mode::Apply,
-            |_| {},
+            |r| {
+                if !r.dry_run {
+                    seen(r);
+                }
+            },
         )
         .await
         {

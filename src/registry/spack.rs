@@ -165,6 +165,8 @@ impl Registry {
                 self.settings
                     .immutable_tags
                     .for_repo(repo.as_str(), crate::auth::Overwrite::Refused),
+                // Derived data the registry publishes itself: not audited.
+                None,
             )
             .await?;
         tracing::info!(

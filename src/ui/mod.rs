@@ -35,6 +35,10 @@
 //! registry's services and catalog queries (`catalog::ui` holds the queries only it asks);
 //! it holds no rule of its own.
 //!
+//! Changes are the registry's own, so the audit trail records them as it records the API's:
+//! a tag deleted here is recorded for the signed-in user (`http::actor`), a delete the policy
+//! refuses as a denied delete, a wrong password as a failed login.
+//!
 //! Forms: every POST carries a CSRF token bound to the viewer's cookie (`session`); a post
 //! without it, or with one for another cookie, is refused with 403 before anything else.
 //! Sign-in attempts go through `Auth::login`, so the failed-login limiter of `/token` throttles
@@ -51,7 +55,7 @@ use std::time::Duration;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{CONTENT_TYPE, LOCATION, RETRY_AFTER, SET_COOKIE};
 use actix_web::middleware::DefaultHeaders;
-use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use actix_web::{HttpMessage as _, HttpRequest, HttpResponse, ResponseError, web};
 
 use crate::auth::{Auth, Identity, Principal, Via};
 use crate::catalog::Catalog;
@@ -166,6 +170,8 @@ fn set_cookie(name: &str, value: &str, max_age: Option<u64>, secure: bool) -> St
 impl Viewer {
     /// Resolves the viewer of `req`: the session's user (looked up again: a removed user or a
     /// changed password ends the session), else anonymous (or open when authentication is off).
+    /// The identity is left in the request's extensions, as the registry's authentication
+    /// middleware leaves it, for the access log and the audit trail.
     async fn of(req: &HttpRequest, auth: &Auth, catalog: &Catalog, ui: &Ui) -> Result<Viewer, UiError> {
         let secure = crate::http::base_url(auth, req).starts_with("https://");
         let mut viewer = Viewer {
@@ -200,6 +206,7 @@ impl Viewer {
                     };
                     viewer.user = Some(user.name);
                     viewer.session = Some(id.to_owned());
+                    req.extensions_mut().insert(viewer.principal.clone());
                     return Ok(viewer);
                 }
                 _ => {
@@ -222,6 +229,7 @@ impl Viewer {
                 viewer.fresh_cookie = true;
             }
         }
+        req.extensions_mut().insert(viewer.principal.clone());
         Ok(viewer)
     }
 

@@ -477,18 +477,24 @@ pub async fn delete_tag(
             Refusal::Denied(m) => m,
             _ => format!("sign in as a user who may delete in repository {repo}"),
         };
+        crate::http::record_denied(&req, &viewer.principal, repo.as_str(), Action::Delete, &message);
         return Err(UiError::Forbidden(message));
     }
     if reg.is_read_only() {
         return Err(Error::ReadOnly.into());
     }
     let overwrite = auth.overwrite(&viewer.principal, repo.as_str());
-    reg.delete_manifest(&repo, &Reference::Tag(tag.clone()), overwrite)
-        .await
-        .map_err(|e| match e {
-            Error::ManifestUnknown => UiError::NotFound,
-            other => other.into(),
-        })?;
+    reg.delete_manifest(
+        &repo,
+        &Reference::Tag(tag.clone()),
+        overwrite,
+        &crate::http::actor(&req),
+    )
+    .await
+    .map_err(|e| match e {
+        Error::ManifestUnknown => UiError::NotFound,
+        other => other.into(),
+    })?;
     tracing::info!(repo = %repo, tag = %tag, user = viewer.user.as_deref().unwrap_or(""), "tag deleted through the web UI");
     Ok(see_other(&format!("/ui/repos/{repo}?deleted={tag}")))
 }
@@ -568,7 +574,8 @@ pub async fn login(
         Err(AuthFail::Refused(Refusal::Busy(retry_after))) => {
             return Err(Error::LoginsBusy { retry_after }.into());
         }
-        Err(AuthFail::Refused(_)) => {
+        Err(fail @ AuthFail::Refused(_)) => {
+            crate::http::record_login_failure(&req, &user, &fail);
             let error = Some("Wrong user name or password.".to_owned());
             return login_page(&viewer, &ui, &auth, StatusCode::UNAUTHORIZED, error, user);
         }

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod dockerd;
 pub mod limits;
 pub mod oci;
 pub mod replay;

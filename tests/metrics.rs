@@ -272,6 +272,19 @@ async fn failed_logins_and_issued_tokens_are_counted() {
         .unwrap_or(0.0)
             >= 1.0
     );
+    // The failed login reaches the audit trail through its own write path; the queue gauge
+    // counts that job too, so it is back at 0 (never below) once the row is written.
+    wait_until("the failed login is in the audit trail", || async {
+        let out = run_cli(server.data_dir(), &["audit", "--json"], "");
+        String::from_utf8_lossy(&out.stdout).contains("login.failed")
+    })
+    .await;
+    let text = scrape(&server).await;
+    assert_eq!(
+        value(&text, "stowage_catalog_write_queue_depth", &[]),
+        Some(0.0),
+        "{text}"
+    );
 }
 
 #[tokio::test]

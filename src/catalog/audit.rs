@@ -326,7 +326,7 @@ fn write_batch(jobs: &mpsc::Sender<Job>, batch: Vec<Queued>) -> Result<()> {
             });
         })
     });
-    jobs.send(job).map_err(|_| Internal::Other("catalog writer stopped"))?;
+    super::submit(jobs, job)?;
     done_rx
         .recv()
         .map_err(|_| Internal::Other("catalog writer dropped a job"))?

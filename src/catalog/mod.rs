@@ -196,12 +196,7 @@ impl Catalog {
                 .lock()
                 .map_err(|_| Internal::Other("catalog lock poisoned"))?;
             let sender = guard.as_ref().ok_or(Internal::Other("catalog is closed"))?;
-            // Counted before it is sent, so the writer never takes a job not yet counted.
-            crate::metrics::get().catalog_queue.inc();
-            if sender.send(job).is_err() {
-                crate::metrics::get().catalog_queue.dec();
-                return Err(Internal::Other("catalog writer stopped").into());
-            }
+            submit(sender, job)?;
         }
         rx.await
             .map_err(|_| Error::from(Internal::Other("catalog writer dropped a job")))?
@@ -411,6 +406,18 @@ fn run_in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<
             Err(e)
         }
     }
+}
+
+/// Queues a job for the writer, counted in `stowage_catalog_write_queue_depth` (the writer
+/// uncounts each job it takes). Every job reaches the writer through here.
+fn submit(sender: &mpsc::Sender<Job>, job: Job) -> Result<()> {
+    // Counted before it is sent, so the writer never takes a job not yet counted.
+    crate::metrics::get().catalog_queue.inc();
+    if sender.send(job).is_err() {
+        crate::metrics::get().catalog_queue.dec();
+        return Err(Internal::Other("catalog writer stopped").into());
+    }
+    Ok(())
 }
 
 fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {

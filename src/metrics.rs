@@ -107,6 +107,7 @@ pub struct Metrics {
     pub catalog_queue: Gauge,
     pub catalog_commit: Histogram,
     pub catalog_commits_failed: Counter,
+    pub catalog_reprepares: Counter,
     pub blocking_in_flight: Gauge,
     pub blocking_tasks: Counter,
     pub failed_logins: Counter,
@@ -153,6 +154,7 @@ impl Metrics {
             catalog_queue: Gauge::default(),
             catalog_commit: latency_buckets(),
             catalog_commits_failed: Counter::default(),
+            catalog_reprepares: Counter::default(),
             blocking_in_flight: Gauge::default(),
             blocking_tasks: Counter::default(),
             failed_logins: Counter::default(),
@@ -242,6 +244,11 @@ impl Metrics {
             "stowage_catalog_commit_failures",
             "Catalog commits that failed",
             m.catalog_commits_failed.clone(),
+        );
+        r.register(
+            "stowage_catalog_statement_reprepares",
+            "Times a cached catalog statement was parsed and planned again (expected to stay 0)",
+            m.catalog_reprepares.clone(),
         );
         r.register(
             "stowage_blocking_tasks_in_flight",

@@ -63,6 +63,7 @@ const FAMILIES: &[&str] = &[
     "stowage_catalog_write_queue_depth",
     "stowage_catalog_commit_seconds",
     "stowage_catalog_commit_failures",
+    "stowage_catalog_statement_reprepares",
     "stowage_blocking_tasks_in_flight",
     "stowage_blocking_tasks",
     "stowage_auth_failed_logins",
@@ -408,4 +409,64 @@ fn the_grafana_dashboard_queries_only_series_that_exist() {
     for family in FAMILIES {
         assert!(used.contains(*family), "no panel shows {family}");
     }
+}
+
+/// The catalog's cached statements stay prepared: a workload of pushes (by tag and by digest,
+/// a Spack build cache) and many pulls (manifests by tag and digest, blob HEADs, tag lists,
+/// referrers, the Spack index) leaves `stowage_catalog_statement_reprepares_total` at 0. A
+/// query whose plan depends on what is bound to it would be parsed and planned again on every
+/// run (it was, for every join, before the planner stability guarantee was turned on), and
+/// the counter would show hundreds here.
+#[tokio::test]
+async fn hot_catalog_queries_are_never_prepared_again() {
+    let server = TestServer::start();
+    let mut images = Vec::new();
+    for (repo, tag) in [("hot/a", "v1"), ("hot/a", "v2"), ("hot/b", "v1"), ("hot/b", "latest")] {
+        let layer = format!("{repo}:{tag}").repeat(100).into_bytes();
+        let (manifest_digest, _) = push_image(&server, repo, tag, &layer).await;
+        images.push((repo, tag, manifest_digest, sha256(&layer)));
+    }
+    let fixture = FixtureRepo::load("http-noauth", "spack_buildcache");
+    push_fixture(&server, "hot/spack", &fixture).await;
+    served_index(&server, "hot/spack").await;
+
+    // Enough reads for every reader thread to count its statements several times over.
+    let c = client();
+    let mut rounds = futures_util::StreamExt::buffer_unordered(
+        futures_util::StreamExt::map(futures_util::stream::iter(0..2_000usize), |i| {
+            let c = c.clone();
+            let (repo, tag, manifest, blob) = images[i % images.len()].clone();
+            let url = match i % 6 {
+                0 => server.v2(&format!("{repo}/manifests/{tag}")),
+                1 => server.v2(&format!("{repo}/manifests/{manifest}")),
+                2 => server.v2(&format!("{repo}/blobs/{blob}")),
+                3 => server.v2(&format!("{repo}/tags/list")),
+                4 => server.v2(&format!("{repo}/referrers/{manifest}")),
+                _ => server.v2("hot/spack/manifests/index.spack"),
+            };
+            async move {
+                let req = if i % 6 == 2 { c.head(&url) } else { c.get(&url) };
+                let status = req
+                    .header("accept", "application/vnd.oci.image.manifest.v1+json")
+                    .send()
+                    .await
+                    .expect("request")
+                    .status();
+                assert!(status.is_success(), "{url}: {status}");
+            }
+        }),
+        8,
+    );
+    while futures_util::StreamExt::next(&mut rounds).await.is_some() {}
+    // A few more pushes after the reads, so the writer's statements run again too.
+    for tag in ["v3", "v4", "v5"] {
+        push_image(&server, "hot/a", tag, b"one more").await;
+    }
+
+    let text = scrape(&server).await;
+    assert_eq!(
+        value(&text, "stowage_catalog_statement_reprepares_total", &[]),
+        Some(0.0),
+        "cached catalog statements were prepared again:\n{text}"
+    );
 }

@@ -36,6 +36,20 @@
 //! The thread stops when the catalog is closed; the last connection to close checkpoints the
 //! rest, as SQLite always does.
 //!
+//! Prepared statements: every hot query is prepared once per connection (`prepare_cached`) and
+//! must stay prepared. rusqlite clears a statement's bindings when it goes back to the cache,
+//! and SQLite expires any statement whose plan *might* depend on a bound value when its
+//! bindings are cleared: the planner marks a parameter so whenever it compares a column with it
+//! outside the index it chose (every join does: `r.name = ?1` beside a `manifests` lookup), or
+//! would use it for a `LIKE` prefix or STAT4 estimates. Such a statement was parsed and
+//! planned again on every execution (18-23 µs, most of a manifest GET's CPU). Every connection
+//! therefore runs with the query planner stability guarantee on ([`configure`]): a statement
+//! keeps the plan it was prepared with whatever is bound to it, which is what the catalog's
+//! queries are written for (they never rely on a value-dependent plan: no `LIKE` on bound
+//! patterns, no `ANALYZE` statistics). Each connection adds up its statements' re-preparations
+//! ([`take_reprepares`]) into `stowage_catalog_statement_reprepares_total`, which a test holds
+//! at 0 under a push-and-pull workload.
+//!
 //! Schema changes are the numbered files in `migrations/`, embedded in the binary and applied
 //! at start-up (or ahead of it by `stowage migrate`, [`migrate_file`]); the applied version is
 //! SQLite's `user_version`.
@@ -140,6 +154,7 @@ impl Catalog {
              PRAGMA foreign_keys = ON;
              PRAGMA busy_timeout = 10000;",
         )?;
+        configure(&conn)?;
         migrate(&mut conn)?;
         // The checkpoint thread does this writer's checkpoints (see the module doc).
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -330,6 +345,7 @@ fn spawn_readers(path: &Path) -> Result<mpsc::Sender<ReadJob>> {
 /// and again after a failure to open or a job that panicked.
 fn reader_loop(path: &Path, jobs: &Mutex<mpsc::Receiver<ReadJob>>) {
     let mut conn: Option<Connection> = None;
+    let mut since_sample = 0u32;
     loop {
         let job = {
             let Ok(queue) = jobs.lock() else { return };
@@ -348,6 +364,13 @@ fn reader_loop(path: &Path, jobs: &Mutex<mpsc::Receiver<ReadJob>>) {
             tracing::error!("catalog: a read job panicked; its reader continues with a new connection");
             conn = None;
         }
+        since_sample += 1;
+        if since_sample >= REPREPARE_SAMPLE_EVERY
+            && let Some(c) = &conn
+        {
+            since_sample = 0;
+            crate::metrics::get().catalog_reprepares.inc_by(take_reprepares(c));
+        }
     }
 }
 
@@ -357,8 +380,40 @@ fn open_reader(path: &Path) -> Result<Connection> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
     )?;
     conn.execute_batch("PRAGMA busy_timeout = 10000;")?;
+    configure(&conn)?;
     Ok(conn)
 }
+
+/// What every catalog connection gets, whatever it is for: the query planner stability
+/// guarantee, so that a cached statement is never re-prepared because of what is bound to it
+/// (see the module doc).
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    Ok(())
+}
+
+/// Re-preparations of the statements `conn` holds since the last call (each statement's
+/// counter is read and reset). Cheap: one pass over the connection's prepared statements.
+fn take_reprepares(conn: &Connection) -> u64 {
+    use rusqlite::ffi;
+    let mut total: u64 = 0;
+    // SAFETY: `conn` is borrowed for the whole walk and used by this thread only, so no
+    // statement is finalized or created meanwhile; `sqlite3_next_stmt` and
+    // `sqlite3_stmt_status` read the connection's statement list and counters and nothing else.
+    unsafe {
+        let db = conn.handle();
+        let mut stmt = ffi::sqlite3_next_stmt(db, std::ptr::null_mut());
+        while !stmt.is_null() {
+            let n = ffi::sqlite3_stmt_status(stmt, ffi::SQLITE_STMTSTATUS_REPREPARE, 1);
+            total = total.saturating_add(u64::try_from(n).unwrap_or(0));
+            stmt = ffi::sqlite3_next_stmt(db, stmt);
+        }
+    }
+    total
+}
+
+/// How many read jobs a reader runs between two [`take_reprepares`] walks.
+const REPREPARE_SAMPLE_EVERY: u32 = 64;
 
 /// Exit status when the writer thread dies: `EX_SOFTWARE`.
 const WRITER_DIED_EXIT: i32 = 70;
@@ -456,6 +511,7 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
         for finish in finishers {
             finish(committed);
         }
+        metrics.catalog_reprepares.inc_by(take_reprepares(&conn));
     }
 }
 

@@ -35,6 +35,19 @@ use crate::storage::BlobStore;
 
 type Outcome = Result<(), Box<dyn std::error::Error>>;
 
+/// After the CLI changed users or API tokens: when a server runs on `data_dir`, waits until
+/// it has certainly seen the change (its catalog reads the credentials generation every
+/// [`crate::catalog::CHECKPOINT_EVERY`]), so that a revoked token or a removed user is refused
+/// by the server from the moment the command returns.
+pub async fn settle_credentials(data_dir: std::path::PathBuf) {
+    let running = crate::metrics::spawn_blocking(move || crate::server::DataDirLock::held_elsewhere(&data_dir))
+        .await
+        .unwrap_or(true);
+    if running {
+        tokio::time::sleep(crate::catalog::CHECKPOINT_EVERY * 3).await;
+    }
+}
+
 async fn open_catalog(config: &Config) -> Result<Catalog, Box<dyn std::error::Error>> {
     let path = config.catalog_path();
     Ok(crate::metrics::spawn_blocking(move || Catalog::open(&path)).await??)

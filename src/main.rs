@@ -32,6 +32,21 @@ fn tune_allocator() {
     }
 }
 
+/// Passes `config` on, noting its data directory.
+fn noting_data_dir(config: Config, noted: &std::sync::Mutex<Option<std::path::PathBuf>>) -> Config {
+    if let Ok(mut n) = noted.lock() {
+        *n = Some(config.data_dir.clone());
+    }
+    config
+}
+
+/// After a user or token command that succeeded: lets a running server see the change first.
+async fn settle(succeeded: bool, data_dir: std::sync::Mutex<Option<std::path::PathBuf>>) {
+    if let Some(dir) = data_dir.into_inner().ok().flatten().filter(|_| succeeded) {
+        stowage::admin::settle_credentials(dir).await;
+    }
+}
+
 /// Ends an admin command: errors on stderr, exit status 1.
 fn admin_exit(outcome: Result<(), Box<dyn std::error::Error>>) {
     if let Err(e) = outcome {
@@ -59,8 +74,18 @@ async fn main() {
                 std::process::exit(1);
             }
         }
-        Command::User(cmd) => admin_exit(stowage::admin::user(cmd, load).await),
-        Command::Token(cmd) => admin_exit(stowage::admin::token(cmd, load).await),
+        Command::User(cmd) => {
+            let data_dir = std::sync::Mutex::new(None);
+            let outcome = stowage::admin::user(cmd, |at| noting_data_dir(load(at), &data_dir)).await;
+            settle(outcome.is_ok(), data_dir).await;
+            admin_exit(outcome);
+        }
+        Command::Token(cmd) => {
+            let data_dir = std::sync::Mutex::new(None);
+            let outcome = stowage::admin::token(cmd, |at| noting_data_dir(load(at), &data_dir)).await;
+            settle(outcome.is_ok(), data_dir).await;
+            admin_exit(outcome);
+        }
         Command::Key(cmd) => admin_exit(stowage::admin::key(cmd, load).await),
         Command::Spack(cmd) => admin_exit(stowage::admin::spack(cmd, load).await),
         Command::Fsck(args) => {

@@ -140,6 +140,19 @@ pub struct DataDirLock {
 }
 
 impl DataDirLock {
+    /// Whether another process (a running server) holds the lock of `data_dir` now. Blocking
+    /// file I/O, for the CLI.
+    pub fn held_elsewhere(data_dir: &Path) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let Ok(file) = std::fs::File::open(data_dir.join(LOCK_FILE)) else {
+            return false;
+        };
+        // SAFETY: flock only acts on the descriptor, which `file` owns; a shared lock taken
+        // here is released when `file` is closed at the end of this function.
+        let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+        !free
+    }
+
     /// Takes the lock of `data_dir` (created if missing) without waiting, for `purpose` (what
     /// the holder is, written into the lock file with its pid for the next one's error
     /// message). Fails with a message that names the holder when another process has it.

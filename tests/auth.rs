@@ -1465,3 +1465,77 @@ async fn refusals_say_why() {
     let (_, message) = unauthorized(resp).await;
     assert!(message.contains("the refresh token is invalid"), "{message}");
 }
+
+/// Every credential a client can repeat is remembered by the server after its first use (a
+/// verified registry token, a user, an API token by id and by secret); each change that
+/// should end one is honoured on the very next request all the same: an API token revoked, a
+/// password changed, a user removed. Other users' remembered credentials keep working.
+#[tokio::test]
+async fn cached_credentials_end_on_the_next_request_after_each_change() {
+    let s = AuthServer::start().await;
+    let url = s.server.v2("private/app/tags/list");
+    let get = |creds: Creds| {
+        let url = url.clone();
+        async move {
+            creds
+                .apply(client().get(url))
+                .send()
+                .await
+                .expect("GET")
+                .status()
+                .as_u16()
+        }
+    };
+    let scope = "repository:private/app:pull";
+    stowage(s.server.data_dir(), &["user", "add", "carol"], "carol-pw\n");
+    let secret = s.token_create("pusher", "ci", "private/**:pull", &[]);
+    let carol_secret = s.token_create("carol", "laptop", "private/**:pull", &[]);
+    let cases = [
+        ("reader's password", Creds::basic("reader", "reader-pw")),
+        ("pusher's API token", Creds::basic("ci", &secret)),
+        ("carol's password", Creds::basic("carol", "carol-pw")),
+        ("carol's API token", Creds::basic("carol", &carol_secret)),
+    ];
+    let mut all = Vec::new();
+    for (what, creds) in cases {
+        let token = token_for(&s, &creds, scope).await["token"]
+            .as_str()
+            .expect("token")
+            .to_owned();
+        all.push((format!("{what} bearer"), Creds::Bearer(token)));
+        all.push((format!("{what} basic"), creds));
+    }
+    // Used again and again: every one of them is remembered now.
+    for _ in 0..5 {
+        for (what, creds) in &all {
+            assert_eq!(get(creds.clone()).await, 200, "{what}");
+        }
+    }
+    let expect = |refused: &'static [&'static str]| {
+        let all = all.clone();
+        async move {
+            for (what, creds) in &all {
+                let want = if refused.iter().any(|r| what.starts_with(r)) {
+                    401
+                } else {
+                    200
+                };
+                assert_eq!(get(creds.clone()).await, want, "{what}");
+            }
+        }
+    };
+
+    stowage(s.server.data_dir(), &["token", "revoke", "ci", "--user", "pusher"], "");
+    expect(&["pusher's API token"]).await;
+
+    stowage(s.server.data_dir(), &["user", "passwd", "reader"], "reader-new-pw\n");
+    expect(&["pusher's API token", "reader's password"]).await;
+    assert_eq!(
+        get(Creds::basic("reader", "reader-new-pw")).await,
+        200,
+        "the new password"
+    );
+
+    stowage(s.server.data_dir(), &["user", "remove", "carol"], "");
+    expect(&["pusher's API token", "reader's password", "carol's"]).await;
+}

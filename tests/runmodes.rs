@@ -202,11 +202,18 @@ async fn migrate_applies_each_pending_migration_once() {
     assert_eq!(out, "", "nothing pending");
     assert!(err.contains(&format!("already at schema version {latest}")), "{err}");
 
-    // A catalog from before the audit trail gets exactly that migration.
+    // A catalog from before the audit trail gets exactly that migration and the later ones
+    // (undone here by hand, newest first).
     {
         let db = rusqlite::Connection::open(data.join("catalog.db")).expect("open catalog");
-        db.execute_batch("DROP TABLE audit_log; PRAGMA user_version = 9;")
-            .expect("roll back to version 9");
+        db.execute_batch(
+            "DROP TRIGGER users_added_auth_epoch; DROP TRIGGER users_changed_auth_epoch;
+             DROP TRIGGER users_removed_auth_epoch; DROP TRIGGER api_tokens_added_auth_epoch;
+             DROP TRIGGER api_tokens_changed_auth_epoch; DROP TRIGGER api_tokens_removed_auth_epoch;
+             DROP TABLE auth_epoch;
+             DROP TABLE audit_log; PRAGMA user_version = 9;",
+        )
+        .expect("roll back to version 9");
     }
     let (code, out, err) = stowage(&data, &["migrate"]);
     assert_eq!(code, 0, "{err}");

@@ -170,6 +170,19 @@ pub fn verify(
     Ok(data.claims)
 }
 
+/// The time checks of [`verify`], for claims whose signature verified earlier: expired
+/// (beyond `expired_grace` when given) or not yet valid, with the same leeway.
+pub fn check_times(claims: &Claims, expired_grace: Option<u64>, now: u64) -> Result<(), VerifyError> {
+    let leeway = LEEWAY_SECS.saturating_add(expired_grace.unwrap_or(0));
+    if claims.exp < now.saturating_sub(leeway) {
+        return Err(VerifyError::Expired);
+    }
+    if claims.nbf > now.saturating_add(LEEWAY_SECS) {
+        return Err(VerifyError::NotYetValid);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use base64::Engine as _;
@@ -285,5 +298,34 @@ mod tests {
         c.token_use = TokenUse::Refresh;
         assert_eq!(check(&keys, &sign(&keys, &c).unwrap()), Err(VerifyError::WrongUse));
         assert_eq!(check(&keys, "not-a-jwt"), Err(VerifyError::Malformed));
+    }
+
+    /// The times checked on a remembered token agree with what `verify` decides.
+    #[test]
+    fn check_times_agrees_with_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = keys(dir.path());
+        let now = jsonwebtoken::get_current_timestamp();
+        for (exp_offset, nbf_offset, grace) in [
+            (300i64, 0i64, None),
+            (-3, 0, None),
+            (-60, 0, None),
+            (-60, -120, Some(120)),
+            (-300, -400, Some(120)),
+            (300, 3, None),
+            (300, 60, None),
+            (300, 60, Some(600)),
+        ] {
+            let mut c = claims(now);
+            c.exp = now.saturating_add_signed(exp_offset);
+            c.nbf = now.saturating_add_signed(nbf_offset);
+            let token = sign(&keys, &c).unwrap();
+            let verified = verify(&keys, &token, "stowage", "svc", TokenUse::Access, grace).map(|_| ());
+            assert_eq!(
+                check_times(&c, grace, now),
+                verified,
+                "exp {exp_offset:+}, nbf {nbf_offset:+}, grace {grace:?}"
+            );
+        }
     }
 }

@@ -11,8 +11,13 @@
 //!
 //! Credentials a request may carry: none (anonymous); HTTP Basic with a user's password or an
 //! API token secret as the password; a Bearer registry token from the token endpoint. Users and
-//! API tokens live in the catalog (`catalog::auth`); a token's user and API token are looked up
-//! on every request, so removing a user or revoking a token takes effect at once.
+//! API tokens live in the catalog (`catalog::auth`). What a request's credentials stand for is
+//! checked on every request, through [`cache`]: a registry token's signature is verified once
+//! and its times on every use; a user or API token read from the catalog is reused only while
+//! the catalog's credentials generation has not moved, and every change of a user or token
+//! moves it before the change is acknowledged. So removing a user, changing a password or
+//! revoking a token takes effect on the next request, and a client repeating its credentials
+//! costs a hash-map lookup, not a signature check and a catalog read.
 //!
 //! Password checks, on every route and on `/token` alike ([`Auth::login`]), in this order:
 //! 1. An API token secret (`stw_…`) is looked up by its SHA-256 and never throttled.
@@ -38,6 +43,7 @@
 //! upload layer makes sure the session is the token's user's own.
 
 pub mod bootstrap;
+pub mod cache;
 pub mod immutable;
 pub mod jwt;
 pub mod keys;
@@ -118,7 +124,7 @@ pub enum Identity {
 pub enum Via {
     Nothing,
     Basic,
-    Bearer(Box<Claims>),
+    Bearer(Arc<Claims>),
 }
 
 /// An authenticated request's identity.
@@ -243,10 +249,35 @@ struct Inner {
     login_cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
     /// API token id -> when its last-used time was last written.
     touched: Mutex<HashMap<i64, i64>>,
+    /// Verified tokens and identities (see [`cache`]).
+    cache: cache::AuthCache,
 }
 
 fn now_secs() -> u64 {
     jsonwebtoken::get_current_timestamp()
+}
+
+/// What the catalog says of an API token, if it is live: a revoked one is refused saying so,
+/// one with unreadable scopes as bad credentials. (Expiry is checked at each use.)
+fn live_token(rec: ApiTokenRecord) -> Result<cache::CachedToken, Refusal> {
+    if rec.revoked_at.is_some() {
+        return Err(Refusal::TokenRevoked {
+            user: rec.user,
+            name: rec.name,
+        });
+    }
+    let scopes: Vec<Grant> = serde_json::from_str(&rec.scopes).map_err(|_| {
+        tracing::error!(token_id = rec.id, "an API token's scopes in the catalog are unreadable");
+        Refusal::BadCredentials
+    })?;
+    Ok(cache::CachedToken {
+        id: rec.id,
+        user: rec.user,
+        name: rec.name,
+        user_admin: rec.user_admin,
+        expires_at: rec.expires_at,
+        scopes,
+    })
 }
 
 /// Runs CPU-heavy work on the blocking pool.
@@ -301,6 +332,7 @@ impl Auth {
                 dummy_hash,
                 login_cache: Mutex::new(HashMap::new()),
                 touched: Mutex::new(HashMap::new()),
+                cache: cache::AuthCache::new(),
             }),
         })
     }
@@ -356,23 +388,43 @@ impl Auth {
                 })
             }
             Credentials::Bearer(token) => {
-                let grace = continuing_upload.then_some(self.inner.session_grace);
-                let claims = jwt::verify(
-                    &self.inner.keys,
-                    &token,
-                    &self.inner.issuer,
-                    &self.inner.service,
-                    TokenUse::Access,
-                    grace,
-                )
-                .map_err(Refusal::InvalidToken)?;
+                let claims = self.verified_token(&token, continuing_upload)?;
                 let identity = self.identity_of(&claims).await?;
                 Ok(Principal {
                     identity,
-                    via: Via::Bearer(Box::new(claims)),
+                    via: Via::Bearer(claims),
                 })
             }
         }
+    }
+
+    /// A registry token's claims, if it verifies: its signature, issuer, audience and use once
+    /// (then remembered by the token's SHA-256 until it can no longer be accepted), its times
+    /// on every call (`continuing_upload` allows `auth.upload_token_grace_secs` past expiry).
+    fn verified_token(&self, token: &str, continuing_upload: bool) -> Result<Arc<Claims>, Refusal> {
+        let grace = continuing_upload.then_some(self.inner.session_grace);
+        let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let now = now_secs();
+        if let Some(claims) = self.inner.cache.token(&key, now) {
+            jwt::check_times(&claims, grace, now).map_err(Refusal::InvalidToken)?;
+            return Ok(claims);
+        }
+        let claims = jwt::verify(
+            &self.inner.keys,
+            token,
+            &self.inner.issuer,
+            &self.inner.service,
+            TokenUse::Access,
+            grace,
+        )
+        .map_err(Refusal::InvalidToken)?;
+        let claims = Arc::new(claims);
+        let until = claims
+            .exp
+            .saturating_add(jwt::LEEWAY_SECS)
+            .saturating_add(self.inner.session_grace);
+        self.inner.cache.remember_token(key, Arc::clone(&claims), until, now);
+        Ok(claims)
     }
 
     /// The identity a verified token stands for, as it is now (the user must still exist, the
@@ -382,14 +434,13 @@ impl Auth {
             return Ok(Identity::Anonymous);
         }
         if let Some(tid) = claims.tid {
-            let rec = self.inner.catalog.api_token(tid).await?;
-            let rec = rec.ok_or(Refusal::InvalidToken(VerifyError::WrongUse))?;
-            if rec.user != claims.sub {
+            let token = self.api_token(tid).await?;
+            if token.user != claims.sub {
                 return Err(Refusal::InvalidToken(VerifyError::WrongUse).into());
             }
-            return self.token_identity(rec).map_err(AuthFail::from);
+            return self.token_identity(token, None).map_err(AuthFail::from);
         }
-        let user = self.inner.catalog.user(&claims.sub).await?;
+        let user = self.current_user(&claims.sub).await?;
         let user = user.ok_or(Refusal::BadCredentials)?;
         if claims.epoch != user.credentials_epoch {
             return Err(Refusal::InvalidToken(VerifyError::Superseded).into());
@@ -402,30 +453,57 @@ impl Auth {
         })
     }
 
-    /// The identity of a live API token; a revoked or expired one is refused saying so.
-    fn token_identity(&self, rec: ApiTokenRecord) -> Result<Identity, Refusal> {
+    /// A user as the catalog has them now (through the cache; `None`: no such user).
+    pub async fn current_user(&self, name: &str) -> Result<Option<cache::CachedUser>, Error> {
+        // The generation is read before the catalog is: see the invariants of `cache`.
+        let epoch = self.inner.catalog.auth_epoch();
+        let now = now_secs();
+        if let Some(user) = self.inner.cache.user(name, epoch, now) {
+            return Ok(Some(user));
+        }
+        let Some(rec) = self.inner.catalog.user(name).await? else {
+            return Ok(None);
+        };
+        let user = cache::CachedUser {
+            name: rec.name,
+            admin: rec.admin,
+            credentials_epoch: rec.credentials_epoch,
+            password_hash: rec.password_hash,
+        };
+        self.inner.cache.remember_user(user.clone(), epoch, now);
+        Ok(Some(user))
+    }
+
+    /// A live API token by id (through the cache); a missing, revoked or unreadable one is
+    /// refused, and never remembered.
+    async fn api_token(&self, id: i64) -> Result<cache::CachedToken, AuthFail> {
+        let epoch = self.inner.catalog.auth_epoch();
+        let now = now_secs();
+        if let Some(token) = self.inner.cache.api_token(id, epoch, now) {
+            return Ok(token);
+        }
+        let rec = self.inner.catalog.api_token(id).await?;
+        let rec = rec.ok_or(Refusal::InvalidToken(VerifyError::WrongUse))?;
+        let token = live_token(rec)?;
+        self.inner.cache.remember_api_token(token.clone(), None, epoch, now);
+        Ok(token)
+    }
+
+    /// The identity of a live API token; an expired one is refused saying so (and forgotten).
+    fn token_identity(&self, token: cache::CachedToken, secret_hash: Option<&str>) -> Result<Identity, Refusal> {
         let now = now_secs() as i64;
-        if rec.revoked_at.is_some() {
-            return Err(Refusal::TokenRevoked {
-                user: rec.user,
-                name: rec.name,
-            });
-        }
-        if rec.expires_at.is_some_and(|e| e <= now) {
+        if token.expires_at.is_some_and(|e| e <= now) {
+            self.inner.cache.forget_api_token(token.id, secret_hash);
             return Err(Refusal::TokenExpired {
-                user: rec.user,
-                name: rec.name,
+                user: token.user,
+                name: token.name,
             });
         }
-        let scopes: Vec<Grant> = serde_json::from_str(&rec.scopes).map_err(|_| {
-            tracing::error!(token_id = rec.id, "an API token's scopes in the catalog are unreadable");
-            Refusal::BadCredentials
-        })?;
-        self.touch(rec.id, now);
+        self.touch(token.id, now);
         Ok(Identity::User {
-            name: rec.user,
-            admin: rec.user_admin,
-            token: Some((rec.id, scopes)),
+            name: token.user,
+            admin: token.user_admin,
+            token: Some((token.id, token.scopes)),
             epoch: 0,
         })
     }
@@ -459,21 +537,31 @@ impl Auth {
     /// not the user exists. API token secrets are never throttled.
     pub async fn login(&self, user: &str, password: String, client: IpAddr) -> Result<Identity, AuthFail> {
         if password::is_token_secret(&password) {
-            let rec = self
-                .inner
-                .catalog
-                .api_token_by_hash(password::token_hash(&password))
-                .await?;
-            let Some(rec) = rec else {
-                crate::metrics::get().failed_logins.inc();
-                tracing::info!(user, %client, "failed login: unknown API token");
-                return Err(Refusal::BadCredentials.into());
+            let hash = password::token_hash(&password);
+            let epoch = self.inner.catalog.auth_epoch();
+            let now = now_secs();
+            let token = match self.inner.cache.secret(&hash, epoch, now) {
+                Some(token) => Ok(token),
+                None => match self.inner.catalog.api_token_by_hash(hash.clone()).await? {
+                    Some(rec) => live_token(rec).inspect(|token| {
+                        self.inner
+                            .cache
+                            .remember_api_token(token.clone(), Some(hash.clone()), epoch, now);
+                    }),
+                    None => {
+                        crate::metrics::get().failed_logins.inc();
+                        tracing::info!(user, %client, "failed login: unknown API token");
+                        return Err(Refusal::BadCredentials.into());
+                    }
+                },
             };
-            return self.token_identity(rec).map_err(|refusal| {
-                crate::metrics::get().failed_logins.inc();
-                tracing::info!(user, %client, reason = ?refusal, "failed login: unusable API token");
-                refusal.into()
-            });
+            return token
+                .and_then(|t| self.token_identity(t, Some(&hash)))
+                .map_err(|refusal| {
+                    crate::metrics::get().failed_logins.inc();
+                    tracing::info!(user, %client, reason = ?refusal, "failed login: unusable API token");
+                    refusal.into()
+                });
         }
         let attempt = limiter::Attempt::new(client, user);
         let pending = self
@@ -506,7 +594,7 @@ impl Auth {
     }
 
     async fn check_password(&self, user: &str, password: String) -> Result<Option<Identity>, AuthFail> {
-        let record = self.inner.catalog.user(user).await?;
+        let record = self.current_user(user).await?;
         let key: [u8; 32] = {
             let mut h = sha2::Sha256::new();
             h.update(user.as_bytes());

@@ -77,6 +77,7 @@ mod uploads;
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use rusqlite::{Connection, OpenFlags};
@@ -99,7 +100,7 @@ const MAX_BATCH: usize = 256;
 pub const READERS: usize = 8;
 
 /// How often the checkpoint thread copies the WAL into the database file.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Embedded migrations, in order; the index + 1 is the schema version they bring.
 const MIGRATIONS: &[&str] = &[
@@ -113,6 +114,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0008_gc_untagged.sql"),
     include_str!("../../migrations/0009_retention.sql"),
     include_str!("../../migrations/0010_audit.sql"),
+    include_str!("../../migrations/0011_auth_epoch.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;
@@ -135,6 +137,8 @@ struct Inner {
     checkpoints: Mutex<Option<mpsc::Sender<()>>>,
     /// Refusals waiting for the audit trail (see `audit`).
     refusals: audit::RefusalQueue,
+    /// The newest credentials generation seen (see [`Catalog::auth_epoch`]).
+    auth_epoch: Arc<AtomicU64>,
 }
 
 impl Catalog {
@@ -156,22 +160,25 @@ impl Catalog {
         )?;
         configure(&conn)?;
         migrate(&mut conn)?;
+        let auth_epoch = Arc::new(AtomicU64::new(read_auth_epoch(&conn)?));
         // The checkpoint thread does this writer's checkpoints (see the module doc).
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let (tx, rx) = mpsc::channel::<Job>();
+        let writer_epoch = Arc::clone(&auth_epoch);
         let thread = std::thread::Builder::new()
             .name("catalog-writer".into())
             .spawn(move || {
-                let ran = std::panic::catch_unwind(AssertUnwindSafe(|| writer_loop(conn, rx)));
+                let ran = std::panic::catch_unwind(AssertUnwindSafe(|| writer_loop(conn, rx, &writer_epoch)));
                 if let Err(payload) = ran {
                     on_writer_death(&panic_message(payload.as_ref()));
                 }
             })?;
         let reads = spawn_readers(path)?;
-        let checkpoints = spawn_checkpointer(path)?;
+        let checkpoints = spawn_checkpointer(path, Arc::clone(&auth_epoch))?;
         let refusals = audit::RefusalQueue::start(tx.clone())?;
         Ok(Catalog {
             inner: Arc::new(Inner {
+                auth_epoch,
                 refusals,
                 jobs: Mutex::new(Some(tx)),
                 reads,
@@ -179,6 +186,15 @@ impl Catalog {
                 checkpoints: Mutex::new(Some(checkpoints)),
             }),
         })
+    }
+
+    /// The credentials generation: a number that every change of a user or an API token moves
+    /// forward (triggers of migration 11, in the changing transaction, whichever process makes
+    /// it). A change made through this catalog is seen here before its writer is answered; one
+    /// made by another process within [`CHECKPOINT_EVERY`] (the checkpoint thread reads it).
+    /// Caches of credentials tag what they keep with it and drop what is tagged older.
+    pub fn auth_epoch(&self) -> u64 {
+        self.inner.auth_epoch.load(Ordering::Acquire)
     }
 
     /// Runs `f` in the writer's transaction; resolves once its batch is durably committed.
@@ -303,7 +319,7 @@ fn restrict(file: &Path) -> Result<()> {
 
 /// Starts the [`READERS`] reader threads; returns their queue.
 /// Starts the checkpoint thread; it runs until the returned sender is dropped.
-fn spawn_checkpointer(path: &Path) -> Result<mpsc::Sender<()>> {
+fn spawn_checkpointer(path: &Path, auth_epoch: Arc<AtomicU64>) -> Result<mpsc::Sender<()>> {
     let (tx, rx) = mpsc::channel::<()>();
     let path = path.to_owned();
     std::thread::Builder::new()
@@ -322,6 +338,15 @@ fn spawn_checkpointer(path: &Path) -> Result<mpsc::Sender<()>> {
                 {
                     tracing::warn!(error = %e, "catalog: checkpoint failed; retrying");
                     conn = None;
+                }
+                // Credentials changed by another process (the CLI, another replica).
+                if let Some(c) = &conn {
+                    match read_auth_epoch(c) {
+                        Ok(v) => {
+                            auth_epoch.fetch_max(v, Ordering::AcqRel);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "catalog: cannot read the credentials generation"),
+                    }
                 }
             }
         })?;
@@ -412,6 +437,13 @@ fn take_reprepares(conn: &Connection) -> u64 {
     total
 }
 
+/// The credentials generation stored in the catalog (migration 11).
+fn read_auth_epoch(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT value FROM auth_epoch WHERE id = 1")?
+        .query_row([], |r| r.get::<_, i64>(0))
+        .map(|v| u64::try_from(v).unwrap_or(0))
+}
+
 /// How many read jobs a reader runs between two [`take_reprepares`] walks.
 const REPREPARE_SAMPLE_EVERY: u32 = 64;
 
@@ -475,7 +507,7 @@ fn submit(sender: &mpsc::Sender<Job>, job: Job) -> Result<()> {
     Ok(())
 }
 
-fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, auth_epoch: &AtomicU64) {
     let metrics = crate::metrics::get();
     while let Ok(first) = jobs.recv() {
         metrics.catalog_queue.dec();
@@ -508,6 +540,16 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
                     false
                 }
             };
+        // Before anyone is answered: a request that revoked a token returns only once no
+        // cached credential from before the revocation is honoured any more.
+        if committed {
+            match read_auth_epoch(&conn) {
+                Ok(v) => {
+                    auth_epoch.fetch_max(v, Ordering::AcqRel);
+                }
+                Err(e) => tracing::error!(error = %e, "catalog: cannot read the credentials generation"),
+            }
+        }
         for finish in finishers {
             finish(committed);
         }

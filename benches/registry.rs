@@ -12,6 +12,10 @@
 //! - `REGBENCH_STOWAGE_LOG`        RUST_LOG for Stowage (default `error`)
 //! - `REGBENCH_OVERHEAD=1`         instead of the comparison, measure what metrics and the
 //!   access log cost on manifest GET (Stowage alone, in three configurations, interleaved)
+//! - `REGBENCH_AUTH=0`             skip the third target, Stowage with authentication on (a real
+//!   user; every request carries a Bearer token from the token flow, as docker and podman send)
+//! - `REGBENCH_PARALLEL_UPLOADS`   concurrent uploads of the memory workload (default 32)
+//! - `REGBENCH_PARALLEL_MIB`       size of each of them, MiB (default 256)
 //! - `REGBENCH_S3=0`               skip the S3 backend's run (Stowage on a moto S3 server on
 //!   127.0.0.1, `$STOWAGE_TEST_PYTHON -m moto.server`; `scripts/test` installs moto)
 
@@ -59,6 +63,9 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 struct Settings {
     blob_size: usize,
+    parallel_uploads: usize,
+    parallel_size: usize,
+    with_auth: bool,
     rate_secs: Duration,
     images: usize,
     stowage_is_distribution: bool,
@@ -75,6 +82,9 @@ impl Settings {
         }
         Settings {
             blob_size: num("REGBENCH_BLOB_MIB", 1024) as usize * MIB,
+            parallel_uploads: num("REGBENCH_PARALLEL_UPLOADS", 32) as usize,
+            parallel_size: num("REGBENCH_PARALLEL_MIB", 256) as usize * MIB,
+            with_auth: std::env::var("REGBENCH_AUTH").map_or(true, |v| v != "0"),
             rate_secs: Duration::from_secs_f64(num("REGBENCH_RATE_SECS", 10) as f64),
             images: num("REGBENCH_IMAGES", 1000) as usize,
             stowage_is_distribution: std::env::var("REGBENCH_STOWAGE").is_ok_and(|v| v == "distribution"),
@@ -96,6 +106,8 @@ struct Server {
     url: String,
     log: PathBuf,
     tmp: tempfile::TempDir,
+    /// The client every workload uses against this server (with its credentials, if any).
+    client: Client,
 }
 
 impl Drop for Server {
@@ -221,6 +233,7 @@ fn start_distribution(label: &'static str) -> Server {
         url: format!("http://127.0.0.1:{port}"),
         log,
         tmp,
+        client: client(),
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -246,6 +259,101 @@ fn start_distribution(label: &'static str) -> Server {
 
 fn start_stowage(bin: &Path, log_level: &str) -> Server {
     start_stowage_with(bin, log_level, "Stowage", &[])
+}
+
+/// The user the authenticated target's workloads run as.
+const BENCH_USER: &str = "bench";
+const BENCH_PASSWORD: &str = "bench-password-0123456789";
+/// Repositories the workloads use: the authenticated client's token covers all of them.
+const BENCH_REPOS: &[&str] = &[
+    "bench/monolithic",
+    "bench/chunked",
+    "bench/small",
+    "bench/images",
+    "bench/parallel",
+];
+
+/// Stowage with authentication on, as it ships (the default policy: signed-in users pull and
+/// push), and a user `bench` made with the CLI. Call [`sign_in`] before using its client.
+fn start_stowage_auth(bin: &Path, log_level: &str) -> Server {
+    let envs = [
+        ("STOWAGE_AUTH__ENABLED", "true".to_string()),
+        // One token for the whole run, as a client would keep one for its lifetime.
+        ("STOWAGE_AUTH__TOKEN_TTL_SECS", "86400".to_string()),
+    ];
+    let server = start_stowage_with(bin, log_level, "Stowage auth", &envs);
+    let mut cmd = Command::new(bin);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("STOWAGE_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd
+        .args(["user", "add", BENCH_USER])
+        .env("STOWAGE_DATA_DIR", server.tmp.path().join("data"))
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {} user add: {e}", bin.display()));
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        writeln!(stdin, "{BENCH_PASSWORD}").expect("write the password");
+    }
+    let out = child.wait_with_output().expect("stowage user add");
+    assert!(
+        out.status.success(),
+        "stowage user add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server
+}
+
+/// The token flow as docker speaks it: `GET /v2/` for the challenge, then the realm with Basic
+/// credentials and one scope per repository; the server's client then sends that token on
+/// every request.
+async fn sign_in(s: &mut Server) {
+    let c = client();
+    let resp = c.get(s.v2("")).send().await.expect("GET /v2/");
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{}: GET /v2/ without credentials", s.label);
+    let challenge = resp
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("Bearer "))
+        .expect("a Bearer challenge")
+        .to_owned();
+    let param = |key: &str| {
+        challenge
+            .split(&format!("{key}=\""))
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("no {key} in {challenge}"))
+            .to_owned()
+    };
+    let (realm, service) = (param("realm"), param("service"));
+    let mut query = vec![("service".to_string(), service)];
+    for repo in BENCH_REPOS {
+        query.push(("scope".into(), format!("repository:{repo}:pull,push")));
+    }
+    let resp = c
+        .get(&realm)
+        .query(&query)
+        .basic_auth(BENCH_USER, Some(BENCH_PASSWORD))
+        .send()
+        .await
+        .expect("GET token");
+    assert_eq!(resp.status(), StatusCode::OK, "{}: token", s.label);
+    let body: serde_json::Value = resp.json().await.expect("token JSON");
+    let token = body["token"].as_str().expect("token").to_owned();
+    let mut headers = reqwest::header::HeaderMap::new();
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).expect("header value");
+    value.set_sensitive(true);
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    s.client = client_builder().default_headers(headers).build().expect("client");
 }
 
 /// A moto S3 server on 127.0.0.1 with one bucket, `bench`; killed when dropped.
@@ -343,6 +451,7 @@ fn start_stowage_with(bin: &Path, log_level: &str, label: &'static str, envs: &[
         url: String::new(),
         log,
         tmp,
+        client: client(),
     };
     match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(host) => server.url = format!("http://{host}"),
@@ -558,7 +667,7 @@ fn streamed_body(data: Bytes) -> reqwest::Body {
 // Client operations (identical for both registries)
 // ---------------------------------------------------------------------------------------------
 
-fn client() -> Client {
+fn client_builder() -> reqwest::ClientBuilder {
     Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
@@ -566,8 +675,10 @@ fn client() -> Client {
         .tcp_nodelay(true)
         .pool_max_idle_per_host(RATE_CONNS * 2)
         .timeout(Duration::from_secs(300))
-        .build()
-        .expect("build reqwest client")
+}
+
+fn client() -> Client {
+    client_builder().build().expect("build reqwest client")
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -781,6 +892,15 @@ where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Res<()>> + Send,
 {
+    request_rate_with(s, secs, RATE_CONNS, op).await
+}
+
+/// [`request_rate`] with `conns` tasks (each on its own connection once warm).
+async fn request_rate_with<F, Fut>(s: &Server, secs: Duration, conns: usize, op: F) -> Measured
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Res<()>> + Send,
+{
     let op = Arc::new(op);
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -789,7 +909,7 @@ where
     let measure_from = start + RATE_WARMUP;
     let end = measure_from + secs;
     let mut tasks = Vec::new();
-    for _ in 0..RATE_CONNS {
+    for _ in 0..conns {
         let (op, ok, errors, first_error) = (op.clone(), ok.clone(), errors.clone(), first_error.clone());
         tasks.push(tokio::spawn(async move {
             // Bounded in time (the deadline) and in count.
@@ -952,6 +1072,15 @@ async fn w_download(c: &Client, s: &Server, blob: &Blob) -> Measured {
 }
 
 async fn w_manifest_get(c: &Client, s: &Server, img: &Image, secs: Duration) -> Measured {
+    w_manifest_get_conns(c, s, img, secs, RATE_CONNS).await
+}
+
+/// Manifest GETs one after the other on one connection: latency, not concurrency.
+async fn w_manifest_get_single(c: &Client, s: &Server, img: &Image, secs: Duration) -> Measured {
+    w_manifest_get_conns(c, s, img, secs, 1).await
+}
+
+async fn w_manifest_get_conns(c: &Client, s: &Server, img: &Image, secs: Duration, conns: usize) -> Measured {
     settle().await;
     let url = s.v2(&format!("bench/small/manifests/{}", img.tag));
     let want = img.manifest.clone();
@@ -970,7 +1099,7 @@ async fn w_manifest_get(c: &Client, s: &Server, img: &Image, secs: Duration) -> 
         s.label
     );
     let c = c.clone();
-    let m = request_rate(s, secs, move || {
+    let m = request_rate_with(s, secs, conns, move || {
         let (c, url, want) = (c.clone(), url.clone(), want.len());
         async move {
             let resp = c.get(&url).header(ACCEPT, MANIFEST_ACCEPT).send().await?;
@@ -983,7 +1112,7 @@ async fn w_manifest_get(c: &Client, s: &Server, img: &Image, secs: Duration) -> 
         }
     })
     .await;
-    progress(s, "manifest GET, 64 conns", &m, "req/s");
+    progress(s, &format!("manifest GET, {conns} conns"), &m, "req/s");
     m
 }
 
@@ -1007,6 +1136,36 @@ async fn w_blob_head(c: &Client, s: &Server, img: &Image, secs: Duration) -> Mea
     .await;
     progress(s, "blob HEAD, 64 conns", &m, "req/s");
     m
+}
+
+/// `n` concurrent monolithic uploads of `blob` (one stream each, as many CI jobs pushing a
+/// large layer at once); the server's peak RSS during them, from a VmHWM reset just before
+/// (`/proc/<pid>/clear_refs`, as root; otherwise the peak since the server started).
+async fn w_parallel_uploads(s: &Server, blob: &Arc<Blob>, n: usize) -> (Measured, Option<u64>) {
+    settle().await;
+    let reset = std::fs::write(format!("/proc/{}/clear_refs", s.pid()), "5").is_ok();
+    if !reset {
+        eprintln!("[bench] {}: cannot reset the peak RSS (not root?): reporting the peak since start", s.label);
+    }
+    let mark = CpuMark::now(s);
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (c, base, blob) = (s.client.clone(), s.url.clone(), blob.clone());
+        tasks.push(tokio::spawn(async move { upload_monolithic(&c, &base, "bench/parallel", &blob).await }));
+    }
+    let mut errors = 0;
+    for t in tasks {
+        if let Err(e) = t.await.expect("upload task panicked") {
+            if errors == 0 {
+                eprintln!("[bench] {}: parallel upload failed: {e}", s.label);
+            }
+            errors += 1;
+        }
+    }
+    let m = mark.finish(s, (blob.data.len() * n) as f64, 1e6, errors);
+    let peak = s.vm_hwm_kib();
+    progress(s, &format!("{n} parallel uploads"), &m, "MB/s");
+    (m, peak)
 }
 
 async fn w_image_pushes(c: &Client, s: &Server, images: &Arc<Vec<Image>>) -> Measured {
@@ -1075,9 +1234,15 @@ struct Row {
     name: &'static str,
     dist: Measured,
     stow: Measured,
+    /// Stowage with authentication on (when that target ran).
+    auth: Option<Measured>,
     /// Minimum Stowage/Distribution ratio.
     goal: f64,
 }
+
+/// Largest cost of authentication accepted on a request-rate workload: auth-on at least this
+/// share of auth-off.
+const AUTH_GOAL: f64 = 0.9;
 
 fn fmt_value(m: &Measured) -> String {
     if m.value.is_nan() {
@@ -1099,13 +1264,13 @@ fn report(
     let mib = |k: Option<u64>| k.map_or("n/a".to_string(), |k| format!("{:.1}", k as f64 / 1024.0));
     let _ = writeln!(
         out,
-        "| {:<40} | {:>14} | {:>14} | {:>7} | {:<18} | {:<4} |",
-        "workload", "Distribution", stow_label, "ratio", "goal", "met"
+        "| {:<40} | {:>14} | {:>14} | {:>7} | {:<18} | {:<4} | {:>16} | {:>9} | {:>8} | {:<4} |",
+        "workload", "Distribution", stow_label, "ratio", "goal", "met", "Stowage auth on", "vs Dist.", "on/off", "met"
     );
     let _ = writeln!(
         out,
-        "|{:-<42}|{:->16}|{:->16}|{:->9}|{:-<20}|{:-<6}|",
-        "", "", "", "", "", ""
+        "|{:-<42}|{:->16}|{:->16}|{:->9}|{:-<20}|{:-<6}|{:->18}|{:->11}|{:->10}|{:-<6}|",
+        "", "", "", "", "", "", "", "", "", ""
     );
     for r in rows {
         let ratio = r.stow.value / r.dist.value;
@@ -1116,21 +1281,50 @@ fn report(
         } else {
             "NO"
         };
+        let (auth, vs_dist, on_off, auth_met) = match &r.auth {
+            Some(a) => {
+                let on_off = a.value / r.stow.value;
+                // The goal applies to the request-rate workloads, where auth is per request.
+                let auth_met = if !(r.name.contains("req/s") || r.name.contains("img/s")) {
+                    ""
+                } else if on_off >= AUTH_GOAL && a.errors == 0 {
+                    "yes"
+                } else {
+                    "NO"
+                };
+                (
+                    fmt_value(a),
+                    format!("{:.2}x", a.value / r.dist.value),
+                    format!("{on_off:.2}"),
+                    auth_met,
+                )
+            }
+            None => ("-".into(), "-".into(), "-".into(), ""),
+        };
         let _ = writeln!(
             out,
-            "| {:<40} | {:>14} | {:>14} | {:>6.2}x | {:<18} | {:<4} |",
+            "| {:<40} | {:>14} | {:>14} | {:>6.2}x | {:<18} | {:<4} | {:>16} | {:>9} | {:>8} | {:<4} |",
             r.name,
             fmt_value(&r.dist),
             fmt_value(&r.stow),
             ratio,
             format!(">= {}x", r.goal),
-            met
+            met,
+            auth,
+            vs_dist,
+            on_off,
+            auth_met
         );
     }
     let rss_met = match rss_1g.1 {
         Some(k) if k < 64 * 1024 => "yes",
         _ => "NO",
     };
+    let _ = writeln!(
+        out,
+        "(auth on: a real user, and a Bearer token from the token flow on every request; the goal \
+         is on/off >= {AUTH_GOAL} on the request-rate rows. Distribution runs without authentication.)"
+    );
     let _ = writeln!(
         out,
         "| {:<40} | {:>14} | {:>14} | {:>7} | {:<18} | {:<4} |",
@@ -1188,10 +1382,10 @@ fn cpu_report(rows: &[Row], stow_label: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| {:<40} | {:>16} | {:>16} | {:>15} | {:>15} |",
-        "server CPU per operation", "Distribution", stow_label, "client CPU %", "other CPU %"
+        "| {:<40} | {:>16} | {:>16} | {:>16} | {:>15} | {:>15} |",
+        "server CPU per operation", "Distribution", stow_label, "Stowage auth on", "client CPU %", "other CPU %"
     );
-    let _ = writeln!(out, "|{:-<42}|{:->18}|{:->18}|{:->17}|{:->17}|", "", "", "", "", "");
+    let _ = writeln!(out, "|{:-<42}|{:->18}|{:->18}|{:->18}|{:->17}|{:->17}|", "", "", "", "", "", "");
     for r in rows {
         let (unit, scale, per) = if r.name.contains("MB/s") {
             ("ms/GiB", 1e3, (1u64 << 30) as f64)
@@ -1207,10 +1401,11 @@ fn cpu_report(rows: &[Row], stow_label: &str) -> String {
         };
         let _ = writeln!(
             out,
-            "| {:<40} | {:>16} | {:>16} | {:>6.0} / {:>6.0} | {:>6.0} / {:>6.0} |",
+            "| {:<40} | {:>16} | {:>16} | {:>16} | {:>6.0} / {:>6.0} | {:>6.0} / {:>6.0} |",
             r.name,
             per_op(&r.dist),
             per_op(&r.stow),
+            r.auth.as_ref().map_or("-".into(), per_op),
             r.dist.client_cpu / r.dist.secs * 100.0,
             r.stow.client_cpu / r.stow.secs * 100.0,
             r.dist.other_cpu / r.dist.secs * 100.0,
@@ -1335,7 +1530,11 @@ fn main() -> ExitCode {
         Some(bin) => start_stowage(bin, &settings.stowage_log),
         None => start_distribution("Dist-as-Stow"),
     };
-    for s in [&dist, &stow] {
+    let mut auth = match &stowage_bin {
+        Some(bin) if settings.with_auth => Some(start_stowage_auth(bin, &settings.stowage_log)),
+        _ => None,
+    };
+    for s in [&dist, &stow].into_iter().chain(auth.as_ref()) {
         eprintln!(
             "[bench] {} at {} (pid {}, VmHWM {:.1} MiB)",
             s.label,
@@ -1349,14 +1548,17 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if let Some(a) = auth.as_mut() {
+        rt.block_on(sign_in(a));
+    }
     let started = Instant::now();
     let outcome = rt.block_on(async {
         tokio::select! {
-            r = run(&settings, &dist, &stow, &mono, &chunked, &small, &images) => Some(r),
+            r = run(&settings, &dist, &stow, auth.as_ref(), &mono, &chunked, &small, &images) => Some(r),
             _ = tokio::signal::ctrl_c() => None,
         }
     });
-    let Some((rows, rss_1g, rss_end)) = outcome else {
+    let Some(Outcome { rows, rss_1g, rss_end, parallel }) = outcome else {
         eprintln!("[bench] interrupted; stopping the registries");
         return ExitCode::from(130);
     };
@@ -1393,6 +1595,7 @@ fn main() -> ExitCode {
     drop(rt);
     let disk = (dist.disk_usage(), stow.disk_usage());
     let stow_label = stow.label;
+    drop(auth);
     drop(stow);
     drop(dist);
 
@@ -1418,6 +1621,25 @@ fn main() -> ExitCode {
     println!();
     print!("{}", cpu_report(&rows, stow_label));
     println!();
+    if !parallel.is_empty() {
+        println!(
+            "Memory with {} uploads of {} MiB at once (monolithic PUT each; peak RSS from a VmHWM reset \
+             just before):",
+            settings.parallel_uploads,
+            settings.parallel_size / MIB
+        );
+        println!();
+        println!("| {:<14} | {:>12} | {:>18} |", "registry", "MB/s", "peak RSS (MiB)");
+        println!("|{:-<16}|{:->14}|{:->20}|", "", "", "");
+        for (label, m, peak) in &parallel {
+            println!(
+                "| {label:<14} | {:>12} | {:>18} |",
+                fmt_value(m),
+                peak.map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+            );
+        }
+        println!();
+    }
     if let Some((s3, rss)) = &s3_rows {
         println!("S3 backend (Stowage with its blobs on moto's S3 server on 127.0.0.1; moto is a Python");
         println!("server holding objects in memory, so these figures measure moto as much as Stowage):");
@@ -1452,86 +1674,95 @@ fn main() -> ExitCode {
 
 type RssPair = (Option<u64>, Option<u64>);
 
+/// What one run measured: the rows, the peak RSS after the 1 GiB workloads and at the end, and
+/// the memory workload (each registry's rate and peak RSS).
+struct Outcome {
+    rows: Vec<Row>,
+    rss_1g: RssPair,
+    rss_end: RssPair,
+    parallel: Vec<(&'static str, Measured, Option<u64>)>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run(
     settings: &Settings,
     dist: &Server,
     stow: &Server,
+    auth: Option<&Server>,
     mono: &Blob,
     chunked: &Blob,
     small: &Image,
     images: &Arc<Vec<Image>>,
-) -> (Vec<Row>, RssPair, RssPair) {
-    let c = client();
-    for s in [dist, stow] {
-        let resp = c.get(s.v2("")).send().await.expect("GET /v2/");
+) -> Outcome {
+    let mut targets = vec![dist, stow];
+    targets.extend(auth);
+    for s in &targets {
+        let resp = s.client.get(s.v2("")).send().await.expect("GET /v2/");
         assert_eq!(resp.status(), StatusCode::OK, "{}: GET /v2/", s.label);
     }
     let secs = settings.rate_secs;
     let mut rows = Vec::new();
-    let both = [dist, stow];
+    // Each workload against every target in turn; a row from the figures.
+    let row = |name: &'static str, goal: f64, m: Vec<Measured>| Row {
+        name,
+        dist: m[0],
+        stow: m[1],
+        auth: m.get(2).copied(),
+        goal,
+    };
 
-    let mut m = [Measured::default(); 2];
-    for (i, s) in both.iter().enumerate() {
-        m[i] = w_upload(&c, s, mono, false).await;
+    let mut m = Vec::new();
+    for s in &targets {
+        m.push(w_upload(&s.client, s, mono, false).await);
     }
-    rows.push(Row {
-        name: "1 GiB upload, monolithic (MB/s)",
-        dist: m[0],
-        stow: m[1],
-        goal: 1.2,
-    });
-    for (i, s) in both.iter().enumerate() {
-        m[i] = w_upload(&c, s, chunked, true).await;
+    rows.push(row("1 GiB upload, monolithic (MB/s)", 1.2, std::mem::take(&mut m)));
+    for s in &targets {
+        m.push(w_upload(&s.client, s, chunked, true).await);
     }
-    rows.push(Row {
-        name: "1 GiB upload, chunked 64 MiB (MB/s)",
-        dist: m[0],
-        stow: m[1],
-        goal: 1.2,
-    });
-    for (i, s) in both.iter().enumerate() {
-        m[i] = w_download(&c, s, chunked).await;
+    rows.push(row("1 GiB upload, chunked 64 MiB (MB/s)", 1.2, std::mem::take(&mut m)));
+    for s in &targets {
+        m.push(w_download(&s.client, s, chunked).await);
     }
-    rows.push(Row {
-        name: "1 GiB download (MB/s)",
-        dist: m[0],
-        stow: m[1],
-        goal: 1.0,
-    });
+    rows.push(row("1 GiB download (MB/s)", 1.0, std::mem::take(&mut m)));
     let rss_1g = (dist.vm_hwm_kib(), stow.vm_hwm_kib());
 
-    for s in both {
-        push_image(&c, &s.url, "bench/small", small)
+    for s in &targets {
+        push_image(&s.client, &s.url, "bench/small", small)
             .await
             .unwrap_or_else(|e| panic!("{}: push small image: {e}", s.label));
     }
-    for (i, s) in both.iter().enumerate() {
-        m[i] = w_manifest_get(&c, s, small, secs).await;
+    for s in &targets {
+        m.push(w_manifest_get(&s.client, s, small, secs).await);
     }
-    rows.push(Row {
-        name: "manifest GET by tag, 64 conns (req/s)",
-        dist: m[0],
-        stow: m[1],
-        goal: 5.0,
-    });
-    for (i, s) in both.iter().enumerate() {
-        m[i] = w_blob_head(&c, s, small, secs).await;
+    rows.push(row("manifest GET by tag, 64 conns (req/s)", 5.0, std::mem::take(&mut m)));
+    for s in &targets {
+        m.push(w_manifest_get_single(&s.client, s, small, secs).await);
     }
-    rows.push(Row {
-        name: "blob HEAD, 64 conns (req/s)",
-        dist: m[0],
-        stow: m[1],
-        goal: 5.0,
-    });
-    for (i, s) in both.iter().enumerate() {
-        m[i] = w_image_pushes(&c, s, images).await;
+    rows.push(row("manifest GET by tag, 1 conn (req/s)", 5.0, std::mem::take(&mut m)));
+    for s in &targets {
+        m.push(w_blob_head(&s.client, s, small, secs).await);
     }
-    rows.push(Row {
-        name: "small image pushes, 16 clients (img/s)",
-        dist: m[0],
-        stow: m[1],
-        goal: 3.0,
-    });
+    rows.push(row("blob HEAD, 64 conns (req/s)", 5.0, std::mem::take(&mut m)));
+    for s in &targets {
+        m.push(w_image_pushes(&s.client, s, images).await);
+    }
+    rows.push(row("small image pushes, 16 clients (img/s)", 3.0, std::mem::take(&mut m)));
     let rss_end = (dist.vm_hwm_kib(), stow.vm_hwm_kib());
-    (rows, rss_1g, rss_end)
+
+    // Memory under many uploads at once: Distribution and Stowage (authentication does not
+    // change how an upload is buffered). The blob is made here and dropped after.
+    let mut parallel = Vec::new();
+    if settings.parallel_uploads > 0 {
+        let blob = Arc::new(Blob::random(settings.parallel_size, 0x3333));
+        for s in [dist, stow] {
+            let (m, peak) = w_parallel_uploads(s, &blob, settings.parallel_uploads).await;
+            parallel.push((s.label, m, peak));
+        }
+    }
+    Outcome {
+        rows,
+        rss_1g,
+        rss_end,
+        parallel,
+    }
 }

@@ -343,29 +343,26 @@ impl Catalog {
     ) -> Result<Option<ManifestRecord>> {
         let (repo, reference) = (repo.to_string(), reference.clone());
         self.read(move |c| {
-            let cols = if with_content {
-                "m.digest, m.media_type, m.size, m.content"
-            } else {
-                "m.digest, m.media_type, m.size, NULL"
-            };
+            // Four fixed statements (no SQL built per request): by tag or digest, with or
+            // without the bytes.
+            const SELECT_BY_TAG: [&str; 2] = [
+                "SELECT m.digest, m.media_type, m.size, NULL FROM tags t JOIN manifests m ON m.id = t.manifest_id
+                   JOIN repositories r ON r.id = t.repo_id WHERE r.name = ?1 AND t.name = ?2",
+                "SELECT m.digest, m.media_type, m.size, m.content FROM tags t JOIN manifests m ON m.id = t.manifest_id
+                   JOIN repositories r ON r.id = t.repo_id WHERE r.name = ?1 AND t.name = ?2",
+            ];
+            const SELECT_BY_DIGEST: [&str; 2] = [
+                "SELECT m.digest, m.media_type, m.size, NULL FROM manifests m JOIN repositories r ON r.id = m.repo_id
+                  WHERE r.name = ?1 AND m.digest = ?2",
+                "SELECT m.digest, m.media_type, m.size, m.content FROM manifests m JOIN repositories r ON r.id = m.repo_id
+                  WHERE r.name = ?1 AND m.digest = ?2",
+            ];
             let (sql, key) = match &reference {
-                Reference::Tag(t) => (
-                    format!(
-                        "SELECT {cols} FROM tags t JOIN manifests m ON m.id = t.manifest_id
-                           JOIN repositories r ON r.id = t.repo_id WHERE r.name = ?1 AND t.name = ?2"
-                    ),
-                    t.to_string(),
-                ),
-                Reference::Digest(d) => (
-                    format!(
-                        "SELECT {cols} FROM manifests m JOIN repositories r ON r.id = m.repo_id
-                          WHERE r.name = ?1 AND m.digest = ?2"
-                    ),
-                    d.to_string(),
-                ),
+                Reference::Tag(t) => (SELECT_BY_TAG[usize::from(with_content)], t.as_str().to_owned()),
+                Reference::Digest(d) => (SELECT_BY_DIGEST[usize::from(with_content)], d.to_string()),
             };
             let rec = c
-                .prepare_cached(&sql)?
+                .prepare_cached(sql)?
                 .query_row(params![repo, key], |r| {
                     Ok(ManifestRecord {
                         digest: r.get(0)?,

@@ -317,7 +317,12 @@ fn start_stowage_auth(bin: &Path, log_level: &str) -> Server {
 async fn sign_in(s: &mut Server) {
     let c = client();
     let resp = c.get(s.v2("")).send().await.expect("GET /v2/");
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{}: GET /v2/ without credentials", s.label);
+    assert_eq!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED,
+        "{}: GET /v2/ without credentials",
+        s.label
+    );
     let challenge = resp
         .headers()
         .get_all("www-authenticate")
@@ -1145,13 +1150,18 @@ async fn w_parallel_uploads(s: &Server, blob: &Arc<Blob>, n: usize) -> (Measured
     settle().await;
     let reset = std::fs::write(format!("/proc/{}/clear_refs", s.pid()), "5").is_ok();
     if !reset {
-        eprintln!("[bench] {}: cannot reset the peak RSS (not root?): reporting the peak since start", s.label);
+        eprintln!(
+            "[bench] {}: cannot reset the peak RSS (not root?): reporting the peak since start",
+            s.label
+        );
     }
     let mark = CpuMark::now(s);
     let mut tasks = Vec::new();
     for _ in 0..n {
         let (c, base, blob) = (s.client.clone(), s.url.clone(), blob.clone());
-        tasks.push(tokio::spawn(async move { upload_monolithic(&c, &base, "bench/parallel", &blob).await }));
+        tasks.push(tokio::spawn(async move {
+            upload_monolithic(&c, &base, "bench/parallel", &blob).await
+        }));
     }
     let mut errors = 0;
     for t in tasks {
@@ -1385,7 +1395,11 @@ fn cpu_report(rows: &[Row], stow_label: &str) -> String {
         "| {:<40} | {:>16} | {:>16} | {:>16} | {:>15} | {:>15} |",
         "server CPU per operation", "Distribution", stow_label, "Stowage auth on", "client CPU %", "other CPU %"
     );
-    let _ = writeln!(out, "|{:-<42}|{:->18}|{:->18}|{:->18}|{:->17}|{:->17}|", "", "", "", "", "", "");
+    let _ = writeln!(
+        out,
+        "|{:-<42}|{:->18}|{:->18}|{:->18}|{:->17}|{:->17}|",
+        "", "", "", "", "", ""
+    );
     for r in rows {
         let (unit, scale, per) = if r.name.contains("MB/s") {
             ("ms/GiB", 1e3, (1u64 << 30) as f64)
@@ -1558,7 +1572,13 @@ fn main() -> ExitCode {
             _ = tokio::signal::ctrl_c() => None,
         }
     });
-    let Some(Outcome { rows, rss_1g, rss_end, parallel }) = outcome else {
+    let Some(Outcome {
+        rows,
+        rss_1g,
+        rss_end,
+        parallel,
+    }) = outcome
+    else {
         eprintln!("[bench] interrupted; stopping the registries");
         return ExitCode::from(130);
     };
@@ -1734,7 +1754,11 @@ async fn run(
     for s in &targets {
         m.push(w_manifest_get(&s.client, s, small, secs).await);
     }
-    rows.push(row("manifest GET by tag, 64 conns (req/s)", 5.0, std::mem::take(&mut m)));
+    rows.push(row(
+        "manifest GET by tag, 64 conns (req/s)",
+        5.0,
+        std::mem::take(&mut m),
+    ));
     for s in &targets {
         m.push(w_manifest_get_single(&s.client, s, small, secs).await);
     }
@@ -1746,7 +1770,11 @@ async fn run(
     for s in &targets {
         m.push(w_image_pushes(&s.client, s, images).await);
     }
-    rows.push(row("small image pushes, 16 clients (img/s)", 3.0, std::mem::take(&mut m)));
+    rows.push(row(
+        "small image pushes, 16 clients (img/s)",
+        3.0,
+        std::mem::take(&mut m),
+    ));
     let rss_end = (dist.vm_hwm_kib(), stow.vm_hwm_kib());
 
     // Memory under many uploads at once: Distribution and Stowage (authentication does not

@@ -944,3 +944,57 @@ async fn referrers_tag_schema_tag_is_a_valid_tag() {
     put_ok(&server, "man/reftag", &tag, OCI_MANIFEST, &body).await;
     assert_manifest(&server, "man/reftag", &tag, OCI_MANIFEST, &body).await;
 }
+
+/// Manifest lookups are remembered between requests; what was remembered is never served once
+/// a change has been acknowledged. While readers keep the tag's lookup hot, a writer moves the
+/// tag 60 times and then deletes it: the first GET after each acknowledged change sees exactly
+/// that change (by tag, and by digest after the manifest is deleted).
+#[tokio::test]
+async fn remembered_lookups_never_outlive_an_acknowledged_change() {
+    let server = TestServer::start();
+    let repo = "cache/hot";
+    let (first, first_body) = push_image(&server, repo, "v1", b"first layer").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Background readers: keep every lookup remembered, all the time.
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (stop, url) = (stop.clone(), server.v2(&format!("{repo}/manifests/v1")));
+        readers.push(tokio::spawn(async move {
+            let c = client();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let resp = c.get(&url).header("Accept", OCI_MANIFEST).send().await.unwrap();
+                assert!(resp.status() == 200 || resp.status() == 404, "{}", resp.status());
+                resp.bytes().await.unwrap();
+            }
+        }));
+    }
+    assert_manifest(&server, repo, &first, OCI_MANIFEST, &first_body).await;
+    let mut last = (first, first_body);
+    for i in 0..60 {
+        let (digest, body) = push_image(&server, repo, "v1", format!("layer {i}").as_bytes()).await;
+        assert_manifest(&server, repo, "v1", OCI_MANIFEST, &body).await;
+        assert_manifest(&server, repo, "v1", OCI_MANIFEST, &body).await;
+        assert_manifest(&server, repo, &digest, OCI_MANIFEST, &body).await;
+        last = (digest, body);
+    }
+    // A deleted tag, then a deleted manifest: unknown from the next request on.
+    let resp = client()
+        .delete(server.v2(&format!("{repo}/manifests/v1")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_no_manifest(&server, repo, "v1").await;
+    assert_manifest(&server, repo, &last.0, OCI_MANIFEST, &last.1).await;
+    let resp = client()
+        .delete(server.v2(&format!("{repo}/manifests/{}", last.0)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_no_manifest(&server, repo, &last.0).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+}

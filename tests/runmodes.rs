@@ -211,6 +211,10 @@ async fn migrate_applies_each_pending_migration_once() {
              DROP TRIGGER users_removed_auth_epoch; DROP TRIGGER api_tokens_added_auth_epoch;
              DROP TRIGGER api_tokens_changed_auth_epoch; DROP TRIGGER api_tokens_removed_auth_epoch;
              DROP TABLE auth_epoch;
+             DROP TRIGGER tags_added_content_epoch; DROP TRIGGER tags_changed_content_epoch;
+             DROP TRIGGER tags_removed_content_epoch; DROP TRIGGER manifests_added_content_epoch;
+             DROP TRIGGER manifests_changed_content_epoch; DROP TRIGGER manifests_removed_content_epoch;
+             DROP TABLE content_epoch;
              DROP TABLE audit_log; PRAGMA user_version = 9;",
         )
         .expect("roll back to version 9");

@@ -114,7 +114,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0008_gc_untagged.sql"),
     include_str!("../../migrations/0009_retention.sql"),
     include_str!("../../migrations/0010_audit.sql"),
-    include_str!("../../migrations/0011_auth_epoch.sql"),
+    include_str!("../../migrations/0011_epochs.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;
@@ -137,8 +137,8 @@ struct Inner {
     checkpoints: Mutex<Option<mpsc::Sender<()>>>,
     /// Refusals waiting for the audit trail (see `audit`).
     refusals: audit::RefusalQueue,
-    /// The newest credentials generation seen (see [`Catalog::auth_epoch`]).
-    auth_epoch: Arc<AtomicU64>,
+    /// The newest generations seen (see [`Catalog::auth_epoch`], [`Catalog::content_epoch`]).
+    epochs: Arc<Epochs>,
 }
 
 impl Catalog {
@@ -160,25 +160,26 @@ impl Catalog {
         )?;
         configure(&conn)?;
         migrate(&mut conn)?;
-        let auth_epoch = Arc::new(AtomicU64::new(read_auth_epoch(&conn)?));
+        let epochs = Arc::new(Epochs::default());
+        epochs.read(&conn)?;
         // The checkpoint thread does this writer's checkpoints (see the module doc).
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let (tx, rx) = mpsc::channel::<Job>();
-        let writer_epoch = Arc::clone(&auth_epoch);
+        let writer_epochs = Arc::clone(&epochs);
         let thread = std::thread::Builder::new()
             .name("catalog-writer".into())
             .spawn(move || {
-                let ran = std::panic::catch_unwind(AssertUnwindSafe(|| writer_loop(conn, rx, &writer_epoch)));
+                let ran = std::panic::catch_unwind(AssertUnwindSafe(|| writer_loop(conn, rx, &writer_epochs)));
                 if let Err(payload) = ran {
                     on_writer_death(&panic_message(payload.as_ref()));
                 }
             })?;
         let reads = spawn_readers(path)?;
-        let checkpoints = spawn_checkpointer(path, Arc::clone(&auth_epoch))?;
+        let checkpoints = spawn_checkpointer(path, Arc::clone(&epochs))?;
         let refusals = audit::RefusalQueue::start(tx.clone())?;
         Ok(Catalog {
             inner: Arc::new(Inner {
-                auth_epoch,
+                epochs,
                 refusals,
                 jobs: Mutex::new(Some(tx)),
                 reads,
@@ -194,7 +195,13 @@ impl Catalog {
     /// made by another process within [`CHECKPOINT_EVERY`] (the checkpoint thread reads it).
     /// Caches of credentials tag what they keep with it and drop what is tagged older.
     pub fn auth_epoch(&self) -> u64 {
-        self.inner.auth_epoch.load(Ordering::Acquire)
+        self.inner.epochs.auth.load(Ordering::Acquire)
+    }
+
+    /// The content generation: like [`Catalog::auth_epoch`], for what a manifest lookup by tag
+    /// or digest answers (every tag or manifest added, moved, changed or removed moves it).
+    pub fn content_epoch(&self) -> u64 {
+        self.inner.epochs.content.load(Ordering::Acquire)
     }
 
     /// Runs `f` in the writer's transaction; resolves once its batch is durably committed.
@@ -319,7 +326,7 @@ fn restrict(file: &Path) -> Result<()> {
 
 /// Starts the [`READERS`] reader threads; returns their queue.
 /// Starts the checkpoint thread; it runs until the returned sender is dropped.
-fn spawn_checkpointer(path: &Path, auth_epoch: Arc<AtomicU64>) -> Result<mpsc::Sender<()>> {
+fn spawn_checkpointer(path: &Path, epochs: Arc<Epochs>) -> Result<mpsc::Sender<()>> {
     let (tx, rx) = mpsc::channel::<()>();
     let path = path.to_owned();
     std::thread::Builder::new()
@@ -339,14 +346,11 @@ fn spawn_checkpointer(path: &Path, auth_epoch: Arc<AtomicU64>) -> Result<mpsc::S
                     tracing::warn!(error = %e, "catalog: checkpoint failed; retrying");
                     conn = None;
                 }
-                // Credentials changed by another process (the CLI, another replica).
-                if let Some(c) = &conn {
-                    match read_auth_epoch(c) {
-                        Ok(v) => {
-                            auth_epoch.fetch_max(v, Ordering::AcqRel);
-                        }
-                        Err(e) => tracing::warn!(error = %e, "catalog: cannot read the credentials generation"),
-                    }
+                // Changes made by another process (the CLI, another replica).
+                if let Some(c) = &conn
+                    && let Err(e) = epochs.read(c)
+                {
+                    tracing::warn!(error = %e, "catalog: cannot read the cache generations");
                 }
             }
         })?;
@@ -437,11 +441,26 @@ fn take_reprepares(conn: &Connection) -> u64 {
     total
 }
 
-/// The credentials generation stored in the catalog (migration 11).
-fn read_auth_epoch(conn: &Connection) -> rusqlite::Result<u64> {
-    conn.prepare_cached("SELECT value FROM auth_epoch WHERE id = 1")?
-        .query_row([], |r| r.get::<_, i64>(0))
-        .map(|v| u64::try_from(v).unwrap_or(0))
+/// The generations of migration 11, as last read from the catalog. They only move forward.
+#[derive(Default)]
+struct Epochs {
+    auth: AtomicU64,
+    content: AtomicU64,
+}
+
+impl Epochs {
+    /// Reads both from the catalog through `conn`.
+    fn read(&self, conn: &Connection) -> rusqlite::Result<()> {
+        let (auth, content) = conn
+            .prepare_cached(
+                "SELECT (SELECT value FROM auth_epoch WHERE id = 1), (SELECT value FROM content_epoch WHERE id = 1)",
+            )?
+            .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+        self.auth.fetch_max(u64::try_from(auth).unwrap_or(0), Ordering::AcqRel);
+        self.content
+            .fetch_max(u64::try_from(content).unwrap_or(0), Ordering::AcqRel);
+        Ok(())
+    }
 }
 
 /// How many read jobs a reader runs between two [`take_reprepares`] walks.
@@ -507,7 +526,7 @@ fn submit(sender: &mpsc::Sender<Job>, job: Job) -> Result<()> {
     Ok(())
 }
 
-fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, auth_epoch: &AtomicU64) {
+fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, epochs: &Epochs) {
     let metrics = crate::metrics::get();
     while let Ok(first) = jobs.recv() {
         metrics.catalog_queue.dec();
@@ -542,13 +561,8 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, auth_epoch: &AtomicU
             };
         // Before anyone is answered: a request that revoked a token returns only once no
         // cached credential from before the revocation is honoured any more.
-        if committed {
-            match read_auth_epoch(&conn) {
-                Ok(v) => {
-                    auth_epoch.fetch_max(v, Ordering::AcqRel);
-                }
-                Err(e) => tracing::error!(error = %e, "catalog: cannot read the credentials generation"),
-            }
+        if committed && let Err(e) = epochs.read(&conn) {
+            tracing::error!(error = %e, "catalog: cannot read the cache generations");
         }
         for finish in finishers {
             finish(committed);

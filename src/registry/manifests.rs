@@ -118,11 +118,24 @@ impl Registry {
         reference: &Reference,
         with_content: bool,
     ) -> Result<ManifestRecord> {
+        // Read before the lookup: see the invariants of `manifest_cache`.
+        let epoch = self.catalog.content_epoch();
+        let reference_key = reference.to_string();
+        if let Some(m) = self.manifests.get(repo.as_str(), &reference_key, epoch) {
+            self.record_pull(repo, &m.digest);
+            return Ok(ManifestRecord {
+                digest: m.digest.clone(),
+                media_type: m.media_type.clone(),
+                size: m.size,
+                content: with_content.then(|| m.content.clone()),
+            });
+        }
         let m = self
             .catalog
             .manifest(repo, reference, with_content)
             .await?
             .ok_or(Error::ManifestUnknown)?;
+        self.manifests.insert(repo.as_str(), &reference_key, &m, epoch);
         self.record_pull(repo, &m.digest);
         Ok(m)
     }

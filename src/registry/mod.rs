@@ -8,6 +8,7 @@ pub mod blobs;
 mod gc;
 mod locks;
 mod maintenance;
+mod manifest_cache;
 mod manifests;
 mod metrics;
 pub mod retention;
@@ -62,6 +63,8 @@ pub struct Registry {
     pub(crate) maintenance: Arc<maintenance::Maintenance>,
     /// Manifest pulls not yet written to the catalog (see `retention`).
     pub(crate) pulls: Arc<retention::PullRecorder>,
+    /// Manifest lookups remembered under the catalog's content generation.
+    pub(crate) manifests: Arc<manifest_cache::ManifestCache>,
 }
 
 impl Registry {
@@ -75,6 +78,7 @@ impl Registry {
             blob_locks: Arc::new(locks::KeyedLocks::default()),
             maintenance: Arc::new(maintenance::Maintenance::default()),
             pulls: Arc::new(retention::PullRecorder::default()),
+            manifests: Arc::new(manifest_cache::ManifestCache::new()),
         }
     }
 

@@ -17,7 +17,7 @@ mod uploads;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use gc::{GcOptions, GcReport, Removed, WRITE_PAUSE};
+pub use gc::{GcOptions, GcPass, GcReport, GcSchedule, GcStatus, Removed, WRITE_PAUSE};
 pub use manifests::PutOutcome;
 pub use uploads::{Chunk, ChunkRange, SessionLimits, Uploads};
 
@@ -62,6 +62,8 @@ pub struct Registry {
     pub(crate) maintenance: Arc<maintenance::Maintenance>,
     /// Manifest pulls not yet written to the catalog (see `retention`).
     pub(crate) pulls: Arc<retention::PullRecorder>,
+    /// What garbage collection is doing and last did (see `gc`).
+    pub(crate) gc_status: Arc<std::sync::Mutex<gc::GcStatus>>,
 }
 
 impl Registry {
@@ -75,6 +77,7 @@ impl Registry {
             blob_locks: Arc::new(locks::KeyedLocks::default()),
             maintenance: Arc::new(maintenance::Maintenance::default()),
             pulls: Arc::new(retention::PullRecorder::default()),
+            gc_status: Arc::default(),
         }
     }
 

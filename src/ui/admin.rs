@@ -118,10 +118,7 @@ fn notice(req: &HttpRequest) -> Option<String> {
 }
 
 fn done(page: &str, what: &str, name: &str) -> HttpResponse {
-    see_other(&format!(
-        "{page}?done={what}&name={}",
-        view::query_value(name)
-    ))
+    see_other(&format!("{page}?done={what}&name={}", view::query_value(name)))
 }
 
 // ---- Users -----------------------------------------------------------------------------------
@@ -218,12 +215,7 @@ async fn user_row(reg: &Registry, auth: &Auth, viewer: &Viewer, name: &str) -> R
 }
 
 /// `GET /ui/admin/users/<name>`: reset the password, give or take the admin role, remove.
-pub async fn user(
-    req: HttpRequest,
-    reg: web::Data<Registry>,
-    auth: web::Data<Auth>,
-    ui: web::Data<super::Ui>,
-) -> Page {
+pub async fn user(req: HttpRequest, reg: web::Data<Registry>, auth: web::Data<Auth>, ui: web::Data<super::Ui>) -> Page {
     let viewer = admin(&req, &reg, &auth, &ui).await?;
     let name = user_in_path(&req)?;
     let page = UserPage {
@@ -433,9 +425,10 @@ pub async fn create_token(
     let scopes: Vec<String> = field(&form, "scopes").split_whitespace().map(str::to_owned).collect();
     let days = match field(&form, "expires_in_days").trim() {
         "" => None,
-        d => Some(d.parse::<u64>().map_err(|_| {
-            UiError::BadRequest("the expiry is a whole number of days, or empty for none")
-        })?),
+        d => Some(
+            d.parse::<u64>()
+                .map_err(|_| UiError::BadRequest("the expiry is a whole number of days, or empty for none"))?,
+        ),
     };
     let token = accounts_of(&reg, &auth)
         .create_token(&caller, user, name, &scopes, days)
@@ -612,12 +605,7 @@ fn period(d: std::time::Duration) -> String {
 }
 
 /// `GET /ui/admin/gc`: the collector's schedule, the running pass, the last pass.
-pub async fn gc(
-    req: HttpRequest,
-    reg: web::Data<Registry>,
-    auth: web::Data<Auth>,
-    ui: web::Data<super::Ui>,
-) -> Page {
+pub async fn gc(req: HttpRequest, reg: web::Data<Registry>, auth: web::Data<Auth>, ui: web::Data<super::Ui>) -> Page {
     let viewer = admin(&req, &reg, &auth, &ui).await?;
     let status = reg.gc_status();
     let page = GcPage {

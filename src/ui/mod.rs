@@ -127,7 +127,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                         .get(admin::remove_form)
                         .post(admin::remove_user),
                 )
-                .service(web::resource("/admin/tokens").get(admin::tokens).post(admin::create_token))
+                .service(
+                    web::resource("/admin/tokens")
+                        .get(admin::tokens)
+                        .post(admin::create_token),
+                )
                 .service(web::resource("/admin/tokens/{id}/revoke").post(admin::revoke_token))
                 .service(web::resource("/admin/audit").get(admin::audit))
                 .service(web::resource("/admin/gc").get(admin::gc))

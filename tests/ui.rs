@@ -1,9 +1,11 @@
 //! The web UI (`src/ui`) against the real binary: in real headless Chromium (Debian's, driven by
 //! `playwright-core` from `tests/ui/`: sign in, browse, open manifests, delete a tag, private
 //! repositories hidden from anonymous viewers, Spack search and spec pages, then browsing with
-//! JavaScript off; screenshots under `<target>/ui-screenshots/<backend>/`),
+//! JavaScript off; the admin pages in `tests/ui/admin.mjs`: a token created, used, revoked and
+//! refused, a user added and removed; screenshots under `<target>/ui-screenshots/<backend>/`),
 //! and over plain HTTP: the security headers, CSRF refusals, escaping, the sign-in limiter,
-//! sign-out, policy, pagination, and page times at 10,000 tags.
+//! sign-out, policy, pagination, page times at 10,000 tags, and the admin pages (refused to
+//! non-admins, CSRF, a user's life cycle, escaping, audit pages, GC status).
 
 mod common;
 

@@ -23,6 +23,23 @@
 //! - `GET /ui/repos/<name>/-/spack/<hash>` one spec: variants, its dependency DAG with which
 //!   nodes the cache holds and which it lacks, the `spack install` line.
 //! - `GET`/`POST /ui/login`, `POST /ui/logout`; `GET /ui/assets/<hash>/<file>`.
+//! - The admin pages (`admin`), for admins signed in with their password only (403 to anyone
+//!   else, GET and POST alike; the header's Admin link shows only to them):
+//!   - `GET /ui/admin/users` users (name, admin, created, live tokens); `POST` adds one
+//!     (name, password twice, admin box);
+//!   - `GET /ui/admin/users/<name>` a user: `POST …/password` resets the password,
+//!     `POST …/admin` gives or takes the role, `GET`/`POST …/remove` confirms and removes;
+//!     nobody removes themself or takes their own role;
+//!   - `GET /ui/admin/tokens` every API token (user, name, scopes, expiry, last use, status);
+//!     `POST` creates one and answers 200 with its secret, the only time it is shown (never in
+//!     a URL, never stored); `POST /ui/admin/tokens/<id>/revoke` revokes one;
+//!   - `GET /ui/admin/audit` the audit trail (filters `user`, `repo`, `since`; keyset pages by
+//!     `before`), as `/stowage/v1/audit` reads it;
+//!   - `GET /ui/admin/gc` garbage collection: schedule, running pass, last pass, next pass
+//!     (`Registry::gc_status`).
+//!
+//!   Account changes go through `auth::accounts`, the service `stowage user`/`stowage token`
+//!   call: one copy of the rules, each change audited with the admin as actor.
 //!
 //! A repository's sub-pages follow `/-/`: no repository name has a component `-` alone, so
 //! `/ui/repos/a/-/…` can never be the page of a repository named `a/-/…`.

@@ -306,6 +306,21 @@ impl Accounts {
         Ok(self.catalog.users().await?)
     }
 
+    /// One user, if there is one by that name.
+    pub async fn user(&self, name: &str) -> Result<Option<UserSummary>, AccountError> {
+        Ok(self.catalog.user_summary(name).await?)
+    }
+
+    /// A page of users by name, after `after`.
+    pub async fn users_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<UserSummary>, AccountError> {
+        Ok(self.catalog.users_page(after, limit).await?)
+    }
+
+    /// A page of every user's API tokens, newest first, below id `before`.
+    pub async fn tokens_page(&self, before: Option<i64>, limit: usize) -> Result<Vec<ApiTokenRecord>, AccountError> {
+        Ok(self.catalog.api_tokens_page(before, limit).await?)
+    }
+
     /// Creates an API token for `user`: `scopes` as `--scope` takes them, an expiry in days
     /// (none: never). The returned secret is the only copy.
     pub async fn create_token(

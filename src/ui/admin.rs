@@ -30,6 +30,8 @@ type Page = Result<HttpResponse, UiError>;
 
 /// Audit rows per page.
 const AUDIT_PAGE: usize = 50;
+/// Users or tokens per page.
+const LIST_PAGE: usize = 100;
 /// Longest audit filter value accepted.
 const MAX_FILTER: usize = 256;
 
@@ -138,9 +140,10 @@ struct UsersPage {
     tab: &'static str,
     notice: Option<String>,
     rows: Vec<UserRow>,
+    next: Option<String>,
 }
 
-/// `GET /ui/admin/users`.
+/// `GET /ui/admin/users`: users by name, 100 a page (`after`).
 pub async fn users(
     req: HttpRequest,
     reg: web::Data<Registry>,
@@ -148,9 +151,15 @@ pub async fn users(
     ui: web::Data<super::Ui>,
 ) -> Page {
     let viewer = admin(&req, &reg, &auth, &ui).await?;
-    let rows = accounts_of(&reg, &auth)
-        .users()
-        .await?
+    let q = crate::http::query(&req);
+    let after = crate::http::query_param(&q, "after").filter(|a| !a.is_empty());
+    let mut users = accounts_of(&reg, &auth).users_page(after, LIST_PAGE + 1).await?;
+    let next = (users.len() > LIST_PAGE).then(|| {
+        users.truncate(LIST_PAGE);
+        let last = users.last().map(|u| u.name.as_str()).unwrap_or_default();
+        format!("/ui/admin/users?after={}", view::query_value(last))
+    });
+    let rows = users
         .into_iter()
         .map(|u| UserRow {
             is_self: viewer.user.as_deref() == Some(u.name.as_str()),
@@ -165,6 +174,7 @@ pub async fn users(
         tab: "users",
         notice: notice(&req),
         rows,
+        next,
     };
     Ok(html(&viewer, StatusCode::OK, render(&page)?))
 }
@@ -199,12 +209,7 @@ struct UserPage {
 }
 
 async fn user_row(reg: &Registry, auth: &Auth, viewer: &Viewer, name: &str) -> Result<UserRow, UiError> {
-    let u = accounts_of(reg, auth)
-        .users()
-        .await?
-        .into_iter()
-        .find(|u| u.name == name)
-        .ok_or(UiError::NotFound)?;
+    let u = accounts_of(reg, auth).user(name).await?.ok_or(UiError::NotFound)?;
     Ok(UserRow {
         is_self: viewer.user.as_deref() == Some(u.name.as_str()),
         name: u.name,
@@ -341,8 +346,10 @@ struct TokensPage {
     tab: &'static str,
     notice: Option<String>,
     created: Option<Created>,
-    users: Vec<String>,
+    /// The user the create form is filled in for (`?user=`).
+    for_user: String,
     rows: Vec<TokenRow>,
+    next: Option<String>,
 }
 
 async fn tokens_page(
@@ -353,11 +360,25 @@ async fn tokens_page(
     viewer: &Viewer,
     created: Option<NewToken>,
 ) -> Page {
-    let accounts = accounts_of(reg, auth);
+    let q = crate::http::query(req);
+    let before = match crate::http::query_param(&q, "before").filter(|b| !b.is_empty()) {
+        None => None,
+        Some(b) => Some(
+            b.parse::<i64>()
+                .map_err(|_| UiError::BadRequest("before must be a token id"))?,
+        ),
+    };
+    let mut tokens = accounts_of(reg, auth).tokens_page(before, LIST_PAGE + 1).await?;
+    let next = (tokens.len() > LIST_PAGE).then(|| {
+        tokens.truncate(LIST_PAGE);
+        format!("/ui/admin/tokens?before={}", tokens.last().map_or(0, |t| t.id))
+    });
+    let for_user = crate::http::query_param(&q, "user")
+        .filter(|u| accounts::valid_user_name(u))
+        .unwrap_or_default()
+        .to_owned();
     let now = crate::catalog::now();
-    let rows = accounts
-        .list_tokens(None)
-        .await?
+    let rows = tokens
         .into_iter()
         .map(|t| {
             let status = TokenStatus::of(&t, now);
@@ -374,7 +395,6 @@ async fn tokens_page(
             }
         })
         .collect();
-    let users = accounts.users().await?.into_iter().map(|u| u.name).collect();
     let page = TokensPage {
         chrome: Chrome::new(Some(viewer), viewer.csrf(ui), true),
         tab: "tokens",
@@ -387,8 +407,9 @@ async fn tokens_page(
             name: t.name,
             secret: t.secret,
         }),
-        users,
+        for_user,
         rows,
+        next,
     };
     let mut resp = html(viewer, StatusCode::OK, render(&page)?);
     resp.headers_mut().insert(
@@ -398,7 +419,7 @@ async fn tokens_page(
     Ok(resp)
 }
 
-/// `GET /ui/admin/tokens`: every token, newest first (never a secret).
+/// `GET /ui/admin/tokens`: every token, newest first (never a secret), 100 a page (`before`).
 pub async fn tokens(
     req: HttpRequest,
     reg: web::Data<Registry>,

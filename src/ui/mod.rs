@@ -25,12 +25,14 @@
 //! - `GET`/`POST /ui/login`, `POST /ui/logout`; `GET /ui/assets/<hash>/<file>`.
 //! - The admin pages (`admin`), for admins signed in with their password only (403 to anyone
 //!   else, GET and POST alike; the header's Admin link shows only to them):
-//!   - `GET /ui/admin/users` users (name, admin, created, live tokens); `POST` adds one
+//!   - `GET /ui/admin/users` users (name, admin, created, live tokens; keyset pages by
+//!     `after`); `POST` adds one
 //!     (name, password twice, admin box);
 //!   - `GET /ui/admin/users/<name>` a user: `POST …/password` resets the password,
 //!     `POST …/admin` gives or takes the role, `GET`/`POST …/remove` confirms and removes;
 //!     nobody removes themself or takes their own role;
-//!   - `GET /ui/admin/tokens` every API token (user, name, scopes, expiry, last use, status);
+//!   - `GET /ui/admin/tokens` every API token (user, name, scopes, expiry, last use, status;
+//!     keyset pages by `before`; `?user=` fills in the create form);
 //!     `POST` creates one and answers 200 with its secret, the only time it is shown (never in
 //!     a URL, never stored); `POST /ui/admin/tokens/<id>/revoke` revokes one;
 //!   - `GET /ui/admin/audit` the audit trail (filters `user`, `repo`, `since`; keyset pages by

@@ -1211,7 +1211,7 @@ async fn admin_pages_are_refused_to_everyone_but_admins() {
     for path in ADMIN_PAGES {
         assert_eq!(ops.get(&s.url(path)).await.0, 200, "ops GET {path}");
     }
-    // An admin's API token is for the registry API, not for these pages (they take sessions).
+    // The pages take a session, never HTTP Basic credentials (even an admin's).
     let resp = client()
         .get(s.url("/ui/admin/users"))
         .basic_auth("ops", Some("ops-pw"))

@@ -117,6 +117,20 @@ mod tests {
         assert!(!verify("x", "not a hash"));
     }
 
+    #[tokio::test]
+    async fn the_hasher_is_bounded_by_its_shared_permits() {
+        let permits = Arc::new(tokio::sync::Semaphore::new(1));
+        let hasher = Hasher::sharing(permits.clone(), Duration::from_millis(200));
+        let h = hasher.hash("pw".into()).await.unwrap();
+        assert!(verify("pw", &h));
+        // Another holder (a sign-in being verified) takes the only permit: refused, not queued
+        // forever, and nothing hashed.
+        let held = permits.clone().acquire_owned().await.unwrap();
+        assert_eq!(hasher.hash("pw".into()).await, Err(HashError::Busy));
+        drop(held);
+        assert!(hasher.hash("pw".into()).await.is_ok());
+    }
+
     #[test]
     fn token_secrets() {
         let a = new_token_secret().unwrap();

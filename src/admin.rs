@@ -5,6 +5,8 @@
 //! running server or without one (SQLite takes the concurrent writer). Passwords are read from
 //! a prompt with echo off, or from stdin's first line when stdin is not a terminal; never from
 //! the command line. An API token's secret is printed once, on stdout; only its hash is kept.
+//! The rules (names, passwords, scopes, expiry) and the changes are the accounts service's
+//! (`auth::accounts`), which the web UI's admin pages call too.
 //! Every user and token change is recorded in the audit trail with actor `cli` and the Unix
 //! user who ran the command (`catalog::audit::Actor::cli`).
 //!
@@ -24,10 +26,10 @@ use std::io::{BufRead as _, IsTerminal as _, Write as _};
 
 use futures_util::StreamExt as _;
 
-use crate::auth::{Grant, keys, password};
+use crate::auth::accounts::{self, AccountError, Accounts, Caller, TokenStatus};
+use crate::auth::password::Hasher;
+use crate::auth::{Grant, keys};
 use crate::catalog::Catalog;
-use crate::catalog::audit::Actor;
-use crate::catalog::auth::NewTokenError;
 use crate::cli::{KeyCommand, SpackCommand, TokenCommand, UserCommand};
 use crate::config::Config;
 use crate::oci::Digest;
@@ -79,39 +81,25 @@ fn prompt_hidden(prompt: &str) -> std::io::Result<String> {
     Ok(line.trim_end_matches(['\n', '\r']).to_owned())
 }
 
-/// A new password: prompted twice on a terminal, else the first line of stdin.
+/// A new password: prompted twice on a terminal, else the first line of stdin; checked by
+/// the accounts service's rule.
 fn read_new_password() -> Result<String, Box<dyn std::error::Error>> {
-    let pw = if std::io::stdin().is_terminal() {
+    let (pw, again) = if std::io::stdin().is_terminal() {
         let a = prompt_hidden("Password: ")?;
         let b = prompt_hidden("Again: ")?;
-        if a != b {
-            return Err("the passwords differ".into());
-        }
-        a
+        (a, Some(b))
     } else {
         let mut line = String::new();
         std::io::stdin().lock().read_line(&mut line)?;
-        line.trim_end_matches(['\n', '\r']).to_owned()
+        (line.trim_end_matches(['\n', '\r']).to_owned(), None)
     };
-    if pw.is_empty() {
-        return Err("empty password".into());
-    }
-    if password::is_token_secret(&pw) {
-        return Err(format!("a password may not start with {:?}", password::TOKEN_PREFIX).into());
-    }
+    accounts::check_new_password(&pw, again.as_deref())?;
     Ok(pw)
 }
 
-async fn hash_password(pw: String) -> Result<String, Box<dyn std::error::Error>> {
-    Ok(crate::metrics::spawn_blocking(move || password::hash(&pw)).await??)
-}
-
-pub(crate) fn valid_user_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'@'))
+/// The accounts service for the command line: a hasher of its own, one hash at a time.
+fn accounts_of(catalog: &Catalog) -> Accounts {
+    Accounts::new(catalog.clone(), Hasher::new(1, std::time::Duration::from_secs(60)))
 }
 
 /// A unix time as `YYYY-MM-DD HH:MM:SS` (UTC).
@@ -137,40 +125,41 @@ fn time(t: i64) -> String {
 }
 
 pub async fn user(cmd: UserCommand, config: impl Fn(&crate::cli::ServeArgs) -> Config) -> Outcome {
+    let caller = Caller::cli();
     match cmd {
         UserCommand::Add { at, name, admin } => {
-            if !valid_user_name(&name) {
-                return Err("a user name is 1-128 letters, digits, '.', '-', '_' or '@'".into());
+            if !accounts::valid_user_name(&name) {
+                return Err(AccountError::InvalidUserName.into());
             }
             let catalog = open_catalog(&config(&at)).await?;
-            let hash = hash_password(read_new_password()?).await?;
-            let added = catalog.create_user(&name, hash, admin, &Actor::cli()).await?;
+            let added = accounts_of(&catalog)
+                .add_user(&caller, &name, read_new_password()?, admin)
+                .await;
             catalog.close();
-            if !added {
-                return Err(format!("user {name} exists (use `stowage user passwd`)").into());
+            match added {
+                Err(AccountError::UserExists(_)) => {
+                    return Err(format!("user {name} exists (use `stowage user passwd`)").into());
+                }
+                other => other?,
             }
             eprintln!("added user {name}{}", if admin { " (admin)" } else { "" });
         }
         UserCommand::Passwd { at, name } => {
             let catalog = open_catalog(&config(&at)).await?;
-            if catalog.user(&name).await?.is_none() {
-                return Err(format!("no user {name}").into());
+            let accounts = accounts_of(&catalog);
+            if !accounts.user_exists(&name).await? {
+                return Err(AccountError::NoUser(name).into());
             }
-            let hash = hash_password(read_new_password()?).await?;
-            let changed = catalog.set_password(&name, hash, &Actor::cli()).await?;
+            let changed = accounts.set_password(&caller, &name, read_new_password()?).await;
             catalog.close();
-            if !changed {
-                return Err(format!("no user {name}").into());
-            }
+            changed?;
             eprintln!("changed the password of {name}");
         }
         UserCommand::Admin { at, name, revoke } => {
             let catalog = open_catalog(&config(&at)).await?;
-            let changed = catalog.set_admin(&name, !revoke, &Actor::cli()).await?;
+            let changed = accounts_of(&catalog).set_admin(&caller, &name, !revoke).await;
             catalog.close();
-            if !changed {
-                return Err(format!("no user {name}").into());
-            }
+            changed?;
             if revoke {
                 eprintln!("{name} is no longer an admin");
             } else {
@@ -179,19 +168,17 @@ pub async fn user(cmd: UserCommand, config: impl Fn(&crate::cli::ServeArgs) -> C
         }
         UserCommand::Remove { at, name } => {
             let catalog = open_catalog(&config(&at)).await?;
-            let removed = catalog.remove_user(&name, &Actor::cli()).await?;
+            let removed = accounts_of(&catalog).remove_user(&caller, &name).await;
             catalog.close();
-            if !removed {
-                return Err(format!("no user {name}").into());
-            }
+            removed?;
             eprintln!("removed user {name} and their API tokens");
         }
         UserCommand::List { at } => {
             let catalog = open_catalog(&config(&at)).await?;
-            let users = catalog.users().await?;
+            let users = accounts_of(&catalog).users().await;
             catalog.close();
             println!("{:<24} {:<6} {:<20} TOKENS", "NAME", "ADMIN", "CREATED");
-            for u in users {
+            for u in users? {
                 println!(
                     "{:<24} {:<6} {:<20} {}",
                     u.name,
@@ -206,6 +193,7 @@ pub async fn user(cmd: UserCommand, config: impl Fn(&crate::cli::ServeArgs) -> C
 }
 
 pub async fn token(cmd: TokenCommand, config: impl Fn(&crate::cli::ServeArgs) -> Config) -> Outcome {
+    let caller = Caller::cli();
     match cmd {
         TokenCommand::Create {
             at,
@@ -214,59 +202,36 @@ pub async fn token(cmd: TokenCommand, config: impl Fn(&crate::cli::ServeArgs) ->
             scopes,
             expires_in_days,
         } => {
-            if name.is_empty() || name.len() > 128 || name.bytes().all(|b| b.is_ascii_digit()) {
-                return Err("a token name is 1-128 characters, not all digits".into());
-            }
-            let grants = scopes.iter().map(|s| Grant::parse(s)).collect::<Result<Vec<_>, _>>()?;
-            let scopes_json = serde_json::to_string(&grants)?;
-            let expires_at = expires_in_days.map(|d| {
-                crate::catalog::now().saturating_add(i64::try_from(d.saturating_mul(86_400)).unwrap_or(i64::MAX))
-            });
-            let secret = password::new_token_secret()?;
             let catalog = open_catalog(&config(&at)).await?;
-            let created = catalog
-                .create_api_token(
-                    &user,
-                    &name,
-                    password::token_hash(&secret),
-                    scopes_json,
-                    expires_at,
-                    &Actor::cli(),
-                )
-                .await?;
+            let created = accounts_of(&catalog)
+                .create_token(&caller, &user, &name, &scopes, expires_in_days)
+                .await;
             catalog.close();
-            let id = match created {
-                Ok(id) => id,
-                Err(NewTokenError::UnknownUser) => return Err(format!("no user {user}").into()),
-                Err(NewTokenError::NameTaken) => {
-                    return Err(format!("{user} already has a live token named {name}").into());
-                }
-            };
-            let scopes: Vec<String> = grants.iter().map(Grant::to_string).collect();
+            let token = created?;
+            let scopes: Vec<String> = token.grants.iter().map(Grant::to_string).collect();
             eprintln!(
-                "created token {id} ({name}) for {user}, scopes {}, {}; the secret is shown only now:",
+                "created token {} ({name}) for {user}, scopes {}, {}; the secret is shown only now:",
+                token.id,
                 scopes.join(" "),
-                expires_at.map_or("no expiry".to_owned(), |e| format!("expires {}", time(e)))
+                token
+                    .expires_at
+                    .map_or("no expiry".to_owned(), |e| format!("expires {}", time(e)))
             );
-            println!("{secret}");
+            println!("{}", token.secret);
         }
         TokenCommand::List { at, user } => {
             let catalog = open_catalog(&config(&at)).await?;
-            let tokens = catalog.api_tokens(user.as_deref()).await?;
+            let tokens = accounts_of(&catalog).list_tokens(user.as_deref()).await;
             catalog.close();
             println!(
                 "{:<6} {:<16} {:<20} {:<20} {:<20} {:<20} SCOPES",
                 "ID", "USER", "NAME", "EXPIRES", "LAST USED", "STATUS"
             );
             let now = crate::catalog::now();
-            for t in tokens {
-                let scopes = serde_json::from_str::<Vec<Grant>>(&t.scopes)
-                    .map(|g| g.iter().map(Grant::to_string).collect::<Vec<_>>().join(" "))
-                    .unwrap_or_else(|_| "?".into());
-                let status = match (t.revoked_at, t.expires_at) {
-                    (Some(r), _) => format!("revoked {}", time(r)),
-                    (None, Some(e)) if e <= now => "expired".to_owned(),
-                    _ => "live".to_owned(),
+            for t in tokens? {
+                let status = match TokenStatus::of(&t, now) {
+                    TokenStatus::Revoked(r) => format!("revoked {}", time(r)),
+                    other => other.as_str().to_owned(),
                 };
                 println!(
                     "{:<6} {:<16} {:<20} {:<20} {:<20} {:<20} {}",
@@ -276,16 +241,21 @@ pub async fn token(cmd: TokenCommand, config: impl Fn(&crate::cli::ServeArgs) ->
                     t.expires_at.map_or("never".into(), time),
                     t.last_used_at.map_or("never".into(), time),
                     status,
-                    scopes
+                    accounts::scopes_text(&t).join(" ")
                 );
             }
         }
         TokenCommand::Revoke { at, token, user } => {
             let catalog = open_catalog(&config(&at)).await?;
-            let n = catalog.revoke_api_token(user.as_deref(), &token, &Actor::cli()).await?;
+            let revoked = accounts_of(&catalog)
+                .revoke_token(&caller, user.as_deref(), &token)
+                .await;
             catalog.close();
-            if n == 0 {
-                return Err(format!("no single live token {token} (give its id, or --user)").into());
+            match revoked {
+                Err(AccountError::NoToken(_)) => {
+                    return Err(format!("no single live token {token} (give its id, or --user)").into());
+                }
+                other => other?,
             }
             eprintln!("revoked token {token}");
         }

@@ -458,6 +458,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             retention_rules = config.gc.retention.len(),
             "garbage collection on"
         );
+        registry.schedule_gc(every, opts.grace);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,9 +1,11 @@
 //! The web UI (`src/ui`) against the real binary: in real headless Chromium (Debian's, driven by
 //! `playwright-core` from `tests/ui/`: sign in, browse, open manifests, delete a tag, private
 //! repositories hidden from anonymous viewers, Spack search and spec pages, then browsing with
-//! JavaScript off; screenshots under `<target>/ui-screenshots/<backend>/`),
+//! JavaScript off; the admin pages in `tests/ui/admin.mjs`: a token created, used, revoked and
+//! refused, a user added and removed; screenshots under `<target>/ui-screenshots/<backend>/`),
 //! and over plain HTTP: the security headers, CSRF refusals, escaping, the sign-in limiter,
-//! sign-out, policy, pagination, and page times at 10,000 tags.
+//! sign-out, policy, pagination, page times at 10,000 tags, and the admin pages (refused to
+//! non-admins, CSRF, a user's life cycle, escaping, audit pages, GC status).
 
 mod common;
 
@@ -44,13 +46,20 @@ struct UiServer {
 
 impl UiServer {
     fn start(config: &str) -> UiServer {
+        UiServer::start_env(config, &[])
+    }
+
+    /// [`UiServer::start`] with more environment variables.
+    fn start_env(config: &str, env: &[(&str, &str)]) -> UiServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("stowage.toml");
         std::fs::write(&path, config).expect("write config");
-        let server = TestServer::start_with(&[
+        let mut envs = vec![
             ("STOWAGE_CONFIG", path.to_str().expect("utf-8 path")),
             ("STOWAGE_AUTH__ENABLED", "true"),
-        ]);
+        ];
+        envs.extend_from_slice(env);
+        let server = TestServer::start_with(&envs);
         for name in ["alice", "bob"] {
             run_cli(server.data_dir(), &["user", "add", name], &format!("{name}-pw\n"));
         }
@@ -1025,4 +1034,486 @@ async fn the_audit_trail_records_ui_deletes_refusals_and_failed_sign_ins() {
     );
     let denied = find(&e, "denied.delete", "bob").expect("bob's refused delete");
     assert_eq!(denied["repository"], "public/app");
+}
+
+// ---- Admin pages -----------------------------------------------------------------------------
+
+/// Every admin page, and every admin form with a field set that would change something.
+const ADMIN_PAGES: &[&str] = &[
+    "/ui/admin/users",
+    "/ui/admin/users/alice",
+    "/ui/admin/users/alice/remove",
+    "/ui/admin/tokens",
+    "/ui/admin/audit",
+    "/ui/admin/gc",
+];
+
+fn admin_forms() -> Vec<(&'static str, Vec<(&'static str, &'static str)>)> {
+    vec![
+        (
+            "/ui/admin/users",
+            vec![
+                ("name", "mallory"),
+                ("password", "m-pw"),
+                ("again", "m-pw"),
+                ("admin", "true"),
+            ],
+        ),
+        (
+            "/ui/admin/users/alice/password",
+            vec![("password", "new-pw"), ("again", "new-pw")],
+        ),
+        ("/ui/admin/users/bob/admin", vec![("admin", "true")]),
+        ("/ui/admin/users/ops/admin", vec![("admin", "false")]),
+        ("/ui/admin/users/alice/remove", vec![]),
+        (
+            "/ui/admin/tokens",
+            vec![
+                ("user", "bob"),
+                ("name", "evil"),
+                ("scopes", "**:*"),
+                ("expires_in_days", ""),
+            ],
+        ),
+        ("/ui/admin/tokens/1/revoke", vec![]),
+    ]
+}
+
+/// Users and tokens as the command line lists them (to see that nothing changed).
+fn accounts_state(s: &UiServer) -> (String, String) {
+    let users = run_cli(s.server.data_dir(), &["user", "list"], "");
+    let tokens = run_cli(s.server.data_dir(), &["token", "list"], "");
+    assert!(users.status.success() && tokens.status.success());
+    (
+        String::from_utf8_lossy(&users.stdout).into_owned(),
+        String::from_utf8_lossy(&tokens.stdout).into_owned(),
+    )
+}
+
+/// `GET /v2/` with HTTP Basic credentials.
+async fn v2_status(s: &UiServer, user: &str, password: &str) -> u16 {
+    client()
+        .get(s.server.v2(""))
+        .basic_auth(user, Some(password))
+        .send()
+        .await
+        .expect("GET /v2/")
+        .status()
+        .as_u16()
+}
+
+/// The secret on the page answering a token's creation.
+fn secret_on(page: &str) -> String {
+    let at = page.find(r#"id="token-secret">"#).expect("the secret is shown") + r#"id="token-secret">"#.len();
+    page[at..at + page[at..].find('<').expect("end")].to_owned()
+}
+
+/// Signs in as `user` and returns the browser; asserts it worked.
+async fn signed_in(s: &UiServer, user: &str, password: &str) -> Browser {
+    let mut b = Browser::default();
+    assert_eq!(b.sign_in(s, user, password).await.status(), 303, "{user} signs in");
+    b
+}
+
+/// Posts an admin form with the browser's own valid CSRF token.
+async fn admin_post(b: &mut Browser, s: &UiServer, path: &str, form: &[(&str, &str)]) -> reqwest::Response {
+    let (_, mut page) = b.get(&s.url("/ui/")).await;
+    if !page.contains(r#"name="csrf""#) {
+        // Anonymous: the sign-in form's token, bound to this browser's pre-session cookie.
+        page = b.get(&s.url("/ui/login")).await.1;
+    }
+    let token = csrf(&page);
+    let mut fields = vec![("csrf", token.as_str())];
+    fields.extend_from_slice(form);
+    b.post(&s.url(path), &fields).await
+}
+
+#[tokio::test]
+async fn a_real_browser_manages_users_and_tokens() {
+    let s = UiServer::start(CONFIG);
+    s.image("private/secret", "v1", 1, serde_json::Value::Null).await;
+    let ui_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ui");
+    assert!(
+        ui_dir.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed in tests/ui: run scripts/test (or `npm ci` there)"
+    );
+    let shots = screenshot_dir().join(format!("{:?}", s.server.backend).to_lowercase());
+    let url = s.server.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg("admin.mjs")
+            .current_dir(ui_dir)
+            .env("STOWAGE_URL", url)
+            .env("SCREENSHOT_DIR", &shots)
+            .env("ADMIN_USER", "ops")
+            .env("ADMIN_PASSWORD", "ops-pw")
+            .output()
+            .expect("run node")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "browser checks failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("admin browser checks passed"), "{stdout}");
+    // What the browser did, as the command line sees it.
+    let (users, tokens) = accounts_state(&s);
+    assert!(!users.contains("carol"), "carol was removed:\n{users}");
+    let line = tokens
+        .lines()
+        .find(|l| l.contains("ci <b>"))
+        .expect("the token is listed");
+    assert!(line.contains("revoked"), "{line}");
+}
+
+#[tokio::test]
+async fn admin_pages_are_refused_to_everyone_but_admins() {
+    let s = UiServer::start(CONFIG);
+    let before = accounts_state(&s);
+    let mut anonymous = Browser::default();
+    let mut bob = signed_in(&s, "bob", "bob-pw").await;
+    let mut ops = signed_in(&s, "ops", "ops-pw").await;
+    for (who, b) in [("anonymous", &mut anonymous), ("bob", &mut bob)] {
+        let (status, page) = b.get(&s.url("/ui/")).await;
+        assert_eq!(status, 200);
+        assert!(!page.contains("admin-link"), "{who} sees no Admin link");
+        for path in ADMIN_PAGES {
+            let (status, page) = b.get(&s.url(path)).await;
+            assert_eq!(status, 403, "{who} GET {path}");
+            assert!(
+                page.contains("admin pages"),
+                "{who} GET {path}: the page says why:\n{page}"
+            );
+            assert!(
+                !page.contains("alice-pw") && !page.contains("<table"),
+                "{who} GET {path}"
+            );
+        }
+        // `/ui/admin` leads to the users page, refused as well.
+        let resp = client().get(s.url("/ui/admin")).send().await.expect("GET");
+        assert_eq!(resp.status(), 303);
+        for (path, form) in admin_forms() {
+            // With a valid CSRF token of their own: refused for the role.
+            let resp = admin_post(b, &s, path, &form).await;
+            assert_eq!(resp.status(), 403, "{who} POST {path}");
+            let body = resp.text().await.expect("body");
+            assert!(
+                body.contains("admin pages") && !body.contains("CSRF"),
+                "{who} POST {path}: {body}"
+            );
+        }
+    }
+    assert_eq!(accounts_state(&s), before, "nothing changed");
+    // The admin sees the link and the pages.
+    let (_, page) = ops.get(&s.url("/ui/")).await;
+    assert!(page.contains(r#"id="admin-link""#));
+    for path in ADMIN_PAGES {
+        assert_eq!(ops.get(&s.url(path)).await.0, 200, "ops GET {path}");
+    }
+    // The pages take a session, never HTTP Basic credentials (even an admin's).
+    let resp = client()
+        .get(s.url("/ui/admin/users"))
+        .basic_auth("ops", Some("ops-pw"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 403, "Basic credentials do not open the admin pages");
+}
+
+#[tokio::test]
+async fn admin_forms_without_their_csrf_token_are_refused_and_change_nothing() {
+    let s = UiServer::start(CONFIG);
+    run_cli(
+        s.server.data_dir(),
+        &[
+            "token", "create", "--user", "alice", "--name", "t", "--scope", "**:pull",
+        ],
+        "",
+    );
+    let before = accounts_state(&s);
+    let mut ops = signed_in(&s, "ops", "ops-pw").await;
+    let mut other = signed_in(&s, "ops", "ops-pw").await;
+    let (_, other_page) = other.get(&s.url("/ui/admin/users")).await;
+    let foreign = csrf(&other_page);
+    for (path, form) in admin_forms() {
+        let resp = ops.post(&s.url(path), &form).await;
+        assert_eq!(resp.status(), 403, "POST {path} without a token");
+        assert!(resp.text().await.expect("body").contains("CSRF"), "{path}");
+        let mut with_foreign = vec![("csrf", foreign.as_str())];
+        with_foreign.extend_from_slice(&form);
+        assert_eq!(
+            ops.post(&s.url(path), &with_foreign).await.status(),
+            403,
+            "POST {path} with another session's token"
+        );
+        let mut empty = vec![("csrf", "")];
+        empty.extend_from_slice(&form);
+        assert_eq!(
+            ops.post(&s.url(path), &empty).await.status(),
+            403,
+            "POST {path} with an empty token"
+        );
+    }
+    assert_eq!(accounts_state(&s), before, "nothing changed");
+    // With the token, the same form works (the refusals above were for the token alone).
+    let resp = admin_post(&mut ops, &s, "/ui/admin/users/bob/admin", &[("admin", "true")]).await;
+    assert_eq!(resp.status(), 303);
+    assert_ne!(accounts_state(&s), before);
+}
+
+#[tokio::test]
+async fn admins_add_reset_promote_and_remove_users() {
+    let s = UiServer::start(CONFIG);
+    let mut ops = signed_in(&s, "ops", "ops-pw").await;
+
+    // Add carol; bad input is refused with a page saying why.
+    let add = |name: &'static str, pw: &'static str, again: &'static str| {
+        vec![("name", name), ("password", pw), ("again", again)]
+    };
+    let resp = admin_post(&mut ops, &s, "/ui/admin/users", &add("carol", "c1", "c2")).await;
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.expect("body").contains("The passwords differ"));
+    let resp = admin_post(&mut ops, &s, "/ui/admin/users", &add("<b>carol</b>", "c1", "c1")).await;
+    assert_eq!(resp.status(), 400, "a name with markup is refused");
+    let resp = admin_post(&mut ops, &s, "/ui/admin/users", &add("carol", "stw_x", "stw_x")).await;
+    assert_eq!(resp.status(), 400, "a password shaped like a token secret");
+    let resp = admin_post(&mut ops, &s, "/ui/admin/users", &add("carol", "c1", "c1")).await;
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["location"], "/ui/admin/users?done=added&name=carol");
+    let resp = admin_post(&mut ops, &s, "/ui/admin/users", &add("carol", "c1", "c1")).await;
+    assert_eq!(resp.status(), 409, "the name is taken");
+    let (_, page) = ops.get(&s.url("/ui/admin/users?done=added&name=carol")).await;
+    assert!(page.contains("Added user carol."));
+    assert!(page.contains(r#"data-user="carol""#));
+
+    // Carol signs in; she is no admin. A token of hers works.
+    let mut carol = signed_in(&s, "carol", "c1").await;
+    let (_, page) = carol.get(&s.url("/ui/")).await;
+    assert!(page.contains(r#"id="signed-in-user">carol<"#) && !page.contains("admin-link"));
+    assert_eq!(carol.get(&s.url("/ui/admin/users")).await.0, 403);
+    let resp = admin_post(
+        &mut ops,
+        &s,
+        "/ui/admin/tokens",
+        &[
+            ("user", "carol"),
+            ("name", "laptop"),
+            ("scopes", "public/**:pull"),
+            ("expires_in_days", "7"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let secret = secret_on(&resp.text().await.expect("body"));
+    assert_eq!(v2_status(&s, "carol", &secret).await, 200, "carol's token works");
+    assert_eq!(v2_status(&s, "carol", "c1").await, 200);
+
+    // Reset her password: her session ends, the old password is refused, the new one works.
+    let resp = admin_post(
+        &mut ops,
+        &s,
+        "/ui/admin/users/carol/password",
+        &[("password", "c2"), ("again", "c2")],
+    )
+    .await;
+    assert_eq!(resp.status(), 303);
+    let (_, page) = carol.get(&s.url("/ui/")).await;
+    assert!(
+        !page.contains("signed-in-user"),
+        "carol's session ended with the old password"
+    );
+    assert_eq!(v2_status(&s, "carol", "c1").await, 401, "the old password is refused");
+    assert_eq!(v2_status(&s, "carol", "c2").await, 200, "the new password works");
+    assert_eq!(carol.sign_in(&s, "carol", "c1").await.status(), 401);
+    assert_eq!(carol.sign_in(&s, "carol", "c2").await.status(), 303);
+
+    // Make her an admin: she sees the Admin link and the pages.
+    let resp = admin_post(&mut ops, &s, "/ui/admin/users/carol/admin", &[("admin", "true")]).await;
+    assert_eq!(resp.status(), 303);
+    let (_, page) = carol.get(&s.url("/ui/")).await;
+    assert!(page.contains(r#"id="admin-link""#), "carol sees Admin");
+    assert_eq!(carol.get(&s.url("/ui/admin/users")).await.0, 200);
+
+    // Nobody removes or demotes themself.
+    for (path, form) in [
+        ("/ui/admin/users/ops/admin", vec![("admin", "false")]),
+        ("/ui/admin/users/ops/remove", vec![]),
+    ] {
+        let resp = admin_post(&mut ops, &s, path, &form).await;
+        assert_eq!(resp.status(), 403, "{path}");
+        let body = resp.text().await.expect("body");
+        assert!(body.contains("You cannot"), "{body}");
+    }
+    assert!(
+        accounts_state(&s)
+            .0
+            .lines()
+            .any(|l| l.starts_with("ops ") && l.contains("yes"))
+    );
+    let resp = admin_post(&mut ops, &s, "/ui/admin/users/nobody/remove", &[]).await;
+    assert_eq!(resp.status(), 404);
+
+    // Remove her: the confirmation page first; then her session and token stop working.
+    let (status, page) = ops.get(&s.url("/ui/admin/users/carol/remove")).await;
+    assert_eq!(status, 200);
+    assert!(page.contains(r#"action="/ui/admin/users/carol/remove""#));
+    let resp = admin_post(&mut ops, &s, "/ui/admin/users/carol/remove", &[]).await;
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["location"], "/ui/admin/users?done=removed&name=carol");
+    assert_eq!(carol.get(&s.url("/ui/admin/users")).await.0, 403, "her session ended");
+    let (_, page) = carol.get(&s.url("/ui/")).await;
+    assert!(!page.contains("signed-in-user"));
+    assert_eq!(v2_status(&s, "carol", &secret).await, 401, "her token is refused");
+    assert_eq!(v2_status(&s, "carol", "c2").await, 401, "her password is refused");
+    assert!(!accounts_state(&s).0.contains("carol"));
+}
+
+#[tokio::test]
+async fn admin_pages_escape_what_they_show_and_list_the_audit_trail_and_gc() {
+    let s = UiServer::start_env(
+        CONFIG,
+        &[("STOWAGE_GC__INTERVAL_SECS", "1"), ("STOWAGE_GC__GRACE_SECS", "3600")],
+    );
+    let mut ops = signed_in(&s, "ops", "ops-pw").await;
+    let evil = r#"<script>alert("x")</script>&'"#;
+    let escaped = "&#60;script&#62;alert(&#34;x&#34;)&#60;/script&#62;&#38;&#39;";
+    let scope = "<img>/**:pull";
+    let resp = admin_post(
+        &mut ops,
+        &s,
+        "/ui/admin/tokens",
+        &[
+            ("user", "alice"),
+            ("name", evil),
+            ("scopes", scope),
+            ("expires_in_days", ""),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+    let page = resp.text().await.expect("body");
+    let secret = secret_on(&page);
+    assert!(page.contains(escaped) && !page.contains("<script>alert"), "{page}");
+    assert!(page.contains("&#60;img&#62;/**:pull") && !page.contains("<img>"));
+    let (_, list) = ops.get(&s.url("/ui/admin/tokens")).await;
+    assert!(list.contains(escaped) && !list.contains("<script>alert") && !list.contains("<img"));
+    assert!(!list.contains(&secret), "the list never shows the secret");
+    let id = list
+        .split(r#"data-revoke=""#)
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("a revoke button")
+        .to_owned();
+    let resp = admin_post(&mut ops, &s, &format!("/ui/admin/tokens/{id}/revoke"), &[]).await;
+    assert_eq!(resp.status(), 303);
+    let resp = admin_post(&mut ops, &s, &format!("/ui/admin/tokens/{id}/revoke"), &[]).await;
+    assert_eq!(resp.status(), 404, "a revoked token is not revoked twice");
+
+    // The audit trail: both, by ops, the name escaped; filters echoed escaped; keyset pages.
+    let (status, audit) = ops.get(&s.url("/ui/admin/audit?user=ops")).await;
+    assert_eq!(status, 200);
+    for action in ["token.create", "token.revoke"] {
+        let row = audit
+            .split("<tr ")
+            .find(|r| r.contains(&format!(r#"data-action="{action}""#)))
+            .unwrap_or_else(|| panic!("{action} listed:\n{audit}"));
+        assert!(row.contains(r#"<td class="actor">ops"#), "{row}");
+        assert!(row.contains("&#60;script&#62;"), "the token name, escaped: {row}");
+    }
+    assert!(!audit.contains("<script>alert") && !audit.contains(&secret));
+    let (_, none) = ops.get(&s.url("/ui/admin/audit?user=nobody")).await;
+    assert!(none.contains("No entries."));
+    let (_, echoed) = ops.get(&s.url("/ui/admin/audit?repo=%22%3E%3Cimg%20src%3Dx%3E")).await;
+    assert!(!echoed.contains("<img src=x>") && echoed.contains("&#34;&#62;&#60;img src=x&#62;"));
+    assert_eq!(ops.get(&s.url("/ui/admin/audit?since=yesterday")).await.0, 400);
+    // Keyset pages: the audit trail (50 rows), users and tokens (100 each).
+    for i in 0..101 {
+        let name = format!("u{i:03}");
+        let resp = admin_post(
+            &mut ops,
+            &s,
+            "/ui/admin/users",
+            &[("name", &name), ("password", "pw"), ("again", "pw")],
+        )
+        .await;
+        assert_eq!(resp.status(), 303);
+        let resp = admin_post(
+            &mut ops,
+            &s,
+            "/ui/admin/tokens",
+            &[
+                ("user", "alice"),
+                ("name", &format!("t{i:03}")),
+                ("scopes", "public/**:pull"),
+            ],
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+    }
+    let next_of = |page: &str| {
+        page.split(r#"<a rel="next" href=""#)
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .map(|l| l.replace("&#38;", "&"))
+    };
+    let (_, first) = ops.get(&s.url("/ui/admin/audit?user=ops&since=1h")).await;
+    assert_eq!(first.matches(r#"data-action=""#).count(), 50);
+    let mut seen = first.matches(r#"data-action="user.add""#).count();
+    let mut next = next_of(&first);
+    let mut pages = 1;
+    while let Some(link) = next {
+        assert!(link.contains("user=ops") && link.contains("since=1h"), "{link}");
+        let (_, page) = ops.get(&s.url(&link)).await;
+        seen += page.matches(r#"data-action="user.add""#).count();
+        next = next_of(&page);
+        pages += 1;
+    }
+    assert_eq!(seen, 101, "every user.add row, once, over {pages} pages");
+    // Page times at these sizes (printed, for the record; the bound is generous for a busy machine).
+    for path in ["/ui/admin/users", "/ui/admin/tokens", "/ui/admin/audit", "/ui/admin/gc"] {
+        let started = std::time::Instant::now();
+        assert_eq!(ops.get(&s.url(path)).await.0, 200);
+        let took = started.elapsed();
+        println!("{path}: {} ms", took.as_millis());
+        assert!(took < std::time::Duration::from_secs(2), "{path} took {took:?}");
+    }
+    let (_, users) = ops.get(&s.url("/ui/admin/users")).await;
+    assert_eq!(users.matches("<tr data-user=").count(), 100);
+    let (_, rest) = ops.get(&s.url(&next_of(&users).expect("a second page of users"))).await;
+    assert_eq!(rest.matches("<tr data-user=").count(), 4, "104 users in all");
+    assert!(next_of(&rest).is_none());
+    let (_, tokens) = ops.get(&s.url("/ui/admin/tokens")).await;
+    assert_eq!(tokens.matches(r#"<tr id="token-"#).count(), 100);
+    let (_, rest) = ops
+        .get(&s.url(&next_of(&tokens).expect("a second page of tokens")))
+        .await;
+    assert_eq!(rest.matches(r#"<tr id="token-"#).count(), 2, "102 tokens in all");
+
+    // Garbage collection: a pass shows once one has run.
+    let (_, gc) = ops.get(&s.url("/ui/admin/gc")).await;
+    assert!(
+        gc.contains(r#"<dd id="gc-interval">1 s</dd>"#) && gc.contains(r#"<dd id="gc-grace">1 h</dd>"#),
+        "{gc}"
+    );
+    let cookies = ops.cookie_header();
+    common::wait_until("a GC pass on the admin page", || {
+        let (cookies, url) = (cookies.clone(), s.url("/ui/admin/gc"));
+        async move {
+            let resp = client().get(url).header("Cookie", cookies).send().await.expect("GET");
+            resp.text().await.expect("body").contains(r#"id="gc-last-started""#)
+        }
+    })
+    .await;
+    let (_, last) = ops.get(&s.url("/ui/admin/gc")).await;
+    for id in [
+        "gc-last-duration",
+        "gc-last-blobs",
+        "gc-last-freed",
+        "gc-next",
+        "gc-running",
+    ] {
+        assert!(last.contains(&format!(r#"id="{id}""#)), "{id}: {last}");
+    }
 }

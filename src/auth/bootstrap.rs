@@ -59,7 +59,7 @@ pub const MIN_DISTINCT: usize = 16;
 /// admin's password has exactly one source.
 pub fn validate(auth: &AuthConfig) -> Result<(), String> {
     if let Some(admin) = &auth.bootstrap_admin {
-        if !crate::admin::valid_user_name(&admin.user) {
+        if !crate::auth::accounts::valid_user_name(&admin.user) {
             return Err(format!(
                 "auth.bootstrap_admin.user {:?}: a user name is 1-128 letters, digits, '.', '-', '_' or '@'",
                 admin.user
@@ -87,7 +87,7 @@ pub fn validate(auth: &AuthConfig) -> Result<(), String> {
             return Err("auth.bootstrap_token.user is required when there is no auth.bootstrap_admin".to_owned());
         }
         if let Some(user) = &token.user
-            && !crate::admin::valid_user_name(user)
+            && !crate::auth::accounts::valid_user_name(user)
         {
             return Err(format!("auth.bootstrap_token.user {user:?} is not a valid user name"));
         }

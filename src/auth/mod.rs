@@ -7,6 +7,7 @@
 //! - [`keys`], [`jwt`]: Ed25519 signing keys and the tokens they sign.
 //! - [`limiter`]: failed-login throttling per client address and per (user, address).
 //! - [`bootstrap`]: the admin user and API token created on the first start.
+//! - [`accounts`]: adding, changing and removing users and API tokens (the CLI and the UI).
 //! - [`immutable`]: `[[immutable_tags]]` rules and who may overwrite them (the `overwrite` action).
 //!
 //! Credentials a request may carry: none (anonymous); HTTP Basic with a user's password or an
@@ -42,6 +43,7 @@
 //! within `auth.upload_token_grace_secs` of its expiry (bounded by the upload timeout); the
 //! upload layer makes sure the session is the token's user's own.
 
+pub mod accounts;
 pub mod bootstrap;
 pub mod cache;
 pub mod immutable;
@@ -339,6 +341,13 @@ impl Auth {
 
     pub fn enabled(&self) -> bool {
         self.inner.enabled
+    }
+
+    /// A password hasher drawing on the permits sign-in verifications use
+    /// (`auth.max_concurrent_hashes` in all): a flood of password changes cannot take more CPU
+    /// and memory than a flood of sign-ins.
+    pub fn hasher(&self) -> password::Hasher {
+        password::Hasher::sharing(self.inner.hashes.clone(), HASH_WAIT)
     }
 
     /// The configured token realm, if not derived per request.

@@ -190,6 +190,66 @@ impl Catalog {
         .await
     }
 
+    /// One user as [`Catalog::users`] lists them.
+    pub async fn user_summary(&self, name: &str) -> Result<Option<UserSummary>> {
+        let name = name.to_owned();
+        self.read(move |c| {
+            Ok(c.query_row(
+                "SELECT u.name, u.admin, u.created_at,
+                        (SELECT count(*) FROM api_tokens t WHERE t.user_id = u.id AND t.revoked_at IS NULL)
+                 FROM users u WHERE u.name = ?1",
+                params![name],
+                |r| {
+                    Ok(UserSummary {
+                        name: r.get(0)?,
+                        admin: r.get::<_, i64>(1)? != 0,
+                        created_at: r.get(2)?,
+                        live_tokens: r.get::<_, i64>(3)?.max(0) as u64,
+                    })
+                },
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    /// Up to `limit` users by name after `after` (a keyset page: the name index, then one
+    /// indexed count per user).
+    pub async fn users_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<UserSummary>> {
+        let after = after.map(str::to_owned);
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT u.name, u.admin, u.created_at,
+                        (SELECT count(*) FROM api_tokens t WHERE t.user_id = u.id AND t.revoked_at IS NULL)
+                 FROM users u WHERE ?1 IS NULL OR u.name > ?1 ORDER BY u.name LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after, limit as i64], |r| {
+                Ok(UserSummary {
+                    name: r.get(0)?,
+                    admin: r.get::<_, i64>(1)? != 0,
+                    created_at: r.get(2)?,
+                    live_tokens: r.get::<_, i64>(3)?.max(0) as u64,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    /// Up to `limit` API tokens of every user with an id below `before`, newest first (a
+    /// keyset page).
+    pub async fn api_tokens_page(&self, before: Option<i64>, limit: usize) -> Result<Vec<ApiTokenRecord>> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM api_tokens t JOIN users u ON u.id = t.user_id
+                 WHERE ?1 IS NULL OR t.id < ?1 ORDER BY t.id DESC LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![before, limit as i64], token_record)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
     /// Records a new API token for `user`; returns its id.
     pub async fn create_api_token(
         &self,

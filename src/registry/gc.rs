@@ -55,6 +55,15 @@
 //! A pass cut short (a stop, an error) leaves nothing inconsistent: every step is safe to
 //! repeat.
 //!
+//! # Status
+//!
+//! The server's passes ([`Registry::collect_garbage`]) leave their state in the registry
+//! ([`GcStatus`], read by the web UI's admin page): the schedule ([`Registry::schedule_gc`],
+//! set by the server when collection is on), whether a pass is running and since when, and the
+//! last pass's start, duration and outcome. It lives in memory: a restarted server shows no
+//! last pass until it has run one (the metrics' `stowage_gc_last_pass_timestamp_seconds`
+//! likewise).
+//!
 //! # One-off passes and dry runs
 //!
 //! `stowage gc` runs [`Registry::collect_listed`] once, with the server stopped (it holds the
@@ -192,11 +201,69 @@ impl GcReport {
     }
 }
 
+/// What garbage collection is doing and last did (see the module doc's "Status").
+#[derive(Debug, Clone, Default)]
+pub struct GcStatus {
+    /// How often the server runs a pass, and the grace period; `None` when it runs none.
+    pub schedule: Option<GcSchedule>,
+    /// When the running pass started (unix seconds), if one is running.
+    pub running_since: Option<i64>,
+    /// The last pass that finished.
+    pub last: Option<GcPass>,
+    /// When the next pass is due (unix seconds).
+    pub next_at: Option<i64>,
+}
+
+/// The server's collection schedule.
+#[derive(Debug, Clone, Copy)]
+pub struct GcSchedule {
+    pub interval: Duration,
+    pub grace: Duration,
+}
+
+/// A finished pass.
+#[derive(Debug, Clone)]
+pub struct GcPass {
+    /// Unix seconds.
+    pub started_at: i64,
+    pub duration: Duration,
+    /// What it removed, or why it failed.
+    pub outcome: std::result::Result<GcReport, String>,
+}
+
 impl Registry {
-    /// Runs one garbage collection pass, counted in the `stowage_gc_*` metrics.
+    /// Records that the server runs a pass every `interval` (the first one `interval` from now).
+    pub fn schedule_gc(&self, interval: Duration, grace: Duration) {
+        let mut s = self.gc_status.lock().unwrap_or_else(|p| p.into_inner());
+        s.schedule = Some(GcSchedule { interval, grace });
+        s.next_at = Some(now().saturating_add(interval.as_secs() as i64));
+    }
+
+    /// What garbage collection is doing and last did.
+    pub fn gc_status(&self) -> GcStatus {
+        self.gc_status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Runs one garbage collection pass, counted in the `stowage_gc_*` metrics and kept as the
+    /// last pass of [`Registry::gc_status`].
     pub async fn collect_garbage(&self, opts: GcOptions) -> Result<GcReport> {
         let started = std::time::Instant::now();
+        let started_at = now();
+        self.gc_status.lock().unwrap_or_else(|p| p.into_inner()).running_since = Some(started_at);
         let result = self.collect_garbage_listed(opts, &mut |_| {}).await;
+        {
+            let mut s = self.gc_status.lock().unwrap_or_else(|p| p.into_inner());
+            s.running_since = None;
+            s.last = Some(GcPass {
+                started_at,
+                duration: started.elapsed(),
+                outcome: result.as_ref().map(|r| *r).map_err(|e| e.to_string()),
+            });
+            // The server's ticks are `interval` apart, or `interval` after a pass that overran.
+            if let Some(schedule) = s.schedule {
+                s.next_at = Some(started_at.saturating_add(schedule.interval.as_secs() as i64).max(now()));
+            }
+        }
         let m = crate::metrics::get();
         m.gc_duration.observe(started.elapsed().as_secs_f64());
         let outcome = if result.is_ok() { "ok" } else { "failed" };

@@ -18,7 +18,7 @@ mod uploads;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use gc::{GcOptions, GcReport, Removed, WRITE_PAUSE};
+pub use gc::{GcOptions, GcPass, GcReport, GcSchedule, GcStatus, Removed, WRITE_PAUSE};
 pub use manifests::PutOutcome;
 pub use uploads::{Chunk, ChunkRange, SessionLimits, Uploads};
 
@@ -65,6 +65,8 @@ pub struct Registry {
     pub(crate) pulls: Arc<retention::PullRecorder>,
     /// Manifest lookups remembered under the catalog's content generation.
     pub(crate) manifests: Arc<manifest_cache::ManifestCache>,
+    /// What garbage collection is doing and last did (see `gc`).
+    pub(crate) gc_status: Arc<std::sync::Mutex<gc::GcStatus>>,
 }
 
 impl Registry {
@@ -79,6 +81,7 @@ impl Registry {
             maintenance: Arc::new(maintenance::Maintenance::default()),
             pulls: Arc::new(retention::PullRecorder::default()),
             manifests: Arc::new(manifest_cache::ManifestCache::new()),
+            gc_status: Arc::default(),
         }
     }
 

@@ -23,6 +23,25 @@
 //! - `GET /ui/repos/<name>/-/spack/<hash>` one spec: variants, its dependency DAG with which
 //!   nodes the cache holds and which it lacks, the `spack install` line.
 //! - `GET`/`POST /ui/login`, `POST /ui/logout`; `GET /ui/assets/<hash>/<file>`.
+//! - The admin pages (`admin`), for admins signed in with their password only (403 to anyone
+//!   else, GET and POST alike; the header's Admin link shows only to them):
+//!   - `GET /ui/admin/users` users (name, admin, created, live tokens; keyset pages by
+//!     `after`); `POST` adds one
+//!     (name, password twice, admin box);
+//!   - `GET /ui/admin/users/<name>` a user: `POST …/password` resets the password,
+//!     `POST …/admin` gives or takes the role, `GET`/`POST …/remove` confirms and removes;
+//!     nobody removes themself or takes their own role;
+//!   - `GET /ui/admin/tokens` every API token (user, name, scopes, expiry, last use, status;
+//!     keyset pages by `before`; `?user=` fills in the create form);
+//!     `POST` creates one and answers 200 with its secret, the only time it is shown (never in
+//!     a URL, never stored); `POST /ui/admin/tokens/<id>/revoke` revokes one;
+//!   - `GET /ui/admin/audit` the audit trail (filters `user`, `repo`, `since`; keyset pages by
+//!     `before`), as `/stowage/v1/audit` reads it;
+//!   - `GET /ui/admin/gc` garbage collection: schedule, running pass, last pass, next pass
+//!     (`Registry::gc_status`).
+//!
+//!   Account changes go through `auth::accounts`, the service `stowage user`/`stowage token`
+//!   call: one copy of the rules, each change audited with the admin as actor.
 //!
 //! A repository's sub-pages follow `/-/`: no repository name has a component `-` alone, so
 //! `/ui/repos/a/-/…` can never be the page of a repository named `a/-/…`.
@@ -45,6 +64,7 @@
 //! them (429 with `Retry-After`). Errors are answered as HTML pages with the status the
 //! registry API would give (internal errors logged once and reported generically).
 
+mod admin;
 mod assets;
 mod pages;
 mod session;
@@ -114,6 +134,26 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(web::resource(format!("{REPO}/-/spack/{{hash}}")).get(pages::spack_spec))
                 .service(web::resource(format!("{REPO}/-/spack")).get(pages::spack_search))
                 .service(web::resource(REPO).get(pages::repository))
+                // The admin pages (see `admin`).
+                .service(web::resource("/admin").get(admin_root))
+                .service(web::resource("/admin/").get(admin_root))
+                .service(web::resource("/admin/users").get(admin::users).post(admin::add_user))
+                .service(web::resource("/admin/users/{user}").get(admin::user))
+                .service(web::resource("/admin/users/{user}/password").post(admin::set_password))
+                .service(web::resource("/admin/users/{user}/admin").post(admin::set_admin))
+                .service(
+                    web::resource("/admin/users/{user}/remove")
+                        .get(admin::remove_form)
+                        .post(admin::remove_user),
+                )
+                .service(
+                    web::resource("/admin/tokens")
+                        .get(admin::tokens)
+                        .post(admin::create_token),
+                )
+                .service(web::resource("/admin/tokens/{id}/revoke").post(admin::revoke_token))
+                .service(web::resource("/admin/audit").get(admin::audit))
+                .service(web::resource("/admin/gc").get(admin::gc))
                 .default_service(web::to(pages::not_found)),
         );
 }
@@ -121,6 +161,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// `/` and `/ui`: to the repositories page.
 async fn root() -> HttpResponse {
     see_other("/ui/")
+}
+
+/// `/ui/admin`: to the users page (which refuses non-admins).
+async fn admin_root() -> HttpResponse {
+    see_other("/ui/admin/users")
 }
 
 /// A 303 to `location` (after a form post, the browser fetches it with GET).
@@ -267,6 +312,8 @@ pub enum UiError {
     Csrf,
     /// Any registry error, answered with its status and message.
     Registry(Error),
+    /// An account change refused or failed (the admin pages).
+    Account(crate::auth::accounts::AccountError),
     /// A failure of the UI itself (a template that did not render), logged where it happened:
     /// 500 without details.
     Failed,
@@ -278,6 +325,15 @@ impl From<Error> for UiError {
     }
 }
 
+impl From<crate::auth::accounts::AccountError> for UiError {
+    fn from(e: crate::auth::accounts::AccountError) -> Self {
+        match e {
+            crate::auth::accounts::AccountError::Internal(e) => UiError::Registry(e),
+            other => UiError::Account(other),
+        }
+    }
+}
+
 impl std::fmt::Display for UiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -286,6 +342,7 @@ impl std::fmt::Display for UiError {
             UiError::Forbidden(m) => f.write_str(m),
             UiError::Csrf => f.write_str("the form's CSRF token is missing or invalid"),
             UiError::Registry(e) => e.fmt(f),
+            UiError::Account(e) => e.fmt(f),
             UiError::Failed => f.write_str("internal server error"),
         }
     }
@@ -298,6 +355,25 @@ impl ResponseError for UiError {
             UiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             UiError::Forbidden(_) | UiError::Csrf => StatusCode::FORBIDDEN,
             UiError::Registry(e) => StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            UiError::Account(e) => {
+                use crate::auth::accounts::AccountError as A;
+                match e {
+                    A::UserExists(_) | A::TokenNameTaken { .. } => StatusCode::CONFLICT,
+                    A::NoUser(_) | A::NoToken(_) => StatusCode::NOT_FOUND,
+                    A::OwnAccount(_) => StatusCode::FORBIDDEN,
+                    A::Busy => StatusCode::TOO_MANY_REQUESTS,
+                    A::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                    A::InvalidUserName
+                    | A::PasswordsDiffer
+                    | A::EmptyPassword
+                    | A::LongPassword
+                    | A::TokenLikePassword
+                    | A::InvalidTokenName
+                    | A::InvalidScope(_)
+                    | A::ScopeCount
+                    | A::InvalidExpiry => StatusCode::BAD_REQUEST,
+                }
+            }
             UiError::Failed => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -315,8 +391,19 @@ impl ResponseError for UiError {
                 tracing::error!(error = %inner, "internal error while serving a UI page");
                 "Internal server error.".to_owned()
             }
-            UiError::Failed => "Internal server error.".to_owned(),
+            UiError::Failed | UiError::Account(crate::auth::accounts::AccountError::Internal(_)) => {
+                "Internal server error.".to_owned()
+            }
             UiError::Registry(e) => e.to_string(),
+            UiError::Account(e) => {
+                let mut m = e.to_string();
+                if let Some(first) = m.get(..1) {
+                    let upper = first.to_uppercase();
+                    m.replace_range(..1, &upper);
+                }
+                m.push('.');
+                m
+            }
         };
         let mut resp = HttpResponse::build(status);
         if let UiError::Registry(
@@ -326,6 +413,9 @@ impl ResponseError for UiError {
         ) = self
         {
             resp.insert_header((RETRY_AFTER, retry_after.to_string()));
+        }
+        if let UiError::Account(crate::auth::accounts::AccountError::Busy) = self {
+            resp.insert_header((RETRY_AFTER, "1"));
         }
         resp.insert_header((CONTENT_TYPE, "text/html; charset=utf-8"))
             .body(pages::error_page(status, &message))

@@ -38,6 +38,8 @@ const IMAGE_CONFIGS: &[&str] = &[
 /// What every page's frame shows: who is signed in, the sign-out form, the asset URLs.
 pub struct Chrome {
     pub user: Option<String>,
+    /// The viewer is an admin (the header links the admin pages).
+    pub admin: bool,
     pub csrf: String,
     pub auth_enabled: bool,
     pub css: String,
@@ -46,9 +48,10 @@ pub struct Chrome {
 }
 
 impl Chrome {
-    fn new(viewer: Option<&Viewer>, csrf: String, auth_enabled: bool) -> Chrome {
+    pub(super) fn new(viewer: Option<&Viewer>, csrf: String, auth_enabled: bool) -> Chrome {
         Chrome {
             user: viewer.and_then(|v| v.user.clone()),
+            admin: viewer.is_some_and(|v| super::admin::is_admin(&v.principal)),
             csrf,
             auth_enabled,
             css: assets::url("style.css"),
@@ -58,7 +61,7 @@ impl Chrome {
     }
 }
 
-fn render(t: &impl Template) -> Result<String, UiError> {
+pub(super) fn render(t: &impl Template) -> Result<String, UiError> {
     t.render().map_err(|e| {
         tracing::error!(error = %e, "rendering a UI template failed");
         UiError::Failed
@@ -443,7 +446,7 @@ pub async fn manifest(
 
 // ---- Forms ---------------------------------------------------------------------------------
 
-async fn read_form(body: web::Payload) -> Result<Vec<(String, String)>, UiError> {
+pub(super) async fn read_form(body: web::Payload) -> Result<Vec<(String, String)>, UiError> {
     let body = crate::http::read_limited(body, MAX_FORM).await.map_err(|e| match e {
         Error::BodyRead(_) => UiError::BadRequest("the form did not arrive in time, or is unreadable"),
         _ => UiError::BadRequest("the form is too large"),

@@ -13,7 +13,7 @@
 //! signing in beyond either bound ends the oldest session concerned (expired ones first).
 //!
 //! CSRF: every form carries a token that is an HMAC-SHA256, under a key drawn at start-up, of
-//! the cookie the form is bound to: the session cookie for signed-in forms (sign-out, delete),
+//! the cookie the form is bound to: the session cookie for signed-in forms (sign-out, delete, the admin forms),
 //! or, for the sign-in form, a random pre-session cookie `stowage_csrf` set when the form is
 //! shown. A post whose token does not verify against its cookie is refused (403), so a page
 //! of another site can neither forge a form (it cannot read the token) nor log a browser in

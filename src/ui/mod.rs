@@ -46,8 +46,10 @@
 //! registry API would give (internal errors logged once and reported generically).
 
 mod assets;
+mod dag;
 mod pages;
 mod session;
+mod spack;
 mod view;
 
 use std::time::Duration;
@@ -111,8 +113,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(web::resource("/logout").post(pages::logout))
                 .service(web::resource(format!("{REPO}/-/manifests/{{digest}}")).get(pages::manifest))
                 .service(web::resource(format!("{REPO}/-/tags/{{tag}}/delete")).post(pages::delete_tag))
-                .service(web::resource(format!("{REPO}/-/spack/{{hash}}")).get(pages::spack_spec))
-                .service(web::resource(format!("{REPO}/-/spack")).get(pages::spack_search))
+                .service(web::resource(format!("{REPO}/-/spack/{{hash}}")).get(spack::spec))
+                .service(web::resource(format!("{REPO}/-/spack")).get(spack::search))
                 .service(web::resource(REPO).get(pages::repository))
                 .default_service(web::to(pages::not_found)),
         );

@@ -3,7 +3,8 @@
 //! repositories hidden from anonymous viewers, Spack search and spec pages, then browsing with
 //! JavaScript off; screenshots under `<target>/ui-screenshots/<backend>/`),
 //! and over plain HTTP: the security headers, CSRF refusals, escaping, the sign-in limiter,
-//! sign-out, policy, pagination, and page times at 10,000 tags.
+//! sign-out, policy, pagination, and page times at 10,000 tags; the Spack pages' facets, DAG
+//! drawing, dependents and escaping of spec values in the page and its SVG.
 
 mod common;
 
@@ -226,6 +227,34 @@ impl UiServer {
                 .expect("PUT manifest");
             assert_eq!(resp.status(), 201, "{tag}: {json}");
         }
+    }
+
+    /// Pushes into `repo` (which holds the Spack fixture) a copy of liba's spec image whose
+    /// version and a variant carry HTML-special characters, under the hash `hash`; returns the
+    /// version written.
+    async fn spack_spec_with_markup(&self, repo: &str, hash: &str) -> String {
+        let fixture = common::spack::FixtureRepo::load("http-noauth", "spack_buildcache");
+        let (tag, (body, ct)) = fixture
+            .manifests
+            .iter()
+            .find(|(t, _)| t.starts_with("liba-"))
+            .expect("liba in the fixture");
+        let mut manifest: serde_json::Value = serde_json::from_slice(body).expect("liba manifest");
+        let config_digest = manifest["config"]["digest"].as_str().expect("config digest").to_owned();
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&fixture.blobs[&config_digest]).expect("liba's config");
+        let version = r#"1.0<b>&"x'"#.to_owned();
+        let node = &mut config["spec"]["nodes"][0];
+        node["version"] = serde_json::Value::String(version.clone());
+        node["hash"] = serde_json::Value::String(hash.to_owned());
+        node["parameters"]["cflags"] = serde_json::json!(["-O2 <script>alert(1)</script>"]);
+        let bytes = serde_json::to_vec(&config).expect("config json");
+        let (digest, size) = self.put_blob(repo, &bytes).await;
+        manifest["config"]["digest"] = serde_json::Value::String(digest);
+        manifest["config"]["size"] = serde_json::json!(size);
+        let new_tag = tag.replace("3vaqv4q37uunzetmg437xpx7ssadj3dh", hash).replace("-1.0-", "-markup-");
+        self.put_manifest(repo, &new_tag, ct, &manifest).await;
+        version
     }
 
     /// Tags of `repo` through the registry API (as alice).
@@ -889,9 +918,11 @@ async fn spack_pages_search_specs_and_show_what_is_missing() {
     assert_eq!(status, 200);
     assert!(page.contains("liba@1.0"));
     assert!(page.contains(&format!("spack install --cache-only liba@1.0/{hash}")));
+    let table = &page[page.find(r#"id="dependencies""#).expect("the dependency table")..];
     let row = |name: &str| -> String {
-        let at = page
+        let at = table
             .find(&format!("{name}@"))
+            .map(|at| at + (page.len() - table.len()))
             .unwrap_or_else(|| panic!("{name} in the DAG:\n{page}"));
         let start = page[..at].rfind("<tr").expect("row start");
         page[start..start + page[start..].find("</tr>").expect("row end")].to_owned()
@@ -1025,4 +1056,146 @@ async fn the_audit_trail_records_ui_deletes_refusals_and_failed_sign_ins() {
     );
     let denied = find(&e, "denied.delete", "bob").expect("bob's refused delete");
     assert_eq!(denied["repository"], "public/app");
+}
+
+#[tokio::test]
+async fn spack_pages_narrow_by_facets_draw_the_dag_and_list_dependents() {
+    let s = UiServer::start(CONFIG);
+    // Everything but gcc-runtime: liba, libb and appc depend on it, so it is missing for them.
+    s.spack_fixture("public/spack", &["gcc-runtime-"]).await;
+    let mut b = Browser::default();
+    let specs_of = |page: &str| -> Vec<String> {
+        page.split(r#"class="spec" href=""#)
+            .skip(1)
+            .map(|rest| {
+                let text = &rest[rest.find('>').expect(">") + 1..];
+                text[..text.find('<').expect("<")].to_owned()
+            })
+            .collect()
+    };
+    // The facet link of `value` in the facet `field`, as the page has it (HTML-escaped).
+    let facet_link = |page: &str, field: &str, value: &str| -> Option<(String, u64)> {
+        let marker = format!(r#"data-facet="{field}" data-value="{value}""#);
+        let at = page.find(&marker)?;
+        let start = page[..at].rfind("href=\"")? + "href=\"".len();
+        let href = page[start..start + page[start..].find('"')?].replace("&amp;", "&");
+        let count_at = at + page[at..].find(r#"class="count">"#)? + r#"class="count">"#.len();
+        let count = page[count_at..count_at + page[count_at..].find('<')?].parse().ok()?;
+        Some((href, count))
+    };
+    let (status, page) = b.get(&s.url("/ui/repos/public/spack/-/spack")).await;
+    assert_eq!(status, 200);
+    assert!(page.contains(r#"id="spack-size">4 specs"#), "the cache's size is shown");
+    assert!(page.contains("4 matching specs"));
+    // appc, liba and libb are built with gcc@12.2.0; compiler-wrapper names no compiler.
+    let (compiler, count) = facet_link(&page, "compiler", "gcc@12.2.0").expect("a compiler facet");
+    assert_eq!(count, 3);
+    let (_, count) = facet_link(&page, "target", "zen2").expect("a target facet");
+    assert_eq!(count, 4);
+    let (_, count) = facet_link(&page, "os", "debian12").expect("an os facet");
+    assert_eq!(count, 4);
+    // Narrowing by the compiler facet, then by name.
+    let (status, page) = b.get(&s.url(&compiler)).await;
+    assert_eq!(status, 200, "{compiler}");
+    assert_eq!(specs_of(&page), ["appc", "liba", "libb"]);
+    assert!(page.contains("3 matching specs"));
+    assert!(page.contains(r#"class="facet-clear""#), "the chosen compiler can be cleared");
+    assert!(
+        page.contains(r#"<input type="hidden" name="compiler" value="gcc@12.2.0">"#),
+        "the search form keeps the facet"
+    );
+    let (_, page) = b
+        .get(&s.url("/ui/repos/public/spack/-/spack?compiler=gcc%4012.2.0&name=libb"))
+        .await;
+    assert_eq!(specs_of(&page), ["libb"]);
+    let (_, page) = b.get(&s.url("/ui/repos/public/spack/-/spack?target=skylake")).await;
+    assert!(specs_of(&page).is_empty() && page.contains("0 matching specs"));
+    assert_eq!(
+        b.get(&s.url("/ui/repos/public/spack/-/spack?after=%3Cx%3E")).await.0,
+        400,
+        "a malformed cursor"
+    );
+
+    // appc's DAG: one SVG node per node (itself and its 6 dependencies), gcc-runtime marked
+    // missing, gcc external, cached nodes linking to pages that open.
+    let appc = "cbhp76umblq6t7nayg4dzofb4p63de3f";
+    let (status, page) = b.get(&s.url(&format!("/ui/repos/public/spack/-/spack/{appc}"))).await;
+    assert_eq!(status, 200);
+    let svg = &page[page.find(r#"<svg id="dag""#).expect("the DAG's SVG")..];
+    let svg = &svg[..svg.find("</svg>").expect("end of SVG")];
+    let nodes: Vec<(&str, &str)> = svg
+        .split(r#"<g class="node "#)
+        .skip(1)
+        .map(|rest| {
+            let class = &rest[..rest.find('"').expect("class end")];
+            let h = &rest[rest.find(r#"data-hash=""#).expect("hash") + 11..];
+            (class, &h[..h.find('"').expect("hash end")])
+        })
+        .collect();
+    assert_eq!(nodes.len(), 7, "{svg}");
+    let class_of = |prefix: &str| {
+        let table = &page[page.find(r#"id="dependencies""#).expect("the dependency table")..];
+        let row = table.split("<tr").find(|r| r.contains(&format!(">{prefix}@"))).expect("row");
+        let hash = &row[row.find(r#"title=""#).expect("hash title") + 7..];
+        let hash = &hash[..hash.find('"').expect("end")];
+        nodes.iter().find(|(_, h)| *h == hash).map(|(c, _)| *c).unwrap_or("absent")
+    };
+    assert_eq!(class_of("gcc-runtime"), "missing");
+    assert_eq!(class_of("gcc"), "external");
+    assert_eq!(class_of("libb"), "cached");
+    assert!(nodes.iter().any(|(c, h)| *c == "root" && *h == appc));
+    assert!(svg.contains(r#"class="edge e-link""#) && svg.contains(r#"class="edge e-build""#), "edge types");
+    let links: Vec<&str> = svg
+        .split(r#"<a class="node-link" href=""#)
+        .skip(1)
+        .map(|rest| &rest[..rest.find('"').expect("href end")])
+        .collect();
+    assert_eq!(links.len(), 4, "the root and its 3 cached dependencies link: {links:?}");
+    for link in links {
+        assert_eq!(b.get(&s.url(link)).await.0, 200, "{link}");
+    }
+    assert!(!svg.contains("style="), "no inline style under the CSP");
+
+    // liba's dependents: libb directly, appc through libb.
+    let liba = "3vaqv4q37uunzetmg437xpx7ssadj3dh";
+    let dependents_of = |page: &str| -> Vec<String> {
+        page.split(r#"class="dependent" href=""#)
+            .skip(1)
+            .map(|rest| {
+                let text = &rest[rest.find('>').expect(">") + 1..];
+                text[..text.find('<').expect("<")].to_owned()
+            })
+            .collect()
+    };
+    let (_, page) = b.get(&s.url(&format!("/ui/repos/public/spack/-/spack/{liba}"))).await;
+    assert_eq!(dependents_of(&page), ["libb@2.1"]);
+    let (_, page) = b
+        .get(&s.url(&format!("/ui/repos/public/spack/-/spack/{liba}?transitive=1")))
+        .await;
+    assert_eq!(dependents_of(&page), ["appc@0.3", "libb@2.1"]);
+    let (_, page) = b.get(&s.url(&format!("/ui/repos/public/spack/-/spack/{appc}"))).await;
+    assert!(page.contains(r#"id="no-dependents""#), "nothing depends on appc");
+
+    // A version and a variant value with HTML-special characters: escaped in the page and in
+    // its SVG, never markup.
+    let marked = "escapeaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let version = s.spack_spec_with_markup("public/spack", marked).await;
+    let (status, page) = b.get(&s.url(&format!("/ui/repos/public/spack/-/spack/{marked}"))).await;
+    assert_eq!(status, 200);
+    assert!(!page.contains(&version), "the raw version is never in the page");
+    assert!(!page.contains("<script>alert"), "the raw variant is never in the page");
+    // askama escapes with numeric references.
+    let escaped = "1.0&#60;b&#62;&#38;&#34;x&#39;";
+    assert!(page.contains(&format!("<h1 id=\"spec-title\">liba@{escaped}</h1>")), "{page}");
+    assert!(page.contains("&#60;script&#62;alert(1)&#60;/script&#62;"), "the variant, escaped");
+    let svg = &page[page.find(r#"<svg id="dag""#).expect("the DAG's SVG")..];
+    let svg = &svg[..svg.find("</svg>").expect("end of SVG")];
+    assert!(
+        svg.contains(&format!(">liba@{escaped}</text>")),
+        "the SVG's label is escaped: {svg}"
+    );
+    assert!(!svg.contains("<b>"));
+    // It appears escaped on the search page too.
+    let (_, page) = b.get(&s.url("/ui/repos/public/spack/-/spack?name=liba")).await;
+    assert!(page.contains(escaped) && !page.contains(&version));
 }

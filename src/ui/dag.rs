@@ -4,9 +4,11 @@
 //! 1. **Layers** by longest path from the root: a node sits one layer below the deepest of
 //!    its dependents, so every edge points downwards (Kahn's order over the edges; a node on a
 //!    cycle, which a Spack DAG never has, goes below everything else instead of looping).
-//! 2. **Order within a layer** by barycentre: starting from the order by name, each node is
-//!    placed at the mean position of its neighbours in the layer above, then (sweeping back up)
-//!    below, a few times over, which removes most crossings of typical DAGs.
+//! 2. **Order within a layer** by barycentre: an edge spanning several layers passes through a
+//!    dummy vertex in each layer it crosses (so it bends around the nodes there and counts in
+//!    the ordering); starting from the order by name, each vertex is placed at the mean
+//!    position of its neighbours in the layer above, then (sweeping back up) below, a few
+//!    times over, which removes most crossings of typical DAGs.
 //! 3. **Coordinates**: layers are rows, each centred; a node is as wide as its label.
 //!
 //! At most [`MAX_NODES`] nodes are drawn (the nearest layers to the root first); the number
@@ -23,6 +25,8 @@ const CHAR_WIDTH: f64 = 7.0;
 const NODE_HEIGHT: f64 = 26.0;
 const LAYER_GAP: f64 = 70.0;
 const NODE_GAP: f64 = 16.0;
+/// Width of the dummy vertex a long edge passes through in a row.
+const DUMMY_WIDTH: f64 = 4.0;
 const MARGIN: f64 = 10.0;
 /// Barycentre sweeps (each one down and back up).
 const SWEEPS: usize = 4;
@@ -155,88 +159,109 @@ pub fn layout(nodes: Vec<Node>, edges: &[Edge]) -> Layout {
         is_drawn[n] = true;
     }
 
-    // 2. Rows, ordered by name, then by barycentre sweeps.
+    // Edges spanning several layers run through a chain of dummy vertices, one per layer
+    // crossed, so that they take part in the ordering and bend around the nodes in between.
+    // Vertices 0..count are the nodes, the rest dummies.
+    let labels: Vec<String> = nodes.iter().map(|n| label_of(&n.label)).collect();
+    let mut vlayer: Vec<usize> = layer.clone();
+    let mut vwidth: Vec<f64> = labels.iter().map(|l| l.chars().count() as f64 * CHAR_WIDTH + 16.0).collect();
+    let mut down: Vec<Vec<usize>> = vec![Vec::new(); count];
+    let mut up: Vec<Vec<usize>> = vec![Vec::new(); count];
+    let mut chains: Vec<(Vec<usize>, &Edge)> = Vec::new();
+    for (a, b, e) in kept_edges {
+        if !is_drawn[a] || !is_drawn[b] {
+            continue;
+        }
+        let mut chain = vec![a];
+        for l in layer[a] + 1..layer[b] {
+            vlayer.push(l);
+            vwidth.push(DUMMY_WIDTH);
+            down.push(Vec::new());
+            up.push(Vec::new());
+            chain.push(vlayer.len() - 1);
+        }
+        chain.push(b);
+        for pair in chain.windows(2) {
+            down[pair[0]].push(pair[1]);
+            up[pair[1]].push(pair[0]);
+        }
+        chains.push((chain, e));
+    }
+
+    // 2. Rows, nodes by name then dummies, reordered by barycentre sweeps.
     let rows_count = drawn.iter().map(|&n| layer[n]).max().map_or(0, |m| m + 1);
     let mut rows: Vec<Vec<usize>> = vec![Vec::new(); rows_count];
     for &n in &drawn {
         rows[layer[n]].push(n);
     }
-    let mut position = vec![0f64; count];
-    let renumber = |rows: &Vec<Vec<usize>>, position: &mut Vec<f64>| {
-        for row in rows {
-            for (i, &n) in row.iter().enumerate() {
-                position[n] = i as f64;
-            }
+    for v in count..vlayer.len() {
+        rows[vlayer[v]].push(v);
+    }
+    let mut position = vec![0f64; vlayer.len()];
+    let renumber = |row: &[usize], position: &mut [f64]| {
+        for (i, &n) in row.iter().enumerate() {
+            position[n] = i as f64;
         }
     };
-    renumber(&rows, &mut position);
-    let barycentre = |n: usize, neighbours: &[usize], position: &[f64], in_row: &dyn Fn(usize) -> bool| {
-        let near: Vec<f64> = neighbours
+    for row in &rows {
+        renumber(row, &mut position);
+    }
+    let reorder = |row: &mut Vec<usize>, neighbours: &[Vec<usize>], position: &mut [f64]| {
+        let mut keyed: Vec<(f64, usize)> = row
             .iter()
-            .filter(|&&m| is_drawn[m] && in_row(m))
-            .map(|&m| position[m])
+            .map(|&n| {
+                let near = &neighbours[n];
+                let key = if near.is_empty() {
+                    position[n]
+                } else {
+                    near.iter().map(|&m| position[m]).sum::<f64>() / near.len() as f64
+                };
+                (key, n)
+            })
             .collect();
-        if near.is_empty() {
-            position[n]
-        } else {
-            near.iter().sum::<f64>() / near.len() as f64
-        }
+        keyed.sort_by(|a, b| a.0.total_cmp(&b.0));
+        *row = keyed.into_iter().map(|(_, n)| n).collect();
+        renumber(row, position);
     };
     for _ in 0..SWEEPS {
-        for r in 1..rows.len() {
-            let above = r - 1;
-            let mut keyed: Vec<(f64, usize)> = rows[r]
-                .iter()
-                .map(|&n| (barycentre(n, &parents[n], &position, &|m| layer[m] == above), n))
-                .collect();
-            keyed.sort_by(|a, b| a.0.total_cmp(&b.0));
-            rows[r] = keyed.into_iter().map(|(_, n)| n).collect();
-            renumber(&rows, &mut position);
+        for row in rows.iter_mut().skip(1) {
+            reorder(row, &up, &mut position);
         }
-        for r in (0..rows.len().saturating_sub(1)).rev() {
-            let below = r + 1;
-            let mut keyed: Vec<(f64, usize)> = rows[r]
-                .iter()
-                .map(|&n| (barycentre(n, &children[n], &position, &|m| layer[m] == below), n))
-                .collect();
-            keyed.sort_by(|a, b| a.0.total_cmp(&b.0));
-            rows[r] = keyed.into_iter().map(|(_, n)| n).collect();
-            renumber(&rows, &mut position);
+        for row in rows.iter_mut().rev().skip(1) {
+            reorder(row, &down, &mut position);
         }
     }
 
-    // 3. Coordinates.
-    let labels: Vec<String> = nodes.iter().map(|n| label_of(&n.label)).collect();
-    let width_of = |n: usize| labels[n].chars().count() as f64 * CHAR_WIDTH + 16.0;
+    // 3. Coordinates: each row centred.
     let row_width = |row: &Vec<usize>| {
-        row.iter().map(|&n| width_of(n)).sum::<f64>() + NODE_GAP * row.len().saturating_sub(1) as f64
+        row.iter().map(|&n| vwidth[n]).sum::<f64>() + NODE_GAP * row.len().saturating_sub(1) as f64
     };
     let widest = rows.iter().map(row_width).fold(0f64, f64::max);
     let width = widest + 2.0 * MARGIN;
     let height = rows.len() as f64 * (NODE_HEIGHT + LAYER_GAP) - LAYER_GAP + 2.0 * MARGIN;
-    let mut x = vec![0f64; count];
-    let mut y = vec![0f64; count];
+    let mut x = vec![0f64; vlayer.len()];
+    let mut y = vec![0f64; vlayer.len()];
     for (r, row) in rows.iter().enumerate() {
         let mut at = MARGIN + (widest - row_width(row)) / 2.0;
         for &n in row {
             x[n] = at;
             y[n] = MARGIN + r as f64 * (NODE_HEIGHT + LAYER_GAP);
-            at += width_of(n) + NODE_GAP;
+            at += vwidth[n] + NODE_GAP;
         }
     }
 
     let mut nodes_out = Vec::with_capacity(drawn.len());
     let mut slots: Vec<Option<Node>> = nodes.into_iter().map(Some).collect();
     for row in &rows {
-        for &n in row {
+        for &n in row.iter().filter(|&&n| n < count) {
             let Some(node) = slots[n].take() else { continue };
             nodes_out.push(Placed {
                 id: node.id,
                 x: x[n],
                 y: y[n],
-                width: width_of(n),
+                width: vwidth[n],
                 height: NODE_HEIGHT,
-                text_x: x[n] + width_of(n) / 2.0,
+                text_x: x[n] + vwidth[n] / 2.0,
                 text_y: y[n] + NODE_HEIGHT / 2.0 + 4.5,
                 label: labels[n].clone(),
                 href: node.href,
@@ -245,19 +270,30 @@ pub fn layout(nodes: Vec<Node>, edges: &[Edge]) -> Layout {
             });
         }
     }
-    let edges_out = kept_edges
+    // An edge leaves the bottom of its dependent, runs straight down through each dummy's row
+    // and curves (vertical tangents) between rows into the top of its dependency.
+    let edges_out = chains
         .into_iter()
-        .filter(|(a, b, _)| is_drawn[*a] && is_drawn[*b])
-        .map(|(a, b, e)| {
-            let (x1, y1) = (x[a] + width_of(a) / 2.0, y[a] + NODE_HEIGHT);
-            let (x2, y2) = (x[b] + width_of(b) / 2.0, y[b]);
-            let bend = (y2 - y1) / 2.0;
+        .map(|(chain, e)| {
+            let cx = |v: usize| x[v] + vwidth[v] / 2.0;
+            let first = chain[0];
+            let mut path = format!("M{:.1},{:.1}", cx(first), y[first] + NODE_HEIGHT);
+            let mut from = (cx(first), y[first] + NODE_HEIGHT);
+            for &v in &chain[1..] {
+                let to = (cx(v), y[v]);
+                let mid = (from.1 + to.1) / 2.0;
+                path.push_str(&format!(
+                    " C{:.1},{mid:.1} {:.1},{mid:.1} {:.1},{:.1}",
+                    from.0, to.0, to.0, to.1
+                ));
+                from = to;
+                if v >= count {
+                    from = (to.0, to.1 + NODE_HEIGHT);
+                    path.push_str(&format!(" L{:.1},{:.1}", from.0, from.1));
+                }
+            }
             Routed {
-                path: format!(
-                    "M{x1:.1},{y1:.1} C{x1:.1},{:.1} {x2:.1},{:.1} {x2:.1},{y2:.1}",
-                    y1 + bend,
-                    y2 - bend
-                ),
+                path,
                 class: edge_class(&e.deptypes),
                 title: e.deptypes.join(", "),
             }

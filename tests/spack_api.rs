@@ -87,6 +87,16 @@ async fn lists_and_filters_specs() {
         names(&get(&server, "spack/cache/specs?limit=2&offset=1").await.1),
         ["compiler-wrapper", "gcc-runtime"]
     );
+    // Keyset pages: `after` the last tag of a page.
+    let (_, first) = get(&server, "spack/cache/specs?limit=2").await;
+    assert_eq!(names(&first), ["appc", "compiler-wrapper"]);
+    let last = first["specs"][1]["tag"].as_str().expect("tag").to_owned();
+    let (_, second) = get(&server, &format!("spack/cache/specs?limit=2&after={last}")).await;
+    assert_eq!(names(&second), ["gcc-runtime", "liba"]);
+    assert_eq!(
+        names(&get(&server, &format!("spack/cache/specs?compiler=gcc&after={last}")).await.1),
+        ["liba", "libb"]
+    );
 }
 
 #[tokio::test]

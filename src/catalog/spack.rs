@@ -336,16 +336,38 @@ impl SpecQuery {
             arg(&mut sql, " AND s.hash >= ?", p.clone());
             arg(&mut sql, " AND s.hash < ?", format!("{p}{{"));
         }
-        if let Some(c) = &self.compiler {
-            // `gcc` matches every `gcc@…`; `gcc@12.2.0` itself.
-            arg(&mut sql, " AND (s.compiler = ?", c.clone());
-            arg(&mut sql, " OR (s.compiler > ?", format!("{c}@"));
-            arg(&mut sql, " AND s.compiler < ?))", format!("{c}A"));
+        match &self.compiler {
+            // `gcc@12.2.0` matches itself.
+            Some(c) if c.contains('@') => arg(&mut sql, " AND s.compiler = ?", c.clone()),
+            // `gcc` matches `gcc` and every `gcc@…` (those sort between `gcc@` and `gccA`).
+            Some(c) => {
+                arg(&mut sql, " AND (s.compiler = ?", c.clone());
+                arg(&mut sql, " OR (s.compiler > ?", format!("{c}@"));
+                arg(&mut sql, " AND s.compiler < ?))", format!("{c}A"));
+            }
+            None => {}
         }
         if let Some(a) = &self.after {
             arg(&mut sql, " AND s.tag > ?", a.clone());
         }
         (sql, args)
+    }
+
+    /// The index of the most selective filter given that reads rows in tag order (SQLite,
+    /// without statistics, would rather walk the primary key in tag order and test every row,
+    /// a scan of the whole cache when few rows match).
+    fn index(&self) -> Option<&'static str> {
+        if self.name.is_some() {
+            Some("spack_specs_by_name")
+        } else if self.target.is_some() {
+            Some("spack_specs_by_target")
+        } else if self.os.is_some() {
+            Some("spack_specs_by_os")
+        } else if self.compiler.as_deref().is_some_and(|c| c.contains('@')) {
+            Some("spack_specs_by_compiler")
+        } else {
+            None
+        }
     }
 }
 
@@ -439,8 +461,9 @@ impl Catalog {
                 return Ok(None);
             };
             let (filters, args) = q.filters();
+            let indexed = q.index().map(|i| format!(" INDEXED BY {i}")).unwrap_or_default();
             let sql = format!(
-                "SELECT {SUMMARY_COLUMNS} WHERE {filters} ORDER BY s.tag LIMIT {} OFFSET {}",
+                "SELECT {SUMMARY_COLUMNS}{indexed} WHERE {filters} ORDER BY s.tag LIMIT {} OFFSET {}",
                 q.limit.min(i64::MAX as u64),
                 q.offset.min(i64::MAX as u64)
             );
@@ -466,9 +489,15 @@ impl Catalog {
                 return Ok(None);
             };
             let (filters, args) = q.filters();
+            // Without statistics SQLite would read the facets index for its GROUP BY order even
+            // when another filter's index finds far fewer rows: name the index to use.
+            let index = match q.index() {
+                Some("spack_specs_by_compiler") | None => "spack_specs_facets",
+                Some(other) => other,
+            };
             let sql = format!(
-                "SELECT s.compiler, s.target, s.os, COUNT(*) FROM spack_specs s WHERE {filters}
-                  GROUP BY s.compiler, s.target, s.os"
+                "SELECT s.compiler, s.target, s.os, COUNT(*) FROM spack_specs s INDEXED BY {index}
+                  WHERE {filters} GROUP BY s.compiler, s.target, s.os"
             );
             let mut stmt = c.prepare_cached(&sql)?;
             let params: Vec<&dyn rusqlite::ToSql> = std::iter::once(&repo_id as &dyn rusqlite::ToSql)
@@ -605,11 +634,13 @@ impl Catalog {
                 params![repo_id, hash],
                 |r| r.get(0),
             )?;
+            // CROSS JOIN keeps SQLite reading the tag's closure first (without statistics it
+            // would rather walk every node of the repository in name order).
             let mut stmt = tx.prepare(
                 "SELECT n.hash, n.name, n.version, n.external,
                         EXISTS (SELECT 1 FROM spack_specs s WHERE s.repo_id = n.repo_id AND s.hash = n.hash),
                         (SELECT d.deptypes FROM spack_deps d WHERE d.repo_id = n.repo_id AND d.hash = ?3 AND d.dep_hash = n.hash)
-                   FROM spack_closure c JOIN spack_nodes n ON n.repo_id = c.repo_id AND n.hash = c.hash
+                   FROM spack_closure c CROSS JOIN spack_nodes n ON n.repo_id = c.repo_id AND n.hash = c.hash
                   WHERE c.repo_id = ?1 AND c.tag = ?2 AND c.hash <> ?3
                   ORDER BY n.name, n.hash",
             )?;
@@ -629,7 +660,7 @@ impl Catalog {
             drop(stmt);
             let mut stmt = tx.prepare(
                 "SELECT d.hash, d.dep_hash, d.deptypes
-                   FROM spack_closure c JOIN spack_deps d ON d.repo_id = c.repo_id AND d.hash = c.hash
+                   FROM spack_closure c CROSS JOIN spack_deps d ON d.repo_id = c.repo_id AND d.hash = c.hash
                   WHERE c.repo_id = ?1 AND c.tag = ?2
                     AND EXISTS (SELECT 1 FROM spack_closure c2 WHERE c2.repo_id = c.repo_id AND c2.tag = c.tag AND c2.hash = d.dep_hash)
                   ORDER BY d.hash, d.dep_hash",

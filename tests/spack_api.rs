@@ -94,7 +94,11 @@ async fn lists_and_filters_specs() {
     let (_, second) = get(&server, &format!("spack/cache/specs?limit=2&after={last}")).await;
     assert_eq!(names(&second), ["gcc-runtime", "liba"]);
     assert_eq!(
-        names(&get(&server, &format!("spack/cache/specs?compiler=gcc&after={last}")).await.1),
+        names(
+            &get(&server, &format!("spack/cache/specs?compiler=gcc&after={last}"))
+                .await
+                .1
+        ),
         ["liba", "libb"]
     );
 }
@@ -221,7 +225,11 @@ async fn lists_dependents_direct_and_transitive_in_pages() {
     assert_eq!(body["transitive"], false);
     let (_, body) = get(&server, &format!("spack/cache/specs/{LIBA}/dependents?transitive=1")).await;
     assert_eq!(dependent_names(&body), ["appc", "libb"]);
-    assert_eq!(body["dependents"][0]["deptypes"], Value::Null, "appc is no direct dependent");
+    assert_eq!(
+        body["dependents"][0]["deptypes"],
+        Value::Null,
+        "appc is no direct dependent"
+    );
     // Nothing depends on the root.
     let (_, body) = get(&server, &format!("spack/cache/specs/{APPC}/dependents?transitive=1")).await;
     assert!(dependent_names(&body).is_empty());
@@ -250,7 +258,11 @@ async fn lists_dependents_direct_and_transitive_in_pages() {
     }
 
     // An external dependency the cache lacks still has its dependents listed.
-    let (status, body) = get(&server, &format!("spack/cache/specs/{GCC_EXTERNAL}/dependents?transitive=1")).await;
+    let (status, body) = get(
+        &server,
+        &format!("spack/cache/specs/{GCC_EXTERNAL}/dependents?transitive=1"),
+    )
+    .await;
     assert_eq!(status, 200);
     assert!(dependent_names(&body).contains(&"appc".to_owned()), "{body}");
 

@@ -252,7 +252,9 @@ impl UiServer {
         let (digest, size) = self.put_blob(repo, &bytes).await;
         manifest["config"]["digest"] = serde_json::Value::String(digest);
         manifest["config"]["size"] = serde_json::json!(size);
-        let new_tag = tag.replace("3vaqv4q37uunzetmg437xpx7ssadj3dh", hash).replace("-1.0-", "-markup-");
+        let new_tag = tag
+            .replace("3vaqv4q37uunzetmg437xpx7ssadj3dh", hash)
+            .replace("-1.0-", "-markup-");
         self.put_manifest(repo, &new_tag, ct, &manifest).await;
         version
     }
@@ -1099,7 +1101,10 @@ async fn spack_pages_narrow_by_facets_draw_the_dag_and_list_dependents() {
     assert_eq!(status, 200, "{compiler}");
     assert_eq!(specs_of(&page), ["appc", "liba", "libb"]);
     assert!(page.contains("3 matching specs"));
-    assert!(page.contains(r#"class="facet-clear""#), "the chosen compiler can be cleared");
+    assert!(
+        page.contains(r#"class="facet-clear""#),
+        "the chosen compiler can be cleared"
+    );
     assert!(
         page.contains(r#"<input type="hidden" name="compiler" value="gcc@12.2.0">"#),
         "the search form keeps the facet"
@@ -1135,16 +1140,26 @@ async fn spack_pages_narrow_by_facets_draw_the_dag_and_list_dependents() {
     assert_eq!(nodes.len(), 7, "{svg}");
     let class_of = |prefix: &str| {
         let table = &page[page.find(r#"id="dependencies""#).expect("the dependency table")..];
-        let row = table.split("<tr").find(|r| r.contains(&format!(">{prefix}@"))).expect("row");
+        let row = table
+            .split("<tr")
+            .find(|r| r.contains(&format!(">{prefix}@")))
+            .expect("row");
         let hash = &row[row.find(r#"title=""#).expect("hash title") + 7..];
         let hash = &hash[..hash.find('"').expect("end")];
-        nodes.iter().find(|(_, h)| *h == hash).map(|(c, _)| *c).unwrap_or("absent")
+        nodes
+            .iter()
+            .find(|(_, h)| *h == hash)
+            .map(|(c, _)| *c)
+            .unwrap_or("absent")
     };
     assert_eq!(class_of("gcc-runtime"), "missing");
     assert_eq!(class_of("gcc"), "external");
     assert_eq!(class_of("libb"), "cached");
     assert!(nodes.iter().any(|(c, h)| *c == "root" && *h == appc));
-    assert!(svg.contains(r#"class="edge e-link""#) && svg.contains(r#"class="edge e-build""#), "edge types");
+    assert!(
+        svg.contains(r#"class="edge e-link""#) && svg.contains(r#"class="edge e-build""#),
+        "edge types"
+    );
     let links: Vec<&str> = svg
         .split(r#"<a class="node-link" href=""#)
         .skip(1)
@@ -1186,8 +1201,14 @@ async fn spack_pages_narrow_by_facets_draw_the_dag_and_list_dependents() {
     assert!(!page.contains("<script>alert"), "the raw variant is never in the page");
     // askama escapes with numeric references.
     let escaped = "1.0&#60;b&#62;&#38;&#34;x&#39;";
-    assert!(page.contains(&format!("<h1 id=\"spec-title\">liba@{escaped}</h1>")), "{page}");
-    assert!(page.contains("&#60;script&#62;alert(1)&#60;/script&#62;"), "the variant, escaped");
+    assert!(
+        page.contains(&format!("<h1 id=\"spec-title\">liba@{escaped}</h1>")),
+        "{page}"
+    );
+    assert!(
+        page.contains("&#60;script&#62;alert(1)&#60;/script&#62;"),
+        "the variant, escaped"
+    );
     let svg = &page[page.find(r#"<svg id="dag""#).expect("the DAG's SVG")..];
     let svg = &svg[..svg.find("</svg>").expect("end of SVG")];
     assert!(
@@ -1253,13 +1274,27 @@ fn seed_specs(catalog: &std::path::Path, repo: &str, dependency: &str) {
             let t = format!("{name}-{version}-{hash}.spack");
             let json = format!(r#"{{"name":"{name}","version":"{version}","hash":"{hash}","pad":"{padding}"}}"#);
             tag.execute(rusqlite::params![repo_id, t, manifest_id]).expect("tag");
-            node.execute(rusqlite::params![repo_id, hash, name, version, os, target, compiler, json])
-                .expect("node");
+            node.execute(rusqlite::params![
+                repo_id, hash, name, version, os, target, compiler, json
+            ])
+            .expect("node");
             dep.execute(rusqlite::params![repo_id, hash, dependency]).expect("edge");
-            spec.execute(rusqlite::params![repo_id, t, hash, manifest_id, name, version, os, target, compiler])
-                .expect("spec");
+            spec.execute(rusqlite::params![
+                repo_id,
+                t,
+                hash,
+                manifest_id,
+                name,
+                version,
+                os,
+                target,
+                compiler
+            ])
+            .expect("spec");
             closure.execute(rusqlite::params![repo_id, t, hash]).expect("closure");
-            closure.execute(rusqlite::params![repo_id, t, dependency]).expect("closure");
+            closure
+                .execute(rusqlite::params![repo_id, t, dependency])
+                .expect("closure");
         }
     }
     tx.commit().expect("commit");
@@ -1306,12 +1341,19 @@ async fn spack_pages_stay_fast_at_fifty_thousand_specs() {
         time(format!("{spack}?name=pkg0042"), "25 matching specs").await,
         time(format!("{spack}?compiler=gcc%4013.2.0"), "12500 matching specs").await,
         time(format!("{spack}?target=neoverse_v1&os=rhel9"), "3333 matching specs").await,
-        time(format!("{spack}?compiler=clang&after=pkg1500-1.0"), "12500 matching specs").await,
+        time(
+            format!("{spack}?compiler=clang&after=pkg1500-1.0"),
+            "12500 matching specs",
+        )
+        .await,
         time(format!("{spack}?after={last_name}"), "50005 matching specs").await,
         time(format!("{spack}/{liba}"), "pkg0000@1.0").await,
         time(format!("{spack}/{liba}?transitive=1&after=pkg1000"), "pkg1000@").await,
         time(
-            format!("/stowage/v1/spack/public/spack/specs/{liba}/dependents?limit=100&after=s{:031}", 40_000),
+            format!(
+                "/stowage/v1/spack/public/spack/specs/{liba}/dependents?limit=100&after=s{:031}",
+                40_000
+            ),
             "\"next\":",
         )
         .await,

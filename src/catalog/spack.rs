@@ -536,9 +536,9 @@ impl Catalog {
             let Some(repo_id) = repo_id(c, &repo)? else {
                 return Ok((0, None));
             };
-            let specs: i64 =
-                c.prepare_cached("SELECT COUNT(*) FROM spack_specs WHERE repo_id = ?1")?
-                    .query_row([repo_id], |r| r.get(0))?;
+            let specs: i64 = c
+                .prepare_cached("SELECT COUNT(*) FROM spack_specs WHERE repo_id = ?1")?
+                .query_row([repo_id], |r| r.get(0))?;
             let index_bytes: Option<i64> = c
                 .prepare_cached(
                     "SELECT SUM(b.size) FROM spack_index i

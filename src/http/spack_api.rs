@@ -155,7 +155,10 @@ pub async fn dependents(req: HttpRequest, reg: web::Data<Registry>) -> Result<Ht
     // A cursor is a hash (direct) or a spec tag (transitive): letters, digits and `-_.`.
     let after = extract::query_param(&q, "after").filter(|a| !a.is_empty());
     if after.is_some_and(|a| {
-        a.len() > 256 || !a.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        a.len() > 256
+            || !a
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     }) {
         return Err(Error::PaginationInvalid("after is the \"next\" of a previous page"));
     }

@@ -151,7 +151,11 @@ pub fn layout(nodes: Vec<Node>, edges: &[Edge]) -> Layout {
 
     // Keep the nodes nearest the root.
     let mut order: Vec<usize> = (0..count).collect();
-    order.sort_by(|&a, &b| layer[a].cmp(&layer[b]).then_with(|| nodes[a].label.cmp(&nodes[b].label)));
+    order.sort_by(|&a, &b| {
+        layer[a]
+            .cmp(&layer[b])
+            .then_with(|| nodes[a].label.cmp(&nodes[b].label))
+    });
     let drawn: Vec<usize> = order.into_iter().take(MAX_NODES).collect();
     let omitted = count - drawn.len();
     let mut is_drawn = vec![false; count];
@@ -164,7 +168,10 @@ pub fn layout(nodes: Vec<Node>, edges: &[Edge]) -> Layout {
     // Vertices 0..count are the nodes, the rest dummies.
     let labels: Vec<String> = nodes.iter().map(|n| label_of(&n.label)).collect();
     let mut vlayer: Vec<usize> = layer.clone();
-    let mut vwidth: Vec<f64> = labels.iter().map(|l| l.chars().count() as f64 * CHAR_WIDTH + 16.0).collect();
+    let mut vwidth: Vec<f64> = labels
+        .iter()
+        .map(|l| l.chars().count() as f64 * CHAR_WIDTH + 16.0)
+        .collect();
     let mut down: Vec<Vec<usize>> = vec![Vec::new(); count];
     let mut up: Vec<Vec<usize>> = vec![Vec::new(); count];
     let mut chains: Vec<(Vec<usize>, &Edge)> = Vec::new();
@@ -233,9 +240,8 @@ pub fn layout(nodes: Vec<Node>, edges: &[Edge]) -> Layout {
     }
 
     // 3. Coordinates: each row centred.
-    let row_width = |row: &Vec<usize>| {
-        row.iter().map(|&n| vwidth[n]).sum::<f64>() + NODE_GAP * row.len().saturating_sub(1) as f64
-    };
+    let row_width =
+        |row: &Vec<usize>| row.iter().map(|&n| vwidth[n]).sum::<f64>() + NODE_GAP * row.len().saturating_sub(1) as f64;
     let widest = rows.iter().map(row_width).fold(0f64, f64::max);
     let width = widest + 2.0 * MARGIN;
     let height = rows.len() as f64 * (NODE_HEIGHT + LAYER_GAP) - LAYER_GAP + 2.0 * MARGIN;
@@ -339,7 +345,11 @@ mod tests {
         // app -> b -> a, app -> a: a sits below b, not beside it.
         let l = layout(
             vec![node("app"), node("a"), node("b")],
-            &[edge("app", "b", &["build", "link"]), edge("b", "a", &["link"]), edge("app", "a", &["run"])],
+            &[
+                edge("app", "b", &["build", "link"]),
+                edge("b", "a", &["link"]),
+                edge("app", "a", &["run"]),
+            ],
         );
         assert!(row_of(&l, "app") < row_of(&l, "b") && row_of(&l, "b") < row_of(&l, "a"));
         assert_eq!(l.edges.len(), 3);

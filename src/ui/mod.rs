@@ -18,10 +18,12 @@
 //!   platforms, referrers grouped by artifact type, annotations, the tags naming it.
 //! - `POST /ui/repos/<name>/-/tags/<tag>/delete` deletes a tag (the registry's own deletion,
 //!   immutable tags and `registry.delete_enabled` included).
-//! - `GET /ui/repos/<name>/-/spack` a Spack build cache: its index generation, the
-//!   `spack mirror add` line, specs searched by name and version (the Spack API's query).
-//! - `GET /ui/repos/<name>/-/spack/<hash>` one spec: variants, its dependency DAG with which
-//!   nodes the cache holds and which it lacks, the `spack install` line.
+//! - `GET /ui/repos/<name>/-/spack` a Spack build cache: its index generation and size, the
+//!   `spack mirror add` line, specs searched by name, version, compiler, target and os with
+//!   facet counts, in keyset pages (`spack`; the Spack API's queries).
+//! - `GET /ui/repos/<name>/-/spack/<hash>` one spec: variants, its dependency DAG drawn as SVG
+//!   (`dag`) and listed with which nodes the cache holds and which it lacks, the cached specs
+//!   depending on it, the `spack mirror add` and `spack install` lines (`spack`).
 //! - `GET`/`POST /ui/login`, `POST /ui/logout`; `GET /ui/assets/<hash>/<file>`.
 //!
 //! A repository's sub-pages follow `/-/`: no repository name has a component `-` alone, so

@@ -74,7 +74,8 @@ fn cursor(q: &[(String, String)]) -> Result<Option<String>, UiError> {
         None | Some("") => Ok(None),
         Some(a)
             if a.len() <= 256
-                && a.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
         {
             Ok(Some(a.to_owned()))
         }
@@ -313,12 +314,7 @@ fn deptypes_text(v: Option<&serde_json::Value>) -> String {
 
 /// `GET /ui/repos/<name>/-/spack/<hash>`: one spec, its variants, its DAG drawn and listed with
 /// which dependencies the cache holds, and the cached specs depending on it.
-pub async fn spec(
-    req: HttpRequest,
-    reg: web::Data<Registry>,
-    auth: web::Data<Auth>,
-    ui: web::Data<super::Ui>,
-) -> Page {
+pub async fn spec(req: HttpRequest, reg: web::Data<Registry>, auth: web::Data<Auth>, ui: web::Data<super::Ui>) -> Page {
     let viewer = Viewer::of(&req, &auth, reg.catalog(), &ui).await?;
     let repo = readable_repo(&req, &auth, &viewer)?;
     let hash = req

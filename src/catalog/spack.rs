@@ -708,3 +708,51 @@ impl Catalog {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+
+    #[test]
+    fn the_search_migration_back_fills_specs_recorded_before_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = Connection::open(tmp.path().join("catalog.db")).unwrap();
+        let at = super::super::MIGRATIONS
+            .iter()
+            .position(|m| m.contains("spack_specs_by_compiler"))
+            .unwrap();
+        for sql in &super::super::MIGRATIONS[..at] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", at as i64).unwrap();
+        // A spec row as an older Stowage wrote it (without its manifest and tag rows: only the
+        // back-fill is under test).
+        c.execute_batch(
+            "PRAGMA foreign_keys = OFF;
+             INSERT INTO repositories (id, name, created_at) VALUES (1, 'r', 0);
+             INSERT INTO spack_nodes VALUES (1, 'h1', 'zlib', '1.3', 'linux', 'debian12', 'zen2', 'gcc@12.2.0', 0, '{}');
+             INSERT INTO spack_specs (repo_id, tag, hash, manifest_id, layout_version)
+                  VALUES (1, 'zlib-1.3-h1.spack', 'h1', 1, 3);",
+        )
+        .unwrap();
+        super::super::migrate(&mut c).unwrap();
+        let row: (String, String, String, String, String, String) = c
+            .query_row(
+                "SELECT name, version, platform, os, target, compiler FROM spack_specs WHERE tag = 'zlib-1.3-h1.spack'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            row,
+            (
+                "zlib".into(),
+                "1.3".into(),
+                "linux".into(),
+                "debian12".into(),
+                "zen2".into(),
+                "gcc@12.2.0".into()
+            )
+        );
+    }
+}

@@ -5,10 +5,12 @@
 //! - Searches ([`Catalog::spack_specs`], [`Catalog::spack_facets`]) read `spack_specs` alone:
 //!   its rows carry the root node's name, version, compiler, platform, os and target (copied in
 //!   [`sync_tag`], in the manifest PUT's transaction; migration 0012 back-filled older rows).
-//!   The SQL names only the filters given, so SQLite picks the index of one of them
-//!   (`spack_specs_by_{name,compiler,target,os}`, each in tag order); pages are keyset pages in
-//!   tag order (`after` = the last tag shown); facet counts are one `GROUP BY` over the matching
-//!   rows, read from `spack_specs_facets` alone when no filter (or only the compiler) is given.
+//!   The SQL holds only the filters given and names (`INDEXED BY`) the index of the most
+//!   selective one (`spack_specs_by_{name,target,os,compiler}`, each in tag order): SQLite has
+//!   no statistics here and would otherwise walk the primary key in tag order testing every
+//!   row. Pages are keyset pages in tag order (`after` = the last tag shown); facet counts are
+//!   one `GROUP BY` over the matching rows, read from `spack_specs_facets` alone when no filter
+//!   (or only the compiler) is given.
 //! - Reverse dependencies ([`Catalog::spack_dependents`]) are the edges of `spack_deps` read
 //!   backwards through `spack_deps_by_dep` (direct dependents, keyset by dependent hash), or
 //!   the spec tags whose DAG holds the node, through `spack_closure_by_hash` (transitive

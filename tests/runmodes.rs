@@ -205,8 +205,17 @@ async fn migrate_applies_each_pending_migration_once() {
     // A catalog from before the audit trail gets exactly that migration.
     {
         let db = rusqlite::Connection::open(data.join("catalog.db")).expect("open catalog");
-        db.execute_batch("DROP TABLE audit_log; PRAGMA user_version = 9;")
-            .expect("roll back to version 9");
+        // Undo every migration after 9: the audit trail, and the Spack search columns.
+        db.execute_batch(
+            "DROP TABLE audit_log;
+             DROP INDEX spack_specs_by_name; DROP INDEX spack_specs_by_compiler;
+             DROP INDEX spack_specs_by_target; DROP INDEX spack_specs_by_os; DROP INDEX spack_specs_facets;
+             ALTER TABLE spack_specs DROP COLUMN name; ALTER TABLE spack_specs DROP COLUMN version;
+             ALTER TABLE spack_specs DROP COLUMN platform; ALTER TABLE spack_specs DROP COLUMN os;
+             ALTER TABLE spack_specs DROP COLUMN target; ALTER TABLE spack_specs DROP COLUMN compiler;
+             PRAGMA user_version = 9;",
+        )
+        .expect("roll back to version 9");
     }
     let (code, out, err) = stowage(&data, &["migrate"]);
     assert_eq!(code, 0, "{err}");

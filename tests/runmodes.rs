@@ -206,8 +206,15 @@ async fn migrate_applies_each_pending_migration_once() {
     // (undone here by hand, newest first).
     {
         let db = rusqlite::Connection::open(data.join("catalog.db")).expect("open catalog");
+        // Undo every migration after 9, newest first: the Spack search columns, the cache
+        // generations, the audit trail.
         db.execute_batch(
-            "DROP TRIGGER users_added_auth_epoch; DROP TRIGGER users_changed_auth_epoch;
+            "DROP INDEX spack_specs_by_name; DROP INDEX spack_specs_by_compiler;
+             DROP INDEX spack_specs_by_target; DROP INDEX spack_specs_by_os; DROP INDEX spack_specs_facets;
+             ALTER TABLE spack_specs DROP COLUMN name; ALTER TABLE spack_specs DROP COLUMN version;
+             ALTER TABLE spack_specs DROP COLUMN platform; ALTER TABLE spack_specs DROP COLUMN os;
+             ALTER TABLE spack_specs DROP COLUMN target; ALTER TABLE spack_specs DROP COLUMN compiler;
+             DROP TRIGGER users_added_auth_epoch; DROP TRIGGER users_changed_auth_epoch;
              DROP TRIGGER users_removed_auth_epoch; DROP TRIGGER api_tokens_added_auth_epoch;
              DROP TRIGGER api_tokens_changed_auth_epoch; DROP TRIGGER api_tokens_removed_auth_epoch;
              DROP TABLE auth_epoch;

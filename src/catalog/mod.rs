@@ -85,7 +85,9 @@ use tokio::sync::oneshot;
 
 pub use queries::{Deletion, ManifestRecord, NewManifest, Referrer, RepositoryPage};
 pub use retention::{KeepList, PULL_BATCH, RetentionDeleted, RetentionSnapshot, RetentionTag, TagRemoval};
-pub use spack::{ClosureNode, IndexSnapshot, IndexState, SpecDetail, SpecQuery, SpecSummary};
+pub use spack::{
+    ClosureNode, Dependent, Dependents, Edge, IndexSnapshot, IndexState, SpecDetail, SpecFacets, SpecQuery, SpecSummary,
+};
 pub use stats::CatalogStats;
 pub use ui::{RepositorySummary, SummaryPage, TagRow};
 pub use uploads::{UploadCheckpoint, UploadRecord};
@@ -115,6 +117,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0009_retention.sql"),
     include_str!("../../migrations/0010_audit.sql"),
     include_str!("../../migrations/0011_epochs.sql"),
+    include_str!("../../migrations/0012_spack_search.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

@@ -1,4 +1,20 @@
-//! Catalog side of Spack build caches: recording spec tags and reading index snapshots.
+//! Catalog side of Spack build caches: recording spec tags, reading index snapshots, and the
+//! queries of the Spack API and the UI's Spack pages.
+//!
+//! Query invariants (each stays indexed at hundreds of thousands of specs):
+//! - Searches ([`Catalog::spack_specs`], [`Catalog::spack_facets`]) read `spack_specs` alone:
+//!   its rows carry the root node's name, version, compiler, platform, os and target (copied in
+//!   [`sync_tag`], in the manifest PUT's transaction; migration 0012 back-filled older rows).
+//!   The SQL holds only the filters given and names (`INDEXED BY`) the index of the most
+//!   selective one (`spack_specs_by_{name,target,os,compiler}`, each in tag order): SQLite has
+//!   no statistics here and would otherwise walk the primary key in tag order testing every
+//!   row. Pages are keyset pages in tag order (`after` = the last tag shown); facet counts are
+//!   one `GROUP BY` over the matching rows, read from `spack_specs_facets` alone when no filter
+//!   (or only the compiler) is given.
+//! - Reverse dependencies ([`Catalog::spack_dependents`]) are the edges of `spack_deps` read
+//!   backwards through `spack_deps_by_dep` (direct dependents, keyset by dependent hash), or
+//!   the spec tags whose DAG holds the node, through `spack_closure_by_hash` (transitive
+//!   dependents, keyset by tag): both are index range scans, never a walk of the graph.
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -89,10 +105,27 @@ pub(super) fn sync_tag(
             }
         }
     }
+    // The root's searchable fields go into the tag's row (see the module doc). Every spec image
+    // lists its root among its nodes; were one not to, its row would only lack them.
+    let root = spec.nodes.iter().find(|n| n.hash == spec.hash);
     c.prepare_cached(
-        "INSERT INTO spack_specs (repo_id, tag, hash, manifest_id, layout_version) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO spack_specs (repo_id, tag, hash, manifest_id, layout_version,
+                                  name, version, platform, os, target, compiler)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
-    .execute(params![repo_id, tag, spec.hash, manifest_id, spec.layout_version])?;
+    .execute(params![
+        repo_id,
+        tag,
+        spec.hash,
+        manifest_id,
+        spec.layout_version,
+        root.map(|n| &n.name),
+        root.map(|n| &n.version),
+        root.and_then(|n| n.platform.as_ref()),
+        root.and_then(|n| n.os.as_ref()),
+        root.and_then(|n| n.target.as_ref()),
+        root.and_then(|n| n.compiler.as_ref()),
+    ])?;
     let mut closure =
         c.prepare_cached("INSERT INTO spack_closure (repo_id, tag, hash) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")?;
     for n in &spec.nodes {
@@ -271,8 +304,112 @@ pub struct SpecQuery {
     pub target: Option<String>,
     /// `gcc` or `gcc@12.2.0`.
     pub compiler: Option<String>,
+    /// Keyset cursor: only specs whose tag sorts after this one.
+    pub after: Option<String>,
     pub limit: u64,
+    /// Specs skipped (the Spack API's older paging; the UI pages with `after` only).
     pub offset: u64,
+}
+
+impl SpecQuery {
+    /// The `WHERE` clause of the filters given (and only those, so that SQLite can use the
+    /// index of one), with its parameters after `?1` (the repository id).
+    fn filters(&self) -> (String, Vec<String>) {
+        let mut sql = String::from("s.repo_id = ?1");
+        let mut args: Vec<String> = Vec::new();
+        let mut arg = |sql: &mut String, clause: &str, v: String| {
+            args.push(v);
+            sql.push_str(&clause.replace('?', &format!("?{}", args.len() + 1)));
+        };
+        for (column, value) in [
+            ("name", &self.name),
+            ("version", &self.version),
+            ("platform", &self.platform),
+            ("os", &self.os),
+            ("target", &self.target),
+        ] {
+            if let Some(v) = value {
+                arg(&mut sql, &format!(" AND s.{column} = ?"), v.clone());
+            }
+        }
+        if let Some(p) = &self.hash_prefix {
+            // Hashes are lower-case letters and digits: every one starting with `p` sorts
+            // between `p` and `p{`.
+            arg(&mut sql, " AND s.hash >= ?", p.clone());
+            arg(&mut sql, " AND s.hash < ?", format!("{p}{{"));
+        }
+        match &self.compiler {
+            // `gcc@12.2.0` matches itself.
+            Some(c) if c.contains('@') => arg(&mut sql, " AND s.compiler = ?", c.clone()),
+            // `gcc` matches `gcc` and every `gcc@…` (those sort between `gcc@` and `gccA`).
+            Some(c) => {
+                arg(&mut sql, " AND (s.compiler = ?", c.clone());
+                arg(&mut sql, " OR (s.compiler > ?", format!("{c}@"));
+                arg(&mut sql, " AND s.compiler < ?))", format!("{c}A"));
+            }
+            None => {}
+        }
+        if let Some(a) = &self.after {
+            arg(&mut sql, " AND s.tag > ?", a.clone());
+        }
+        (sql, args)
+    }
+
+    /// The index of the most selective filter given that reads rows in tag order (SQLite,
+    /// without statistics, would rather walk the primary key in tag order and test every row,
+    /// a scan of the whole cache when few rows match).
+    fn index(&self) -> Option<&'static str> {
+        if self.name.is_some() {
+            Some("spack_specs_by_name")
+        } else if self.target.is_some() {
+            Some("spack_specs_by_target")
+        } else if self.os.is_some() {
+            Some("spack_specs_by_os")
+        } else if self.compiler.as_deref().is_some_and(|c| c.contains('@')) {
+            Some("spack_specs_by_compiler")
+        } else {
+            None
+        }
+    }
+}
+
+/// Counts of the specs matching a search, per compiler, target and os (most first).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SpecFacets {
+    pub total: u64,
+    pub compilers: Vec<(String, u64)>,
+    pub targets: Vec<(String, u64)>,
+    pub oses: Vec<(String, u64)>,
+}
+
+/// A cached spec depending on another one.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Dependent {
+    pub hash: String,
+    pub name: String,
+    pub version: String,
+    pub tag: String,
+    /// The dependency types when it depends on the spec directly, else `None`.
+    pub deptypes: Option<serde_json::Value>,
+}
+
+/// One page of a spec's dependents.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Dependents {
+    pub dependents: Vec<Dependent>,
+    /// The cursor of the next page (`after`), if there is one.
+    pub next: Option<String>,
+}
+
+/// A dependency edge of a spec's DAG.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Edge {
+    /// The dependent.
+    pub from: String,
+    /// Its dependency.
+    pub to: String,
+    /// `build`, `link`, `run`, `test`.
+    pub deptypes: Vec<String>,
 }
 
 /// A node of a spec's DAG, with whether the cache holds it.
@@ -296,6 +433,8 @@ pub struct SpecDetail {
     /// The spec's node exactly as Spack wrote it.
     pub node: serde_json::Value,
     pub dependencies: Vec<ClosureNode>,
+    /// Every dependency edge between the nodes of the DAG (the spec's own included).
+    pub edges: Vec<Edge>,
 }
 
 fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SpecSummary> {
@@ -312,50 +451,172 @@ fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SpecSummary> {
     })
 }
 
-const SUMMARY_COLUMNS: &str =
-    "s.tag, s.hash, s.layout_version, n.name, n.version, n.platform, n.os, n.target, n.compiler
-     FROM spack_specs s JOIN spack_nodes n ON n.repo_id = s.repo_id AND n.hash = s.hash";
+const SUMMARY_COLUMNS: &str = "s.tag, s.hash, s.layout_version, COALESCE(s.name, ''), COALESCE(s.version, ''),
+     s.platform, s.os, s.target, s.compiler FROM spack_specs s";
 
 impl Catalog {
-    /// Specs of a build cache matching `q`, by name, version and hash. `None`: no such repository.
+    /// Specs of a build cache matching `q`, in tag order. `None`: no such repository.
     pub async fn spack_specs(&self, repo: &RepoName, q: SpecQuery) -> Result<Option<Vec<SpecSummary>>> {
         let repo = repo.to_string();
         self.read(move |c| {
             let Some(repo_id) = repo_id(c, &repo)? else {
                 return Ok(None);
             };
+            let (filters, args) = q.filters();
+            let indexed = q.index().map(|i| format!(" INDEXED BY {i}")).unwrap_or_default();
             let sql = format!(
-                "SELECT {SUMMARY_COLUMNS}
-                  WHERE s.repo_id = ?1
-                    AND (?2 IS NULL OR n.name = ?2)
-                    AND (?3 IS NULL OR n.version = ?3)
-                    AND (?4 IS NULL OR substr(s.hash, 1, length(?4)) = ?4)
-                    AND (?5 IS NULL OR n.platform = ?5)
-                    AND (?6 IS NULL OR n.os = ?6)
-                    AND (?7 IS NULL OR n.target = ?7)
-                    AND (?8 IS NULL OR n.compiler = ?8 OR substr(n.compiler, 1, length(?8) + 1) = ?8 || '@')
-                  ORDER BY n.name, n.version, s.hash
-                  LIMIT ?9 OFFSET ?10"
+                "SELECT {SUMMARY_COLUMNS}{indexed} WHERE {filters} ORDER BY s.tag LIMIT {} OFFSET {}",
+                q.limit.min(i64::MAX as u64),
+                q.offset.min(i64::MAX as u64)
             );
             let mut stmt = c.prepare_cached(&sql)?;
+            let params: Vec<&dyn rusqlite::ToSql> = std::iter::once(&repo_id as &dyn rusqlite::ToSql)
+                .chain(args.iter().map(|a| a as &dyn rusqlite::ToSql))
+                .collect();
             let rows = stmt
-                .query_map(
-                    params![
-                        repo_id,
-                        q.name,
-                        q.version,
-                        q.hash_prefix,
-                        q.platform,
-                        q.os,
-                        q.target,
-                        q.compiler,
-                        q.limit.min(i64::MAX as u64) as i64,
-                        q.offset.min(i64::MAX as u64) as i64
-                    ],
-                    summary,
-                )?
+                .query_map(params.as_slice(), summary)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(Some(rows))
+        })
+        .await
+    }
+
+    /// How many specs match `q` (its cursor and paging ignored), per compiler, target and os.
+    /// `None`: no such repository.
+    pub async fn spack_facets(&self, repo: &RepoName, mut q: SpecQuery) -> Result<Option<SpecFacets>> {
+        let repo = repo.to_string();
+        q.after = None;
+        self.read(move |c| {
+            let Some(repo_id) = repo_id(c, &repo)? else {
+                return Ok(None);
+            };
+            let (filters, args) = q.filters();
+            // Without statistics SQLite would read the facets index for its GROUP BY order even
+            // when another filter's index finds far fewer rows: name the index to use.
+            let index = match q.index() {
+                Some("spack_specs_by_compiler") | None => "spack_specs_facets",
+                Some(other) => other,
+            };
+            let sql = format!(
+                "SELECT s.compiler, s.target, s.os, COUNT(*) FROM spack_specs s INDEXED BY {index}
+                  WHERE {filters} GROUP BY s.compiler, s.target, s.os"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let params: Vec<&dyn rusqlite::ToSql> = std::iter::once(&repo_id as &dyn rusqlite::ToSql)
+                .chain(args.iter().map(|a| a as &dyn rusqlite::ToSql))
+                .collect();
+            let mut rows = stmt.query(params.as_slice())?;
+            let mut counts: [std::collections::BTreeMap<String, u64>; 3] = Default::default();
+            let mut total = 0u64;
+            while let Some(row) = rows.next()? {
+                let n = row.get::<_, i64>(3)?.max(0) as u64;
+                total += n;
+                for (i, map) in counts.iter_mut().enumerate() {
+                    let value: Option<String> = row.get(i)?;
+                    *map.entry(value.unwrap_or_default()).or_default() += n;
+                }
+            }
+            let [compilers, targets, oses] = counts.map(|m| {
+                let mut v: Vec<(String, u64)> = m.into_iter().filter(|(k, _)| !k.is_empty()).collect();
+                v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                v
+            });
+            Ok(Some(SpecFacets {
+                total,
+                compilers,
+                targets,
+                oses,
+            }))
+        })
+        .await
+    }
+
+    /// How many specs a build cache holds, and the size of its current index blob (when built).
+    pub async fn spack_cache_size(&self, repo: &RepoName) -> Result<(u64, Option<u64>)> {
+        let repo = repo.to_string();
+        self.read(move |c| {
+            let Some(repo_id) = repo_id(c, &repo)? else {
+                return Ok((0, None));
+            };
+            let specs: i64 = c
+                .prepare_cached("SELECT COUNT(*) FROM spack_specs WHERE repo_id = ?1")?
+                .query_row([repo_id], |r| r.get(0))?;
+            let index_bytes: Option<i64> = c
+                .prepare_cached(
+                    "SELECT SUM(b.size) FROM spack_index i
+                       JOIN manifests m ON m.repo_id = i.repo_id AND m.digest = i.manifest_digest
+                       JOIN manifest_refs r ON r.manifest_id = m.id AND r.kind = 'layer'
+                       JOIN blobs b ON b.digest = r.digest
+                      WHERE i.repo_id = ?1",
+                )?
+                .query_row([repo_id], |r| r.get(0))
+                .optional()?
+                .flatten();
+            Ok((specs.max(0) as u64, index_bytes.map(|b| b.max(0) as u64)))
+        })
+        .await
+    }
+
+    /// The cached specs depending on the node `hash`: directly (an edge of theirs names it;
+    /// pages keyed by their hash), or with `transitive` anywhere in their DAG (pages keyed by
+    /// tag). `after` is the previous page's `next`. `Ok(None)`: the repository has no such node.
+    pub async fn spack_dependents(
+        &self,
+        repo: &RepoName,
+        hash: String,
+        transitive: bool,
+        after: Option<String>,
+        limit: u64,
+    ) -> Result<Option<Dependents>> {
+        let repo = repo.to_string();
+        let limit = limit.clamp(1, 10_000);
+        self.read(move |c| {
+            let Some(repo_id) = repo_id(c, &repo)? else { return Ok(None) };
+            let known = c
+                .prepare_cached("SELECT 1 FROM spack_nodes WHERE repo_id = ?1 AND hash = ?2")?
+                .exists(params![repo_id, hash])?;
+            if !known {
+                return Ok(None);
+            }
+            let sql = if transitive {
+                "SELECT s.tag, s.hash, COALESCE(s.name, ''), COALESCE(s.version, ''),
+                        (SELECT d.deptypes FROM spack_deps d WHERE d.repo_id = s.repo_id AND d.hash = s.hash AND d.dep_hash = ?2)
+                   FROM spack_closure c JOIN spack_specs s ON s.repo_id = c.repo_id AND s.tag = c.tag
+                  WHERE c.repo_id = ?1 AND c.hash = ?2 AND c.tag > ?3 AND s.hash <> ?2
+                  ORDER BY c.tag LIMIT ?4"
+            } else {
+                "SELECT (SELECT MIN(s.tag) FROM spack_specs s WHERE s.repo_id = d.repo_id AND s.hash = d.hash) AS tag,
+                        d.hash, n.name, n.version, d.deptypes
+                   FROM spack_deps d JOIN spack_nodes n ON n.repo_id = d.repo_id AND n.hash = d.hash
+                  WHERE d.repo_id = ?1 AND d.dep_hash = ?2 AND d.hash > ?3
+                    AND EXISTS (SELECT 1 FROM spack_specs s WHERE s.repo_id = d.repo_id AND s.hash = d.hash)
+                  ORDER BY d.hash LIMIT ?4"
+            };
+            let mut stmt = c.prepare_cached(sql)?;
+            let mut dependents = stmt
+                .query_map(
+                    params![repo_id, hash, after.unwrap_or_default(), (limit + 1) as i64],
+                    |r| {
+                        let deptypes: Option<String> = r.get(4)?;
+                        Ok(Dependent {
+                            tag: r.get(0)?,
+                            hash: r.get(1)?,
+                            name: r.get(2)?,
+                            version: r.get(3)?,
+                            deptypes: deptypes.and_then(|d| serde_json::from_str(&d).ok()),
+                        })
+                    },
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let next = if dependents.len() as u64 > limit {
+                dependents.truncate(limit as usize);
+                dependents
+                    .last()
+                    .map(|d| if transitive { d.tag.clone() } else { d.hash.clone() })
+            } else {
+                None
+            };
+            Ok(Some(Dependents { dependents, next }))
         })
         .await
     }
@@ -375,11 +636,13 @@ impl Catalog {
                 params![repo_id, hash],
                 |r| r.get(0),
             )?;
+            // CROSS JOIN keeps SQLite reading the tag's closure first (without statistics it
+            // would rather walk every node of the repository in name order).
             let mut stmt = tx.prepare(
                 "SELECT n.hash, n.name, n.version, n.external,
                         EXISTS (SELECT 1 FROM spack_specs s WHERE s.repo_id = n.repo_id AND s.hash = n.hash),
                         (SELECT d.deptypes FROM spack_deps d WHERE d.repo_id = n.repo_id AND d.hash = ?3 AND d.dep_hash = n.hash)
-                   FROM spack_closure c JOIN spack_nodes n ON n.repo_id = c.repo_id AND n.hash = c.hash
+                   FROM spack_closure c CROSS JOIN spack_nodes n ON n.repo_id = c.repo_id AND n.hash = c.hash
                   WHERE c.repo_id = ?1 AND c.tag = ?2 AND c.hash <> ?3
                   ORDER BY n.name, n.hash",
             )?;
@@ -397,9 +660,32 @@ impl Catalog {
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             drop(stmt);
+            let mut stmt = tx.prepare(
+                "SELECT d.hash, d.dep_hash, d.deptypes
+                   FROM spack_closure c CROSS JOIN spack_deps d ON d.repo_id = c.repo_id AND d.hash = c.hash
+                  WHERE c.repo_id = ?1 AND c.tag = ?2
+                    AND EXISTS (SELECT 1 FROM spack_closure c2 WHERE c2.repo_id = c.repo_id AND c2.tag = c.tag AND c2.hash = d.dep_hash)
+                  ORDER BY d.hash, d.dep_hash",
+            )?;
+            let edges = stmt
+                .query_map(params![repo_id, summary.tag], |r| {
+                    let deptypes: String = r.get(2)?;
+                    Ok(Edge {
+                        from: r.get(0)?,
+                        to: r.get(1)?,
+                        deptypes: serde_json::from_str(&deptypes).unwrap_or_default(),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            drop(stmt);
             tx.commit()?;
             let node = serde_json::from_str(&node).unwrap_or(serde_json::Value::Null);
-            Ok(Some(SpecDetail { summary, node, dependencies }))
+            Ok(Some(SpecDetail {
+                summary,
+                node,
+                dependencies,
+                edges,
+            }))
         })
         .await
     }
@@ -422,5 +708,53 @@ impl Catalog {
             Ok(Some(missing))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+
+    #[test]
+    fn the_search_migration_back_fills_specs_recorded_before_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = Connection::open(tmp.path().join("catalog.db")).unwrap();
+        let at = super::super::MIGRATIONS
+            .iter()
+            .position(|m| m.contains("spack_specs_by_compiler"))
+            .unwrap();
+        for sql in &super::super::MIGRATIONS[..at] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", at as i64).unwrap();
+        // A spec row as an older Stowage wrote it (without its manifest and tag rows: only the
+        // back-fill is under test).
+        c.execute_batch(
+            "PRAGMA foreign_keys = OFF;
+             INSERT INTO repositories (id, name, created_at) VALUES (1, 'r', 0);
+             INSERT INTO spack_nodes VALUES (1, 'h1', 'zlib', '1.3', 'linux', 'debian12', 'zen2', 'gcc@12.2.0', 0, '{}');
+             INSERT INTO spack_specs (repo_id, tag, hash, manifest_id, layout_version)
+                  VALUES (1, 'zlib-1.3-h1.spack', 'h1', 1, 3);",
+        )
+        .unwrap();
+        super::super::migrate(&mut c).unwrap();
+        let row: (String, String, String, String, String, String) = c
+            .query_row(
+                "SELECT name, version, platform, os, target, compiler FROM spack_specs WHERE tag = 'zlib-1.3-h1.spack'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            row,
+            (
+                "zlib".into(),
+                "1.3".into(),
+                "linux".into(),
+                "debian12".into(),
+                "zen2".into(),
+                "gcc@12.2.0".into()
+            )
+        );
     }
 }

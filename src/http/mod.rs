@@ -127,6 +127,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(method_not_allowed)),
     )
     .service(
+        web::resource("/stowage/v1/spack/{name:.+}/specs/{hash}/dependents")
+            .wrap(protect!(Guard::Read))
+            .get(spack_api::dependents)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
         web::resource("/stowage/v1/spack/{name:.+}/specs/{hash}")
             .wrap(protect!(Guard::Read))
             .get(spack_api::spec)

@@ -2,10 +2,18 @@
 //! DAG, and ask which of a list of hashes a cache lacks (for CI deciding what to build).
 //!
 //! ```text
-//! GET  /stowage/v1/spack/<repo>/specs?name=&version=&hash=&platform=&os=&target=&arch=&compiler=&limit=&offset=
+//! GET  /stowage/v1/spack/<repo>/specs?name=&version=&hash=&platform=&os=&target=&arch=&compiler=&limit=&after=&offset=
 //! GET  /stowage/v1/spack/<repo>/specs/<hash>
+//! GET  /stowage/v1/spack/<repo>/specs/<hash>/dependents?transitive=1&limit=&after=
+//!      -> {"repository","hash","transitive","dependents":[{hash,name,version,tag,deptypes}],"next"}
 //! POST /stowage/v1/spack/<repo>/missing      {"hashes":["<hash>",…]}  ->  {"missing":[…]}
 //! ```
+//!
+//! Searches list specs in tag order; `after` (the last tag of a page) asks for the next page
+//! without the cost of `offset`. Dependents are the cached specs depending on a node of the
+//! cache (a spec, or a dependency it lacks): directly, or with `transitive=1` anywhere in their
+//! DAG; `next`, when not null, is the `after` of the following page. Both are index range scans
+//! (see `catalog::spack`), so neither is bounded by anything but `limit`.
 //!
 //! And keep-lists, which retention honours (see `registry::retention`): a named set of spec
 //! hashes kept, with their link/run dependency closure, until it expires. Listing needs pull on
@@ -88,6 +96,7 @@ pub async fn specs(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpRes
         os,
         target,
         compiler: get("compiler"),
+        after: get("after"),
         limit: number("limit", DEFAULT_LIMIT)?.min(MAX_LIMIT),
         offset: number("offset", 0)?,
     };
@@ -119,6 +128,52 @@ pub async fn spec(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResp
     Ok(json(
         serde_json::json!({ "spec": spec, "missing_dependencies": missing }),
     ))
+}
+
+/// `GET …/specs/<hash>/dependents`: the cached specs depending on `hash`, in keyset pages.
+pub async fn dependents(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResponse> {
+    let repo = extract::repo(&req)?;
+    let hash = req.match_info().get("hash").unwrap_or_default().to_owned();
+    if !valid_hash(&hash) {
+        return Err(Error::DigestInvalid("a Spack hash is lower-case letters and digits"));
+    }
+    let q = extract::query(&req);
+    let transitive = match extract::query_param(&q, "transitive") {
+        None | Some("" | "0" | "false") => false,
+        Some("1" | "true") => true,
+        Some(_) => return Err(Error::PaginationInvalid("transitive is 1 or 0")),
+    };
+    let limit = match extract::query_param(&q, "limit") {
+        None | Some("") => DEFAULT_LIMIT,
+        Some(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or(Error::PaginationInvalid("limit must be a positive integer"))?
+            .min(MAX_LIMIT),
+    };
+    // A cursor is a hash (direct) or a spec tag (transitive): letters, digits and `-_.`.
+    let after = extract::query_param(&q, "after").filter(|a| !a.is_empty());
+    if after.is_some_and(|a| {
+        a.len() > 256
+            || !a
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    }) {
+        return Err(Error::PaginationInvalid("after is the \"next\" of a previous page"));
+    }
+    let page = reg
+        .catalog()
+        .spack_dependents(&repo, hash.clone(), transitive, after.map(str::to_owned), limit)
+        .await?
+        .ok_or(Error::ManifestUnknown)?;
+    Ok(json(serde_json::json!({
+        "repository": repo.as_str(),
+        "hash": hash,
+        "transitive": transitive,
+        "dependents": page.dependents,
+        "next": page.next,
+    })))
 }
 
 #[derive(Deserialize)]

@@ -18,10 +18,12 @@
 //!   platforms, referrers grouped by artifact type, annotations, the tags naming it.
 //! - `POST /ui/repos/<name>/-/tags/<tag>/delete` deletes a tag (the registry's own deletion,
 //!   immutable tags and `registry.delete_enabled` included).
-//! - `GET /ui/repos/<name>/-/spack` a Spack build cache: its index generation, the
-//!   `spack mirror add` line, specs searched by name and version (the Spack API's query).
-//! - `GET /ui/repos/<name>/-/spack/<hash>` one spec: variants, its dependency DAG with which
-//!   nodes the cache holds and which it lacks, the `spack install` line.
+//! - `GET /ui/repos/<name>/-/spack` a Spack build cache: its index generation and size, the
+//!   `spack mirror add` line, specs searched by name, version, compiler, target and os with
+//!   facet counts, in keyset pages (`spack`; the Spack API's queries).
+//! - `GET /ui/repos/<name>/-/spack/<hash>` one spec: variants, its dependency DAG drawn as SVG
+//!   (`dag`) and listed with which nodes the cache holds and which it lacks, the cached specs
+//!   depending on it, the `spack mirror add` and `spack install` lines (`spack`).
 //! - `GET`/`POST /ui/login`, `POST /ui/logout`; `GET /ui/assets/<hash>/<file>`.
 //! - The admin pages (`admin`), for admins signed in with their password only (403 to anyone
 //!   else, GET and POST alike; the header's Admin link shows only to them):
@@ -66,8 +68,10 @@
 
 mod admin;
 mod assets;
+mod dag;
 mod pages;
 mod session;
+mod spack;
 mod view;
 
 use std::time::Duration;
@@ -131,8 +135,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(web::resource("/logout").post(pages::logout))
                 .service(web::resource(format!("{REPO}/-/manifests/{{digest}}")).get(pages::manifest))
                 .service(web::resource(format!("{REPO}/-/tags/{{tag}}/delete")).post(pages::delete_tag))
-                .service(web::resource(format!("{REPO}/-/spack/{{hash}}")).get(pages::spack_spec))
-                .service(web::resource(format!("{REPO}/-/spack")).get(pages::spack_search))
+                .service(web::resource(format!("{REPO}/-/spack/{{hash}}")).get(spack::spec))
+                .service(web::resource(format!("{REPO}/-/spack")).get(spack::search))
                 .service(web::resource(REPO).get(pages::repository))
                 // The admin pages (see `admin`).
                 .service(web::resource("/admin").get(admin_root))

@@ -1,6 +1,7 @@
 //! The UI's page handlers and their templates (`web/templates/`). Each handler resolves the
 //! viewer, checks the policy through `Auth`, calls one catalog query or registry service, and
-//! renders a template; see the module doc of `ui` for the routes and the rules.
+//! renders a template; see the module doc of `ui` for the routes and the rules. The Spack
+//! pages are in `spack`.
 
 use std::collections::BTreeMap;
 
@@ -107,7 +108,7 @@ fn next_link(base: &str, q: &ListQuery, last: &str) -> String {
 }
 
 /// `host[:port]` as the client reached the server, for pull lines.
-fn registry_host(auth: &Auth, req: &HttpRequest) -> String {
+pub(super) fn registry_host(auth: &Auth, req: &HttpRequest) -> String {
     let base = crate::http::base_url(auth, req);
     base.split_once("://").map_or(base.clone(), |(_, h)| h.to_owned())
 }
@@ -210,7 +211,7 @@ struct RepositoryPage {
 
 /// The repository of a UI path, if the viewer may pull it (404 otherwise, whether or not it
 /// exists).
-fn readable_repo(req: &HttpRequest, auth: &Auth, viewer: &Viewer) -> Result<RepoName, UiError> {
+pub(super) fn readable_repo(req: &HttpRequest, auth: &Auth, viewer: &Viewer) -> Result<RepoName, UiError> {
     let repo = req
         .match_info()
         .get("name")
@@ -309,7 +310,7 @@ struct DescriptorView {
     annotations: Vec<(String, String)>,
 }
 
-fn text_of(v: &serde_json::Value) -> String {
+pub(super) fn text_of(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
@@ -662,223 +663,4 @@ pub fn error_page(status: StatusCode, message: &str) -> String {
         message,
     };
     page.render().unwrap_or_else(|_| "error".to_owned())
-}
-
-// ---- Spack build caches ----------------------------------------------------------------------
-
-/// Specs per page of a Spack search.
-const SPECS_PAGE: u64 = 50;
-/// Deepest offset a Spack search page may ask (the Spack API's query pages by offset).
-const MAX_SPECS_OFFSET: u64 = 1_000_000;
-
-/// The `spack mirror add` line for a build cache.
-fn mirror_line(host: &str, repo: &RepoName) -> String {
-    let name = repo.as_str().rsplit('/').next().unwrap_or("stowage");
-    format!("spack mirror add {name} oci://{host}/{repo}")
-}
-
-struct SpecRow {
-    hash: String,
-    short_hash: String,
-    name: String,
-    version: String,
-    compiler: String,
-    arch: String,
-}
-
-fn arch_of(platform: Option<&str>, os: Option<&str>, target: Option<&str>) -> String {
-    [platform, os, target]
-        .into_iter()
-        .map(|p| p.unwrap_or("?"))
-        .collect::<Vec<_>>()
-        .join("-")
-}
-
-#[derive(Template)]
-#[template(path = "spack.html")]
-struct SpackPage {
-    chrome: Chrome,
-    repo: String,
-    name: String,
-    version: String,
-    generation: i64,
-    built_generation: Option<i64>,
-    specs: Vec<SpecRow>,
-    next: Option<String>,
-    mirror: String,
-}
-
-/// The name of a Spack search field: letters, digits and `-_.+@=:` (what spec names, versions
-/// and compilers use), at most 128 bytes.
-fn spack_field(q: &[(String, String)], key: &str) -> Result<String, UiError> {
-    let v = crate::http::query_param(q, key).unwrap_or_default().trim();
-    let ok = v.len() <= 128
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'+' | b'@' | b'=' | b':'));
-    if ok {
-        Ok(v.to_owned())
-    } else {
-        Err(UiError::BadRequest(
-            "a Spack search field is at most 128 letters, digits and - _ . + @ = :",
-        ))
-    }
-}
-
-/// `GET /ui/repos/<name>/-/spack`: a build cache's specs, by name and version (exact, as the
-/// Spack API matches them), in pages of [`SPECS_PAGE`].
-pub async fn spack_search(
-    req: HttpRequest,
-    reg: web::Data<Registry>,
-    auth: web::Data<Auth>,
-    ui: web::Data<super::Ui>,
-) -> Page {
-    let viewer = Viewer::of(&req, &auth, reg.catalog(), &ui).await?;
-    let repo = readable_repo(&req, &auth, &viewer)?;
-    let q = crate::http::query(&req);
-    let name = spack_field(&q, "name")?;
-    let version = spack_field(&q, "version")?;
-    let offset = match crate::http::query_param(&q, "offset") {
-        None | Some("") => 0,
-        Some(v) => v
-            .parse::<u64>()
-            .ok()
-            .filter(|o| *o <= MAX_SPECS_OFFSET)
-            .ok_or(UiError::BadRequest("offset must be an integer up to 1000000"))?,
-    };
-    let state = reg.catalog().spack_index_state(&repo).await?.ok_or(UiError::NotFound)?;
-    let query = crate::catalog::SpecQuery {
-        name: Some(name.clone()).filter(|n| !n.is_empty()),
-        version: Some(version.clone()).filter(|v| !v.is_empty()),
-        limit: SPECS_PAGE + 1,
-        offset,
-        ..Default::default()
-    };
-    let mut found = reg
-        .catalog()
-        .spack_specs(&repo, query)
-        .await?
-        .ok_or(UiError::NotFound)?;
-    let next = (found.len() as u64 > SPECS_PAGE).then(|| {
-        found.truncate(SPECS_PAGE as usize);
-        let mut link = format!("/ui/repos/{repo}/-/spack?offset={}", offset + SPECS_PAGE);
-        for (k, v) in [("name", &name), ("version", &version)] {
-            if !v.is_empty() {
-                link.push_str(&format!("&{k}={}", view::query_value(v)));
-            }
-        }
-        link
-    });
-    let specs = found
-        .into_iter()
-        .map(|s| SpecRow {
-            short_hash: s.hash.chars().take(7).collect(),
-            arch: arch_of(s.platform.as_deref(), s.os.as_deref(), s.target.as_deref()),
-            compiler: s.compiler.unwrap_or_default(),
-            hash: s.hash,
-            name: s.name,
-            version: s.version,
-        })
-        .collect();
-    let page = SpackPage {
-        chrome: Chrome::new(Some(&viewer), viewer.csrf(&ui), auth.enabled()),
-        mirror: mirror_line(&registry_host(&auth, &req), &repo),
-        repo: repo.to_string(),
-        name,
-        version,
-        generation: state.generation,
-        built_generation: state.built_generation,
-        specs,
-        next,
-    };
-    Ok(html(&viewer, StatusCode::OK, render(&page)?))
-}
-
-struct DependencyRow {
-    hash: String,
-    short_hash: String,
-    name: String,
-    version: String,
-    cached: bool,
-    external: bool,
-    /// The dependency types of a direct dependency (`build, link`), or empty for a transitive one.
-    deptypes: String,
-}
-
-#[derive(Template)]
-#[template(path = "spack_spec.html")]
-struct SpackSpecPage {
-    chrome: Chrome,
-    repo: String,
-    hash: String,
-    name: String,
-    version: String,
-    compiler: String,
-    arch: String,
-    tag: String,
-    variants: Vec<(String, String)>,
-    dependencies: Vec<DependencyRow>,
-    missing: usize,
-    mirror: String,
-    install: String,
-}
-
-/// `GET /ui/repos/<name>/-/spack/<hash>`: one spec, its variants and its dependency DAG, with
-/// which dependencies the cache holds and which it lacks.
-pub async fn spack_spec(
-    req: HttpRequest,
-    reg: web::Data<Registry>,
-    auth: web::Data<Auth>,
-    ui: web::Data<super::Ui>,
-) -> Page {
-    let viewer = Viewer::of(&req, &auth, reg.catalog(), &ui).await?;
-    let repo = readable_repo(&req, &auth, &viewer)?;
-    let hash = req
-        .match_info()
-        .get("hash")
-        .filter(|h| h.len() <= 64 && !h.is_empty() && h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
-        .ok_or(UiError::NotFound)?
-        .to_owned();
-    let spec = reg.catalog().spack_spec(&repo, hash).await?.ok_or(UiError::NotFound)?;
-    let variants = match spec.node.get("parameters") {
-        Some(serde_json::Value::Object(p)) => p
-            .iter()
-            .filter(|(_, v)| !matches!(v, serde_json::Value::Array(a) if a.is_empty()))
-            .map(|(k, v)| (k.clone(), text_of(v)))
-            .collect(),
-        _ => Vec::new(),
-    };
-    let dependencies: Vec<DependencyRow> = spec
-        .dependencies
-        .into_iter()
-        .map(|d| DependencyRow {
-            short_hash: d.hash.chars().take(7).collect(),
-            cached: d.in_buildcache,
-            external: d.external,
-            deptypes: match d.deptypes {
-                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|t| t.as_str()).collect::<Vec<_>>().join(", "),
-                _ => String::new(),
-            },
-            hash: d.hash,
-            name: d.name,
-            version: d.version,
-        })
-        .collect();
-    let missing = dependencies.iter().filter(|d| !d.cached && !d.external).count();
-    let s = spec.summary;
-    let page = SpackSpecPage {
-        chrome: Chrome::new(Some(&viewer), viewer.csrf(&ui), auth.enabled()),
-        mirror: mirror_line(&registry_host(&auth, &req), &repo),
-        install: format!("spack install --cache-only {}@{}/{}", s.name, s.version, s.hash),
-        repo: repo.to_string(),
-        arch: arch_of(s.platform.as_deref(), s.os.as_deref(), s.target.as_deref()),
-        compiler: s.compiler.unwrap_or_default(),
-        hash: s.hash,
-        name: s.name,
-        version: s.version,
-        tag: s.tag,
-        variants,
-        dependencies,
-        missing,
-    };
-    Ok(html(&viewer, StatusCode::OK, render(&page)?))
 }

@@ -146,21 +146,44 @@ try {
   check(platforms.includes("linux/amd64") && platforms.includes("linux/arm64/v8"), `platforms ${platforms.join(", ")}`);
   await shot(page, "index.png");
 
-  // A Spack build cache: search a package, open its spec page and DAG.
+  // A Spack build cache: narrow by a facet, search a package, open its spec page and DAG,
+  // follow a node of the DAG and a dependent.
   await page.goto(`${base}/ui/repos/public/spack`);
   await page.click("#spack-link");
   await page.locator("#spec-name").waitFor();
+  check((await page.locator("#facet-compiler a.facet-link").count()) > 0, "the search page shows compiler facets");
+  await shot(page, "spack.png");
+  await Promise.all([
+    page.waitForURL(/compiler=gcc%4012\.2\.0/),
+    page.click('a.facet-link[data-facet="compiler"][data-value="gcc@12.2.0"]'),
+  ]);
+  await page.locator(".facet-chosen").waitFor();
+  const narrowed = await page.locator("a.spec").allTextContents();
+  check(narrowed.join() === "appc,liba,libb", `the gcc@12.2.0 facet narrows to appc, liba, libb (${narrowed.join(", ")})`);
   await page.fill("#spec-name", "liba");
   await page.click('form.filter button[type="submit"]');
   await page.waitForFunction(() => document.querySelectorAll("a.spec").length === 1);
-  check((await page.locator("a.spec").textContent()) === "liba", "searching liba finds one spec");
-  await shot(page, "spack.png");
+  check((await page.locator("a.spec").textContent()) === "liba", "searching liba within the facet finds one spec");
   await page.click('a.spec:text-is("liba")');
   await page.locator("#dependencies").waitFor();
   check((await page.locator("#spec-title").textContent()) === "liba@1.0", "liba's spec page opened");
   const deps = await page.locator("#dependencies .dep").allTextContents();
   check(deps.some((d) => d.startsWith("gcc-runtime@")), `its DAG lists gcc-runtime (${deps.join(", ")})`);
+  const drawn = await page.locator("#dag g.node").count();
+  check(drawn === deps.length + 1, `the DAG's SVG draws one node per dependency and the spec (${drawn})`);
+  const box = await page.locator("#dag").boundingBox();
+  check(box !== null && box.width > 100 && box.height > 100, "the DAG's SVG is laid out with a size");
+  // A dependent: libb; then appc, which depends on liba through libb.
+  await page.click("#transitive-link");
+  await page.locator('a.dependent:text-is("appc@0.3")').waitFor();
+  await page.click('a.dependent:text-is("appc@0.3")');
+  await page.waitForFunction(() => document.querySelector("#spec-title")?.textContent === "appc@0.3");
+  await page.locator("#dag").waitFor();
   await shot(page, "spack-spec.png");
+  // A node of the DAG links to its spec page.
+  await page.click('#dag g.node.cached[data-hash="zgl5yzcqzdnkd7scv2tq3qoi5fyw7vh3"]');
+  await page.waitForFunction(() => document.querySelector("#spec-title")?.textContent === "libb@2.1");
+  check(true, "clicking libb in appc's DAG opens libb's spec page");
 
   // Delete a tag (the confirmation dialog is accepted).
   await page.goto(`${base}/ui/repos/public/app`);

@@ -68,6 +68,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
+pub use fsck::{RepoFigures, RepoFiguresMismatch, RepoFiguresPage};
 pub use queries::{Deletion, ManifestRecord, NewManifest, Referrer, RepositoryPage};
 pub use retention::{KeepList, PULL_BATCH, RetentionDeleted, RetentionSnapshot, RetentionTag, TagRemoval};
 pub use spack::{ClosureNode, IndexSnapshot, IndexState, SpecDetail, SpecQuery, SpecSummary};
@@ -99,6 +100,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0008_gc_untagged.sql"),
     include_str!("../../migrations/0009_retention.sql"),
     include_str!("../../migrations/0010_audit.sql"),
+    include_str!("../../migrations/0011_repo_stats.sql"),
+    include_str!("../../migrations/0012_manifest_platform.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

@@ -1,6 +1,6 @@
--- Per-repository figures of the repositories page (schema version 11), kept by triggers in the
--- transaction of every change they count, so that a page reads them instead of summing every
--- blob a repository links on every view.
+-- Per-repository tag count and stored bytes for the web UI (schema version 11).
+-- Kept by triggers in the transaction of every change they count, so that the repositories page
+-- reads them instead of summing every blob a repository links on every view.
 --
 -- The invariant (`stowage fsck` recounts and checks it, `--repair` restores it):
 --   tag_count      = the number of rows of `tags` with this repo_id;

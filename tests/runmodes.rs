@@ -205,8 +205,19 @@ async fn migrate_applies_each_pending_migration_once() {
     // A catalog from before the audit trail gets exactly that migration.
     {
         let db = rusqlite::Connection::open(data.join("catalog.db")).expect("open catalog");
-        db.execute_batch("DROP TABLE audit_log; PRAGMA user_version = 9;")
-            .expect("roll back to version 9");
+        // Later migrations are undone too, so that they apply again.
+        db.execute_batch(
+            "DROP TABLE audit_log;
+             DROP TRIGGER repo_stats_tag_added; DROP TRIGGER repo_stats_tag_removed;
+             DROP TRIGGER repo_stats_blob_linked; DROP TRIGGER repo_stats_blob_unlinked;
+             DROP TRIGGER repo_stats_manifest_added; DROP TRIGGER repo_stats_manifest_removed;
+             ALTER TABLE repositories DROP COLUMN tag_count;
+             ALTER TABLE repositories DROP COLUMN blob_bytes;
+             ALTER TABLE repositories DROP COLUMN manifest_bytes;
+             ALTER TABLE manifests DROP COLUMN platform;
+             PRAGMA user_version = 9;",
+        )
+        .expect("roll back to version 9");
     }
     let (code, out, err) = stowage(&data, &["migrate"]);
     assert_eq!(code, 0, "{err}");

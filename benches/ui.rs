@@ -216,20 +216,29 @@ async fn fill(api: &Api, tags: usize, repos: usize, specs: usize) -> Filled {
         concurrently(tags, move |i| {
             let (api, amd) = (api.clone(), amd.clone());
             async move {
-                api.image(BIG, &format!("t-{i:05}"), &amd, format!("layer of big/app t-{i:05}").into_bytes())
-                    .await;
+                api.image(
+                    BIG,
+                    &format!("t-{i:05}"),
+                    &amd,
+                    format!("layer of big/app t-{i:05}").into_bytes(),
+                )
+                .await;
             }
         })
         .await;
     }
-    let image = api.image(BIG, "t-00000", &amd, b"layer of big/app t-00000".to_vec()).await;
-    let arm_image = api.image(BIG, "arm-only", &arm, b"layer of the arm64 image".to_vec()).await;
+    let image = api
+        .image(BIG, "t-00000", &amd, b"layer of big/app t-00000".to_vec())
+        .await;
+    let arm_image = api
+        .image(BIG, "arm-only", &arm, b"layer of the arm64 image".to_vec())
+        .await;
     let children = [(&image, "amd64"), (&arm_image, "arm64")].map(|((digest, size), arch)| {
         json!({"mediaType": MANIFEST, "digest": digest, "size": size,
                "platform": {"os": "linux", "architecture": arch}})
     });
-    let index = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": INDEX, "manifests": children}))
-        .expect("index");
+    let index =
+        serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": INDEX, "manifests": children})).expect("index");
     let (index, _) = api.manifest(BIG, "multi", INDEX, index).await;
     let image = image.0;
     eprintln!("[bench] {tags} tags in {BIG} in {:.1} s", t.elapsed().as_secs_f64());
@@ -301,7 +310,13 @@ fn set_cookies(resp: &reqwest::Response) -> String {
 }
 
 /// `samples` GETs of `path`, one after another; sorted latencies.
-async fn measure(http: &reqwest::Client, base: &str, path: &str, cookie: Option<&str>, samples: usize) -> Vec<Duration> {
+async fn measure(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    cookie: Option<&str>,
+    samples: usize,
+) -> Vec<Duration> {
     let mut out = Vec::with_capacity(samples);
     for _ in 0..samples {
         let started = Instant::now();
@@ -343,7 +358,10 @@ async fn main() {
         .expect("client");
     let basic = {
         use base64::Engine as _;
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}")))
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
+        )
     };
     let api = Api {
         http: http.clone(),
@@ -369,10 +387,7 @@ async fn main() {
             "repository, deep keyset page",
             format!("/ui/repos/{BIG}?after={deep_tag}"),
         ),
-        (
-            "repository, filtered (`q=t-0999`)",
-            format!("/ui/repos/{BIG}?q=t-0999"),
-        ),
+        ("repository, filtered (`q=t-0999`)", format!("/ui/repos/{BIG}?q=t-0999")),
         (
             "manifest of an image",
             format!("/ui/repos/{BIG}/-/manifests/{}", filled.image),
@@ -390,10 +405,7 @@ async fn main() {
             "Spack search, deep page",
             format!("/ui/repos/{SPACK}/-/spack?offset={}", specs - 100),
         ),
-        (
-            "Spack spec page",
-            format!("/ui/repos/{SPACK}/-/spack/{}", hash(probe)),
-        ),
+        ("Spack spec page", format!("/ui/repos/{SPACK}/-/spack/{}", hash(probe))),
     ];
     let session = sign_in(&http, &base).await;
     // Warm up: one GET of each page (and the connection).

@@ -21,6 +21,10 @@
 //! without an object, which the next run reports and forgets, never an unrecorded corrupt object
 //! in `blobs/` that an upload of the same digest would trust. Objects that cannot be read (a
 //! storage error, not a mismatch) are reported and left alone.
+//!
+//! Then it recounts the per-repository figures the catalog keeps for the web UI (tag count,
+//! linked blob bytes, manifest bytes; `Catalog::check_repo_figures`) and reports each repository
+//! whose kept figures differ; `--repair` sets them to the recount (`Catalog::repair_repo_figures`).
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 
@@ -312,6 +316,12 @@ pub struct FsckReport {
     pub forgotten: u64,
     /// Repairs that failed (the blob stays as it was).
     pub repair_failed: u64,
+    /// Repositories whose figures were recounted.
+    pub repositories: u64,
+    /// Repositories whose kept figures differed from the recount.
+    pub repo_figures_wrong: u64,
+    /// Repositories whose figures were set to the recount.
+    pub repo_figures_repaired: u64,
 }
 
 impl FsckReport {
@@ -322,7 +332,7 @@ impl FsckReport {
 
     /// Nothing bad and nothing unreadable.
     pub fn is_clean(&self) -> bool {
-        self.bad() == 0 && self.unreadable == 0 && self.repair_failed == 0
+        self.bad() == 0 && self.unreadable == 0 && self.repair_failed == 0 && self.repo_figures_wrong == 0
     }
 }
 
@@ -425,6 +435,7 @@ async fn fsck_with(
             }
         }
     }
+    check_repo_figures(catalog, repair, &mut report).await?;
     let repaired = if repair {
         format!(
             "; {} quarantined, {} forgotten, {} repairs failed",
@@ -447,7 +458,58 @@ async fn fsck_with(
     if !repair && report.bad() > 0 {
         println!("fsck: stop the server and run `stowage fsck --repair` to quarantine the bad blobs");
     }
+    println!(
+        "fsck: {} repositories' figures recounted: {} wrong{}",
+        report.repositories,
+        report.repo_figures_wrong,
+        if repair {
+            format!(", {} repaired", report.repo_figures_repaired)
+        } else if report.repo_figures_wrong > 0 {
+            "; stop the server and run `stowage fsck --repair` to set them to the recount".to_owned()
+        } else {
+            String::new()
+        }
+    );
     Ok(report)
+}
+
+/// Recounts every repository's kept figures (see the module doc), printing each that differs;
+/// with `repair`, sets them to the recount.
+async fn check_repo_figures(
+    catalog: &Catalog,
+    repair: bool,
+    report: &mut FsckReport,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut after = 0;
+    loop {
+        let page = catalog.check_repo_figures(after, FSCK_PAGE).await?;
+        report.repositories += page.checked;
+        for m in page.mismatches {
+            report.repo_figures_wrong += 1;
+            let (k, c) = (m.kept, m.counted);
+            println!(
+                "repository {}: figures kept {} tags, {} blob bytes, {} manifest bytes; recounted {} tags, {} blob bytes, {} manifest bytes",
+                m.repo, k.tags, k.blob_bytes, k.manifest_bytes, c.tags, c.blob_bytes, c.manifest_bytes
+            );
+            if repair {
+                match catalog.repair_repo_figures(&m.repo).await {
+                    Ok(Some(_)) => {
+                        report.repo_figures_repaired += 1;
+                        println!("repository {}: figures set to the recount", m.repo);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        report.repair_failed += 1;
+                        println!("repository {}: repairing its figures failed: {e}", m.repo);
+                    }
+                }
+            }
+        }
+        match page.next {
+            Some(next) => after = next,
+            None => return Ok(()),
+        }
+    }
 }
 
 /// Quarantines blob `digest`'s object, then makes the catalog forget the blob (this order: see

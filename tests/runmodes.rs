@@ -206,10 +206,17 @@ async fn migrate_applies_each_pending_migration_once() {
     // (undone here by hand, newest first).
     {
         let db = rusqlite::Connection::open(data.join("catalog.db")).expect("open catalog");
-        // Undo every migration after 9, newest first: the Spack search columns, the cache
-        // generations, the audit trail.
+        // Undo every migration after 9, newest first: image platforms, repository figures, the
+        // Spack search columns, the cache generations, the audit trail.
         db.execute_batch(
-            "DROP INDEX spack_specs_by_name; DROP INDEX spack_specs_by_compiler;
+            "ALTER TABLE manifests DROP COLUMN platform;
+             DROP TRIGGER repo_stats_tag_added; DROP TRIGGER repo_stats_tag_removed;
+             DROP TRIGGER repo_stats_blob_linked; DROP TRIGGER repo_stats_blob_unlinked;
+             DROP TRIGGER repo_stats_manifest_added; DROP TRIGGER repo_stats_manifest_removed;
+             ALTER TABLE repositories DROP COLUMN tag_count;
+             ALTER TABLE repositories DROP COLUMN blob_bytes;
+             ALTER TABLE repositories DROP COLUMN manifest_bytes;
+             DROP INDEX spack_specs_by_name; DROP INDEX spack_specs_by_compiler;
              DROP INDEX spack_specs_by_target; DROP INDEX spack_specs_by_os; DROP INDEX spack_specs_facets;
              ALTER TABLE spack_specs DROP COLUMN name; ALTER TABLE spack_specs DROP COLUMN version;
              ALTER TABLE spack_specs DROP COLUMN platform; ALTER TABLE spack_specs DROP COLUMN os;

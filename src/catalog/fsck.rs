@@ -7,11 +7,49 @@
 //! deduplication trusts only recorded blobs whose object exists, that next push stores fresh,
 //! verified bytes. A Spack index whose manifest lists the blob is marked stale, so that the
 //! next read of `index.spack` rebuilds (and stores again) the index blob.
+//!
+//! It also recounts the figures the catalog keeps per repository for the web UI (tag count,
+//! bytes of the blobs it links, bytes of its manifests: the invariant is written in
+//! `migrations/0013_repo_stats.sql`) and compares them with the kept ones, a page of
+//! repositories per query: each query reads the kept figures and the recount from one snapshot,
+//! so a live server's concurrent pushes never show as a mismatch. The repair sets a repository's
+//! figures to a recount made inside the write transaction.
 
 use rusqlite::params;
 
 use super::Catalog;
 use crate::error::Result;
+
+/// A repository's figures for the web UI (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepoFigures {
+    pub tags: i64,
+    pub blob_bytes: i64,
+    pub manifest_bytes: i64,
+}
+
+/// A repository whose kept figures differ from a recount.
+#[derive(Debug, Clone)]
+pub struct RepoFiguresMismatch {
+    pub repo: String,
+    pub kept: RepoFigures,
+    pub counted: RepoFigures,
+}
+
+/// A page of [`Catalog::check_repo_figures`].
+#[derive(Debug, Clone)]
+pub struct RepoFiguresPage {
+    /// Repositories examined.
+    pub checked: u64,
+    pub mismatches: Vec<RepoFiguresMismatch>,
+    /// Pass it as `after` for the next page; `None` after the last.
+    pub next: Option<i64>,
+}
+
+/// The recount of repository `?1`'s figures, in the order of [`RepoFigures`].
+const RECOUNT: &str = "(SELECT count(*) FROM tags WHERE repo_id = ?1),
+     (SELECT coalesce(sum(b.size), 0) FROM repo_blobs rb JOIN blobs b ON b.digest = rb.digest WHERE rb.repo_id = ?1),
+     (SELECT coalesce(sum(size), 0) FROM manifests WHERE repo_id = ?1)";
 
 impl Catalog {
     /// Up to `limit` recorded blobs (digest, recorded size) whose digest sorts after `after`,
@@ -43,6 +81,71 @@ impl Catalog {
             let links = c.execute("DELETE FROM repo_blobs WHERE digest = ?1", [&digest])?;
             let rows = c.execute("DELETE FROM blobs WHERE digest = ?1", [&digest])?;
             Ok((rows > 0).then_some(links as u64))
+        })
+        .await
+    }
+
+    /// Recounts the figures of up to `limit` repositories whose id is above `after` (in id
+    /// order) and returns those whose kept figures differ (see the module doc).
+    pub async fn check_repo_figures(&self, after: i64, limit: usize) -> Result<RepoFiguresPage> {
+        self.read(move |c| {
+            let mut ids = c.prepare_cached("SELECT id FROM repositories WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+            let ids = ids
+                .query_map(params![after, limit as i64], |r| r.get::<_, i64>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut figures = c.prepare_cached(&format!(
+                "SELECT name, tag_count, blob_bytes, manifest_bytes, {RECOUNT} FROM repositories WHERE id = ?1"
+            ))?;
+            let mut mismatches = Vec::new();
+            for id in &ids {
+                let m = figures.query_row([id], |r| {
+                    Ok(RepoFiguresMismatch {
+                        repo: r.get(0)?,
+                        kept: RepoFigures {
+                            tags: r.get(1)?,
+                            blob_bytes: r.get(2)?,
+                            manifest_bytes: r.get(3)?,
+                        },
+                        counted: RepoFigures {
+                            tags: r.get(4)?,
+                            blob_bytes: r.get(5)?,
+                            manifest_bytes: r.get(6)?,
+                        },
+                    })
+                })?;
+                if m.kept != m.counted {
+                    mismatches.push(m);
+                }
+            }
+            Ok(RepoFiguresPage {
+                checked: ids.len() as u64,
+                mismatches,
+                next: (ids.len() >= limit).then(|| ids.last().copied()).flatten(),
+            })
+        })
+        .await
+    }
+
+    /// Sets repository `repo`'s kept figures to a recount, in one transaction. Returns the
+    /// figures it set, or `None` when the repository does not exist.
+    pub async fn repair_repo_figures(&self, repo: &str) -> Result<Option<RepoFigures>> {
+        let repo = repo.to_owned();
+        self.write(move |c| {
+            let Some(id) = super::queries::repo_id(c, &repo)? else {
+                return Ok(None);
+            };
+            let counted = c.query_row(&format!("SELECT {RECOUNT}"), [id], |r| {
+                Ok(RepoFigures {
+                    tags: r.get(0)?,
+                    blob_bytes: r.get(1)?,
+                    manifest_bytes: r.get(2)?,
+                })
+            })?;
+            c.execute(
+                "UPDATE repositories SET tag_count = ?2, blob_bytes = ?3, manifest_bytes = ?4 WHERE id = ?1",
+                params![id, counted.tags, counted.blob_bytes, counted.manifest_bytes],
+            )?;
+            Ok(Some(counted))
         })
         .await
     }

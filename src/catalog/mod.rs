@@ -83,6 +83,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
+pub use fsck::{RepoFigures, RepoFiguresMismatch, RepoFiguresPage};
 pub use queries::{Deletion, ManifestRecord, NewManifest, Referrer, RepositoryPage};
 pub use retention::{KeepList, PULL_BATCH, RetentionDeleted, RetentionSnapshot, RetentionTag, TagRemoval};
 pub use spack::{
@@ -118,6 +119,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0010_audit.sql"),
     include_str!("../../migrations/0011_epochs.sql"),
     include_str!("../../migrations/0012_spack_search.sql"),
+    include_str!("../../migrations/0013_repo_stats.sql"),
+    include_str!("../../migrations/0014_manifest_platform.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

@@ -33,6 +33,8 @@ pub struct NewManifest {
     pub tag: Option<Tag>,
     /// The Spack spec the manifest's config carries, for a spec tag.
     pub spack: Option<SpecImage>,
+    /// The platform an image's config names, `os/architecture[/variant]`.
+    pub platform: Option<String>,
     /// Set when this manifest is a freshly built Spack index for that generation.
     pub spack_index_generation: Option<i64>,
 }
@@ -270,10 +272,11 @@ impl Catalog {
             let manifest_id: i64 = c.query_row(
                 "INSERT INTO manifests
                     (repo_id, digest, media_type, size, content, artifact_type, subject, annotations,
-                     created_at, touched_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+                     created_at, touched_at, platform)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)
                  ON CONFLICT (repo_id, digest) DO UPDATE
-                    SET media_type = excluded.media_type, touched_at = excluded.touched_at
+                    SET media_type = excluded.media_type, touched_at = excluded.touched_at,
+                        platform = coalesce(excluded.platform, platform)
                  RETURNING id",
                 params![
                     repo_id,
@@ -284,7 +287,8 @@ impl Catalog {
                     p.artifact_type,
                     p.subject.as_ref().map(|s| s.digest.to_string()),
                     p.annotations,
-                    now()
+                    now(),
+                    m.platform
                 ],
                 |r| r.get(0),
             )?;

@@ -3,10 +3,10 @@
 //!
 //! Cost per page, whatever the size of the registry:
 //! - [`Catalog::repository_summaries`] examines at most `scan` repository names (like
-//!   [`Catalog::visible_repositories`]); for each one shown it counts its tags (a range of the
-//!   `tags` primary key), takes its last push (`tags_by_repo_updated`, one index probe) and sums
-//!   the sizes of the blobs it links (a range of the `repo_blobs` primary key, one `blobs`
-//!   lookup each), plus its manifests' own bytes (`manifests (repo_id, digest)` unique index).
+//!   [`Catalog::visible_repositories`]); each one shown costs its own row (the tag count and
+//!   sizes the catalog keeps there, see `migrations/0013_repo_stats.sql` for the invariant and
+//!   `fsck` for its check) and its last push (`tags_by_repo_updated`, one index probe). No
+//!   per-row scan of its tags or blobs: a repository of 10,000 tags costs what one of 1 does.
 //! - [`Catalog::tag_rows`] walks the repository's tags in primary-key order from `after`,
 //!   stopping at `limit` matches; the size of each row shown is its manifest's referenced blobs
 //!   (an index: its children's, one level down, each blob counted once); an index's own bytes
@@ -54,6 +54,9 @@ pub struct TagRow {
     pub pushed_at: i64,
     /// An index's bytes (to read its platforms from); `None` for any other manifest.
     pub index_content: Option<Vec<u8>>,
+    /// A single image's platform, `os/architecture[/variant]`, as its config named it at push
+    /// time (`None` for an index, an artifact, or an image pushed before it was recorded).
+    pub platform: Option<String>,
 }
 
 impl Catalog {
@@ -79,11 +82,9 @@ impl Catalog {
                   ORDER BY name LIMIT ?3",
             )?;
             let mut summary = c.prepare_cached(
-                "SELECT (SELECT count(*) FROM tags WHERE repo_id = ?1),
-                        (SELECT max(updated_at) FROM tags WHERE repo_id = ?1),
-                        (SELECT coalesce(sum(b.size), 0) FROM repo_blobs rb JOIN blobs b ON b.digest = rb.digest
-                          WHERE rb.repo_id = ?1)
-                      + (SELECT coalesce(sum(size), 0) FROM manifests WHERE repo_id = ?1)",
+                "SELECT tag_count, (SELECT max(updated_at) FROM tags WHERE repo_id = ?1),
+                        blob_bytes + manifest_bytes
+                   FROM repositories WHERE id = ?1",
             )?;
             let mut rows = names.query(params![
                 after.unwrap_or_default(),
@@ -148,7 +149,8 @@ impl Catalog {
                                JOIN manifest_refs r2 ON r2.manifest_id = child.id AND r2.kind IN ('config', 'layer')
                               WHERE r.manifest_id = m.id AND r.kind = 'manifest'
                          ) d JOIN blobs b ON b.digest = d.digest),
-                        CASE WHEN m.media_type IN (?5, ?6) THEN m.content END
+                        CASE WHEN m.media_type IN (?5, ?6) THEN m.content END,
+                        m.platform
                    FROM tags t JOIN manifests m ON m.id = t.manifest_id
                   WHERE t.repo_id = ?1 AND t.name > ?2 AND (?3 = '' OR instr(t.name, ?3) > 0)
                   ORDER BY t.name LIMIT ?4",
@@ -173,6 +175,7 @@ impl Catalog {
                             pushed_at: r.get(5)?,
                             content_size: r.get::<_, i64>(6)?.max(0) as u64,
                             index_content: r.get(7)?,
+                            platform: r.get(8)?,
                         })
                     },
                 )?

@@ -231,6 +231,29 @@ impl Manifest {
     }
 }
 
+/// The fields of an image config (OCI `config.v1` or Docker `container.image.v1`) that name its
+/// platform; the others are skipped unread.
+#[derive(Deserialize)]
+struct RawImageConfig {
+    os: Option<String>,
+    architecture: Option<String>,
+    variant: Option<String>,
+}
+
+/// The platform an image config names, `os/architecture[/variant]`; `None` when the bytes are
+/// not a JSON object naming both an OS and an architecture.
+pub fn config_platform(config: &[u8]) -> Option<String> {
+    let raw: RawImageConfig = serde_json::from_slice(config).ok()?;
+    let (os, arch) = (
+        raw.os.filter(|s| !s.is_empty())?,
+        raw.architecture.filter(|s| !s.is_empty())?,
+    );
+    Some(match raw.variant.filter(|v| !v.is_empty()) {
+        Some(v) => format!("{os}/{arch}/{v}"),
+        None => format!("{os}/{arch}"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,5 +300,25 @@ mod tests {
         );
         assert!(parse(body.as_bytes(), Some(media::OCI_INDEX)).is_ok());
         assert!(parse(body.as_bytes(), Some(media::OCI_MANIFEST)).is_err());
+    }
+
+    #[test]
+    fn reads_a_config_platform() {
+        let cfg = br#"{"architecture":"arm64","variant":"v8","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"history":[{"created_by":"x"}]}"#;
+        assert_eq!(config_platform(cfg).as_deref(), Some("linux/arm64/v8"));
+        assert_eq!(
+            config_platform(br#"{"architecture":"amd64","os":"linux"}"#).as_deref(),
+            Some("linux/amd64")
+        );
+        for bad in [
+            &b"{}"[..],
+            b"[]",
+            b"not json",
+            br#"{"os":"linux"}"#,
+            br#"{"os":"","architecture":"amd64"}"#,
+            br#"{"os":1,"architecture":"x"}"#,
+        ] {
+            assert_eq!(config_platform(bad), None);
+        }
     }
 }

@@ -17,4 +17,6 @@ pub mod media {
     pub const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
     pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
     pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+    pub const OCI_IMAGE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+    pub const DOCKER_IMAGE_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 }

@@ -5,6 +5,10 @@
 //! (`auth::immutable`), and an immutable tag a writer was allowed to overwrite is logged here.
 //! Every change is recorded in the audit trail for the request's [`Actor`] in the change's own
 //! transaction; a refused immutable-tag change is queued there as a refusal.
+//!
+//! An image's config blob is read once at push time (at most [`PLATFORM_CONFIG_LIMIT`] bytes,
+//! or Spack's limit for a spec tag, whose config carries the spec): the platform it names is
+//! recorded with the manifest, so that pages listing images never read config blobs.
 
 use bytes::Bytes;
 
@@ -14,11 +18,15 @@ use crate::catalog::audit::{Action, Actor, Event};
 use crate::catalog::{ManifestRecord, NewManifest};
 use crate::error::{Error, Result};
 use crate::oci::manifest::{self, Manifest};
-use crate::oci::{Digest, Reference, RepoName};
+use crate::oci::{Digest, Reference, RepoName, media};
 use crate::spack::{self, SpecImage};
 
 /// Bodies larger than this are hashed and parsed on the blocking pool.
 const INLINE_LIMIT: usize = 64 * 1024;
+
+/// Image configs larger than this are not read for their platform (a config is a few KiB; its
+/// build history makes a large one rarely more than a few hundred).
+const PLATFORM_CONFIG_LIMIT: u64 = 1024 * 1024;
 
 /// What a successful manifest PUT reports back.
 #[derive(Debug)]
@@ -75,16 +83,15 @@ impl Registry {
         };
         let subject = parsed.subject.as_ref().map(|s| s.digest.clone());
         let tag_name = tag.as_ref().map(|t| t.to_string());
-        let spack = match &tag {
-            Some(t) if spack::is_spec_tag(t.as_str()) => self.read_spec(repo, &parsed).await?,
-            _ => None,
-        };
+        let is_spec = tag.as_ref().is_some_and(|t| spack::is_spec_tag(t.as_str()));
+        let (spack, platform) = self.read_config(repo, &parsed, is_spec).await?;
         let new = NewManifest {
             digest: digest.clone(),
             content: body.to_vec(),
             parsed,
             tag,
             spack,
+            platform,
             spack_index_generation: None,
         };
         let locks = self.settings.immutable_tags.for_repo(repo.as_str(), overwrite);
@@ -98,17 +105,43 @@ impl Registry {
         Ok(PutOutcome { digest, subject })
     }
 
-    /// The Spack spec an image's config carries, if it is a spec image. A config that is not in
-    /// the repository is left to the catalog's check, which rejects the manifest.
-    async fn read_spec(&self, repo: &RepoName, parsed: &Manifest) -> Result<Option<SpecImage>> {
-        let Some(config) = parsed.config.as_ref().filter(|c| c.size <= spack::MAX_CONFIG_SIZE) else {
-            return Ok(None);
+    /// What an image's config tells: the Spack spec it carries (read for a spec tag only) and
+    /// the platform it names (an OCI or Docker image config). A config that is not in the
+    /// repository is left to the catalog's check, which rejects the manifest.
+    async fn read_config(
+        &self,
+        repo: &RepoName,
+        parsed: &Manifest,
+        is_spec: bool,
+    ) -> Result<(Option<SpecImage>, Option<String>)> {
+        let Some(config) = parsed.config.as_ref() else {
+            return Ok((None, None));
         };
-        if self.catalog.blob_size(repo, &config.digest).await?.is_none() {
-            return Ok(None);
+        let image_config = matches!(
+            config.media_type.as_str(),
+            media::OCI_IMAGE_CONFIG | media::DOCKER_IMAGE_CONFIG
+        );
+        let limit = if is_spec {
+            spack::MAX_CONFIG_SIZE
+        } else if image_config {
+            PLATFORM_CONFIG_LIMIT
+        } else {
+            return Ok((None, None));
+        };
+        if config.size > limit || self.catalog.blob_size(repo, &config.digest).await?.is_none() {
+            return Ok((None, None));
         }
-        let bytes = self.store.read_small(&config.digest, spack::MAX_CONFIG_SIZE).await?;
-        Ok(crate::metrics::spawn_blocking(move || spack::parse_config(&bytes)).await?)
+        let bytes = self.store.read_small(&config.digest, limit).await?;
+        Ok(crate::metrics::spawn_blocking(move || {
+            let spec = if is_spec { spack::parse_config(&bytes) } else { None };
+            let platform = if image_config {
+                manifest::config_platform(&bytes)
+            } else {
+                None
+            };
+            (spec, platform)
+        })
+        .await?)
     }
 
     /// Looks a manifest up; `with_content` false for HEAD.

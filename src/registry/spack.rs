@@ -159,6 +159,7 @@ impl Registry {
                     parsed,
                     tag: None,
                     spack: None,
+                    platform: None,
                     spack_index_generation: Some(snapshot.generation),
                 },
                 // Untagged: no tag to protect.

@@ -119,6 +119,8 @@ struct RepoRow {
     name: String,
     tags: u64,
     size: String,
+    /// The exact byte count behind `size` (shown on hover).
+    bytes: u64,
     last_push: String,
 }
 
@@ -166,6 +168,7 @@ pub async fn repositories(
         .map(|r| RepoRow {
             tags: r.tags,
             size: view::size(r.stored_bytes),
+            bytes: r.stored_bytes,
             last_push: r.last_push.map(view::time).unwrap_or_else(|| "never".to_owned()),
             name: r.name,
         })
@@ -183,7 +186,8 @@ pub async fn repositories(
 // ---- One repository ------------------------------------------------------------------------
 
 struct TagView {
-    /// An index's platforms (`linux/amd64, linux/arm64/v8`); empty for an image.
+    /// An index's platforms (`linux/amd64, linux/arm64/v8`), or a single image's (from its
+    /// config, recorded at push time); empty when unknown.
     platforms: String,
     name: String,
     digest: String,
@@ -267,7 +271,10 @@ pub async fn repository(
     let tags = rows
         .into_iter()
         .map(|r| TagView {
-            platforms: r.index_content.as_deref().map(index_platforms).unwrap_or_default(),
+            platforms: match (r.index_content.as_deref(), r.platform) {
+                (Some(index), _) => index_platforms(index),
+                (None, platform) => platform.unwrap_or_default(),
+            },
             pulls: view::pull_lines(&host, repo.as_str(), &format!(":{}", r.name)),
             short_digest: short(&r.digest),
             size: view::size(r.manifest_size + r.content_size),

@@ -49,8 +49,8 @@ pub fn is_admin(who: &Principal) -> bool {
 }
 
 /// The viewer of an admin page, refused (403) unless an admin.
-async fn admin(req: &HttpRequest, reg: &Registry, auth: &Auth, ui: &super::Ui) -> Result<Viewer, UiError> {
-    let viewer = Viewer::of(req, auth, reg.catalog(), ui).await?;
+async fn admin(req: &HttpRequest, auth: &Auth, ui: &super::Ui) -> Result<Viewer, UiError> {
+    let viewer = Viewer::of(req, auth, ui).await?;
     require_admin(&viewer, auth)?;
     Ok(viewer)
 }
@@ -74,11 +74,10 @@ fn require_admin(viewer: &Viewer, auth: &Auth) -> Result<(), UiError> {
 async fn admin_post(
     req: &HttpRequest,
     body: web::Payload,
-    reg: &Registry,
     auth: &Auth,
     ui: &super::Ui,
 ) -> Result<(Viewer, Vec<(String, String)>, Caller), UiError> {
-    let viewer = Viewer::of(req, auth, reg.catalog(), ui).await?;
+    let viewer = Viewer::of(req, auth, ui).await?;
     let form = read_form(body).await?;
     viewer.check_csrf(ui, &form)?;
     require_admin(&viewer, auth)?;
@@ -150,7 +149,7 @@ pub async fn users(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let viewer = admin(&req, &reg, &auth, &ui).await?;
+    let viewer = admin(&req, &auth, &ui).await?;
     let q = crate::http::query(&req);
     let after = crate::http::query_param(&q, "after").filter(|a| !a.is_empty());
     let mut users = accounts_of(&reg, &auth).users_page(after, LIST_PAGE + 1).await?;
@@ -187,7 +186,7 @@ pub async fn add_user(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let (_, form, caller) = admin_post(&req, body, &reg, &auth, &ui).await?;
+    let (_, form, caller) = admin_post(&req, body, &auth, &ui).await?;
     let name = field(&form, "name").trim();
     let password = field(&form, "password");
     accounts::check_new_password(password, Some(field(&form, "again")))?;
@@ -221,7 +220,7 @@ async fn user_row(reg: &Registry, auth: &Auth, viewer: &Viewer, name: &str) -> R
 
 /// `GET /ui/admin/users/<name>`: reset the password, give or take the admin role, remove.
 pub async fn user(req: HttpRequest, reg: web::Data<Registry>, auth: web::Data<Auth>, ui: web::Data<super::Ui>) -> Page {
-    let viewer = admin(&req, &reg, &auth, &ui).await?;
+    let viewer = admin(&req, &auth, &ui).await?;
     let name = user_in_path(&req)?;
     let page = UserPage {
         chrome: Chrome::new(Some(&viewer), viewer.csrf(&ui), true),
@@ -240,7 +239,7 @@ pub async fn set_password(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let (_, form, caller) = admin_post(&req, body, &reg, &auth, &ui).await?;
+    let (_, form, caller) = admin_post(&req, body, &auth, &ui).await?;
     let name = user_in_path(&req)?;
     let password = field(&form, "password");
     accounts::check_new_password(password, Some(field(&form, "again")))?;
@@ -259,7 +258,7 @@ pub async fn set_admin(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let (_, form, caller) = admin_post(&req, body, &reg, &auth, &ui).await?;
+    let (_, form, caller) = admin_post(&req, body, &auth, &ui).await?;
     let name = user_in_path(&req)?;
     let admin = match field(&form, "admin") {
         "true" => true,
@@ -290,7 +289,7 @@ pub async fn remove_form(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let viewer = admin(&req, &reg, &auth, &ui).await?;
+    let viewer = admin(&req, &auth, &ui).await?;
     let name = user_in_path(&req)?;
     let page = RemovePage {
         chrome: Chrome::new(Some(&viewer), viewer.csrf(&ui), true),
@@ -308,7 +307,7 @@ pub async fn remove_user(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let (_, _, caller) = admin_post(&req, body, &reg, &auth, &ui).await?;
+    let (_, _, caller) = admin_post(&req, body, &auth, &ui).await?;
     let name = user_in_path(&req)?;
     accounts_of(&reg, &auth).remove_user(&caller, &name).await?;
     tracing::info!(user = %name, by = caller.user.as_deref().unwrap_or(""), "user removed through the web UI");
@@ -426,7 +425,7 @@ pub async fn tokens(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let viewer = admin(&req, &reg, &auth, &ui).await?;
+    let viewer = admin(&req, &auth, &ui).await?;
     tokens_page(&req, &reg, &auth, &ui, &viewer, None).await
 }
 
@@ -440,7 +439,7 @@ pub async fn create_token(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let (viewer, form, caller) = admin_post(&req, body, &reg, &auth, &ui).await?;
+    let (viewer, form, caller) = admin_post(&req, body, &auth, &ui).await?;
     let user = field(&form, "user").trim();
     let name = field(&form, "name").trim();
     let scopes: Vec<String> = field(&form, "scopes").split_whitespace().map(str::to_owned).collect();
@@ -466,7 +465,7 @@ pub async fn revoke_token(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let (_, _, caller) = admin_post(&req, body, &reg, &auth, &ui).await?;
+    let (_, _, caller) = admin_post(&req, body, &auth, &ui).await?;
     let id = req
         .match_info()
         .get("id")
@@ -511,7 +510,7 @@ pub async fn audit(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let viewer = admin(&req, &reg, &auth, &ui).await?;
+    let viewer = admin(&req, &auth, &ui).await?;
     let q = crate::http::query(&req);
     let get = |k: &str| {
         crate::http::query_param(&q, k)
@@ -627,7 +626,7 @@ fn period(d: std::time::Duration) -> String {
 
 /// `GET /ui/admin/gc`: the collector's schedule, the running pass, the last pass.
 pub async fn gc(req: HttpRequest, reg: web::Data<Registry>, auth: web::Data<Auth>, ui: web::Data<super::Ui>) -> Page {
-    let viewer = admin(&req, &reg, &auth, &ui).await?;
+    let viewer = admin(&req, &auth, &ui).await?;
     let status = reg.gc_status();
     let page = GcPage {
         chrome: Chrome::new(Some(&viewer), viewer.csrf(&ui), true),

@@ -82,7 +82,6 @@ use actix_web::middleware::DefaultHeaders;
 use actix_web::{HttpMessage as _, HttpRequest, HttpResponse, ResponseError, web};
 
 use crate::auth::{Auth, Identity, Principal, Via};
-use crate::catalog::Catalog;
 use crate::config::UiConfig;
 use crate::error::Error;
 
@@ -217,11 +216,12 @@ fn set_cookie(name: &str, value: &str, max_age: Option<u64>, secure: bool) -> St
 }
 
 impl Viewer {
-    /// Resolves the viewer of `req`: the session's user (looked up again: a removed user or a
-    /// changed password ends the session), else anonymous (or open when authentication is off).
+    /// Resolves the viewer of `req`: the session's user (looked up through `Auth`'s cache under
+    /// the credentials generation: a removed user or a changed password ends the session at its
+    /// next request), else anonymous (or open when authentication is off).
     /// The identity is left in the request's extensions, as the registry's authentication
     /// middleware leaves it, for the access log and the audit trail.
-    async fn of(req: &HttpRequest, auth: &Auth, catalog: &Catalog, ui: &Ui) -> Result<Viewer, UiError> {
+    async fn of(req: &HttpRequest, auth: &Auth, ui: &Ui) -> Result<Viewer, UiError> {
         let secure = crate::http::base_url(auth, req).starts_with("https://");
         let mut viewer = Viewer {
             principal: if auth.enabled() {
@@ -242,7 +242,7 @@ impl Viewer {
         if let Some(id) = cookie(req, session::SESSION_COOKIE).filter(|v| session::plausible_token(v))
             && let Some(s) = ui.sessions.get(id)
         {
-            match catalog.user(&s.user).await? {
+            match auth.current_user(&s.user).await? {
                 Some(user) if auth.enabled() && user.credentials_epoch == s.epoch => {
                     viewer.principal = Principal {
                         identity: Identity::User {

@@ -141,7 +141,7 @@ pub async fn repositories(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let viewer = Viewer::of(&req, &auth, reg.catalog(), &ui).await?;
+    let viewer = Viewer::of(&req, &auth, &ui).await?;
     let q = list_query(&req)?;
     let who = viewer.principal.clone();
     let keep_auth = auth.clone().into_inner();
@@ -252,7 +252,7 @@ pub async fn repository(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let viewer = Viewer::of(&req, &auth, reg.catalog(), &ui).await?;
+    let viewer = Viewer::of(&req, &auth, &ui).await?;
     let repo = readable_repo(&req, &auth, &viewer)?;
     let q = list_query(&req)?;
     let mut rows = reg
@@ -391,7 +391,7 @@ pub async fn manifest(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let viewer = Viewer::of(&req, &auth, reg.catalog(), &ui).await?;
+    let viewer = Viewer::of(&req, &auth, &ui).await?;
     let repo = readable_repo(&req, &auth, &viewer)?;
     let digest = req
         .match_info()
@@ -474,7 +474,7 @@ pub async fn delete_tag(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let viewer = Viewer::of(&req, &auth, reg.catalog(), &ui).await?;
+    let viewer = Viewer::of(&req, &auth, &ui).await?;
     let form = read_form(body).await?;
     viewer.check_csrf(&ui, &form)?;
     let repo = readable_repo(&req, &auth, &viewer)?;
@@ -535,27 +535,16 @@ fn login_page(
 }
 
 /// `GET /ui/login`.
-pub async fn login_form(
-    req: HttpRequest,
-    reg: web::Data<Registry>,
-    auth: web::Data<Auth>,
-    ui: web::Data<super::Ui>,
-) -> Page {
-    let viewer = Viewer::of(&req, &auth, reg.catalog(), &ui).await?;
+pub async fn login_form(req: HttpRequest, auth: web::Data<Auth>, ui: web::Data<super::Ui>) -> Page {
+    let viewer = Viewer::of(&req, &auth, &ui).await?;
     login_page(&viewer, &ui, &auth, StatusCode::OK, None, String::new())
 }
 
 /// `POST /ui/login`: `username`, `password`, `csrf`. A right password starts a session and
 /// goes to the repositories page; a wrong one shows the form again (401); throttled attempts
 /// are answered 429 with `Retry-After`, as on `/token`.
-pub async fn login(
-    req: HttpRequest,
-    body: web::Payload,
-    reg: web::Data<Registry>,
-    auth: web::Data<Auth>,
-    ui: web::Data<super::Ui>,
-) -> Page {
-    let viewer = Viewer::of(&req, &auth, reg.catalog(), &ui).await?;
+pub async fn login(req: HttpRequest, body: web::Payload, auth: web::Data<Auth>, ui: web::Data<super::Ui>) -> Page {
+    let viewer = Viewer::of(&req, &auth, &ui).await?;
     let form = read_form(body).await?;
     viewer.check_csrf(&ui, &form)?;
     if !auth.enabled() {
@@ -622,14 +611,8 @@ pub async fn login(
 }
 
 /// `POST /ui/logout`: ends the session (it no longer works, whoever holds the cookie).
-pub async fn logout(
-    req: HttpRequest,
-    body: web::Payload,
-    reg: web::Data<Registry>,
-    auth: web::Data<Auth>,
-    ui: web::Data<super::Ui>,
-) -> Page {
-    let viewer = Viewer::of(&req, &auth, reg.catalog(), &ui).await?;
+pub async fn logout(req: HttpRequest, body: web::Payload, auth: web::Data<Auth>, ui: web::Data<super::Ui>) -> Page {
+    let viewer = Viewer::of(&req, &auth, &ui).await?;
     let form = read_form(body).await?;
     viewer.check_csrf(&ui, &form)?;
     let mut resp = see_other("/ui/");

@@ -155,7 +155,7 @@ pub async fn search(
     auth: web::Data<Auth>,
     ui: web::Data<super::Ui>,
 ) -> Page {
-    let viewer = Viewer::of(&req, &auth, reg.catalog(), &ui).await?;
+    let viewer = Viewer::of(&req, &auth, &ui).await?;
     let repo = readable_repo(&req, &auth, &viewer)?;
     let q = crate::http::query(&req);
     let mut values = Vec::with_capacity(FIELDS.len());
@@ -315,7 +315,7 @@ fn deptypes_text(v: Option<&serde_json::Value>) -> String {
 /// `GET /ui/repos/<name>/-/spack/<hash>`: one spec, its variants, its DAG drawn and listed with
 /// which dependencies the cache holds, and the cached specs depending on it.
 pub async fn spec(req: HttpRequest, reg: web::Data<Registry>, auth: web::Data<Auth>, ui: web::Data<super::Ui>) -> Page {
-    let viewer = Viewer::of(&req, &auth, reg.catalog(), &ui).await?;
+    let viewer = Viewer::of(&req, &auth, &ui).await?;
     let repo = readable_repo(&req, &auth, &viewer)?;
     let hash = req
         .match_info()

@@ -1582,6 +1582,48 @@ fn main() -> ExitCode {
         eprintln!("[bench] interrupted; stopping the registries");
         return ExitCode::from(130);
     };
+    let blob_label = if size == 1 << 30 {
+        "1 GiB".to_string()
+    } else {
+        format!("{} MiB", size / MIB)
+    };
+    println!();
+    println!("Stowage vs CNCF Distribution, all traffic on 127.0.0.1 (client and servers share the machine)");
+    println!("machine:      {machine}");
+    println!("Distribution: {dist_version}");
+    println!("Stowage:      {stow_version}");
+    println!(
+        "client:       reqwest 0.13 (HTTP/1.1), {RATE_CONNS} conns for rates ({}s + {}s warm-up), \
+         {IMAGE_WORKERS} clients for pushes; blobs {blob_label}, PATCH {} MiB; MB = 10^6 bytes",
+        settings.rate_secs.as_secs_f64(),
+        RATE_WARMUP.as_secs_f64(),
+        PATCH_SIZE / MIB
+    );
+    println!();
+    print!("{}", report(&rows, rss_1g, rss_end, stow.label));
+    println!();
+    print!("{}", cpu_report(&rows, stow.label));
+    println!();
+    if !parallel.is_empty() {
+        println!(
+            "Memory with {} uploads of {} MiB at once (monolithic PUT each; peak RSS from a VmHWM reset \
+             just before):",
+            settings.parallel_uploads,
+            settings.parallel_size / MIB
+        );
+        println!();
+        println!("| {:<14} | {:>12} | {:>18} |", "registry", "MB/s", "peak RSS (MiB)");
+        println!("|{:-<16}|{:->14}|{:->20}|", "", "", "");
+        for (label, m, peak) in &parallel {
+            println!(
+                "| {label:<14} | {:>12} | {:>18} |",
+                fmt_value(m),
+                peak.map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+            );
+        }
+        println!();
+    }
+    // Printed above before the S3 run, so that a failure there loses nothing measured.
     // The S3 backend: the large-blob workloads against Stowage with its blobs on a moto S3
     // server on loopback, after the fs servers are done (they stay up, idle).
     let s3_rows = match (&stowage_bin, std::env::var("REGBENCH_S3").as_deref()) {
@@ -1619,47 +1661,6 @@ fn main() -> ExitCode {
     drop(stow);
     drop(dist);
 
-    let blob_label = if size == 1 << 30 {
-        "1 GiB".to_string()
-    } else {
-        format!("{} MiB", size / MIB)
-    };
-    println!();
-    println!("Stowage vs CNCF Distribution, all traffic on 127.0.0.1 (client and servers share the machine)");
-    println!("machine:      {machine}");
-    println!("Distribution: {dist_version}");
-    println!("Stowage:      {stow_version}");
-    println!(
-        "client:       reqwest 0.13 (HTTP/1.1), {RATE_CONNS} conns for rates ({}s + {}s warm-up), \
-         {IMAGE_WORKERS} clients for pushes; blobs {blob_label}, PATCH {} MiB; MB = 10^6 bytes",
-        settings.rate_secs.as_secs_f64(),
-        RATE_WARMUP.as_secs_f64(),
-        PATCH_SIZE / MIB
-    );
-    println!();
-    print!("{}", report(&rows, rss_1g, rss_end, stow_label));
-    println!();
-    print!("{}", cpu_report(&rows, stow_label));
-    println!();
-    if !parallel.is_empty() {
-        println!(
-            "Memory with {} uploads of {} MiB at once (monolithic PUT each; peak RSS from a VmHWM reset \
-             just before):",
-            settings.parallel_uploads,
-            settings.parallel_size / MIB
-        );
-        println!();
-        println!("| {:<14} | {:>12} | {:>18} |", "registry", "MB/s", "peak RSS (MiB)");
-        println!("|{:-<16}|{:->14}|{:->20}|", "", "", "");
-        for (label, m, peak) in &parallel {
-            println!(
-                "| {label:<14} | {:>12} | {:>18} |",
-                fmt_value(m),
-                peak.map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0))
-            );
-        }
-        println!();
-    }
     if let Some((s3, rss)) = &s3_rows {
         println!("S3 backend (Stowage with its blobs on moto's S3 server on 127.0.0.1; moto is a Python");
         println!("server holding objects in memory, so these figures measure moto as much as Stowage):");

@@ -4,7 +4,7 @@
 //! JavaScript off; the admin pages in `tests/ui/admin.mjs`: a token created, used, revoked and
 //! refused, a user added and removed; screenshots under `<target>/ui-screenshots/<backend>/`),
 //! and over plain HTTP: the security headers, CSRF refusals, escaping, the sign-in limiter,
-//! sign-out, policy, pagination, page times at 10,000 tags, the admin pages (refused to
+//! sign-out, policy, pagination, pages at 10,000 tags and 50,000 specs, the admin pages (refused to
 //! non-admins, CSRF, a user's life cycle, escaping, audit pages, GC status), and the Spack
 //! pages' facets, DAG drawing, dependents and escaping of spec values in the page and its SVG.
 
@@ -804,7 +804,7 @@ async fn the_ui_can_be_turned_off() {
 const SCALE_TAGS: usize = 10_000;
 
 #[tokio::test]
-async fn pages_stay_fast_at_ten_thousand_tags() {
+async fn pages_show_what_they_should_at_ten_thousand_tags() {
     let s = UiServer::start(CONFIG);
     let digest = s.image("public/big", "seed", 2, serde_json::Value::Null).await;
     let manifest = client()
@@ -881,9 +881,9 @@ async fn pages_stay_fast_at_ten_thousand_tags() {
         println!("{path}: median {median:.1} ms");
         worst = worst.max(median);
     }
-    // The goal is 100 ms; a debug build on a machine shared with other test runs is given five
-    // times that before the test fails (the figures are printed, and in the README).
-    assert!(worst < 500.0, "the slowest page took {worst:.0} ms");
+    // Speed is the UI benchmark's to measure (`cargo bench --bench ui`, release build, p99 of
+    // 200 GETs per page); this test holds what each page shows at scale, and prints its times.
+    println!("slowest page (median): {worst:.0} ms");
 }
 
 #[tokio::test]
@@ -1504,13 +1504,11 @@ async fn admin_pages_escape_what_they_show_and_list_the_audit_trail_and_gc() {
         pages += 1;
     }
     assert_eq!(seen, 101, "every user.add row, once, over {pages} pages");
-    // Page times at these sizes (printed, for the record; the bound is generous for a busy machine).
+    // Page times at these sizes, printed for the record (speed is the benchmarks' to judge).
     for path in ["/ui/admin/users", "/ui/admin/tokens", "/ui/admin/audit", "/ui/admin/gc"] {
         let started = std::time::Instant::now();
         assert_eq!(ops.get(&s.url(path)).await.0, 200);
-        let took = started.elapsed();
-        println!("{path}: {} ms", took.as_millis());
-        assert!(took < std::time::Duration::from_secs(2), "{path} took {took:?}");
+        println!("{path}: {} ms", started.elapsed().as_millis());
     }
     let (_, users) = ops.get(&s.url("/ui/admin/users")).await;
     assert_eq!(users.matches("<tr data-user=").count(), 100);
@@ -1792,7 +1790,7 @@ fn seed_specs(catalog: &std::path::Path, repo: &str, dependency: &str) {
 }
 
 #[tokio::test]
-async fn spack_pages_stay_fast_at_fifty_thousand_specs() {
+async fn spack_pages_show_what_they_should_at_fifty_thousand_specs() {
     let mut s = UiServer::start(CONFIG);
     s.spack_fixture("public/spack", &[]).await;
     let liba = "3vaqv4q37uunzetmg437xpx7ssadj3dh";
@@ -1852,8 +1850,7 @@ async fn spack_pages_stay_fast_at_fifty_thousand_specs() {
         println!("{path}: median {median:.1} ms");
         worst = worst.max(median);
     }
-    // Every one is under 100 ms even in this debug build (the figures are printed, and in the
-    // README); the bound leaves room for a loaded machine but not for a page that scans (a
-    // spec page reading every node in name order took 1.7 s here).
-    assert!(worst < 250.0, "the slowest page took {worst:.0} ms");
+    // Speed is the UI benchmark's to measure (`cargo bench --bench ui`); this test holds what
+    // each page shows at 50,000 specs, and prints its times.
+    println!("slowest page (median): {worst:.0} ms");
 }

@@ -16,6 +16,8 @@
 //!   user; every request carries a Bearer token from the token flow, as docker and podman send)
 //! - `REGBENCH_PARALLEL_UPLOADS`   concurrent uploads of the memory workload (default 32)
 //! - `REGBENCH_PARALLEL_MIB`       size of each of them, MiB (default 256)
+//! - `REGBENCH_UPLOAD_MEMORY_MIB`  Stowage's `storage.upload_memory` in MiB (default: Stowage's
+//!   own default), to see what the upload memory budget costs in throughput
 //! - `REGBENCH_S3=0`               skip the S3 backend's run (Stowage on a moto S3 server on
 //!   127.0.0.1, `$STOWAGE_TEST_PYTHON -m moto.server`; `scripts/test` installs moto)
 
@@ -430,6 +432,12 @@ fn start_stowage_with(bin: &Path, log_level: &str, label: &'static str, envs: &[
         // Distribution runs without authentication here; so does Stowage, to compare like with like.
         .env("STOWAGE_AUTH__ENABLED", "false")
         .env("RUST_LOG", log_level)
+        .envs(
+            std::env::var("REGBENCH_UPLOAD_MEMORY_MIB")
+                .ok()
+                .and_then(|m| m.parse::<usize>().ok())
+                .map(|m| ("STOWAGE_STORAGE__UPLOAD_MEMORY", (m * MIB).to_string())),
+        )
         .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

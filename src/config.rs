@@ -332,6 +332,13 @@ pub struct StorageConfig {
     /// each upload in progress uses (about three parts). With `s3` it is at least 5 MiB (S3's
     /// smallest part). On local disk, a multiple of 4 KiB lets parts be written with direct I/O.
     pub part_size: usize,
+    /// Memory every upload's part buffers are reserved from, in bytes, whatever the number of
+    /// uploads (at least two parts). An upload that finds it spent waits (its connection is
+    /// back-pressured) until other uploads' parts are written.
+    pub upload_memory: usize,
+    /// Longest wait for upload memory; past it the request is answered 503 `UNAVAILABLE`
+    /// with `Retry-After`, and its upload session keeps what it received.
+    pub upload_memory_wait_secs: u64,
     /// The `s3` backend's settings.
     pub s3: S3Config,
 }
@@ -615,6 +622,8 @@ impl Default for StorageConfig {
             backend: Backend::Fs,
             path: None,
             part_size: 8 * 1024 * 1024,
+            upload_memory: crate::storage::memory::DEFAULT_BYTES,
+            upload_memory_wait_secs: crate::storage::memory::DEFAULT_WAIT.as_secs(),
             s3: S3Config::default(),
         }
     }
@@ -737,6 +746,21 @@ impl Config {
                 "storage.part_size must be between {MIN_PART_SIZE} (64 KiB) and {MAX_PART_SIZE} (1 GiB) bytes, not {part}"
             ));
         }
+        // Two parts at least, so that one upload can fill a part while another is written.
+        let effective_part = match self.storage.backend {
+            Backend::Fs => part,
+            Backend::S3 => part.max(crate::storage::staging::S3_MIN_PART),
+        };
+        let memory = self.storage.upload_memory;
+        if memory < 2 * effective_part {
+            return Err(format!(
+                "storage.upload_memory must be at least two parts ({} bytes with this part size and backend), not {memory}",
+                2 * effective_part
+            ));
+        }
+        if self.storage.upload_memory_wait_secs == 0 {
+            return Err("storage.upload_memory_wait_secs must be at least 1".to_owned());
+        }
         let auth = &self.auth;
         if auth.max_failed_logins == 0 {
             return Err("auth.max_failed_logins must be at least 1".to_owned());
@@ -820,6 +844,36 @@ mod tests {
             jail.set_env("STOWAGE_STORAGE__PART_SIZE", "65536");
             let ok = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(ok.storage.part_size, 65536);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn upload_memory_holds_two_parts_at_least() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("STOWAGE_STORAGE__PART_SIZE", "1048576");
+            jail.set_env("STOWAGE_STORAGE__UPLOAD_MEMORY", "2097151");
+            let err = Config::load(None, CliOverrides::default())
+                .expect_err("too small")
+                .to_string();
+            assert!(
+                err.contains("storage.upload_memory must be at least two parts (2097152"),
+                "{err}"
+            );
+            jail.set_env("STOWAGE_STORAGE__UPLOAD_MEMORY", "2097152");
+            let ok = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(ok.storage.upload_memory, 2 * 1024 * 1024);
+            // S3 parts are 5 MiB at least, whatever part_size says.
+            jail.set_env("STOWAGE_STORAGE__BACKEND", "s3");
+            jail.set_env("STOWAGE_STORAGE__S3__BUCKET", "b");
+            let err = Config::load(None, CliOverrides::default()).expect_err("s3").to_string();
+            assert!(err.contains("(10485760 bytes"), "{err}");
+            jail.set_env("STOWAGE_STORAGE__BACKEND", "fs");
+            jail.set_env("STOWAGE_STORAGE__UPLOAD_MEMORY_WAIT_SECS", "0");
+            let err = Config::load(None, CliOverrides::default())
+                .expect_err("wait")
+                .to_string();
+            assert!(err.contains("storage.upload_memory_wait_secs"), "{err}");
             Ok(())
         });
     }

@@ -110,6 +110,12 @@ pub enum Error {
     /// The limit of open upload sessions is reached (429 with `Retry-After`).
     #[error("too many upload sessions are open; finish or cancel some, or try again later")]
     TooManyUploads { retry_after: u64 },
+    /// No upload memory came free within `storage.upload_memory_wait_secs` (503 with
+    /// `Retry-After`); the session keeps what it received before.
+    #[error(
+        "the server is receiving too many uploads at once to take more of this one now; retry from the upload's current offset"
+    )]
+    UploadMemoryBusy { retry_after: u64 },
     #[error("provided digest did not match uploaded content")]
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("invalid digest: {0}")]
@@ -286,7 +292,7 @@ impl Error {
             Error::TooManyLogins { .. } | Error::LoginsBusy { .. } | Error::TooManyUploads { .. } => {
                 Code::TooManyRequests
             }
-            Error::ReadOnly => Code::Unavailable,
+            Error::ReadOnly | Error::UploadMemoryBusy { .. } => Code::Unavailable,
             Error::Internal(_) => Code::Unknown,
         }
     }

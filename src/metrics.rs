@@ -100,6 +100,11 @@ pub struct Metrics {
     pub bytes_uploaded: Counter,
     pub bytes_downloaded: Counter,
     pub upload_sessions: Gauge,
+    pub upload_memory_limit: Gauge,
+    pub upload_memory_reserved: Gauge,
+    pub upload_memory_peak: Gauge,
+    pub upload_memory_waits: Counter,
+    pub upload_memory_timeouts: Counter,
     pub repositories: Gauge,
     pub blobs: Gauge,
     pub manifests: Gauge,
@@ -147,6 +152,11 @@ impl Metrics {
             bytes_uploaded: Counter::default(),
             bytes_downloaded: Counter::default(),
             upload_sessions: Gauge::default(),
+            upload_memory_limit: Gauge::default(),
+            upload_memory_reserved: Gauge::default(),
+            upload_memory_peak: Gauge::default(),
+            upload_memory_waits: Counter::default(),
+            upload_memory_timeouts: Counter::default(),
             repositories: Gauge::default(),
             blobs: Gauge::default(),
             manifests: Gauge::default(),
@@ -211,6 +221,34 @@ impl Metrics {
             "stowage_upload_sessions_open",
             "Upload sessions open",
             m.upload_sessions.clone(),
+        );
+        r.register_with_unit(
+            "stowage_upload_memory_limit",
+            "The upload memory budget (storage.upload_memory)",
+            Unit::Bytes,
+            m.upload_memory_limit.clone(),
+        );
+        r.register_with_unit(
+            "stowage_upload_memory_reserved",
+            "Upload memory reserved by parts being received or written",
+            Unit::Bytes,
+            m.upload_memory_reserved.clone(),
+        );
+        r.register_with_unit(
+            "stowage_upload_memory_peak",
+            "The most upload memory reserved at once since the process started",
+            Unit::Bytes,
+            m.upload_memory_peak.clone(),
+        );
+        r.register(
+            "stowage_upload_memory_waits",
+            "Times an upload waited for upload memory (back-pressure on its connection)",
+            m.upload_memory_waits.clone(),
+        );
+        r.register(
+            "stowage_upload_memory_timeouts",
+            "Upload requests answered 503 because no upload memory came free in time",
+            m.upload_memory_timeouts.clone(),
         );
         r.register(
             "stowage_repositories",

@@ -208,13 +208,18 @@ impl DataDirLock {
 /// Opens the blob store described by `config`.
 pub async fn open_store(config: &Config) -> Result<BlobStore, Box<dyn std::error::Error>> {
     let part_size = config.storage.part_size;
-    Ok(match config.storage.backend {
+    let store = match config.storage.backend {
         Backend::Fs => {
             let path = config.storage_path();
             crate::metrics::spawn_blocking(move || BlobStore::local(path, part_size)).await??
         }
         Backend::S3 => crate::storage::s3::open(&config.storage.s3, part_size)?,
-    })
+    };
+    let memory = crate::storage::memory::UploadMemory::new(
+        config.storage.upload_memory,
+        Duration::from_secs(config.storage.upload_memory_wait_secs),
+    );
+    Ok(store.with_upload_memory(memory))
 }
 
 /// The registry's settings as `config` describes them.

@@ -71,7 +71,8 @@ impl ResponseError for Error {
             }
             Error::TooManyLogins { retry_after }
             | Error::LoginsBusy { retry_after }
-            | Error::TooManyUploads { retry_after } => {
+            | Error::TooManyUploads { retry_after }
+            | Error::UploadMemoryBusy { retry_after } => {
                 resp.insert_header((RETRY_AFTER, retry_after.to_string()));
             }
             _ => {}

@@ -325,7 +325,11 @@ impl Registry {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| PumpError::Body(Error::BodyRead(e.to_string())))?;
             n += chunk.len() as u64;
-            writer.write(chunk).await.map_err(PumpError::Store)?;
+            writer.write(chunk).await.map_err(|e| match e {
+                // The writer is intact: end this request, keep the session.
+                e @ Error::UploadMemoryBusy { .. } => PumpError::Body(e),
+                e => PumpError::Store(e),
+            })?;
             if let Some((id, session)) = session
                 && writer.checkpoint_due()
             {

@@ -11,39 +11,42 @@ use std::ptr::NonNull;
 
 use bytes::Bytes;
 
+use super::memory::Reservation;
+
 /// Alignment of every part buffer, and the granularity direct writes need.
 pub const ALIGN: usize = 4096;
 
-/// A fixed-capacity byte buffer whose start is [`ALIGN`]-aligned.
+/// A fixed-capacity byte buffer whose start is [`ALIGN`]-aligned, holding the reservation of
+/// the upload memory budget that pays for it (given back when the buffer is freed, which for a
+/// frozen buffer is when the last [`Bytes`] referring to it goes).
 ///
-/// Allocated uninitialised: only the bytes filled so far are ever read, so a part that never
-/// fills up costs no more pages than it holds.
+/// The memory is mapped anonymously (on Unix) and unmapped when the buffer is freed, so a
+/// buffer's pages are back with the system as soon as it is gone: the process's resident size
+/// follows the budget instead of the allocator's high-water mark. Pages are touched only as
+/// bytes are filled, so a part that never fills up costs no more pages than it holds.
 pub struct PartBuf {
     ptr: NonNull<u8>,
-    layout: Layout,
+    size: usize,
     len: usize,
+    reservation: Reservation,
 }
 
-// SAFETY: `PartBuf` owns its allocation exclusively, like a `Vec<u8>`; shared access only reads.
+// SAFETY: `PartBuf` owns its mapping exclusively, like a `Vec<u8>`; shared access only reads.
 unsafe impl Send for PartBuf {}
 // SAFETY: as above; `&PartBuf` gives only read access to initialised bytes.
 unsafe impl Sync for PartBuf {}
 
 impl PartBuf {
-    /// A buffer holding up to `capacity` bytes (at least 1; rounded up to [`ALIGN`]).
-    pub fn with_capacity(capacity: usize) -> PartBuf {
+    /// A buffer holding up to `capacity` bytes (at least 1; rounded up to [`ALIGN`]), paid for
+    /// by `reservation`.
+    pub fn with_capacity(capacity: usize, reservation: Reservation) -> PartBuf {
         let size = capacity.max(1).next_multiple_of(ALIGN);
-        let layout = match Layout::from_size_align(size, ALIGN) {
-            Ok(l) => l,
-            // Only a size near usize::MAX gets here; the configuration caps part sizes.
-            Err(_) => std::alloc::handle_alloc_error(Layout::new::<[u8; ALIGN]>()),
-        };
-        // SAFETY: `layout` has a non-zero size.
-        let raw = unsafe { std::alloc::alloc(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            std::alloc::handle_alloc_error(layout)
-        };
-        PartBuf { ptr, layout, len: 0 }
+        PartBuf {
+            ptr: map(size),
+            size,
+            len: 0,
+            reservation,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -52,13 +55,23 @@ impl PartBuf {
 
     /// Bytes that still fit.
     pub fn remaining(&self) -> usize {
-        self.layout.size() - self.len
+        self.size - self.len
+    }
+
+    /// Bytes of the upload memory budget this buffer holds.
+    pub fn reserved(&self) -> usize {
+        self.reservation.bytes()
+    }
+
+    /// Adds to the reservation this buffer holds.
+    pub fn reserve_more(&mut self, more: Reservation) {
+        self.reservation.merge(more);
     }
 
     /// Appends as much of `data` as fits; returns how many bytes were taken.
     pub fn fill(&mut self, data: &[u8]) -> usize {
         let n = data.len().min(self.remaining());
-        // SAFETY: `len + n` is within the allocation, and `data` cannot overlap memory this
+        // SAFETY: `len + n` is within the mapping, and `data` cannot overlap memory this
         // buffer owns exclusively.
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(self.len), n);
@@ -67,8 +80,8 @@ impl PartBuf {
         n
     }
 
-    /// The filled bytes as [`Bytes`], without copying; the allocation is freed when the last
-    /// reference goes.
+    /// The filled bytes as [`Bytes`], without copying; the memory and its reservation are
+    /// given back when the last reference goes.
     pub fn freeze(self) -> Bytes {
         Bytes::from_owner(self)
     }
@@ -83,8 +96,57 @@ impl AsRef<[u8]> for PartBuf {
 
 impl Drop for PartBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `with_capacity` with this layout, freed only here.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        unmap(self.ptr, self.size);
+    }
+}
+
+/// `size` bytes (a multiple of [`ALIGN`]) of fresh memory aligned to [`ALIGN`].
+#[cfg(unix)]
+fn map(size: usize) -> NonNull<u8> {
+    // SAFETY: an anonymous private mapping; no existing memory is involved.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    match NonNull::new(raw.cast::<u8>()) {
+        Some(ptr) if raw != libc::MAP_FAILED => ptr,
+        _ => std::alloc::handle_alloc_error(layout(size)),
+    }
+}
+
+#[cfg(unix)]
+fn unmap(ptr: NonNull<u8>, size: usize) {
+    // SAFETY: `ptr` and `size` are exactly a mapping made by `map`, unmapped only here.
+    unsafe {
+        libc::munmap(ptr.as_ptr().cast(), size);
+    }
+}
+
+#[cfg(not(unix))]
+fn map(size: usize) -> NonNull<u8> {
+    let layout = layout(size);
+    // SAFETY: `layout` has a non-zero size.
+    let raw = unsafe { std::alloc::alloc(layout) };
+    NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout))
+}
+
+#[cfg(not(unix))]
+fn unmap(ptr: NonNull<u8>, size: usize) {
+    // SAFETY: allocated in `map` with this layout, freed only here.
+    unsafe { std::alloc::dealloc(ptr.as_ptr(), layout(size)) }
+}
+
+fn layout(size: usize) -> Layout {
+    match Layout::from_size_align(size, ALIGN) {
+        Ok(l) => l,
+        // Only a size near usize::MAX gets here; the configuration caps part sizes.
+        Err(_) => std::alloc::handle_alloc_error(Layout::new::<[u8; ALIGN]>()),
     }
 }
 
@@ -102,7 +164,7 @@ mod tests {
 
     #[test]
     fn fills_up_to_capacity_and_freezes_aligned() {
-        let mut b = PartBuf::with_capacity(2 * ALIGN);
+        let mut b = PartBuf::with_capacity(2 * ALIGN, Reservation::none());
         assert_eq!(b.fill(&[1u8; 3 * ALIGN]), 2 * ALIGN);
         assert_eq!(b.remaining(), 0);
         assert_eq!(b.fill(b"more"), 0);
@@ -117,12 +179,12 @@ mod tests {
 
     #[test]
     fn capacity_rounds_up_and_partial_fill_keeps_order() {
-        let mut b = PartBuf::with_capacity(10);
+        let mut b = PartBuf::with_capacity(10, Reservation::none());
         assert_eq!(b.remaining(), ALIGN);
         b.fill(b"abc");
         b.fill(b"def");
         assert_eq!(b.len(), 6);
         assert_eq!(&b.freeze()[..], b"abcdef");
-        assert_eq!(PartBuf::with_capacity(0).len(), 0);
+        assert_eq!(PartBuf::with_capacity(0, Reservation::none()).len(), 0);
     }
 }

@@ -32,6 +32,7 @@
 mod aligned;
 mod chunks;
 mod download;
+pub mod memory;
 pub mod s3;
 pub mod staging;
 mod writer;
@@ -98,6 +99,8 @@ pub struct BlobStore {
     signer: Option<(Arc<dyn Signer>, std::time::Duration)>,
     /// Prefix of every key (`storage.s3.prefix`).
     prefix: Option<Path>,
+    /// The budget of every upload's part buffers (`storage.upload_memory`).
+    memory: memory::UploadMemory,
     /// Largest object the store copies server-side (`storage.s3.max_copy_size`); larger staged
     /// uploads are published by streaming them into a new multipart upload. `None`: no limit
     /// (local disk links the file).
@@ -113,6 +116,7 @@ impl std::fmt::Debug for BlobStore {
             .field("prefix", &self.prefix)
             .field("redirect", &self.signer.is_some())
             .field("max_copy", &self.max_copy)
+            .field("memory", &self.memory)
             .finish()
     }
 }
@@ -166,6 +170,7 @@ impl BlobStore {
             multipart: None,
             signer: None,
             prefix: None,
+            memory: memory::UploadMemory::default(),
             max_copy: None,
         })
     }
@@ -180,8 +185,25 @@ impl BlobStore {
             multipart: Some(multipart),
             signer: None,
             prefix: None,
+            memory: memory::UploadMemory::default(),
             max_copy: None,
         }
+    }
+
+    /// Reserves every upload's part buffers from `memory` (`storage.upload_memory`).
+    pub fn with_upload_memory(mut self, memory: memory::UploadMemory) -> Self {
+        self.memory = memory;
+        self
+    }
+
+    /// The budget uploads reserve their buffers from.
+    pub fn upload_memory(&self) -> &memory::UploadMemory {
+        &self.memory
+    }
+
+    /// The size of the parts uploads are staged in.
+    pub fn part_size(&self) -> usize {
+        self.part_size
     }
 
     /// Publishes objects larger than `bytes` by streaming them instead of a server-side copy.
@@ -348,7 +370,12 @@ impl BlobStore {
             Some(file) => Staging::File(crate::metrics::spawn_blocking(move || FileStaging::create(file)).await??),
             None => self.staging(id, None)?,
         };
-        Ok(StagedWriter::new(staging, self.part_size, Hasher::new(algorithm)))
+        Ok(StagedWriter::new(
+            staging,
+            self.part_size,
+            self.memory.clone(),
+            Hasher::new(algorithm),
+        ))
     }
 
     /// Continues staging an upload from a checkpoint of a previous process. `None` when the
@@ -386,6 +413,7 @@ impl BlobStore {
         let mut writer = StagedWriter::resume(
             staging,
             self.part_size,
+            self.memory.clone(),
             hasher,
             parts_end,
             checkpoint.hash_state.clone(),

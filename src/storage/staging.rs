@@ -440,7 +440,7 @@ mod tests {
     use crate::storage::aligned::{ALIGN, PartBuf};
 
     fn part(fill: u8, len: usize) -> Bytes {
-        let mut b = PartBuf::with_capacity(len);
+        let mut b = PartBuf::with_capacity(len, crate::storage::memory::Reservation::none());
         b.fill(&vec![fill; len]);
         b.freeze()
     }

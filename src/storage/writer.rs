@@ -2,10 +2,25 @@
 //! every part on the blocking pool before it is written.
 //!
 //! Memory per upload is bounded: one part being filled plus at most [`MAX_IN_FLIGHT`] parts
-//! being written. Parts are written concurrently with receiving the next one. On local disk the
-//! writer also asks the kernel to start writing each part back as soon as it is written
-//! ([`Writeback`]), so the final fsync finds little left to do: durable uploads then run at the
-//! disk's sequential write speed instead of "receive everything, then wait for one long fsync".
+//! being written. Parts are written concurrently with receiving the next one. Memory across
+//! uploads is bounded too: every byte buffered or in flight is reserved from the store's
+//! [`UploadMemory`] budget, and an upload that cannot get memory waits for it before it reads
+//! more of its body (back-pressure on the client's connection).
+//!
+//! How a part's memory is reserved keeps those waits free of cycles (an upload never waits
+//! while holding memory that only its own client's bytes would give back):
+//! - On local disk a part may have any size, so memory is reserved in steps of [`STEP`] as
+//!   bytes arrive. When the next step is not available at once, the partly filled part is
+//!   written out as it is (its memory comes back when the write is done) and only then does
+//!   the upload wait, holding nothing but parts the store is writing. A slow client therefore
+//!   holds about what it has sent, not a whole part.
+//! - Object stores need parts of at least 5 MiB, so a whole part is reserved before its first
+//!   byte; filling it then needs nothing more than the client's bytes.
+//!
+//! On local disk the writer also asks the kernel to start writing each part back as soon as it
+//! is written ([`Writeback`]), so the final fsync finds little left to do: durable uploads then
+//! run at the disk's sequential write speed instead of "receive everything, then wait for one
+//! long fsync".
 //!
 //! Resumability: parts complete in order of submission as far as the writer is concerned (they
 //! are joined first in, first out), and each carries the hash state after its last byte. The
@@ -37,12 +52,16 @@ use object_store::multipart::PartId;
 use tokio::task::JoinHandle;
 
 use super::aligned::PartBuf;
+use super::memory::{Reservation, UploadMemory};
 use super::staging::{PartWrite, Staging};
 use crate::error::{Error, Internal, Result};
 use crate::oci::{Digest, Hasher};
 
 /// Parts written concurrently with receiving the next one.
 const MAX_IN_FLIGHT: usize = 2;
+
+/// Steps in which a local-disk part's memory is reserved as its bytes arrive.
+const STEP: usize = 256 * 1024;
 
 /// Durable progress worth recording in the middle of a long request (see `checkpoint_due`).
 const CHECKPOINT_BYTES: u64 = 128 * 1024 * 1024;
@@ -69,6 +88,8 @@ struct InFlight {
 pub struct StagedWriter {
     staging: Staging,
     part_size: usize,
+    /// The budget every buffer is reserved from.
+    memory: UploadMemory,
     /// The part being filled, allocated at the first byte it takes.
     buf: Option<PartBuf>,
     hasher: Option<Hasher>,
@@ -134,15 +155,16 @@ impl Writeback {
 }
 
 impl StagedWriter {
-    pub(super) fn new(staging: Staging, part_size: usize, hasher: Hasher) -> Self {
+    pub(super) fn new(staging: Staging, part_size: usize, memory: UploadMemory, hasher: Hasher) -> Self {
         let state = hasher.save();
-        Self::resume(staging, part_size, hasher, 0, state, Vec::new())
+        Self::resume(staging, part_size, memory, hasher, 0, state, Vec::new())
     }
 
     /// A writer continuing a staged upload from a checkpoint.
     pub(super) fn resume(
         staging: Staging,
         part_size: usize,
+        memory: UploadMemory,
         hasher: Hasher,
         offset: u64,
         state: Vec<u8>,
@@ -155,6 +177,7 @@ impl StagedWriter {
         StagedWriter {
             part_size: part_size.max(staging.min_part()),
             staging,
+            memory,
             buf: None,
             hasher: Some(hasher),
             in_flight: VecDeque::new(),
@@ -193,8 +216,9 @@ impl StagedWriter {
         if self.spilled == 0 {
             return Ok(());
         }
+        let reservation = self.memory.reserve(self.part_size).await?;
         let data = self.staging.get_tail(self.spilled).await?;
-        let mut buf = PartBuf::with_capacity(self.part_size);
+        let mut buf = PartBuf::with_capacity(self.part_size, reservation);
         buf.fill(&data);
         self.buf = Some(buf);
         self.spilled = 0;
@@ -211,16 +235,13 @@ impl StagedWriter {
         if !self.staging.keeps_tails() || !self.in_flight.is_empty() {
             return Ok(None);
         }
-        let Some(buf) = self.buf.take() else {
+        let Some(buf) = self.buf.as_ref() else {
             return Ok(None);
         };
-        let data = buf.freeze();
-        if let Err(e) = self.staging.put_tail(data.clone()).await {
-            let mut buf = PartBuf::with_capacity(self.part_size);
-            buf.fill(&data);
-            self.buf = Some(buf);
-            return Err(e);
-        }
+        // A copy, so that the part (and its reservation) stays as it was if storing fails.
+        let data = Bytes::copy_from_slice(buf.as_ref());
+        self.staging.put_tail(data.clone()).await?;
+        self.buf = None;
         self.tail_object = true;
         self.spilled = data.len() as u64;
         Ok(Some(Checkpoint {
@@ -256,22 +277,31 @@ impl StagedWriter {
     }
 
     /// Appends `data`; full parts are hashed and handed to the store.
+    ///
+    /// [`Error::UploadMemoryBusy`] (no memory within the configured wait) leaves the writer
+    /// usable: the bytes before the one that found no memory were accepted ([`Self::len`]),
+    /// the rest were not. Any other error poisons the writer.
     pub async fn write(&mut self, data: Bytes) -> Result<()> {
         self.check()?;
-        crate::metrics::get().bytes_uploaded.inc_by(data.len() as u64);
+        let before = self.len;
         let r = self.write_inner(data).await;
-        self.poison_on_err(r)
+        crate::metrics::get().bytes_uploaded.inc_by(self.len - before);
+        match r {
+            Err(e @ Error::UploadMemoryBusy { .. }) => Err(e),
+            r => self.poison_on_err(r),
+        }
     }
 
     async fn write_inner(&mut self, data: Bytes) -> Result<()> {
         self.unspill().await?;
-        self.len += data.len() as u64;
         if self.buf.is_none() && data.len() >= self.part_size && data.len().is_multiple_of(self.part_size) {
-            // Whole parts arrived in one piece: no copy.
+            // Whole parts arrived in one piece: no copy, but their memory counts all the same.
             let mut data = data;
             while !data.is_empty() {
+                let reservation = self.memory.reserve(self.part_size).await?;
                 let part = data.split_to(self.part_size);
-                self.write_part(part).await?;
+                self.len += part.len() as u64;
+                self.write_part(part, reservation).await?;
             }
             return Ok(());
         }
@@ -279,18 +309,54 @@ impl StagedWriter {
         // flight never drags a larger allocation along (this is what bounds memory per upload).
         let mut rest = &data[..];
         while !rest.is_empty() {
-            let part_size = self.part_size;
-            let buf = self.buf.get_or_insert_with(|| PartBuf::with_capacity(part_size));
-            let take = rest.len().min(part_size - buf.len());
-            buf.fill(&rest[..take]);
-            rest = &rest[take..];
-            if buf.len() == part_size
+            let room = self.room_for(rest.len()).await?;
+            let Some(buf) = self.buf.as_mut() else {
+                return Err(Internal::Other("upload writer lost its part buffer").into());
+            };
+            let took = buf.fill(&rest[..room]);
+            self.len += took as u64;
+            rest = &rest[took..];
+            if buf.len() == self.part_size
                 && let Some(full) = self.buf.take()
             {
-                self.write_part(full.freeze()).await?;
+                self.write_part(full.freeze(), Reservation::none()).await?;
             }
         }
         Ok(())
+    }
+
+    /// Makes sure the part being filled exists and has memory reserved for more bytes; returns
+    /// how many of the `want` next bytes it may take now (at least one).
+    async fn room_for(&mut self, want: usize) -> Result<usize> {
+        if let Some(buf) = self.buf.as_mut() {
+            let covered = buf.reserved().min(self.part_size);
+            if covered > buf.len() {
+                return Ok(want.min(covered - buf.len()));
+            }
+            // Local disk only: object stores reserved the whole part before its first byte.
+            let step = STEP.min(self.part_size - buf.len());
+            if let Some(more) = self.memory.try_reserve(step) {
+                buf.reserve_more(more);
+                // At least one more unit is covered now: the step is never empty.
+                let covered = buf.reserved().min(self.part_size);
+                return Ok(want.min(covered - buf.len()));
+            }
+            // The budget is spent: write what this part holds so far rather than wait holding
+            // memory only this upload's client could complete (see the module doc).
+            if let Some(partial) = self.buf.take() {
+                self.write_part(partial.freeze(), Reservation::none()).await?;
+            }
+        }
+        let first = if self.staging.min_part() <= 1 {
+            want.next_multiple_of(STEP).min(self.part_size)
+        } else {
+            self.part_size
+        };
+        let reservation = self.memory.reserve(first).await?;
+        // At least one unit: `first` is never 0.
+        let covered = reservation.bytes().min(self.part_size);
+        self.buf = Some(PartBuf::with_capacity(self.part_size, reservation));
+        Ok(want.min(covered))
     }
 
     /// Hashes `part` on the blocking pool; returns it with the hash state after it.
@@ -306,7 +372,9 @@ impl StagedWriter {
         Ok((part, state))
     }
 
-    async fn write_part(&mut self, part: Bytes) -> Result<()> {
+    /// Hashes `part` and hands it to the store; `reservation` (if the part's memory is not
+    /// already a [`PartBuf`]'s) is given back when the store has taken it.
+    async fn write_part(&mut self, part: Bytes, reservation: Reservation) -> Result<()> {
         let (part, state) = self.hash(part).await?;
         while self.in_flight.len() >= MAX_IN_FLIGHT {
             self.join_one().await?;
@@ -317,12 +385,18 @@ impl StagedWriter {
         self.parts_started += 1;
         self.flushed += len;
         let task = match self.writeback.clone() {
-            None => tokio::spawn(write),
+            None => tokio::spawn(async move {
+                let id = write.await;
+                drop(reservation);
+                id
+            }),
             Some(wb) => {
                 // Wait for the parts older than those that may still be in flight.
                 let wait_to = start.saturating_sub(len * MAX_IN_FLIGHT as u64);
                 tokio::spawn(async move {
-                    let id = write.await?;
+                    let id = write.await;
+                    drop(reservation);
+                    let id = id?;
                     let _ = crate::metrics::spawn_blocking(move || wb.advance(start, len, wait_to)).await;
                     Ok(id)
                 })
@@ -384,7 +458,7 @@ impl StagedWriter {
         if end_of_request {
             let min_part = self.staging.min_part();
             if let Some(tail) = self.buf.take_if(|b| b.len() >= min_part) {
-                self.write_part(tail.freeze()).await?;
+                self.write_part(tail.freeze(), Reservation::none()).await?;
             }
             while !self.in_flight.is_empty() {
                 self.join_one().await?;
@@ -424,7 +498,7 @@ impl StagedWriter {
             Some(tail)
         } else {
             if !tail.is_empty() {
-                self.write_part(tail).await?;
+                self.write_part(tail, Reservation::none()).await?;
             }
             None
         };

@@ -113,7 +113,7 @@ pub enum Error {
     /// No upload memory came free within `storage.upload_memory_wait_secs` (503 with
     /// `Retry-After`); the session keeps what it received before.
     #[error(
-        "the server is receiving too many uploads at once to take more of this one now; retry from the upload's current offset"
+        "the server is receiving too many uploads at once to take more of this one now; retry later (an upload session continues from its current offset)"
     )]
     UploadMemoryBusy { retry_after: u64 },
     #[error("provided digest did not match uploaded content")]

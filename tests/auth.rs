@@ -599,6 +599,46 @@ fn claims_of(token: &str) -> serde_json::Value {
 }
 
 #[tokio::test]
+async fn a_token_request_for_more_than_a_hundred_scopes_is_refused() {
+    let s = AuthServer::start().await;
+    let reader = Creds::basic("reader", "reader-pw");
+    let many = |n: usize| {
+        (0..n)
+            .map(|i| format!("repository:public/r{i}:pull"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // A hundred is still a token (for what the reader may do).
+    assert!(token_for(&s, &reader, &many(100)).await["token"].is_string());
+    for post in [false, true] {
+        let url = format!("{}/token", s.server.url);
+        let scope = many(101);
+        let req = if post {
+            client()
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form(&[
+                    ("grant_type", "password"),
+                    ("username", "reader"),
+                    ("password", "reader-pw"),
+                    ("service", "stowage"),
+                    ("scope", &scope),
+                ]))
+        } else {
+            reader.apply(
+                client()
+                    .get(url)
+                    .query(&[("service", "stowage"), ("scope", scope.as_str())]),
+            )
+        };
+        let resp = req.send().await.expect("token request");
+        assert_eq!(resp.status(), 400, "POST: {post}");
+        let body = resp.text().await.expect("body");
+        assert!(body.contains("too many scopes"), "{body}");
+    }
+}
+
+#[tokio::test]
 async fn tokens_grant_only_what_the_identity_may_and_insufficient_scope_is_401() {
     let s = AuthServer::start().await;
     let reader = Creds::basic("reader", "reader-pw");

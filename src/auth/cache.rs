@@ -18,7 +18,8 @@
 //!   waits that long before it returns.
 //! - Verified tokens need no generation: what they stand for is looked up in the identity
 //!   cache, under the generation, on every use.
-//! - Bounded: at most [`MAX_ENTRIES`] entries per map; a full map first drops what has expired,
+//! - Bounded: at most [`MAX_ENTRIES`] entries per map (and tokens of at most
+//!   [`MAX_TOKEN_BYTES`]); a full map first drops what has expired,
 //!   then everything (the next requests repopulate it). Each entry also has its own deadline,
 //!   so no identity outlives [`IDENTITY_TTL_SECS`] even if no generation moves.
 //!
@@ -34,6 +35,9 @@ use super::scope::Grant;
 
 /// Largest number of entries in each map.
 pub const MAX_ENTRIES: usize = 20_000;
+/// Largest registry token remembered (a token for a push's few repositories is under 1 KiB),
+/// so that the verified-token map holds at most `MAX_ENTRIES` × this much of claims.
+pub const MAX_TOKEN_BYTES: usize = 4096;
 /// Longest an identity is trusted without reading the catalog again.
 pub const IDENTITY_TTL_SECS: u64 = 60;
 

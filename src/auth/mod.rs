@@ -432,7 +432,11 @@ impl Auth {
             .exp
             .saturating_add(jwt::LEEWAY_SECS)
             .saturating_add(self.inner.session_grace);
-        self.inner.cache.remember_token(key, Arc::clone(&claims), until, now);
+        // Memory is bounded by entries and by their size: an unusually large token is
+        // verified on every use instead.
+        if token.len() <= cache::MAX_TOKEN_BYTES {
+            self.inner.cache.remember_token(key, Arc::clone(&claims), until, now);
+        }
         Ok(claims)
     }
 

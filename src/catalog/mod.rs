@@ -346,17 +346,18 @@ fn spawn_checkpointer(path: &Path, epochs: Arc<Epochs>) -> Result<mpsc::Sender<(
                         .inspect_err(|e| tracing::error!(error = %e, "catalog: cannot open the checkpoint connection"))
                         .ok();
                 }
+                // Changes made by another process (the CLI, another replica), read first and
+                // whatever the checkpoint does: a slow or failed checkpoint must not delay them.
+                if let Some(c) = &conn
+                    && let Err(e) = epochs.read(c)
+                {
+                    tracing::warn!(error = %e, "catalog: cannot read the cache generations");
+                }
                 if let Some(c) = &conn
                     && let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
                 {
                     tracing::warn!(error = %e, "catalog: checkpoint failed; retrying");
                     conn = None;
-                }
-                // Changes made by another process (the CLI, another replica).
-                if let Some(c) = &conn
-                    && let Err(e) = epochs.read(c)
-                {
-                    tracing::warn!(error = %e, "catalog: cannot read the cache generations");
                 }
             }
         })?;

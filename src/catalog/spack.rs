@@ -464,14 +464,21 @@ impl Catalog {
             };
             let (filters, args) = q.filters();
             let indexed = q.index().map(|i| format!(" INDEXED BY {i}")).unwrap_or_default();
+            // Paging is bound, not formatted in: the statement stays one cached statement
+            // whatever page is asked for (see the catalog's rule on re-preparing).
+            let (limit, offset) = (
+                q.limit.min(i64::MAX as u64) as i64,
+                q.offset.min(i64::MAX as u64) as i64,
+            );
             let sql = format!(
-                "SELECT {SUMMARY_COLUMNS}{indexed} WHERE {filters} ORDER BY s.tag LIMIT {} OFFSET {}",
-                q.limit.min(i64::MAX as u64),
-                q.offset.min(i64::MAX as u64)
+                "SELECT {SUMMARY_COLUMNS}{indexed} WHERE {filters} ORDER BY s.tag LIMIT ?{} OFFSET ?{}",
+                args.len() + 2,
+                args.len() + 3
             );
             let mut stmt = c.prepare_cached(&sql)?;
             let params: Vec<&dyn rusqlite::ToSql> = std::iter::once(&repo_id as &dyn rusqlite::ToSql)
                 .chain(args.iter().map(|a| a as &dyn rusqlite::ToSql))
+                .chain([&limit as &dyn rusqlite::ToSql, &offset as &dyn rusqlite::ToSql])
                 .collect();
             let rows = stmt
                 .query_map(params.as_slice(), summary)?

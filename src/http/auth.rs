@@ -396,11 +396,27 @@ fn values<'a>(pairs: &'a [(String, String)], key: &'a str) -> impl Iterator<Item
     pairs.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
+/// Most scopes one token request may ask for: a client asks for the repositories of one push
+/// or pull (a handful, a few dozen with cross-repository mounts); more only makes tokens (and
+/// what verifying and remembering them costs) grow.
+const MAX_SCOPES: usize = 100;
+
+/// The scopes a token request asks for; too many is a bad request.
+fn requested_scopes<'a>(values: impl IntoIterator<Item = &'a str>) -> Result<Vec<Scope>> {
+    let scopes = Scope::parse_all(values);
+    if scopes.len() > MAX_SCOPES {
+        return Err(Error::TokenRequestInvalid(
+            "too many scopes in one token request (at most 100)",
+        ));
+    }
+    Ok(scopes)
+}
+
 /// `GET /token?service=&scope=…&client_id=&offline_token=`, with HTTP Basic credentials or none
 /// (an anonymous token, granting what anonymous clients may do).
 pub async fn token_get(req: HttpRequest, auth: web::Data<Auth>) -> Result<HttpResponse> {
     let q = extract::query(&req);
-    let scopes = Scope::parse_all(values(&q, "scope"));
+    let scopes = requested_scopes(values(&q, "scope"))?;
     let offline = extract::query_param(&q, "offline_token").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let principal = match credentials(&req) {
         creds @ Credentials::Basic { .. } if auth.enabled() => {
@@ -436,7 +452,7 @@ pub async fn token_post(req: HttpRequest, auth: web::Data<Auth>, body: web::Payl
     let pairs = web::Query::<Vec<(String, String)>>::from_query(form)
         .map(|q| q.into_inner())
         .map_err(|_| Error::TokenRequestInvalid("malformed form"))?;
-    let scopes = Scope::parse_all(values(&pairs, "scope"));
+    let scopes = requested_scopes(values(&pairs, "scope"))?;
     let offline = extract::query_param(&pairs, "access_type") == Some("offline");
     let principal = if !auth.enabled() {
         Principal::open()

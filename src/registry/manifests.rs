@@ -128,10 +128,21 @@ impl Registry {
         } else {
             return Ok((None, None));
         };
-        if config.size > limit || self.catalog.blob_size(repo, &config.digest).await?.is_none() {
+        // Only a config the repository holds at the size the manifest declares is read.
+        if config.size > limit || self.catalog.blob_size(repo, &config.digest).await? != Some(config.size) {
             return Ok((None, None));
         }
-        let bytes = self.store.read_small(&config.digest, limit).await?;
+        let bytes = match self.store.read_small(&config.digest, limit).await {
+            Ok(bytes) => bytes,
+            // A Spack spec's config is what the index is made of: its failure fails the push.
+            Err(e) if is_spec => return Err(e),
+            // An image's platform is only shown in the UI: a config that cannot be read now
+            // does not fail the push (the catalog's own checks of the manifest still apply).
+            Err(e) => {
+                tracing::warn!(digest = %config.digest, error = %e, "reading an image config for its platform failed");
+                return Ok((None, None));
+            }
+        };
         Ok(crate::metrics::spawn_blocking(move || {
             let spec = if is_spec { spack::parse_config(&bytes) } else { None };
             let platform = if image_config {

@@ -581,6 +581,17 @@ impl Registry {
                 return Err(ended(e));
             }
         }
+        // A tail kept in its object (S3, an idle session) is read back now, while running out
+        // of memory still leaves the session as it was.
+        if let Some(writer) = state.writer.as_mut()
+            && let Err(e) = writer.prepare_finish().await
+        {
+            if matches!(e, Error::UploadMemoryBusy { .. }) {
+                return Err(e);
+            }
+            self.end_session(id, state.writer.take()).await;
+            return Err(ended(e));
+        }
         // From here the session is ended for every other request (its writer is gone), and the
         // lock is held until the commit has either linked the blob (deleting the session's
         // catalog row in the same transaction) or forgotten the session.

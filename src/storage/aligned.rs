@@ -109,7 +109,9 @@ fn map(size: usize) -> NonNull<u8> {
             std::ptr::null_mut(),
             size,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            // No commit charge for the whole part up front: on local disk a part's memory is
+            // reserved from the budget (and touched) step by step.
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
             0,
         )

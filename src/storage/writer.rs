@@ -392,7 +392,9 @@ impl StagedWriter {
             }),
             Some(wb) => {
                 // Wait for the parts older than those that may still be in flight.
-                let wait_to = start.saturating_sub(len * MAX_IN_FLIGHT as u64);
+                // (In whole parts: a short part, written early under memory pressure, must not
+                // make the upload wait for everything before it.)
+                let wait_to = start.saturating_sub((self.part_size * MAX_IN_FLIGHT) as u64);
                 tokio::spawn(async move {
                     let id = write.await;
                     drop(reservation);
@@ -454,7 +456,16 @@ impl StagedWriter {
     }
 
     async fn checkpoint_inner(&mut self, end_of_request: bool) -> Result<Checkpoint> {
-        self.unspill().await?;
+        if self.spilled > 0 {
+            // Nothing came since the tail was moved to its object (a write reads it back
+            // first): the tail object is durable already, so describe it, without needing
+            // memory to read it back.
+            return Ok(Checkpoint {
+                offset: self.written.0 + self.spilled,
+                hash_state: self.written.1.clone(),
+                staging: self.staging.state(&self.parts, Some(self.spilled)).to_json(),
+            });
+        }
         if end_of_request {
             let min_part = self.staging.min_part();
             if let Some(tail) = self.buf.take_if(|b| b.len() >= min_part) {
@@ -473,6 +484,16 @@ impl StagedWriter {
             hash_state: self.written.1.clone(),
             staging: self.staging.state(&self.parts, None).to_json(),
         })
+    }
+
+    /// Reads a spilled tail back, so that [`Self::finish`] needs no memory it could wait for.
+    /// [`Error::UploadMemoryBusy`] leaves the writer usable; any other error poisons it.
+    pub async fn prepare_finish(&mut self) -> Result<()> {
+        self.check()?;
+        match self.unspill().await {
+            Err(e @ Error::UploadMemoryBusy { .. }) => Err(e),
+            r => self.poison_on_err(r),
+        }
     }
 
     /// Writes the buffered tail, completes the staged object and returns its digest and size.

@@ -419,15 +419,24 @@ async fn concurrent_pulls_of_one_uncached_blob_share_one_upstream_fetch() {
     let pulls = (0..16).map(|_| {
         let url = url.clone();
         async move {
+            let started = Instant::now();
             let resp = client().get(&url).send().await.expect("GET blob");
-            (resp.status().as_u16(), resp.bytes().await.expect("body").to_vec())
+            let answered = Instant::now();
+            let status = resp.status().as_u16();
+            (status, resp.bytes().await.expect("body").to_vec(), started, answered)
         }
     });
-    for (status, body) in futures_util::future::join_all(pulls).await {
-        assert_eq!(status, 200);
-        assert_eq!(&sha256(&body), digest);
+    let done = futures_util::future::join_all(pulls).await;
+    for (status, body, _, _) in &done {
+        assert_eq!(*status, 200);
+        assert_eq!(&sha256(body), digest);
         assert_eq!(body.len(), bytes.len());
     }
+    // Every pull was waiting at once (the last one started before the first was answered), so
+    // each could have fetched the blob itself without the single flight.
+    let last_start = done.iter().map(|d| d.2).max().expect("pulls");
+    let first_answer = done.iter().map(|d| d.3).min().expect("pulls");
+    assert!(last_start < first_answer, "the pulls overlapped");
     assert_eq!(
         upstream_blob_fetches(&pair).await - before,
         1.0,
@@ -516,4 +525,34 @@ async fn pushes_and_deletes_into_a_proxied_prefix_are_refused() {
     pull_over_http(&pair, "lib/app", "v1", &image).await;
     // Outside the prefix the mirror is an ordinary registry.
     common::push_image(&pair.downstream, "local/app", "v1", data).await;
+}
+
+#[tokio::test]
+async fn read_only_maintenance_serves_only_cached_content() {
+    let pair = Pair::start("1s");
+    let image = push_upstream(&pair.upstream, "lib/app", "v1", pseudo_random(3000, 12), "app").await;
+    push_upstream(&pair.upstream, "lib/app", "v2", pseudo_random(3000, 13), "app2").await;
+    pull_over_http(&pair, "lib/app", "v1", &image).await;
+    let fetched = upstream_blob_fetches(&pair).await;
+
+    let status = Command::new("kill")
+        .args(["-USR1", &pair.downstream.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    wait_until("the mirror is read-only", || async {
+        let resp = client()
+            .post(pair.downstream.v2("local/app/blobs/uploads/"))
+            .send()
+            .await
+            .expect("POST");
+        resp.status() == 503
+    })
+    .await;
+    // Past the TTL the cached tag is still served (not re-validated); nothing new is fetched.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    pull_over_http(&pair, "lib/app", "v1", &image).await;
+    let (status, _, body) = get(&pair.down("lib/app/manifests/v2")).await;
+    assert_eq!((status, error_code(&body)), (503, "UNAVAILABLE".to_owned()));
+    assert_eq!(upstream_blob_fetches(&pair).await, fetched);
 }

@@ -24,6 +24,8 @@
 //!   digest or one tag's re-validation share one upstream request. A fetch runs as its own
 //!   task, so a client that disconnects does not abort a fetch others wait on (or that would
 //!   fill the cache for the next one).
+//! - In read-only maintenance nothing is fetched: cached content is served as it is (tags
+//!   without re-validation), anything else is answered 503 like a write.
 //! - Pushes and deletes into a proxied repository are refused with 405 `UNSUPPORTED`
 //!   ([`Registry::refuse_if_proxied`]); the access policy applies to pulls as for any
 //!   repository (the HTTP layer checks it before the service is called).
@@ -213,6 +215,10 @@ impl Registry {
         let Some(route) = self.route(repo) else {
             return Ok(false);
         };
+        // Read-only maintenance: nothing is written, so only what is cached is served.
+        if self.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
         self.fetch_blob(&route, repo, digest)
             .await
             .map_err(|e| e.into_error(|| Error::BlobUnknown(Some(digest.clone()))))?;
@@ -225,6 +231,14 @@ impl Registry {
         let Some(route) = self.route(repo) else {
             return Ok(());
         };
+        // Read-only maintenance: nothing is written, so only what is cached is served (a
+        // cached tag as it is, without re-validation).
+        if self.is_read_only() {
+            return match self.catalog.manifest(repo, reference, false).await? {
+                Some(_) => Ok(()),
+                None => Err(Error::ReadOnly),
+            };
+        }
         match reference {
             Reference::Digest(d) => {
                 if self.catalog.manifest(repo, reference, false).await?.is_some() {
@@ -398,7 +412,15 @@ impl Registry {
         let blobs = parsed
             .required_blobs()
             .map(|d| self.fetch_blob(route, repo, &d.digest).boxed());
-        futures_util::future::try_join_all(children.chain(blobs)).await?;
+        futures_util::future::try_join_all(children.chain(blobs))
+            .await
+            .map_err(|e| match e {
+                FetchError::NotFound => invalid(format!(
+                    "manifest {} references content the upstream does not have",
+                    fetched.digest
+                )),
+                other => other,
+            })?;
         let reference = match tag {
             Some(t) => Reference::Tag(t),
             None => Reference::Digest(fetched.digest.clone()),

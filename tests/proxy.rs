@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestServer, client, run_cli, sha256, wait_until};
+use common::{TestServer, run_cli, sha256, wait_until};
 use serde_json::{Value, json};
 
 const UPSTREAM_CONFIG: &str = r#"
@@ -42,13 +42,36 @@ struct Pair {
 
 impl Pair {
     fn start(tag_ttl: &str) -> Pair {
+        Self::start_with(tag_ttl, false)
+    }
+
+    /// With `tls`, the upstream serves HTTPS with a self-signed certificate, which the mirror
+    /// is given as its `ca_file`.
+    fn start_with(tag_ttl: &str, tls: bool) -> Pair {
         let dir = tempfile::tempdir().expect("temp dir");
         let up_config = dir.path().join("upstream.toml");
         std::fs::write(&up_config, UPSTREAM_CONFIG).expect("write upstream config");
-        let upstream = TestServer::start_with(&[
-            ("STOWAGE_CONFIG", up_config.to_str().expect("utf-8")),
-            ("STOWAGE_AUTH__ENABLED", "true"),
-        ]);
+        let mut envs = vec![
+            (
+                "STOWAGE_CONFIG".to_owned(),
+                up_config.to_str().expect("utf-8").to_owned(),
+            ),
+            ("STOWAGE_AUTH__ENABLED".to_owned(), "true".to_owned()),
+        ];
+        let mut ca_line = String::new();
+        if tls {
+            let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .expect("generate certificate");
+            let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+            std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
+            envs.push(("STOWAGE_TLS__CERT".into(), cert.to_str().expect("utf-8").into()));
+            envs.push(("STOWAGE_TLS__KEY".into(), key.to_str().expect("utf-8").into()));
+            ca_line = format!("ca_file = \"{}\"\n", cert.display());
+        }
+        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let upstream = TestServer::start_with(&envs);
+        assert_eq!(upstream.url.starts_with("https://"), tls, "{}", upstream.url);
         for (name, password) in [("alice", "alice-pw"), ("mirror", "mirror-pw")] {
             run_cli(upstream.data_dir(), &["user", "add", name], &format!("{password}\n"));
         }
@@ -59,7 +82,7 @@ impl Pair {
             &down_config,
             format!(
                 "[[proxy]]\nprefix = \"hub/\"\nurl = \"{}\"\nusername = \"mirror\"\npassword_file = \"{}\"\n\
-                 tag_ttl = \"{tag_ttl}\"\ntimeout_secs = 5\n",
+                 tag_ttl = \"{tag_ttl}\"\ntimeout_secs = 5\n{ca_line}",
                 upstream.url,
                 password_file.display()
             ),
@@ -76,6 +99,16 @@ impl Pair {
     fn down(&self, path: &str) -> String {
         self.downstream.v2(&format!("hub/{path}"))
     }
+}
+
+/// An HTTP client that follows no redirects and trusts the test upstream's self-signed
+/// certificate (the mirror itself is given it as `ca_file`).
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .tls_danger_accept_invalid_certs(true)
+        .build()
+        .expect("build reqwest client")
 }
 
 /// An image pushed to the upstream.
@@ -555,4 +588,31 @@ async fn read_only_maintenance_serves_only_cached_content() {
     let (status, _, body) = get(&pair.down("lib/app/manifests/v2")).await;
     assert_eq!((status, error_code(&body)), (503, "UNAVAILABLE".to_owned()));
     assert_eq!(upstream_blob_fetches(&pair).await, fetched);
+}
+
+#[tokio::test]
+async fn pulls_through_an_https_upstream_trusted_through_ca_file() {
+    let pair = Pair::start_with("5m", true);
+    let image = push_upstream(&pair.upstream, "lib/app", "v1", pseudo_random(4000, 14), "tls").await;
+    pull_over_http(&pair, "lib/app", "v1", &image).await;
+    assert_eq!(upstream_blob_fetches(&pair).await, 2.0);
+
+    // Without the CA the upstream's certificate is not trusted: a clear 502, nothing cached.
+    let config = pair._dir.path().join("no-ca.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[proxy]]\nprefix = \"hub/\"\nurl = \"{}\"\ntimeout_secs = 5\n",
+            pair.upstream.url
+        ),
+    )
+    .expect("write config");
+    let untrusting = TestServer::start_with(&[("STOWAGE_CONFIG", config.to_str().expect("utf-8"))]);
+    let (status, _, body) = get(&untrusting.v2("hub/lib/app/manifests/v1")).await;
+    assert_eq!((status, error_code(&body)), (502, "UNAVAILABLE".to_owned()));
+    assert!(
+        error_message(&body).contains("could not be reached"),
+        "{}",
+        error_message(&body)
+    );
 }

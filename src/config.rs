@@ -28,6 +28,9 @@ pub struct Config {
     /// Tags that may not be moved or deleted (`[[immutable_tags]]` with `repositories` and
     /// `tags`), except by identities with the `overwrite` action. See `auth::immutable`.
     pub immutable_tags: Vec<crate::auth::ImmutableTagRule>,
+    /// Pull-through caches of upstream registries (`[[proxy]]`): repositories under `prefix`
+    /// are read-only mirrors of `url`. See [`ProxyConfig`] and `docs/proxy.md`.
+    pub proxy: Vec<ProxyConfig>,
     pub gc: GcConfig,
     pub audit: AuditConfig,
     pub log: LogConfig,
@@ -223,6 +226,129 @@ impl RetentionRule {
                 "{at} needs at least one of keep_last, keep_pushed_within, keep_pulled_within, keep_tags \
                  (a rule without one would delete every tag)"
             ));
+        }
+        Ok(())
+    }
+}
+
+/// One upstream registry mirrored under a repository prefix (`[[proxy]]`): a pull of
+/// `<prefix><name>` is served from the local copy, fetched from `<url>/v2/<name>/…` when it is
+/// missing (see `docs/proxy.md`). Repositories under `prefix` are read-only.
+///
+/// Credentials never come from this file: the password is read from `password_file` or the
+/// environment variable `password_env` at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Repository prefix, ending in `/` (e.g. `dockerhub/`): `dockerhub/library/alpine` is
+    /// `library/alpine` at the upstream. Prefixes of two entries must not overlap.
+    pub prefix: String,
+    /// The upstream's base URL (`https://registry-1.docker.io`); `http://` is allowed.
+    pub url: String,
+    /// User name for the upstream (Basic credentials, also sent to its token endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// File holding the upstream password or token (trailing newline ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the upstream password or token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// PEM file of CA certificates trusted for the upstream, besides the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Accept any TLS certificate from the upstream (testing only: anyone on the path can then
+    /// serve content; digests still protect content fetched by digest, not tags).
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+    /// How long a proxied tag is served from the local copy before it is checked again with an
+    /// upstream `HEAD` (seconds, or a number with a unit: `5m`).
+    #[serde(default = "default_tag_ttl")]
+    pub tag_ttl: Period,
+    /// Seconds to connect to the upstream, and most seconds between two reads of a response.
+    #[serde(default = "default_proxy_timeout")]
+    pub timeout_secs: u64,
+    /// Most requests in flight to this upstream at once (further ones wait).
+    #[serde(default = "default_proxy_concurrency")]
+    pub max_concurrent_requests: usize,
+}
+
+fn default_tag_ttl() -> Period {
+    Period(300)
+}
+
+fn default_proxy_timeout() -> u64 {
+    30
+}
+
+fn default_proxy_concurrency() -> usize {
+    16
+}
+
+impl ProxyConfig {
+    /// Checks one entry (`index` counts from 0).
+    fn validate(&self, index: usize) -> Result<(), String> {
+        let at = format!("proxy[{index}]");
+        let prefix = self.prefix.as_str();
+        let body = prefix.strip_suffix('/').unwrap_or("");
+        if body.is_empty() || body.parse::<crate::oci::RepoName>().is_err() {
+            return Err(format!(
+                "{at}.prefix must be a repository name followed by `/` (e.g. \"dockerhub/\"), not {prefix:?}"
+            ));
+        }
+        let url = self.url.as_str();
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))
+            .unwrap_or("");
+        let host = rest.trim_end_matches('/');
+        if host.is_empty() || host.contains(['/', '?', '#', '@']) || host.contains(char::is_whitespace) {
+            return Err(format!(
+                "{at}.url must be an http:// or https:// URL of the registry's root (e.g. \"https://ghcr.io\"), not {url:?}"
+            ));
+        }
+        match (&self.username, &self.password_file, &self.password_env) {
+            (Some(_), Some(_), Some(_)) => {
+                return Err(format!("{at}: set one of password_file and password_env, not both"));
+            }
+            (Some(_), None, None) => {
+                return Err(format!("{at}.username needs password_file or password_env"));
+            }
+            (None, Some(_), _) | (None, _, Some(_)) => {
+                return Err(format!("{at}: a password needs a username"));
+            }
+            _ => {}
+        }
+        if self
+            .username
+            .as_deref()
+            .is_some_and(|u| u.is_empty() || u.contains(':'))
+        {
+            return Err(format!("{at}.username must be non-empty and hold no `:`"));
+        }
+        if self.timeout_secs == 0 {
+            return Err(format!("{at}.timeout_secs must be at least 1"));
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err(format!("{at}.max_concurrent_requests must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Checks every entry, and that no prefix is a prefix of another's.
+    fn validate_all(entries: &[ProxyConfig]) -> Result<(), String> {
+        for (i, p) in entries.iter().enumerate() {
+            p.validate(i)?;
+        }
+        for (i, a) in entries.iter().enumerate() {
+            for (j, b) in entries.iter().enumerate() {
+                if i != j && b.prefix.starts_with(a.prefix.as_str()) {
+                    return Err(format!(
+                        "proxy[{i}].prefix {:?} and proxy[{j}].prefix {:?} overlap: a repository would belong to both",
+                        a.prefix, b.prefix
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -607,6 +733,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             immutable_tags: Vec::new(),
+            proxy: Vec::new(),
             gc: GcConfig::default(),
             audit: AuditConfig::default(),
             log: LogConfig::default(),
@@ -778,6 +905,7 @@ impl Config {
             ));
         }
         crate::auth::ImmutableTags::validate(&self.immutable_tags)?;
+        ProxyConfig::validate_all(&self.proxy)?;
         crate::auth::bootstrap::validate(auth)?;
         Ok(())
     }
@@ -1056,6 +1184,86 @@ mod tests {
                     .expect_err(bad)
                     .to_string();
                 assert!(err.contains(expect), "{bad}: {err}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn proxy_entries_are_read_and_validated() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "ok.toml",
+                r#"
+                [[proxy]]
+                prefix = "dockerhub/"
+                url = "https://registry-1.docker.io"
+                username = "me"
+                password_env = "HUB_TOKEN"
+                tag_ttl = "10m"
+
+                [[proxy]]
+                prefix = "ghcr/"
+                url = "http://127.0.0.1:5001/"
+                ca_file = "/etc/ssl/ca.pem"
+                "#,
+            )?;
+            let c = Config::load(Some(Path::new("ok.toml")), CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.proxy.len(), 2);
+            assert_eq!(c.proxy[0].tag_ttl.secs(), 600);
+            assert_eq!(c.proxy[0].password_env.as_deref(), Some("HUB_TOKEN"));
+            assert_eq!(c.proxy[1].tag_ttl.secs(), 300);
+            assert_eq!(c.proxy[1].timeout_secs, 30);
+            assert_eq!(c.proxy[1].max_concurrent_requests, 16);
+            assert!(!c.proxy[1].insecure_skip_verify);
+            // check-config prints it back in a form that loads again.
+            let printed = toml::to_string(&c).map_err(|e| e.to_string())?;
+            jail.create_file("again.toml", &printed)?;
+            let again =
+                Config::load(Some(Path::new("again.toml")), CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(again.proxy, c.proxy);
+
+            let url = "url = \"https://r.example\"";
+            for (body, says) in [
+                (format!("prefix = \"hub\"\n{url}"), "proxy[0].prefix must be"),
+                (format!("prefix = \"/\"\n{url}"), "proxy[0].prefix must be"),
+                (format!("prefix = \"Hub/\"\n{url}"), "proxy[0].prefix must be"),
+                (
+                    "prefix = \"hub/\"\nurl = \"ftp://x\"".to_owned(),
+                    "proxy[0].url must be",
+                ),
+                (
+                    "prefix = \"hub/\"\nurl = \"https://x/v2\"".to_owned(),
+                    "proxy[0].url must be",
+                ),
+                (
+                    format!("prefix = \"hub/\"\n{url}\nusername = \"u\""),
+                    "needs password_file",
+                ),
+                (
+                    format!("prefix = \"hub/\"\n{url}\npassword_env = \"P\""),
+                    "needs a username",
+                ),
+                (
+                    format!("prefix = \"hub/\"\n{url}\nusername = \"u\"\npassword_env = \"P\"\npassword_file = \"f\""),
+                    "not both",
+                ),
+                (
+                    format!("prefix = \"hub/\"\n{url}\npassword = \"secret\""),
+                    "unknown field",
+                ),
+                (format!("prefix = \"hub/\"\n{url}\ntag_ttl = 0"), "between 1 s"),
+                (format!("prefix = \"hub/\"\n{url}\ntimeout_secs = 0"), "timeout_secs"),
+                (
+                    format!("prefix = \"hub/\"\n{url}\n\n[[proxy]]\nprefix = \"hub/lib/\"\n{url}"),
+                    "overlap",
+                ),
+            ] {
+                jail.create_file("bad.toml", &format!("[[proxy]]\n{body}\n"))?;
+                let err = Config::load(Some(Path::new("bad.toml")), CliOverrides::default())
+                    .expect_err(&body)
+                    .to_string();
+                assert!(err.contains(says), "{body}: {err}");
             }
             Ok(())
         });

@@ -170,6 +170,10 @@ pub enum Error {
         "the registry is read-only for maintenance: pulls work, pushes and deletes are refused until it is writable again"
     )]
     ReadOnly,
+    /// A pull-through upstream (`[[proxy]]`) could not serve content not cached here: 502
+    /// `UNAVAILABLE`, or 429 `TOOMANYREQUESTS` when it rate-limits (see `proxy`).
+    #[error("{0}")]
+    Upstream(crate::proxy::UpstreamError),
     #[error("internal error: {0}")]
     Internal(#[from] Internal),
 }
@@ -293,6 +297,8 @@ impl Error {
                 Code::TooManyRequests
             }
             Error::ReadOnly | Error::UploadMemoryBusy { .. } => Code::Unavailable,
+            Error::Upstream(crate::proxy::UpstreamError::RateLimited { .. }) => Code::TooManyRequests,
+            Error::Upstream(_) => Code::Unavailable,
             Error::Internal(_) => Code::Unknown,
         }
     }
@@ -314,6 +320,8 @@ impl Error {
             Error::UploadFailed(_) => 500,
             Error::RangeNotSatisfiable { .. } => 416,
             Error::PaginationInvalid(_) | Error::TokenRequestInvalid(_) => 400,
+            // 502 Bad Gateway: the upstream failed, not this registry or the client.
+            Error::Upstream(u) if !matches!(u, crate::proxy::UpstreamError::RateLimited { .. }) => 502,
             other => other.code().status(),
         }
     }
@@ -396,6 +404,20 @@ mod tests {
             (&detail["tag"], &detail["repository"]),
             (&"v1".into(), &"prod/app".into())
         );
+    }
+
+    #[test]
+    fn upstream_failures_are_502_unavailable_or_429() {
+        use crate::proxy::UpstreamError;
+        let upstream = "http://127.0.0.1:1".to_owned();
+        let e = Error::Upstream(UpstreamError::Unreachable {
+            upstream: upstream.clone(),
+            reason: "connection refused".into(),
+        });
+        assert_eq!((e.code(), e.status()), (Code::Unavailable, 502));
+        assert!(e.to_string().contains("could not be reached"), "{e}");
+        let e = Error::Upstream(UpstreamError::RateLimited { upstream });
+        assert_eq!((e.code(), e.status()), (Code::TooManyRequests, 429));
     }
 
     #[test]

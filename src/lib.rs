@@ -30,6 +30,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod oci;
+pub mod proxy;
 pub mod registry;
 pub mod runmodes;
 pub mod server;

@@ -83,6 +83,19 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// A request to a `[[proxy]]` upstream: its prefix (a configured, bounded set) and outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+    pub outcome: &'static str,
+}
+
+/// A `[[proxy]]` upstream, by its prefix.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamOnlyLabels {
+    pub upstream: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RepoLabels {
     pub repository: String,
@@ -127,6 +140,8 @@ pub struct Metrics {
     pub spack_specs: Family<RepoLabels, Gauge>,
     pub spack_lag: Family<RepoLabels, Gauge>,
     pub log_dropped: Counter,
+    pub upstream_requests: Family<UpstreamLabels, Counter>,
+    pub proxy_stale_serves: Family<UpstreamOnlyLabels, Counter>,
     /// Log lines dropped already added to `log_dropped`.
     log_dropped_seen: std::sync::atomic::AtomicU64,
     /// When the catalog-derived gauges were last read, for [`Metrics::state_is_stale`].
@@ -179,6 +194,8 @@ impl Metrics {
             spack_specs: Family::default(),
             spack_lag: Family::default(),
             log_dropped: Counter::default(),
+            upstream_requests: Family::default(),
+            proxy_stale_serves: Family::default(),
             log_dropped_seen: std::sync::atomic::AtomicU64::new(0),
             state_read: std::sync::Mutex::new(None),
             registry: Registry::default(),
@@ -361,6 +378,17 @@ impl Metrics {
             "stowage_log_lines_dropped",
             "Log lines dropped because standard error was not read fast enough",
             m.log_dropped.clone(),
+        );
+        r.register(
+            "stowage_proxy_upstream_requests",
+            "Requests to a pull-through upstream, by upstream prefix and outcome (ok, not_found, \
+             rate_limited, unauthorized, error, unreachable)",
+            m.upstream_requests.clone(),
+        );
+        r.register(
+            "stowage_proxy_stale_serves",
+            "Proxied tags served from the local copy because the upstream could not re-validate them, by upstream prefix",
+            m.proxy_stale_serves.clone(),
         );
         Metrics { registry: r, ..m }
     }

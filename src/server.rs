@@ -247,7 +247,8 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         per_user = settings.upload_sessions.per_identity,
         "upload session limits"
     );
-    let registry = Registry::new(catalog, store, settings);
+    let proxies = crate::proxy::Proxies::from_config(&config.proxy)?;
+    let registry = Registry::new(catalog, store, settings).with_proxies(proxies);
     registry.set_read_only(config.registry.read_only);
     // Upload sessions recorded in the catalog resume, unless they expired or lost their data;
     // anything else staged is left over from uploads that cannot.

@@ -83,6 +83,8 @@ const FAMILIES: &[&str] = &[
     "stowage_spack_specs",
     "stowage_spack_index_generation_lag",
     "stowage_log_lines_dropped",
+    "stowage_proxy_upstream_requests",
+    "stowage_proxy_stale_serves",
 ];
 
 #[tokio::test]
@@ -182,12 +184,12 @@ async fn every_family_is_present_and_moves_with_pushes_pulls_builds_and_collecti
     assert!(value(&text, "stowage_gc_freed_bytes_total", &[]).unwrap_or(0.0) >= 300_000.0);
     assert!(value(&text, "stowage_gc_last_pass_timestamp_seconds", &[]).unwrap_or(0.0) > 1.7e9);
     assert!(value(&text, "registry_http_requests_total", &["handler=\"ops\""]).unwrap_or(0.0) >= 1.0);
-    // A family with labels appears once it has a series: these two have theirs in the other
-    // tests (tokens need auth on, Spack series a build cache).
-    for family in FAMILIES
-        .iter()
-        .filter(|f| !f.starts_with("stowage_spack_") && **f != "stowage_auth_tokens_issued")
-    {
+    // A family with labels appears once it has a series: these have theirs in the other
+    // tests (tokens need auth on, Spack series a build cache, proxy series an upstream:
+    // `tests/proxy.rs`).
+    for family in FAMILIES.iter().filter(|f| {
+        !f.starts_with("stowage_spack_") && !f.starts_with("stowage_proxy_") && **f != "stowage_auth_tokens_issued"
+    }) {
         assert!(has_family(&text, family), "family {family} missing:\n{text}");
     }
     // Nothing is labelled by digest or tag.

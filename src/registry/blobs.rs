@@ -38,12 +38,20 @@ pub struct BlobBody {
 }
 
 impl Registry {
-    /// Size of a blob the repository may read, or `BLOB_UNKNOWN`.
+    /// Size of a blob the repository may read, or `BLOB_UNKNOWN`. A blob of a proxied
+    /// repository not stored yet is fetched from the upstream first (see `proxy`).
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
-        self.catalog
-            .blob_size(repo, digest)
-            .await?
-            .ok_or_else(|| Error::BlobUnknown(Some(digest.clone())))
+        if let Some(size) = self.catalog.blob_size(repo, digest).await? {
+            return Ok(size);
+        }
+        if self.fill_proxied_blob(repo, digest).await? {
+            return self
+                .catalog
+                .blob_size(repo, digest)
+                .await?
+                .ok_or_else(|| Error::BlobUnknown(Some(digest.clone())));
+        }
+        Err(Error::BlobUnknown(Some(digest.clone())))
     }
 
     /// Where to send a client for the blob's bytes instead of streaming them, when downloads
@@ -76,6 +84,7 @@ impl Registry {
         digest: &Digest,
         actor: &crate::catalog::audit::Actor,
     ) -> Result<()> {
+        self.refuse_if_proxied(repo)?;
         if !self.settings.delete_enabled {
             return Err(Error::Unsupported("deletion is disabled on this registry"));
         }

@@ -55,8 +55,24 @@ fn digest_and_parse(body: &[u8], by_digest: Option<&Digest>, content_type: Optio
 
 impl Registry {
     /// Validates and stores a manifest under a tag or its digest. Moving an immutable tag needs
-    /// `overwrite`.
+    /// `overwrite`. Refused in a proxied (pull-through) repository.
     pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: Reference,
+        content_type: Option<String>,
+        body: Bytes,
+        overwrite: Overwrite,
+        actor: &Actor,
+    ) -> Result<PutOutcome> {
+        self.refuse_if_proxied(repo)?;
+        self.store_manifest(repo, reference, content_type, body, overwrite, actor)
+            .await
+    }
+
+    /// [`Registry::put_manifest`] into any repository: the pull-through cache stores what it
+    /// fetched through here.
+    pub(super) async fn store_manifest(
         &self,
         repo: &RepoName,
         reference: Reference,
@@ -155,13 +171,15 @@ impl Registry {
         .await?)
     }
 
-    /// Looks a manifest up; `with_content` false for HEAD.
+    /// Looks a manifest up; `with_content` false for HEAD. In a proxied repository the local
+    /// copy is first brought up to date from the upstream (see `proxy`).
     pub async fn get_manifest(
         &self,
         repo: &RepoName,
         reference: &Reference,
         with_content: bool,
     ) -> Result<ManifestRecord> {
+        self.fill_proxied_manifest(repo, reference).await?;
         // Read before the lookup: see the invariants of `manifest_cache`.
         let epoch = self.catalog.content_epoch();
         let reference_key = reference.to_string();
@@ -193,6 +211,7 @@ impl Registry {
         overwrite: Overwrite,
         actor: &Actor,
     ) -> Result<()> {
+        self.refuse_if_proxied(repo)?;
         if !self.settings.delete_enabled {
             return Err(Error::Unsupported("deletion is disabled on this registry"));
         }

@@ -11,6 +11,7 @@ mod maintenance;
 mod manifest_cache;
 mod manifests;
 mod metrics;
+mod proxy;
 pub mod retention;
 mod spack;
 mod uploads;
@@ -67,6 +68,8 @@ pub struct Registry {
     pub(crate) manifests: Arc<manifest_cache::ManifestCache>,
     /// What garbage collection is doing and last did (see `gc`).
     pub(crate) gc_status: Arc<std::sync::Mutex<gc::GcStatus>>,
+    /// Pull-through caching of `[[proxy]]` upstreams (see `proxy`); `None` without any.
+    pub(crate) proxy: Option<Arc<proxy::ProxyState>>,
 }
 
 impl Registry {
@@ -82,6 +85,7 @@ impl Registry {
             pulls: Arc::new(retention::PullRecorder::default()),
             manifests: Arc::new(manifest_cache::ManifestCache::new()),
             gc_status: Arc::default(),
+            proxy: None,
         }
     }
 

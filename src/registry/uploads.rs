@@ -347,6 +347,7 @@ impl Registry {
 
     /// Opens an upload session for `owner` (the user name, if any).
     pub async fn start_upload(&self, repo: &RepoName, owner: Option<&str>) -> Result<Uuid> {
+        self.refuse_if_proxied(repo)?;
         let id = Uuid::new_v4();
         // Admitted before anything is staged, so a refused session costs nothing.
         let session = self
@@ -426,8 +427,18 @@ impl Registry {
         Ok(session)
     }
 
-    /// A whole blob in one request (`POST ?digest=`).
+    /// A whole blob in one request (`POST ?digest=`). Refused in a proxied repository.
     pub async fn upload_whole<S>(&self, repo: &RepoName, digest: &Digest, body: S) -> Result<()>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Unpin,
+    {
+        self.refuse_if_proxied(repo)?;
+        self.store_whole(repo, digest, body).await
+    }
+
+    /// Stages a whole blob, verifies it against `digest`, publishes and links it (the
+    /// pull-through cache stores what it fetched through here).
+    pub(super) async fn store_whole<S>(&self, repo: &RepoName, digest: &Digest, body: S) -> Result<()>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Unpin,
     {
@@ -446,6 +457,7 @@ impl Registry {
     /// Links an existing blob into `repo` without uploading it. `Ok(false)` when it cannot be
     /// mounted (unknown in the source), in which case the caller opens a session instead.
     pub async fn mount_blob(&self, repo: &RepoName, digest: &Digest, from: Option<&RepoName>) -> Result<bool> {
+        self.refuse_if_proxied(repo)?;
         let mounted = self.catalog.mount_blob(repo, digest, from).await?;
         if mounted.is_some() {
             tracing::info!(repo = %repo, digest = %digest, from = from.map(|f| f.as_str()), "blob mounted");

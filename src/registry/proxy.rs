@@ -1,0 +1,514 @@
+//! Pull-through caching: repositories under a `[[proxy]]` prefix are read-only mirrors of an
+//! upstream registry, filled on demand (the design: `docs/proxy.md`; the upstream client:
+//! `crate::proxy`).
+//!
+//! What a pull of a proxied repository does, before the ordinary local read serves it:
+//! - **by digest** (manifest or blob): served from the catalog if present; otherwise fetched,
+//!   verified against the digest and stored, and from then on never re-checked;
+//! - **manifest by tag**: served from the catalog while it was validated within the upstream's
+//!   `tag_ttl`; after that an upstream `HEAD` compares digests, and a moved tag is fetched
+//!   again. If the upstream cannot answer (down, rate-limiting, failing), the stale copy is
+//!   served, with a warning and `stowage_proxy_stale_serves_total`; a tag never cached gets
+//!   the upstream's error. A tag the upstream no longer has is `MANIFEST_UNKNOWN`.
+//!
+//! Invariants:
+//! - Fetched content enters the catalog only through the paths pushes take
+//!   ([`Registry::store_whole`] for blobs: staged, verified, published, linked;
+//!   [`Registry::store_manifest`] for manifests), so every catalog invariant holds. A manifest
+//!   is stored only after everything it references (child manifests, config, layers) has been
+//!   stored: the catalog refuses a manifest whose references are missing, so the first pull of
+//!   an image fetches the whole image, and of a multi-platform index every platform.
+//! - Bytes whose digest does not match are never published (the staged upload is verified
+//!   before it is published, and a manifest is hashed before it is parsed).
+//! - One fetch at a time per key ([`Flights`]): concurrent requests for one blob, one manifest
+//!   digest or one tag's re-validation share one upstream request. A fetch runs as its own
+//!   task, so a client that disconnects does not abort a fetch others wait on (or that would
+//!   fill the cache for the next one).
+//! - In read-only maintenance nothing is fetched: cached content is served as it is (tags
+//!   without re-validation), anything else is answered 503 like a write.
+//! - Pushes and deletes into a proxied repository are refused with 405 `UNSUPPORTED`
+//!   ([`Registry::refuse_if_proxied`]); the access policy applies to pulls as for any
+//!   repository (the HTTP layer checks it before the service is called).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+
+use super::Registry;
+use crate::auth::Overwrite;
+use crate::catalog::audit::Actor;
+use crate::error::{Error, Internal, Result};
+use crate::oci::{Digest, Reference, RepoName, Tag, manifest};
+use crate::proxy::{Proxies, Upstream, UpstreamError, UpstreamManifest};
+
+/// Most levels of nested indexes followed below a manifest (an index of image manifests is 1).
+const MAX_DEPTH: usize = 4;
+
+/// Tags remembered as validated; beyond it the expired entries are dropped, then all.
+const MAX_VALIDATED_TAGS: usize = 100_000;
+
+/// Why a shared fetch failed: cloneable, since every waiter gets the outcome.
+#[derive(Debug, Clone)]
+enum FetchError {
+    /// The upstream does not have it.
+    NotFound,
+    Upstream(UpstreamError),
+    /// Storing failed here (already logged by the fetch).
+    Local,
+}
+
+impl FetchError {
+    fn into_error(self, not_found: impl FnOnce() -> Error) -> Error {
+        match self {
+            FetchError::NotFound => not_found(),
+            FetchError::Upstream(u) => Error::Upstream(u),
+            FetchError::Local => Error::Internal(Internal::Other("storing content fetched from the upstream failed")),
+        }
+    }
+}
+
+impl From<UpstreamError> for FetchError {
+    fn from(e: UpstreamError) -> Self {
+        FetchError::Upstream(e)
+    }
+}
+
+type FetchResult = std::result::Result<(), FetchError>;
+type Flight = Shared<BoxFuture<'static, FetchResult>>;
+
+/// Fetches in progress by key; each runs as a spawned task that removes its key when done.
+#[derive(Default, Clone)]
+struct Flights {
+    running: Arc<Mutex<HashMap<String, Flight>>>,
+}
+
+impl Flights {
+    /// The fetch running for `key`, or `work` started as a new one.
+    fn join<F>(&self, key: String, work: F) -> Flight
+    where
+        F: Future<Output = FetchResult> + Send + 'static,
+    {
+        let mut running = match self.running.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(flight) = running.get(&key) {
+            return flight.clone();
+        }
+        let table = self.running.clone();
+        let done_key = key.clone();
+        // Spawned under the table's lock, so its removal cannot come before the insertion.
+        let task = tokio::spawn(async move {
+            let outcome = work.await;
+            let mut running = match table.lock() {
+                Ok(r) => r,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            running.remove(&done_key);
+            outcome
+        });
+        let flight = async move {
+            task.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "a pull-through fetch task failed");
+                Err(FetchError::Local)
+            })
+        }
+        .boxed()
+        .shared();
+        running.insert(key, flight.clone());
+        flight
+    }
+}
+
+/// The pull-through state of a registry: the upstreams, fetches in flight, and when each
+/// proxied tag was last validated.
+pub(crate) struct ProxyState {
+    proxies: Proxies,
+    blobs: Flights,
+    manifests: Flights,
+    tags: Flights,
+    validated: Mutex<HashMap<String, Instant>>,
+}
+
+impl ProxyState {
+    pub(crate) fn new(proxies: Proxies) -> ProxyState {
+        ProxyState {
+            proxies,
+            blobs: Flights::default(),
+            manifests: Flights::default(),
+            tags: Flights::default(),
+            validated: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn is_fresh(&self, key: &str) -> bool {
+        self.validated
+            .lock()
+            .ok()
+            .and_then(|v| v.get(key).copied())
+            .is_some_and(|until| until > Instant::now())
+    }
+
+    fn mark_fresh(&self, key: String, upstream: &Upstream) {
+        let Some(until) = Instant::now().checked_add(upstream.tag_ttl()) else {
+            return;
+        };
+        if let Ok(mut v) = self.validated.lock() {
+            if v.len() >= MAX_VALIDATED_TAGS {
+                let now = Instant::now();
+                v.retain(|_, u| *u > now);
+                if v.len() >= MAX_VALIDATED_TAGS {
+                    v.clear();
+                }
+            }
+            v.insert(key, until);
+        }
+    }
+}
+
+/// A proxied repository: the upstream and the repository's name there.
+struct Route {
+    upstream: Arc<Upstream>,
+    name: String,
+}
+
+fn actor() -> Actor {
+    Actor::system("pull-through cache")
+}
+
+impl Registry {
+    /// Mirrors the upstreams of `proxies` under their prefixes.
+    pub fn with_proxies(mut self, proxies: Proxies) -> Self {
+        self.proxy = (!proxies.is_empty()).then(|| Arc::new(ProxyState::new(proxies)));
+        self
+    }
+
+    fn route(&self, repo: &RepoName) -> Option<Route> {
+        let state = self.proxy.as_ref()?;
+        state
+            .proxies
+            .route(repo)
+            .map(|(upstream, name)| Route { upstream, name })
+    }
+
+    /// Whether `repo` is a pull-through mirror.
+    pub fn is_proxied(&self, repo: &RepoName) -> bool {
+        self.route(repo).is_some()
+    }
+
+    /// Refuses a write into a proxied repository (405 `UNSUPPORTED`).
+    pub(super) fn refuse_if_proxied(&self, repo: &RepoName) -> Result<()> {
+        if self.is_proxied(repo) {
+            return Err(Error::Unsupported(
+                "the repository is a pull-through cache of an upstream registry and is read-only",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes sure a blob of a proxied repository is stored, fetching it if needed. Returns
+    /// whether `repo` is proxied (false: nothing was done).
+    pub(super) async fn fill_proxied_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        let Some(route) = self.route(repo) else {
+            return Ok(false);
+        };
+        // Read-only maintenance: nothing is written, so only what is cached is served.
+        if self.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        self.fetch_blob(&route, repo, digest)
+            .await
+            .map_err(|e| e.into_error(|| Error::BlobUnknown(Some(digest.clone()))))?;
+        Ok(true)
+    }
+
+    /// Brings the local copy of a proxied manifest up to date before it is served (see the
+    /// module doc); does nothing for a hosted repository.
+    pub(super) async fn fill_proxied_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        let Some(route) = self.route(repo) else {
+            return Ok(());
+        };
+        // Read-only maintenance: nothing is written, so only what is cached is served (a
+        // cached tag as it is, without re-validation).
+        if self.is_read_only() {
+            return match self.catalog.manifest(repo, reference, false).await? {
+                Some(_) => Ok(()),
+                None => Err(Error::ReadOnly),
+            };
+        }
+        match reference {
+            Reference::Digest(d) => {
+                if self.catalog.manifest(repo, reference, false).await?.is_some() {
+                    return Ok(());
+                }
+                self.fetch_manifest(&route, repo, d, 0)
+                    .await
+                    .map_err(|e| e.into_error(|| Error::ManifestUnknown))
+            }
+            Reference::Tag(tag) => self.revalidate_tag(&route, repo, tag).await,
+        }
+    }
+
+    async fn revalidate_tag(&self, route: &Route, repo: &RepoName, tag: &Tag) -> Result<()> {
+        let Some(state) = self.proxy.clone() else {
+            return Ok(());
+        };
+        let key = format!("{repo}:{tag}");
+        if state.is_fresh(&key) {
+            return Ok(());
+        }
+        let flight = {
+            let (reg, repo, tag, upstream, name, key) = (
+                self.clone(),
+                repo.clone(),
+                tag.clone(),
+                route.upstream.clone(),
+                route.name.clone(),
+                key.clone(),
+            );
+            state.tags.join(key.clone(), async move {
+                let route = Route { upstream, name };
+                reg.refresh_tag(&route, &repo, &tag).await?;
+                if let Some(state) = &reg.proxy {
+                    state.mark_fresh(key, &route.upstream);
+                }
+                Ok(())
+            })
+        };
+        match flight.await {
+            Ok(()) => Ok(()),
+            Err(FetchError::NotFound) => Err(Error::ManifestUnknown),
+            Err(e) => {
+                let cached = self.catalog.manifest(repo, &Reference::Tag(tag.clone()), false).await?;
+                match cached {
+                    Some(_) => {
+                        let why = e.clone().into_error(|| Error::ManifestUnknown);
+                        tracing::warn!(
+                            repo = %repo, tag = %tag, upstream = route.upstream.prefix(), error = %why,
+                            "serving a stale proxied tag: the upstream could not re-validate it"
+                        );
+                        crate::metrics::get()
+                            .proxy_stale_serves
+                            .get_or_create(&crate::metrics::UpstreamOnlyLabels {
+                                upstream: route.upstream.prefix().to_owned(),
+                            })
+                            .inc();
+                        Ok(())
+                    }
+                    None => Err(e.into_error(|| Error::ManifestUnknown)),
+                }
+            }
+        }
+    }
+
+    /// Compares the tag's digest here and upstream, and fetches it again if it moved.
+    async fn refresh_tag(&self, route: &Route, repo: &RepoName, tag: &Tag) -> FetchResult {
+        let reference = Reference::Tag(tag.clone());
+        let local = self
+            .catalog
+            .manifest(repo, &reference, false)
+            .await
+            .map_err(|e| local_failure(e, repo, "reading the catalog"))?
+            .map(|m| m.digest);
+        let Some(remote) = route.upstream.head_manifest(&route.name, tag.as_str()).await? else {
+            return Err(FetchError::NotFound);
+        };
+        if let (Some(local), Some(remote)) = (&local, &remote)
+            && local.as_str() == remote.to_string()
+        {
+            return Ok(());
+        }
+        let fetched = route
+            .upstream
+            .get_manifest(&route.name, &reference, self.settings.max_manifest_size)
+            .await?
+            .ok_or(FetchError::NotFound)?;
+        if local.as_deref() == Some(fetched.digest.to_string().as_str()) {
+            return Ok(());
+        }
+        tracing::info!(repo = %repo, tag = %tag, digest = %fetched.digest, "proxied tag fetched from the upstream");
+        self.store_fetched_manifest(route, repo, fetched, Some(tag.clone()), 0)
+            .await
+    }
+
+    /// Fetches a manifest by digest (one fetch per repository and digest at a time).
+    fn fetch_manifest<'a>(
+        &'a self,
+        route: &'a Route,
+        repo: &'a RepoName,
+        digest: &'a Digest,
+        depth: usize,
+    ) -> BoxFuture<'a, FetchResult> {
+        async move {
+            let Some(state) = self.proxy.clone() else {
+                return Ok(());
+            };
+            let (reg, repo2, digest2, upstream, name) = (
+                self.clone(),
+                repo.clone(),
+                digest.clone(),
+                route.upstream.clone(),
+                route.name.clone(),
+            );
+            state
+                .manifests
+                .join(format!("{repo}@{digest}"), async move {
+                    let route = Route { upstream, name };
+                    let reference = Reference::Digest(digest2.clone());
+                    let present = reg
+                        .catalog
+                        .manifest(&repo2, &reference, false)
+                        .await
+                        .map_err(|e| local_failure(e, &repo2, "reading the catalog"))?;
+                    if present.is_some() {
+                        return Ok(());
+                    }
+                    let fetched = route
+                        .upstream
+                        .get_manifest(&route.name, &reference, reg.settings.max_manifest_size)
+                        .await?
+                        .ok_or(FetchError::NotFound)?;
+                    reg.store_fetched_manifest(&route, &repo2, fetched, None, depth).await
+                })
+                .await
+        }
+        .boxed()
+    }
+
+    /// Stores a fetched manifest after everything it references.
+    async fn store_fetched_manifest(
+        &self,
+        route: &Route,
+        repo: &RepoName,
+        fetched: UpstreamManifest,
+        tag: Option<Tag>,
+        depth: usize,
+    ) -> FetchResult {
+        let invalid = |reason: String| {
+            FetchError::Upstream(UpstreamError::Invalid {
+                upstream: route.upstream.url().to_owned(),
+                reason,
+            })
+        };
+        if !Upstream::accepts(fetched.content_type.as_deref()) {
+            return Err(invalid(format!(
+                "manifest {} has the unsupported media type {:?}",
+                fetched.digest,
+                fetched.content_type.as_deref().unwrap_or_default()
+            )));
+        }
+        let parsed = manifest::parse(&fetched.body, fetched.content_type.as_deref())
+            .map_err(|e| invalid(format!("manifest {}: {e}", fetched.digest)))?;
+        if !parsed.manifests.is_empty() && depth >= MAX_DEPTH {
+            return Err(invalid(format!("manifest {} nests indexes too deeply", fetched.digest)));
+        }
+        let children = parsed
+            .manifests
+            .iter()
+            .map(|d| self.fetch_manifest(route, repo, &d.digest, depth + 1));
+        let blobs = parsed
+            .required_blobs()
+            .map(|d| self.fetch_blob(route, repo, &d.digest).boxed());
+        futures_util::future::try_join_all(children.chain(blobs))
+            .await
+            .map_err(|e| match e {
+                FetchError::NotFound => invalid(format!(
+                    "manifest {} references content the upstream does not have",
+                    fetched.digest
+                )),
+                other => other,
+            })?;
+        let reference = match tag {
+            Some(t) => Reference::Tag(t),
+            None => Reference::Digest(fetched.digest.clone()),
+        };
+        let overwrite = Overwrite::Allowed {
+            by: "pull-through cache".to_owned(),
+        };
+        match self
+            .store_manifest(repo, reference, fetched.content_type, fetched.body, overwrite, &actor())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e @ (Error::ManifestInvalid(_) | Error::ManifestBlobUnknown(_) | Error::DigestMismatch { .. })) => {
+                Err(invalid(e.to_string()))
+            }
+            Err(e) => Err(local_failure(e, repo, "storing a manifest")),
+        }
+    }
+
+    /// Fetches a blob into `repo` unless it is there (one fetch per digest at a time).
+    async fn fetch_blob(&self, route: &Route, repo: &RepoName, digest: &Digest) -> FetchResult {
+        let Some(state) = self.proxy.clone() else {
+            return Ok(());
+        };
+        if self
+            .catalog
+            .blob_size(repo, digest)
+            .await
+            .map_err(|e| local_failure(e, repo, "reading the catalog"))?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let (reg, repo, digest, upstream, name) = (
+            self.clone(),
+            repo.clone(),
+            digest.clone(),
+            route.upstream.clone(),
+            route.name.clone(),
+        );
+        let key = format!("{repo}@{digest}");
+        state
+            .blobs
+            .join(key, async move {
+                // Stored for another repository already: linked, not fetched again.
+                if reg
+                    .catalog
+                    .mount_blob(&repo, &digest, None)
+                    .await
+                    .map_err(|e| local_failure(e, &repo, "linking a blob"))?
+                    .is_some()
+                {
+                    return Ok(());
+                }
+                let started = Instant::now();
+                let body = upstream.get_blob(&name, &digest).await?.ok_or(FetchError::NotFound)?;
+                match reg.store_whole(&repo, &digest, body).await {
+                    Ok(()) => {
+                        tracing::info!(
+                            repo = %repo, digest = %digest, upstream = upstream.prefix(),
+                            duration_ms = started.elapsed().as_millis() as u64,
+                            "blob fetched from the upstream"
+                        );
+                        Ok(())
+                    }
+                    Err(Error::DigestMismatch { actual, .. }) => {
+                        tracing::warn!(
+                            repo = %repo, digest = %digest, actual = %actual, upstream = upstream.prefix(),
+                            "the upstream served a blob that does not match its digest; not stored"
+                        );
+                        Err(FetchError::Upstream(UpstreamError::DigestMismatch {
+                            upstream: upstream.url().to_owned(),
+                            expected: digest.clone(),
+                        }))
+                    }
+                    Err(Error::BodyRead(reason)) => Err(FetchError::Upstream(UpstreamError::Unreachable {
+                        upstream: upstream.url().to_owned(),
+                        reason,
+                    })),
+                    Err(e) => Err(local_failure(e, &repo, "storing a blob")),
+                }
+            })
+            .await
+    }
+}
+
+/// Logs a local failure of a shared fetch once; its waiters get a generic internal error.
+fn local_failure(e: Error, repo: &RepoName, what: &str) -> FetchError {
+    tracing::error!(repo = %repo, error = %e, "pull-through cache: {what} failed");
+    FetchError::Local
+}

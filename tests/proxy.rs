@@ -1,0 +1,618 @@
+//! Pull-through caching (`[[proxy]]`, issue 16): a Stowage whose `hub/` prefix mirrors a
+//! second Stowage, the upstream, which has authentication on, so that every fetch goes through
+//! the token flow (`WWW-Authenticate: Bearer` → `/token` with the mirror's Basic credentials →
+//! retry with the token).
+//!
+//! Both servers are real `stowage serve` processes on 127.0.0.1, on the blob backend
+//! `STOWAGE_TEST_BACKEND` names. Upstream fetches are counted at the upstream, from its
+//! `registry_http_requests_total`. `skopeo` (installed by `scripts/test`) must be present: these
+//! tests never skip a missing client.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestServer, run_cli, sha256, wait_until};
+use serde_json::{Value, json};
+
+const UPSTREAM_CONFIG: &str = r#"
+[auth]
+enabled = true
+
+[[auth.rules]]
+repositories = ["**"]
+users = ["alice"]
+actions = ["pull", "push", "delete"]
+
+[[auth.rules]]
+repositories = ["**"]
+users = ["mirror"]
+actions = ["pull"]
+"#;
+
+/// An upstream with authentication on (`alice` pushes, `mirror` may only pull) and a
+/// downstream in open mode mirroring it under `hub/`.
+struct Pair {
+    upstream: TestServer,
+    downstream: TestServer,
+    _dir: tempfile::TempDir,
+}
+
+impl Pair {
+    fn start(tag_ttl: &str) -> Pair {
+        Self::start_with(tag_ttl, false)
+    }
+
+    /// With `tls`, the upstream serves HTTPS with a self-signed certificate, which the mirror
+    /// is given as its `ca_file`.
+    fn start_with(tag_ttl: &str, tls: bool) -> Pair {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let up_config = dir.path().join("upstream.toml");
+        std::fs::write(&up_config, UPSTREAM_CONFIG).expect("write upstream config");
+        let mut envs = vec![
+            (
+                "STOWAGE_CONFIG".to_owned(),
+                up_config.to_str().expect("utf-8").to_owned(),
+            ),
+            ("STOWAGE_AUTH__ENABLED".to_owned(), "true".to_owned()),
+        ];
+        let mut ca_line = String::new();
+        if tls {
+            let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .expect("generate certificate");
+            let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+            std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
+            envs.push(("STOWAGE_TLS__CERT".into(), cert.to_str().expect("utf-8").into()));
+            envs.push(("STOWAGE_TLS__KEY".into(), key.to_str().expect("utf-8").into()));
+            ca_line = format!("ca_file = \"{}\"\n", cert.display());
+        }
+        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let upstream = TestServer::start_with(&envs);
+        assert_eq!(upstream.url.starts_with("https://"), tls, "{}", upstream.url);
+        for (name, password) in [("alice", "alice-pw"), ("mirror", "mirror-pw")] {
+            run_cli(upstream.data_dir(), &["user", "add", name], &format!("{password}\n"));
+        }
+        let password_file = dir.path().join("mirror.password");
+        std::fs::write(&password_file, "mirror-pw\n").expect("write password file");
+        let down_config = dir.path().join("downstream.toml");
+        std::fs::write(
+            &down_config,
+            format!(
+                "[[proxy]]\nprefix = \"hub/\"\nurl = \"{}\"\nusername = \"mirror\"\npassword_file = \"{}\"\n\
+                 tag_ttl = \"{tag_ttl}\"\ntimeout_secs = 5\n{ca_line}",
+                upstream.url,
+                password_file.display()
+            ),
+        )
+        .expect("write downstream config");
+        let downstream = TestServer::start_with(&[("STOWAGE_CONFIG", down_config.to_str().expect("utf-8"))]);
+        Pair {
+            upstream,
+            downstream,
+            _dir: dir,
+        }
+    }
+
+    fn down(&self, path: &str) -> String {
+        self.downstream.v2(&format!("hub/{path}"))
+    }
+}
+
+/// An HTTP client that follows no redirects and trusts the test upstream's self-signed
+/// certificate (the mirror itself is given it as `ca_file`).
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .tls_danger_accept_invalid_certs(true)
+        .build()
+        .expect("build reqwest client")
+}
+
+/// An image pushed to the upstream.
+struct Image {
+    manifest: String,
+    config: (String, Vec<u8>),
+    layer: (String, Vec<u8>),
+}
+
+async fn push_blob_as_alice(server: &TestServer, repo: &str, data: &[u8]) -> String {
+    let digest = sha256(data);
+    let resp = client()
+        .post(server.v2(&format!("{repo}/blobs/uploads/?digest={digest}")))
+        .basic_auth("alice", Some("alice-pw"))
+        .header("Content-Type", "application/octet-stream")
+        .body(data.to_vec())
+        .send()
+        .await
+        .expect("POST blob");
+    assert_eq!(resp.status(), 201, "blob POST of {digest} to the upstream");
+    digest
+}
+
+/// Pushes an OCI image (config naming `seed`, one layer) to the upstream as alice.
+async fn push_upstream(server: &TestServer, repo: &str, tag: &str, layer: Vec<u8>, seed: &str) -> Image {
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []},
+        "config": {"Labels": {"seed": seed}},
+    }))
+    .expect("config");
+    let config_digest = push_blob_as_alice(server, repo, &config).await;
+    let layer_digest = push_blob_as_alice(server, repo, &layer).await;
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": layer.len()}],
+    }))
+    .expect("manifest");
+    let resp = client()
+        .put(server.v2(&format!("{repo}/manifests/{tag}")))
+        .basic_auth("alice", Some("alice-pw"))
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.clone())
+        .send()
+        .await
+        .expect("PUT manifest");
+    assert_eq!(resp.status(), 201, "manifest PUT {repo}:{tag} to the upstream");
+    Image {
+        manifest: sha256(&manifest),
+        config: (config_digest, config),
+        layer: (layer_digest, layer),
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Status, `Docker-Content-Digest` and body of a GET.
+async fn get(url: &str) -> (u16, Option<String>, Vec<u8>) {
+    let resp = client()
+        .get(url)
+        .header(
+            "Accept",
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+        )
+        .send()
+        .await
+        .expect("GET");
+    let status = resp.status().as_u16();
+    let digest = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (status, digest, resp.bytes().await.expect("body").to_vec())
+}
+
+/// The OCI error code of an error body.
+fn error_code(body: &[u8]) -> String {
+    let v: Value =
+        serde_json::from_slice(body).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(body)));
+    v["errors"][0]["code"].as_str().expect("an OCI error").to_owned()
+}
+
+fn error_message(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body).expect("JSON");
+    v["errors"][0]["message"].as_str().unwrap_or_default().to_owned()
+}
+
+/// The sum of `series` samples whose labels include every one of `labels`.
+async fn metric(server: &TestServer, series: &str, labels: &[&str]) -> f64 {
+    let text = client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{series}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Blob GETs the upstream answered 200 (what the mirror fetched).
+async fn upstream_blob_fetches(pair: &Pair) -> f64 {
+    metric(
+        &pair.upstream,
+        "registry_http_requests_total",
+        &["method=\"get\"", "code=\"200\"", "handler=\"blob\""],
+    )
+    .await
+}
+
+/// Pulls an image through the mirror with plain HTTP, checking every byte against its digest.
+async fn pull_over_http(pair: &Pair, repo: &str, reference: &str, image: &Image) {
+    let (status, digest, body) = get(&pair.down(&format!("{repo}/manifests/{reference}"))).await;
+    assert_eq!(
+        status,
+        200,
+        "manifest {repo}:{reference}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(digest.as_deref(), Some(image.manifest.as_str()));
+    assert_eq!(sha256(&body), image.manifest, "the manifest's bytes are the upstream's");
+    for (d, bytes) in [&image.config, &image.layer] {
+        let (status, _, body) = get(&pair.down(&format!("{repo}/blobs/{d}"))).await;
+        assert_eq!(status, 200, "blob {d}");
+        assert_eq!(&sha256(&body), d, "blob bytes hash to the digest");
+        assert_eq!(&body, bytes);
+    }
+}
+
+fn require_skopeo() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("skopeo"))
+        .find(|c| c.is_file())
+        .unwrap_or_else(|| {
+            panic!("`skopeo` is not installed; `scripts/test` installs it (apt-get install skopeo). Never skipped.")
+        })
+}
+
+/// `skopeo copy` from the mirror into an OCI layout, returning the layout's directory.
+fn skopeo_pull(skopeo: &Path, scratch: &Path, source: &str, name: &str) -> PathBuf {
+    let auth = scratch.join("auth.json");
+    std::fs::write(&auth, r#"{"auths":{}}"#).expect("auth file");
+    let dest = scratch.join(name);
+    let out = Command::new(skopeo)
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            source,
+        ])
+        .arg(format!("oci:{}:pulled", dest.display()))
+        .env("REGISTRY_AUTH_FILE", &auth)
+        .env("TMPDIR", scratch)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo copy {source}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dest
+}
+
+fn layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").expect("sha256");
+    std::fs::read(layout.join("blobs/sha256").join(hex)).expect("blob in the layout")
+}
+
+#[tokio::test]
+async fn pulls_through_by_tag_and_digest_with_http_and_skopeo_storing_each_blob_once() {
+    let pair = Pair::start("5m");
+    let image = push_upstream(&pair.upstream, "lib/app", "v1", pseudo_random(300_000, 1), "app").await;
+
+    pull_over_http(&pair, "lib/app", "v1", &image).await;
+    for (d, _) in [&image.config, &image.layer] {
+        assert!(pair.downstream.blob_object_exists(d), "{d} is stored at the mirror");
+    }
+    let fetched = upstream_blob_fetches(&pair).await;
+    assert_eq!(fetched, 2.0, "config and layer fetched once each");
+    // The mirror asked the upstream's token endpoint, as the mirror user.
+    assert!(
+        metric(
+            &pair.upstream,
+            "stowage_auth_tokens_issued_total",
+            &["kind=\"registry\""]
+        )
+        .await
+            >= 1.0
+    );
+
+    // By digest, and again by tag: served from the cache.
+    pull_over_http(&pair, "lib/app", &image.manifest, &image).await;
+    pull_over_http(&pair, "lib/app", "v1", &image).await;
+    assert_eq!(upstream_blob_fetches(&pair).await, fetched, "nothing fetched again");
+
+    // skopeo, by tag and by digest.
+    let skopeo = require_skopeo();
+    let scratch = tempfile::tempdir().expect("scratch");
+    let host = &pair.downstream.host;
+    for (name, source) in [
+        ("by-tag", format!("docker://{host}/hub/lib/app:v1")),
+        ("by-digest", format!("docker://{host}/hub/lib/app@{}", image.manifest)),
+    ] {
+        let layout = skopeo_pull(&skopeo, scratch.path(), &source, name);
+        assert_eq!(layout_blob(&layout, &image.manifest), {
+            let (_, _, body) = get(&pair.down(&format!("lib/app/manifests/{}", image.manifest))).await;
+            body
+        });
+        assert_eq!(
+            layout_blob(&layout, &image.layer.0),
+            image.layer.1,
+            "{name}: layer bytes"
+        );
+    }
+    assert_eq!(
+        upstream_blob_fetches(&pair).await,
+        fetched,
+        "skopeo was served from the cache"
+    );
+
+    // A second image, pulled by digest first: fetched on demand as well.
+    let other = push_upstream(&pair.upstream, "lib/other", "v1", pseudo_random(1000, 2), "other").await;
+    pull_over_http(&pair, "lib/other", &other.manifest, &other).await;
+    let (status, _, body) = get(&pair.down("lib/missing/manifests/v1")).await;
+    assert_eq!((status, error_code(&body)), (404, "MANIFEST_UNKNOWN".to_owned()));
+}
+
+#[tokio::test]
+async fn upstream_down_serves_cached_tags_and_digests_and_refuses_uncached_ones() {
+    let mut pair = Pair::start("1s");
+    let image = push_upstream(&pair.upstream, "lib/app", "v1", pseudo_random(5000, 3), "app").await;
+    push_upstream(&pair.upstream, "lib/app", "v2", pseudo_random(5000, 4), "app2").await;
+    pull_over_http(&pair, "lib/app", "v1", &image).await;
+
+    pair.upstream.kill();
+    // Wait out the tag's TTL (counted from the end of its validation, which the pull above
+    // waited for), so the next pull must re-validate it with the dead upstream.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    pull_over_http(&pair, "lib/app", "v1", &image).await;
+    pull_over_http(&pair, "lib/app", &image.manifest, &image).await;
+    let stale = metric(
+        &pair.downstream,
+        "stowage_proxy_stale_serves_total",
+        &["upstream=\"hub/\""],
+    )
+    .await;
+    assert!(stale >= 1.0, "stale serves counted: {stale}");
+    assert!(
+        metric(
+            &pair.downstream,
+            "stowage_proxy_upstream_requests_total",
+            &["outcome=\"unreachable\""]
+        )
+        .await
+            >= 1.0
+    );
+
+    for uncached in [
+        "lib/app/manifests/v2",
+        "lib/app/manifests/sha256:0000000000000000000000000000000000000000000000000000000000000000",
+    ] {
+        let (status, _, body) = get(&pair.down(uncached)).await;
+        assert_eq!(status, 502, "{uncached}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(error_code(&body), "UNAVAILABLE");
+        assert!(
+            error_message(&body).contains("could not be reached"),
+            "{}",
+            error_message(&body)
+        );
+    }
+    let (status, _, body) = get(&pair.down(&format!("lib/app/blobs/{}", sha256(b"never pushed")))).await;
+    assert_eq!((status, error_code(&body)), (502, "UNAVAILABLE".to_owned()));
+}
+
+#[tokio::test]
+async fn a_moved_upstream_tag_is_seen_after_tag_ttl_and_not_before() {
+    let ttl = Duration::from_secs(4);
+    let pair = Pair::start("4s");
+    let first = push_upstream(&pair.upstream, "lib/app", "latest", pseudo_random(2000, 5), "first").await;
+    let validated = Instant::now();
+    pull_over_http(&pair, "lib/app", "latest", &first).await;
+
+    let second = push_upstream(&pair.upstream, "lib/app", "latest", pseudo_random(2000, 6), "second").await;
+    assert_ne!(first.manifest, second.manifest);
+    let (status, digest, _) = get(&pair.down("lib/app/manifests/latest")).await;
+    assert!(
+        validated.elapsed() < ttl,
+        "the check ran within the TTL (the machine is too slow otherwise)"
+    );
+    assert_eq!(
+        (status, digest.as_deref()),
+        (200, Some(first.manifest.as_str())),
+        "old digest before tag_ttl"
+    );
+
+    wait_until("the mirror serves the moved tag", || async {
+        let (_, digest, _) = get(&pair.down("lib/app/manifests/latest")).await;
+        if digest.as_deref() == Some(second.manifest.as_str()) {
+            assert!(validated.elapsed() >= ttl, "the moved tag was seen before tag_ttl");
+            true
+        } else {
+            false
+        }
+    })
+    .await;
+    pull_over_http(&pair, "lib/app", "latest", &second).await;
+    // The old image stays available by digest.
+    pull_over_http(&pair, "lib/app", &first.manifest, &first).await;
+}
+
+#[tokio::test]
+async fn concurrent_pulls_of_one_uncached_blob_share_one_upstream_fetch() {
+    let pair = Pair::start("5m");
+    let big = push_upstream(&pair.upstream, "lib/big", "v1", pseudo_random(24 << 20, 7), "big").await;
+    let also = push_upstream(&pair.upstream, "lib/big", "v2", pseudo_random(24 << 20, 8), "also").await;
+    let (digest, bytes) = &big.layer;
+    let before = upstream_blob_fetches(&pair).await;
+
+    let url = pair.down(&format!("lib/big/blobs/{digest}"));
+    let pulls = (0..16).map(|_| {
+        let url = url.clone();
+        async move {
+            let started = Instant::now();
+            let resp = client().get(&url).send().await.expect("GET blob");
+            let answered = Instant::now();
+            let status = resp.status().as_u16();
+            (status, resp.bytes().await.expect("body").to_vec(), started, answered)
+        }
+    });
+    let done = futures_util::future::join_all(pulls).await;
+    for (status, body, _, _) in &done {
+        assert_eq!(*status, 200);
+        assert_eq!(&sha256(body), digest);
+        assert_eq!(body.len(), bytes.len());
+    }
+    // Every pull was waiting at once (the last one started before the first was answered), so
+    // each could have fetched the blob itself without the single flight.
+    let last_start = done.iter().map(|d| d.2).max().expect("pulls");
+    let first_answer = done.iter().map(|d| d.3).min().expect("pulls");
+    assert!(last_start < first_answer, "the pulls overlapped");
+    assert_eq!(
+        upstream_blob_fetches(&pair).await - before,
+        1.0,
+        "16 pulls, one upstream fetch"
+    );
+
+    // A client that gives up does not abort the fetch: it completes and is stored.
+    let (digest, bytes) = &also.layer;
+    let url = pair.down(&format!("lib/big/blobs/{digest}"));
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), client().get(&url).send()).await;
+    assert!(
+        gave_up.is_err(),
+        "the first client disconnected before the fetch finished"
+    );
+    wait_until("the abandoned fetch is stored", || async {
+        pair.downstream.blob_object_exists(digest)
+    })
+    .await;
+    let (status, _, body) = get(&url).await;
+    assert_eq!((status, body.len()), (200, bytes.len()));
+    assert_eq!(&sha256(&body), digest);
+    assert_eq!(
+        upstream_blob_fetches(&pair).await - before,
+        2.0,
+        "the abandoned fetch was the only one"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_upstream_blob_is_refused_and_not_cached() {
+    let pair = Pair::start("5m");
+    let image = push_upstream(&pair.upstream, "lib/bad", "v1", pseudo_random(100_000, 9), "bad").await;
+    let (digest, bytes) = &image.layer;
+    // Same length, other bytes: only the digest can tell.
+    pair.upstream
+        .corrupt_blob_object(digest, &pseudo_random(bytes.len(), 10));
+
+    for _ in 0..2 {
+        let (status, _, body) = get(&pair.down(&format!("lib/bad/blobs/{digest}"))).await;
+        assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(error_code(&body), "UNAVAILABLE");
+        assert!(
+            error_message(&body).contains("does not match digest"),
+            "{}",
+            error_message(&body)
+        );
+        assert!(!pair.downstream.blob_object_exists(digest), "nothing cached");
+    }
+    // The image's manifest cannot be stored without its layer.
+    let (status, _, body) = get(&pair.down("lib/bad/manifests/v1")).await;
+    assert_eq!((status, error_code(&body)), (502, "UNAVAILABLE".to_owned()));
+    let (status, _, _) = get(&pair.down(&format!("lib/bad/blobs/{}", image.config.0))).await;
+    assert_eq!(status, 200, "the intact config blob was cached");
+}
+
+#[tokio::test]
+async fn pushes_and_deletes_into_a_proxied_prefix_are_refused() {
+    let pair = Pair::start("5m");
+    let image = push_upstream(&pair.upstream, "lib/app", "v1", pseudo_random(1000, 11), "app").await;
+    pull_over_http(&pair, "lib/app", "v1", &image).await;
+    let c = client();
+    let data = b"local bytes";
+    let digest = sha256(data);
+    let refusals = [
+        c.post(pair.down("lib/app/blobs/uploads/")),
+        c.post(pair.down(&format!("lib/app/blobs/uploads/?digest={digest}")))
+            .body(data.to_vec()),
+        c.post(pair.down(&format!("lib/app/blobs/uploads/?mount={}", image.layer.0))),
+        c.put(pair.down("lib/app/manifests/v2"))
+            .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+            .body(get(&pair.down("lib/app/manifests/v1")).await.2),
+        c.delete(pair.down("lib/app/manifests/v1")),
+        c.delete(pair.down(&format!("lib/app/blobs/{}", image.layer.0))),
+    ];
+    for request in refusals {
+        let resp = request.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.expect("body");
+        assert_eq!((status, error_code(&body)), (405, "UNSUPPORTED".to_owned()));
+        assert!(
+            error_message(&body).contains("pull-through cache"),
+            "{}",
+            error_message(&body)
+        );
+    }
+    pull_over_http(&pair, "lib/app", "v1", &image).await;
+    // Outside the prefix the mirror is an ordinary registry.
+    common::push_image(&pair.downstream, "local/app", "v1", data).await;
+}
+
+#[tokio::test]
+async fn read_only_maintenance_serves_only_cached_content() {
+    let pair = Pair::start("1s");
+    let image = push_upstream(&pair.upstream, "lib/app", "v1", pseudo_random(3000, 12), "app").await;
+    push_upstream(&pair.upstream, "lib/app", "v2", pseudo_random(3000, 13), "app2").await;
+    pull_over_http(&pair, "lib/app", "v1", &image).await;
+    let fetched = upstream_blob_fetches(&pair).await;
+
+    let status = Command::new("kill")
+        .args(["-USR1", &pair.downstream.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    wait_until("the mirror is read-only", || async {
+        let resp = client()
+            .post(pair.downstream.v2("local/app/blobs/uploads/"))
+            .send()
+            .await
+            .expect("POST");
+        resp.status() == 503
+    })
+    .await;
+    // Past the TTL the cached tag is still served (not re-validated); nothing new is fetched.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    pull_over_http(&pair, "lib/app", "v1", &image).await;
+    let (status, _, body) = get(&pair.down("lib/app/manifests/v2")).await;
+    assert_eq!((status, error_code(&body)), (503, "UNAVAILABLE".to_owned()));
+    assert_eq!(upstream_blob_fetches(&pair).await, fetched);
+}
+
+#[tokio::test]
+async fn pulls_through_an_https_upstream_trusted_through_ca_file() {
+    let pair = Pair::start_with("5m", true);
+    let image = push_upstream(&pair.upstream, "lib/app", "v1", pseudo_random(4000, 14), "tls").await;
+    pull_over_http(&pair, "lib/app", "v1", &image).await;
+    assert_eq!(upstream_blob_fetches(&pair).await, 2.0);
+
+    // Without the CA the upstream's certificate is not trusted: a clear 502, nothing cached.
+    let config = pair._dir.path().join("no-ca.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[proxy]]\nprefix = \"hub/\"\nurl = \"{}\"\ntimeout_secs = 5\n",
+            pair.upstream.url
+        ),
+    )
+    .expect("write config");
+    let untrusting = TestServer::start_with(&[("STOWAGE_CONFIG", config.to_str().expect("utf-8"))]);
+    let (status, _, body) = get(&untrusting.v2("hub/lib/app/manifests/v1")).await;
+    assert_eq!((status, error_code(&body)), (502, "UNAVAILABLE".to_owned()));
+    assert!(
+        error_message(&body).contains("could not be reached"),
+        "{}",
+        error_message(&body)
+    );
+}

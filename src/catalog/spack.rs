@@ -793,4 +793,57 @@ mod tests {
             )
         );
     }
+
+    #[test]
+    fn the_figures_migration_back_fills_what_was_recorded_before_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = Connection::open(tmp.path().join("catalog.db")).unwrap();
+        let at = super::super::MIGRATIONS
+            .iter()
+            .position(|m| m.contains("spack_figures_closure_added"))
+            .unwrap();
+        for sql in &super::super::MIGRATIONS[..at] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", at as i64).unwrap();
+        // Two spec tags as an older Stowage recorded them: `app` (layout 2) depends on `lib`,
+        // which depends on `ext`; `lib` has its own tag, `ext` none; `old` is in no DAG any more.
+        c.execute_batch(
+            "PRAGMA foreign_keys = OFF;
+             INSERT INTO repositories (id, name, created_at) VALUES (1, 'r', 0);
+             INSERT INTO spack_nodes (repo_id, hash, name, version, external, node) VALUES
+                 (1, 'app', 'app', '1', 0, '{}'), (1, 'lib', 'lib', '1', 0, '{}'),
+                 (1, 'ext', 'ext', '1', 1, '{}'), (1, 'old', 'old', '1', 0, '{}');
+             INSERT INTO spack_deps (repo_id, hash, dep_hash, deptypes) VALUES
+                 (1, 'app', 'lib', '[]'), (1, 'lib', 'ext', '[]'), (1, 'old', 'lib', '[]');
+             INSERT INTO spack_specs (repo_id, tag, hash, manifest_id, layout_version) VALUES
+                 (1, 'app.spack', 'app', 1, 2), (1, 'lib.spack', 'lib', 2, 3);
+             INSERT INTO spack_closure (repo_id, tag, hash) VALUES
+                 (1, 'app.spack', 'app'), (1, 'app.spack', 'lib'), (1, 'app.spack', 'ext'),
+                 (1, 'lib.spack', 'lib'), (1, 'lib.spack', 'ext');",
+        )
+        .unwrap();
+        super::super::migrate(&mut c).unwrap();
+        let figures = |hash: &str| -> (i64, i64, i64) {
+            c.query_row(
+                "SELECT closure_refs, spec_refs, ref_count FROM spack_nodes WHERE hash = ?1",
+                [hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+        };
+        assert_eq!(figures("app"), (1, 1, 0));
+        // `old` depends on `lib` too, but is listed nowhere: its edge does not count.
+        assert_eq!(figures("lib"), (2, 1, 1));
+        assert_eq!(figures("ext"), (2, 0, 1));
+        assert_eq!(figures("old"), (0, 0, 0));
+        let specs: (i64, i64) = c
+            .query_row(
+                "SELECT specs, old_layout_specs FROM spack_index WHERE repo_id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(specs, (2, 1));
+    }
 }

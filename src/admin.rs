@@ -25,6 +25,8 @@
 //! Then it recounts the per-repository figures the catalog keeps for the web UI (tag count,
 //! linked blob bytes, manifest bytes; `Catalog::check_repo_figures`) and reports each repository
 //! whose kept figures differ; `--repair` sets them to the recount (`Catalog::repair_repo_figures`).
+//! The same for the figures each Spack build cache's index is built from
+//! (`Catalog::check_spack_figures`, `Catalog::repair_spack_figures`).
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 
@@ -322,6 +324,12 @@ pub struct FsckReport {
     pub repo_figures_wrong: u64,
     /// Repositories whose figures were set to the recount.
     pub repo_figures_repaired: u64,
+    /// Spack build caches whose index figures were recounted.
+    pub spack_caches: u64,
+    /// Spack build caches whose kept index figures differed from the recount.
+    pub spack_figures_wrong: u64,
+    /// Spack build caches whose index figures were set to the recount.
+    pub spack_figures_repaired: u64,
 }
 
 impl FsckReport {
@@ -332,7 +340,11 @@ impl FsckReport {
 
     /// Nothing bad and nothing unreadable.
     pub fn is_clean(&self) -> bool {
-        self.bad() == 0 && self.unreadable == 0 && self.repair_failed == 0 && self.repo_figures_wrong == 0
+        self.bad() == 0
+            && self.unreadable == 0
+            && self.repair_failed == 0
+            && self.repo_figures_wrong == 0
+            && self.spack_figures_wrong == 0
     }
 }
 
@@ -436,6 +448,7 @@ async fn fsck_with(
         }
     }
     check_repo_figures(catalog, repair, &mut report).await?;
+    check_spack_figures(catalog, repair, &mut report).await?;
     let repaired = if repair {
         format!(
             "; {} quarantined, {} forgotten, {} repairs failed",
@@ -470,7 +483,57 @@ async fn fsck_with(
             String::new()
         }
     );
+    println!(
+        "fsck: {} Spack build caches' index figures recounted: {} wrong{}",
+        report.spack_caches,
+        report.spack_figures_wrong,
+        if repair {
+            format!(", {} repaired", report.spack_figures_repaired)
+        } else if report.spack_figures_wrong > 0 {
+            "; stop the server and run `stowage fsck --repair` to set them to the recount".to_owned()
+        } else {
+            String::new()
+        }
+    );
     Ok(report)
+}
+
+/// Recounts every Spack build cache's index figures (see `catalog::fsck`), printing each cache
+/// whose kept figures differ; with `repair`, sets them to the recount.
+async fn check_spack_figures(
+    catalog: &Catalog,
+    repair: bool,
+    report: &mut FsckReport,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut after = 0;
+    loop {
+        let page = catalog.check_spack_figures(after, FSCK_PAGE).await?;
+        report.spack_caches += page.checked;
+        for m in page.mismatches {
+            report.spack_figures_wrong += 1;
+            println!(
+                "spack cache {}: {} nodes' index figures differ from the recount; specs kept {} ({} of layout < 3), recounted {} ({})",
+                m.repo, m.nodes_wrong, m.specs_kept.0, m.specs_kept.1, m.specs_counted.0, m.specs_counted.1
+            );
+            if repair {
+                match catalog.repair_spack_figures(&m.repo).await {
+                    Ok(Some(_)) => {
+                        report.spack_figures_repaired += 1;
+                        println!("spack cache {}: index figures set to the recount", m.repo);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        report.repair_failed += 1;
+                        println!("spack cache {}: repairing its index figures failed: {e}", m.repo);
+                    }
+                }
+            }
+        }
+        match page.next {
+            Some(next) => after = next,
+            None => return Ok(()),
+        }
+    }
 }
 
 /// Recounts every repository's kept figures (see the module doc), printing each that differs;

@@ -206,10 +206,17 @@ async fn migrate_applies_each_pending_migration_once() {
     // (undone here by hand, newest first).
     {
         let db = rusqlite::Connection::open(data.join("catalog.db")).expect("open catalog");
-        // Undo every migration after 9, newest first: image platforms, repository figures, the
+        // Undo every migration after 9, newest first: the Spack index figures, image platforms, repository figures, the
         // Spack search columns, the cache generations, the audit trail.
         db.execute_batch(
-            "ALTER TABLE manifests DROP COLUMN platform;
+            "DROP TRIGGER spack_figures_node_added; DROP TRIGGER spack_figures_edge_added;
+             DROP TRIGGER spack_figures_edge_removed; DROP TRIGGER spack_figures_closure_added;
+             DROP TRIGGER spack_figures_closure_removed; DROP TRIGGER spack_figures_spec_added;
+             DROP TRIGGER spack_figures_spec_removed;
+             ALTER TABLE spack_nodes DROP COLUMN closure_refs; ALTER TABLE spack_nodes DROP COLUMN spec_refs;
+             ALTER TABLE spack_nodes DROP COLUMN ref_count;
+             ALTER TABLE spack_index DROP COLUMN specs; ALTER TABLE spack_index DROP COLUMN old_layout_specs;
+             ALTER TABLE manifests DROP COLUMN platform;
              DROP TRIGGER repo_stats_tag_added; DROP TRIGGER repo_stats_tag_removed;
              DROP TRIGGER repo_stats_blob_linked; DROP TRIGGER repo_stats_blob_unlinked;
              DROP TRIGGER repo_stats_manifest_added; DROP TRIGGER repo_stats_manifest_removed;

@@ -3,7 +3,7 @@
 mod common;
 
 use common::spack::{FixtureRepo, in_buildcache, push_fixture, served_index};
-use common::{TestServer, client};
+use common::{TestServer, client, sha256};
 
 /// For every fixture repository with an index, the index Stowage serves after the same tags
 /// were pushed equals the one Spack's `update-index` wrote (as JSON values).
@@ -93,4 +93,216 @@ async fn a_deleted_index_manifest_is_rebuilt() {
     assert_eq!(resp.status(), 202);
     let (_, index) = served_index(&server, "cache").await;
     assert_eq!(index, fixture.spack_index().expect("fixture index"));
+}
+
+/// The index blob as served (its bytes hash to the manifest's layer digest).
+async fn served_index_bytes(server: &TestServer, repo: &str) -> Vec<u8> {
+    let http = client();
+    let resp = http
+        .get(server.v2(&format!("{repo}/manifests/index.spack")))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .expect("GET index.spack");
+    assert_eq!(resp.status(), 200);
+    let manifest: serde_json::Value = resp.json().await.expect("manifest");
+    let digest = manifest["layers"][0]["digest"].as_str().expect("layer").to_owned();
+    let resp = http
+        .get(server.v2(&format!("{repo}/blobs/{digest}")))
+        .send()
+        .await
+        .expect("GET blob");
+    assert_eq!(resp.status(), 200);
+    let bytes = resp.bytes().await.expect("bytes").to_vec();
+    assert_eq!(sha256(&bytes), digest, "the index blob hashes to its digest");
+    bytes
+}
+
+/// The index of `repo` serialised from the catalog as Stowage did before the kept figures of
+/// migration 0015: every node in some spec tag's DAG, in hash order, with correlated counts.
+fn correlated_index(server: &TestServer, repo: &str) -> Vec<u8> {
+    let db = rusqlite::Connection::open_with_flags(
+        server.data_dir().join("catalog.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open catalog");
+    let repo_id: i64 = db
+        .query_row("SELECT id FROM repositories WHERE name = ?1", [repo], |r| r.get(0))
+        .expect("repository");
+    let min_layout: Option<i64> = db
+        .query_row(
+            "SELECT MIN(layout_version) FROM spack_specs WHERE repo_id = ?1",
+            [repo_id],
+            |r| r.get(0),
+        )
+        .expect("layout");
+    let version = if min_layout.is_some_and(|l| l < 3) { "7" } else { "8" };
+    let mut out = format!("{{\"database\":{{\"version\":\"{version}\",\"installs\":{{");
+    let mut stmt = db
+        .prepare(
+            "SELECT n.hash, n.node,
+                    (SELECT COUNT(*) FROM spack_deps d
+                      WHERE d.repo_id = n.repo_id AND d.dep_hash = n.hash
+                        AND EXISTS (SELECT 1 FROM spack_closure c2 WHERE c2.repo_id = d.repo_id AND c2.hash = d.hash)),
+                    EXISTS (SELECT 1 FROM spack_specs s WHERE s.repo_id = n.repo_id AND s.hash = n.hash)
+               FROM spack_nodes n
+              WHERE n.repo_id = ?1
+                AND EXISTS (SELECT 1 FROM spack_closure c WHERE c.repo_id = n.repo_id AND c.hash = n.hash)
+              ORDER BY n.hash",
+        )
+        .expect("prepare");
+    let rows = stmt
+        .query_map([repo_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, bool>(3)?,
+            ))
+        })
+        .expect("query");
+    for (i, row) in rows.enumerate() {
+        let (hash, node, ref_count, in_buildcache) = row.expect("row");
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!(
+            "{}:{{\"spec\":{node},\"ref_count\":{ref_count},\"in_buildcache\":{in_buildcache}}}",
+            serde_json::Value::String(hash)
+        ));
+    }
+    out.push_str("}}}");
+    out.into_bytes()
+}
+
+async fn delete(server: &TestServer, path: &str) {
+    let resp = client().delete(server.v2(path)).send().await.expect("DELETE");
+    assert_eq!(resp.status(), 202, "DELETE {path}");
+}
+
+async fn put_manifest(server: &TestServer, repo: &str, tag: &str, (body, ct): &(Vec<u8>, String)) {
+    let resp = client()
+        .put(server.v2(&format!("{repo}/manifests/{tag}")))
+        .header("Content-Type", ct.as_str())
+        .body(body.clone())
+        .send()
+        .await
+        .expect("PUT manifest");
+    assert_eq!(resp.status(), 201, "PUT {tag}");
+}
+
+/// The index built from the kept figures is byte for byte the serialisation with counts made
+/// afresh from the catalog, through pushes, a tag delete, a manifest delete (cascading to its
+/// tag), re-pushes and a mixed-layout cache; and `stowage fsck` finds every kept figure right.
+#[tokio::test]
+async fn the_index_from_kept_figures_is_the_correlated_serialisation_byte_for_byte() {
+    let server = TestServer::start();
+    let fixture = FixtureRepo::load("http-noauth", "spack_buildcache");
+    push_fixture(&server, "cache", &fixture).await;
+    let check = |what: &'static str| {
+        let server = &server;
+        async move {
+            let served = served_index_bytes(server, "cache").await;
+            let expected = correlated_index(server, "cache");
+            assert!(
+                served == expected,
+                "{what}: served {} bytes, expected {} bytes:\n{}\n{}",
+                served.len(),
+                expected.len(),
+                String::from_utf8_lossy(&served),
+                String::from_utf8_lossy(&expected)
+            );
+        }
+    };
+    check("pushed").await;
+
+    // The spec with the smallest DAG (a dependency of others here) loses its tag.
+    let tags = fixture.spec_tags();
+    let mut by_deps: Vec<(usize, String)> = tags
+        .iter()
+        .map(|t| {
+            let (body, _) = &fixture.manifests[t];
+            let m: serde_json::Value = serde_json::from_slice(body).expect("manifest");
+            let config = &fixture.blobs[m["config"]["digest"].as_str().expect("config")];
+            let c: serde_json::Value = serde_json::from_slice(config).expect("config");
+            (c["spec"]["nodes"].as_array().map_or(0, |n| n.len()), t.clone())
+        })
+        .collect();
+    by_deps.sort();
+    let (leaf, root) = (by_deps[0].1.clone(), by_deps[by_deps.len() - 1].1.clone());
+    delete(&server, &format!("cache/manifests/{leaf}")).await;
+    check("a dependency's tag deleted").await;
+    // The spec with the largest DAG goes by manifest digest: its tag cascades, and the nodes
+    // only it held leave the index.
+    let digest = sha256(&fixture.manifests[&root].0);
+    delete(&server, &format!("cache/manifests/{digest}")).await;
+    check("the largest spec's manifest deleted").await;
+    put_manifest(&server, "cache", &root, &fixture.manifests[&root]).await;
+    put_manifest(&server, "cache", &leaf, &fixture.manifests[&leaf]).await;
+    check("both pushed again").await;
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&served_index_bytes(&server, "cache").await).expect("JSON"),
+        fixture.spack_index().expect("fixture index"),
+        "back to Spack's own index"
+    );
+    // An old-layout spec turns the database version to 7 (the kept old-layout count).
+    push_fixture(&server, "cache", &FixtureRepo::load("bearer-tls", "spack_v023")).await;
+    check("a v0.23 cache pushed on top").await;
+
+    let (code, out, err) = server.fsck(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("fsck: 1 Spack build caches' index figures recounted: 0 wrong"),
+        "{out}"
+    );
+}
+
+/// Kept figures that went wrong behind the server's back are found by `stowage fsck`, set to
+/// the recount by `--repair`, and the next read of `index.spack` rebuilds the right index.
+#[tokio::test]
+async fn fsck_finds_and_repairs_wrong_index_figures() {
+    let mut server = TestServer::start();
+    let fixture = FixtureRepo::load("http-noauth", "spack_buildcache");
+    push_fixture(&server, "cache", &fixture).await;
+    let before = served_index_bytes(&server, "cache").await;
+    server.terminate();
+    {
+        let db = rusqlite::Connection::open(server.data_dir().join("catalog.db")).expect("open catalog");
+        let hashes: Vec<String> = db
+            .prepare("SELECT hash FROM spack_nodes WHERE closure_refs > 0 ORDER BY hash LIMIT 2")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .expect("hashes");
+        assert_eq!(hashes.len(), 2);
+        db.execute(
+            "UPDATE spack_nodes SET ref_count = ref_count + 3 WHERE hash = ?1",
+            [&hashes[0]],
+        )
+        .expect("corrupt ref_count");
+        db.execute("UPDATE spack_nodes SET closure_refs = 0 WHERE hash = ?1", [&hashes[1]])
+            .expect("corrupt closure_refs");
+        db.execute("UPDATE spack_index SET specs = specs + 1, built_generation = NULL", [])
+            .expect("corrupt specs");
+    }
+    let (code, out, err) = server.fsck(&[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("spack cache cache: 2 nodes' index figures differ from the recount; specs kept 6 (0 of layout < 3), recounted 5 (0)"),
+        "{out}"
+    );
+    assert!(out.contains("index figures recounted: 1 wrong;"), "{out}");
+    // Like a repaired blob, a repair reports what it found wrong: the run still fails.
+    let (code, out, err) = server.fsck(&["--repair"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("spack cache cache: index figures set to the recount"),
+        "{out}"
+    );
+    let (code, out, err) = server.fsck(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("index figures recounted: 0 wrong"), "{out}");
+    server.crash_and_restart();
+    assert!(
+        served_index_bytes(&server, "cache").await == before,
+        "the same index again"
+    );
 }

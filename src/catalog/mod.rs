@@ -121,6 +121,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0012_spack_search.sql"),
     include_str!("../../migrations/0013_repo_stats.sql"),
     include_str!("../../migrations/0014_manifest_platform.sql"),
+    include_str!("../../migrations/0015_spack_fragments.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

@@ -15,6 +15,24 @@
 //!   backwards through `spack_deps_by_dep` (direct dependents, keyset by dependent hash), or
 //!   the spec tags whose DAG holds the node, through `spack_closure_by_hash` (transitive
 //!   dependents, keyset by tag): both are index range scans, never a walk of the graph.
+//!
+//! The index ([`Catalog::spack_index_stream`]) is one walk of `spack_nodes`' primary key in hash
+//! order, from one read snapshot, with no join and no subquery:
+//! - Each node row holds its entry's only variable-length part, the node's JSON exactly as Spack
+//!   wrote it (`node`: the stored fragment, copied into the output without decoding). The entry
+//!   is `"<hash>":{"spec":<node>,"ref_count":<n>,"in_buildcache":<bool>}`; entries are
+//!   separated by `,` and wrapped in `{"database":{"version":"<v>","installs":{…}}}`.
+//! - What depends on other specs is kept beside it as integers, maintained by the triggers of
+//!   migration 0015 in the transaction of every change to spec tags (whatever path: push,
+//!   delete, retention, GC, cascades), at a cost of the changed DAG's nodes and edges, never of
+//!   the repository: `closure_refs` (spec tags whose DAG holds the node: listed iff > 0),
+//!   `spec_refs` (`in_buildcache` iff > 0) and `ref_count` (listed nodes with an edge to it).
+//!   The repository's spec count and whether any spec has layout < 3 (database version 7) are
+//!   kept in `spack_index`. The exact invariant is written in the migration; `stowage fsck`
+//!   recounts it ([`Catalog::check_spack_figures`]) and `--repair` restores it.
+//! - The output is byte for byte what serialising the same rows with correlated counts gave
+//!   before migration 0015 (the published blob's digest depends on it only through the
+//!   catalog's content, never on how it was computed).
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -58,6 +76,32 @@ struct PieceSink {
 impl PieceSink {
     fn push(&mut self, data: &[u8]) -> Result<()> {
         self.piece.extend_from_slice(data);
+        if self.piece.len() >= INDEX_PIECE {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Appends one `"hash":{"spec":…,"ref_count":…,"in_buildcache":…}` entry of `installs`.
+    fn push_entry(&mut self, hash: &str, node: &[u8], ref_count: i64, in_buildcache: bool) -> Result<()> {
+        use std::io::Write as _;
+        // DAG hashes are base32 (letters and digits): a JSON string as they are. Anything else
+        // is escaped as serde_json would.
+        if hash.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            self.piece.push(b'"');
+            self.piece.extend_from_slice(hash.as_bytes());
+            self.piece.push(b'"');
+        } else {
+            let quoted = serde_json::Value::String(hash.to_owned()).to_string();
+            self.piece.extend_from_slice(quoted.as_bytes());
+        }
+        self.piece.extend_from_slice(b":{\"spec\":");
+        self.piece.extend_from_slice(node);
+        // Writing into a Vec cannot fail.
+        let _ = write!(
+            self.piece,
+            ",\"ref_count\":{ref_count},\"in_buildcache\":{in_buildcache}}}"
+        );
         if self.piece.len() >= INDEX_PIECE {
             self.flush()?;
         }
@@ -219,14 +263,14 @@ impl Catalog {
             else {
                 return Ok(None);
             };
-            let (specs, min_layout): (i64, Option<i64>) = tx.query_row(
-                "SELECT COUNT(*), MIN(layout_version) FROM spack_specs WHERE repo_id = ?1",
+            let (specs, old_layout_specs): (i64, i64) = tx.query_row(
+                "SELECT specs, old_layout_specs FROM spack_index WHERE repo_id = ?1",
                 [repo_id],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
             // Spack 0.2x (layout 2) reads database version 7 only; 1.x reads 7 and 8. Serve the
             // newest version every client that pushed here can read.
-            let version = if min_layout.is_some_and(|l| l < 3) { "7" } else { "8" };
+            let version = if old_layout_specs > 0 { "7" } else { "8" };
             let mut out = PieceSink {
                 piece: Vec::with_capacity(INDEX_PIECE + 4096),
                 sent: 0,
@@ -235,32 +279,24 @@ impl Catalog {
             out.push(b"{\"database\":{\"version\":\"")?;
             out.push(version.as_bytes())?;
             out.push(b"\",\"installs\":{")?;
-            let mut stmt = tx.prepare(
-                "SELECT n.hash, n.node,
-                        (SELECT COUNT(*) FROM spack_deps d
-                          WHERE d.repo_id = n.repo_id AND d.dep_hash = n.hash
-                            AND EXISTS (SELECT 1 FROM spack_closure c2 WHERE c2.repo_id = d.repo_id AND c2.hash = d.hash)),
-                        EXISTS (SELECT 1 FROM spack_specs s WHERE s.repo_id = n.repo_id AND s.hash = n.hash)
-                   FROM spack_nodes n
-                  WHERE n.repo_id = ?1
-                    AND EXISTS (SELECT 1 FROM spack_closure c WHERE c.repo_id = n.repo_id AND c.hash = n.hash)
-                  ORDER BY n.hash",
+            // One walk of the primary key in hash order; the figures are kept (see the module
+            // doc) and the node is its stored JSON, copied without decoding.
+            let mut stmt = tx.prepare_cached(
+                "SELECT hash, node, ref_count, spec_refs > 0 FROM spack_nodes
+                  WHERE repo_id = ?1 AND closure_refs > 0 ORDER BY hash",
             )?;
             let mut rows = stmt.query([repo_id])?;
             let mut nodes = 0usize;
             while let Some(row) = rows.next()? {
-                let hash: String = row.get(0)?;
-                let node: String = row.get(1)?;
+                let hash = row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
+                let node = row.get_ref(1)?.as_bytes().map_err(rusqlite::Error::from)?;
                 let ref_count: i64 = row.get(2)?;
                 let in_buildcache: bool = row.get(3)?;
                 if nodes > 0 {
                     out.push(b",")?;
                 }
                 nodes += 1;
-                out.push(serde_json::Value::String(hash).to_string().as_bytes())?;
-                out.push(b":{\"spec\":")?;
-                out.push(node.as_bytes())?;
-                out.push(format!(",\"ref_count\":{ref_count},\"in_buildcache\":{in_buildcache}}}").as_bytes())?;
+                out.push_entry(hash, node, ref_count, in_buildcache)?;
             }
             out.push(b"}}}")?;
             out.flush()?;
@@ -763,5 +799,58 @@ mod tests {
                 "gcc@12.2.0".into()
             )
         );
+    }
+
+    #[test]
+    fn the_figures_migration_back_fills_what_was_recorded_before_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = Connection::open(tmp.path().join("catalog.db")).unwrap();
+        let at = super::super::MIGRATIONS
+            .iter()
+            .position(|m| m.contains("spack_figures_closure_added"))
+            .unwrap();
+        for sql in &super::super::MIGRATIONS[..at] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", at as i64).unwrap();
+        // Two spec tags as an older Stowage recorded them: `app` (layout 2) depends on `lib`,
+        // which depends on `ext`; `lib` has its own tag, `ext` none; `old` is in no DAG any more.
+        c.execute_batch(
+            "PRAGMA foreign_keys = OFF;
+             INSERT INTO repositories (id, name, created_at) VALUES (1, 'r', 0);
+             INSERT INTO spack_nodes (repo_id, hash, name, version, external, node) VALUES
+                 (1, 'app', 'app', '1', 0, '{}'), (1, 'lib', 'lib', '1', 0, '{}'),
+                 (1, 'ext', 'ext', '1', 1, '{}'), (1, 'old', 'old', '1', 0, '{}');
+             INSERT INTO spack_deps (repo_id, hash, dep_hash, deptypes) VALUES
+                 (1, 'app', 'lib', '[]'), (1, 'lib', 'ext', '[]'), (1, 'old', 'lib', '[]');
+             INSERT INTO spack_specs (repo_id, tag, hash, manifest_id, layout_version) VALUES
+                 (1, 'app.spack', 'app', 1, 2), (1, 'lib.spack', 'lib', 2, 3);
+             INSERT INTO spack_closure (repo_id, tag, hash) VALUES
+                 (1, 'app.spack', 'app'), (1, 'app.spack', 'lib'), (1, 'app.spack', 'ext'),
+                 (1, 'lib.spack', 'lib'), (1, 'lib.spack', 'ext');",
+        )
+        .unwrap();
+        super::super::migrate(&mut c).unwrap();
+        let figures = |hash: &str| -> (i64, i64, i64) {
+            c.query_row(
+                "SELECT closure_refs, spec_refs, ref_count FROM spack_nodes WHERE hash = ?1",
+                [hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+        };
+        assert_eq!(figures("app"), (1, 1, 0));
+        // `old` depends on `lib` too, but is listed nowhere: its edge does not count.
+        assert_eq!(figures("lib"), (2, 1, 1));
+        assert_eq!(figures("ext"), (2, 0, 1));
+        assert_eq!(figures("old"), (0, 0, 0));
+        let specs: (i64, i64) = c
+            .query_row(
+                "SELECT specs, old_layout_specs FROM spack_index WHERE repo_id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(specs, (2, 1));
     }
 }

@@ -116,6 +116,7 @@ pub struct Metrics {
     pub upload_memory_limit: Gauge,
     pub upload_memory_reserved: Gauge,
     pub upload_memory_peak: Gauge,
+    pub upload_memory_pooled: Gauge,
     pub upload_memory_waits: Counter,
     pub upload_memory_timeouts: Counter,
     pub repositories: Gauge,
@@ -170,6 +171,7 @@ impl Metrics {
             upload_memory_limit: Gauge::default(),
             upload_memory_reserved: Gauge::default(),
             upload_memory_peak: Gauge::default(),
+            upload_memory_pooled: Gauge::default(),
             upload_memory_waits: Counter::default(),
             upload_memory_timeouts: Counter::default(),
             repositories: Gauge::default(),
@@ -256,6 +258,12 @@ impl Metrics {
             "The most upload memory reserved at once since the process started",
             Unit::Bytes,
             m.upload_memory_peak.clone(),
+        );
+        r.register_with_unit(
+            "stowage_upload_memory_pooled",
+            "Upload memory held by idle part buffers kept for reuse (part of what is reserved)",
+            Unit::Bytes,
+            m.upload_memory_pooled.clone(),
         );
         r.register(
             "stowage_upload_memory_waits",

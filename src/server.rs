@@ -215,11 +215,10 @@ pub async fn open_store(config: &Config) -> Result<BlobStore, Box<dyn std::error
         }
         Backend::S3 => crate::storage::s3::open(&config.storage.s3, part_size)?,
     };
-    let memory = crate::storage::memory::UploadMemory::new(
+    Ok(store.with_upload_memory(
         config.storage.upload_memory,
         Duration::from_secs(config.storage.upload_memory_wait_secs),
-    );
-    Ok(store.with_upload_memory(memory))
+    ))
 }
 
 /// The registry's settings as `config` describes them.

@@ -59,6 +59,7 @@ const FAMILIES: &[&str] = &[
     "stowage_upload_memory_limit_bytes",
     "stowage_upload_memory_reserved_bytes",
     "stowage_upload_memory_peak_bytes",
+    "stowage_upload_memory_pooled_bytes",
     "stowage_upload_memory_waits",
     "stowage_upload_memory_timeouts",
     "stowage_repositories",

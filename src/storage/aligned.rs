@@ -20,33 +20,69 @@ pub const ALIGN: usize = 4096;
 /// the upload memory budget that pays for it (given back when the buffer is freed, which for a
 /// frozen buffer is when the last [`Bytes`] referring to it goes).
 ///
-/// The memory is mapped anonymously (on Unix) and unmapped when the buffer is freed, so a
-/// buffer's pages are back with the system as soon as it is gone: the process's resident size
-/// follows the budget instead of the allocator's high-water mark. Pages are touched only as
-/// bytes are filled, so a part that never fills up costs no more pages than it holds.
+/// The memory is an anonymous mapping ([`Mapping`]). When the buffer is freed, a mapping whose
+/// whole size was reserved goes back to the budget's pool of idle parts together with its
+/// reservation (see `memory`), so the next part reuses pages already touched instead of
+/// faulting in fresh ones; any other is unmapped at once. Either way the resident size follows
+/// the budget, not an allocator's high-water mark. Fresh pages are touched only as bytes are
+/// filled, so a part that never fills up costs no more pages than it holds.
 pub struct PartBuf {
-    ptr: NonNull<u8>,
-    size: usize,
+    /// `None` only while being dropped.
+    mem: Option<Mapping>,
     len: usize,
     reservation: Reservation,
 }
 
-// SAFETY: `PartBuf` owns its mapping exclusively, like a `Vec<u8>`; shared access only reads.
-unsafe impl Send for PartBuf {}
-// SAFETY: as above; `&PartBuf` gives only read access to initialised bytes.
-unsafe impl Sync for PartBuf {}
+/// `size` bytes of anonymous memory aligned to [`ALIGN`], unmapped when dropped.
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    size: usize,
+}
+
+// SAFETY: a `Mapping` is owned exclusively, like a `Vec<u8>`'s allocation.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; shared access only reads.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// A fresh mapping of at least `capacity` bytes (at least 1; rounded up to [`ALIGN`]).
+    pub fn new(capacity: usize) -> Mapping {
+        let size = capacity.max(1).next_multiple_of(ALIGN);
+        Mapping { ptr: map(size), size }
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        unmap(self.ptr, self.size);
+    }
+}
 
 impl PartBuf {
-    /// A buffer holding up to `capacity` bytes (at least 1; rounded up to [`ALIGN`]), paid for
-    /// by `reservation`.
+    /// A buffer holding up to `capacity` bytes (at least 1; rounded up to [`ALIGN`]) in fresh
+    /// memory, paid for by `reservation`.
     pub fn with_capacity(capacity: usize, reservation: Reservation) -> PartBuf {
-        let size = capacity.max(1).next_multiple_of(ALIGN);
+        PartBuf::in_mapping(Mapping::new(capacity), reservation)
+    }
+
+    /// A buffer in `mem` (its contents are overwritten before they are read), paid for by
+    /// `reservation`.
+    pub fn in_mapping(mem: Mapping, reservation: Reservation) -> PartBuf {
         PartBuf {
-            ptr: map(size),
-            size,
+            mem: Some(mem),
             len: 0,
             reservation,
         }
+    }
+
+    fn mem(&self) -> (*mut u8, usize) {
+        self.mem
+            .as_ref()
+            .map_or((NonNull::dangling().as_ptr(), 0), |m| (m.ptr.as_ptr(), m.size))
     }
 
     pub fn len(&self) -> usize {
@@ -55,7 +91,7 @@ impl PartBuf {
 
     /// Bytes that still fit.
     pub fn remaining(&self) -> usize {
-        self.size - self.len
+        self.mem().1 - self.len
     }
 
     /// Bytes of the upload memory budget this buffer holds.
@@ -74,7 +110,7 @@ impl PartBuf {
         // SAFETY: `len + n` is within the mapping, and `data` cannot overlap memory this
         // buffer owns exclusively.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(self.len), n);
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.mem().0.add(self.len), n);
         }
         self.len += n;
         n
@@ -90,13 +126,16 @@ impl PartBuf {
 impl AsRef<[u8]> for PartBuf {
     fn as_ref(&self) -> &[u8] {
         // SAFETY: the first `len` bytes were initialised by `fill`.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        unsafe { std::slice::from_raw_parts(self.mem().0, self.len) }
     }
 }
 
 impl Drop for PartBuf {
     fn drop(&mut self) {
-        unmap(self.ptr, self.size);
+        if let Some(mem) = self.mem.take() {
+            // Back to the pool if the whole mapping was paid for; unmapped otherwise.
+            std::mem::replace(&mut self.reservation, Reservation::none()).recycle(mem);
+        }
     }
 }
 

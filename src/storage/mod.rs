@@ -170,7 +170,7 @@ impl BlobStore {
             multipart: None,
             signer: None,
             prefix: None,
-            memory: memory::UploadMemory::default(),
+            memory: memory::UploadMemory::new(memory::DEFAULT_BYTES, memory::DEFAULT_WAIT, part_size),
             max_copy: None,
         })
     }
@@ -185,14 +185,19 @@ impl BlobStore {
             multipart: Some(multipart),
             signer: None,
             prefix: None,
-            memory: memory::UploadMemory::default(),
+            memory: memory::UploadMemory::new(
+                memory::DEFAULT_BYTES,
+                memory::DEFAULT_WAIT,
+                part_size.max(staging::S3_MIN_PART),
+            ),
             max_copy: None,
         }
     }
 
-    /// Reserves every upload's part buffers from `memory` (`storage.upload_memory`).
-    pub fn with_upload_memory(mut self, memory: memory::UploadMemory) -> Self {
-        self.memory = memory;
+    /// Reserves every upload's part buffers from a budget of `bytes`
+    /// (`storage.upload_memory`), waiting at most `wait` for memory.
+    pub fn with_upload_memory(mut self, bytes: usize, wait: std::time::Duration) -> Self {
+        self.memory = memory::UploadMemory::new(bytes, wait, self.part_size);
         self
     }
 

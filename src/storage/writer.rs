@@ -9,11 +9,13 @@
 //!
 //! How a part's memory is reserved keeps those waits free of cycles (an upload never waits
 //! while holding memory that only its own client's bytes would give back):
-//! - On local disk a part may have any size, so memory is reserved in steps of [`STEP`] as
-//!   bytes arrive. When the next step is not available at once, the partly filled part is
-//!   written out as it is (its memory comes back when the write is done) and only then does
-//!   the upload wait, holding nothing but parts the store is writing. A slow client therefore
-//!   holds about what it has sent, not a whole part.
+//! - On local disk a part may have any size. While at least half the budget is free, a part
+//!   takes a whole part's memory at once (an idle buffer from the pool when there is one: no
+//!   fresh pages to fault in). Past that, memory is reserved in steps of [`STEP`] as bytes
+//!   arrive, so under load a slow client holds about what it has sent, not a whole part. When
+//!   the next step is not available at once, the partly filled part is written out as it is
+//!   (its memory comes back when the write is done) and only then does the upload wait,
+//!   holding nothing but parts the store is writing.
 //! - Object stores need parts of at least 5 MiB, so a whole part is reserved before its first
 //!   byte; filling it then needs nothing more than the client's bytes.
 //!
@@ -346,6 +348,18 @@ impl StagedWriter {
             if let Some(partial) = self.buf.take() {
                 self.write_part(partial.freeze(), Reservation::none()).await?;
             }
+        }
+        // A whole part if one is there now (from the pool of idle parts: no fresh pages); on
+        // local disk only while the budget has plenty left (see the module doc).
+        let whole = if self.staging.min_part() <= 1 {
+            self.memory.whole_part_if_plenty(self.part_size)
+        } else {
+            self.memory.whole_part(self.part_size)
+        };
+        if let Some(buf) = whole {
+            let covered = buf.reserved().min(self.part_size);
+            self.buf = Some(buf);
+            return Ok(want.min(covered));
         }
         let first = if self.staging.min_part() <= 1 {
             want.next_multiple_of(STEP).min(self.part_size)

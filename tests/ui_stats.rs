@@ -227,8 +227,17 @@ async fn repository_figures_follow_pushes_mounts_deletes_gc_and_retention() {
     // A catalog from before the figures were kept: the migration back-fills them.
     {
         let db = rusqlite::Connection::open(server.data_dir().join("catalog.db")).expect("open catalog");
+        // Migrations after 12 undone, newest first: the Spack index figures (15), image
+        // platforms (14) and repository figures (13).
         db.execute_batch(
-            "DROP TRIGGER repo_stats_tag_added; DROP TRIGGER repo_stats_tag_removed;
+            "DROP TRIGGER spack_figures_node_added; DROP TRIGGER spack_figures_edge_added;
+             DROP TRIGGER spack_figures_edge_removed; DROP TRIGGER spack_figures_closure_added;
+             DROP TRIGGER spack_figures_closure_removed; DROP TRIGGER spack_figures_spec_added;
+             DROP TRIGGER spack_figures_spec_removed;
+             ALTER TABLE spack_nodes DROP COLUMN closure_refs; ALTER TABLE spack_nodes DROP COLUMN spec_refs;
+             ALTER TABLE spack_nodes DROP COLUMN ref_count;
+             ALTER TABLE spack_index DROP COLUMN specs; ALTER TABLE spack_index DROP COLUMN old_layout_specs;
+             DROP TRIGGER repo_stats_tag_added; DROP TRIGGER repo_stats_tag_removed;
              DROP TRIGGER repo_stats_blob_linked; DROP TRIGGER repo_stats_blob_unlinked;
              DROP TRIGGER repo_stats_manifest_added; DROP TRIGGER repo_stats_manifest_removed;
              ALTER TABLE repositories DROP COLUMN tag_count;

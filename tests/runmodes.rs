@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::spack::{FixtureRepo, push_fixture, served_index};
-use common::{TestServer, client, push_blob, push_image, sha256, wait_until};
+use common::{TestServer, UNDO_MIGRATIONS_13_TO_15, client, push_blob, push_image, sha256, wait_until};
 
 const CONFIG: &str = r#"
 [gc]
@@ -208,21 +208,8 @@ async fn migrate_applies_each_pending_migration_once() {
         let db = rusqlite::Connection::open(data.join("catalog.db")).expect("open catalog");
         // Undo every migration after 9, newest first: the Spack index figures, image platforms, repository figures, the
         // Spack search columns, the cache generations, the audit trail.
-        db.execute_batch(
-            "DROP TRIGGER spack_figures_node_added; DROP TRIGGER spack_figures_edge_added;
-             DROP TRIGGER spack_figures_edge_removed; DROP TRIGGER spack_figures_closure_added;
-             DROP TRIGGER spack_figures_closure_removed; DROP TRIGGER spack_figures_spec_added;
-             DROP TRIGGER spack_figures_spec_removed;
-             ALTER TABLE spack_nodes DROP COLUMN closure_refs; ALTER TABLE spack_nodes DROP COLUMN spec_refs;
-             ALTER TABLE spack_nodes DROP COLUMN ref_count;
-             ALTER TABLE spack_index DROP COLUMN specs; ALTER TABLE spack_index DROP COLUMN old_layout_specs;
-             ALTER TABLE manifests DROP COLUMN platform;
-             DROP TRIGGER repo_stats_tag_added; DROP TRIGGER repo_stats_tag_removed;
-             DROP TRIGGER repo_stats_blob_linked; DROP TRIGGER repo_stats_blob_unlinked;
-             DROP TRIGGER repo_stats_manifest_added; DROP TRIGGER repo_stats_manifest_removed;
-             ALTER TABLE repositories DROP COLUMN tag_count;
-             ALTER TABLE repositories DROP COLUMN blob_bytes;
-             ALTER TABLE repositories DROP COLUMN manifest_bytes;
+        db.execute_batch(&format!(
+            "{UNDO_MIGRATIONS_13_TO_15}
              DROP INDEX spack_specs_by_name; DROP INDEX spack_specs_by_compiler;
              DROP INDEX spack_specs_by_target; DROP INDEX spack_specs_by_os; DROP INDEX spack_specs_facets;
              ALTER TABLE spack_specs DROP COLUMN name; ALTER TABLE spack_specs DROP COLUMN version;
@@ -237,7 +224,7 @@ async fn migrate_applies_each_pending_migration_once() {
              DROP TRIGGER manifests_changed_content_epoch; DROP TRIGGER manifests_removed_content_epoch;
              DROP TABLE content_epoch;
              DROP TABLE audit_log; PRAGMA user_version = 9;",
-        )
+        ))
         .expect("roll back to version 9");
     }
     let (code, out, err) = stowage(&data, &["migrate"]);

@@ -12,7 +12,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{TestServer, client, push_blob, sha256, wait_until};
+use common::{TestServer, UNDO_MIGRATIONS_13_TO_15, client, push_blob, sha256, wait_until};
 use serde_json::json;
 
 const CONFIG_MT: &str = "application/vnd.oci.image.config.v1+json";
@@ -229,23 +229,10 @@ async fn repository_figures_follow_pushes_mounts_deletes_gc_and_retention() {
         let db = rusqlite::Connection::open(server.data_dir().join("catalog.db")).expect("open catalog");
         // Migrations after 12 undone, newest first: the Spack index figures (15), image
         // platforms (14) and repository figures (13).
-        db.execute_batch(
-            "DROP TRIGGER spack_figures_node_added; DROP TRIGGER spack_figures_edge_added;
-             DROP TRIGGER spack_figures_edge_removed; DROP TRIGGER spack_figures_closure_added;
-             DROP TRIGGER spack_figures_closure_removed; DROP TRIGGER spack_figures_spec_added;
-             DROP TRIGGER spack_figures_spec_removed;
-             ALTER TABLE spack_nodes DROP COLUMN closure_refs; ALTER TABLE spack_nodes DROP COLUMN spec_refs;
-             ALTER TABLE spack_nodes DROP COLUMN ref_count;
-             ALTER TABLE spack_index DROP COLUMN specs; ALTER TABLE spack_index DROP COLUMN old_layout_specs;
-             DROP TRIGGER repo_stats_tag_added; DROP TRIGGER repo_stats_tag_removed;
-             DROP TRIGGER repo_stats_blob_linked; DROP TRIGGER repo_stats_blob_unlinked;
-             DROP TRIGGER repo_stats_manifest_added; DROP TRIGGER repo_stats_manifest_removed;
-             ALTER TABLE repositories DROP COLUMN tag_count;
-             ALTER TABLE repositories DROP COLUMN blob_bytes;
-             ALTER TABLE repositories DROP COLUMN manifest_bytes;
-             ALTER TABLE manifests DROP COLUMN platform;
+        db.execute_batch(&format!(
+            "{UNDO_MIGRATIONS_13_TO_15}
              PRAGMA user_version = 12;",
-        )
+        ))
         .expect("downgrade the catalog");
     }
     server.crash_and_restart_with(&[("STOWAGE_GC__ENABLED", "false")]);

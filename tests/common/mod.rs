@@ -22,6 +22,25 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+/// SQL undoing migrations 15 (Spack index figures), 14 (image platforms) and 13 (repository
+/// figures), newest first, for tests that roll a catalog back to an older schema: one copy, so
+/// that a new migration is undone everywhere once it is added here.
+pub const UNDO_MIGRATIONS_13_TO_15: &str =
+    "DROP TRIGGER spack_figures_node_added; DROP TRIGGER spack_figures_edge_added;
+             DROP TRIGGER spack_figures_edge_removed; DROP TRIGGER spack_figures_closure_added;
+             DROP TRIGGER spack_figures_closure_removed; DROP TRIGGER spack_figures_spec_added;
+             DROP TRIGGER spack_figures_spec_removed;
+             ALTER TABLE spack_nodes DROP COLUMN closure_refs; ALTER TABLE spack_nodes DROP COLUMN spec_refs;
+             ALTER TABLE spack_nodes DROP COLUMN ref_count;
+             ALTER TABLE spack_index DROP COLUMN specs; ALTER TABLE spack_index DROP COLUMN old_layout_specs;
+             ALTER TABLE manifests DROP COLUMN platform;
+             DROP TRIGGER repo_stats_tag_added; DROP TRIGGER repo_stats_tag_removed;
+             DROP TRIGGER repo_stats_blob_linked; DROP TRIGGER repo_stats_blob_unlinked;
+             DROP TRIGGER repo_stats_manifest_added; DROP TRIGGER repo_stats_manifest_removed;
+             ALTER TABLE repositories DROP COLUMN tag_count;
+             ALTER TABLE repositories DROP COLUMN blob_bytes;
+             ALTER TABLE repositories DROP COLUMN manifest_bytes;";
+
 /// A running `stowage serve` process.
 pub struct TestServer {
     child: Child,

@@ -119,7 +119,8 @@ async fn served_index_bytes(server: &TestServer, repo: &str) -> Vec<u8> {
 }
 
 /// The index of `repo` serialised from the catalog as Stowage did before the kept figures of
-/// migration 0015: every node in some spec tag's DAG, in hash order, with correlated counts.
+/// migration 0015: every node in some spec tag's DAG, with correlated counts (in the order the
+/// nodes were recorded, as the index lists them since migration 0016).
 fn correlated_index(server: &TestServer, repo: &str) -> Vec<u8> {
     let db = rusqlite::Connection::open_with_flags(
         server.data_dir().join("catalog.db"),
@@ -148,7 +149,7 @@ fn correlated_index(server: &TestServer, repo: &str) -> Vec<u8> {
                FROM spack_nodes n
               WHERE n.repo_id = ?1
                 AND EXISTS (SELECT 1 FROM spack_closure c WHERE c.repo_id = n.repo_id AND c.hash = n.hash)
-              ORDER BY n.hash",
+              ORDER BY n.id",
         )
         .expect("prepare");
     let rows = stmt

@@ -122,6 +122,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0013_repo_stats.sql"),
     include_str!("../../migrations/0014_manifest_platform.sql"),
     include_str!("../../migrations/0015_spack_fragments.sql"),
+    include_str!("../../migrations/0016_spack_nodes_rowid.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;
@@ -579,6 +580,10 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, epochs: &Epochs) {
     }
 }
 
+/// The line by which a migration asks to run with foreign keys off, followed by the tables whose
+/// foreign keys are checked before it commits.
+const FOREIGN_KEYS_OFF: &str = "-- stowage: foreign-keys-off";
+
 /// Applies the migrations `conn`'s catalog lacks; returns the versions applied.
 fn migrate(conn: &mut Connection) -> Result<Vec<i64>> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -589,10 +594,37 @@ fn migrate(conn: &mut Connection) -> Result<Vec<i64>> {
     let mut applied = Vec::new();
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let version = i as i64 + 1;
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", version)?;
-        tx.commit()?;
+        // A migration that rebuilds a table others refer to runs with foreign keys off (they
+        // cannot be switched inside a transaction) and must leave none broken.
+        let fk_off: Option<Vec<&str>> = sql.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix(FOREIGN_KEYS_OFF)
+                .map(|tables| tables.split_whitespace().collect())
+        });
+        if fk_off.is_some() {
+            conn.pragma_update(None, "foreign_keys", false)?;
+        }
+        let outcome = (|| -> Result<()> {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            // Only the tables it names: rows an older version left dangling elsewhere are not
+            // this migration's to judge.
+            for table in fk_off.iter().flatten() {
+                let broken: i64 = tx.query_row("SELECT count(*) FROM pragma_foreign_key_check(?1)", [table], |r| {
+                    r.get(0)
+                })?;
+                if broken > 0 {
+                    return Err(Internal::Other("a migration left foreign keys broken").into());
+                }
+            }
+            tx.pragma_update(None, "user_version", version)?;
+            tx.commit()?;
+            Ok(())
+        })();
+        if fk_off.is_some() {
+            conn.pragma_update(None, "foreign_keys", true)?;
+        }
+        outcome?;
         tracing::info!(version, "catalog migrated");
         applied.push(version);
     }

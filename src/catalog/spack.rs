@@ -16,8 +16,10 @@
 //!   the spec tags whose DAG holds the node, through `spack_closure_by_hash` (transitive
 //!   dependents, keyset by tag): both are index range scans, never a walk of the graph.
 //!
-//! The index ([`Catalog::spack_index_stream`]) is one walk of `spack_nodes`' primary key in hash
-//! order, from one read snapshot, with no join and no subquery:
+//! The index ([`Catalog::spack_index_stream`]) is one walk of a repository's `spack_nodes` rows
+//! in rowid order (`spack_nodes_by_repo`: the order the rows lie in the table, so the scan reads
+//! the table's pages front to back; migration 0016), from one read snapshot, with no join and no
+//! subquery:
 //! - Each node row holds its entry's only variable-length part, the node's JSON exactly as Spack
 //!   wrote it (`node`: the stored fragment, copied into the output without decoding). The entry
 //!   is `"<hash>":{"spec":<node>,"ref_count":<n>,"in_buildcache":<bool>}`; entries are
@@ -30,9 +32,10 @@
 //!   The repository's spec count and whether any spec has layout < 3 (database version 7) are
 //!   kept in `spack_index`. The exact invariant is written in the migration; `stowage fsck`
 //!   recounts it ([`Catalog::check_spack_figures`]) and `--repair` restores it.
-//! - The output is byte for byte what serialising the same rows with correlated counts gave
-//!   before migration 0015 (the published blob's digest depends on it only through the
-//!   catalog's content, never on how it was computed).
+//! - The output is byte for byte what serialising the same rows, in the same order, with counts
+//!   correlated afresh gives (the published blob's digest depends only on the catalog's content,
+//!   never on how it was computed). Entries are in the order their nodes were first recorded;
+//!   `installs` is a JSON object, whose order Spack ignores.
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -279,11 +282,11 @@ impl Catalog {
             out.push(b"{\"database\":{\"version\":\"")?;
             out.push(version.as_bytes())?;
             out.push(b"\",\"installs\":{")?;
-            // One walk of the primary key in hash order; the figures are kept (see the module
-            // doc) and the node is its stored JSON, copied without decoding.
+            // One walk of the repository's rows in table order; the figures are kept (see the
+            // module doc) and the node is its stored JSON, copied without decoding.
             let mut stmt = tx.prepare_cached(
-                "SELECT hash, node, ref_count, spec_refs > 0 FROM spack_nodes
-                  WHERE repo_id = ?1 AND closure_refs > 0 ORDER BY hash",
+                "SELECT hash, node, ref_count, spec_refs > 0 FROM spack_nodes INDEXED BY spack_nodes_by_repo
+                  WHERE repo_id = ?1 AND closure_refs > 0 ORDER BY id",
             )?;
             let mut rows = stmt.query([repo_id])?;
             let mut nodes = 0usize;
@@ -852,5 +855,96 @@ mod tests {
             )
             .unwrap();
         assert_eq!(specs, (2, 1));
+    }
+
+    #[test]
+    fn the_rowid_migration_keeps_every_row_edge_figure_and_trigger() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = Connection::open(tmp.path().join("catalog.db")).unwrap();
+        let at = super::super::MIGRATIONS
+            .iter()
+            .position(|m| m.contains("spack_nodes_by_repo"))
+            .unwrap();
+        for sql in &super::super::MIGRATIONS[..at] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", at as i64).unwrap();
+        // Spec rows without their manifests and tags (foreign keys off for the set-up only):
+        // the migration checks the tables it rebuilds, not these.
+        c.execute_batch(
+            "PRAGMA foreign_keys = OFF;
+             INSERT INTO repositories (id, name, created_at) VALUES (1, 'r', 0), (2, 's', 0);
+             INSERT INTO spack_nodes (repo_id, hash, name, version, external, node) VALUES
+                 (1, 'lib', 'lib', '1', 0, '{\"l\":1}'), (1, 'app', 'app', '1', 0, '{\"a\":1}'),
+                 (2, 'app', 'app', '1', 0, '{}');
+             INSERT INTO spack_deps (repo_id, hash, dep_hash, deptypes) VALUES (1, 'app', 'lib', '[]');
+             INSERT INTO spack_specs (repo_id, tag, hash, manifest_id, layout_version) VALUES
+                 (1, 'app.spack', 'app', 1, 3);
+             INSERT INTO spack_closure (repo_id, tag, hash) VALUES
+                 (1, 'app.spack', 'app'), (1, 'app.spack', 'lib');
+             PRAGMA foreign_keys = ON;",
+        )
+        .unwrap();
+        super::super::migrate(&mut c).unwrap();
+        let fk: bool = c.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
+        assert!(fk, "foreign keys are on again after the migration");
+        // Rows copied in hash order, with their JSON and figures; the edge survived the drop.
+        let rows: Vec<(i64, String, String, i64, i64, i64)> = c
+            .prepare("SELECT repo_id, hash, node, closure_refs, spec_refs, ref_count FROM spack_nodes ORDER BY id")
+            .unwrap()
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                (1, "app".into(), r#"{"a":1}"#.into(), 1, 1, 0),
+                (1, "lib".into(), r#"{"l":1}"#.into(), 1, 0, 1),
+                (2, "app".into(), "{}".into(), 0, 0, 0),
+            ]
+        );
+        let edges: i64 = c
+            .query_row("SELECT count(*) FROM spack_deps", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(edges, 1);
+        // The triggers are back: removing the spec tag unlists both nodes and their edge.
+        c.execute("DELETE FROM spack_specs WHERE tag = 'app.spack'", [])
+            .unwrap();
+        c.execute("DELETE FROM spack_closure WHERE tag = 'app.spack'", [])
+            .unwrap();
+        let figures: Vec<(i64, i64, i64)> = c
+            .prepare("SELECT closure_refs, spec_refs, ref_count FROM spack_nodes WHERE repo_id = 1 ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(figures, vec![(0, 0, 0), (0, 0, 0)]);
+        // Deleting a repository still cascades from its nodes to their edges.
+        c.execute("DELETE FROM repositories WHERE id = 1", []).unwrap();
+        let left: (i64, i64) = c
+            .query_row(
+                "SELECT (SELECT count(*) FROM spack_nodes), (SELECT count(*) FROM spack_deps)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(left, (1, 0));
+        // A repository's listed nodes are read in table order through the new index.
+        let plan: Vec<String> = c
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT hash, node, ref_count, spec_refs > 0 FROM spack_nodes
+                  INDEXED BY spack_nodes_by_repo WHERE repo_id = ?1 AND closure_refs > 0 ORDER BY id",
+            )
+            .unwrap()
+            .query_map([2], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(plan.iter().any(|p| p.contains("spack_nodes_by_repo")), "{plan:?}");
+        assert!(!plan.iter().any(|p| p.contains("TEMP B-TREE")), "no sort: {plan:?}");
     }
 }

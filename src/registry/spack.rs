@@ -107,7 +107,7 @@ impl Registry {
     async fn build_spack_index(&self, repo: &RepoName) -> Result<String> {
         let started = std::time::Instant::now();
         let id = uuid::Uuid::new_v4();
-        let mut writer = self.store.start_upload(id, Algorithm::Sha256).await?;
+        let mut writer = self.store.start_upload_kept_in_cache(id, Algorithm::Sha256).await?;
         let (to, from) = tokio::sync::mpsc::channel::<Bytes>(INDEX_PIECES_AHEAD);
         let serialise = self.catalog.spack_index_stream(repo, to);
         let store = async {

@@ -371,8 +371,21 @@ impl BlobStore {
 
     /// Starts staging a new upload's data, hashed with `algorithm`.
     pub async fn start_upload(&self, id: Uuid, algorithm: Algorithm) -> Result<StagedWriter> {
+        self.start_staging(id, algorithm, true).await
+    }
+
+    /// Starts staging a blob the registry writes itself and serves at once (the Spack index):
+    /// on local disk it goes through the page cache rather than around it, so that the read
+    /// that follows comes from memory, not from the disk (~4x faster here for a 490 MB index).
+    pub async fn start_upload_kept_in_cache(&self, id: Uuid, algorithm: Algorithm) -> Result<StagedWriter> {
+        self.start_staging(id, algorithm, false).await
+    }
+
+    async fn start_staging(&self, id: Uuid, algorithm: Algorithm, direct: bool) -> Result<StagedWriter> {
         let staging = match self.local_file(Key::Upload(id)) {
-            Some(file) => Staging::File(crate::metrics::spawn_blocking(move || FileStaging::create(file)).await??),
+            Some(file) => {
+                Staging::File(crate::metrics::spawn_blocking(move || FileStaging::create(file, direct)).await??)
+            }
             None => self.staging(id, None)?,
         };
         Ok(StagedWriter::new(

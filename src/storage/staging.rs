@@ -104,8 +104,10 @@ pub struct MultipartStaging {
 pub type PartWrite = std::pin::Pin<Box<dyn Future<Output = object_store::Result<Option<PartId>>> + Send>>;
 
 impl FileStaging {
-    /// Creates (or empties) the staging file at `path`. Blocking.
-    pub fn create(path: PathBuf) -> std::io::Result<FileStaging> {
+    /// Creates (or empties) the staging file at `path`; `direct`: write whole parts with direct
+    /// I/O where possible (uploads), else through the page cache (data read again at once).
+    /// Blocking.
+    pub fn create(path: PathBuf, direct: bool) -> std::io::Result<FileStaging> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -116,7 +118,7 @@ impl FileStaging {
             .open(&path)?;
         Ok(FileStaging {
             file: Arc::new(file),
-            direct: open_direct(&path),
+            direct: if direct { open_direct(&path) } else { None },
             path,
             dirs_synced: false,
         })
@@ -451,7 +453,7 @@ mod tests {
     fn parts_land_at_their_offsets_through_either_descriptor() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("uploads/u/data");
-        let staging = FileStaging::create(path.clone()).unwrap();
+        let staging = FileStaging::create(path.clone(), true).unwrap();
         let writes = [
             (part(1, 2 * ALIGN), 0u64),
             (part(2, ALIGN), 2 * ALIGN as u64),

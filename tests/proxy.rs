@@ -479,11 +479,10 @@ async fn concurrent_pulls_of_one_uncached_blob_share_one_upstream_fetch() {
     // A client that gives up does not abort the fetch: it completes and is stored.
     let (digest, bytes) = &also.layer;
     let url = pair.down(&format!("lib/big/blobs/{digest}"));
-    let gave_up = tokio::time::timeout(Duration::from_millis(50), client().get(&url).send()).await;
-    assert!(
-        gave_up.is_err(),
-        "the first client disconnected before the fetch finished"
-    );
+    let mut resp = client().get(&url).send().await.expect("GET blob");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.chunk().await.expect("first piece").is_some());
+    drop(resp);
     wait_until("the abandoned fetch is stored", || async {
         pair.downstream.blob_object_exists(digest)
     })
@@ -498,31 +497,215 @@ async fn concurrent_pulls_of_one_uncached_blob_share_one_upstream_fetch() {
     );
 }
 
+/// A GET of a blob through the mirror: status, `Content-Length`, and the body, or why it
+/// could not be read to its end.
+async fn get_blob_body(url: &str) -> (u16, Option<u64>, Result<Vec<u8>, String>) {
+    let resp = client().get(url).send().await.expect("GET blob");
+    let status = resp.status().as_u16();
+    let length = resp.content_length();
+    let body = resp.bytes().await.map(|b| b.to_vec()).map_err(|e| format!("{e:?}"));
+    (status, length, body)
+}
+
+/// The files in the mirror's tee spool directory.
+fn spool_files(server: &TestServer) -> Vec<PathBuf> {
+    match std::fs::read_dir(server.data_dir().join("proxy-spool")) {
+        Ok(entries) => entries.map(|e| e.expect("spool entry").path()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("reading the spool directory: {e}"),
+    }
+}
+
 #[tokio::test]
-async fn a_corrupt_upstream_blob_is_refused_and_not_cached() {
+async fn a_corrupt_upstream_blob_streamed_through_the_tee_aborts_the_body_and_is_not_cached() {
     let pair = Pair::start("5m");
-    let image = push_upstream(&pair.upstream, "lib/bad", "v1", pseudo_random(100_000, 9), "bad").await;
+    let image = push_upstream(&pair.upstream, "lib/bad", "v1", pseudo_random(3 << 20, 9), "bad").await;
     let (digest, bytes) = &image.layer;
     // Same length, other bytes: only the digest can tell.
     pair.upstream
         .corrupt_blob_object(digest, &pseudo_random(bytes.len(), 10));
+    let url = pair.down(&format!("lib/bad/blobs/{digest}"));
 
-    for _ in 0..2 {
-        let (status, _, body) = get(&pair.down(&format!("lib/bad/blobs/{digest}"))).await;
-        assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
-        assert_eq!(error_code(&body), "UNAVAILABLE");
-        assert!(
-            error_message(&body).contains("does not match digest"),
-            "{}",
-            error_message(&body)
-        );
-        assert!(!pair.downstream.blob_object_exists(digest), "nothing cached");
+    // Two clients at once share the fetch; both see the body cut off, never a clean end.
+    let (a, b) = tokio::join!(get_blob_body(&url), get_blob_body(&url));
+    for (status, length, body) in [a, b] {
+        assert_eq!(status, 200, "the tee answers before the digest is known");
+        assert_eq!(length, Some(bytes.len() as u64), "Content-Length is the upstream's");
+        let err = body.expect_err("a corrupt blob's body must not end cleanly");
+        assert!(!err.is_empty());
     }
-    // The image's manifest cannot be stored without its layer.
+    assert_eq!(upstream_blob_fetches(&pair).await, 1.0, "one fetch for both clients");
+    assert!(!pair.downstream.blob_object_exists(digest), "nothing cached");
+    wait_until("the spool file is removed", || async {
+        spool_files(&pair.downstream).is_empty()
+    })
+    .await;
+
+    // Asked again, it is fetched again (nothing was cached) and refused again.
+    let (status, _, body) = get_blob_body(&url).await;
+    assert_eq!(status, 200);
+    assert!(body.is_err());
+    assert!(!pair.downstream.blob_object_exists(digest), "nothing cached");
+    // The image's manifest cannot be stored without its layer: the whole fetch is refused.
     let (status, _, body) = get(&pair.down("lib/bad/manifests/v1")).await;
-    assert_eq!((status, error_code(&body)), (502, "UNAVAILABLE".to_owned()));
-    let (status, _, _) = get(&pair.down(&format!("lib/bad/blobs/{}", image.config.0))).await;
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(error_code(&body), "UNAVAILABLE");
+    assert!(
+        error_message(&body).contains("does not match digest"),
+        "{}",
+        error_message(&body)
+    );
+    let (status, _, body) = get(&pair.down(&format!("lib/bad/blobs/{}", image.config.0))).await;
     assert_eq!(status, 200, "the intact config blob was cached");
+    assert_eq!(body, image.config.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_pulls_of_an_uncached_256_mib_blob_stream_from_one_fetch_in_bounded_memory() {
+    const SIZE: usize = 256 << 20;
+    const CLIENTS: usize = 50;
+    /// Clients that disconnect after their first piece, while the fetch is under way.
+    const QUITTERS: usize = 5;
+    let pair = Pair::start("5m");
+    let image = push_upstream(&pair.upstream, "lib/huge", "v1", pseudo_random(SIZE, 15), "huge").await;
+    let digest = image.layer.0.clone();
+    drop(image);
+    let before = upstream_blob_fetches(&pair).await;
+    let url = pair.down(&format!("lib/huge/blobs/{digest}"));
+
+    let first_piece = std::sync::Arc::new(tokio::sync::Notify::new());
+    let started = Instant::now();
+    let pulls: Vec<_> = (0..CLIENTS + QUITTERS)
+        .map(|i| {
+            let (url, first_piece) = (url.clone(), first_piece.clone());
+            tokio::spawn(async move {
+                use sha2::Digest as _;
+                let mut resp = client().get(&url).send().await.expect("GET blob");
+                assert_eq!(resp.status(), 200);
+                let length = resp.content_length();
+                let mut hasher = sha2::Sha256::new();
+                let mut received = 0u64;
+                while let Some(piece) = resp.chunk().await.expect("the body streams to its end") {
+                    if received == 0 {
+                        first_piece.notify_one();
+                    }
+                    received += piece.len() as u64;
+                    if i >= CLIENTS {
+                        // Disconnects mid-tee.
+                        return None;
+                    }
+                    hasher.update(&piece);
+                }
+                Some((length, received, format!("sha256:{}", hex::encode(hasher.finalize()))))
+            })
+        })
+        .collect();
+    first_piece.notified().await;
+    let first_byte_after = started.elapsed();
+    assert!(
+        !pair.downstream.blob_object_exists(&digest),
+        "a client got bytes before the blob was stored: streamed while fetched"
+    );
+    let mut complete = 0;
+    for pull in pulls {
+        if let Some((length, received, got)) = pull.await.expect("client task") {
+            assert_eq!(length, Some(SIZE as u64), "Content-Length is the blob's size");
+            assert_eq!(received, SIZE as u64);
+            assert_eq!(got, digest, "the bytes hash to the digest");
+            complete += 1;
+        }
+    }
+    let all_done_after = started.elapsed();
+    assert_eq!(complete, CLIENTS);
+    assert_eq!(
+        upstream_blob_fetches(&pair).await - before,
+        1.0,
+        "{} pulls, one upstream fetch",
+        CLIENTS + QUITTERS
+    );
+    assert!(pair.downstream.blob_object_exists(&digest), "the blob is stored");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pair.downstream.pid())).expect("proc status");
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    println!(
+        "tee: {CLIENTS} clients (+{QUITTERS} quitting) of one uncached {} MiB blob: first byte after {:?}, \
+         all complete after {:?}, mirror peak RSS {} MiB",
+        SIZE >> 20,
+        first_byte_after,
+        all_done_after,
+        hwm_kib / 1024
+    );
+    assert!(hwm_kib < 400 * 1024, "the mirror's peak RSS is {} MiB", hwm_kib / 1024);
+    wait_until("the spool file is removed", || async {
+        spool_files(&pair.downstream).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn head_and_range_of_an_uncached_blob() {
+    let pair = Pair::start("5m");
+    let image = push_upstream(&pair.upstream, "lib/app", "v1", pseudo_random(2 << 20, 16), "ranged").await;
+    let (digest, bytes) = &image.layer;
+    let url = pair.down(&format!("lib/app/blobs/{digest}"));
+
+    // HEAD asks the upstream's HEAD: the size, nothing fetched.
+    let resp = client().head(&url).send().await.expect("HEAD");
+    assert_eq!(resp.status(), 200);
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(header("content-length"), Some(bytes.len().to_string()));
+    assert_eq!(header("docker-content-digest").as_deref(), Some(digest.as_str()));
+    assert_eq!(upstream_blob_fetches(&pair).await, 0.0, "HEAD fetched nothing");
+    assert!(!pair.downstream.blob_object_exists(digest));
+    let missing = pair.down(&format!("lib/app/blobs/{}", sha256(b"not upstream")));
+    let resp = client().head(&missing).send().await.expect("HEAD");
+    assert_eq!(resp.status(), 404);
+
+    // A range of an uncached blob is served from the tee of the fetch it starts.
+    let resp = client()
+        .get(&url)
+        .header("Range", "bytes=1000-1999")
+        .send()
+        .await
+        .expect("ranged GET");
+    assert_eq!(resp.status(), 206);
+    assert_eq!(
+        resp.headers().get("content-range").and_then(|v| v.to_str().ok()),
+        Some(format!("bytes 1000-1999/{}", bytes.len()).as_str())
+    );
+    assert_eq!(resp.bytes().await.expect("body").as_ref(), &bytes[1000..2000]);
+    // Served once the fetch was verified; it stored the whole blob.
+    assert!(pair.downstream.blob_object_exists(digest));
+    assert_eq!(upstream_blob_fetches(&pair).await, 1.0);
+    let resp = client()
+        .get(&url)
+        .header("Range", "bytes=-10")
+        .send()
+        .await
+        .expect("ranged GET");
+    assert_eq!(resp.status(), 206);
+    assert_eq!(resp.bytes().await.expect("body").as_ref(), &bytes[bytes.len() - 10..]);
+    assert_eq!(upstream_blob_fetches(&pair).await, 1.0, "served from the cache");
+}
+
+#[tokio::test]
+async fn spool_files_left_by_a_crash_are_swept_at_start() {
+    let mut pair = Pair::start("5m");
+    let spool = pair.downstream.data_dir().join("proxy-spool");
+    std::fs::create_dir_all(&spool).expect("spool dir");
+    std::fs::write(spool.join("left-over"), b"partial blob").expect("plant a spool file");
+    pair.downstream.crash_and_restart();
+    assert!(spool_files(&pair.downstream).is_empty(), "swept before serving");
+    let image = push_upstream(&pair.upstream, "lib/app", "v1", pseudo_random(5000, 17), "swept").await;
+    pull_over_http(&pair, "lib/app", "v1", &image).await;
 }
 
 #[tokio::test]

@@ -156,6 +156,14 @@ pub struct Fetched {
     permit: OwnedSemaphorePermit,
 }
 
+/// A blob response being read: its bytes, the length the upstream announced
+/// (`Content-Length`, when it sent one) and the request's concurrency permit.
+pub struct UpstreamBlob {
+    pub length: Option<u64>,
+    pub body: std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>,
+    pub permit: Arc<OwnedSemaphorePermit>,
+}
+
 /// A manifest as the upstream served it, checked against its digest.
 pub struct UpstreamManifest {
     pub digest: Digest,
@@ -520,25 +528,53 @@ impl Upstream {
         }))
     }
 
-    /// A blob's bytes as a stream (the permit is held until it ends or is dropped); `Ok(None)`
-    /// if the upstream does not have it. The caller verifies the digest.
-    pub async fn get_blob(
-        &self,
-        repo: &str,
-        digest: &Digest,
-    ) -> Result<Option<impl Stream<Item = std::io::Result<Bytes>> + Send + Unpin + 'static>, UpstreamError> {
+    /// A blob's bytes as a stream, with the length the upstream announced; `Ok(None)` if the
+    /// upstream does not have it. The caller verifies the digest. The request's permit is held
+    /// by the stream until it ends or is dropped, and by every clone of [`UpstreamBlob::permit`]
+    /// (the tee keeps one while its spool file exists, so spools count toward
+    /// `max_concurrent_requests`).
+    pub async fn get_blob(&self, repo: &str, digest: &Digest) -> Result<Option<UpstreamBlob>, UpstreamError> {
         let Some(Fetched { response, permit }) = self.send(Method::GET, repo, &format!("blobs/{digest}"), None).await?
         else {
             return Ok(None);
         };
+        let length = response.content_length();
+        let permit = Arc::new(permit);
+        let held = permit.clone();
         let upstream = self.base.clone();
         let stream = response
             .bytes_stream()
             .map_err(move |e| std::io::Error::other(format!("reading from the upstream {upstream}: {e}")))
             .inspect_ok(move |_| {
-                let _held = &permit;
+                let _held = &held;
             });
-        Ok(Some(Box::pin(stream)))
+        Ok(Some(UpstreamBlob {
+            length,
+            body: Box::pin(stream),
+            permit,
+        }))
+    }
+
+    /// A blob's size as the upstream's `HEAD` gives it (`Content-Length`), without fetching it;
+    /// `Ok(None)` if the upstream does not have it, `Ok(Some(None))` if it did not say the size.
+    /// A `Docker-Content-Digest` naming another digest is an invalid answer.
+    pub async fn head_blob(&self, repo: &str, digest: &Digest) -> Result<Option<Option<u64>>, UpstreamError> {
+        let Some(fetched) = self.send(Method::HEAD, repo, &format!("blobs/{digest}"), None).await? else {
+            return Ok(None);
+        };
+        let headers = fetched.response.headers();
+        let named = headers.get("docker-content-digest").and_then(|v| v.to_str().ok());
+        if let Some(named) = named
+            && named != digest.to_string()
+        {
+            return Err(self.invalid(format!("HEAD of blob {digest} named the digest {named:?}")));
+        }
+        // `content_length()` is the body's length, which a HEAD does not have: read the header.
+        let size = headers
+            .get(reqwest::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        Ok(Some(size))
     }
 
     /// The media types a manifest of this upstream may be stored as.

@@ -584,6 +584,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             .app_data(app_data.clone())
             .app_data(auth.clone())
             .app_data(app_metrics.clone())
+            // Innermost: the access log shows the path as the client sent it.
+            .wrap(middleware::from_fn(crate::http::mirror_namespace))
             .wrap(middleware::from_fn(crate::http::access))
             .wrap(crate::http::default_headers());
         match &ui {

@@ -94,10 +94,13 @@ impl UpstreamError {
     }
 }
 
-/// Every configured upstream, matched by repository prefix.
+/// Every configured upstream, matched by repository prefix, or by namespace for containerd's
+/// mirror form (`?ns=docker.io`).
 #[derive(Default, Debug)]
 pub struct Proxies {
     upstreams: Vec<Arc<Upstream>>,
+    /// Prefix by namespace (unique across entries: checked in `config`).
+    namespaces: HashMap<String, String>,
 }
 
 impl Proxies {
@@ -107,7 +110,16 @@ impl Proxies {
             .iter()
             .map(|e| Upstream::new(e).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Proxies { upstreams })
+        let namespaces = entries
+            .iter()
+            .flat_map(|e| e.namespaces().into_iter().map(|ns| (ns, e.prefix.clone())))
+            .collect();
+        Ok(Proxies { upstreams, namespaces })
+    }
+
+    /// The prefix of the entry mirroring registry `namespace` (a `?ns=` value, any case).
+    pub fn prefix_for_namespace(&self, namespace: &str) -> Option<&str> {
+        self.namespaces.get(&namespace.to_ascii_lowercase()).map(String::as_str)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -728,6 +740,7 @@ mod tests {
             tag_ttl: crate::config::Period::parse("5m").expect("period"),
             timeout_secs: 5,
             max_concurrent_requests: 2,
+            namespaces: None,
         }
     }
 
@@ -747,6 +760,21 @@ mod tests {
         assert_eq!(route("hubble/x"), None);
         assert_eq!(route("hub"), None);
         assert_eq!(route("local/app"), None);
+    }
+
+    #[test]
+    fn namespaces_name_their_entry() {
+        let mut docker = entry("dockerhub/");
+        docker.url = "https://registry-1.docker.io".into();
+        let mut quay = entry("quay/");
+        quay.namespaces = Some(vec!["Quay.IO".into()]);
+        let proxies = Proxies::from_config(&[docker, quay]).expect("builds");
+        assert_eq!(proxies.prefix_for_namespace("docker.io"), Some("dockerhub/"));
+        assert_eq!(proxies.prefix_for_namespace("registry-1.docker.io"), Some("dockerhub/"));
+        assert_eq!(proxies.prefix_for_namespace("quay.io"), Some("quay/"));
+        // An explicit list replaces the default (the URL's host).
+        assert_eq!(proxies.prefix_for_namespace("127.0.0.1:9"), None);
+        assert_eq!(proxies.prefix_for_namespace("ghcr.io"), None);
     }
 
     #[test]

@@ -233,6 +233,13 @@ impl Registry {
             .map(|(upstream, name)| Route { upstream, name })
     }
 
+    /// The prefix of the `[[proxy]]` entry mirroring registry `namespace` (containerd's
+    /// `?ns=`), if any.
+    pub fn mirror_prefix(&self, namespace: &str) -> Option<String> {
+        let state = self.proxy.as_ref()?;
+        state.proxies.prefix_for_namespace(namespace).map(str::to_owned)
+    }
+
     /// Whether `repo` is a pull-through mirror.
     pub fn is_proxied(&self, repo: &RepoName) -> bool {
         self.route(repo).is_some()

@@ -1227,3 +1227,25 @@ async fn pulls_through_a_distribution_upstream_with_htpasswd_by_tag_and_digest_w
     );
     assert_eq!(layout_blob(&layout, &layer_digest), layer);
 }
+
+#[tokio::test]
+async fn a_spool_that_cannot_be_written_fails_the_fetch_cleanly() {
+    let pair = Pair::start("5m");
+    let image = push_upstream(&pair.upstream, "lib/app", "v1", pseudo_random(200_000, 18), "nospool").await;
+    let (digest, bytes) = &image.layer;
+    // The spool directory's place taken by a file: no spool file can be made.
+    let spool = pair.downstream.data_dir().join("proxy-spool");
+    let _ = std::fs::remove_dir_all(&spool);
+    std::fs::write(&spool, b"in the way").expect("plant a file");
+    let url = pair.down(&format!("lib/app/blobs/{digest}"));
+    let (status, _, body) = get(&url).await;
+    assert_eq!((status, error_code(&body)), (500, "UNKNOWN".to_owned()));
+    assert!(!pair.downstream.blob_object_exists(digest), "nothing cached");
+    assert!(!pair.downstream.has_staged_uploads(), "nothing staged is left behind");
+
+    // Once the spool can be written again, the same pull succeeds.
+    std::fs::remove_file(&spool).expect("remove the file");
+    let (status, _, body) = get(&url).await;
+    assert_eq!(status, 200);
+    assert_eq!(&body, bytes);
+}

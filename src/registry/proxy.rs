@@ -5,6 +5,9 @@
 //! What a pull of a proxied repository does, before the ordinary local read serves it:
 //! - **by digest** (manifest or blob): served from the catalog if present; otherwise fetched,
 //!   verified against the digest and stored, and from then on never re-checked;
+//! - **blob not stored yet**: streamed to the clients that asked while it is fetched, verified
+//!   and stored (the tee, [`tee`]: a spool file under `<data_dir>/proxy-spool`); a `Range` is
+//!   served from the same tee; a `HEAD` asks the upstream's `HEAD` and fetches nothing;
 //! - **manifest by tag**: served from the catalog while it was validated within the upstream's
 //!   `tag_ttl`; after that an upstream `HEAD` compares digests, and a moved tag is fetched
 //!   again. If the upstream cannot answer (down, rate-limiting, failing), the stale copy is
@@ -24,6 +27,8 @@
 //!   digest or one tag's re-validation share one upstream request. A fetch runs as its own
 //!   task, so a client that disconnects does not abort a fetch others wait on (or that would
 //!   fill the cache for the next one).
+//! - A blob streamed from a tee ends cleanly only once it is verified and published; if the
+//!   fetch fails, every client's body is cut (see [`tee`]).
 //! - In read-only maintenance nothing is fetched: cached content is served as it is (tags
 //!   without re-validation), anything else is answered 503 like a write.
 //! - Pushes and deletes into a proxied repository are refused with 405 `UNSUPPORTED`

@@ -268,9 +268,18 @@ pub struct ProxyConfig {
     /// Seconds to connect to the upstream, and most seconds between two reads of a response.
     #[serde(default = "default_proxy_timeout")]
     pub timeout_secs: u64,
-    /// Most requests in flight to this upstream at once (further ones wait).
+    /// Most requests in flight to this upstream at once (further ones wait). A blob being
+    /// streamed to clients from its spool file (the tee) holds its request's place until the
+    /// last of them is done.
     #[serde(default = "default_proxy_concurrency")]
     pub max_concurrent_requests: usize,
+    /// Registry host names this entry mirrors for containerd's mirror form: a request
+    /// `/v2/library/alpine/manifests/3.20?ns=docker.io` is served as
+    /// `<prefix>library/alpine` of the entry naming `docker.io`. Unset: the upstream URL's
+    /// host (with its port, if any), and also `docker.io` for `registry-1.docker.io`; `[]`:
+    /// none. Unique across entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<String>>,
 }
 
 fn default_tag_ttl() -> Period {
@@ -286,6 +295,27 @@ fn default_proxy_concurrency() -> usize {
 }
 
 impl ProxyConfig {
+    /// The namespaces (`?ns=` values) this entry answers for: as configured, else the
+    /// upstream URL's host (`docker.io` too for Docker Hub's `registry-1.docker.io`). Lower
+    /// case.
+    pub fn namespaces(&self) -> Vec<String> {
+        if let Some(explicit) = &self.namespaces {
+            return explicit.iter().map(|n| n.to_ascii_lowercase()).collect();
+        }
+        let host = self
+            .url
+            .strip_prefix("https://")
+            .or_else(|| self.url.strip_prefix("http://"))
+            .unwrap_or("")
+            .trim_end_matches('/')
+            .to_ascii_lowercase();
+        let mut names = vec![host];
+        if names[0] == "registry-1.docker.io" {
+            names.push("docker.io".to_owned());
+        }
+        names
+    }
+
     /// Checks one entry (`index` counts from 0).
     fn validate(&self, index: usize) -> Result<(), String> {
         let at = format!("proxy[{index}]");
@@ -332,6 +362,18 @@ impl ProxyConfig {
         if self.max_concurrent_requests == 0 {
             return Err(format!("{at}.max_concurrent_requests must be at least 1"));
         }
+        for ns in self.namespaces.iter().flatten() {
+            let valid = !ns.is_empty()
+                && ns.len() <= 255
+                && ns
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+            if !valid {
+                return Err(format!(
+                    "{at}.namespaces must hold registry host names (e.g. \"docker.io\", \"host:5000\"), not {ns:?}"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -346,6 +388,14 @@ impl ProxyConfig {
                     return Err(format!(
                         "proxy[{i}].prefix {:?} and proxy[{j}].prefix {:?} overlap: a repository would belong to both",
                         a.prefix, b.prefix
+                    ));
+                }
+                if i < j
+                    && let Some(ns) = a.namespaces().into_iter().find(|n| b.namespaces().contains(n))
+                {
+                    return Err(format!(
+                        "proxy[{i}] and proxy[{j}] both answer for namespace {ns:?} (`?ns=`); set `namespaces` \
+                         on one of them (an unset list defaults to the URL's host)"
                     ));
                 }
             }
@@ -1216,6 +1266,8 @@ mod tests {
             assert_eq!(c.proxy[1].timeout_secs, 30);
             assert_eq!(c.proxy[1].max_concurrent_requests, 16);
             assert!(!c.proxy[1].insecure_skip_verify);
+            assert_eq!(c.proxy[0].namespaces(), ["registry-1.docker.io", "docker.io"]);
+            assert_eq!(c.proxy[1].namespaces(), ["127.0.0.1:5001"]);
             // check-config prints it back in a form that loads again.
             let printed = toml::to_string(&c).map_err(|e| e.to_string())?;
             jail.create_file("again.toml", &printed)?;
@@ -1258,6 +1310,21 @@ mod tests {
                     format!("prefix = \"hub/\"\n{url}\n\n[[proxy]]\nprefix = \"hub/lib/\"\n{url}"),
                     "overlap",
                 ),
+                (
+                    format!("prefix = \"a/\"\n{url}\n\n[[proxy]]\nprefix = \"b/\"\n{url}"),
+                    "both answer for namespace \"r.example\"",
+                ),
+                (
+                    format!(
+                        "prefix = \"a/\"\n{url}\nnamespaces = [\"docker.io\"]\n\n[[proxy]]\nprefix = \"b/\"\n\
+                         url = \"https://registry-1.docker.io\""
+                    ),
+                    "both answer for namespace \"docker.io\"",
+                ),
+                (
+                    format!("prefix = \"a/\"\n{url}\nnamespaces = [\"docker.io/x\"]"),
+                    "namespaces must hold registry host names",
+                ),
             ] {
                 jail.create_file("bad.toml", &format!("[[proxy]]\n{body}\n"))?;
                 let err = Config::load(Some(Path::new("bad.toml")), CliOverrides::default())
@@ -1265,6 +1332,14 @@ mod tests {
                     .to_string();
                 assert!(err.contains(says), "{body}: {err}");
             }
+            // The same host twice is fine once one entry names its namespaces.
+            jail.create_file(
+                "twice.toml",
+                "[[proxy]]\nprefix = \"a/\"\nurl = \"https://r.example\"\n\n\
+                 [[proxy]]\nprefix = \"b/\"\nurl = \"https://r.example\"\nnamespaces = []\n",
+            )?;
+            let c = Config::load(Some(Path::new("twice.toml")), CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert!(c.proxy[1].namespaces().is_empty());
             Ok(())
         });
     }

@@ -247,7 +247,15 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
         "upload session limits"
     );
     let proxies = crate::proxy::Proxies::from_config(&config.proxy)?;
-    let registry = Registry::new(catalog, store, settings).with_proxies(proxies);
+    let spool_dir = config.data_dir.join(crate::registry::SPOOL_DIR);
+    if !proxies.is_empty() {
+        // Spool files of fetches a previous process did not finish.
+        let swept = crate::registry::sweep_spool_dir(&spool_dir).await?;
+        if swept > 0 {
+            tracing::info!(files = swept, "removed proxy spool files left by a previous run");
+        }
+    }
+    let registry = Registry::new(catalog, store, settings).with_proxies(proxies, &spool_dir);
     registry.set_read_only(config.registry.read_only);
     // Upload sessions recorded in the catalog resume, unless they expired or lost their data;
     // anything else staged is left over from uploads that cannot.
@@ -576,6 +584,8 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             .app_data(app_data.clone())
             .app_data(auth.clone())
             .app_data(app_metrics.clone())
+            // Innermost: the access log shows the path as the client sent it.
+            .wrap(middleware::from_fn(crate::http::mirror_namespace))
             .wrap(middleware::from_fn(crate::http::access))
             .wrap(crate::http::default_headers());
         match &ui {

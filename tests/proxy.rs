@@ -48,6 +48,11 @@ impl Pair {
     /// With `tls`, the upstream serves HTTPS with a self-signed certificate, which the mirror
     /// is given as its `ca_file`.
     fn start_with(tag_ttl: &str, tls: bool) -> Pair {
+        Self::start_full(tag_ttl, tls, "")
+    }
+
+    /// With `extra` lines added to the mirror's `[[proxy]]` entry.
+    fn start_full(tag_ttl: &str, tls: bool, extra: &str) -> Pair {
         let dir = tempfile::tempdir().expect("temp dir");
         let up_config = dir.path().join("upstream.toml");
         std::fs::write(&up_config, UPSTREAM_CONFIG).expect("write upstream config");
@@ -82,7 +87,7 @@ impl Pair {
             &down_config,
             format!(
                 "[[proxy]]\nprefix = \"hub/\"\nurl = \"{}\"\nusername = \"mirror\"\npassword_file = \"{}\"\n\
-                 tag_ttl = \"{tag_ttl}\"\ntimeout_secs = 5\n{ca_line}",
+                 tag_ttl = \"{tag_ttl}\"\ntimeout_secs = 5\n{ca_line}{extra}",
                 upstream.url,
                 password_file.display()
             ),
@@ -479,11 +484,10 @@ async fn concurrent_pulls_of_one_uncached_blob_share_one_upstream_fetch() {
     // A client that gives up does not abort the fetch: it completes and is stored.
     let (digest, bytes) = &also.layer;
     let url = pair.down(&format!("lib/big/blobs/{digest}"));
-    let gave_up = tokio::time::timeout(Duration::from_millis(50), client().get(&url).send()).await;
-    assert!(
-        gave_up.is_err(),
-        "the first client disconnected before the fetch finished"
-    );
+    let mut resp = client().get(&url).send().await.expect("GET blob");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.chunk().await.expect("first piece").is_some());
+    drop(resp);
     wait_until("the abandoned fetch is stored", || async {
         pair.downstream.blob_object_exists(digest)
     })
@@ -498,31 +502,215 @@ async fn concurrent_pulls_of_one_uncached_blob_share_one_upstream_fetch() {
     );
 }
 
+/// A GET of a blob through the mirror: status, `Content-Length`, and the body, or why it
+/// could not be read to its end.
+async fn get_blob_body(url: &str) -> (u16, Option<u64>, Result<Vec<u8>, String>) {
+    let resp = client().get(url).send().await.expect("GET blob");
+    let status = resp.status().as_u16();
+    let length = resp.content_length();
+    let body = resp.bytes().await.map(|b| b.to_vec()).map_err(|e| format!("{e:?}"));
+    (status, length, body)
+}
+
+/// The files in the mirror's tee spool directory.
+fn spool_files(server: &TestServer) -> Vec<PathBuf> {
+    match std::fs::read_dir(server.data_dir().join("proxy-spool")) {
+        Ok(entries) => entries.map(|e| e.expect("spool entry").path()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("reading the spool directory: {e}"),
+    }
+}
+
 #[tokio::test]
-async fn a_corrupt_upstream_blob_is_refused_and_not_cached() {
+async fn a_corrupt_upstream_blob_streamed_through_the_tee_aborts_the_body_and_is_not_cached() {
     let pair = Pair::start("5m");
-    let image = push_upstream(&pair.upstream, "lib/bad", "v1", pseudo_random(100_000, 9), "bad").await;
+    let image = push_upstream(&pair.upstream, "lib/bad", "v1", pseudo_random(3 << 20, 9), "bad").await;
     let (digest, bytes) = &image.layer;
     // Same length, other bytes: only the digest can tell.
     pair.upstream
         .corrupt_blob_object(digest, &pseudo_random(bytes.len(), 10));
+    let url = pair.down(&format!("lib/bad/blobs/{digest}"));
 
-    for _ in 0..2 {
-        let (status, _, body) = get(&pair.down(&format!("lib/bad/blobs/{digest}"))).await;
-        assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
-        assert_eq!(error_code(&body), "UNAVAILABLE");
-        assert!(
-            error_message(&body).contains("does not match digest"),
-            "{}",
-            error_message(&body)
-        );
-        assert!(!pair.downstream.blob_object_exists(digest), "nothing cached");
+    // Two clients at once share the fetch; both see the body cut off, never a clean end.
+    let (a, b) = tokio::join!(get_blob_body(&url), get_blob_body(&url));
+    for (status, length, body) in [a, b] {
+        assert_eq!(status, 200, "the tee answers before the digest is known");
+        assert_eq!(length, Some(bytes.len() as u64), "Content-Length is the upstream's");
+        let err = body.expect_err("a corrupt blob's body must not end cleanly");
+        assert!(!err.is_empty());
     }
-    // The image's manifest cannot be stored without its layer.
+    assert_eq!(upstream_blob_fetches(&pair).await, 1.0, "one fetch for both clients");
+    assert!(!pair.downstream.blob_object_exists(digest), "nothing cached");
+    wait_until("the spool file is removed", || async {
+        spool_files(&pair.downstream).is_empty()
+    })
+    .await;
+
+    // Asked again, it is fetched again (nothing was cached) and refused again.
+    let (status, _, body) = get_blob_body(&url).await;
+    assert_eq!(status, 200);
+    assert!(body.is_err());
+    assert!(!pair.downstream.blob_object_exists(digest), "nothing cached");
+    // The image's manifest cannot be stored without its layer: the whole fetch is refused.
     let (status, _, body) = get(&pair.down("lib/bad/manifests/v1")).await;
-    assert_eq!((status, error_code(&body)), (502, "UNAVAILABLE".to_owned()));
-    let (status, _, _) = get(&pair.down(&format!("lib/bad/blobs/{}", image.config.0))).await;
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(error_code(&body), "UNAVAILABLE");
+    assert!(
+        error_message(&body).contains("does not match digest"),
+        "{}",
+        error_message(&body)
+    );
+    let (status, _, body) = get(&pair.down(&format!("lib/bad/blobs/{}", image.config.0))).await;
     assert_eq!(status, 200, "the intact config blob was cached");
+    assert_eq!(body, image.config.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_pulls_of_an_uncached_256_mib_blob_stream_from_one_fetch_in_bounded_memory() {
+    const SIZE: usize = 256 << 20;
+    const CLIENTS: usize = 50;
+    /// Clients that disconnect after their first piece, while the fetch is under way.
+    const QUITTERS: usize = 5;
+    let pair = Pair::start("5m");
+    let image = push_upstream(&pair.upstream, "lib/huge", "v1", pseudo_random(SIZE, 15), "huge").await;
+    let digest = image.layer.0.clone();
+    drop(image);
+    let before = upstream_blob_fetches(&pair).await;
+    let url = pair.down(&format!("lib/huge/blobs/{digest}"));
+
+    let first_piece = std::sync::Arc::new(tokio::sync::Notify::new());
+    let started = Instant::now();
+    let pulls: Vec<_> = (0..CLIENTS + QUITTERS)
+        .map(|i| {
+            let (url, first_piece) = (url.clone(), first_piece.clone());
+            tokio::spawn(async move {
+                use sha2::Digest as _;
+                let mut resp = client().get(&url).send().await.expect("GET blob");
+                assert_eq!(resp.status(), 200);
+                let length = resp.content_length();
+                let mut hasher = sha2::Sha256::new();
+                let mut received = 0u64;
+                while let Some(piece) = resp.chunk().await.expect("the body streams to its end") {
+                    if received == 0 {
+                        first_piece.notify_one();
+                    }
+                    received += piece.len() as u64;
+                    if i >= CLIENTS {
+                        // Disconnects mid-tee.
+                        return None;
+                    }
+                    hasher.update(&piece);
+                }
+                Some((length, received, format!("sha256:{}", hex::encode(hasher.finalize()))))
+            })
+        })
+        .collect();
+    first_piece.notified().await;
+    let first_byte_after = started.elapsed();
+    assert!(
+        !pair.downstream.blob_object_exists(&digest),
+        "a client got bytes before the blob was stored: streamed while fetched"
+    );
+    let mut complete = 0;
+    for pull in pulls {
+        if let Some((length, received, got)) = pull.await.expect("client task") {
+            assert_eq!(length, Some(SIZE as u64), "Content-Length is the blob's size");
+            assert_eq!(received, SIZE as u64);
+            assert_eq!(got, digest, "the bytes hash to the digest");
+            complete += 1;
+        }
+    }
+    let all_done_after = started.elapsed();
+    assert_eq!(complete, CLIENTS);
+    assert_eq!(
+        upstream_blob_fetches(&pair).await - before,
+        1.0,
+        "{} pulls, one upstream fetch",
+        CLIENTS + QUITTERS
+    );
+    assert!(pair.downstream.blob_object_exists(&digest), "the blob is stored");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pair.downstream.pid())).expect("proc status");
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    println!(
+        "tee: {CLIENTS} clients (+{QUITTERS} quitting) of one uncached {} MiB blob: first byte after {:?}, \
+         all complete after {:?}, mirror peak RSS {} MiB",
+        SIZE >> 20,
+        first_byte_after,
+        all_done_after,
+        hwm_kib / 1024
+    );
+    assert!(hwm_kib < 400 * 1024, "the mirror's peak RSS is {} MiB", hwm_kib / 1024);
+    wait_until("the spool file is removed", || async {
+        spool_files(&pair.downstream).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn head_and_range_of_an_uncached_blob() {
+    let pair = Pair::start("5m");
+    let image = push_upstream(&pair.upstream, "lib/app", "v1", pseudo_random(2 << 20, 16), "ranged").await;
+    let (digest, bytes) = &image.layer;
+    let url = pair.down(&format!("lib/app/blobs/{digest}"));
+
+    // HEAD asks the upstream's HEAD: the size, nothing fetched.
+    let resp = client().head(&url).send().await.expect("HEAD");
+    assert_eq!(resp.status(), 200);
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(header("content-length"), Some(bytes.len().to_string()));
+    assert_eq!(header("docker-content-digest").as_deref(), Some(digest.as_str()));
+    assert_eq!(upstream_blob_fetches(&pair).await, 0.0, "HEAD fetched nothing");
+    assert!(!pair.downstream.blob_object_exists(digest));
+    let missing = pair.down(&format!("lib/app/blobs/{}", sha256(b"not upstream")));
+    let resp = client().head(&missing).send().await.expect("HEAD");
+    assert_eq!(resp.status(), 404);
+
+    // A range of an uncached blob is served from the tee of the fetch it starts.
+    let resp = client()
+        .get(&url)
+        .header("Range", "bytes=1000-1999")
+        .send()
+        .await
+        .expect("ranged GET");
+    assert_eq!(resp.status(), 206);
+    assert_eq!(
+        resp.headers().get("content-range").and_then(|v| v.to_str().ok()),
+        Some(format!("bytes 1000-1999/{}", bytes.len()).as_str())
+    );
+    assert_eq!(resp.bytes().await.expect("body").as_ref(), &bytes[1000..2000]);
+    // Served once the fetch was verified; it stored the whole blob.
+    assert!(pair.downstream.blob_object_exists(digest));
+    assert_eq!(upstream_blob_fetches(&pair).await, 1.0);
+    let resp = client()
+        .get(&url)
+        .header("Range", "bytes=-10")
+        .send()
+        .await
+        .expect("ranged GET");
+    assert_eq!(resp.status(), 206);
+    assert_eq!(resp.bytes().await.expect("body").as_ref(), &bytes[bytes.len() - 10..]);
+    assert_eq!(upstream_blob_fetches(&pair).await, 1.0, "served from the cache");
+}
+
+#[tokio::test]
+async fn spool_files_left_by_a_crash_are_swept_at_start() {
+    let mut pair = Pair::start("5m");
+    let spool = pair.downstream.data_dir().join("proxy-spool");
+    std::fs::create_dir_all(&spool).expect("spool dir");
+    std::fs::write(spool.join("left-over"), b"partial blob").expect("plant a spool file");
+    pair.downstream.crash_and_restart();
+    assert!(spool_files(&pair.downstream).is_empty(), "swept before serving");
+    let image = push_upstream(&pair.upstream, "lib/app", "v1", pseudo_random(5000, 17), "swept").await;
+    pull_over_http(&pair, "lib/app", "v1", &image).await;
 }
 
 #[tokio::test]
@@ -615,4 +803,449 @@ async fn pulls_through_an_https_upstream_trusted_through_ca_file() {
         "{}",
         error_message(&body)
     );
+}
+
+/// A tar archive holding one regular file (ustar), a layer any engine can unpack.
+fn tar_with_file(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut header = [0u8; 512];
+    header[..name.len()].copy_from_slice(name.as_bytes());
+    header[100..108].copy_from_slice(b"0000644\0");
+    header[108..116].copy_from_slice(b"0000000\0");
+    header[116..124].copy_from_slice(b"0000000\0");
+    header[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+    header[136..148].copy_from_slice(b"00000000000\0");
+    header[148..156].copy_from_slice(b"        ");
+    header[156] = b'0';
+    header[257..263].copy_from_slice(b"ustar\0");
+    header[263..265].copy_from_slice(b"00");
+    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let mut out = header.to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512 + 1024, 0);
+    out
+}
+
+/// An image a container engine can unpack: an uncompressed tar layer named in the config's
+/// `diff_ids`, as an OCI manifest, built here.
+fn unpackable_image(seed: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let layer = tar_with_file("hello.txt", format!("hello from {seed}\n").as_bytes());
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha256(&layer)]},
+        "config": {"Labels": {"seed": seed}},
+    }))
+    .expect("config");
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha256(&layer), "size": layer.len()}],
+    }))
+    .expect("manifest");
+    (config, layer, manifest)
+}
+
+/// Pushes an [`unpackable_image`] to a Stowage upstream as alice.
+async fn push_unpackable(server: &TestServer, repo: &str, tag: &str, seed: &str) -> Image {
+    let (config, layer, manifest) = unpackable_image(seed);
+    push_blob_as_alice(server, repo, &config).await;
+    push_blob_as_alice(server, repo, &layer).await;
+    let resp = client()
+        .put(server.v2(&format!("{repo}/manifests/{tag}")))
+        .basic_auth("alice", Some("alice-pw"))
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.clone())
+        .send()
+        .await
+        .expect("PUT manifest");
+    assert_eq!(resp.status(), 201, "manifest PUT {repo}:{tag}");
+    Image {
+        manifest: sha256(&manifest),
+        config: (sha256(&config), config),
+        layer: (sha256(&layer), layer),
+    }
+}
+
+fn require_tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|c| c.is_file())
+        .unwrap_or_else(|| panic!("`{name}` is not installed; `scripts/test` installs it. Never skipped."))
+}
+
+/// Runs a command to its end (at most 120 s), failing the test if it fails.
+fn run_ok(cmd: &mut Command) -> String {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().expect("poll").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A containerd of this test alone: root, state and sockets in a temp dir; killed on drop.
+struct Containerd {
+    child: std::process::Child,
+    socket: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    fn start() -> Containerd {
+        let dir = tempfile::Builder::new()
+            .prefix("stowage-ctd-")
+            .tempdir()
+            .expect("temp dir");
+        let socket = dir.path().join("c.sock");
+        let config = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.internal.v1.opt\"]\n\
+             [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{ttrpc}\"\n\
+             [debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
+            root = dir.path().join("root").display(),
+            state = dir.path().join("state").display(),
+            sock = socket.display(),
+            ttrpc = dir.path().join("t.sock").display(),
+        );
+        std::fs::write(dir.path().join("config.toml"), config).expect("write config.toml");
+        let log = std::fs::File::create(dir.path().join("containerd.log")).expect("log");
+        let child = Command::new(require_tool("containerd"))
+            .arg("--config")
+            .arg(dir.path().join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn containerd");
+        let mut ctd = Containerd { child, socket, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = ctd.child.try_wait().expect("poll containerd") {
+                panic!("containerd exited ({status}):\n{}", ctd.log());
+            }
+            let answers = ctd.socket.exists()
+                && ctd
+                    .ctr(&["version"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+            if answers {
+                return ctd;
+            }
+            assert!(Instant::now() < deadline, "containerd did not start:\n{}", ctd.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    fn ctr(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(require_tool("ctr"));
+        cmd.arg("--address").arg(&self.socket).args(["-n", "test"]).args(args);
+        cmd
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_through_the_ns_mirror_form_of_hosts_toml() {
+    let pair = Pair::start_full("5m", false, "namespaces = [\"docker.io\"]\n");
+    let image = push_unpackable(&pair.upstream, "library/tiny", "v1", "ctr").await;
+
+    // containerd, told by hosts.toml that the mirror serves docker.io (plain HTTP, no
+    // override_path); the default server is a closed port, so nothing else can answer.
+    let hosts = tempfile::tempdir().expect("hosts dir");
+    std::fs::create_dir_all(hosts.path().join("docker.io")).expect("mkdir");
+    std::fs::write(
+        hosts.path().join("docker.io/hosts.toml"),
+        format!(
+            "server = \"http://127.0.0.1:9\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            pair.downstream.host
+        ),
+    )
+    .expect("hosts.toml");
+    let hosts_dir = hosts.path().to_str().expect("utf-8").to_owned();
+    let listed = tokio::task::spawn_blocking(move || {
+        let ctd = Containerd::start();
+        run_ok(&mut ctd.ctr(&["images", "pull", "--hosts-dir", &hosts_dir, "docker.io/library/tiny:v1"]));
+        run_ok(&mut ctd.ctr(&["images", "ls"]))
+    })
+    .await
+    .expect("ctr");
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with("docker.io/library/tiny:v1"))
+        .unwrap_or_else(|| panic!("not pulled:\n{listed}"));
+    assert!(
+        line.contains(&image.manifest),
+        "containerd got another manifest: {line}"
+    );
+    assert_eq!(upstream_blob_fetches(&pair).await, 2.0, "fetched through the mirror");
+    for (d, _) in [&image.config, &image.layer] {
+        assert!(pair.downstream.blob_object_exists(d), "{d} is cached under the mirror");
+    }
+
+    // The same over plain HTTP, for a tag not cached yet.
+    let other = push_unpackable(&pair.upstream, "library/tiny", "v2", "http").await;
+    let base = format!("{}/v2/library/tiny", pair.downstream.url);
+    let (status, digest, _) = get(&format!("{base}/manifests/v2?ns=docker.io")).await;
+    assert_eq!((status, digest.as_deref()), (200, Some(other.manifest.as_str())));
+    let (status, _, body) = get(&format!("{base}/blobs/{}?ns=DOCKER.IO", other.layer.0)).await;
+    assert_eq!((status, &body), (200, &other.layer.1));
+    let resp = client()
+        .head(format!("{base}/blobs/{}?ns=docker.io", other.config.0))
+        .send()
+        .await
+        .expect("HEAD");
+    assert_eq!(resp.status(), 200);
+    // Without `ns`, or with one no entry names, the name is a hosted repository's.
+    for url in [
+        format!("{base}/manifests/v2"),
+        format!("{base}/manifests/v2?ns=quay.io"),
+    ] {
+        let (status, _, body) = get(&url).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (404, "MANIFEST_UNKNOWN".to_owned()),
+            "{url}"
+        );
+    }
+    // The cached copy is the proxied repository's.
+    let (status, digest, _) = get(&pair.down("library/tiny/manifests/v2")).await;
+    assert_eq!((status, digest.as_deref()), (200, Some(other.manifest.as_str())));
+}
+
+/// Debian's `docker-registry` (CNCF Distribution 2.8) with htpasswd authentication, on
+/// 127.0.0.1; killed on drop.
+struct Distribution {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Distribution {
+    fn start(users: &[(&str, &str)]) -> Distribution {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // A bcrypt line per user, from libxcrypt through Python's `crypt` (cost 4: Distribution
+        // checks it on every request).
+        let mut htpasswd = String::new();
+        for (user, password) in users {
+            let out = Command::new(require_tool("python3"))
+                .args([
+                    "-W",
+                    "ignore",
+                    "-c",
+                    "import crypt, sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16)))",
+                    password,
+                ])
+                .output()
+                .expect("run python3");
+            let hash = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            assert!(
+                out.status.success() && hash.starts_with("$2"),
+                "python3 could not make a bcrypt hash: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            htpasswd.push_str(&format!("{user}:{hash}\n"));
+        }
+        std::fs::write(dir.path().join("htpasswd"), htpasswd).expect("htpasswd");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        std::fs::write(
+            dir.path().join("config.yml"),
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: test-secret\n\
+                 auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                dir.path().join("data").display(),
+                dir.path().join("htpasswd").display()
+            ),
+        )
+        .expect("config.yml");
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
+        let child = Command::new(require_tool("docker-registry"))
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn docker-registry");
+        Distribution {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    async fn wait_ready(&mut self) {
+        let url = format!("{}/v2/", self.url);
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll") {
+                panic!("docker-registry exited ({status})");
+            }
+            if client().get(&url).send().await.is_ok_and(|r| r.status() == 401) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "docker-registry did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Pushes a blob as `user` (POST, then PUT with the digest).
+    async fn push_blob(&self, repo: &str, data: &[u8], user: (&str, &str)) -> String {
+        let digest = sha256(data);
+        let resp = client()
+            .post(format!("{}/v2/{repo}/blobs/uploads/", self.url))
+            .basic_auth(user.0, Some(user.1))
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(resp.status(), 202);
+        let location = resp
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .expect("Location")
+            .to_owned();
+        let location = if location.starts_with('/') {
+            format!("{}{location}", self.url)
+        } else {
+            location
+        };
+        let separator = if location.contains('?') { '&' } else { '?' };
+        let resp = client()
+            .put(format!("{location}{separator}digest={digest}"))
+            .basic_auth(user.0, Some(user.1))
+            .header("Content-Type", "application/octet-stream")
+            .body(data.to_vec())
+            .send()
+            .await
+            .expect("PUT");
+        assert_eq!(resp.status(), 201, "blob PUT to docker-registry");
+        digest
+    }
+}
+
+impl Drop for Distribution {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_through_a_distribution_upstream_with_htpasswd_by_tag_and_digest_with_skopeo() {
+    let alice = ("alice", "alice-pw");
+    let mut upstream = Distribution::start(&[alice, ("mirror", "mirror-pw")]);
+    upstream.wait_ready().await;
+    let (config, layer, manifest) = unpackable_image("distribution");
+    upstream.push_blob("lib/app", &config, alice).await;
+    let layer_digest = upstream.push_blob("lib/app", &layer, alice).await;
+    let resp = client()
+        .put(format!("{}/v2/lib/app/manifests/v1", upstream.url))
+        .basic_auth(alice.0, Some(alice.1))
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.clone())
+        .send()
+        .await
+        .expect("PUT manifest");
+    assert_eq!(resp.status(), 201, "manifest PUT to docker-registry");
+    let manifest_digest = sha256(&manifest);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let password_file = dir.path().join("mirror.password");
+    std::fs::write(&password_file, "mirror-pw\n").expect("password file");
+    let config_file = dir.path().join("mirror.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "[[proxy]]\nprefix = \"dist/\"\nurl = \"{}\"\nusername = \"mirror\"\npassword_file = \"{}\"\ntimeout_secs = 5\n",
+            upstream.url,
+            password_file.display()
+        ),
+    )
+    .expect("mirror config");
+    let mirror = TestServer::start_with(&[("STOWAGE_CONFIG", config_file.to_str().expect("utf-8"))]);
+
+    let skopeo = require_skopeo();
+    let host = mirror.host.clone();
+    let scratch = tempfile::tempdir().expect("scratch");
+    for (name, source) in [
+        ("by-tag", format!("docker://{host}/dist/lib/app:v1")),
+        ("by-digest", format!("docker://{host}/dist/lib/app@{manifest_digest}")),
+    ] {
+        let layout = skopeo_pull(&skopeo, scratch.path(), &source, name);
+        assert_eq!(layout_blob(&layout, &manifest_digest), manifest, "{name}: manifest");
+        assert_eq!(layout_blob(&layout, &layer_digest), layer, "{name}: layer bytes");
+    }
+    for d in [&layer_digest, &sha256(&config)] {
+        assert!(mirror.blob_object_exists(d), "{d} is stored at the mirror");
+    }
+
+    // The upstream gone, everything is served from the cache.
+    drop(upstream);
+    let layout = skopeo_pull(
+        &skopeo,
+        scratch.path(),
+        &format!("docker://{host}/dist/lib/app@{manifest_digest}"),
+        "cached",
+    );
+    assert_eq!(layout_blob(&layout, &layer_digest), layer);
+}
+
+#[tokio::test]
+async fn a_spool_that_cannot_be_written_fails_the_fetch_cleanly() {
+    let pair = Pair::start("5m");
+    let image = push_upstream(&pair.upstream, "lib/app", "v1", pseudo_random(200_000, 18), "nospool").await;
+    let (digest, bytes) = &image.layer;
+    // The spool directory's place taken by a file: no spool file can be made.
+    let spool = pair.downstream.data_dir().join("proxy-spool");
+    let _ = std::fs::remove_dir_all(&spool);
+    std::fs::write(&spool, b"in the way").expect("plant a file");
+    let url = pair.down(&format!("lib/app/blobs/{digest}"));
+    let (status, _, body) = get(&url).await;
+    assert_eq!((status, error_code(&body)), (500, "UNKNOWN".to_owned()));
+    assert!(!pair.downstream.blob_object_exists(digest), "nothing cached");
+    assert!(!pair.downstream.has_staged_uploads(), "nothing staged is left behind");
+
+    // Once the spool can be written again, the same pull succeeds.
+    std::fs::remove_file(&spool).expect("remove the file");
+    let (status, _, body) = get(&url).await;
+    assert_eq!(status, 200);
+    assert_eq!(&body, bytes);
 }

@@ -1,5 +1,6 @@
 //! HTTP wiring: the route table, the headers every response carries; request ids, the access
-//! log, probes and the read-only refusal are in `ops`.
+//! log, probes and the read-only refusal are in `ops`; containerd's `?ns=` mirror form in
+//! `mirror`.
 //!
 //! One file per OCI resource; each handler extracts and validates its inputs (`extract`), calls
 //! one [`Registry`] method, and maps the result. Errors become OCI error bodies in `error`.
@@ -11,6 +12,7 @@ mod error;
 mod extract;
 mod listing;
 mod manifests;
+mod mirror;
 mod ops;
 mod spack_api;
 mod uploads;
@@ -26,6 +28,7 @@ pub use auth::Guard;
 pub use auth::{base_url, client_ip};
 pub use error::error_body;
 pub use extract::{BodyTimeouts, query, query_param, read_limited, set_body_timeouts};
+pub use mirror::mirror_namespace;
 pub use ops::{ACCESS_TARGET, MetricsAccess, access};
 
 use crate::error::Code;

@@ -94,10 +94,13 @@ impl UpstreamError {
     }
 }
 
-/// Every configured upstream, matched by repository prefix.
+/// Every configured upstream, matched by repository prefix, or by namespace for containerd's
+/// mirror form (`?ns=docker.io`).
 #[derive(Default, Debug)]
 pub struct Proxies {
     upstreams: Vec<Arc<Upstream>>,
+    /// Prefix by namespace (unique across entries: checked in `config`).
+    namespaces: HashMap<String, String>,
 }
 
 impl Proxies {
@@ -107,7 +110,16 @@ impl Proxies {
             .iter()
             .map(|e| Upstream::new(e).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Proxies { upstreams })
+        let namespaces = entries
+            .iter()
+            .flat_map(|e| e.namespaces().into_iter().map(|ns| (ns, e.prefix.clone())))
+            .collect();
+        Ok(Proxies { upstreams, namespaces })
+    }
+
+    /// The prefix of the entry mirroring registry `namespace` (a `?ns=` value, any case).
+    pub fn prefix_for_namespace(&self, namespace: &str) -> Option<&str> {
+        self.namespaces.get(&namespace.to_ascii_lowercase()).map(String::as_str)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -154,6 +166,14 @@ impl std::fmt::Debug for Upstream {
 pub struct Fetched {
     response: reqwest::Response,
     permit: OwnedSemaphorePermit,
+}
+
+/// A blob response being read: its bytes, the length the upstream announced
+/// (`Content-Length`, when it sent one) and the request's concurrency permit.
+pub struct UpstreamBlob {
+    pub length: Option<u64>,
+    pub body: std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>,
+    pub permit: Arc<OwnedSemaphorePermit>,
 }
 
 /// A manifest as the upstream served it, checked against its digest.
@@ -520,25 +540,53 @@ impl Upstream {
         }))
     }
 
-    /// A blob's bytes as a stream (the permit is held until it ends or is dropped); `Ok(None)`
-    /// if the upstream does not have it. The caller verifies the digest.
-    pub async fn get_blob(
-        &self,
-        repo: &str,
-        digest: &Digest,
-    ) -> Result<Option<impl Stream<Item = std::io::Result<Bytes>> + Send + Unpin + 'static>, UpstreamError> {
+    /// A blob's bytes as a stream, with the length the upstream announced; `Ok(None)` if the
+    /// upstream does not have it. The caller verifies the digest. The request's permit is held
+    /// by the stream until it ends or is dropped, and by every clone of [`UpstreamBlob::permit`]
+    /// (the tee keeps one while its spool file exists, so spools count toward
+    /// `max_concurrent_requests`).
+    pub async fn get_blob(&self, repo: &str, digest: &Digest) -> Result<Option<UpstreamBlob>, UpstreamError> {
         let Some(Fetched { response, permit }) = self.send(Method::GET, repo, &format!("blobs/{digest}"), None).await?
         else {
             return Ok(None);
         };
+        let length = response.content_length();
+        let permit = Arc::new(permit);
+        let held = permit.clone();
         let upstream = self.base.clone();
         let stream = response
             .bytes_stream()
             .map_err(move |e| std::io::Error::other(format!("reading from the upstream {upstream}: {e}")))
             .inspect_ok(move |_| {
-                let _held = &permit;
+                let _held = &held;
             });
-        Ok(Some(Box::pin(stream)))
+        Ok(Some(UpstreamBlob {
+            length,
+            body: Box::pin(stream),
+            permit,
+        }))
+    }
+
+    /// A blob's size as the upstream's `HEAD` gives it (`Content-Length`), without fetching it;
+    /// `Ok(None)` if the upstream does not have it, `Ok(Some(None))` if it did not say the size.
+    /// A `Docker-Content-Digest` naming another digest is an invalid answer.
+    pub async fn head_blob(&self, repo: &str, digest: &Digest) -> Result<Option<Option<u64>>, UpstreamError> {
+        let Some(fetched) = self.send(Method::HEAD, repo, &format!("blobs/{digest}"), None).await? else {
+            return Ok(None);
+        };
+        let headers = fetched.response.headers();
+        let named = headers.get("docker-content-digest").and_then(|v| v.to_str().ok());
+        if let Some(named) = named
+            && named != digest.to_string()
+        {
+            return Err(self.invalid(format!("HEAD of blob {digest} named the digest {named:?}")));
+        }
+        // `content_length()` is the body's length, which a HEAD does not have: read the header.
+        let size = headers
+            .get(reqwest::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        Ok(Some(size))
     }
 
     /// The media types a manifest of this upstream may be stored as.
@@ -692,6 +740,7 @@ mod tests {
             tag_ttl: crate::config::Period::parse("5m").expect("period"),
             timeout_secs: 5,
             max_concurrent_requests: 2,
+            namespaces: None,
         }
     }
 
@@ -711,6 +760,21 @@ mod tests {
         assert_eq!(route("hubble/x"), None);
         assert_eq!(route("hub"), None);
         assert_eq!(route("local/app"), None);
+    }
+
+    #[test]
+    fn namespaces_name_their_entry() {
+        let mut docker = entry("dockerhub/");
+        docker.url = "https://registry-1.docker.io".into();
+        let mut quay = entry("quay/");
+        quay.namespaces = Some(vec!["Quay.IO".into()]);
+        let proxies = Proxies::from_config(&[docker, quay]).expect("builds");
+        assert_eq!(proxies.prefix_for_namespace("docker.io"), Some("dockerhub/"));
+        assert_eq!(proxies.prefix_for_namespace("registry-1.docker.io"), Some("dockerhub/"));
+        assert_eq!(proxies.prefix_for_namespace("quay.io"), Some("quay/"));
+        // An explicit list replaces the default (the URL's host).
+        assert_eq!(proxies.prefix_for_namespace("127.0.0.1:9"), None);
+        assert_eq!(proxies.prefix_for_namespace("ghcr.io"), None);
     }
 
     #[test]

@@ -38,42 +38,53 @@ pub struct BlobBody {
 }
 
 impl Registry {
-    /// Size of a blob the repository may read, or `BLOB_UNKNOWN`. A blob of a proxied
-    /// repository not stored yet is fetched from the upstream first (see `proxy`).
+    /// Size of a blob the repository may read, or `BLOB_UNKNOWN`. For a blob of a proxied
+    /// repository not stored yet, the upstream's `HEAD` answers; nothing is fetched (see
+    /// `proxy`).
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
         if let Some(size) = self.catalog.blob_size(repo, digest).await? {
             return Ok(size);
         }
-        if self.fill_proxied_blob(repo, digest).await? {
-            return self
-                .catalog
-                .blob_size(repo, digest)
-                .await?
-                .ok_or_else(|| Error::BlobUnknown(Some(digest.clone())));
-        }
-        Err(Error::BlobUnknown(Some(digest.clone())))
+        self.proxied_blob_size(repo, digest)
+            .await?
+            .ok_or_else(|| Error::BlobUnknown(Some(digest.clone())))
     }
 
     /// Where to send a client for the blob's bytes instead of streaming them, when downloads
-    /// are redirected to the object store (a short-lived presigned URL); `None` otherwise.
+    /// are redirected to the object store (a short-lived presigned URL); `None` otherwise, and
+    /// for a blob not stored here (a proxied one is then streamed from its fetch).
     pub async fn blob_redirect(&self, repo: &RepoName, digest: &Digest) -> Result<Option<String>> {
-        self.blob_size(repo, digest).await?;
+        if self.catalog.blob_size(repo, digest).await?.is_none() {
+            return Ok(None);
+        }
         self.store.download_url(digest).await
     }
 
-    /// Opens a blob (or a range of it) for streaming.
+    /// Opens a blob (or a range of it) for streaming. A blob of a proxied repository not
+    /// stored yet is streamed from the fetch that stores it (the tee, see `proxy`).
     pub async fn get_blob(&self, repo: &RepoName, digest: &Digest, range: Option<ByteRange>) -> Result<BlobBody> {
-        let size = self.blob_size(repo, digest).await?;
+        let size = match self.catalog.blob_size(repo, digest).await? {
+            Some(size) => size,
+            None => {
+                if let Some(teed) = self.proxied_blob(repo, digest, range).await? {
+                    return Ok(counted(teed));
+                }
+                self.catalog
+                    .blob_size(repo, digest)
+                    .await?
+                    .ok_or_else(|| Error::BlobUnknown(Some(digest.clone())))?
+            }
+        };
         let range = match range {
             None => None,
             Some(r) => Some(r.resolve(size).ok_or(Error::RangeNotSatisfiable { size })?),
         };
         let body = self.store.get(digest, range.clone()).await?;
-        // Counted as the client takes each piece: bytes sent, not bytes promised.
-        let body = Box::pin(futures_util::TryStreamExt::inspect_ok(body, |piece| {
-            crate::metrics::get().bytes_downloaded.inc_by(piece.len() as u64);
-        }));
-        Ok(BlobBody { size, range, body })
+        Ok(counted(BlobBody {
+            size,
+            range,
+            body: Box::pin(body),
+        }))
     }
 
     /// Removes a blob from a repository (audited for `actor`). Its bytes stay while other
@@ -95,6 +106,14 @@ impl Registry {
             Err(Error::BlobUnknown(Some(digest.clone())))
         }
     }
+}
+
+/// Counts the bytes of `blob` as the client takes each piece: bytes sent, not bytes promised.
+fn counted(blob: BlobBody) -> BlobBody {
+    let body = Box::pin(futures_util::TryStreamExt::inspect_ok(blob.body, |piece| {
+        crate::metrics::get().bytes_downloaded.inc_by(piece.len() as u64);
+    }));
+    BlobBody { body, ..blob }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 pub use gc::{GcOptions, GcPass, GcReport, GcSchedule, GcStatus, Removed, WRITE_PAUSE};
 pub use manifests::PutOutcome;
+pub use proxy::{SPOOL_DIR, sweep_spool_dir};
 pub use uploads::{Chunk, ChunkRange, SessionLimits, Uploads};
 
 use crate::catalog::Catalog;

@@ -5,6 +5,9 @@
 //! What a pull of a proxied repository does, before the ordinary local read serves it:
 //! - **by digest** (manifest or blob): served from the catalog if present; otherwise fetched,
 //!   verified against the digest and stored, and from then on never re-checked;
+//! - **blob not stored yet**: streamed to the clients that asked while it is fetched, verified
+//!   and stored (the tee, [`tee`]: a spool file under `<data_dir>/proxy-spool`); a `Range` is
+//!   served from the same tee; a `HEAD` asks the upstream's `HEAD` and fetches nothing;
 //! - **manifest by tag**: served from the catalog while it was validated within the upstream's
 //!   `tag_ttl`; after that an upstream `HEAD` compares digests, and a moved tag is fetched
 //!   again. If the upstream cannot answer (down, rate-limiting, failing), the stale copy is
@@ -24,13 +27,18 @@
 //!   digest or one tag's re-validation share one upstream request. A fetch runs as its own
 //!   task, so a client that disconnects does not abort a fetch others wait on (or that would
 //!   fill the cache for the next one).
+//! - A blob streamed from a tee ends cleanly only once it is verified and published; if the
+//!   fetch fails, every client's body is cut (see [`tee`]).
 //! - In read-only maintenance nothing is fetched: cached content is served as it is (tags
 //!   without re-validation), anything else is answered 503 like a write.
 //! - Pushes and deletes into a proxied repository are refused with 405 `UNSUPPORTED`
 //!   ([`Registry::refuse_if_proxied`]); the access policy applies to pulls as for any
 //!   repository (the HTTP layer checks it before the service is called).
 
+mod tee;
+
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -38,11 +46,18 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 
 use super::Registry;
+use super::blobs::{BlobBody, ByteRange};
 use crate::auth::Overwrite;
 use crate::catalog::audit::Actor;
 use crate::error::{Error, Internal, Result};
 use crate::oci::{Digest, Reference, RepoName, Tag, manifest};
 use crate::proxy::{Proxies, Upstream, UpstreamError, UpstreamManifest};
+use tee::{SpoolError, Tee};
+
+pub use tee::sweep_spool_dir;
+
+/// The directory under the data directory where blobs being fetched are spooled for the tee.
+pub const SPOOL_DIR: &str = "proxy-spool";
 
 /// Most levels of nested indexes followed below a manifest (an index of image manifests is 1).
 const MAX_DEPTH: usize = 4;
@@ -79,15 +94,39 @@ impl From<UpstreamError> for FetchError {
 type FetchResult = std::result::Result<(), FetchError>;
 type Flight = Shared<BoxFuture<'static, FetchResult>>;
 
-/// Fetches in progress by key; each runs as a spawned task that removes its key when done.
-#[derive(Default, Clone)]
-struct Flights {
-    running: Arc<Mutex<HashMap<String, Flight>>>,
+/// Where a blob fetch publishes its tee once the upstream has answered (`None` until then, and
+/// for a fetch that does not tee: a blob linked from another repository, or one whose length
+/// the upstream did not announce).
+type TeeSlot = tokio::sync::watch::Receiver<Option<Arc<Tee>>>;
+
+/// Fetches in progress by key, each with what its waiters share besides the outcome (`X`);
+/// each runs as a spawned task that removes its key when done.
+struct Flights<X = ()> {
+    running: Arc<Mutex<HashMap<String, (Flight, X)>>>,
 }
 
-impl Flights {
+impl<X> Default for Flights<X> {
+    fn default() -> Self {
+        Flights {
+            running: Arc::default(),
+        }
+    }
+}
+
+impl Flights<()> {
     /// The fetch running for `key`, or `work` started as a new one.
     fn join<F>(&self, key: String, work: F) -> Flight
+    where
+        F: Future<Output = FetchResult> + Send + 'static,
+    {
+        self.join_with(key, || (work, ())).0
+    }
+}
+
+impl<X: Clone + Send + 'static> Flights<X> {
+    /// The fetch running for `key` with its shared value, or the work `start` makes started
+    /// as a new one (`start` runs only then, under the table's lock).
+    fn join_with<F>(&self, key: String, start: impl FnOnce() -> (F, X)) -> (Flight, X)
     where
         F: Future<Output = FetchResult> + Send + 'static,
     {
@@ -95,9 +134,10 @@ impl Flights {
             Ok(r) => r,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(flight) = running.get(&key) {
-            return flight.clone();
+        if let Some((flight, shared)) = running.get(&key) {
+            return (flight.clone(), shared.clone());
         }
+        let (work, shared) = start();
         let table = self.running.clone();
         let done_key = key.clone();
         // Spawned under the table's lock, so its removal cannot come before the insertion.
@@ -118,8 +158,8 @@ impl Flights {
         }
         .boxed()
         .shared();
-        running.insert(key, flight.clone());
-        flight
+        running.insert(key, (flight.clone(), shared.clone()));
+        (flight, shared)
     }
 }
 
@@ -127,16 +167,19 @@ impl Flights {
 /// proxied tag was last validated.
 pub(crate) struct ProxyState {
     proxies: Proxies,
-    blobs: Flights,
+    /// Where the tee spools blobs being fetched (`<data_dir>/proxy-spool`).
+    spool_dir: PathBuf,
+    blobs: Flights<TeeSlot>,
     manifests: Flights,
     tags: Flights,
     validated: Mutex<HashMap<String, Instant>>,
 }
 
 impl ProxyState {
-    pub(crate) fn new(proxies: Proxies) -> ProxyState {
+    pub(crate) fn new(proxies: Proxies, spool_dir: PathBuf) -> ProxyState {
         ProxyState {
             proxies,
+            spool_dir,
             blobs: Flights::default(),
             manifests: Flights::default(),
             tags: Flights::default(),
@@ -180,9 +223,10 @@ fn actor() -> Actor {
 }
 
 impl Registry {
-    /// Mirrors the upstreams of `proxies` under their prefixes.
-    pub fn with_proxies(mut self, proxies: Proxies) -> Self {
-        self.proxy = (!proxies.is_empty()).then(|| Arc::new(ProxyState::new(proxies)));
+    /// Mirrors the upstreams of `proxies` under their prefixes, spooling blobs being fetched
+    /// in `spool_dir` (see `tee`; swept at start-up by [`sweep_spool_dir`]).
+    pub fn with_proxies(mut self, proxies: Proxies, spool_dir: &Path) -> Self {
+        self.proxy = (!proxies.is_empty()).then(|| Arc::new(ProxyState::new(proxies, spool_dir.to_owned())));
         self
     }
 
@@ -192,6 +236,13 @@ impl Registry {
             .proxies
             .route(repo)
             .map(|(upstream, name)| Route { upstream, name })
+    }
+
+    /// The prefix of the `[[proxy]]` entry mirroring registry `namespace` (containerd's
+    /// `?ns=`), if any.
+    pub fn mirror_prefix(&self, namespace: &str) -> Option<String> {
+        let state = self.proxy.as_ref()?;
+        state.proxies.prefix_for_namespace(namespace).map(str::to_owned)
     }
 
     /// Whether `repo` is a pull-through mirror.
@@ -223,6 +274,78 @@ impl Registry {
             .await
             .map_err(|e| e.into_error(|| Error::BlobUnknown(Some(digest.clone()))))?;
         Ok(true)
+    }
+
+    /// The size of a blob of a proxied repository that is not stored here, as the upstream's
+    /// `HEAD` tells it: nothing is fetched (unless the upstream does not say the size, then the
+    /// blob is fetched and stored). `Ok(None)` for a hosted repository.
+    pub(super) async fn proxied_blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>> {
+        let Some(route) = self.route(repo) else {
+            return Ok(None);
+        };
+        if self.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        match route.upstream.head_blob(&route.name, digest).await {
+            Ok(Some(Some(size))) => Ok(Some(size)),
+            Ok(Some(None)) => {
+                self.fill_proxied_blob(repo, digest).await?;
+                self.catalog.blob_size(repo, digest).await
+            }
+            Ok(None) => Err(Error::BlobUnknown(Some(digest.clone()))),
+            Err(e) => Err(Error::Upstream(e)),
+        }
+    }
+
+    /// Serves a blob of a proxied repository that is not stored here from the tee of its fetch
+    /// (started if none runs), as soon as the upstream has answered. `Ok(None)` when the
+    /// caller should read it from the catalog: a hosted repository, or a fetch that ended
+    /// without a tee (linked from another repository, or no length announced upstream).
+    pub(super) async fn proxied_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<BlobBody>> {
+        let Some(route) = self.route(repo) else {
+            return Ok(None);
+        };
+        if self.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        let not_found = || Error::BlobUnknown(Some(digest.clone()));
+        let Some((flight, mut slot)) = self
+            .blob_flight(&route, repo, digest)
+            .await
+            .map_err(|e| e.into_error(not_found))?
+        else {
+            return Ok(None);
+        };
+        let teed = tokio::select! {
+            outcome = flight.clone() => {
+                outcome.map_err(|e| e.into_error(not_found))?;
+                None
+            }
+            tee = slot.wait_for(Option::is_some) => tee.ok().and_then(|t| t.clone()),
+        };
+        let Some(tee) = teed else {
+            // The fetch stored the blob without a tee (or ended before one was made).
+            flight.await.map_err(|e| e.into_error(not_found))?;
+            return Ok(None);
+        };
+        let size = tee.size();
+        let range = match range {
+            None => None,
+            Some(r) => Some(r.resolve(size).ok_or(Error::RangeNotSatisfiable { size })?),
+        };
+        let (start, end) = range.as_ref().map_or((0, size), |r| (r.start, r.end));
+        let body = tee.reader(start, end).await?;
+        tracing::debug!(repo = %repo, digest = %digest, start, end, "serving a blob from the tee of its fetch");
+        Ok(Some(BlobBody {
+            size,
+            range,
+            body: Box::pin(body),
+        }))
     }
 
     /// Brings the local copy of a proxied manifest up to date before it is served (see the
@@ -442,8 +565,22 @@ impl Registry {
 
     /// Fetches a blob into `repo` unless it is there (one fetch per digest at a time).
     async fn fetch_blob(&self, route: &Route, repo: &RepoName, digest: &Digest) -> FetchResult {
+        match self.blob_flight(route, repo, digest).await? {
+            Some((flight, _)) => flight.await,
+            None => Ok(()),
+        }
+    }
+
+    /// The fetch of a blob into `repo` (joined, or started), with the slot where it publishes
+    /// its tee; `None` if the blob is stored already.
+    async fn blob_flight(
+        &self,
+        route: &Route,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> std::result::Result<Option<(Flight, TeeSlot)>, FetchError> {
         let Some(state) = self.proxy.clone() else {
-            return Ok(());
+            return Ok(None);
         };
         if self
             .catalog
@@ -452,19 +589,20 @@ impl Registry {
             .map_err(|e| local_failure(e, repo, "reading the catalog"))?
             .is_some()
         {
-            return Ok(());
+            return Ok(None);
         }
-        let (reg, repo, digest, upstream, name) = (
+        let (reg, repo, digest, upstream, name, spool_dir) = (
             self.clone(),
             repo.clone(),
             digest.clone(),
             route.upstream.clone(),
             route.name.clone(),
+            state.spool_dir.clone(),
         );
         let key = format!("{repo}@{digest}");
-        state
-            .blobs
-            .join(key, async move {
+        let joined = state.blobs.join_with(key, move || {
+            let (tee_tx, tee_rx) = tokio::sync::watch::channel(None);
+            let work = async move {
                 // Stored for another repository already: linked, not fetched again.
                 if reg
                     .catalog
@@ -476,8 +614,37 @@ impl Registry {
                     return Ok(());
                 }
                 let started = Instant::now();
-                let body = upstream.get_blob(&name, &digest).await?.ok_or(FetchError::NotFound)?;
-                match reg.store_whole(&repo, &digest, body).await {
+                let blob = upstream.get_blob(&name, &digest).await?.ok_or(FetchError::NotFound)?;
+                let stored = match blob.length {
+                    // Unknown length: stored, then served (no Content-Length to promise).
+                    None => reg.store_whole(&repo, &digest, blob.body).await,
+                    Some(length) => {
+                        let (tee, writer) = Tee::create(&spool_dir, length, blob.permit.clone())
+                            .await
+                            .map_err(|e| local_failure(e.into(), &repo, "creating a spool file"))?;
+                        tee_tx.send_replace(Some(tee));
+                        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                        let stored = reg.store_whole(&repo, &digest, writer.wrap(blob.body, done_tx)).await;
+                        // The wrapped body is dropped by now, and handed the writer back.
+                        let (writer, spool_error) = done_rx.await.map_err(|_| {
+                            local_failure(
+                                Error::Internal(Internal::Other("the tee writer was lost")),
+                                &repo,
+                                "teeing a blob",
+                            )
+                        })?;
+                        match (&stored, spool_error) {
+                            (Ok(()), _) => writer.verified(),
+                            (Err(_), Some(SpoolError(e))) => {
+                                writer.failed();
+                                return Err(local_failure(e.into(), &repo, "writing a spool file"));
+                            }
+                            (Err(_), None) => writer.failed(),
+                        }
+                        stored
+                    }
+                };
+                match stored {
                     Ok(()) => {
                         tracing::info!(
                             repo = %repo, digest = %digest, upstream = upstream.prefix(),
@@ -502,8 +669,10 @@ impl Registry {
                     })),
                     Err(e) => Err(local_failure(e, &repo, "storing a blob")),
                 }
-            })
-            .await
+            };
+            (work, tee_rx)
+        });
+        Ok(Some(joined))
     }
 }
 

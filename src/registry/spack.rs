@@ -12,8 +12,10 @@ use crate::catalog::{ManifestRecord, NewManifest};
 use crate::error::{Error, Result};
 use crate::oci::{Algorithm, Digest, Reference, RepoName, manifest};
 
-/// Index pieces (1 MiB each) serialised ahead of the upload they are written to.
-const INDEX_PIECES_AHEAD: usize = 2;
+/// Index pieces (1 MiB each) serialised ahead of the upload they are written to: two parts'
+/// worth, so that the catalog scan runs on while the writer hashes a full part (the scan and
+/// the hash then take a core each instead of taking turns).
+const INDEX_PIECES_AHEAD: usize = 16;
 
 /// The 2-byte `{}` config of an index manifest, as Spack writes it.
 const EMPTY_CONFIG: &[u8] = b"{}";

@@ -654,15 +654,26 @@ impl Registry {
                 let started = Instant::now();
                 let blob = upstream.get_blob(&name, &digest).await?.ok_or(FetchError::NotFound)?;
                 let wanted = wanted.load(std::sync::atomic::Ordering::SeqCst);
-                let stored = match blob.length {
-                    // Unknown length: stored, then served (no Content-Length to promise).
-                    // No GET waiting: stored only.
-                    Some(length) if wanted => {
+                // Unknown length: stored, then served (no Content-Length to promise). No GET
+                // waiting: stored only. A spool that cannot be made: stored, then served
+                // from the store (the store is what matters).
+                let spooled = match blob.length {
+                    Some(length) if wanted => match Tee::create(&spool_dir, length).await {
+                        Ok(spooled) => Some(spooled),
+                        Err(e) => {
+                            tracing::warn!(
+                                repo = %repo, digest = %digest, error = %e,
+                                "creating a proxy spool file failed; the blob is stored, then served"
+                            );
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+                let stored = match spooled {
+                    Some((tee, handle, writer)) => {
                         // The fetch task owns the tee: the spool goes when the fetch ends, as
                         // the upstream permit (held by `blob`) does, whatever readers do.
-                        let (tee, handle, writer) = Tee::create(&spool_dir, length)
-                            .await
-                            .map_err(|e| local_failure(e.into(), &repo, "creating a spool file"))?;
                         tee_tx.send_replace(Some(handle));
                         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
                         let stored = reg.store_whole(&repo, &digest, writer.wrap(blob.body, done_tx)).await;
@@ -687,7 +698,7 @@ impl Registry {
                         drop(tee);
                         stored
                     }
-                    _ => reg.store_whole(&repo, &digest, blob.body).await,
+                    None => reg.store_whole(&repo, &digest, blob.body).await,
                 };
                 match stored {
                     Ok(()) => {

@@ -1279,7 +1279,11 @@ async fn read_raw_response(mut stream: tokio::net::TcpStream) -> (u16, Option<us
         .expect("status");
     let length = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_owned())
+        })
         .and_then(|v| v.parse().ok());
     (status, length, all[split + 4..].to_vec())
 }
@@ -1376,13 +1380,15 @@ async fn the_ns_mirror_form_keeps_the_uri_authority_for_the_token_realm() {
     ]);
     let authority = server.url.strip_prefix("http://").expect("plain HTTP");
     let mut stream = tokio::net::TcpStream::connect(authority).await.expect("connect");
-    let request =
-        "GET http://mirror.example:5443/v2/library/alpine/manifests/3.20?ns=docker.io HTTP/1.0\r\n\r\n";
+    let request = "GET http://mirror.example:5443/v2/library/alpine/manifests/3.20?ns=docker.io HTTP/1.0\r\n\r\n";
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.expect("read the response");
     let response = String::from_utf8_lossy(&response).into_owned();
-    assert!(response.starts_with("HTTP/1.0 401") || response.starts_with("HTTP/1.1 401"), "{response}");
+    assert!(
+        response.starts_with("HTTP/1.0 401") || response.starts_with("HTTP/1.1 401"),
+        "{response}"
+    );
     let challenge = response
         .lines()
         .find(|l| l.to_ascii_lowercase().starts_with("www-authenticate: bearer"))

@@ -28,7 +28,12 @@
 //!   task, so a client that disconnects does not abort a fetch others wait on (or that would
 //!   fill the cache for the next one).
 //! - A blob streamed from a tee ends cleanly only once it is verified and published; if the
-//!   fetch fails, every client's body is cut (see [`tee`]).
+//!   fetch fails, every client's body is cut (see [`tee`]). The fetch alone holds the upstream
+//!   permit and the spool, so both are released when it ends, however slow its clients are;
+//!   a client still reading then goes on from the stored blob. Only fetches a blob `GET`
+//!   started or joined make a tee.
+//! - A flight's key is removed by a guard in its task, so a panicking fetch is not joined for
+//!   ever; a client joining a flight looks at its outcome before its tee.
 //! - In read-only maintenance nothing is fetched: cached content is served as it is (tags
 //!   without re-validation), anything else is answered 503 like a write.
 //! - Pushes and deletes into a proxied repository are refused with 405 `UNSUPPORTED`

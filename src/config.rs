@@ -296,19 +296,25 @@ fn default_proxy_concurrency() -> usize {
 
 impl ProxyConfig {
     /// The namespaces (`?ns=` values) this entry answers for: as configured, else the
-    /// upstream URL's host (`docker.io` too for Docker Hub's `registry-1.docker.io`). Lower
-    /// case.
+    /// upstream URL's host, with its port only when it is not the scheme's default (`docker.io`
+    /// too for Docker Hub's `registry-1.docker.io`). Lower case. None for a URL that does not
+    /// parse (refused by validation anyway).
     pub fn namespaces(&self) -> Vec<String> {
         if let Some(explicit) = &self.namespaces {
             return explicit.iter().map(|n| n.to_ascii_lowercase()).collect();
         }
-        let host = self
-            .url
-            .strip_prefix("https://")
-            .or_else(|| self.url.strip_prefix("http://"))
-            .unwrap_or("")
-            .trim_end_matches('/')
-            .to_ascii_lowercase();
+        let Ok(url) = reqwest::Url::parse(&self.url) else {
+            return Vec::new();
+        };
+        let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
+            return Vec::new();
+        };
+        // `port()` is None for the scheme's default port, written or not.
+        let host = match url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        }
+        .to_ascii_lowercase();
         let mut names = vec![host];
         if names[0] == "registry-1.docker.io" {
             names.push("docker.io".to_owned());
@@ -1355,5 +1361,22 @@ mod tests {
             assert!(!c.registry.delete_enabled);
             Ok(())
         });
+    }
+
+    #[test]
+    fn default_namespaces_come_from_the_parsed_url() {
+        let entry = |url: &str| toml::from_str::<ProxyConfig>(&format!("prefix = \"p/\"\nurl = {url:?}")).unwrap();
+        assert_eq!(entry("https://Ghcr.io").namespaces(), ["ghcr.io"]);
+        assert_eq!(entry("https://ghcr.io:443").namespaces(), ["ghcr.io"]);
+        assert_eq!(entry("http://host:80/").namespaces(), ["host"]);
+        assert_eq!(entry("https://host:8443/").namespaces(), ["host:8443"]);
+        assert_eq!(entry("http://host:443").namespaces(), ["host:443"]);
+        assert_eq!(entry("https://host/some/path").namespaces(), ["host"]);
+        assert_eq!(entry("http://[::1]:5000").namespaces(), ["[::1]:5000"]);
+        assert_eq!(
+            entry("https://registry-1.docker.io:443/").namespaces(),
+            ["registry-1.docker.io", "docker.io"]
+        );
+        assert!(entry("not a url").namespaces().is_empty());
     }
 }

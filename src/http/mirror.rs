@@ -47,8 +47,9 @@ fn namespaced(req: &ServiceRequest) -> Option<Uri> {
     let ns = pairs.iter().find(|(k, _)| k == "ns").map(|(_, v)| v.as_str())?;
     let registry = req.app_data::<web::Data<Registry>>()?;
     let prefix = registry.mirror_prefix(ns)?;
-    Uri::builder()
-        .path_and_query(format!("/v2/{prefix}{rest}?{query}"))
-        .build()
-        .ok()
+    // Only the path changes: the scheme and authority stay (over HTTP/2 the authority is the
+    // only name of the host the client asked, e.g. for the token realm).
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(format!("/v2/{prefix}{rest}?{query}").parse().ok()?);
+    Uri::from_parts(parts).ok()
 }

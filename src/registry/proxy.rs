@@ -28,7 +28,12 @@
 //!   task, so a client that disconnects does not abort a fetch others wait on (or that would
 //!   fill the cache for the next one).
 //! - A blob streamed from a tee ends cleanly only once it is verified and published; if the
-//!   fetch fails, every client's body is cut (see [`tee`]).
+//!   fetch fails, every client's body is cut (see [`tee`]). The fetch alone holds the upstream
+//!   permit and the spool, so both are released when it ends, however slow its clients are;
+//!   a client still reading then goes on from the stored blob. Only fetches a blob `GET`
+//!   started or joined make a tee.
+//! - A flight's key is removed by a guard in its task, so a panicking fetch is not joined for
+//!   ever; a client joining a flight looks at its outcome before its tee.
 //! - In read-only maintenance nothing is fetched: cached content is served as it is (tags
 //!   without re-validation), anything else is answered 503 like a write.
 //! - Pushes and deletes into a proxied repository are refused with 405 `UNSUPPORTED`
@@ -52,7 +57,7 @@ use crate::catalog::audit::Actor;
 use crate::error::{Error, Internal, Result};
 use crate::oci::{Digest, Reference, RepoName, Tag, manifest};
 use crate::proxy::{Proxies, Upstream, UpstreamError, UpstreamManifest};
-use tee::{SpoolError, Tee};
+use tee::{SpoolError, Tee, TeeHandle};
 
 pub use tee::sweep_spool_dir;
 
@@ -95,9 +100,14 @@ type FetchResult = std::result::Result<(), FetchError>;
 type Flight = Shared<BoxFuture<'static, FetchResult>>;
 
 /// Where a blob fetch publishes its tee once the upstream has answered (`None` until then, and
-/// for a fetch that does not tee: a blob linked from another repository, or one whose length
-/// the upstream did not announce).
-type TeeSlot = tokio::sync::watch::Receiver<Option<Arc<Tee>>>;
+/// for a fetch that does not tee: a blob linked from another repository, one whose length the
+/// upstream did not announce, or one no blob `GET` asked for), and whether a blob `GET` wants
+/// one (set by the `GET`s that start or join the fetch; read when the upstream answers).
+#[derive(Clone)]
+struct TeeSlot {
+    tee: tokio::sync::watch::Receiver<Option<TeeHandle>>,
+    wanted: Arc<std::sync::atomic::AtomicBool>,
+}
 
 /// Fetches in progress by key, each with what its waiters share besides the outcome (`X`);
 /// each runs as a spawned task that removes its key when done.
@@ -141,14 +151,24 @@ impl<X: Clone + Send + 'static> Flights<X> {
         let table = self.running.clone();
         let done_key = key.clone();
         // Spawned under the table's lock, so its removal cannot come before the insertion.
+        // The key goes when the task ends, by a guard, so that a panicking fetch is not
+        // joined for ever (and its tee and permit go with it).
+        struct Remove<X> {
+            table: Arc<Mutex<HashMap<String, (Flight, X)>>>,
+            key: String,
+        }
+        impl<X> Drop for Remove<X> {
+            fn drop(&mut self) {
+                let mut running = match self.table.lock() {
+                    Ok(r) => r,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                running.remove(&self.key);
+            }
+        }
         let task = tokio::spawn(async move {
-            let outcome = work.await;
-            let mut running = match table.lock() {
-                Ok(r) => r,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            running.remove(&done_key);
-            outcome
+            let _remove = Remove { table, key: done_key };
+            work.await
         });
         let flight = async move {
             task.await.unwrap_or_else(|e| {
@@ -314,22 +334,27 @@ impl Registry {
             return Err(Error::ReadOnly);
         }
         let not_found = || Error::BlobUnknown(Some(digest.clone()));
-        let Some((flight, mut slot)) = self
-            .blob_flight(&route, repo, digest)
+        let Some((flight, slot)) = self
+            .blob_flight(&route, repo, digest, true)
             .await
             .map_err(|e| e.into_error(not_found))?
         else {
             return Ok(None);
         };
+        let mut tee_rx = slot.tee;
+        // The flight first: a fetch that has just failed answers with its error, not with a
+        // tee that would cut the response at once.
         let teed = tokio::select! {
+            biased;
             outcome = flight.clone() => {
                 outcome.map_err(|e| e.into_error(not_found))?;
                 None
             }
-            tee = slot.wait_for(Option::is_some) => tee.ok().and_then(|t| t.clone()),
+            tee = tee_rx.wait_for(Option::is_some) => tee.ok().and_then(|t| t.clone()),
         };
-        let Some(tee) = teed else {
-            // The fetch stored the blob without a tee (or ended before one was made).
+        let Some(tee) = teed.filter(|t| !t.failed()) else {
+            // The fetch stored the blob without a tee (or ended before one was made), or the
+            // tee was cut (the spool failed, or the fetch did): its outcome decides.
             flight.await.map_err(|e| e.into_error(not_found))?;
             return Ok(None);
         };
@@ -339,7 +364,18 @@ impl Registry {
             Some(r) => Some(r.resolve(size).ok_or(Error::RangeNotSatisfiable { size })?),
         };
         let (start, end) = range.as_ref().map_or((0, size), |r| (r.start, r.end));
-        let body = tee.reader(start, end).await?;
+        let store = self.store.clone();
+        let stored_digest = digest.clone();
+        let stored: tee::StoredRead = Box::new(move |from, to| {
+            async move {
+                store
+                    .get(&stored_digest, Some(from..to))
+                    .await
+                    .map_err(|e| std::io::Error::other(format!("reading the stored blob: {e}")))
+            }
+            .boxed()
+        });
+        let body = tee.reader(start, end, stored);
         tracing::debug!(repo = %repo, digest = %digest, start, end, "serving a blob from the tee of its fetch");
         Ok(Some(BlobBody {
             size,
@@ -565,19 +601,21 @@ impl Registry {
 
     /// Fetches a blob into `repo` unless it is there (one fetch per digest at a time).
     async fn fetch_blob(&self, route: &Route, repo: &RepoName, digest: &Digest) -> FetchResult {
-        match self.blob_flight(route, repo, digest).await? {
+        match self.blob_flight(route, repo, digest, false).await? {
             Some((flight, _)) => flight.await,
             None => Ok(()),
         }
     }
 
     /// The fetch of a blob into `repo` (joined, or started), with the slot where it publishes
-    /// its tee; `None` if the blob is stored already.
+    /// its tee; `None` if the blob is stored already. `want_tee`: a blob `GET` asks (a fetch
+    /// only a manifest needs makes no tee).
     async fn blob_flight(
         &self,
         route: &Route,
         repo: &RepoName,
         digest: &Digest,
+        want_tee: bool,
     ) -> std::result::Result<Option<(Flight, TeeSlot)>, FetchError> {
         let Some(state) = self.proxy.clone() else {
             return Ok(None);
@@ -602,6 +640,11 @@ impl Registry {
         let key = format!("{repo}@{digest}");
         let joined = state.blobs.join_with(key, move || {
             let (tee_tx, tee_rx) = tokio::sync::watch::channel(None);
+            let wanted = Arc::new(std::sync::atomic::AtomicBool::new(want_tee));
+            let slot = TeeSlot {
+                tee: tee_rx,
+                wanted: wanted.clone(),
+            };
             let work = async move {
                 // Stored for another repository already: linked, not fetched again.
                 if reg
@@ -615,14 +658,28 @@ impl Registry {
                 }
                 let started = Instant::now();
                 let blob = upstream.get_blob(&name, &digest).await?.ok_or(FetchError::NotFound)?;
-                let stored = match blob.length {
-                    // Unknown length: stored, then served (no Content-Length to promise).
-                    None => reg.store_whole(&repo, &digest, blob.body).await,
-                    Some(length) => {
-                        let (tee, writer) = Tee::create(&spool_dir, length, blob.permit.clone())
-                            .await
-                            .map_err(|e| local_failure(e.into(), &repo, "creating a spool file"))?;
-                        tee_tx.send_replace(Some(tee));
+                let wanted = wanted.load(std::sync::atomic::Ordering::SeqCst);
+                // Unknown length: stored, then served (no Content-Length to promise). No GET
+                // waiting: stored only. A spool that cannot be made: stored, then served
+                // from the store (the store is what matters).
+                let spooled = match blob.length {
+                    Some(length) if wanted => match Tee::create(&spool_dir, length).await {
+                        Ok(spooled) => Some(spooled),
+                        Err(e) => {
+                            tracing::warn!(
+                                repo = %repo, digest = %digest, error = %e,
+                                "creating a proxy spool file failed; the blob is stored, then served"
+                            );
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+                let stored = match spooled {
+                    Some((tee, handle, writer)) => {
+                        // The fetch task owns the tee: the spool goes when the fetch ends, as
+                        // the upstream permit (held by `blob`) does, whatever readers do.
+                        tee_tx.send_replace(Some(handle));
                         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
                         let stored = reg.store_whole(&repo, &digest, writer.wrap(blob.body, done_tx)).await;
                         // The wrapped body is dropped by now, and handed the writer back.
@@ -633,16 +690,20 @@ impl Registry {
                                 "teeing a blob",
                             )
                         })?;
-                        match (&stored, spool_error) {
-                            (Ok(()), _) => writer.verified(),
-                            (Err(_), Some(SpoolError(e))) => {
-                                writer.failed();
-                                return Err(local_failure(e.into(), &repo, "writing a spool file"));
-                            }
-                            (Err(_), None) => writer.failed(),
+                        if let Some(SpoolError(e)) = spool_error {
+                            tracing::warn!(
+                                repo = %repo, digest = %digest, error = %e,
+                                "the tee's spool failed: its clients were cut, the blob was still stored"
+                            );
                         }
+                        match &stored {
+                            Ok(()) => writer.verified(),
+                            Err(_) => writer.failed(),
+                        }
+                        drop(tee);
                         stored
                     }
+                    None => reg.store_whole(&repo, &digest, blob.body).await,
                 };
                 match stored {
                     Ok(()) => {
@@ -670,8 +731,11 @@ impl Registry {
                     Err(e) => Err(local_failure(e, &repo, "storing a blob")),
                 }
             };
-            (work, tee_rx)
+            (work, slot)
         });
+        if want_tee {
+            joined.1.wanted.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         Ok(Some(joined))
     }
 }

@@ -67,8 +67,7 @@ pub struct IndexSnapshot {
 }
 
 /// Gathers serialised JSON into pieces of exactly `size` bytes (the last one shorter) and hands
-/// each full one to the consumer. Pieces of the store's part size go to the staged upload
-/// without being copied again.
+/// each full one to the consumer.
 struct PieceSink {
     piece: Vec<u8>,
     size: usize,

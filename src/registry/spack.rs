@@ -12,11 +12,16 @@ use crate::catalog::{ManifestRecord, NewManifest};
 use crate::error::{Error, Result};
 use crate::oci::{Algorithm, Digest, Reference, RepoName, manifest};
 
-/// Index pieces (one part each) serialised ahead of the upload they are written to, so that
+/// Size of the pieces the catalog scan sends. Small enough that the allocator reuses their
+/// memory from piece to piece: pieces of a whole part (8 MiB) were fresh mappings each time, and
+/// faulting in fresh pages cost more (~0.3 s at 500,000 specs here) than copying 1 MiB pieces
+/// into the upload's pooled part buffers.
+const INDEX_PIECE: usize = 1024 * 1024;
+
+/// Index pieces serialised ahead of the upload they are written to: two parts' worth, so that
 /// the catalog scan runs on while the writer hashes and writes a part (the scan and the hash
-/// then take a core each instead of taking turns). Each piece is exactly one part of the
-/// store's, which the staged upload takes as it is, without copying it into a part buffer.
-const INDEX_PIECES_AHEAD: usize = 2;
+/// then take a core each instead of taking turns).
+const INDEX_PIECES_AHEAD: usize = 16;
 
 /// The 2-byte `{}` config of an index manifest, as Spack writes it.
 const EMPTY_CONFIG: &[u8] = b"{}";
@@ -112,7 +117,7 @@ impl Registry {
         let id = uuid::Uuid::new_v4();
         let mut writer = self.store.start_upload_kept_in_cache(id, Algorithm::Sha256).await?;
         let (to, from) = tokio::sync::mpsc::channel::<Bytes>(INDEX_PIECES_AHEAD);
-        let serialise = self.catalog.spack_index_stream(repo, self.store.part_size(), to);
+        let serialise = self.catalog.spack_index_stream(repo, INDEX_PIECE, to);
         let store = async {
             // Owned here, so that a failed write closes the channel and stops the serialiser.
             let mut from = from;

@@ -1422,6 +1422,21 @@ async fn the_ns_mirror_form_keeps_the_uri_authority_for_the_token_realm() {
     );
 }
 
+/// The value of `series`, a counter or gauge without labels.
+async fn unlabelled_metric(server: &TestServer, series: &str) -> f64 {
+    let text = client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
 /// Seconds since the epoch.
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -1605,4 +1620,60 @@ async fn a_size_cap_evicts_the_least_recently_pulled_image_and_refetches_it_on_d
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["repository"], "hub/lib/b", "{rows:?}");
     assert_eq!(rows[0]["digest"], b.manifest.as_str(), "{rows:?}");
+}
+
+/// The server's own collection passes evict too: with passes every second and a cap a bit
+/// above two images, three images pulled through one after another (each in its own second,
+/// the recording's precision) leave the first evicted, counted in
+/// `stowage_proxy_evictions_total`, and `stowage_proxy_cached_bytes{prefix="hub/"}` at the two
+/// others' bytes.
+#[tokio::test]
+async fn the_servers_collection_passes_evict_and_report_the_cached_bytes() {
+    const LAYER: usize = 100_000;
+    let cap = 2 * LAYER + LAYER / 2;
+    let extra = format!("max_size = {cap}\n\n[gc]\ninterval_secs = 1\ngrace_secs = 0\n");
+    let pair = Pair::start_full("1h", false, &extra);
+    let mut images = Vec::new();
+    for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+        let layer = pseudo_random(LAYER, 200 + i as u64);
+        images.push(push_upstream(&pair.upstream, &format!("lib/{name}"), "v1", layer, name).await);
+    }
+    for (name, image) in ["a", "b", "c"].iter().zip(&images) {
+        let pulled = unix_now();
+        pull_over_http(&pair, &format!("lib/{name}"), "v1", image).await;
+        wait_until("the next second", || async move { unix_now() > pulled }).await;
+    }
+    let image_bytes = |image: &Image| (image.config.1.len() + image.layer.1.len()) as f64;
+    wait_until("a pass evicted one image", || async {
+        unlabelled_metric(&pair.downstream, "stowage_proxy_evictions_total").await >= 1.0
+            && metric(&pair.downstream, "stowage_proxy_cached_bytes", &["prefix=\"hub/\""]).await <= cap as f64
+    })
+    .await;
+    assert_eq!(
+        unlabelled_metric(&pair.downstream, "stowage_proxy_evictions_total").await,
+        1.0
+    );
+    let cached = metric(&pair.downstream, "stowage_proxy_cached_bytes", &["prefix=\"hub/\""]).await;
+    let (b, c) = (image_bytes(&images[1]), image_bytes(&images[2]));
+    // The two images' blobs plus their two manifests (a few hundred bytes each).
+    assert!(
+        cached > b + c && cached < b + c + 2000.0,
+        "cached {cached}, images {b} + {c}"
+    );
+    let rows: Value = client()
+        .get(format!("{}/stowage/v1/audit?user=gc", pair.downstream.url))
+        .send()
+        .await
+        .expect("GET audit")
+        .json()
+        .await
+        .expect("audit JSON");
+    let evicted: Vec<&str> = rows["entries"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["action"] == "proxy.evict")
+        .filter_map(|r| r["repository"].as_str())
+        .collect();
+    assert_eq!(evicted, ["hub/lib/a"], "{rows}");
 }

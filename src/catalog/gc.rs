@@ -591,3 +591,143 @@ fn repo_names(c: &Connection, ids: impl Iterator<Item = i64>) -> rusqlite::Resul
     }
     Ok(names)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `hub/x`: a tagged index (10, created at 200) and its child (11) with layer L2 and config
+    /// L1; `hub/y`: an image (20, created at 100, pulled at 500) with layer L1, and a referrer
+    /// of it (21, created at 150); `local/z` (hosted) and `hubby/w` (not under `hub/`).
+    async fn catalog() -> (tempfile::TempDir, Catalog) {
+        let tmp = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&tmp.path().join("catalog.db")).unwrap();
+        catalog
+            .write(|c| {
+                c.execute_batch(
+                    "INSERT INTO repositories (id, name, created_at) VALUES
+                        (1, 'hub/x', 0), (2, 'hub/y', 0), (3, 'local/z', 0), (4, 'hubby/w', 0);
+                     INSERT INTO blobs (digest, size, created_at) VALUES
+                        ('sha256:l1', 1000, 0), ('sha256:l2', 2000, 0), ('sha256:l3', 5000, 0);
+                     INSERT INTO repo_blobs (repo_id, digest, linked_at) VALUES
+                        (1, 'sha256:l1', 0), (1, 'sha256:l2', 0), (2, 'sha256:l1', 0), (3, 'sha256:l3', 0);
+                     INSERT INTO manifests (id, repo_id, digest, media_type, size, content, subject, created_at) VALUES
+                        (10, 1, 'sha256:ix', 'x', 10, x'00', NULL, 200),
+                        (11, 1, 'sha256:c1', 'x', 20, x'00', NULL, 200),
+                        (20, 2, 'sha256:y1', 'x', 30, x'00', NULL, 100),
+                        (21, 2, 'sha256:r1', 'x', 5, x'00', 'sha256:y1', 150),
+                        (30, 3, 'sha256:z1', 'x', 40, x'00', NULL, 0),
+                        (40, 4, 'sha256:w1', 'x', 50, x'00', NULL, 0);
+                     INSERT INTO manifest_refs (manifest_id, digest, kind) VALUES
+                        (10, 'sha256:c1', 'manifest'), (11, 'sha256:l1', 'config'), (11, 'sha256:l2', 'layer'),
+                        (20, 'sha256:l1', 'layer'), (30, 'sha256:l3', 'layer');
+                     INSERT INTO tags (repo_id, name, manifest_id, updated_at) VALUES (1, 'v1', 10, 200);
+                     UPDATE manifests SET proxy_pulled_at = 500 WHERE id = 20;",
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        (tmp, catalog)
+    }
+
+    async fn pulled_at(catalog: &Catalog, id: i64) -> Option<i64> {
+        catalog
+            .read(move |c| {
+                Ok(
+                    c.query_row("SELECT proxy_pulled_at FROM manifests WHERE id = ?1", [id], |r| {
+                        r.get(0)
+                    })?,
+                )
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn pulls_only_move_forward_and_a_blob_pull_counts_for_its_manifests() {
+        let (_tmp, catalog) = catalog().await;
+        let y1 = ProxyPull::Manifest {
+            repo: "hub/y".into(),
+            digest: "sha256:y1".into(),
+        };
+        assert_eq!(catalog.record_proxy_pulls(vec![(y1.clone(), 400)]).await.unwrap(), 0);
+        assert_eq!(pulled_at(&catalog, 20).await, Some(500));
+        assert_eq!(catalog.record_proxy_pulls(vec![(y1, 600)]).await.unwrap(), 1);
+        assert_eq!(pulled_at(&catalog, 20).await, Some(600));
+        let l1 = ProxyPull::Blob {
+            repo: "hub/x".into(),
+            digest: "sha256:l1".into(),
+        };
+        assert_eq!(catalog.record_proxy_pulls(vec![(l1, 700)]).await.unwrap(), 1);
+        assert_eq!(pulled_at(&catalog, 11).await, Some(700), "the child referencing L1");
+        assert_eq!(pulled_at(&catalog, 10).await, None);
+        assert_eq!(
+            pulled_at(&catalog, 20).await,
+            Some(600),
+            "another repository's manifest"
+        );
+    }
+
+    #[tokio::test]
+    async fn eviction_takes_the_least_recently_used_root_with_its_children_and_referrers() {
+        let (_tmp, catalog) = catalog().await;
+        // L1 once (shared by two repositories), L2, and the four manifests; not L3 (hosted) nor
+        // `hubby/w`'s manifest.
+        assert_eq!(
+            catalog.proxy_cached_bytes("hub/").await.unwrap(),
+            1000 + 2000 + 10 + 20 + 30 + 5
+        );
+        let order: Vec<i64> = catalog
+            .proxy_evict_candidates("hub/", 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        // The referrer (used at 150), the index (200), the pulled image (500); never the child.
+        assert_eq!(order, [21, 10, 20]);
+
+        let e = catalog.proxy_evict("hub/", 10).await.unwrap();
+        assert_eq!(
+            e.manifests,
+            [
+                ("hub/x".to_owned(), "sha256:ix".to_owned()),
+                ("hub/x".to_owned(), "sha256:c1".to_owned())
+            ]
+        );
+        assert_eq!(e.tags, ["v1"]);
+        // Both manifests and L2; L1 is still referenced by `hub/y`.
+        assert_eq!(e.bytes, 10 + 20 + 2000);
+        assert_eq!(catalog.proxy_cached_bytes("hub/").await.unwrap(), 1000 + 30 + 5);
+
+        let e = catalog.proxy_evict("hub/", 20).await.unwrap();
+        assert_eq!(e.manifests.len(), 2, "the image and its referrer: {e:?}");
+        assert_eq!(e.bytes, 30 + 5 + 1000);
+        assert_eq!(catalog.proxy_cached_bytes("hub/").await.unwrap(), 0);
+
+        // Outside the prefix: nothing.
+        assert!(catalog.proxy_evict("hub/", 30).await.unwrap().manifests.is_empty());
+        assert!(catalog.proxy_evict("hub/", 40).await.unwrap().manifests.is_empty());
+        let (audited, links, figures): (i64, i64, i64) = catalog
+            .read(|c| {
+                Ok((
+                    c.query_row(
+                        "SELECT count(*) FROM audit_log WHERE action = 'proxy.evict' AND actor = 'gc'",
+                        [],
+                        |r| r.get(0),
+                    )?,
+                    c.query_row("SELECT count(*) FROM repo_blobs", [], |r| r.get(0))?,
+                    c.query_row("SELECT sum(manifest_bytes) FROM repositories", [], |r| r.get(0))?,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(audited, 4);
+        assert_eq!(
+            links, 4,
+            "eviction unlinks nothing: the collector does, after the grace period"
+        );
+        assert_eq!(figures, 40 + 50, "the repository figures followed the deletions");
+    }
+}

@@ -36,6 +36,14 @@
 //! `gc.spack_index_grace_secs` later (long enough for a reader given the old index manifest
 //! to fetch it) by [`Registry::collect_superseded_indexes`], which the server runs often.
 //!
+//! # Size caps of the pull-through cache
+//!
+//! Each pass starts (after retention) with [`Registry::evict_proxied`] (`proxy::lru`): for each
+//! `[[proxy]]` prefix with `max_size`, the least recently pulled cached manifests are deleted,
+//! as a client delete by digest would delete them, until the prefix's content fits. Their blobs
+//! are then unlinked and deleted by the steps below like any other unreferenced blob, once past
+//! the grace period. A dry run lists them as `evict` lines.
+//!
 //! # Never stalling writers
 //!
 //! Every step scans on the catalog's reader connections, a bounded slice at a time, and

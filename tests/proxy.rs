@@ -1676,4 +1676,10 @@ async fn the_servers_collection_passes_evict_and_report_the_cached_bytes() {
         .filter_map(|r| r["repository"].as_str())
         .collect();
     assert_eq!(evicted, ["hub/lib/a"], "{rows}");
+
+    // Within its tag's `tag_ttl` (validated at the first pull), the evicted tag is not answered
+    // 404 from that mark: it is fetched again.
+    let fetched = upstream_gets(&pair.upstream, "manifest").await;
+    pull_over_http(&pair, "lib/a", "v1", &images[0]).await;
+    assert_eq!(upstream_gets(&pair.upstream, "manifest").await, fetched + 1.0);
 }

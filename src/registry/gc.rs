@@ -310,10 +310,12 @@ impl Registry {
             })
         })
         .await;
-        let mut report = GcReport::default();
         // Size caps of the pull-through cache: evicted manifests' blobs are then unlinked and
         // deleted below like any other's, once past the grace period (see `proxy::lru`).
-        report.evicted = self.evict_proxied(listing).await?;
+        let mut report = GcReport {
+            evicted: self.evict_proxied(listing).await?,
+            ..GcReport::default()
+        };
         let cutoff = now() - opts.grace.as_secs() as i64;
         if opts.untagged_manifests {
             report.manifests = self.collect_manifests(cutoff, opts.write_pause, listing).await?;

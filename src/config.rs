@@ -280,6 +280,11 @@ pub struct ProxyConfig {
     /// none. Unique across entries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespaces: Option<Vec<String>>,
+    /// Most bytes this entry's cached content may take (bytes, or a number with a unit:
+    /// `50GiB`, `500MB`); unset: no cap. Each collection pass evicts the least recently pulled
+    /// manifests of the prefix until its content fits (see `docs/proxy.md`, "Size cap").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<ByteSize>,
 }
 
 fn default_tag_ttl() -> Period {
@@ -407,6 +412,93 @@ impl ProxyConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// A size in bytes, written as an integer (`1048576`) or as a number with one unit suffix:
+/// `B`, decimal `KB`, `MB`, `GB`, `TB` or binary `KiB`, `MiB`, `GiB`, `TiB` (`50GiB`; case is
+/// ignored, so `kb` is `KB`; a space may separate the number and the unit). At least one byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(u64);
+
+impl ByteSize {
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+
+    /// Parses `50GiB`, `500MB`, `1024` and the like.
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let text = s.trim();
+        let invalid = || {
+            format!("invalid size {text:?}: expected bytes or a number with B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")
+        };
+        let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+            Some(i) => text.split_at(i),
+            None => (text, "b"),
+        };
+        let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "b" => 1,
+            "kb" => 1000,
+            "mb" => 1000 * 1000,
+            "gb" => 1000 * 1000 * 1000,
+            "tb" => 1000 * 1000 * 1000 * 1000,
+            "kib" => 1 << 10,
+            "mib" => 1 << 20,
+            "gib" => 1 << 30,
+            "tib" => 1 << 40,
+            _ => return Err(invalid()),
+        };
+        let n: u64 = number.parse().map_err(|_| invalid())?;
+        let bytes = n
+            .checked_mul(scale)
+            .ok_or_else(|| format!("size {text:?} is too large"))?;
+        Self::from_bytes(bytes)
+    }
+
+    fn from_bytes(bytes: u64) -> Result<ByteSize, String> {
+        if bytes == 0 || bytes > i64::MAX as u64 {
+            return Err(format!("a size must be between 1 byte and 2^63 - 1 bytes, not {bytes}"));
+        }
+        Ok(ByteSize(bytes))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        for (unit, scale) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
+            if b.is_multiple_of(scale) {
+                return write!(f, "{}{unit}", b / scale);
+            }
+        }
+        write!(f, "{b}B")
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => ByteSize::from_bytes(n),
+            Raw::Text(t) => ByteSize::parse(&t),
+        }
+        .map_err(serde::de::Error::custom)
     }
 }
 
@@ -1246,6 +1338,27 @@ mod tests {
     }
 
     #[test]
+    fn sizes_parse_with_units() {
+        for (text, bytes) in [
+            ("1024", 1024),
+            ("1B", 1),
+            ("3 KB", 3000),
+            ("2kib", 2048),
+            ("500MB", 500_000_000),
+            ("50GiB", 50 << 30),
+            ("1TB", 1_000_000_000_000),
+            ("2TiB", 2 << 40),
+        ] {
+            assert_eq!(ByteSize::parse(text).map(ByteSize::bytes), Ok(bytes), "{text}");
+        }
+        for text in ["", "GiB", "1.5GiB", "0", "10 GiBs", "1e9"] {
+            assert!(ByteSize::parse(text).is_err(), "{text}");
+        }
+        assert_eq!(ByteSize::parse("50GiB").unwrap().to_string(), "50GiB");
+        assert_eq!(ByteSize::parse("1000").unwrap().to_string(), "1000B");
+    }
+
+    #[test]
     fn proxy_entries_are_read_and_validated() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
@@ -1257,6 +1370,7 @@ mod tests {
                 username = "me"
                 password_env = "HUB_TOKEN"
                 tag_ttl = "10m"
+                max_size = "50GiB"
 
                 [[proxy]]
                 prefix = "ghcr/"
@@ -1269,6 +1383,8 @@ mod tests {
             assert_eq!(c.proxy[0].tag_ttl.secs(), 600);
             assert_eq!(c.proxy[0].password_env.as_deref(), Some("HUB_TOKEN"));
             assert_eq!(c.proxy[1].tag_ttl.secs(), 300);
+            assert_eq!(c.proxy[0].max_size.map(ByteSize::bytes), Some(50 << 30));
+            assert_eq!(c.proxy[1].max_size, None);
             assert_eq!(c.proxy[1].timeout_secs, 30);
             assert_eq!(c.proxy[1].max_concurrent_requests, 16);
             assert!(!c.proxy[1].insecure_skip_verify);
@@ -1311,6 +1427,16 @@ mod tests {
                     "unknown field",
                 ),
                 (format!("prefix = \"hub/\"\n{url}\ntag_ttl = 0"), "between 1 s"),
+                (format!("prefix = \"hub/\"\n{url}\nmax_size = 0"), "between 1 byte"),
+                (
+                    format!("prefix = \"hub/\"\n{url}\nmax_size = \"5 parsecs\""),
+                    "invalid size",
+                ),
+                (format!("prefix = \"hub/\"\n{url}\nmax_size = \"-1GB\""), "invalid size"),
+                (
+                    format!("prefix = \"hub/\"\n{url}\nmax_size = \"99999999TiB\""),
+                    "too large",
+                ),
                 (format!("prefix = \"hub/\"\n{url}\ntimeout_secs = 0"), "timeout_secs"),
                 (
                     format!("prefix = \"hub/\"\n{url}\n\n[[proxy]]\nprefix = \"hub/lib/\"\n{url}"),

@@ -96,6 +96,12 @@ pub struct UpstreamOnlyLabels {
     pub upstream: String,
 }
 
+/// A `[[proxy]]` prefix with a `max_size` (a configured, bounded set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PrefixLabels {
+    pub prefix: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RepoLabels {
     pub repository: String,
@@ -143,6 +149,8 @@ pub struct Metrics {
     pub log_dropped: Counter,
     pub upstream_requests: Family<UpstreamLabels, Counter>,
     pub proxy_stale_serves: Family<UpstreamOnlyLabels, Counter>,
+    pub proxy_evictions: Counter,
+    pub proxy_cached_bytes: Family<PrefixLabels, Gauge>,
     /// Log lines dropped already added to `log_dropped`.
     log_dropped_seen: std::sync::atomic::AtomicU64,
     /// When the catalog-derived gauges were last read, for [`Metrics::state_is_stale`].
@@ -198,6 +206,8 @@ impl Metrics {
             log_dropped: Counter::default(),
             upstream_requests: Family::default(),
             proxy_stale_serves: Family::default(),
+            proxy_evictions: Counter::default(),
+            proxy_cached_bytes: Family::default(),
             log_dropped_seen: std::sync::atomic::AtomicU64::new(0),
             state_read: std::sync::Mutex::new(None),
             registry: Registry::default(),
@@ -397,6 +407,16 @@ impl Metrics {
             "stowage_proxy_stale_serves",
             "Proxied tags served from the local copy because the upstream could not re-validate them, by upstream prefix",
             m.proxy_stale_serves.clone(),
+        );
+        r.register(
+            "stowage_proxy_evictions",
+            "Cached manifests of proxied repositories evicted by garbage collection to keep a prefix under its max_size",
+            m.proxy_evictions.clone(),
+        );
+        r.register(
+            "stowage_proxy_cached_bytes",
+            "Bytes the cached content of a proxied prefix with a max_size takes (distinct referenced blobs plus manifests), after the last collection pass's eviction",
+            m.proxy_cached_bytes.clone(),
         );
         Metrics { registry: r, ..m }
     }

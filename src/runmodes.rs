@@ -237,8 +237,8 @@ pub async fn gc(args: GcArgs, config: &Config) -> Outcome {
         ("removed", "")
     };
     eprintln!(
-        "gc: {verb} {} manifests, {} blob links, {} blobs ({} bytes), {} orphaned objects{note}",
-        report.manifests, report.links, report.blobs, report.bytes, report.orphans
+        "gc: {verb} {} manifests, {} blob links, {} blobs ({} bytes), {} orphaned objects, evict {} cached manifests{note}",
+        report.manifests, report.links, report.blobs, report.bytes, report.orphans, report.evicted
     );
     Ok(())
 }

@@ -232,6 +232,11 @@ pub fn settings(config: &Config) -> Settings {
         immutable_tags: crate::auth::ImmutableTags::new(config.immutable_tags.clone()),
         retention: config.gc.retention.clone(),
         keep_list_max: Duration::from_secs(config.gc.keep_list_max_secs),
+        proxy_caps: config
+            .proxy
+            .iter()
+            .filter_map(|p| Some((p.prefix.clone(), p.max_size?.bytes())))
+            .collect(),
     }
 }
 
@@ -422,6 +427,25 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                 // Read-only mode: the times wait in memory until the catalog may be written.
                 if !registry.is_read_only() {
                     registry.flush_pulls().await;
+                }
+            }
+        })
+    };
+
+    // Pulls of proxied content: every few seconds, or at once when their map fills.
+    let proxy_pull_flusher = {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let every = crate::registry::proxy_lru::FLUSH_EVERY;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = registry.proxy_pulls_filled() => {}
+                }
+                if !registry.is_read_only() {
+                    registry.flush_proxy_pulls().await;
                 }
             }
         })
@@ -661,8 +685,10 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         task.abort();
     }
     pull_flusher.abort();
+    proxy_pull_flusher.abort();
     audit_pruner.abort();
     registry.flush_pulls().await;
+    registry.flush_proxy_pulls().await;
     // Sessions left open keep the bytes past their last part (S3) for after the restart.
     let spilled = registry.spill_idle_uploads(Duration::ZERO).await;
     if spilled > 0 {

@@ -86,6 +86,8 @@ const FAMILIES: &[&str] = &[
     "stowage_log_lines_dropped",
     "stowage_proxy_upstream_requests",
     "stowage_proxy_stale_serves",
+    "stowage_proxy_evictions",
+    "stowage_proxy_cached_bytes",
 ];
 
 #[tokio::test]

@@ -101,6 +101,25 @@ impl Pair {
         }
     }
 
+    /// Points the mirror's `[[proxy]]` entry at the upstream's current URL (it changes when
+    /// the upstream restarts) and restarts the mirror.
+    fn point_mirror_at_upstream(&mut self) {
+        let path = self._dir.path().join("downstream.toml");
+        let text = std::fs::read_to_string(&path).expect("read downstream config");
+        let text: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("url = ") {
+                    format!("url = \"{}\"", self.upstream.url)
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect();
+        std::fs::write(&path, text.join("\n")).expect("write downstream config");
+        self.downstream.crash_and_restart();
+    }
+
     fn down(&self, path: &str) -> String {
         self.downstream.v2(&format!("hub/{path}"))
     }
@@ -1401,4 +1420,266 @@ async fn the_ns_mirror_form_keeps_the_uri_authority_for_the_token_realm() {
         challenge.contains("repository:dockerhub/library/alpine:pull"),
         "the scope names the rewritten repository: {challenge}"
     );
+}
+
+/// The value of `series`, a counter or gauge without labels.
+async fn unlabelled_metric(server: &TestServer, series: &str) -> f64 {
+    let text = client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+/// Seconds since the epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+/// Upstream GETs answered 200 by handler (`manifest` or `blob`): what the mirror fetched.
+async fn upstream_gets(upstream: &TestServer, handler: &str) -> f64 {
+    metric(
+        upstream,
+        "registry_http_requests_total",
+        &["method=\"get\"", "code=\"200\"", &format!("handler=\"{handler}\"")],
+    )
+    .await
+}
+
+/// Runs `stowage gc [--dry-run]` on the (stopped) mirror's data; returns its stdout lines.
+fn offline_gc(server: &TestServer, dry_run: bool) -> Vec<String> {
+    let mut args = vec!["gc"];
+    if dry_run {
+        args.push("--dry-run");
+    }
+    let out = server.stowage_command(&args).output().expect("run stowage gc");
+    assert!(
+        out.status.success(),
+        "stowage {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `[[proxy]] max_size`: with a cap a bit above two images, three images pulled through and
+/// the first pulled again, a collection pass evicts the least recently pulled one (the
+/// second): the dry run lists it (`evict` line with its bytes) and removes nothing, the real
+/// pass removes it, with its tag, and a later pass deletes its blobs; the other two are served
+/// from the cache with the upstream stopped while the evicted one is not; with the upstream
+/// back, the evicted image is fetched again (one upstream manifest fetch). A hosted
+/// repository larger than the cap is never touched.
+#[tokio::test]
+async fn a_size_cap_evicts_the_least_recently_pulled_image_and_refetches_it_on_demand() {
+    const LAYER: usize = 100_000;
+    // Each image is its layer, a config of about 150 bytes and a manifest of about 450.
+    let cap = 2 * LAYER + LAYER / 2;
+    let extra = format!("max_size = {cap}\n\n[gc]\nenabled = false\ngrace_secs = 0\n");
+    let mut pair = Pair::start_full("1h", false, &extra);
+    let mut images = Vec::new();
+    for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+        let layer = pseudo_random(LAYER, 100 + i as u64);
+        images.push(push_upstream(&pair.upstream, &format!("lib/{name}"), "v1", layer, name).await);
+    }
+    // A hosted repository on the mirror, larger than the cap on its own.
+    let (hosted, _) = common::push_image(&pair.downstream, "local/app", "v1", &pseudo_random(3 * LAYER, 7)).await;
+
+    for (name, image) in ["a", "b", "c"].iter().zip(&images) {
+        pull_over_http(&pair, &format!("lib/{name}"), "v1", image).await;
+    }
+    // Pull times are recorded to the second: A's second pull is strictly later than C's.
+    let c_pulled = unix_now();
+    wait_until("the clock passed the second C was pulled in", || async move {
+        unix_now() > c_pulled
+    })
+    .await;
+    pull_over_http(&pair, "lib/a", "v1", &images[0]).await;
+    assert_eq!(
+        upstream_gets(&pair.upstream, "manifest").await,
+        3.0,
+        "each image fetched once"
+    );
+
+    // A graceful stop writes the recorded pulls; `stowage gc` needs the server stopped.
+    assert!(pair.downstream.terminate().success());
+    let b = &images[1];
+    let b_bytes = {
+        let manifest = client()
+            .get(pair.upstream.v2(&format!("lib/b/manifests/{}", b.manifest)))
+            .basic_auth("alice", Some("alice-pw"))
+            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .expect("GET manifest upstream")
+            .bytes()
+            .await
+            .expect("manifest body");
+        assert_eq!(sha256(&manifest), b.manifest);
+        (manifest.len() + b.config.1.len() + b.layer.1.len()) as u64
+    };
+    let evict_b = format!("evict\thub/lib/b\t{}\t{b_bytes}", b.manifest);
+    let dry = offline_gc(&pair.downstream, true);
+    let evictions: Vec<&String> = dry.iter().filter(|l| l.starts_with("evict\t")).collect();
+    assert_eq!(evictions, [&evict_b], "the dry run lists B's eviction only: {dry:?}");
+    let real = offline_gc(&pair.downstream, false);
+    let evictions: Vec<&String> = real.iter().filter(|l| l.starts_with("evict\t")).collect();
+    assert_eq!(
+        evictions,
+        [&evict_b],
+        "the pass evicts what the dry run listed: {real:?}"
+    );
+    // The evicted blobs wait out the grace period (0 s here: the next second) and then go.
+    let evicted_at = unix_now();
+    wait_until("a second passed since the eviction", || async move {
+        unix_now() > evicted_at
+    })
+    .await;
+    let later = offline_gc(&pair.downstream, false);
+    for (digest, bytes) in [&b.layer, &b.config] {
+        let line = format!("blob\t{digest}\t{}", bytes.len());
+        assert!(
+            real.contains(&line) || later.contains(&line),
+            "B's blob {digest} deleted by a pass: {real:?} {later:?}"
+        );
+        assert!(
+            !pair.downstream.blob_object_exists(digest),
+            "B's blob {digest} left storage"
+        );
+    }
+    for image in [&images[0], &images[2]] {
+        assert!(
+            pair.downstream.blob_object_exists(&image.layer.0),
+            "A's and C's layers stay"
+        );
+    }
+
+    // Upstream stopped: A and C (by tag and digest) and the hosted image are served here; B
+    // is not cached any more, so the mirror must ask the dead upstream.
+    pair.downstream.crash_and_restart();
+    pair.upstream.kill();
+    for (name, image) in [("a", &images[0]), ("c", &images[2])] {
+        pull_over_http(&pair, &format!("lib/{name}"), "v1", image).await;
+        pull_over_http(&pair, &format!("lib/{name}"), &image.manifest, image).await;
+    }
+    for reference in ["v1", b.manifest.as_str()] {
+        let (status, _, body) = get(&pair.down(&format!("lib/b/manifests/{reference}"))).await;
+        assert_eq!(
+            status,
+            502,
+            "B:{reference} is not served from the cache: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let (status, digest, _) = get(&pair.downstream.v2("local/app/manifests/v1")).await;
+    assert_eq!(
+        (status, digest.as_deref()),
+        (200, Some(hosted.as_str())),
+        "the hosted image stays"
+    );
+
+    // Upstream back (a new process on the same data, so its counters start at 0): B is
+    // fetched again, once, and then served from the cache.
+    pair.upstream.crash_and_restart();
+    pair.point_mirror_at_upstream();
+    pull_over_http(&pair, "lib/b", "v1", b).await;
+    pull_over_http(&pair, "lib/b", &b.manifest, b).await;
+    assert_eq!(
+        upstream_gets(&pair.upstream, "manifest").await,
+        1.0,
+        "B's manifest fetched once"
+    );
+    assert_eq!(
+        upstream_gets(&pair.upstream, "blob").await,
+        2.0,
+        "B's config and layer fetched once each"
+    );
+
+    // The eviction is in the audit trail, by `gc`, with the tag it removed.
+    let out = pair
+        .downstream
+        .stowage_command(&["audit", "--user", "gc", "--json"])
+        .output()
+        .expect("run stowage audit");
+    assert!(out.status.success());
+    let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .filter(|r: &Value| r["action"] == "proxy.evict")
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["repository"], "hub/lib/b", "{rows:?}");
+    assert_eq!(rows[0]["digest"], b.manifest.as_str(), "{rows:?}");
+}
+
+/// The server's own collection passes evict too: with passes every second and a cap a bit
+/// above two images, three images pulled through one after another (each in its own second,
+/// the recording's precision) leave the first evicted, counted in
+/// `stowage_proxy_evictions_total`, and `stowage_proxy_cached_bytes{prefix="hub/"}` at the two
+/// others' bytes.
+#[tokio::test]
+async fn the_servers_collection_passes_evict_and_report_the_cached_bytes() {
+    const LAYER: usize = 100_000;
+    let cap = 2 * LAYER + LAYER / 2;
+    let extra = format!("max_size = {cap}\n\n[gc]\ninterval_secs = 1\ngrace_secs = 0\n");
+    let pair = Pair::start_full("1h", false, &extra);
+    let mut images = Vec::new();
+    for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+        let layer = pseudo_random(LAYER, 200 + i as u64);
+        images.push(push_upstream(&pair.upstream, &format!("lib/{name}"), "v1", layer, name).await);
+    }
+    for (name, image) in ["a", "b", "c"].iter().zip(&images) {
+        let pulled = unix_now();
+        pull_over_http(&pair, &format!("lib/{name}"), "v1", image).await;
+        wait_until("the next second", || async move { unix_now() > pulled }).await;
+    }
+    let image_bytes = |image: &Image| (image.config.1.len() + image.layer.1.len()) as f64;
+    wait_until("a pass evicted one image", || async {
+        unlabelled_metric(&pair.downstream, "stowage_proxy_evictions_total").await >= 1.0
+            && metric(&pair.downstream, "stowage_proxy_cached_bytes", &["prefix=\"hub/\""]).await <= cap as f64
+    })
+    .await;
+    assert_eq!(
+        unlabelled_metric(&pair.downstream, "stowage_proxy_evictions_total").await,
+        1.0
+    );
+    let cached = metric(&pair.downstream, "stowage_proxy_cached_bytes", &["prefix=\"hub/\""]).await;
+    let (b, c) = (image_bytes(&images[1]), image_bytes(&images[2]));
+    // The two images' blobs plus their two manifests (a few hundred bytes each).
+    assert!(
+        cached > b + c && cached < b + c + 2000.0,
+        "cached {cached}, images {b} + {c}"
+    );
+    let rows: Value = client()
+        .get(format!("{}/stowage/v1/audit?user=gc", pair.downstream.url))
+        .send()
+        .await
+        .expect("GET audit")
+        .json()
+        .await
+        .expect("audit JSON");
+    let evicted: Vec<&str> = rows["entries"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["action"] == "proxy.evict")
+        .filter_map(|r| r["repository"].as_str())
+        .collect();
+    assert_eq!(evicted, ["hub/lib/a"], "{rows}");
+
+    // Within its tag's `tag_ttl` (validated at the first pull), the evicted tag is not answered
+    // 404 from that mark: it is fetched again.
+    let fetched = upstream_gets(&pair.upstream, "manifest").await;
+    pull_over_http(&pair, "lib/a", "v1", &images[0]).await;
+    assert_eq!(upstream_gets(&pair.upstream, "manifest").await, fetched + 1.0);
 }

@@ -73,6 +73,9 @@ pub enum Action {
     RetentionDelete,
     /// An unneeded manifest removed by garbage collection.
     GcManifest,
+    /// A cached manifest of a proxied repository evicted by garbage collection to keep its
+    /// prefix under `max_size`, with the tags that named it.
+    ProxyEvict,
     /// A push refused by the access policy.
     DeniedPush,
     /// A delete refused by the access policy.
@@ -98,6 +101,7 @@ impl Action {
             Action::TokenRevoke => "token.revoke",
             Action::RetentionDelete => "retention.delete",
             Action::GcManifest => "gc.manifest",
+            Action::ProxyEvict => "proxy.evict",
             Action::DeniedPush => "denied.push",
             Action::DeniedDelete => "denied.delete",
             Action::DeniedImmutable => "denied.immutable",

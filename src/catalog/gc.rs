@@ -351,6 +351,233 @@ impl Catalog {
     }
 }
 
+/// A pull of proxied content served from the local copy (see `registry::proxy::lru`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ProxyPull {
+    /// A manifest, by repository and digest.
+    Manifest { repo: String, digest: String },
+    /// A config or layer blob: counts as a pull of every manifest of the repository that
+    /// references it.
+    Blob { repo: String, digest: String },
+}
+
+/// A cached manifest of a proxied repository, as eviction sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvictCandidate {
+    pub id: i64,
+    pub repo: String,
+    pub digest: String,
+}
+
+/// What evicting one manifest removed.
+#[derive(Debug, Clone, Default)]
+pub struct Eviction {
+    /// The manifests deleted: the one asked for first, then the children and referrers that
+    /// went with it (`(repo, digest)`).
+    pub manifests: Vec<(String, String)>,
+    /// The tags that named them.
+    pub tags: Vec<String>,
+    /// Bytes the prefix's cached content no longer counts: the manifests' sizes and the blobs
+    /// they referenced that no remaining manifest under the prefix references.
+    pub bytes: u64,
+}
+
+/// `repositories.name` bounds of the repositories under `prefix` (which ends in `/`): names
+/// `>= lower` and `< upper` (`/` is followed by `0` in byte order).
+fn prefix_range(prefix: &str) -> (String, String) {
+    let upper = match prefix.strip_suffix('/') {
+        Some(body) => format!("{body}0"),
+        None => format!("{prefix}\u{10ffff}"),
+    };
+    (prefix.to_owned(), upper)
+}
+
+/// Repositories under the prefix range `?1..?2`.
+const PREFIX_REPOS: &str = "SELECT id FROM repositories WHERE name >= ?1 AND name < ?2";
+
+impl Catalog {
+    /// Records pulls of proxied content at unix second `at` each; a stored time is only moved
+    /// forward. Returns the rows changed.
+    pub async fn record_proxy_pulls(&self, pulls: Vec<(ProxyPull, i64)>) -> Result<u64> {
+        self.write(move |c| {
+            let mut manifest = c.prepare_cached(
+                "UPDATE manifests SET proxy_pulled_at = ?3
+                  WHERE repo_id = (SELECT id FROM repositories WHERE name = ?1) AND digest = ?2
+                    AND (proxy_pulled_at IS NULL OR proxy_pulled_at < ?3)",
+            )?;
+            let mut blob = c.prepare_cached(
+                "UPDATE manifests SET proxy_pulled_at = ?3
+                  WHERE repo_id = (SELECT id FROM repositories WHERE name = ?1)
+                    AND id IN (SELECT manifest_id FROM manifest_refs
+                                WHERE digest = ?2 AND kind IN ('config', 'layer'))
+                    AND (proxy_pulled_at IS NULL OR proxy_pulled_at < ?3)",
+            )?;
+            let mut written = 0u64;
+            for (pull, at) in &pulls {
+                written += match pull {
+                    ProxyPull::Manifest { repo, digest } => manifest.execute(params![repo, digest, at])?,
+                    ProxyPull::Blob { repo, digest } => blob.execute(params![repo, digest, at])?,
+                } as u64;
+            }
+            Ok(written)
+        })
+        .await
+    }
+
+    /// The bytes the cached content under `prefix` takes once what is no longer needed is
+    /// deleted: every distinct blob a manifest of a repository under the prefix references as
+    /// config or layer (counted once, however many repositories or manifests share it), plus
+    /// the manifests' own sizes. Blobs only linked (an evicted or collected manifest's, waiting
+    /// out the grace period) are not counted: they are on their way out.
+    pub async fn proxy_cached_bytes(&self, prefix: &str) -> Result<u64> {
+        let (lower, upper) = prefix_range(prefix);
+        self.read(move |c| {
+            let sql = format!(
+                "SELECT coalesce((SELECT sum(b.size) FROM blobs b WHERE b.digest IN (
+                            SELECT r.digest FROM manifest_refs r JOIN manifests m ON m.id = r.manifest_id
+                             WHERE m.repo_id IN ({PREFIX_REPOS}) AND r.kind IN ('config', 'layer'))), 0)
+                      + coalesce((SELECT sum(manifest_bytes) FROM repositories WHERE id IN ({PREFIX_REPOS})), 0)"
+            );
+            let bytes: i64 = c.query_row(&sql, params![lower, upper], |r| r.get(0))?;
+            Ok(bytes.max(0) as u64)
+        })
+        .await
+    }
+
+    /// Up to `limit` manifests under `prefix` that eviction may take, least recently used
+    /// first: those no manifest of their repository lists as a child (an index's children go
+    /// with it), ordered by their last use (the later of their fetch, `created_at`, and their
+    /// last pull from the cache, `proxy_pulled_at`), never-pulled ones first among equals, then
+    /// by fetch time.
+    pub async fn proxy_evict_candidates(&self, prefix: &str, limit: usize) -> Result<Vec<EvictCandidate>> {
+        let (lower, upper) = prefix_range(prefix);
+        self.read(move |c| {
+            let sql = format!(
+                "SELECT m.id, p.name, m.digest FROM manifests m JOIN repositories p ON p.id = m.repo_id
+                  WHERE m.repo_id IN ({PREFIX_REPOS})
+                    AND NOT EXISTS (SELECT 1 FROM manifest_refs r JOIN manifests q ON q.id = r.manifest_id
+                                     WHERE r.digest = m.digest AND r.kind = 'manifest' AND q.repo_id = m.repo_id)
+                  ORDER BY max(m.created_at, coalesce(m.proxy_pulled_at, 0)),
+                           m.proxy_pulled_at IS NOT NULL, m.created_at, m.id
+                  LIMIT ?3"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![lower, upper, limit as i64], |r| {
+                Ok(EvictCandidate {
+                    id: r.get(0)?,
+                    repo: r.get(1)?,
+                    digest: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    /// Evicts manifest `id` of a repository under `prefix` as a client `DELETE` by digest
+    /// would (the same row deletion, so its tags, references and every trigger follow), with
+    /// the children no other manifest of its repository lists and the referrers that describe
+    /// it, unless a tag names them; each recorded in the audit trail (actor `gc`,
+    /// `proxy.evict`). Nothing when the manifest is gone or a manifest lists it as a child
+    /// (it became one since the scan).
+    pub async fn proxy_evict(&self, prefix: &str, id: i64) -> Result<Eviction> {
+        let (lower, upper) = prefix_range(prefix);
+        self.write(move |c| {
+            let mut eviction = Eviction::default();
+            let listed: bool = c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM manifests m JOIN manifest_refs r ON r.digest = m.digest AND r.kind = 'manifest'
+                                  JOIN manifests q ON q.id = r.manifest_id AND q.repo_id = m.repo_id
+                                 WHERE m.id = ?1)",
+                [id],
+                |r| r.get(0),
+            )?;
+            if listed {
+                return Ok(eviction);
+            }
+            let mut manifest = c.prepare_cached(
+                "SELECT m.repo_id, p.name, m.digest, m.size FROM manifests m JOIN repositories p ON p.id = m.repo_id
+                  WHERE m.id = ?1 AND p.name >= ?2 AND p.name < ?3",
+            )?;
+            let mut refs = c.prepare_cached("SELECT digest, kind FROM manifest_refs WHERE manifest_id = ?1")?;
+            let mut tags = c.prepare_cached("SELECT name FROM tags WHERE manifest_id = ?1 ORDER BY name")?;
+            let mut referrers =
+                c.prepare_cached("SELECT id FROM manifests WHERE repo_id = ?1 AND subject = ?2")?;
+            let mut delete = c.prepare_cached("DELETE FROM manifests WHERE id = ?1")?;
+            let mut orphan_child = c.prepare_cached(
+                "SELECT m.id FROM manifests m WHERE m.repo_id = ?1 AND m.digest = ?2
+                    AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = m.id)
+                    AND NOT EXISTS (SELECT 1 FROM manifest_refs r JOIN manifests q ON q.id = r.manifest_id
+                                     WHERE r.digest = m.digest AND r.kind = 'manifest' AND q.repo_id = m.repo_id)",
+            )?;
+            let (actor, at) = (Actor::system("gc"), now());
+            let mut blobs = HashSet::new();
+            let mut queue = vec![(id, true)];
+            while let Some((mid, first)) = queue.pop() {
+                let Some((repo_id, repo, digest, size)) = manifest
+                    .query_row(params![mid, lower, upper], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+                    })
+                    .optional()?
+                else {
+                    continue;
+                };
+                let named: Vec<String> = tags
+                    .query_map([mid], |r| r.get::<_, String>(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                if !first && !named.is_empty() {
+                    continue; // a tagged child or referrer stays (and keeps its references)
+                }
+                let mut children = Vec::new();
+                for row in refs.query_map([mid], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+                    let (d, kind) = row?;
+                    if kind == "manifest" {
+                        children.push(d);
+                    } else {
+                        blobs.insert(d);
+                    }
+                }
+                let described: Vec<i64> = referrers
+                    .query_map(params![repo_id, digest], |r| r.get::<_, i64>(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                if delete.execute([mid])? == 0 {
+                    continue;
+                }
+                let mut event = Event::new(Action::ProxyEvict).repo(repo.as_str()).digest(digest.as_str());
+                if !named.is_empty() {
+                    event = event.detail(serde_json::json!({ "tags": named }));
+                }
+                audit::record(c, &actor, &event, at)?;
+                eviction.bytes += size.max(0) as u64;
+                eviction.tags.extend(named);
+                eviction.manifests.push((repo, digest));
+                for child in children {
+                    if let Some(cid) = orphan_child.query_row(params![repo_id, child], |r| r.get::<_, i64>(0)).optional()? {
+                        queue.push((cid, false));
+                    }
+                }
+                queue.extend(described.into_iter().map(|r| (r, false)));
+            }
+            let sql = format!(
+                "SELECT b.size FROM blobs b WHERE b.digest = ?3
+                    AND NOT EXISTS (SELECT 1 FROM manifest_refs r JOIN manifests m ON m.id = r.manifest_id
+                                     WHERE r.digest = b.digest AND r.kind IN ('config', 'layer')
+                                       AND m.repo_id IN ({PREFIX_REPOS}))"
+            );
+            let mut freed = c.prepare_cached(&sql)?;
+            for digest in blobs {
+                if let Some(size) = freed
+                    .query_row(params![lower, upper, digest], |r| r.get::<_, i64>(0))
+                    .optional()?
+                {
+                    eviction.bytes += size.max(0) as u64;
+                }
+            }
+            Ok(eviction)
+        })
+        .await
+    }
+}
+
 /// Names of the repositories `ids`.
 fn repo_names(c: &Connection, ids: impl Iterator<Item = i64>) -> rusqlite::Result<HashMap<i64, String>> {
     let mut stmt = c.prepare_cached("SELECT name FROM repositories WHERE id = ?1")?;
@@ -363,4 +590,144 @@ fn repo_names(c: &Connection, ids: impl Iterator<Item = i64>) -> rusqlite::Resul
         }
     }
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `hub/x`: a tagged index (10, created at 200) and its child (11) with layer L2 and config
+    /// L1; `hub/y`: an image (20, created at 100, pulled at 500) with layer L1, and a referrer
+    /// of it (21, created at 150); `local/z` (hosted) and `hubby/w` (not under `hub/`).
+    async fn catalog() -> (tempfile::TempDir, Catalog) {
+        let tmp = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&tmp.path().join("catalog.db")).unwrap();
+        catalog
+            .write(|c| {
+                c.execute_batch(
+                    "INSERT INTO repositories (id, name, created_at) VALUES
+                        (1, 'hub/x', 0), (2, 'hub/y', 0), (3, 'local/z', 0), (4, 'hubby/w', 0);
+                     INSERT INTO blobs (digest, size, created_at) VALUES
+                        ('sha256:l1', 1000, 0), ('sha256:l2', 2000, 0), ('sha256:l3', 5000, 0);
+                     INSERT INTO repo_blobs (repo_id, digest, linked_at) VALUES
+                        (1, 'sha256:l1', 0), (1, 'sha256:l2', 0), (2, 'sha256:l1', 0), (3, 'sha256:l3', 0);
+                     INSERT INTO manifests (id, repo_id, digest, media_type, size, content, subject, created_at) VALUES
+                        (10, 1, 'sha256:ix', 'x', 10, x'00', NULL, 200),
+                        (11, 1, 'sha256:c1', 'x', 20, x'00', NULL, 200),
+                        (20, 2, 'sha256:y1', 'x', 30, x'00', NULL, 100),
+                        (21, 2, 'sha256:r1', 'x', 5, x'00', 'sha256:y1', 150),
+                        (30, 3, 'sha256:z1', 'x', 40, x'00', NULL, 0),
+                        (40, 4, 'sha256:w1', 'x', 50, x'00', NULL, 0);
+                     INSERT INTO manifest_refs (manifest_id, digest, kind) VALUES
+                        (10, 'sha256:c1', 'manifest'), (11, 'sha256:l1', 'config'), (11, 'sha256:l2', 'layer'),
+                        (20, 'sha256:l1', 'layer'), (30, 'sha256:l3', 'layer');
+                     INSERT INTO tags (repo_id, name, manifest_id, updated_at) VALUES (1, 'v1', 10, 200);
+                     UPDATE manifests SET proxy_pulled_at = 500 WHERE id = 20;",
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        (tmp, catalog)
+    }
+
+    async fn pulled_at(catalog: &Catalog, id: i64) -> Option<i64> {
+        catalog
+            .read(move |c| {
+                Ok(
+                    c.query_row("SELECT proxy_pulled_at FROM manifests WHERE id = ?1", [id], |r| {
+                        r.get(0)
+                    })?,
+                )
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn pulls_only_move_forward_and_a_blob_pull_counts_for_its_manifests() {
+        let (_tmp, catalog) = catalog().await;
+        let y1 = ProxyPull::Manifest {
+            repo: "hub/y".into(),
+            digest: "sha256:y1".into(),
+        };
+        assert_eq!(catalog.record_proxy_pulls(vec![(y1.clone(), 400)]).await.unwrap(), 0);
+        assert_eq!(pulled_at(&catalog, 20).await, Some(500));
+        assert_eq!(catalog.record_proxy_pulls(vec![(y1, 600)]).await.unwrap(), 1);
+        assert_eq!(pulled_at(&catalog, 20).await, Some(600));
+        let l1 = ProxyPull::Blob {
+            repo: "hub/x".into(),
+            digest: "sha256:l1".into(),
+        };
+        assert_eq!(catalog.record_proxy_pulls(vec![(l1, 700)]).await.unwrap(), 1);
+        assert_eq!(pulled_at(&catalog, 11).await, Some(700), "the child referencing L1");
+        assert_eq!(pulled_at(&catalog, 10).await, None);
+        assert_eq!(
+            pulled_at(&catalog, 20).await,
+            Some(600),
+            "another repository's manifest"
+        );
+    }
+
+    #[tokio::test]
+    async fn eviction_takes_the_least_recently_used_root_with_its_children_and_referrers() {
+        let (_tmp, catalog) = catalog().await;
+        // L1 once (shared by two repositories), L2, and the four manifests; not L3 (hosted) nor
+        // `hubby/w`'s manifest.
+        assert_eq!(
+            catalog.proxy_cached_bytes("hub/").await.unwrap(),
+            1000 + 2000 + 10 + 20 + 30 + 5
+        );
+        let order: Vec<i64> = catalog
+            .proxy_evict_candidates("hub/", 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        // The referrer (used at 150), the index (200), the pulled image (500); never the child.
+        assert_eq!(order, [21, 10, 20]);
+
+        let e = catalog.proxy_evict("hub/", 10).await.unwrap();
+        assert_eq!(
+            e.manifests,
+            [
+                ("hub/x".to_owned(), "sha256:ix".to_owned()),
+                ("hub/x".to_owned(), "sha256:c1".to_owned())
+            ]
+        );
+        assert_eq!(e.tags, ["v1"]);
+        // Both manifests and L2; L1 is still referenced by `hub/y`.
+        assert_eq!(e.bytes, 10 + 20 + 2000);
+        assert_eq!(catalog.proxy_cached_bytes("hub/").await.unwrap(), 1000 + 30 + 5);
+
+        let e = catalog.proxy_evict("hub/", 20).await.unwrap();
+        assert_eq!(e.manifests.len(), 2, "the image and its referrer: {e:?}");
+        assert_eq!(e.bytes, 30 + 5 + 1000);
+        assert_eq!(catalog.proxy_cached_bytes("hub/").await.unwrap(), 0);
+
+        // Outside the prefix: nothing.
+        assert!(catalog.proxy_evict("hub/", 30).await.unwrap().manifests.is_empty());
+        assert!(catalog.proxy_evict("hub/", 40).await.unwrap().manifests.is_empty());
+        let (audited, links, figures): (i64, i64, i64) = catalog
+            .read(|c| {
+                Ok((
+                    c.query_row(
+                        "SELECT count(*) FROM audit_log WHERE action = 'proxy.evict' AND actor = 'gc'",
+                        [],
+                        |r| r.get(0),
+                    )?,
+                    c.query_row("SELECT count(*) FROM repo_blobs", [], |r| r.get(0))?,
+                    c.query_row("SELECT sum(manifest_bytes) FROM repositories", [], |r| r.get(0))?,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(audited, 4);
+        assert_eq!(
+            links, 4,
+            "eviction unlinks nothing: the collector does, after the grace period"
+        );
+        assert_eq!(figures, 40 + 50, "the repository figures followed the deletions");
+    }
 }

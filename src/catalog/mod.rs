@@ -68,6 +68,7 @@ pub mod audit;
 pub mod auth;
 mod fsck;
 mod gc;
+pub use gc::{EvictCandidate, Eviction, ProxyPull};
 mod queries;
 mod retention;
 mod spack;
@@ -123,6 +124,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0014_manifest_platform.sql"),
     include_str!("../../migrations/0015_spack_fragments.sql"),
     include_str!("../../migrations/0016_spack_nodes_rowid.sql"),
+    include_str!("../../migrations/0017_proxy_pulls.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

@@ -741,6 +741,7 @@ mod tests {
             timeout_secs: 5,
             max_concurrent_requests: 2,
             namespaces: None,
+            max_size: None,
         }
     }
 

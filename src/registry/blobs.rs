@@ -57,14 +57,21 @@ impl Registry {
         if self.catalog.blob_size(repo, digest).await?.is_none() {
             return Ok(None);
         }
-        self.store.download_url(digest).await
+        let url = self.store.download_url(digest).await?;
+        if url.is_some() {
+            self.record_proxy_blob_pull(repo, digest);
+        }
+        Ok(url)
     }
 
     /// Opens a blob (or a range of it) for streaming. A blob of a proxied repository not
     /// stored yet is streamed from the fetch that stores it (the tee, see `proxy`).
     pub async fn get_blob(&self, repo: &RepoName, digest: &Digest, range: Option<ByteRange>) -> Result<BlobBody> {
         let size = match self.catalog.blob_size(repo, digest).await? {
-            Some(size) => size,
+            Some(size) => {
+                self.record_proxy_blob_pull(repo, digest);
+                size
+            }
             None => {
                 if let Some(teed) = self.proxied_blob(repo, digest, range).await? {
                     return Ok(counted(teed));

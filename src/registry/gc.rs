@@ -36,6 +36,14 @@
 //! `gc.spack_index_grace_secs` later (long enough for a reader given the old index manifest
 //! to fetch it) by [`Registry::collect_superseded_indexes`], which the server runs often.
 //!
+//! # Size caps of the pull-through cache
+//!
+//! Each pass starts (after retention) with [`Registry::evict_proxied`] (`proxy::lru`): for each
+//! `[[proxy]]` prefix with `max_size`, the least recently pulled cached manifests are deleted,
+//! as a client delete by digest would delete them, until the prefix's content fits. Their blobs
+//! are then unlinked and deleted by the steps below like any other unreferenced blob, once past
+//! the grace period. A dry run lists them as `evict` lines.
+//!
 //! # Never stalling writers
 //!
 //! Every step scans on the catalog's reader connections, a bounded slice at a time, and
@@ -153,6 +161,10 @@ pub enum Removed {
     SpackIndexBlob { digest: String, bytes: u64 },
     /// An object the catalog did not record.
     Orphan { digest: String },
+    /// A cached manifest of a proxied repository evicted to keep its prefix under `max_size`
+    /// (with the bytes that frees from the prefix's figure; 0 for the children and referrers
+    /// that went with it, whose bytes the first line counts).
+    Evicted { repo: String, digest: String, bytes: u64 },
 }
 
 impl std::fmt::Display for Removed {
@@ -164,6 +176,7 @@ impl std::fmt::Display for Removed {
             Removed::Blob { digest, bytes } => write!(f, "blob\t{digest}\t{bytes}"),
             Removed::SpackIndexBlob { digest, bytes } => write!(f, "spack-index-blob\t{digest}\t{bytes}"),
             Removed::Orphan { digest } => write!(f, "orphan\t{digest}"),
+            Removed::Evicted { repo, digest, bytes } => write!(f, "evict\t{repo}\t{digest}\t{bytes}"),
         }
     }
 }
@@ -184,6 +197,8 @@ pub struct GcReport {
     pub bytes: u64,
     /// Objects deleted that the catalog did not record.
     pub orphans: u64,
+    /// Cached manifests of proxied repositories evicted (`[[proxy]] max_size`).
+    pub evicted: u64,
 }
 
 impl GcReport {
@@ -295,8 +310,13 @@ impl Registry {
             })
         })
         .await;
+        // Size caps of the pull-through cache: evicted manifests' blobs are then unlinked and
+        // deleted below like any other's, once past the grace period (see `proxy::lru`).
+        let mut report = GcReport {
+            evicted: self.evict_proxied(listing).await?,
+            ..GcReport::default()
+        };
         let cutoff = now() - opts.grace.as_secs() as i64;
-        let mut report = GcReport::default();
         if opts.untagged_manifests {
             report.manifests = self.collect_manifests(cutoff, opts.write_pause, listing).await?;
         }

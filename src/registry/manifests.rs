@@ -179,12 +179,15 @@ impl Registry {
         reference: &Reference,
         with_content: bool,
     ) -> Result<ManifestRecord> {
-        self.fill_proxied_manifest(repo, reference).await?;
+        let fill = self.fill_proxied_manifest(repo, reference).await?;
         // Read before the lookup: see the invariants of `manifest_cache`.
         let epoch = self.catalog.content_epoch();
         let reference_key = reference.to_string();
         if let Some(m) = self.manifests.get(repo.as_str(), &reference_key, epoch) {
             self.record_pull(repo, &m.digest);
+            if fill.served_cached(&m.digest) {
+                self.record_proxy_manifest_pull(repo, &m.digest);
+            }
             return Ok(ManifestRecord {
                 digest: m.digest.clone(),
                 media_type: m.media_type.clone(),
@@ -199,6 +202,9 @@ impl Registry {
             .ok_or(Error::ManifestUnknown)?;
         self.manifests.insert(repo.as_str(), &reference_key, &m, epoch);
         self.record_pull(repo, &m.digest);
+        if fill.served_cached(&m.digest) {
+            self.record_proxy_manifest_pull(repo, &m.digest);
+        }
         Ok(m)
     }
 

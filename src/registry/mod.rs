@@ -21,6 +21,7 @@ use std::time::Duration;
 
 pub use gc::{GcOptions, GcPass, GcReport, GcSchedule, GcStatus, Removed, WRITE_PAUSE};
 pub use manifests::PutOutcome;
+pub use proxy::lru as proxy_lru;
 pub use proxy::{SPOOL_DIR, sweep_spool_dir};
 pub use uploads::{Chunk, ChunkRange, SessionLimits, Uploads};
 
@@ -47,6 +48,8 @@ pub struct Settings {
     pub retention: Vec<crate::config::RetentionRule>,
     /// Longest a Spack keep-list may live (`gc.keep_list_max_secs`).
     pub keep_list_max: Duration,
+    /// `[[proxy]]` prefixes with a `max_size`, and that size in bytes (see `proxy::lru`).
+    pub proxy_caps: Vec<(String, u64)>,
 }
 
 /// Shared handle to the registry's state; cheap to clone.

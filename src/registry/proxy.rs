@@ -40,6 +40,7 @@
 //!   ([`Registry::refuse_if_proxied`]); the access policy applies to pulls as for any
 //!   repository (the HTTP layer checks it before the service is called).
 
+pub mod lru;
 mod tee;
 
 use std::collections::HashMap;
@@ -193,6 +194,8 @@ pub(crate) struct ProxyState {
     manifests: Flights,
     tags: Flights,
     validated: Mutex<HashMap<String, Instant>>,
+    /// Pulls served from the local copy, not yet written (see [`lru`]).
+    pulls: lru::ProxyPulls,
 }
 
 impl ProxyState {
@@ -204,6 +207,17 @@ impl ProxyState {
             manifests: Flights::default(),
             tags: Flights::default(),
             validated: Mutex::new(HashMap::new()),
+            pulls: lru::ProxyPulls::default(),
+        }
+    }
+
+    /// Forgets that tags `tags` of `repo` were validated (they were evicted: the next pull
+    /// must go upstream).
+    fn forget_validated(&self, repo: &str, tags: &[String]) {
+        if let Ok(mut v) = self.validated.lock() {
+            for tag in tags {
+                v.remove(&format!("{repo}:{tag}"));
+            }
         }
     }
 
@@ -228,6 +242,29 @@ impl ProxyState {
                 }
             }
             v.insert(key, until);
+        }
+    }
+}
+
+/// What [`Registry::fill_proxied_manifest`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Fill {
+    /// Nothing: a hosted repository.
+    Hosted,
+    /// Nothing: the local copy is served as it is.
+    Cached,
+    /// Re-validated a tag or fetched: the digest the reference named here before (`None`:
+    /// nothing). Serving that same digest is a pull of the local copy; another one was fetched.
+    Checked(Option<String>),
+}
+
+impl Fill {
+    /// Whether serving `digest` after this is a pull of content that was already cached.
+    pub(super) fn served_cached(&self, digest: &str) -> bool {
+        match self {
+            Fill::Hosted => false,
+            Fill::Cached => true,
+            Fill::Checked(before) => before.as_deref() == Some(digest),
         }
     }
 }
@@ -385,40 +422,49 @@ impl Registry {
     }
 
     /// Brings the local copy of a proxied manifest up to date before it is served (see the
-    /// module doc); does nothing for a hosted repository.
-    pub(super) async fn fill_proxied_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+    /// module doc); does nothing for a hosted repository. Says what it did, so that the caller
+    /// records a pull only of content served from the local copy ([`lru`]).
+    pub(super) async fn fill_proxied_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Fill> {
         let Some(route) = self.route(repo) else {
-            return Ok(());
+            return Ok(Fill::Hosted);
         };
         // Read-only maintenance: nothing is written, so only what is cached is served (a
         // cached tag as it is, without re-validation).
         if self.is_read_only() {
             return match self.catalog.manifest(repo, reference, false).await? {
-                Some(_) => Ok(()),
+                Some(_) => Ok(Fill::Cached),
                 None => Err(Error::ReadOnly),
             };
         }
         match reference {
             Reference::Digest(d) => {
                 if self.catalog.manifest(repo, reference, false).await?.is_some() {
-                    return Ok(());
+                    return Ok(Fill::Cached);
                 }
                 self.fetch_manifest(&route, repo, d, 0)
                     .await
-                    .map_err(|e| e.into_error(|| Error::ManifestUnknown))
+                    .map_err(|e| e.into_error(|| Error::ManifestUnknown))?;
+                Ok(Fill::Checked(None))
             }
             Reference::Tag(tag) => self.revalidate_tag(&route, repo, tag).await,
         }
     }
 
-    async fn revalidate_tag(&self, route: &Route, repo: &RepoName, tag: &Tag) -> Result<()> {
+    async fn revalidate_tag(&self, route: &Route, repo: &RepoName, tag: &Tag) -> Result<Fill> {
         let Some(state) = self.proxy.clone() else {
-            return Ok(());
+            return Ok(Fill::Hosted);
         };
         let key = format!("{repo}:{tag}");
         if state.is_fresh(&key) {
-            return Ok(());
+            return Ok(Fill::Cached);
         }
+        // Once per `tag_ttl`: what the tag named here before, to tell a pull of the local copy
+        // from a fetch.
+        let before = self
+            .catalog
+            .manifest(repo, &Reference::Tag(tag.clone()), false)
+            .await?
+            .map(|m| m.digest);
         let flight = {
             let (reg, repo, tag, upstream, name, key) = (
                 self.clone(),
@@ -438,7 +484,7 @@ impl Registry {
             })
         };
         match flight.await {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(Fill::Checked(before)),
             Err(FetchError::NotFound) => Err(Error::ManifestUnknown),
             Err(e) => {
                 let cached = self.catalog.manifest(repo, &Reference::Tag(tag.clone()), false).await?;
@@ -455,7 +501,7 @@ impl Registry {
                                 upstream: route.upstream.prefix().to_owned(),
                             })
                             .inc();
-                        Ok(())
+                        Ok(Fill::Checked(before))
                     }
                     None => Err(e.into_error(|| Error::ManifestUnknown)),
                 }

@@ -446,7 +446,8 @@ impl Catalog {
 
     /// Up to `limit` manifests under `prefix` that eviction may take, least recently used
     /// first: those no manifest of their repository lists as a child (an index's children go
-    /// with it), ordered by their last use (the later of their fetch, `created_at`, and their
+    /// with it) and that are not a Spack cache's current index (the registry built it from the
+    /// specs cached here; it would only be built again), ordered by their last use (the later of their fetch, `created_at`, and their
     /// last pull from the cache, `proxy_pulled_at`), never-pulled ones first among equals, then
     /// by fetch time.
     pub async fn proxy_evict_candidates(&self, prefix: &str, limit: usize) -> Result<Vec<EvictCandidate>> {
@@ -457,6 +458,8 @@ impl Catalog {
                   WHERE m.repo_id IN ({PREFIX_REPOS})
                     AND NOT EXISTS (SELECT 1 FROM manifest_refs r JOIN manifests q ON q.id = r.manifest_id
                                      WHERE r.digest = m.digest AND r.kind = 'manifest' AND q.repo_id = m.repo_id)
+                    AND NOT EXISTS (SELECT 1 FROM spack_index s
+                                     WHERE s.repo_id = m.repo_id AND s.manifest_digest = m.digest)
                   ORDER BY max(m.created_at, coalesce(m.proxy_pulled_at, 0)),
                            m.proxy_pulled_at IS NOT NULL, m.created_at, m.id
                   LIMIT ?3"

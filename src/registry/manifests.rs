@@ -13,6 +13,7 @@
 use bytes::Bytes;
 
 use super::Registry;
+use super::proxy::Fill;
 use crate::auth::{Overwrite, Overwritten};
 use crate::catalog::audit::{Action, Actor, Event};
 use crate::catalog::{ManifestRecord, NewManifest};
@@ -179,33 +180,42 @@ impl Registry {
         reference: &Reference,
         with_content: bool,
     ) -> Result<ManifestRecord> {
-        let fill = self.fill_proxied_manifest(repo, reference).await?;
-        // Read before the lookup: see the invariants of `manifest_cache`.
-        let epoch = self.catalog.content_epoch();
-        let reference_key = reference.to_string();
-        if let Some(m) = self.manifests.get(repo.as_str(), &reference_key, epoch) {
+        let mut retried = false;
+        loop {
+            let fill = self.fill_proxied_manifest(repo, reference).await?;
+            // Read before the lookup: see the invariants of `manifest_cache`.
+            let epoch = self.catalog.content_epoch();
+            let reference_key = reference.to_string();
+            if let Some(m) = self.manifests.get(repo.as_str(), &reference_key, epoch) {
+                self.record_pull(repo, &m.digest);
+                if fill.served_cached(&m.digest) {
+                    self.record_proxy_manifest_pull(repo, &m.digest);
+                }
+                return Ok(ManifestRecord {
+                    digest: m.digest.clone(),
+                    media_type: m.media_type.clone(),
+                    size: m.size,
+                    content: with_content.then(|| m.content.clone()),
+                });
+            }
+            let Some(m) = self.catalog.manifest(repo, reference, with_content).await? else {
+                // A proxied copy the fill found (or a tag it had marked fresh) can be evicted
+                // by the collector before this lookup: forget the tag's mark and fill once more,
+                // rather than answer 404 until the mark expires.
+                if fill != Fill::Hosted && !retried {
+                    retried = true;
+                    self.forget_proxied_tag(repo, reference);
+                    continue;
+                }
+                return Err(Error::ManifestUnknown);
+            };
+            self.manifests.insert(repo.as_str(), &reference_key, &m, epoch);
             self.record_pull(repo, &m.digest);
             if fill.served_cached(&m.digest) {
                 self.record_proxy_manifest_pull(repo, &m.digest);
             }
-            return Ok(ManifestRecord {
-                digest: m.digest.clone(),
-                media_type: m.media_type.clone(),
-                size: m.size,
-                content: with_content.then(|| m.content.clone()),
-            });
+            return Ok(m);
         }
-        let m = self
-            .catalog
-            .manifest(repo, reference, with_content)
-            .await?
-            .ok_or(Error::ManifestUnknown)?;
-        self.manifests.insert(repo.as_str(), &reference_key, &m, epoch);
-        self.record_pull(repo, &m.digest);
-        if fill.served_cached(&m.digest) {
-            self.record_proxy_manifest_pull(repo, &m.digest);
-        }
-        Ok(m)
     }
 
     /// Deletes a tag, or a manifest (with every tag naming it) by digest. Deleting an immutable

@@ -307,6 +307,14 @@ impl Registry {
         self.route(repo).is_some()
     }
 
+    /// Forgets that tag `reference` of proxied `repo` was re-validated, so that the next fill
+    /// asks the upstream (nothing for a digest or a hosted repository).
+    pub(super) fn forget_proxied_tag(&self, repo: &RepoName, reference: &Reference) {
+        if let (Some(state), Reference::Tag(tag)) = (&self.proxy, reference) {
+            state.forget_validated(repo.as_str(), &[tag.to_string()]);
+        }
+    }
+
     /// Refuses a write into a proxied repository (405 `UNSUPPORTED`).
     pub(super) fn refuse_if_proxied(&self, repo: &RepoName) -> Result<()> {
         if self.is_proxied(repo) {

@@ -197,7 +197,7 @@ impl Registry {
     /// prefix with `max_size`, evicts least recently pulled manifests until the prefix's cached
     /// content fits. Each evicted manifest is reported to `listing`; returns how many went.
     /// Sets `stowage_proxy_cached_bytes` for each capped prefix.
-    pub(crate) async fn evict_proxied(&self, listing: Listing<'_>) -> Result<u64> {
+    pub(crate) async fn evict_proxied(&self, write_pause: f64, listing: Listing<'_>) -> Result<u64> {
         if self.settings.proxy_caps.is_empty() {
             return Ok(0);
         }
@@ -216,7 +216,10 @@ impl Registry {
                     if bytes <= cap {
                         break 'scan;
                     }
+                    // Paced like every other write of a pass (`gc.write_pause`).
+                    let started = std::time::Instant::now();
                     let eviction = self.catalog.proxy_evict(&prefix, candidate.id).await?;
+                    super::super::gc::pause_after(started, write_pause).await;
                     let Some(((repo, digest), rest)) = eviction.manifests.split_first() else {
                         continue;
                     };

@@ -782,18 +782,24 @@ impl Catalog {
 mod tests {
     use rusqlite::Connection;
 
-    #[test]
-    fn the_search_migration_back_fills_specs_recorded_before_it() {
+    /// A catalog at the schema just before the first migration whose SQL contains `marker`.
+    fn catalog_before(marker: &str) -> (tempfile::TempDir, Connection) {
         let tmp = tempfile::tempdir().unwrap();
-        let mut c = Connection::open(tmp.path().join("catalog.db")).unwrap();
+        let c = Connection::open(tmp.path().join("catalog.db")).unwrap();
         let at = super::super::MIGRATIONS
             .iter()
-            .position(|m| m.contains("spack_specs_by_compiler"))
+            .position(|m| m.contains(marker))
             .unwrap();
         for sql in &super::super::MIGRATIONS[..at] {
             c.execute_batch(sql).unwrap();
         }
         c.pragma_update(None, "user_version", at as i64).unwrap();
+        (tmp, c)
+    }
+
+    #[test]
+    fn the_search_migration_back_fills_specs_recorded_before_it() {
+        let (_tmp, mut c) = catalog_before("spack_specs_by_compiler");
         // A spec row as an older Stowage wrote it (without its manifest and tag rows: only the
         // back-fill is under test).
         c.execute_batch(
@@ -827,16 +833,7 @@ mod tests {
 
     #[test]
     fn the_figures_migration_back_fills_what_was_recorded_before_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut c = Connection::open(tmp.path().join("catalog.db")).unwrap();
-        let at = super::super::MIGRATIONS
-            .iter()
-            .position(|m| m.contains("spack_figures_closure_added"))
-            .unwrap();
-        for sql in &super::super::MIGRATIONS[..at] {
-            c.execute_batch(sql).unwrap();
-        }
-        c.pragma_update(None, "user_version", at as i64).unwrap();
+        let (_tmp, mut c) = catalog_before("spack_figures_closure_added");
         // Two spec tags as an older Stowage recorded them: `app` (layout 2) depends on `lib`,
         // which depends on `ext`; `lib` has its own tag, `ext` none; `old` is in no DAG any more.
         c.execute_batch(
@@ -880,16 +877,7 @@ mod tests {
 
     #[test]
     fn the_rowid_migration_keeps_every_row_edge_figure_and_trigger() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut c = Connection::open(tmp.path().join("catalog.db")).unwrap();
-        let at = super::super::MIGRATIONS
-            .iter()
-            .position(|m| m.contains("spack_nodes_by_repo"))
-            .unwrap();
-        for sql in &super::super::MIGRATIONS[..at] {
-            c.execute_batch(sql).unwrap();
-        }
-        c.pragma_update(None, "user_version", at as i64).unwrap();
+        let (_tmp, mut c) = catalog_before("spack_nodes_by_repo");
         // Spec rows without their manifests and tags (foreign keys off for the set-up only):
         // the migration checks the tables it rebuilds, not these.
         c.execute_batch(

@@ -10,6 +10,15 @@
 //! The database runs in WAL mode with `synchronous=FULL`: a transaction acknowledged to a
 //! client survives a crash of the process or the machine.
 //!
+//! Page cache: the writer's connection keeps up to [`WRITER_CACHE_KIB`] of pages (SQLite's
+//! default is 2 MiB per connection, which the readers keep). A push touches a few dozen pages
+//! at random places in the hash-keyed indexes (digests, tags, Spack DAG hashes); in a catalog of
+//! a few GB (500,000 Spack specs: 3.4 GB) the default cache no longer holds even those indexes'
+//! interior pages, and every push read its path back with `pread`. SQLite fills the cache only
+//! as pages are touched, so a small catalog costs nothing and a large one at most that much
+//! resident memory (the Spack benchmark: p50 push latency at 500,000 specs 3.6-3.9 ms against
+//! 3.5-6.6 ms with the default, server peak RSS +21 MiB after 200 pushes).
+//!
 //! Writes use group commit. Each [`Catalog::write`] job runs inside its own savepoint of a
 //! shared transaction; the writer thread takes every job already queued (up to
 //! [`MAX_BATCH`]), runs them, commits once, and only then answers each caller. A job that fails
@@ -169,6 +178,7 @@ impl Catalog {
              PRAGMA busy_timeout = 10000;",
         )?;
         configure(&conn)?;
+        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         migrate(&mut conn)?;
         let epochs = Arc::new(Epochs::default());
         epochs.read(&conn)?;
@@ -427,6 +437,9 @@ fn open_reader(path: &Path) -> Result<Connection> {
 /// What every catalog connection gets, whatever it is for: the query planner stability
 /// guarantee, so that a cached statement is never re-prepared because of what is bound to it
 /// (see the module doc).
+/// The writer connection's page cache, in KiB (see the module doc).
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
+
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     Ok(())
@@ -693,6 +706,23 @@ mod tests {
             c.execute("INSERT INTO repositories (name, created_at) VALUES (?1, 0)", [name])?;
             Ok(())
         }
+    }
+
+    /// The writer keeps a larger page cache than SQLite's default; readers keep the default.
+    #[tokio::test]
+    async fn the_writer_has_its_own_page_cache_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&tmp.path().join("catalog.db")).unwrap();
+        let writer: i64 = catalog
+            .write(|c| Ok(c.query_row("PRAGMA cache_size", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(writer, -WRITER_CACHE_KIB);
+        let reader: i64 = catalog
+            .read(|c| Ok(c.query_row("PRAGMA cache_size", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(reader, -2000, "readers keep SQLite's default");
     }
 
     /// A panicking job is rolled back and answered with an error; the jobs queued with it (in

@@ -1683,3 +1683,259 @@ async fn the_servers_collection_passes_evict_and_report_the_cached_bytes() {
     pull_over_http(&pair, "lib/a", "v1", &images[0]).await;
     assert_eq!(upstream_gets(&pair.upstream, "manifest").await, fetched + 1.0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// podman as a pull-through client
+// ---------------------------------------------------------------------------------------------
+
+/// Where containers/image keeps its blob-info cache when it runs as root.
+const SYSTEM_BLOB_INFO_CACHE: &str = "/var/lib/containers/cache";
+
+/// A podman of its own (as `tests/engines.rs` sets one up): vfs storage, runroot, HOME,
+/// runtime dir, auth file and `registries.conf` in a temp dir, and a private mount namespace
+/// per command with an empty dir over root's blob-info cache. Each pull uses a fresh one, so
+/// that podman finds nothing locally and asks for every blob.
+struct Podman {
+    dir: tempfile::TempDir,
+}
+
+impl Podman {
+    /// `registries` is the whole `registries.conf`.
+    fn new(registries: &str) -> Podman {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        for sub in ["graph", "run", "home", "xdg", "libpod", "blob-info-cache"] {
+            std::fs::create_dir_all(root.join(sub)).expect("mkdir");
+        }
+        std::fs::write(
+            root.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+                root.join("graph").display(),
+                root.join("run").display()
+            ),
+        )
+        .expect("write storage.conf");
+        std::fs::write(
+            root.join("containers.conf"),
+            format!(
+                "[engine]\ntmp_dir = \"{}\"\nevents_logger = \"none\"\n",
+                root.join("libpod").display()
+            ),
+        )
+        .expect("write containers.conf");
+        std::fs::write(root.join("registries.conf"), registries).expect("write registries.conf");
+        std::fs::write(root.join("auth.json"), "{}").expect("write auth.json");
+        Podman { dir }
+    }
+
+    fn path(&self, sub: &str) -> PathBuf {
+        self.dir.path().join(sub)
+    }
+
+    /// `podman args…` in this podman's world; returns its output, whatever its status.
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        use std::os::unix::ffi::OsStrExt as _;
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = Command::new(require_tool("podman"));
+        cmd.args(args)
+            .env("CONTAINERS_STORAGE_CONF", self.path("storage.conf"))
+            .env("CONTAINERS_CONF", self.path("containers.conf"))
+            .env("CONTAINERS_REGISTRIES_CONF", self.path("registries.conf"))
+            .env("REGISTRY_AUTH_FILE", self.path("auth.json"))
+            .env("HOME", self.path("home"))
+            .env("XDG_RUNTIME_DIR", self.path("xdg"))
+            .stdin(Stdio::null());
+        std::fs::create_dir_all(SYSTEM_BLOB_INFO_CACHE).expect("create the mount point");
+        let cstr = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path without NUL");
+        let root = cstr(Path::new("/"));
+        let source = cstr(&self.path("blob-info-cache"));
+        let target = cstr(Path::new(SYSTEM_BLOB_INFO_CACHE));
+        // SAFETY: only async-signal-safe system calls on memory owned by the closure, in the
+        // child between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let none = std::ptr::null();
+                if libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        none,
+                        root.as_ptr(),
+                        none,
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    || libc::mount(source.as_ptr(), target.as_ptr(), none, libc::MS_BIND, std::ptr::null()) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.output().expect("run podman")
+    }
+
+    /// `podman pull` of `image` (insecure registries come from `registries.conf`), then the
+    /// digest podman recorded for it and the bytes of `/hello.txt` in its root filesystem.
+    fn pull(&self, image: &str) -> (String, String) {
+        let out = self.run(&["pull", "--quiet", image]);
+        assert!(
+            out.status.success(),
+            "podman pull {image}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = self.run(&["image", "inspect", "--format", "{{.Digest}}", image]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let digest = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        // The unpacked layer, read through podman's own mount of the image.
+        let out = self.run(&["image", "mount", image]);
+        assert!(
+            out.status.success(),
+            "podman image mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mountpoint = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let hello = std::fs::read_to_string(Path::new(&mountpoint).join("hello.txt")).expect("hello.txt in the image");
+        (digest, hello)
+    }
+
+    /// `podman pull` that must fail; returns its standard error.
+    fn pull_fails(&self, image: &str) -> String {
+        let out = self.run(&["pull", "--quiet", image]);
+        assert!(!out.status.success(), "podman pull {image} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+/// `registries.conf` with the mirror as an insecure (plain HTTP) registry.
+fn insecure_registries_conf(host: &str) -> String {
+    format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n")
+}
+
+/// podman pulls through the `hub/` prefix by tag and by digest (each into fresh storage, so
+/// every blob is asked for): it gets the upstream's manifest and the layer's file; the mirror
+/// fetched each blob once and stored it (fsck verifies the stored bytes against their
+/// digests). A tag the upstream lacks gets podman's "manifest unknown". With the upstream
+/// stopped, podman still pulls the cached tag and digest, and an uncached tag fails with the
+/// mirror's 502 (the upstream named), not a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_pulls_through_by_tag_and_digest_and_from_the_cache_with_the_upstream_down() {
+    let mut pair = Pair::start("1s");
+    let image = push_unpackable(&pair.upstream, "lib/tiny", "v1", "podman").await;
+    push_unpackable(&pair.upstream, "lib/tiny", "v2", "never-pulled").await;
+    let host = pair.downstream.host.clone();
+    let registries = insecure_registries_conf(&host);
+    let by_tag = format!("{host}/hub/lib/tiny:v1");
+    let by_digest = format!("{host}/hub/lib/tiny@{}", image.manifest);
+
+    let pulls = |refs: Vec<String>, registries: String| {
+        tokio::task::spawn_blocking(move || {
+            refs.iter()
+                .map(|r| Podman::new(&registries).pull(r))
+                .collect::<Vec<_>>()
+        })
+    };
+    let got = pulls(vec![by_tag.clone(), by_digest.clone()], registries.clone())
+        .await
+        .expect("podman");
+    for (digest, hello) in &got {
+        assert_eq!(digest, &image.manifest, "podman got the upstream's manifest");
+        assert_eq!(hello, "hello from podman\n");
+    }
+    assert_eq!(
+        upstream_gets(&pair.upstream, "blob").await,
+        2.0,
+        "each blob fetched once"
+    );
+    assert_eq!(
+        upstream_gets(&pair.upstream, "manifest").await,
+        1.0,
+        "the manifest fetched once"
+    );
+    for (d, _) in [&image.config, &image.layer] {
+        assert!(pair.downstream.blob_object_exists(d), "{d} is stored at the mirror");
+    }
+    let (code, out, err) = pair.downstream.fsck(&[]);
+    assert_eq!(code, 0, "fsck of the mirror: {out}{err}");
+
+    let missing = format!("{host}/hub/lib/tiny:nope");
+    let err = tokio::task::spawn_blocking({
+        let registries = registries.clone();
+        move || Podman::new(&registries).pull_fails(&missing)
+    })
+    .await
+    .expect("podman");
+    assert!(
+        err.contains("manifest unknown"),
+        "podman on a tag the upstream lacks: {err}"
+    );
+
+    pair.upstream.kill();
+    // Past the tag's TTL (1 s from its validation), so the tag pull asks the dead upstream.
+    let validated = Instant::now();
+    wait_until("the tag's TTL passed", || async move {
+        validated.elapsed() > Duration::from_millis(1100)
+    })
+    .await;
+    let got = pulls(vec![by_tag, by_digest], registries.clone())
+        .await
+        .expect("podman");
+    for (digest, hello) in &got {
+        assert_eq!(digest, &image.manifest, "served from the cache");
+        assert_eq!(hello, "hello from podman\n");
+    }
+    // podman names the status only (it shows no body of a 5xx); the body, which names the
+    // upstream, is the mirror's OCI error.
+    let uncached = format!("{host}/hub/lib/tiny:v2");
+    let err = tokio::task::spawn_blocking(move || Podman::new(&registries).pull_fails(&uncached))
+        .await
+        .expect("podman");
+    assert!(
+        err.contains("reading manifest v2") && err.contains("502 Bad Gateway"),
+        "podman on an uncached tag with the upstream down: {err}"
+    );
+    let (status, _, body) = get(&pair.down("lib/tiny/manifests/v2")).await;
+    assert_eq!((status, error_code(&body)), (502, "UNAVAILABLE".to_owned()));
+    assert!(
+        error_message(&body).contains("could not be reached"),
+        "{}",
+        error_message(&body)
+    );
+}
+
+/// podman with the mirror as a `[[registry.mirror]]` of another registry (`location =
+/// "127.0.0.1:PORT/hub/lib"`, the prefix in the location): `podman pull
+/// registry.test/lib/tiny:v1` (the registry itself a closed port, so only the mirror can
+/// answer) and by digest get the upstream's image, fetched through the mirror once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_uses_the_proxy_prefix_as_a_registries_conf_mirror() {
+    let pair = Pair::start("5m");
+    let image = push_unpackable(&pair.upstream, "lib/tiny", "v1", "mirror").await;
+    let registries = format!(
+        "[[registry]]\nprefix = \"registry.test/lib\"\nlocation = \"127.0.0.1:9/lib\"\ninsecure = true\n\n\
+         [[registry.mirror]]\nlocation = \"{}/hub/lib\"\ninsecure = true\n",
+        pair.downstream.host
+    );
+    let refs = vec![
+        "registry.test/lib/tiny:v1".to_owned(),
+        format!("registry.test/lib/tiny@{}", image.manifest),
+    ];
+    let got = tokio::task::spawn_blocking(move || {
+        refs.iter()
+            .map(|r| Podman::new(&registries).pull(r))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("podman");
+    for (digest, hello) in &got {
+        assert_eq!(digest, &image.manifest, "podman got the upstream's manifest");
+        assert_eq!(hello, "hello from mirror\n");
+    }
+    assert_eq!(
+        upstream_gets(&pair.upstream, "blob").await,
+        2.0,
+        "each blob fetched once"
+    );
+    for (d, _) in [&image.config, &image.layer] {
+        assert!(pair.downstream.blob_object_exists(d), "{d} is stored at the mirror");
+    }
+}

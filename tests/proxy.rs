@@ -1939,3 +1939,234 @@ async fn podman_uses_the_proxy_prefix_as_a_registries_conf_mirror() {
         assert!(pair.downstream.blob_object_exists(d), "{d} is stored at the mirror");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A full spool disk
+// ---------------------------------------------------------------------------------------------
+
+/// A tmpfs mounted over a directory for the test's duration; unmounted (lazily, so that a file
+/// still open cannot keep it) on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: usize) -> Tmpfs {
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir),
+        );
+        Tmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// An upstream of a few blobs, served over raw HTTP/1.1 on 127.0.0.1: a `GET` of
+/// `/v2/<any>/blobs/<digest>` answers 200 with the blob's whole `Content-Length` and sends its
+/// first `head` bytes, then waits for `resume` before it sends the rest. Anything else is 404.
+/// Counts the blob GETs it answered.
+struct PausingUpstream {
+    url: String,
+    resume: tokio::sync::watch::Sender<bool>,
+    gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl PausingUpstream {
+    /// `blobs`: each blob with the bytes it sends before waiting for `resume`.
+    async fn start(blobs: Vec<(Vec<u8>, usize)>) -> PausingUpstream {
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let (resume, resumed) = tokio::sync::watch::channel(false);
+        let gets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let blobs: std::sync::Arc<Vec<(String, Vec<u8>, usize)>> =
+            std::sync::Arc::new(blobs.into_iter().map(|(b, head)| (sha256(&b), b, head)).collect());
+        let counter = gets.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (blobs, counter) = (blobs.clone(), counter.clone());
+                let mut resumed = resumed.clone();
+                tokio::spawn(async move {
+                    let mut stream = tokio::io::BufReader::new(stream);
+                    let mut request = String::new();
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        request.push_str(&line);
+                    }
+                    let found = blobs
+                        .iter()
+                        .find(|(d, _, _)| request.starts_with("GET ") && request.contains(&format!("/blobs/{d} ")));
+                    let stream = stream.get_mut();
+                    let Some((digest, blob, head)) = found else {
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    };
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let header = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\
+                         Docker-Content-Digest: {digest}\r\nConnection: close\r\n\r\n",
+                        blob.len()
+                    );
+                    if stream.write_all(header.as_bytes()).await.is_err()
+                        || stream.write_all(&blob[..*head]).await.is_err()
+                    {
+                        return;
+                    }
+                    let _ = stream.flush().await;
+                    let _ = resumed.wait_for(|r| *r).await;
+                    let _ = stream.write_all(&blob[*head..]).await;
+                    let _ = stream.flush().await;
+                });
+            }
+        });
+        PausingUpstream { url, resume, gets }
+    }
+
+    fn gets(&self) -> usize {
+        self.gets.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The tee's spool on a full disk: a 4 MiB tmpfs mounted over the mirror's spool directory,
+/// an 8 MiB blob whose upstream pauses after its first 2 MiB. The client has its first bytes
+/// (so it reads from the tee), then the tmpfs is filled up and the upstream resumes: the
+/// spool write fails, and the client's body is cut short of its `Content-Length` (a read
+/// error, not a clean short body). The registry still answers; the fetch went on and stored
+/// the blob with the right bytes (fsck), and its spool file is gone. With the space back, a
+/// later pull gets the whole blob from the store without a second upstream fetch, and another
+/// uncached blob (3 MiB) streams through the tee to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_disk_cuts_the_tee_readers_and_the_fetch_still_stores_the_blob() {
+    use futures_util::StreamExt as _;
+    const MIB: usize = 1 << 20;
+    let blob = pseudo_random(8 * MIB, 31);
+    let digest = sha256(&blob);
+    let later = pseudo_random(3 * MIB, 32);
+    let upstream = PausingUpstream::start(vec![(blob.clone(), 2 * MIB), (later.clone(), later.len())]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("mirror.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[proxy]]\nprefix = \"hub/\"\nurl = \"{}\"\ntimeout_secs = 30\n",
+            upstream.url
+        ),
+    )
+    .expect("write config");
+    let mirror = TestServer::start_with(&[("STOWAGE_CONFIG", config.to_str().expect("utf-8"))]);
+    let spool_dir = mirror.data_dir().join("proxy-spool");
+    assert!(spool_dir.is_dir(), "the spool directory exists once the server runs");
+    let _tmpfs = Tmpfs::mount(&spool_dir, 4 * MIB);
+
+    let url = mirror.v2(&format!("hub/lib/big/blobs/{digest}"));
+    let resp = client().get(&url).send().await.expect("GET blob");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.content_length(), Some(blob.len() as u64));
+    let mut body = resp.bytes_stream();
+    let mut received = body.next().await.expect("a first piece").expect("first piece").len();
+    assert!(received > 0 && received <= 2 * MIB);
+
+    // Fill what is left of the tmpfs, then let the upstream send the rest.
+    let filler = spool_dir.join("filler");
+    {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&filler).expect("create filler");
+        let piece = vec![0u8; 64 * 1024];
+        loop {
+            match file.write_all(&piece) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling the tmpfs: {e}"),
+            }
+        }
+    }
+    upstream.resume.send(true).expect("resume the upstream");
+    let mut cut = None;
+    while let Some(piece) = body.next().await {
+        match piece {
+            Ok(p) => received += p.len(),
+            Err(e) => {
+                cut = Some(format!("{e:?}"));
+                break;
+            }
+        }
+    }
+    assert!(
+        received < blob.len(),
+        "the client got {received} of {} bytes",
+        blob.len()
+    );
+    let cut = cut.unwrap_or_else(|| panic!("the body ended cleanly after {received} bytes"));
+    println!("client cut after {received} bytes: {cut}");
+
+    // The registry answers; the fetch went on to store the blob, and its spool file is gone.
+    let resp = client().get(mirror.v2("")).send().await.expect("GET /v2/");
+    assert_eq!(resp.status(), 200);
+    wait_until("the blob is stored and its spool removed", || async {
+        mirror.blob_object_exists(&digest) && spool_files(&mirror) == [filler.clone()]
+    })
+    .await;
+
+    // Space back: the blob is served whole from the store (no second fetch), and a new blob
+    // streams through the tee.
+    std::fs::remove_file(&filler).expect("remove filler");
+    let (status, length, body) = get_blob_body(&url).await;
+    assert_eq!((status, length), (200, Some(blob.len() as u64)));
+    assert_eq!(sha256(&body.expect("the whole blob")), digest);
+    assert_eq!(upstream.gets(), 1, "fetched once");
+    let (status, length, body) = get_blob_body(&mirror.v2(&format!("hub/lib/big/blobs/{}", sha256(&later)))).await;
+    assert_eq!((status, length), (200, Some(later.len() as u64)));
+    assert_eq!(body.expect("the whole blob"), later);
+    assert_eq!(upstream.gets(), 2);
+    let (code, out, err) = mirror.fsck(&[]);
+    assert_eq!(code, 0, "fsck: the stored bytes hash to their digests: {out}{err}");
+}
+
+/// `max_size` with `gc.enabled = false` starts (an operator may run `stowage gc` on a
+/// schedule, which applies the cap: the size-cap test above does) but says loudly, at start,
+/// that the server itself will never evict.
+#[tokio::test]
+async fn max_size_without_the_collector_is_warned_about_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("mirror.toml");
+    std::fs::write(
+        &config,
+        "[[proxy]]\nprefix = \"hub/\"\nurl = \"http://127.0.0.1:9\"\nmax_size = \"1GiB\"\n\n\
+         [[proxy]]\nprefix = \"ghcr/\"\nurl = \"http://127.0.0.1:19\"\n\n[gc]\nenabled = false\n",
+    )
+    .expect("write config");
+    let log = dir.path().join("stderr.log");
+    let server = TestServer::start_with(&[
+        ("STOWAGE_CONFIG", config.to_str().expect("utf-8")),
+        (common::STDERR_FILE_ENV, log.to_str().expect("utf-8")),
+    ]);
+    let resp = client().get(server.v2("")).send().await.expect("GET /v2/");
+    assert_eq!(resp.status(), 200, "the server runs");
+    let text = std::fs::read_to_string(&log).expect("read the log");
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("max_size is set but gc.enabled is false"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning, for hub/ only:\n{text}");
+    assert!(
+        warnings[0].contains("WARN") && warnings[0].contains("hub/"),
+        "{}",
+        warnings[0]
+    );
+}

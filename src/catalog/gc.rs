@@ -400,9 +400,14 @@ impl Catalog {
     /// forward. Returns the rows changed.
     pub async fn record_proxy_pulls(&self, pulls: Vec<(ProxyPull, i64)>) -> Result<u64> {
         self.write(move |c| {
+            // The manifest, and the manifests of its repository that list it as a child (an
+            // index whose platform manifest was pulled by digest): eviction candidates are the
+            // roots, so the index must look used.
             let mut manifest = c.prepare_cached(
                 "UPDATE manifests SET proxy_pulled_at = ?3
-                  WHERE repo_id = (SELECT id FROM repositories WHERE name = ?1) AND digest = ?2
+                  WHERE repo_id = (SELECT id FROM repositories WHERE name = ?1)
+                    AND (digest = ?2
+                         OR id IN (SELECT manifest_id FROM manifest_refs WHERE digest = ?2 AND kind = 'manifest'))
                     AND (proxy_pulled_at IS NULL OR proxy_pulled_at < ?3)",
             )?;
             let mut blob = c.prepare_cached(
@@ -482,19 +487,25 @@ impl Catalog {
     /// the children no other manifest of its repository lists and the referrers that describe
     /// it, unless a tag names them; each recorded in the audit trail (actor `gc`,
     /// `proxy.evict`). Nothing when the manifest is gone or a manifest lists it as a child
-    /// (it became one since the scan).
-    pub async fn proxy_evict(&self, prefix: &str, id: i64) -> Result<Eviction> {
+    /// (it became one since the scan). The row must still be the candidate's (its id, repository
+    /// and digest): a row id freed by a deletion and reused between the scan and this write
+    /// (`manifests.id` has no `AUTOINCREMENT`, so SQLite reuses the largest freed id) names
+    /// another manifest, which is left alone.
+    pub async fn proxy_evict(&self, prefix: &str, candidate: &EvictCandidate) -> Result<Eviction> {
         let (lower, upper) = prefix_range(prefix);
+        let EvictCandidate { id, repo, digest } = candidate.clone();
         self.write(move |c| {
             let mut eviction = Eviction::default();
-            let listed: bool = c.query_row(
-                "SELECT EXISTS (SELECT 1 FROM manifests m JOIN manifest_refs r ON r.digest = m.digest AND r.kind = 'manifest'
+            let (same, listed): (bool, bool) = c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM manifests m JOIN repositories p ON p.id = m.repo_id
+                                 WHERE m.id = ?1 AND m.digest = ?2 AND p.name = ?3),
+                        EXISTS (SELECT 1 FROM manifests m JOIN manifest_refs r ON r.digest = m.digest AND r.kind = 'manifest'
                                   JOIN manifests q ON q.id = r.manifest_id AND q.repo_id = m.repo_id
                                  WHERE m.id = ?1)",
-                [id],
-                |r| r.get(0),
+                params![id, digest, repo],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            if listed {
+            if !same || listed {
                 return Ok(eviction);
             }
             let mut manifest = c.prepare_cached(
@@ -670,6 +681,15 @@ mod tests {
             Some(600),
             "another repository's manifest"
         );
+        // A platform manifest pulled by digest: the index listing it counts as pulled too.
+        let c1 = ProxyPull::Manifest {
+            repo: "hub/x".into(),
+            digest: "sha256:c1".into(),
+        };
+        assert_eq!(catalog.record_proxy_pulls(vec![(c1, 800)]).await.unwrap(), 2);
+        assert_eq!(pulled_at(&catalog, 11).await, Some(800));
+        assert_eq!(pulled_at(&catalog, 10).await, Some(800), "the index listing it");
+        assert_eq!(pulled_at(&catalog, 20).await, Some(600));
     }
 
     #[tokio::test]
@@ -691,7 +711,17 @@ mod tests {
         // The referrer (used at 150), the index (200), the pulled image (500); never the child.
         assert_eq!(order, [21, 10, 20]);
 
-        let e = catalog.proxy_evict("hub/", 10).await.unwrap();
+        let e = catalog
+            .proxy_evict(
+                "hub/",
+                &EvictCandidate {
+                    id: 10,
+                    repo: "hub/x".into(),
+                    digest: "sha256:ix".into(),
+                },
+            )
+            .await
+            .unwrap();
         assert_eq!(
             e.manifests,
             [
@@ -704,14 +734,64 @@ mod tests {
         assert_eq!(e.bytes, 10 + 20 + 2000);
         assert_eq!(catalog.proxy_cached_bytes("hub/").await.unwrap(), 1000 + 30 + 5);
 
-        let e = catalog.proxy_evict("hub/", 20).await.unwrap();
+        // Row 20 holding another digest, or in another repository, than the candidate's (its
+        // id reused since the scan): left alone.
+        for (repo, digest) in [("hub/y", "sha256:ix"), ("hub/x", "sha256:y1")] {
+            let stale = EvictCandidate {
+                id: 20,
+                repo: repo.into(),
+                digest: digest.into(),
+            };
+            let e = catalog.proxy_evict("hub/", &stale).await.unwrap();
+            assert!(e.manifests.is_empty(), "{e:?}");
+        }
+        assert_eq!(catalog.proxy_cached_bytes("hub/").await.unwrap(), 1000 + 30 + 5);
+        let e = catalog
+            .proxy_evict(
+                "hub/",
+                &EvictCandidate {
+                    id: 20,
+                    repo: "hub/y".into(),
+                    digest: "sha256:y1".into(),
+                },
+            )
+            .await
+            .unwrap();
         assert_eq!(e.manifests.len(), 2, "the image and its referrer: {e:?}");
         assert_eq!(e.bytes, 30 + 5 + 1000);
         assert_eq!(catalog.proxy_cached_bytes("hub/").await.unwrap(), 0);
 
         // Outside the prefix: nothing.
-        assert!(catalog.proxy_evict("hub/", 30).await.unwrap().manifests.is_empty());
-        assert!(catalog.proxy_evict("hub/", 40).await.unwrap().manifests.is_empty());
+        assert!(
+            catalog
+                .proxy_evict(
+                    "hub/",
+                    &EvictCandidate {
+                        id: 30,
+                        repo: "local/z".into(),
+                        digest: "sha256:z1".into()
+                    }
+                )
+                .await
+                .unwrap()
+                .manifests
+                .is_empty()
+        );
+        assert!(
+            catalog
+                .proxy_evict(
+                    "hub/",
+                    &EvictCandidate {
+                        id: 40,
+                        repo: "hubby/w".into(),
+                        digest: "sha256:w1".into()
+                    }
+                )
+                .await
+                .unwrap()
+                .manifests
+                .is_empty()
+        );
         let (audited, links, figures): (i64, i64, i64) = catalog
             .read(|c| {
                 Ok((

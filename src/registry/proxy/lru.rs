@@ -218,7 +218,7 @@ impl Registry {
                     }
                     // Paced like every other write of a pass (`gc.write_pause`).
                     let started = std::time::Instant::now();
-                    let eviction = self.catalog.proxy_evict(&prefix, candidate.id).await?;
+                    let eviction = self.catalog.proxy_evict(&prefix, &candidate).await?;
                     super::super::gc::pause_after(started, write_pause).await;
                     let Some(((repo, digest), rest)) = eviction.manifests.split_first() else {
                         continue;

@@ -1915,7 +1915,7 @@ async fn podman_uses_the_proxy_prefix_as_a_registries_conf_mirror() {
          [[registry.mirror]]\nlocation = \"{}/hub/lib\"\ninsecure = true\n",
         pair.downstream.host
     );
-    let refs = vec![
+    let refs = [
         "registry.test/lib/tiny:v1".to_owned(),
         format!("registry.test/lib/tiny@{}", image.manifest),
     ];

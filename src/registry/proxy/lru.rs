@@ -13,7 +13,9 @@
 //! update a minute; the map holds at most [`MAX_PENDING`] keys: when it fills, the flusher is
 //! woken at once, and new keys that arrive before it has taken the map are dropped. The server flushes it every [`FLUSH_EVERY`] in write jobs of at most [`FLUSH_BATCH`]
 //! updates, at graceful stop, and at the start of each eviction step; a crash loses at most
-//! [`FLUSH_EVERY`] of pulls. A stored time only moves forward.
+//! [`FLUSH_EVERY`] of pulls. A stored time only moves forward. A manifest pull also counts for
+//! the manifests of its repository that list it as a child, so that an index whose platform
+//! manifest is pulled by digest (the eviction candidate is the index) looks used.
 //!
 //! # Evicting
 //!
@@ -35,6 +37,8 @@
 //! - Eviction deletes catalog rows only through the same `DELETE FROM manifests` a client
 //!   delete runs, in one write job per evicted manifest, so every trigger (repository figures,
 //!   content epochs, link touch) and foreign key holds; it deletes no blob or link itself.
+//! - An eviction deletes only the manifest its scan chose: the write job re-checks the row's
+//!   repository and digest, since a row id freed and reused in between names another one.
 //! - Hosted repositories are never candidates: only repositories whose names start with a
 //!   capped prefix are read.
 //! - An evicted tag's "validated" mark is forgotten, so the next pull of it goes upstream

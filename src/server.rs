@@ -477,14 +477,6 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             "gc.retention rules are configured but gc.enabled is false: the server does not apply them (`stowage gc` does)"
         );
     }
-    if !config.gc.enabled {
-        for entry in config.proxy.iter().filter(|p| p.max_size.is_some()) {
-            tracing::warn!(
-                prefix = %entry.prefix,
-                "[[proxy]] max_size is set but gc.enabled is false: the server never evicts, the cache grows past the cap until `stowage gc` runs (run it on a schedule, or enable gc)"
-            );
-        }
-    }
     let collector = config.gc.enabled.then(|| {
         let registry = registry.clone();
         let every = Duration::from_secs(config.gc.interval_secs.max(1));

@@ -1485,7 +1485,9 @@ async fn a_size_cap_evicts_the_least_recently_pulled_image_and_refetches_it_on_d
     const LAYER: usize = 100_000;
     // Each image is its layer, a config of about 150 bytes and a manifest of about 450.
     let cap = 2 * LAYER + LAYER / 2;
-    let extra = format!("max_size = {cap}\n\n[gc]\nenabled = false\ngrace_secs = 0\n");
+    // `max_size` needs the server's collector on; a day between its passes leaves the passes
+    // to this test's `stowage gc` runs, with the server stopped.
+    let extra = format!("max_size = {cap}\n\n[gc]\ninterval_secs = 86400\ngrace_secs = 0\n");
     let mut pair = Pair::start_full("1h", false, &extra);
     let mut images = Vec::new();
     for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
@@ -2138,35 +2140,35 @@ async fn a_full_spool_disk_cuts_the_tee_readers_and_the_fetch_still_stores_the_b
     assert_eq!(code, 0, "fsck: the stored bytes hash to their digests: {out}{err}");
 }
 
-/// `max_size` with `gc.enabled = false` starts (an operator may run `stowage gc` on a
-/// schedule, which applies the cap: the size-cap test above does) but says loudly, at start,
-/// that the server itself will never evict.
-#[tokio::test]
-async fn max_size_without_the_collector_is_warned_about_at_start() {
+/// `max_size` with `gc.enabled = false` stops the start with a config error naming the entry:
+/// the server would never evict, and a real `stowage gc` refuses to run beside it.
+#[test]
+fn max_size_without_the_collector_stops_the_start() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("mirror.toml");
     std::fs::write(
         &config,
-        "[[proxy]]\nprefix = \"hub/\"\nurl = \"http://127.0.0.1:9\"\nmax_size = \"1GiB\"\n\n\
-         [[proxy]]\nprefix = \"ghcr/\"\nurl = \"http://127.0.0.1:19\"\n\n[gc]\nenabled = false\n",
+        "[[proxy]]\nprefix = \"ghcr/\"\nurl = \"http://127.0.0.1:19\"\n\n\
+         [[proxy]]\nprefix = \"hub/\"\nurl = \"http://127.0.0.1:9\"\nmax_size = \"1GiB\"\n\n\
+         [gc]\nenabled = false\n",
     )
     .expect("write config");
-    let log = dir.path().join("stderr.log");
-    let server = TestServer::start_with(&[
-        ("STOWAGE_CONFIG", config.to_str().expect("utf-8")),
-        (common::STDERR_FILE_ENV, log.to_str().expect("utf-8")),
-    ]);
-    let resp = client().get(server.v2("")).send().await.expect("GET /v2/");
-    assert_eq!(resp.status(), 200, "the server runs");
-    let text = std::fs::read_to_string(&log).expect("read the log");
-    let warnings: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("max_size is set but gc.enabled is false"))
-        .collect();
-    assert_eq!(warnings.len(), 1, "one warning, for hub/ only:\n{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .arg("serve")
+        .env("STOWAGE_CONFIG", &config)
+        .env("STOWAGE_DATA_DIR", dir.path().join("data"))
+        .env("STOWAGE_LISTEN", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run stowage");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the server refused to start: {err}");
     assert!(
-        warnings[0].contains("WARN") && warnings[0].contains("hub/"),
-        "{}",
-        warnings[0]
+        err.contains("proxy[1].max_size needs gc.enabled = true"),
+        "the error names the entry and the fix: {err}"
+    );
+    assert!(
+        !dir.path().join("data").join("catalog.db").exists(),
+        "refused before opening the catalog"
     );
 }

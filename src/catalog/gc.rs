@@ -367,6 +367,8 @@ pub struct EvictCandidate {
     pub id: i64,
     pub repo: String,
     pub digest: String,
+    /// Its last use when scanned: `max(created_at, coalesce(proxy_pulled_at, 0))`.
+    pub last_used: i64,
 }
 
 /// What evicting one manifest removed.
@@ -459,7 +461,8 @@ impl Catalog {
         let (lower, upper) = prefix_range(prefix);
         self.read(move |c| {
             let sql = format!(
-                "SELECT m.id, p.name, m.digest FROM manifests m JOIN repositories p ON p.id = m.repo_id
+                "SELECT m.id, p.name, m.digest, max(m.created_at, coalesce(m.proxy_pulled_at, 0))
+                   FROM manifests m JOIN repositories p ON p.id = m.repo_id
                   WHERE m.repo_id IN ({PREFIX_REPOS})
                     AND NOT EXISTS (SELECT 1 FROM manifest_refs r JOIN manifests q ON q.id = r.manifest_id
                                      WHERE r.digest = m.digest AND r.kind = 'manifest' AND q.repo_id = m.repo_id)
@@ -475,6 +478,7 @@ impl Catalog {
                     id: r.get(0)?,
                     repo: r.get(1)?,
                     digest: r.get(2)?,
+                    last_used: r.get(3)?,
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -490,19 +494,28 @@ impl Catalog {
     /// (it became one since the scan). The row must still be the candidate's (its id, repository
     /// and digest): a row id freed by a deletion and reused between the scan and this write
     /// (`manifests.id` has no `AUTOINCREMENT`, so SQLite reuses the largest freed id) names
-    /// another manifest, which is left alone.
+    /// another manifest, which is left alone. Its last use must still be the scanned one: a
+    /// pull written since the scan (the flusher runs during a pass) makes it no longer the
+    /// least recently used, so it is left alone and a later scan orders it anew. A pull still
+    /// in the in-memory map ([`crate::registry::proxy::lru`]) is not seen.
     pub async fn proxy_evict(&self, prefix: &str, candidate: &EvictCandidate) -> Result<Eviction> {
         let (lower, upper) = prefix_range(prefix);
-        let EvictCandidate { id, repo, digest } = candidate.clone();
+        let EvictCandidate {
+            id,
+            repo,
+            digest,
+            last_used,
+        } = candidate.clone();
         self.write(move |c| {
             let mut eviction = Eviction::default();
             let (same, listed): (bool, bool) = c.query_row(
                 "SELECT EXISTS (SELECT 1 FROM manifests m JOIN repositories p ON p.id = m.repo_id
-                                 WHERE m.id = ?1 AND m.digest = ?2 AND p.name = ?3),
+                                 WHERE m.id = ?1 AND m.digest = ?2 AND p.name = ?3
+                                   AND max(m.created_at, coalesce(m.proxy_pulled_at, 0)) = ?4),
                         EXISTS (SELECT 1 FROM manifests m JOIN manifest_refs r ON r.digest = m.digest AND r.kind = 'manifest'
                                   JOIN manifests q ON q.id = r.manifest_id AND q.repo_id = m.repo_id
                                  WHERE m.id = ?1)",
-                params![id, digest, repo],
+                params![id, digest, repo, last_used],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
             if !same || listed {
@@ -718,6 +731,7 @@ mod tests {
                     id: 10,
                     repo: "hub/x".into(),
                     digest: "sha256:ix".into(),
+                    last_used: 200,
                 },
             )
             .await
@@ -741,6 +755,7 @@ mod tests {
                 id: 20,
                 repo: repo.into(),
                 digest: digest.into(),
+                last_used: 500,
             };
             let e = catalog.proxy_evict("hub/", &stale).await.unwrap();
             assert!(e.manifests.is_empty(), "{e:?}");
@@ -753,6 +768,7 @@ mod tests {
                     id: 20,
                     repo: "hub/y".into(),
                     digest: "sha256:y1".into(),
+                    last_used: 500,
                 },
             )
             .await
@@ -769,7 +785,8 @@ mod tests {
                     &EvictCandidate {
                         id: 30,
                         repo: "local/z".into(),
-                        digest: "sha256:z1".into()
+                        digest: "sha256:z1".into(),
+                        last_used: 0,
                     }
                 )
                 .await
@@ -784,7 +801,8 @@ mod tests {
                     &EvictCandidate {
                         id: 40,
                         repo: "hubby/w".into(),
-                        digest: "sha256:w1".into()
+                        digest: "sha256:w1".into(),
+                        last_used: 0,
                     }
                 )
                 .await
@@ -812,5 +830,46 @@ mod tests {
             "eviction unlinks nothing: the collector does, after the grace period"
         );
         assert_eq!(figures, 40 + 50, "the repository figures followed the deletions");
+    }
+
+    /// A candidate pulled after the scan (the pull written by the flusher, during the pass) is
+    /// no longer the least recently used: its eviction is a no-op, for an image and for an
+    /// index whose platform manifest was pulled; a new scan orders them anew and sees the
+    /// new last use, with which the eviction goes through.
+    #[tokio::test]
+    async fn eviction_leaves_a_candidate_pulled_since_the_scan() {
+        let (_tmp, catalog) = catalog().await;
+        let scanned = catalog.proxy_evict_candidates("hub/", 10).await.unwrap();
+        let used: Vec<(i64, i64)> = scanned.iter().map(|c| (c.id, c.last_used)).collect();
+        assert_eq!(used, [(21, 150), (10, 200), (20, 500)]);
+        let pulls = vec![
+            (
+                ProxyPull::Manifest {
+                    repo: "hub/y".into(),
+                    digest: "sha256:y1".into(),
+                },
+                900,
+            ),
+            (
+                ProxyPull::Manifest {
+                    repo: "hub/x".into(),
+                    digest: "sha256:c1".into(),
+                },
+                950,
+            ),
+        ];
+        catalog.record_proxy_pulls(pulls).await.unwrap();
+        for candidate in &scanned[1..] {
+            let e = catalog.proxy_evict("hub/", candidate).await.unwrap();
+            assert!(e.manifests.is_empty(), "{candidate:?} was pulled since: {e:?}");
+        }
+        let before = 1000 + 2000 + 10 + 20 + 30 + 5;
+        assert_eq!(catalog.proxy_cached_bytes("hub/").await.unwrap(), before);
+
+        let rescanned = catalog.proxy_evict_candidates("hub/", 10).await.unwrap();
+        let used: Vec<(i64, i64)> = rescanned.iter().map(|c| (c.id, c.last_used)).collect();
+        assert_eq!(used, [(21, 150), (20, 900), (10, 950)], "the new order");
+        let e = catalog.proxy_evict("hub/", &rescanned[1]).await.unwrap();
+        assert_eq!(e.manifests.len(), 2, "the image and its referrer: {e:?}");
     }
 }

@@ -39,6 +39,12 @@
 //!   content epochs, link touch) and foreign key holds; it deletes no blob or link itself.
 //! - An eviction deletes only the manifest its scan chose: the write job re-checks the row's
 //!   repository and digest, since a row id freed and reused in between names another one.
+//! - It deletes it only while it is still as recently used as the scan saw it: the write job
+//!   re-checks its last use (`max(created_at, proxy_pulled_at)`), so a pull the flusher wrote
+//!   during the pass saves it (a later scan orders it anew; a batch of candidates all skipped
+//!   ends this prefix's step, and the next pass goes on). A pull still in the in-memory map,
+//!   recorded after this step's flush, is not seen: it can be evicted within [`FLUSH_EVERY`]
+//!   of its last pull, and is fetched again on its next one.
 //! - Hosted repositories are never candidates: only repositories whose names start with a
 //!   capped prefix are read.
 //! - An evicted tag's "validated" mark is forgotten, so the next pull of it goes upstream

@@ -397,6 +397,31 @@ fn prefix_range(prefix: &str) -> (String, String) {
 /// Repositories under the prefix range `?1..?2`.
 const PREFIX_REPOS: &str = "SELECT id FROM repositories WHERE name >= ?1 AND name < ?2";
 
+/// Records a pull of manifest `?2` of repository `?1` at `?3`: the manifest, and the manifests
+/// of its repository that list it as a child (an index whose platform manifest was pulled by
+/// digest): eviction candidates are the roots, so the index must look used. Both sides of the
+/// `UNION` are index lookups (`(repo_id, digest)`, `manifest_refs(digest)`), and the rows are
+/// then found by id: no scan of the repository's manifests, whatever their number. The outer
+/// `+repo_id` (the unary `+` keeps SQLite from using an index for that term) keeps a child
+/// listed by another repository's index out while leaving the lookup by id to the planner:
+/// without it, SQLite searches the `(repo_id)` prefix of the unique index and tests each of
+/// the repository's manifests against the list.
+const RECORD_MANIFEST_PULL: &str = "UPDATE manifests SET proxy_pulled_at = ?3
+  WHERE +repo_id = (SELECT id FROM repositories WHERE name = ?1)
+    AND id IN (SELECT id FROM manifests
+                WHERE repo_id = (SELECT id FROM repositories WHERE name = ?1) AND digest = ?2
+               UNION
+               SELECT manifest_id FROM manifest_refs WHERE digest = ?2 AND kind = 'manifest')
+    AND (proxy_pulled_at IS NULL OR proxy_pulled_at < ?3)";
+
+/// Records a pull of blob `?2` of repository `?1` at `?3`: every manifest of the repository
+/// that references it as config or layer, found by `manifest_refs(digest)` and then by id
+/// (`+repo_id` as in [`RECORD_MANIFEST_PULL`]).
+const RECORD_BLOB_PULL: &str = "UPDATE manifests SET proxy_pulled_at = ?3
+  WHERE +repo_id = (SELECT id FROM repositories WHERE name = ?1)
+    AND id IN (SELECT manifest_id FROM manifest_refs WHERE digest = ?2 AND kind IN ('config', 'layer'))
+    AND (proxy_pulled_at IS NULL OR proxy_pulled_at < ?3)";
+
 impl Catalog {
     /// Records pulls of proxied content at unix second `at` each; a stored time is only moved
     /// forward. Returns the rows changed.
@@ -405,20 +430,8 @@ impl Catalog {
             // The manifest, and the manifests of its repository that list it as a child (an
             // index whose platform manifest was pulled by digest): eviction candidates are the
             // roots, so the index must look used.
-            let mut manifest = c.prepare_cached(
-                "UPDATE manifests SET proxy_pulled_at = ?3
-                  WHERE repo_id = (SELECT id FROM repositories WHERE name = ?1)
-                    AND (digest = ?2
-                         OR id IN (SELECT manifest_id FROM manifest_refs WHERE digest = ?2 AND kind = 'manifest'))
-                    AND (proxy_pulled_at IS NULL OR proxy_pulled_at < ?3)",
-            )?;
-            let mut blob = c.prepare_cached(
-                "UPDATE manifests SET proxy_pulled_at = ?3
-                  WHERE repo_id = (SELECT id FROM repositories WHERE name = ?1)
-                    AND id IN (SELECT manifest_id FROM manifest_refs
-                                WHERE digest = ?2 AND kind IN ('config', 'layer'))
-                    AND (proxy_pulled_at IS NULL OR proxy_pulled_at < ?3)",
-            )?;
+            let mut manifest = c.prepare_cached(RECORD_MANIFEST_PULL)?;
+            let mut blob = c.prepare_cached(RECORD_BLOB_PULL)?;
             let mut written = 0u64;
             for (pull, at) in &pulls {
                 written += match pull {
@@ -871,5 +884,48 @@ mod tests {
         assert_eq!(used, [(21, 150), (20, 900), (10, 950)], "the new order");
         let e = catalog.proxy_evict("hub/", &rescanned[1]).await.unwrap();
         assert_eq!(e.manifests.len(), 2, "the image and its referrer: {e:?}");
+    }
+
+    /// A recorded pull finds its rows through indexes: the `(repo_id, digest)` one for a
+    /// manifest, `manifest_refs(digest)` for an index listing it or the manifests referencing a
+    /// blob, the row id for the update; never a scan of `manifests` (a repository's, or the
+    /// whole table).
+    #[tokio::test]
+    async fn a_recorded_pull_uses_the_indexes() {
+        let (_tmp, catalog) = catalog().await;
+        for (sql, lookups) in [
+            (
+                RECORD_MANIFEST_PULL,
+                &[
+                    "sqlite_autoindex_manifests_1 (repo_id=? AND digest=?)",
+                    "manifest_refs_by_digest (digest=?)",
+                ][..],
+            ),
+            (RECORD_BLOB_PULL, &["manifest_refs_by_digest (digest=?)"][..]),
+        ] {
+            let plan: Vec<String> = catalog
+                .read(move |c| {
+                    let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                    let rows = stmt.query_map(params!["hub/x", "sha256:c1", 1], |r| r.get::<_, String>(3))?;
+                    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+                })
+                .await
+                .unwrap();
+            let text = plan.join("\n");
+            for lookup in lookups {
+                assert!(plan.iter().any(|l| l.contains(lookup)), "{lookup}:\n{text}");
+            }
+            assert!(
+                plan.iter()
+                    .any(|l| l.starts_with("SEARCH manifests USING INTEGER PRIMARY KEY (rowid=?)")),
+                "the updated rows found by id:\n{text}"
+            );
+            assert!(
+                !plan
+                    .iter()
+                    .any(|l| l.starts_with("SCAN manifests") || l.ends_with("sqlite_autoindex_manifests_1 (repo_id=?)")),
+                "no scan of the manifests:\n{text}"
+            );
+        }
     }
 }

@@ -290,25 +290,52 @@ fn require_skopeo() -> PathBuf {
         })
 }
 
+/// How long one external command (skopeo, podman, an offline `stowage` command) may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `cmd` (stdin closed, output captured) and returns its output, whatever its status; a
+/// command still running after [`COMMAND_TIMEOUT`] is killed and fails the test, instead of
+/// hanging the whole test binary.
+fn output_within(cmd: &mut Command) -> std::process::Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let pid = child.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let out = child.wait_with_output();
+        let _ = done.send(());
+        out
+    });
+    if finished.recv_timeout(COMMAND_TIMEOUT).is_err() {
+        // SAFETY: kill(2) of the child started above, which the waiter has not reaped (it
+        // reports right after reaping, and has not reported).
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        panic!("{cmd:?} did not finish within {COMMAND_TIMEOUT:?}");
+    }
+    waiter.join().expect("waiter thread").expect("wait for the command")
+}
+
 /// `skopeo copy` from the mirror into an OCI layout, returning the layout's directory.
 fn skopeo_pull(skopeo: &Path, scratch: &Path, source: &str, name: &str) -> PathBuf {
     let auth = scratch.join("auth.json");
     std::fs::write(&auth, r#"{"auths":{}}"#).expect("auth file");
     let dest = scratch.join(name);
-    let out = Command::new(skopeo)
-        .args([
-            "--insecure-policy",
-            "copy",
-            "--preserve-digests",
-            "--src-tls-verify=false",
-            source,
-        ])
-        .arg(format!("oci:{}:pulled", dest.display()))
-        .env("REGISTRY_AUTH_FILE", &auth)
-        .env("TMPDIR", scratch)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run skopeo");
+    let mut cmd = Command::new(skopeo);
+    cmd.args([
+        "--insecure-policy",
+        "copy",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        source,
+    ])
+    .arg(format!("oci:{}:pulled", dest.display()))
+    .env("REGISTRY_AUTH_FILE", &auth)
+    .env("TMPDIR", scratch);
+    let out = output_within(&mut cmd);
     assert!(
         out.status.success(),
         "skopeo copy {source}: {}",
@@ -1461,7 +1488,7 @@ fn offline_gc(server: &TestServer, dry_run: bool) -> Vec<String> {
     if dry_run {
         args.push("--dry-run");
     }
-    let out = server.stowage_command(&args).output().expect("run stowage gc");
+    let out = output_within(&mut server.stowage_command(&args));
     assert!(
         out.status.success(),
         "stowage {args:?}: {}",
@@ -1608,11 +1635,7 @@ async fn a_size_cap_evicts_the_least_recently_pulled_image_and_refetches_it_on_d
     );
 
     // The eviction is in the audit trail, by `gc`, with the tag it removed.
-    let out = pair
-        .downstream
-        .stowage_command(&["audit", "--user", "gc", "--json"])
-        .output()
-        .expect("run stowage audit");
+    let out = output_within(&mut pair.downstream.stowage_command(&["audit", "--user", "gc", "--json"]));
     assert!(out.status.success());
     let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -1773,7 +1796,7 @@ impl Podman {
                 Ok(())
             });
         }
-        cmd.output().expect("run podman")
+        output_within(&mut cmd)
     }
 
     /// `podman pull` of `image` (insecure registries come from `registries.conf`), then the
@@ -2153,14 +2176,13 @@ fn max_size_without_the_collector_stops_the_start() {
          [gc]\nenabled = false\n",
     )
     .expect("write config");
-    let out = Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .arg("serve")
-        .env("STOWAGE_CONFIG", &config)
-        .env("STOWAGE_DATA_DIR", dir.path().join("data"))
-        .env("STOWAGE_LISTEN", "127.0.0.1:0")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run stowage");
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .arg("serve")
+            .env("STOWAGE_CONFIG", &config)
+            .env("STOWAGE_DATA_DIR", dir.path().join("data"))
+            .env("STOWAGE_LISTEN", "127.0.0.1:0"),
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the server refused to start: {err}");
     assert!(

@@ -1992,24 +1992,34 @@ impl Drop for Tmpfs {
 
 /// An upstream of a few blobs, served over raw HTTP/1.1 on 127.0.0.1: a `GET` of
 /// `/v2/<any>/blobs/<digest>` answers 200 with the blob's whole `Content-Length` and sends its
-/// first `head` bytes, then waits for `resume` before it sends the rest. Anything else is 404.
-/// Counts the blob GETs it answered.
+/// first `head` bytes, then waits for [`PausingUpstream::resume`] of that blob before it sends
+/// the rest. Anything else is 404. Counts the blob GETs it answered.
 struct PausingUpstream {
     url: String,
-    resume: tokio::sync::watch::Sender<bool>,
+    /// One gate per blob, in the order given.
+    resume: Vec<tokio::sync::watch::Sender<bool>>,
     gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl PausingUpstream {
-    /// `blobs`: each blob with the bytes it sends before waiting for `resume`.
+    /// `blobs`: each blob with the bytes it sends before waiting for `resume` of its index.
     async fn start(blobs: Vec<(Vec<u8>, usize)>) -> PausingUpstream {
         use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+        type Blob = (String, Vec<u8>, usize, tokio::sync::watch::Receiver<bool>);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("address"));
-        let (resume, resumed) = tokio::sync::watch::channel(false);
         let gets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let blobs: std::sync::Arc<Vec<(String, Vec<u8>, usize)>> =
-            std::sync::Arc::new(blobs.into_iter().map(|(b, head)| (sha256(&b), b, head)).collect());
+        let mut resume = Vec::new();
+        let blobs: std::sync::Arc<Vec<Blob>> = std::sync::Arc::new(
+            blobs
+                .into_iter()
+                .map(|(b, head)| {
+                    let (gate, resumed) = tokio::sync::watch::channel(false);
+                    resume.push(gate);
+                    (sha256(&b), b, head, resumed)
+                })
+                .collect(),
+        );
         let counter = gets.clone();
         tokio::spawn(async move {
             loop {
@@ -2017,7 +2027,6 @@ impl PausingUpstream {
                     return;
                 };
                 let (blobs, counter) = (blobs.clone(), counter.clone());
-                let mut resumed = resumed.clone();
                 tokio::spawn(async move {
                     let mut stream = tokio::io::BufReader::new(stream);
                     let mut request = String::new();
@@ -2034,9 +2043,9 @@ impl PausingUpstream {
                     }
                     let found = blobs
                         .iter()
-                        .find(|(d, _, _)| request.starts_with("GET ") && request.contains(&format!("/blobs/{d} ")));
+                        .find(|(d, _, _, _)| request.starts_with("GET ") && request.contains(&format!("/blobs/{d} ")));
                     let stream = stream.get_mut();
-                    let Some((digest, blob, head)) = found else {
+                    let Some((digest, blob, head, resumed)) = found else {
                         let _ = stream
                             .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                             .await;
@@ -2054,7 +2063,7 @@ impl PausingUpstream {
                         return;
                     }
                     let _ = stream.flush().await;
-                    let _ = resumed.wait_for(|r| *r).await;
+                    let _ = resumed.clone().wait_for(|r| *r).await;
                     let _ = stream.write_all(&blob[*head..]).await;
                     let _ = stream.flush().await;
                 });
@@ -2066,6 +2075,11 @@ impl PausingUpstream {
     fn gets(&self) -> usize {
         self.gets.load(std::sync::atomic::Ordering::SeqCst)
     }
+
+    /// Lets the responses for blob `index` send their rest.
+    fn resume(&self, index: usize) {
+        self.resume[index].send(true).expect("resume the upstream");
+    }
 }
 
 /// The tee's spool on a full disk: a 4 MiB tmpfs mounted over the mirror's spool directory,
@@ -2075,7 +2089,9 @@ impl PausingUpstream {
 /// error, not a clean short body). The registry still answers; the fetch went on and stored
 /// the blob with the right bytes (fsck), and its spool file is gone. With the space back, a
 /// later pull gets the whole blob from the store without a second upstream fetch, and another
-/// uncached blob (3 MiB) streams through the tee to its end.
+/// uncached blob (3 MiB, its upstream paused after 1 MiB) streams through the tee again: its
+/// client has a first piece and its spool file exists while the upstream is paused (so the
+/// body comes from the tee, not from the store after the fetch), then it reads it to its end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_disk_cuts_the_tee_readers_and_the_fetch_still_stores_the_blob() {
     use futures_util::StreamExt as _;
@@ -2083,7 +2099,7 @@ async fn a_full_spool_disk_cuts_the_tee_readers_and_the_fetch_still_stores_the_b
     let blob = pseudo_random(8 * MIB, 31);
     let digest = sha256(&blob);
     let later = pseudo_random(3 * MIB, 32);
-    let upstream = PausingUpstream::start(vec![(blob.clone(), 2 * MIB), (later.clone(), later.len())]).await;
+    let upstream = PausingUpstream::start(vec![(blob.clone(), 2 * MIB), (later.clone(), MIB)]).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("mirror.toml");
     std::fs::write(
@@ -2121,7 +2137,7 @@ async fn a_full_spool_disk_cuts_the_tee_readers_and_the_fetch_still_stores_the_b
             }
         }
     }
-    upstream.resume.send(true).expect("resume the upstream");
+    upstream.resume(0);
     let mut cut = None;
     while let Some(piece) = body.next().await {
         match piece {
@@ -2155,9 +2171,28 @@ async fn a_full_spool_disk_cuts_the_tee_readers_and_the_fetch_still_stores_the_b
     assert_eq!((status, length), (200, Some(blob.len() as u64)));
     assert_eq!(sha256(&body.expect("the whole blob")), digest);
     assert_eq!(upstream.gets(), 1, "fetched once");
-    let (status, length, body) = get_blob_body(&mirror.v2(&format!("hub/lib/big/blobs/{}", sha256(&later)))).await;
-    assert_eq!((status, length), (200, Some(later.len() as u64)));
-    assert_eq!(body.expect("the whole blob"), later);
+    let later_url = mirror.v2(&format!("hub/lib/big/blobs/{}", sha256(&later)));
+    let resp = tokio::time::timeout(Duration::from_secs(30), client().get(&later_url).send())
+        .await
+        .expect("the response starts while the upstream is paused (streamed, not stored first)")
+        .expect("GET the other blob");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.content_length(), Some(later.len() as u64));
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.expect("a first piece").expect("first piece");
+    assert!(!first.is_empty() && first.len() <= MIB);
+    assert_eq!(
+        spool_files(&mirror).len(),
+        1,
+        "its spool file, while the upstream is paused"
+    );
+    assert!(!mirror.blob_object_exists(&sha256(&later)), "not stored yet");
+    upstream.resume(1);
+    let mut received = first.to_vec();
+    while let Some(piece) = body.next().await {
+        received.extend_from_slice(&piece.expect("the rest of the body"));
+    }
+    assert_eq!(received, later, "the whole blob through the tee");
     assert_eq!(upstream.gets(), 2);
     let (code, out, err) = mirror.fsck(&[]);
     assert_eq!(code, 0, "fsck: the stored bytes hash to their digests: {out}{err}");

@@ -1970,7 +1970,10 @@ async fn podman_uses_the_proxy_prefix_as_a_registries_conf_mirror() {
 // ---------------------------------------------------------------------------------------------
 
 /// A tmpfs mounted over a directory for the test's duration; unmounted (lazily, so that a file
-/// still open cannot keep it) on drop.
+/// still open cannot keep it) on drop, and a failed unmount is printed (a drop cannot fail the
+/// test, and may run while it panics). A test binary killed with SIGKILL never drops it: the
+/// tmpfs then stays mounted over the leaked temporary directory (at most its size in memory)
+/// until unmounted by hand (`findmnt -t tmpfs | grep proxy-spool` lists it).
 struct Tmpfs(PathBuf);
 
 impl Tmpfs {
@@ -1986,7 +1989,19 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        match Command::new("umount").arg("-l").arg(&self.0).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "the test tmpfs on {} was not unmounted ({}): {}; unmount it by hand",
+                self.0.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!(
+                "the test tmpfs on {} was not unmounted (running umount: {e}); unmount it by hand",
+                self.0.display()
+            ),
+        }
     }
 }
 

@@ -15,7 +15,9 @@
 //! updates, at graceful stop, and at the start of each eviction step; a crash loses at most
 //! [`FLUSH_EVERY`] of pulls. A stored time only moves forward. A manifest pull also counts for
 //! the manifests of its repository that list it as a child, so that an index whose platform
-//! manifest is pulled by digest (the eviction candidate is the index) looks used.
+//! manifest is pulled by digest (the eviction candidate is the index) looks used: every index
+//! listing it, not only the one the client resolved (a pull by digest does not say), as a blob
+//! pull counts for every manifest of the repository referencing the blob.
 //!
 //! # Evicting
 //!

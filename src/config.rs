@@ -283,6 +283,7 @@ pub struct ProxyConfig {
     /// Most bytes this entry's cached content may take (bytes, or a number with a unit:
     /// `50GiB`, `500MB`); unset: no cap. Each collection pass evicts the least recently pulled
     /// manifests of the prefix until its content fits (see `docs/proxy.md`, "Size cap").
+    /// Needs `gc.enabled` (checked in [`Config::validate`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size: Option<ByteSize>,
 }
@@ -1054,6 +1055,16 @@ impl Config {
         }
         crate::auth::ImmutableTags::validate(&self.immutable_tags)?;
         ProxyConfig::validate_all(&self.proxy)?;
+        // Only the server's own collection passes can apply a cap while it serves: a real
+        // `stowage gc` refuses to run beside a running server.
+        if !self.gc.enabled
+            && let Some(i) = self.proxy.iter().position(|p| p.max_size.is_some())
+        {
+            return Err(format!(
+                "proxy[{i}].max_size needs gc.enabled = true: the server's collection passes evict \
+                 the cache down to the cap, and a real `stowage gc` does not run while the server is up"
+            ));
+        }
         crate::auth::bootstrap::validate(auth)?;
         Ok(())
     }
@@ -1456,6 +1467,10 @@ mod tests {
                 (
                     format!("prefix = \"a/\"\n{url}\nnamespaces = [\"docker.io/x\"]"),
                     "namespaces must hold registry host names",
+                ),
+                (
+                    format!("prefix = \"hub/\"\n{url}\nmax_size = \"1GiB\"\n\n[gc]\nenabled = false"),
+                    "proxy[0].max_size needs gc.enabled = true",
                 ),
             ] {
                 jail.create_file("bad.toml", &format!("[[proxy]]\n{body}\n"))?;

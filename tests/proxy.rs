@@ -290,25 +290,52 @@ fn require_skopeo() -> PathBuf {
         })
 }
 
+/// How long one external command (skopeo, podman, an offline `stowage` command) may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `cmd` (stdin closed, output captured) and returns its output, whatever its status; a
+/// command still running after [`COMMAND_TIMEOUT`] is killed and fails the test, instead of
+/// hanging the whole test binary.
+fn output_within(cmd: &mut Command) -> std::process::Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let pid = child.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let out = child.wait_with_output();
+        let _ = done.send(());
+        out
+    });
+    if finished.recv_timeout(COMMAND_TIMEOUT).is_err() {
+        // SAFETY: kill(2) of the child started above, which the waiter has not reaped (it
+        // reports right after reaping, and has not reported).
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        panic!("{cmd:?} did not finish within {COMMAND_TIMEOUT:?}");
+    }
+    waiter.join().expect("waiter thread").expect("wait for the command")
+}
+
 /// `skopeo copy` from the mirror into an OCI layout, returning the layout's directory.
 fn skopeo_pull(skopeo: &Path, scratch: &Path, source: &str, name: &str) -> PathBuf {
     let auth = scratch.join("auth.json");
     std::fs::write(&auth, r#"{"auths":{}}"#).expect("auth file");
     let dest = scratch.join(name);
-    let out = Command::new(skopeo)
-        .args([
-            "--insecure-policy",
-            "copy",
-            "--preserve-digests",
-            "--src-tls-verify=false",
-            source,
-        ])
-        .arg(format!("oci:{}:pulled", dest.display()))
-        .env("REGISTRY_AUTH_FILE", &auth)
-        .env("TMPDIR", scratch)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run skopeo");
+    let mut cmd = Command::new(skopeo);
+    cmd.args([
+        "--insecure-policy",
+        "copy",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        source,
+    ])
+    .arg(format!("oci:{}:pulled", dest.display()))
+    .env("REGISTRY_AUTH_FILE", &auth)
+    .env("TMPDIR", scratch);
+    let out = output_within(&mut cmd);
     assert!(
         out.status.success(),
         "skopeo copy {source}: {}",
@@ -1461,7 +1488,7 @@ fn offline_gc(server: &TestServer, dry_run: bool) -> Vec<String> {
     if dry_run {
         args.push("--dry-run");
     }
-    let out = server.stowage_command(&args).output().expect("run stowage gc");
+    let out = output_within(&mut server.stowage_command(&args));
     assert!(
         out.status.success(),
         "stowage {args:?}: {}",
@@ -1485,7 +1512,9 @@ async fn a_size_cap_evicts_the_least_recently_pulled_image_and_refetches_it_on_d
     const LAYER: usize = 100_000;
     // Each image is its layer, a config of about 150 bytes and a manifest of about 450.
     let cap = 2 * LAYER + LAYER / 2;
-    let extra = format!("max_size = {cap}\n\n[gc]\nenabled = false\ngrace_secs = 0\n");
+    // `max_size` needs the server's collector on; a day between its passes leaves the passes
+    // to this test's `stowage gc` runs, with the server stopped.
+    let extra = format!("max_size = {cap}\n\n[gc]\ninterval_secs = 86400\ngrace_secs = 0\n");
     let mut pair = Pair::start_full("1h", false, &extra);
     let mut images = Vec::new();
     for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
@@ -1606,11 +1635,7 @@ async fn a_size_cap_evicts_the_least_recently_pulled_image_and_refetches_it_on_d
     );
 
     // The eviction is in the audit trail, by `gc`, with the tag it removed.
-    let out = pair
-        .downstream
-        .stowage_command(&["audit", "--user", "gc", "--json"])
-        .output()
-        .expect("run stowage audit");
+    let out = output_within(&mut pair.downstream.stowage_command(&["audit", "--user", "gc", "--json"]));
     assert!(out.status.success());
     let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -1682,4 +1707,540 @@ async fn the_servers_collection_passes_evict_and_report_the_cached_bytes() {
     let fetched = upstream_gets(&pair.upstream, "manifest").await;
     pull_over_http(&pair, "lib/a", "v1", &images[0]).await;
     assert_eq!(upstream_gets(&pair.upstream, "manifest").await, fetched + 1.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// podman as a pull-through client
+// ---------------------------------------------------------------------------------------------
+
+/// Where containers/image keeps its blob-info cache when it runs as root.
+const SYSTEM_BLOB_INFO_CACHE: &str = "/var/lib/containers/cache";
+
+/// A podman of its own (as `tests/engines.rs` sets one up): vfs storage, runroot, HOME,
+/// runtime dir, auth file and `registries.conf` in a temp dir, and a private mount namespace
+/// per command with an empty dir over root's blob-info cache. Each pull uses a fresh one, so
+/// that podman finds nothing locally and asks for every blob.
+struct Podman {
+    dir: tempfile::TempDir,
+}
+
+impl Podman {
+    /// `registries` is the whole `registries.conf`.
+    fn new(registries: &str) -> Podman {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        for sub in ["graph", "run", "home", "xdg", "libpod", "blob-info-cache"] {
+            std::fs::create_dir_all(root.join(sub)).expect("mkdir");
+        }
+        std::fs::write(
+            root.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+                root.join("graph").display(),
+                root.join("run").display()
+            ),
+        )
+        .expect("write storage.conf");
+        std::fs::write(
+            root.join("containers.conf"),
+            format!(
+                "[engine]\ntmp_dir = \"{}\"\nevents_logger = \"none\"\n",
+                root.join("libpod").display()
+            ),
+        )
+        .expect("write containers.conf");
+        std::fs::write(root.join("registries.conf"), registries).expect("write registries.conf");
+        std::fs::write(root.join("auth.json"), "{}").expect("write auth.json");
+        Podman { dir }
+    }
+
+    fn path(&self, sub: &str) -> PathBuf {
+        self.dir.path().join(sub)
+    }
+
+    /// `podman args…` in this podman's world; returns its output, whatever its status.
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        use std::os::unix::ffi::OsStrExt as _;
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = Command::new(require_tool("podman"));
+        cmd.args(args)
+            .env("CONTAINERS_STORAGE_CONF", self.path("storage.conf"))
+            .env("CONTAINERS_CONF", self.path("containers.conf"))
+            .env("CONTAINERS_REGISTRIES_CONF", self.path("registries.conf"))
+            .env("REGISTRY_AUTH_FILE", self.path("auth.json"))
+            .env("HOME", self.path("home"))
+            .env("XDG_RUNTIME_DIR", self.path("xdg"))
+            .stdin(Stdio::null());
+        std::fs::create_dir_all(SYSTEM_BLOB_INFO_CACHE).expect("create the mount point");
+        let cstr = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path without NUL");
+        let root = cstr(Path::new("/"));
+        let source = cstr(&self.path("blob-info-cache"));
+        let target = cstr(Path::new(SYSTEM_BLOB_INFO_CACHE));
+        // SAFETY: only async-signal-safe system calls on memory owned by the closure, in the
+        // child between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let none = std::ptr::null();
+                if libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        none,
+                        root.as_ptr(),
+                        none,
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    || libc::mount(source.as_ptr(), target.as_ptr(), none, libc::MS_BIND, std::ptr::null()) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        output_within(&mut cmd)
+    }
+
+    /// `podman pull` of `image` (insecure registries come from `registries.conf`), then the
+    /// digest podman recorded for it and the bytes of `/hello.txt` in its root filesystem.
+    fn pull(&self, image: &str) -> (String, String) {
+        let out = self.run(&["pull", "--quiet", image]);
+        assert!(
+            out.status.success(),
+            "podman pull {image}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = self.run(&["image", "inspect", "--format", "{{.Digest}}", image]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let digest = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        // The unpacked layer, read through podman's own mount of the image.
+        let out = self.run(&["image", "mount", image]);
+        assert!(
+            out.status.success(),
+            "podman image mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mountpoint = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let hello = std::fs::read_to_string(Path::new(&mountpoint).join("hello.txt")).expect("hello.txt in the image");
+        (digest, hello)
+    }
+
+    /// `podman pull` that must fail; returns its standard error.
+    fn pull_fails(&self, image: &str) -> String {
+        let out = self.run(&["pull", "--quiet", image]);
+        assert!(!out.status.success(), "podman pull {image} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+/// `registries.conf` with the mirror as an insecure (plain HTTP) registry.
+fn insecure_registries_conf(host: &str) -> String {
+    format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n")
+}
+
+/// podman pulls through the `hub/` prefix by tag and by digest (each into fresh storage, so
+/// every blob is asked for): it gets the upstream's manifest and the layer's file; the mirror
+/// fetched each blob once and stored it (fsck verifies the stored bytes against their
+/// digests). A tag the upstream lacks gets podman's "manifest unknown". With the upstream
+/// stopped, podman still pulls the cached tag and digest, and an uncached tag fails with the
+/// mirror's 502 (the upstream named), not a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_pulls_through_by_tag_and_digest_and_from_the_cache_with_the_upstream_down() {
+    let mut pair = Pair::start("1s");
+    let image = push_unpackable(&pair.upstream, "lib/tiny", "v1", "podman").await;
+    push_unpackable(&pair.upstream, "lib/tiny", "v2", "never-pulled").await;
+    let host = pair.downstream.host.clone();
+    let registries = insecure_registries_conf(&host);
+    let by_tag = format!("{host}/hub/lib/tiny:v1");
+    let by_digest = format!("{host}/hub/lib/tiny@{}", image.manifest);
+
+    let pulls = |refs: Vec<String>, registries: String| {
+        tokio::task::spawn_blocking(move || {
+            refs.iter()
+                .map(|r| Podman::new(&registries).pull(r))
+                .collect::<Vec<_>>()
+        })
+    };
+    let got = pulls(vec![by_tag.clone(), by_digest.clone()], registries.clone())
+        .await
+        .expect("podman");
+    for (digest, hello) in &got {
+        assert_eq!(digest, &image.manifest, "podman got the upstream's manifest");
+        assert_eq!(hello, "hello from podman\n");
+    }
+    assert_eq!(
+        upstream_gets(&pair.upstream, "blob").await,
+        2.0,
+        "each blob fetched once"
+    );
+    assert_eq!(
+        upstream_gets(&pair.upstream, "manifest").await,
+        1.0,
+        "the manifest fetched once"
+    );
+    for (d, _) in [&image.config, &image.layer] {
+        assert!(pair.downstream.blob_object_exists(d), "{d} is stored at the mirror");
+    }
+    let (code, out, err) = pair.downstream.fsck(&[]);
+    assert_eq!(code, 0, "fsck of the mirror: {out}{err}");
+
+    let missing = format!("{host}/hub/lib/tiny:nope");
+    let err = tokio::task::spawn_blocking({
+        let registries = registries.clone();
+        move || Podman::new(&registries).pull_fails(&missing)
+    })
+    .await
+    .expect("podman");
+    assert!(
+        err.contains("manifest unknown"),
+        "podman on a tag the upstream lacks: {err}"
+    );
+
+    pair.upstream.kill();
+    // Past the tag's TTL (1 s from its validation), so the tag pull asks the dead upstream.
+    let validated = Instant::now();
+    wait_until("the tag's TTL passed", || async move {
+        validated.elapsed() > Duration::from_millis(1100)
+    })
+    .await;
+    let got = pulls(vec![by_tag, by_digest], registries.clone())
+        .await
+        .expect("podman");
+    for (digest, hello) in &got {
+        assert_eq!(digest, &image.manifest, "served from the cache");
+        assert_eq!(hello, "hello from podman\n");
+    }
+    // podman names the status only (it shows no body of a 5xx); the body, which names the
+    // upstream, is the mirror's OCI error.
+    let uncached = format!("{host}/hub/lib/tiny:v2");
+    let err = tokio::task::spawn_blocking(move || Podman::new(&registries).pull_fails(&uncached))
+        .await
+        .expect("podman");
+    assert!(
+        err.contains("reading manifest v2") && err.contains("502 Bad Gateway"),
+        "podman on an uncached tag with the upstream down: {err}"
+    );
+    let (status, _, body) = get(&pair.down("lib/tiny/manifests/v2")).await;
+    assert_eq!((status, error_code(&body)), (502, "UNAVAILABLE".to_owned()));
+    assert!(
+        error_message(&body).contains("could not be reached"),
+        "{}",
+        error_message(&body)
+    );
+}
+
+/// podman with the mirror as a `[[registry.mirror]]` of another registry (`location =
+/// "127.0.0.1:PORT/hub/lib"`, the prefix in the location): `podman pull
+/// registry.test/lib/tiny:v1` (the registry itself a closed port, so only the mirror can
+/// answer) and by digest get the upstream's image, fetched through the mirror once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_uses_the_proxy_prefix_as_a_registries_conf_mirror() {
+    let pair = Pair::start("5m");
+    let image = push_unpackable(&pair.upstream, "lib/tiny", "v1", "mirror").await;
+    let registries = format!(
+        "[[registry]]\nprefix = \"registry.test/lib\"\nlocation = \"127.0.0.1:9/lib\"\ninsecure = true\n\n\
+         [[registry.mirror]]\nlocation = \"{}/hub/lib\"\ninsecure = true\n",
+        pair.downstream.host
+    );
+    let refs = [
+        "registry.test/lib/tiny:v1".to_owned(),
+        format!("registry.test/lib/tiny@{}", image.manifest),
+    ];
+    let got = tokio::task::spawn_blocking(move || {
+        refs.iter()
+            .map(|r| Podman::new(&registries).pull(r))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("podman");
+    for (digest, hello) in &got {
+        assert_eq!(digest, &image.manifest, "podman got the upstream's manifest");
+        assert_eq!(hello, "hello from mirror\n");
+    }
+    assert_eq!(
+        upstream_gets(&pair.upstream, "blob").await,
+        2.0,
+        "each blob fetched once"
+    );
+    for (d, _) in [&image.config, &image.layer] {
+        assert!(pair.downstream.blob_object_exists(d), "{d} is stored at the mirror");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A full spool disk
+// ---------------------------------------------------------------------------------------------
+
+/// A tmpfs mounted over a directory for the test's duration; unmounted (lazily, so that a file
+/// still open cannot keep it) on drop, and a failed unmount is printed (a drop cannot fail the
+/// test, and may run while it panics). A test binary killed with SIGKILL never drops it: the
+/// tmpfs then stays mounted over the leaked temporary directory (at most its size in memory)
+/// until unmounted by hand (`findmnt -t tmpfs | grep proxy-spool` lists it).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: usize) -> Tmpfs {
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir),
+        );
+        Tmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        match Command::new("umount").arg("-l").arg(&self.0).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "the test tmpfs on {} was not unmounted ({}): {}; unmount it by hand",
+                self.0.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!(
+                "the test tmpfs on {} was not unmounted (running umount: {e}); unmount it by hand",
+                self.0.display()
+            ),
+        }
+    }
+}
+
+/// An upstream of a few blobs, served over raw HTTP/1.1 on 127.0.0.1: a `GET` of
+/// `/v2/<any>/blobs/<digest>` answers 200 with the blob's whole `Content-Length` and sends its
+/// first `head` bytes, then waits for [`PausingUpstream::resume`] of that blob before it sends
+/// the rest. Anything else is 404. Counts the blob GETs it answered.
+struct PausingUpstream {
+    url: String,
+    /// One gate per blob, in the order given.
+    resume: Vec<tokio::sync::watch::Sender<bool>>,
+    gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl PausingUpstream {
+    /// `blobs`: each blob with the bytes it sends before waiting for `resume` of its index.
+    async fn start(blobs: Vec<(Vec<u8>, usize)>) -> PausingUpstream {
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+        type Blob = (String, Vec<u8>, usize, tokio::sync::watch::Receiver<bool>);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let gets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut resume = Vec::new();
+        let blobs: std::sync::Arc<Vec<Blob>> = std::sync::Arc::new(
+            blobs
+                .into_iter()
+                .map(|(b, head)| {
+                    let (gate, resumed) = tokio::sync::watch::channel(false);
+                    resume.push(gate);
+                    (sha256(&b), b, head, resumed)
+                })
+                .collect(),
+        );
+        let counter = gets.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (blobs, counter) = (blobs.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let mut stream = tokio::io::BufReader::new(stream);
+                    let mut request = String::new();
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        request.push_str(&line);
+                    }
+                    let found = blobs
+                        .iter()
+                        .find(|(d, _, _, _)| request.starts_with("GET ") && request.contains(&format!("/blobs/{d} ")));
+                    let stream = stream.get_mut();
+                    let Some((digest, blob, head, resumed)) = found else {
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    };
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let header = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\
+                         Docker-Content-Digest: {digest}\r\nConnection: close\r\n\r\n",
+                        blob.len()
+                    );
+                    if stream.write_all(header.as_bytes()).await.is_err()
+                        || stream.write_all(&blob[..*head]).await.is_err()
+                    {
+                        return;
+                    }
+                    let _ = stream.flush().await;
+                    let _ = resumed.clone().wait_for(|r| *r).await;
+                    let _ = stream.write_all(&blob[*head..]).await;
+                    let _ = stream.flush().await;
+                });
+            }
+        });
+        PausingUpstream { url, resume, gets }
+    }
+
+    fn gets(&self) -> usize {
+        self.gets.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Lets the responses for blob `index` send their rest.
+    fn resume(&self, index: usize) {
+        self.resume[index].send(true).expect("resume the upstream");
+    }
+}
+
+/// The tee's spool on a full disk: a 4 MiB tmpfs mounted over the mirror's spool directory,
+/// an 8 MiB blob whose upstream pauses after its first 2 MiB. The client has its first bytes
+/// (so it reads from the tee), then the tmpfs is filled up and the upstream resumes: the
+/// spool write fails, and the client's body is cut short of its `Content-Length` (a read
+/// error, not a clean short body). The registry still answers; the fetch went on and stored
+/// the blob with the right bytes (fsck), and its spool file is gone. With the space back, a
+/// later pull gets the whole blob from the store without a second upstream fetch, and another
+/// uncached blob (3 MiB, its upstream paused after 1 MiB) streams through the tee again: its
+/// client has a first piece and its spool file exists while the upstream is paused (so the
+/// body comes from the tee, not from the store after the fetch), then it reads it to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_disk_cuts_the_tee_readers_and_the_fetch_still_stores_the_blob() {
+    use futures_util::StreamExt as _;
+    const MIB: usize = 1 << 20;
+    let blob = pseudo_random(8 * MIB, 31);
+    let digest = sha256(&blob);
+    let later = pseudo_random(3 * MIB, 32);
+    let upstream = PausingUpstream::start(vec![(blob.clone(), 2 * MIB), (later.clone(), MIB)]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("mirror.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[proxy]]\nprefix = \"hub/\"\nurl = \"{}\"\ntimeout_secs = 30\n",
+            upstream.url
+        ),
+    )
+    .expect("write config");
+    let mirror = TestServer::start_with(&[("STOWAGE_CONFIG", config.to_str().expect("utf-8"))]);
+    let spool_dir = mirror.data_dir().join("proxy-spool");
+    assert!(spool_dir.is_dir(), "the spool directory exists once the server runs");
+    let _tmpfs = Tmpfs::mount(&spool_dir, 4 * MIB);
+
+    let url = mirror.v2(&format!("hub/lib/big/blobs/{digest}"));
+    let resp = client().get(&url).send().await.expect("GET blob");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.content_length(), Some(blob.len() as u64));
+    let mut body = resp.bytes_stream();
+    let mut received = body.next().await.expect("a first piece").expect("first piece").len();
+    assert!(received > 0 && received <= 2 * MIB);
+
+    // Fill what is left of the tmpfs, then let the upstream send the rest.
+    let filler = spool_dir.join("filler");
+    {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&filler).expect("create filler");
+        let piece = vec![0u8; 64 * 1024];
+        loop {
+            match file.write_all(&piece) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling the tmpfs: {e}"),
+            }
+        }
+    }
+    upstream.resume(0);
+    let mut cut = None;
+    while let Some(piece) = body.next().await {
+        match piece {
+            Ok(p) => received += p.len(),
+            Err(e) => {
+                cut = Some(format!("{e:?}"));
+                break;
+            }
+        }
+    }
+    assert!(
+        received < blob.len(),
+        "the client got {received} of {} bytes",
+        blob.len()
+    );
+    let cut = cut.unwrap_or_else(|| panic!("the body ended cleanly after {received} bytes"));
+    println!("client cut after {received} bytes: {cut}");
+
+    // The registry answers; the fetch went on to store the blob, and its spool file is gone.
+    let resp = client().get(mirror.v2("")).send().await.expect("GET /v2/");
+    assert_eq!(resp.status(), 200);
+    wait_until("the blob is stored and its spool removed", || async {
+        mirror.blob_object_exists(&digest) && spool_files(&mirror) == [filler.clone()]
+    })
+    .await;
+
+    // Space back: the blob is served whole from the store (no second fetch), and a new blob
+    // streams through the tee.
+    std::fs::remove_file(&filler).expect("remove filler");
+    let (status, length, body) = get_blob_body(&url).await;
+    assert_eq!((status, length), (200, Some(blob.len() as u64)));
+    assert_eq!(sha256(&body.expect("the whole blob")), digest);
+    assert_eq!(upstream.gets(), 1, "fetched once");
+    let later_url = mirror.v2(&format!("hub/lib/big/blobs/{}", sha256(&later)));
+    let resp = tokio::time::timeout(Duration::from_secs(30), client().get(&later_url).send())
+        .await
+        .expect("the response starts while the upstream is paused (streamed, not stored first)")
+        .expect("GET the other blob");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.content_length(), Some(later.len() as u64));
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.expect("a first piece").expect("first piece");
+    assert!(!first.is_empty() && first.len() <= MIB);
+    assert_eq!(
+        spool_files(&mirror).len(),
+        1,
+        "its spool file, while the upstream is paused"
+    );
+    assert!(!mirror.blob_object_exists(&sha256(&later)), "not stored yet");
+    upstream.resume(1);
+    let mut received = first.to_vec();
+    while let Some(piece) = body.next().await {
+        received.extend_from_slice(&piece.expect("the rest of the body"));
+    }
+    assert_eq!(received, later, "the whole blob through the tee");
+    assert_eq!(upstream.gets(), 2);
+    let (code, out, err) = mirror.fsck(&[]);
+    assert_eq!(code, 0, "fsck: the stored bytes hash to their digests: {out}{err}");
+}
+
+/// `max_size` with `gc.enabled = false` stops the start with a config error naming the entry:
+/// the server would never evict, and a real `stowage gc` refuses to run beside it.
+#[test]
+fn max_size_without_the_collector_stops_the_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("mirror.toml");
+    std::fs::write(
+        &config,
+        "[[proxy]]\nprefix = \"ghcr/\"\nurl = \"http://127.0.0.1:19\"\n\n\
+         [[proxy]]\nprefix = \"hub/\"\nurl = \"http://127.0.0.1:9\"\nmax_size = \"1GiB\"\n\n\
+         [gc]\nenabled = false\n",
+    )
+    .expect("write config");
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .arg("serve")
+            .env("STOWAGE_CONFIG", &config)
+            .env("STOWAGE_DATA_DIR", dir.path().join("data"))
+            .env("STOWAGE_LISTEN", "127.0.0.1:0"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the server refused to start: {err}");
+    assert!(
+        err.contains("proxy[1].max_size needs gc.enabled = true"),
+        "the error names the entry and the fix: {err}"
+    );
+    assert!(
+        !dir.path().join("data").join("catalog.db").exists(),
+        "refused before opening the catalog"
+    );
 }

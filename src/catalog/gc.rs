@@ -367,6 +367,8 @@ pub struct EvictCandidate {
     pub id: i64,
     pub repo: String,
     pub digest: String,
+    /// Its last use when scanned: `max(created_at, coalesce(proxy_pulled_at, 0))`.
+    pub last_used: i64,
 }
 
 /// What evicting one manifest removed.
@@ -395,23 +397,41 @@ fn prefix_range(prefix: &str) -> (String, String) {
 /// Repositories under the prefix range `?1..?2`.
 const PREFIX_REPOS: &str = "SELECT id FROM repositories WHERE name >= ?1 AND name < ?2";
 
+/// Records a pull of manifest `?2` of repository `?1` at `?3`: the manifest, and the manifests
+/// of its repository that list it as a child (an index whose platform manifest was pulled by
+/// digest): eviction candidates are the roots, so the index must look used. Both sides of the
+/// `UNION` are index lookups (`(repo_id, digest)`, `manifest_refs(digest)`), and the rows are
+/// then found by id: no scan of the repository's manifests, whatever their number. The outer
+/// `+repo_id` (the unary `+` keeps SQLite from using an index for that term) keeps a child
+/// listed by another repository's index out while leaving the lookup by id to the planner:
+/// without it, SQLite searches the `(repo_id)` prefix of the unique index and tests each of
+/// the repository's manifests against the list.
+const RECORD_MANIFEST_PULL: &str = "UPDATE manifests SET proxy_pulled_at = ?3
+  WHERE +repo_id = (SELECT id FROM repositories WHERE name = ?1)
+    AND id IN (SELECT id FROM manifests
+                WHERE repo_id = (SELECT id FROM repositories WHERE name = ?1) AND digest = ?2
+               UNION
+               SELECT manifest_id FROM manifest_refs WHERE digest = ?2 AND kind = 'manifest')
+    AND (proxy_pulled_at IS NULL OR proxy_pulled_at < ?3)";
+
+/// Records a pull of blob `?2` of repository `?1` at `?3`: every manifest of the repository
+/// that references it as config or layer, found by `manifest_refs(digest)` and then by id
+/// (`+repo_id` as in [`RECORD_MANIFEST_PULL`]).
+const RECORD_BLOB_PULL: &str = "UPDATE manifests SET proxy_pulled_at = ?3
+  WHERE +repo_id = (SELECT id FROM repositories WHERE name = ?1)
+    AND id IN (SELECT manifest_id FROM manifest_refs WHERE digest = ?2 AND kind IN ('config', 'layer'))
+    AND (proxy_pulled_at IS NULL OR proxy_pulled_at < ?3)";
+
 impl Catalog {
     /// Records pulls of proxied content at unix second `at` each; a stored time is only moved
     /// forward. Returns the rows changed.
     pub async fn record_proxy_pulls(&self, pulls: Vec<(ProxyPull, i64)>) -> Result<u64> {
         self.write(move |c| {
-            let mut manifest = c.prepare_cached(
-                "UPDATE manifests SET proxy_pulled_at = ?3
-                  WHERE repo_id = (SELECT id FROM repositories WHERE name = ?1) AND digest = ?2
-                    AND (proxy_pulled_at IS NULL OR proxy_pulled_at < ?3)",
-            )?;
-            let mut blob = c.prepare_cached(
-                "UPDATE manifests SET proxy_pulled_at = ?3
-                  WHERE repo_id = (SELECT id FROM repositories WHERE name = ?1)
-                    AND id IN (SELECT manifest_id FROM manifest_refs
-                                WHERE digest = ?2 AND kind IN ('config', 'layer'))
-                    AND (proxy_pulled_at IS NULL OR proxy_pulled_at < ?3)",
-            )?;
+            // The manifest, and the manifests of its repository that list it as a child (an
+            // index whose platform manifest was pulled by digest): eviction candidates are the
+            // roots, so the index must look used.
+            let mut manifest = c.prepare_cached(RECORD_MANIFEST_PULL)?;
+            let mut blob = c.prepare_cached(RECORD_BLOB_PULL)?;
             let mut written = 0u64;
             for (pull, at) in &pulls {
                 written += match pull {
@@ -454,7 +474,8 @@ impl Catalog {
         let (lower, upper) = prefix_range(prefix);
         self.read(move |c| {
             let sql = format!(
-                "SELECT m.id, p.name, m.digest FROM manifests m JOIN repositories p ON p.id = m.repo_id
+                "SELECT m.id, p.name, m.digest, max(m.created_at, coalesce(m.proxy_pulled_at, 0))
+                   FROM manifests m JOIN repositories p ON p.id = m.repo_id
                   WHERE m.repo_id IN ({PREFIX_REPOS})
                     AND NOT EXISTS (SELECT 1 FROM manifest_refs r JOIN manifests q ON q.id = r.manifest_id
                                      WHERE r.digest = m.digest AND r.kind = 'manifest' AND q.repo_id = m.repo_id)
@@ -470,6 +491,7 @@ impl Catalog {
                     id: r.get(0)?,
                     repo: r.get(1)?,
                     digest: r.get(2)?,
+                    last_used: r.get(3)?,
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -482,19 +504,34 @@ impl Catalog {
     /// the children no other manifest of its repository lists and the referrers that describe
     /// it, unless a tag names them; each recorded in the audit trail (actor `gc`,
     /// `proxy.evict`). Nothing when the manifest is gone or a manifest lists it as a child
-    /// (it became one since the scan).
-    pub async fn proxy_evict(&self, prefix: &str, id: i64) -> Result<Eviction> {
+    /// (it became one since the scan). The row must still be the candidate's (its id, repository
+    /// and digest): a row id freed by a deletion and reused between the scan and this write
+    /// (`manifests.id` has no `AUTOINCREMENT`, so SQLite reuses the largest freed id) names
+    /// another manifest, which is left alone. Its last use must still be the scanned one: a
+    /// pull written since the scan (the flusher runs during a pass) makes it no longer the
+    /// least recently used, so it is left alone and a later scan orders it anew. A pull still
+    /// in the in-memory map ([`crate::registry::proxy::lru`]) is not seen.
+    pub async fn proxy_evict(&self, prefix: &str, candidate: &EvictCandidate) -> Result<Eviction> {
         let (lower, upper) = prefix_range(prefix);
+        let EvictCandidate {
+            id,
+            repo,
+            digest,
+            last_used,
+        } = candidate.clone();
         self.write(move |c| {
             let mut eviction = Eviction::default();
-            let listed: bool = c.query_row(
-                "SELECT EXISTS (SELECT 1 FROM manifests m JOIN manifest_refs r ON r.digest = m.digest AND r.kind = 'manifest'
+            let (same, listed): (bool, bool) = c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM manifests m JOIN repositories p ON p.id = m.repo_id
+                                 WHERE m.id = ?1 AND m.digest = ?2 AND p.name = ?3
+                                   AND max(m.created_at, coalesce(m.proxy_pulled_at, 0)) = ?4),
+                        EXISTS (SELECT 1 FROM manifests m JOIN manifest_refs r ON r.digest = m.digest AND r.kind = 'manifest'
                                   JOIN manifests q ON q.id = r.manifest_id AND q.repo_id = m.repo_id
                                  WHERE m.id = ?1)",
-                [id],
-                |r| r.get(0),
+                params![id, digest, repo, last_used],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            if listed {
+            if !same || listed {
                 return Ok(eviction);
             }
             let mut manifest = c.prepare_cached(
@@ -670,6 +707,15 @@ mod tests {
             Some(600),
             "another repository's manifest"
         );
+        // A platform manifest pulled by digest: the index listing it counts as pulled too.
+        let c1 = ProxyPull::Manifest {
+            repo: "hub/x".into(),
+            digest: "sha256:c1".into(),
+        };
+        assert_eq!(catalog.record_proxy_pulls(vec![(c1, 800)]).await.unwrap(), 2);
+        assert_eq!(pulled_at(&catalog, 11).await, Some(800));
+        assert_eq!(pulled_at(&catalog, 10).await, Some(800), "the index listing it");
+        assert_eq!(pulled_at(&catalog, 20).await, Some(600));
     }
 
     #[tokio::test]
@@ -691,7 +737,18 @@ mod tests {
         // The referrer (used at 150), the index (200), the pulled image (500); never the child.
         assert_eq!(order, [21, 10, 20]);
 
-        let e = catalog.proxy_evict("hub/", 10).await.unwrap();
+        let e = catalog
+            .proxy_evict(
+                "hub/",
+                &EvictCandidate {
+                    id: 10,
+                    repo: "hub/x".into(),
+                    digest: "sha256:ix".into(),
+                    last_used: 200,
+                },
+            )
+            .await
+            .unwrap();
         assert_eq!(
             e.manifests,
             [
@@ -704,14 +761,68 @@ mod tests {
         assert_eq!(e.bytes, 10 + 20 + 2000);
         assert_eq!(catalog.proxy_cached_bytes("hub/").await.unwrap(), 1000 + 30 + 5);
 
-        let e = catalog.proxy_evict("hub/", 20).await.unwrap();
+        // Row 20 holding another digest, or in another repository, than the candidate's (its
+        // id reused since the scan): left alone.
+        for (repo, digest) in [("hub/y", "sha256:ix"), ("hub/x", "sha256:y1")] {
+            let stale = EvictCandidate {
+                id: 20,
+                repo: repo.into(),
+                digest: digest.into(),
+                last_used: 500,
+            };
+            let e = catalog.proxy_evict("hub/", &stale).await.unwrap();
+            assert!(e.manifests.is_empty(), "{e:?}");
+        }
+        assert_eq!(catalog.proxy_cached_bytes("hub/").await.unwrap(), 1000 + 30 + 5);
+        let e = catalog
+            .proxy_evict(
+                "hub/",
+                &EvictCandidate {
+                    id: 20,
+                    repo: "hub/y".into(),
+                    digest: "sha256:y1".into(),
+                    last_used: 500,
+                },
+            )
+            .await
+            .unwrap();
         assert_eq!(e.manifests.len(), 2, "the image and its referrer: {e:?}");
         assert_eq!(e.bytes, 30 + 5 + 1000);
         assert_eq!(catalog.proxy_cached_bytes("hub/").await.unwrap(), 0);
 
         // Outside the prefix: nothing.
-        assert!(catalog.proxy_evict("hub/", 30).await.unwrap().manifests.is_empty());
-        assert!(catalog.proxy_evict("hub/", 40).await.unwrap().manifests.is_empty());
+        assert!(
+            catalog
+                .proxy_evict(
+                    "hub/",
+                    &EvictCandidate {
+                        id: 30,
+                        repo: "local/z".into(),
+                        digest: "sha256:z1".into(),
+                        last_used: 0,
+                    }
+                )
+                .await
+                .unwrap()
+                .manifests
+                .is_empty()
+        );
+        assert!(
+            catalog
+                .proxy_evict(
+                    "hub/",
+                    &EvictCandidate {
+                        id: 40,
+                        repo: "hubby/w".into(),
+                        digest: "sha256:w1".into(),
+                        last_used: 0,
+                    }
+                )
+                .await
+                .unwrap()
+                .manifests
+                .is_empty()
+        );
         let (audited, links, figures): (i64, i64, i64) = catalog
             .read(|c| {
                 Ok((
@@ -732,5 +843,89 @@ mod tests {
             "eviction unlinks nothing: the collector does, after the grace period"
         );
         assert_eq!(figures, 40 + 50, "the repository figures followed the deletions");
+    }
+
+    /// A candidate pulled after the scan (the pull written by the flusher, during the pass) is
+    /// no longer the least recently used: its eviction is a no-op, for an image and for an
+    /// index whose platform manifest was pulled; a new scan orders them anew and sees the
+    /// new last use, with which the eviction goes through.
+    #[tokio::test]
+    async fn eviction_leaves_a_candidate_pulled_since_the_scan() {
+        let (_tmp, catalog) = catalog().await;
+        let scanned = catalog.proxy_evict_candidates("hub/", 10).await.unwrap();
+        let used: Vec<(i64, i64)> = scanned.iter().map(|c| (c.id, c.last_used)).collect();
+        assert_eq!(used, [(21, 150), (10, 200), (20, 500)]);
+        let pulls = vec![
+            (
+                ProxyPull::Manifest {
+                    repo: "hub/y".into(),
+                    digest: "sha256:y1".into(),
+                },
+                900,
+            ),
+            (
+                ProxyPull::Manifest {
+                    repo: "hub/x".into(),
+                    digest: "sha256:c1".into(),
+                },
+                950,
+            ),
+        ];
+        catalog.record_proxy_pulls(pulls).await.unwrap();
+        for candidate in &scanned[1..] {
+            let e = catalog.proxy_evict("hub/", candidate).await.unwrap();
+            assert!(e.manifests.is_empty(), "{candidate:?} was pulled since: {e:?}");
+        }
+        let before = 1000 + 2000 + 10 + 20 + 30 + 5;
+        assert_eq!(catalog.proxy_cached_bytes("hub/").await.unwrap(), before);
+
+        let rescanned = catalog.proxy_evict_candidates("hub/", 10).await.unwrap();
+        let used: Vec<(i64, i64)> = rescanned.iter().map(|c| (c.id, c.last_used)).collect();
+        assert_eq!(used, [(21, 150), (20, 900), (10, 950)], "the new order");
+        let e = catalog.proxy_evict("hub/", &rescanned[1]).await.unwrap();
+        assert_eq!(e.manifests.len(), 2, "the image and its referrer: {e:?}");
+    }
+
+    /// A recorded pull finds its rows through indexes: the `(repo_id, digest)` one for a
+    /// manifest, `manifest_refs(digest)` for an index listing it or the manifests referencing a
+    /// blob, the row id for the update; never a scan of `manifests` (a repository's, or the
+    /// whole table).
+    #[tokio::test]
+    async fn a_recorded_pull_uses_the_indexes() {
+        let (_tmp, catalog) = catalog().await;
+        for (sql, lookups) in [
+            (
+                RECORD_MANIFEST_PULL,
+                &[
+                    "sqlite_autoindex_manifests_1 (repo_id=? AND digest=?)",
+                    "manifest_refs_by_digest (digest=?)",
+                ][..],
+            ),
+            (RECORD_BLOB_PULL, &["manifest_refs_by_digest (digest=?)"][..]),
+        ] {
+            let plan: Vec<String> = catalog
+                .read(move |c| {
+                    let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                    let rows = stmt.query_map(params!["hub/x", "sha256:c1", 1], |r| r.get::<_, String>(3))?;
+                    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+                })
+                .await
+                .unwrap();
+            let text = plan.join("\n");
+            for lookup in lookups {
+                assert!(plan.iter().any(|l| l.contains(lookup)), "{lookup}:\n{text}");
+            }
+            assert!(
+                plan.iter()
+                    .any(|l| l.starts_with("SEARCH manifests USING INTEGER PRIMARY KEY (rowid=?)")),
+                "the updated rows found by id:\n{text}"
+            );
+            assert!(
+                !plan
+                    .iter()
+                    .any(|l| l.starts_with("SCAN manifests") || l.ends_with("sqlite_autoindex_manifests_1 (repo_id=?)")),
+                "no scan of the manifests:\n{text}"
+            );
+        }
     }
 }

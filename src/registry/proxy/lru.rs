@@ -13,7 +13,11 @@
 //! update a minute; the map holds at most [`MAX_PENDING`] keys: when it fills, the flusher is
 //! woken at once, and new keys that arrive before it has taken the map are dropped. The server flushes it every [`FLUSH_EVERY`] in write jobs of at most [`FLUSH_BATCH`]
 //! updates, at graceful stop, and at the start of each eviction step; a crash loses at most
-//! [`FLUSH_EVERY`] of pulls. A stored time only moves forward.
+//! [`FLUSH_EVERY`] of pulls. A stored time only moves forward. A manifest pull also counts for
+//! the manifests of its repository that list it as a child, so that an index whose platform
+//! manifest is pulled by digest (the eviction candidate is the index) looks used: every index
+//! listing it, not only the one the client resolved (a pull by digest does not say), as a blob
+//! pull counts for every manifest of the repository referencing the blob.
 //!
 //! # Evicting
 //!
@@ -35,6 +39,14 @@
 //! - Eviction deletes catalog rows only through the same `DELETE FROM manifests` a client
 //!   delete runs, in one write job per evicted manifest, so every trigger (repository figures,
 //!   content epochs, link touch) and foreign key holds; it deletes no blob or link itself.
+//! - An eviction deletes only the manifest its scan chose: the write job re-checks the row's
+//!   repository and digest, since a row id freed and reused in between names another one.
+//! - It deletes it only while it is still as recently used as the scan saw it: the write job
+//!   re-checks its last use (`max(created_at, proxy_pulled_at)`), so a pull the flusher wrote
+//!   during the pass saves it (a later scan orders it anew; a batch of candidates all skipped
+//!   ends this prefix's step, and the next pass goes on). A pull still in the in-memory map,
+//!   recorded after this step's flush, is not seen: it can be evicted within [`FLUSH_EVERY`]
+//!   of its last pull, and is fetched again on its next one.
 //! - Hosted repositories are never candidates: only repositories whose names start with a
 //!   capped prefix are read.
 //! - An evicted tag's "validated" mark is forgotten, so the next pull of it goes upstream
@@ -218,7 +230,7 @@ impl Registry {
                     }
                     // Paced like every other write of a pass (`gc.write_pause`).
                     let started = std::time::Instant::now();
-                    let eviction = self.catalog.proxy_evict(&prefix, candidate.id).await?;
+                    let eviction = self.catalog.proxy_evict(&prefix, &candidate).await?;
                     super::super::gc::pause_after(started, write_pause).await;
                     let Some(((repo, digest), rest)) = eviction.manifests.split_first() else {
                         continue;

@@ -474,7 +474,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 
     if !config.gc.enabled && !config.gc.retention.is_empty() {
         tracing::warn!(
-            "gc.retention rules are configured but gc.enabled is false: the server does not apply them (`stowage gc` does)"
+            "gc.retention rules are configured but gc.enabled is false: they apply only when `stowage gc` runs, and a real pass refuses to run while the server is up (stop it first)"
         );
     }
     let collector = config.gc.enabled.then(|| {

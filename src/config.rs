@@ -285,6 +285,16 @@ pub struct ProxyConfig {
     /// manifests of the prefix until its content fits (see `docs/proxy.md`, "Size cap").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size: Option<ByteSize>,
+    /// Largest upstream Spack `index.spack` blob read to merge with the specs cached here
+    /// (bytes, or a number with a unit); a larger one is refused as an upstream error (the
+    /// merged index built last is served meanwhile, if any). The merge holds the upstream
+    /// index in memory once.
+    #[serde(default = "default_max_spack_index_size")]
+    pub max_spack_index_size: ByteSize,
+}
+
+fn default_max_spack_index_size() -> ByteSize {
+    ByteSize(1 << 30)
 }
 
 fn default_tag_ttl() -> Period {
@@ -1385,6 +1395,7 @@ mod tests {
             assert_eq!(c.proxy[1].tag_ttl.secs(), 300);
             assert_eq!(c.proxy[0].max_size.map(ByteSize::bytes), Some(50 << 30));
             assert_eq!(c.proxy[1].max_size, None);
+            assert_eq!(c.proxy[1].max_spack_index_size.bytes(), 1 << 30);
             assert_eq!(c.proxy[1].timeout_secs, 30);
             assert_eq!(c.proxy[1].max_concurrent_requests, 16);
             assert!(!c.proxy[1].insecure_skip_verify);
@@ -1428,6 +1439,10 @@ mod tests {
                 ),
                 (format!("prefix = \"hub/\"\n{url}\ntag_ttl = 0"), "between 1 s"),
                 (format!("prefix = \"hub/\"\n{url}\nmax_size = 0"), "between 1 byte"),
+                (
+                    format!("prefix = \"hub/\"\n{url}\nmax_spack_index_size = 0"),
+                    "between 1 byte",
+                ),
                 (
                     format!("prefix = \"hub/\"\n{url}\nmax_size = \"5 parsecs\""),
                     "invalid size",

@@ -35,6 +35,7 @@
 //! the index blob is materialised when `index.spack` is read after a change
 //! (`registry::spack`, `catalog::spack`).
 
+pub mod merge;
 mod spec;
 
 pub use spec::{SpecImage, SpecNode, parse_config};

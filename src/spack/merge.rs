@@ -1,0 +1,467 @@
+//! Merging two Spack buildcache indexes (the `index.spack` blob, see the parent module doc)
+//! into one: a union by DAG hash.
+//!
+//! Used for a proxied buildcache, whose index is the upstream's index merged with the specs
+//! cached locally (`registry::proxy::spack`). The inputs are the *primary* index (the
+//! upstream's, up to `max_spack_index_size`, held once in memory by the caller) and the
+//! *secondary* one (built from the local catalog). The output is written in pieces as it is
+//! produced, never held whole:
+//!
+//! ```json
+//! {"database":{"installs":{
+//!    "<hash>":{"spec":<the node, byte for byte>,"ref_count":<n>,"in_buildcache":<bool>},…},
+//!  "version":"<v>"}}
+//! ```
+//!
+//! - The primary's entries come first, in its order, then the secondary's entries whose hash
+//!   the primary does not list, in theirs. A hash in both keeps the primary's spec.
+//! - `in_buildcache` is true if either index says so (the spec has a spec tag on one side).
+//! - `ref_count` counts the listed nodes that depend on the node: a primary entry's is its own
+//!   plus the secondary-only nodes with an edge to it; a secondary-only entry's is the
+//!   secondary's own (a node the primary lists pulls its whole DAG into the primary, so no
+//!   primary node depends on a secondary-only one).
+//! - `version` is the lower of the two (a database of version 7 means some spec has an old
+//!   layout; Spack reads both). Key order in JSON objects carries no meaning to Spack, so
+//!   `installs` is written before `version`, which is known only at the end.
+//!
+//! The primary is read twice, streaming, by a visitor that never builds a tree of the whole
+//! document: once to find which secondary hashes it lists (and to reject a malformed index
+//! before anything is written), once to write it. Each entry's `spec` is borrowed from the
+//! input as raw JSON; only the secondary-only specs are parsed (for their dependency edges).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Why a merge failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    /// The primary (upstream) index is not a Spack index.
+    #[error("the upstream index.spack is not a valid Spack index: {0}")]
+    Primary(String),
+    /// The secondary (local) index could not be read: a bug here, not bad input.
+    #[error("the local Spack index could not be read: {0}")]
+    Secondary(String),
+    /// The consumer of the output went away.
+    #[error("writing the merged index failed: {0}")]
+    Output(String),
+}
+
+/// What a merge wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeStats {
+    /// Entries taken from the primary index.
+    pub primary: usize,
+    /// Entries only the secondary index listed.
+    pub secondary_only: usize,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// One entry of `installs`, its spec borrowed from the input.
+struct Entry<'a> {
+    spec: &'a RawValue,
+    ref_count: i64,
+    in_buildcache: bool,
+}
+
+#[derive(Deserialize)]
+struct RawEntry<'a> {
+    #[serde(borrow)]
+    spec: &'a RawValue,
+    #[serde(default)]
+    ref_count: i64,
+    #[serde(default)]
+    in_buildcache: bool,
+}
+
+/// Checks that `data` is a Spack index (`{"database":{"installs":{hash:{"spec":{…},…}}}}`),
+/// without building it in memory. Returns how many entries it lists.
+pub fn validate(data: &[u8]) -> Result<usize, String> {
+    let mut n = 0usize;
+    walk(data, |_, _| {
+        n += 1;
+        Ok(())
+    })?;
+    Ok(n)
+}
+
+/// Merges `primary` and `secondary` (see the module doc), handing the output to `out` in
+/// pieces.
+pub fn merge(
+    primary: &[u8],
+    secondary: &[u8],
+    out: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+) -> Result<MergeStats, MergeError> {
+    // The secondary, whole (it is built from the local catalog: the specs cached here).
+    let mut local: Vec<(String, Entry<'_>)> = Vec::new();
+    let local_version = walk(secondary, |hash, e| {
+        local.push((hash, e));
+        Ok(())
+    })
+    .map_err(MergeError::Secondary)?;
+    let by_hash: HashMap<&str, usize> = local.iter().enumerate().map(|(i, (h, _))| (h.as_str(), i)).collect();
+
+    // Pass 1 over the primary: which local hashes it lists (and whether it is valid at all).
+    let mut in_primary = vec![false; local.len()];
+    let primary_version = walk(primary, |hash, _| {
+        if let Some(&i) = by_hash.get(hash.as_str()) {
+            in_primary[i] = true;
+        }
+        Ok(())
+    })
+    .map_err(MergeError::Primary)?;
+
+    // Edges from local-only nodes to primary nodes raise the latter's ref_count.
+    let mut extra_refs: HashMap<String, i64> = HashMap::new();
+    for ((_, e), listed) in local.iter().zip(&in_primary) {
+        if !*listed {
+            for dep in dependency_hashes(e.spec) {
+                *extra_refs.entry(dep).or_default() += 1;
+            }
+        }
+    }
+
+    let mut sink = Sink { out, written: 0 };
+    sink.write(br#"{"database":{"installs":{"#)?;
+    let mut first = true;
+    let mut primary_entries = 0usize;
+    let mut failed: Option<MergeError> = None;
+    let walked = walk(primary, |hash, e| {
+        let local_entry = by_hash.get(hash.as_str()).map(|&i| &local[i].1);
+        let ref_count = e.ref_count + extra_refs.get(&hash).copied().unwrap_or(0);
+        let in_buildcache = e.in_buildcache || local_entry.is_some_and(|l| l.in_buildcache);
+        primary_entries += 1;
+        sink.entry(&mut first, &hash, e.spec, ref_count, in_buildcache)
+            .map_err(|err| {
+                let text = err.to_string();
+                failed = Some(err);
+                text
+            })
+    });
+    if let Some(err) = failed {
+        return Err(err);
+    }
+    walked.map_err(MergeError::Primary)?;
+    let mut secondary_only = 0usize;
+    for ((hash, e), listed) in local.iter().zip(&in_primary) {
+        if !*listed {
+            secondary_only += 1;
+            sink.entry(&mut first, hash, e.spec, e.ref_count, e.in_buildcache)?;
+        }
+    }
+    let version = lower_version(primary_version, local_version);
+    let version = serde_json::Value::String(version).to_string();
+    sink.write(format!("}},\"version\":{version}}}}}").as_bytes())?;
+    Ok(MergeStats {
+        primary: primary_entries,
+        secondary_only,
+        bytes: sink.written,
+    })
+}
+
+/// Writes the output and counts it.
+struct Sink<'o> {
+    out: &'o mut dyn FnMut(&[u8]) -> Result<(), String>,
+    written: u64,
+}
+
+impl Sink<'_> {
+    fn write(&mut self, data: &[u8]) -> Result<(), MergeError> {
+        self.written += data.len() as u64;
+        (self.out)(data).map_err(MergeError::Output)
+    }
+
+    fn entry(
+        &mut self,
+        first: &mut bool,
+        hash: &str,
+        spec: &RawValue,
+        ref_count: i64,
+        in_buildcache: bool,
+    ) -> Result<(), MergeError> {
+        let key = serde_json::Value::String(hash.to_owned()).to_string();
+        let comma = if std::mem::take(first) { "" } else { "," };
+        let text = format!(
+            "{comma}{key}:{{\"spec\":{},\"ref_count\":{ref_count},\"in_buildcache\":{in_buildcache}}}",
+            spec.get()
+        );
+        self.write(text.as_bytes())
+    }
+}
+
+/// The lower of two database versions ("7" and "8": "7"); a version that is not a number
+/// loses to one that is; none at all gives "8".
+fn lower_version(a: Option<String>, b: Option<String>) -> String {
+    let number = |v: &Option<String>| v.as_deref().and_then(|s| s.parse::<u64>().ok());
+    match (number(&a), number(&b)) {
+        (Some(x), Some(y)) => x.min(y).to_string(),
+        (Some(x), None) => x.to_string(),
+        (None, Some(y)) => y.to_string(),
+        (None, None) => a.or(b).unwrap_or_else(|| "8".to_owned()),
+    }
+}
+
+/// The DAG hashes a node depends on: `dependencies` as a list of `{"hash":…}` (spec format 2
+/// and later) or an object of them by name (older formats). Anything else: none.
+fn dependency_hashes(spec: &RawValue) -> Vec<String> {
+    #[derive(Deserialize)]
+    struct Deps {
+        #[serde(default)]
+        dependencies: serde_json::Value,
+    }
+    let Ok(deps) = serde_json::from_str::<Deps>(spec.get()) else {
+        return Vec::new();
+    };
+    let hash = |v: &serde_json::Value| v.get("hash").and_then(|h| h.as_str()).map(str::to_owned);
+    match deps.dependencies {
+        serde_json::Value::Array(list) => list.iter().filter_map(hash).collect(),
+        serde_json::Value::Object(map) => map.values().filter_map(hash).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Walks the entries of an index in document order, calling `each` with every hash and entry;
+/// returns the database's `version`. Never builds the document in memory.
+fn walk<'a, F>(data: &'a [u8], mut each: F) -> Result<Option<String>, String>
+where
+    F: FnMut(String, Entry<'a>) -> Result<(), String>,
+{
+    let mut de = serde_json::Deserializer::from_slice(data);
+    let version = de
+        .deserialize_map(Top { each: &mut each })
+        .map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(version)
+}
+
+struct Top<'f, F> {
+    each: &'f mut F,
+}
+
+impl<'de, F> Visitor<'de> for Top<'_, F>
+where
+    F: FnMut(String, Entry<'de>) -> Result<(), String>,
+{
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object with a \"database\" object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut version = None;
+        let mut seen = false;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "database" && !seen {
+                seen = true;
+                version = map.next_value_seed(Database { each: &mut *self.each })?;
+            } else if key == "database" {
+                return Err(de::Error::custom("two \"database\" objects"));
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        if !seen {
+            return Err(de::Error::custom("no \"database\" object"));
+        }
+        Ok(version)
+    }
+}
+
+struct Database<'f, F> {
+    each: &'f mut F,
+}
+
+impl<'de, F> DeserializeSeed<'de> for Database<'_, F>
+where
+    F: FnMut(String, Entry<'de>) -> Result<(), String>,
+{
+    type Value = Option<String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, F> Visitor<'de> for Database<'_, F>
+where
+    F: FnMut(String, Entry<'de>) -> Result<(), String>,
+{
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a \"database\" object with \"installs\"")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut version = None;
+        let mut installs = false;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "version" => {
+                    version = match map.next_value::<serde_json::Value>()? {
+                        serde_json::Value::String(s) => Some(s),
+                        serde_json::Value::Number(n) => Some(n.to_string()),
+                        _ => return Err(de::Error::custom("\"version\" is neither a string nor a number")),
+                    }
+                }
+                "installs" if !installs => {
+                    installs = true;
+                    map.next_value_seed(Installs { each: &mut *self.each })?;
+                }
+                "installs" => return Err(de::Error::custom("two \"installs\" objects")),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        if !installs {
+            return Err(de::Error::custom("no \"installs\" object"));
+        }
+        Ok(version)
+    }
+}
+
+struct Installs<'f, F> {
+    each: &'f mut F,
+}
+
+impl<'de, F> DeserializeSeed<'de> for Installs<'_, F>
+where
+    F: FnMut(String, Entry<'de>) -> Result<(), String>,
+{
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, F> Visitor<'de> for Installs<'_, F>
+where
+    F: FnMut(String, Entry<'de>) -> Result<(), String>,
+{
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an \"installs\" object of entries by DAG hash")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(hash) = map.next_key::<String>()? {
+            if hash.is_empty() {
+                return Err(de::Error::custom("an entry with an empty hash"));
+            }
+            let e: RawEntry<'de> = map.next_value()?;
+            if !e.spec.get().starts_with('{') {
+                return Err(de::Error::custom(format!("the spec of {hash} is not an object")));
+            }
+            let entry = Entry {
+                spec: e.spec,
+                ref_count: e.ref_count,
+                in_buildcache: e.in_buildcache,
+            };
+            (self.each)(hash, entry).map_err(de::Error::custom)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn run(primary: &Value, secondary: &Value) -> Value {
+        let (p, s) = (primary.to_string(), secondary.to_string());
+        let mut out = Vec::new();
+        let stats = merge(p.as_bytes(), s.as_bytes(), &mut |d| {
+            out.extend_from_slice(d);
+            Ok(())
+        })
+        .expect("merges");
+        assert_eq!(stats.bytes, out.len() as u64);
+        serde_json::from_slice(&out).expect("output is JSON")
+    }
+
+    fn node(name: &str, hash: &str, deps: &[&str]) -> Value {
+        let deps: Vec<Value> = deps
+            .iter()
+            .map(|d| json!({"name": "x", "hash": d, "parameters": {"deptypes": ["link"]}}))
+            .collect();
+        json!({"name": name, "version": "1", "hash": hash, "dependencies": deps})
+    }
+
+    #[test]
+    fn a_union_by_hash_keeps_the_primary_spec_and_recounts_references() {
+        let primary = json!({"database": {"version": "8", "installs": {
+            "aaa": {"spec": node("a", "aaa", &["ccc"]), "ref_count": 0, "in_buildcache": true},
+            "ccc": {"spec": node("c", "ccc", &[]), "ref_count": 1, "in_buildcache": false},
+            "shared": {"spec": node("primary-wins", "shared", &[]), "ref_count": 0, "in_buildcache": false}
+        }}});
+        let secondary = json!({"database": {"version": "7", "installs": {
+            "bbb": {"spec": node("b", "bbb", &["ccc", "ddd"]), "ref_count": 0, "in_buildcache": true},
+            "ddd": {"spec": node("d", "ddd", &[]), "ref_count": 1, "in_buildcache": true},
+            "shared": {"spec": node("secondary", "shared", &[]), "ref_count": 0, "in_buildcache": true}
+        }}});
+        let merged = run(&primary, &secondary);
+        let installs = merged["database"]["installs"].as_object().expect("installs");
+        let mut keys: Vec<&str> = installs.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(keys, ["aaa", "bbb", "ccc", "ddd", "shared"]);
+        assert_eq!(merged["database"]["version"], "7");
+        assert_eq!(installs["ccc"]["ref_count"], 2, "a's edge and the local-only b's");
+        assert_eq!(installs["ddd"]["ref_count"], 1);
+        assert_eq!(installs["shared"]["spec"]["name"], "primary-wins");
+        assert_eq!(installs["shared"]["in_buildcache"], true, "either side's spec tag counts");
+        assert_eq!(installs["ccc"]["in_buildcache"], false);
+        assert_eq!(installs["bbb"]["spec"], node("b", "bbb", &["ccc", "ddd"]));
+    }
+
+    #[test]
+    fn an_empty_secondary_gives_the_primary_back() {
+        let primary = json!({"database": {"version": "8", "installs": {
+            "aaa": {"spec": node("a", "aaa", &[]), "ref_count": 0, "in_buildcache": true}
+        }}});
+        let secondary = json!({"database": {"version": "8", "installs": {}}});
+        assert_eq!(run(&primary, &secondary), primary);
+    }
+
+    #[test]
+    fn malformed_primaries_are_refused_before_anything_is_written() {
+        let secondary = json!({"database": {"version": "8", "installs": {}}}).to_string();
+        for bad in [
+            "",
+            "not json",
+            "[]",
+            "{}",
+            r#"{"database":{}}"#,
+            r#"{"database":{"installs":[]}}"#,
+            r#"{"database":{"installs":{"a":{"spec":1}}}}"#,
+            r#"{"database":{"installs":{"a":{"ref_count":1}}}}"#,
+            r#"{"database":{"installs":{"a":{"spec":{}}}}} trailing"#,
+            r#"{"database":{"installs":{"a":{"spec":{}}"#,
+        ] {
+            let mut wrote = false;
+            let got = merge(bad.as_bytes(), secondary.as_bytes(), &mut |_| {
+                wrote = true;
+                Ok(())
+            });
+            assert!(matches!(got, Err(MergeError::Primary(_))), "{bad:?}: {got:?}");
+            assert!(!wrote, "{bad:?}");
+            assert!(validate(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+        assert_eq!(validate(br#"{"database":{"version":8,"installs":{"a":{"spec":{}}}}}"#), Ok(1));
+    }
+
+    #[test]
+    fn a_consumer_that_goes_away_ends_the_merge() {
+        let primary = json!({"database": {"installs": {"a": {"spec": {}}}}}).to_string();
+        let got = merge(primary.as_bytes(), primary.as_bytes(), &mut |_| Err("gone".into()));
+        assert!(matches!(got, Err(MergeError::Output(_))), "{got:?}");
+    }
+}

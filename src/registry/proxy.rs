@@ -41,9 +41,10 @@
 //!   repository (the HTTP layer checks it before the service is called).
 
 pub mod lru;
+mod spack;
 mod tee;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -196,6 +197,9 @@ pub(crate) struct ProxyState {
     validated: Mutex<HashMap<String, Instant>>,
     /// Pulls served from the local copy, not yet written (see [`lru`]).
     pulls: lru::ProxyPulls,
+    /// Upstream `index.spack` manifests refused (`repo@digest`), not checked again (see
+    /// [`spack`]).
+    rejected_indexes: Mutex<HashSet<String>>,
 }
 
 impl ProxyState {
@@ -208,6 +212,7 @@ impl ProxyState {
             tags: Flights::default(),
             validated: Mutex::new(HashMap::new()),
             pulls: lru::ProxyPulls::default(),
+            rejected_indexes: Mutex::new(HashSet::new()),
         }
     }
 
@@ -618,6 +623,12 @@ impl Registry {
         if !parsed.manifests.is_empty() && depth >= MAX_DEPTH {
             return Err(invalid(format!("manifest {} nests indexes too deeply", fetched.digest)));
         }
+        // An upstream Spack index is bounded and checked before it replaces the one cached.
+        let spack_index = tag.as_ref().is_some_and(|t| t.as_str() == crate::spack::INDEX_TAG);
+        if spack_index {
+            self.check_upstream_index(route, repo, &fetched.digest, &parsed, false)
+                .await?;
+        }
         let children = parsed
             .manifests
             .iter()
@@ -634,6 +645,10 @@ impl Registry {
                 )),
                 other => other,
             })?;
+        if spack_index {
+            self.check_upstream_index(route, repo, &fetched.digest, &parsed, true)
+                .await?;
+        }
         let reference = match tag {
             Some(t) => Reference::Tag(t),
             None => Reference::Digest(fetched.digest.clone()),

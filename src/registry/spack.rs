@@ -30,6 +30,10 @@ impl Registry {
     /// The current index manifest of a Spack build cache, building it first if the repository's
     /// spec tags changed since the last build. `None` when the repository holds no Spack specs.
     pub async fn spack_index(&self, repo: &RepoName, with_content: bool) -> Result<Option<ManifestRecord>> {
+        // A pull-through cache merges the upstream's index with its cached specs.
+        if self.is_proxied(repo) {
+            return self.proxied_spack_index(repo, with_content).await;
+        }
         match self.current_spack_index(repo, with_content).await? {
             Current::NotSpack => return Ok(None),
             Current::Fresh(m) => return Ok(Some(m)),

@@ -1,0 +1,425 @@
+//! The `index.spack` of a proxied Spack buildcache: the upstream's index merged with the specs
+//! cached here (see `docs/proxy.md`, "Spack buildcaches").
+//!
+//! Two indexes live in a proxied repository that holds spec tags:
+//! - the upstream's, fetched as the ordinary proxied tag `index.spack` (`tag_ttl`, single
+//!   flight, a stale copy when the upstream cannot answer: [`Registry::fill_proxied_manifest`]).
+//!   It is checked when it is fetched ([`Registry::check_upstream_index`]): its layer must be at
+//!   most the entry's `max_spack_index_size` (looked at before the blob is fetched) and a
+//!   Spack index (parsed, streaming, on the blocking pool). A refused one is never stored, so
+//!   the tag keeps naming the last good index, which is served stale meanwhile; its digest is
+//!   remembered so that it is not parsed again on every request.
+//! - the merged one, built here: an untagged manifest of the same shape as a hosted index
+//!   (a `{}` config, one layer of JSON), with one annotation, [`UPSTREAM_ANNOTATION`], naming
+//!   the upstream index manifest it was built from (`none` without one). It is recorded as the
+//!   repository's current Spack index (`spack_index.manifest_digest`, at the spec generation it
+//!   read), so the collector and the size cap keep it and drop the one it replaces, as for a
+//!   hosted index.
+//!
+//! Invariants:
+//! - The merged index is rebuilt only when its inputs changed: the spec generation (bumped by
+//!   every change to the repository's spec tags, i.e. by every spec fetched or evicted) or the
+//!   upstream index's digest. Otherwise the manifest built last is served. Builds run one at a
+//!   time per repository (the hosted index's lock), as a task of their own, so a client that
+//!   goes away does not abandon one others wait for.
+//! - A repository with no spec cached serves the upstream's index as it is (nothing to merge).
+//! - A locally cached spec stays listed while its spec tag is cached, whatever the upstream
+//!   index says; a spec the upstream lists is listed whether cached or not.
+//! - The upstream index is held in memory once while merging (bounded by
+//!   `max_spack_index_size`); the output is streamed into a staged upload.
+//! - An upstream failure (down, refusing, an invalid or oversized index) never gives a 500: the
+//!   merged index built last is served (with a warning and the stale-serve metric), or the
+//!   upstream error (502) when there is none.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::super::Registry;
+use super::{FetchError, Route};
+use crate::catalog::{ManifestRecord, NewManifest};
+use crate::error::{Error, Internal, Result};
+use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag, manifest};
+use crate::proxy::UpstreamError;
+use crate::spack::INDEX_TAG;
+use crate::spack::merge::{self, MergeError};
+
+/// The annotation of a merged index manifest naming the upstream index manifest it merged.
+pub const UPSTREAM_ANNOTATION: &str = "org.stowage.spack.upstream-index";
+
+/// The 2-byte `{}` config of an index manifest, as Spack writes it.
+const EMPTY_CONFIG: &[u8] = b"{}";
+
+/// Pieces the merged index is written in.
+const PIECE: usize = 1024 * 1024;
+
+/// Pieces produced ahead of the upload they are written to.
+const PIECES_AHEAD: usize = 16;
+
+/// Upstream index digests remembered as refused (per process); beyond it they are forgotten.
+const MAX_REJECTED: usize = 1024;
+
+fn index_tag() -> Reference {
+    // A constant that is a valid tag: parsing cannot fail.
+    Reference::Tag(INDEX_TAG.parse::<Tag>().unwrap_or_else(|_| unreachable!("index.spack is a valid tag")))
+}
+
+impl Registry {
+    /// `index.spack` of proxied `repo`: the merged index, built first if its inputs changed.
+    /// `Ok(None)`: a hosted repository, or no spec cached here (the caller serves the
+    /// upstream's index as the ordinary proxied tag).
+    pub(in crate::registry) async fn proxied_spack_index(
+        &self,
+        repo: &RepoName,
+        with_content: bool,
+    ) -> Result<Option<ManifestRecord>> {
+        let Some(route) = self.route(repo) else {
+            return Ok(None);
+        };
+        if self.catalog.spack_index_state(repo).await?.is_none() {
+            return Ok(None);
+        }
+        let tag = index_tag();
+        let upstream = match self.fill_proxied_manifest(repo, &tag).await {
+            Ok(_) => self.catalog.manifest(repo, &tag, false).await?.map(|m| m.digest),
+            // The upstream has no index: the specs cached here are the whole index.
+            Err(Error::ManifestUnknown) => None,
+            Err(e) => return self.stale_merged_index(repo, &route, with_content, e).await,
+        };
+        let inputs = upstream.clone().unwrap_or_else(|| "none".to_owned());
+        if let Some(m) = self.current_merged_index(repo, &inputs, with_content).await? {
+            return Ok(Some(m));
+        }
+        if self.is_read_only() {
+            return self.stale_merged_index(repo, &route, with_content, Error::ReadOnly).await;
+        }
+        let (this, owned, upstream_url) = (self.clone(), repo.clone(), route.upstream.url().to_owned());
+        let max = route.upstream.max_spack_index_size();
+        let built = tokio::spawn(async move {
+            let _guard = this.spack_builds.lock(owned.as_str()).await;
+            // Another reader may have built it while this one waited.
+            if let Some(m) = this.current_merged_index(&owned, &inputs, false).await? {
+                return Ok(Some(m.digest));
+            }
+            this.build_merged_index(&owned, upstream, &upstream_url, max).await
+        })
+        .await?;
+        match built {
+            Ok(Some(digest)) => {
+                let digest: Digest = digest.parse()?;
+                self.catalog
+                    .manifest(repo, &Reference::Digest(digest), with_content)
+                    .await
+            }
+            Ok(None) => Ok(None),
+            Err(e @ Error::Upstream(_)) => self.stale_merged_index(repo, &route, with_content, e).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The merged index built last, if it was built from the current spec generation and the
+    /// upstream index `inputs` names.
+    async fn current_merged_index(
+        &self,
+        repo: &RepoName,
+        inputs: &str,
+        with_content: bool,
+    ) -> Result<Option<ManifestRecord>> {
+        let Some(state) = self.catalog.spack_index_state(repo).await? else {
+            return Ok(None);
+        };
+        let (Some(digest), true) = (state.manifest_digest, state.built_generation == Some(state.generation)) else {
+            return Ok(None);
+        };
+        let digest: Digest = digest.parse()?;
+        let Some(mut m) = self.catalog.manifest(repo, &Reference::Digest(digest), true).await? else {
+            return Ok(None);
+        };
+        if merged_from(m.content.as_deref().unwrap_or_default()).as_deref() != Some(inputs) {
+            return Ok(None);
+        }
+        if !with_content {
+            m.content = None;
+        }
+        Ok(Some(m))
+    }
+
+    /// The merged index built last, whatever its inputs, served because `why` kept a new one
+    /// from being built; `why` itself when there is none.
+    async fn stale_merged_index(
+        &self,
+        repo: &RepoName,
+        route: &Route,
+        with_content: bool,
+        why: Error,
+    ) -> Result<Option<ManifestRecord>> {
+        let last = self
+            .catalog
+            .spack_index_state(repo)
+            .await?
+            .and_then(|s| s.manifest_digest);
+        let Some(digest) = last else {
+            return Err(why);
+        };
+        let digest: Digest = digest.parse()?;
+        let Some(m) = self
+            .catalog
+            .manifest(repo, &Reference::Digest(digest), with_content)
+            .await?
+        else {
+            return Err(why);
+        };
+        tracing::warn!(
+            repo = %repo, upstream = route.upstream.prefix(), error = %why,
+            "serving the merged Spack index built last: a new one could not be built"
+        );
+        crate::metrics::get()
+            .proxy_stale_serves
+            .get_or_create(&crate::metrics::UpstreamOnlyLabels {
+                upstream: route.upstream.prefix().to_owned(),
+            })
+            .inc();
+        Ok(Some(m))
+    }
+
+    /// Builds the merged index from the upstream index manifest `upstream` (stored here under
+    /// `index.spack`; `None`: no upstream index) and the specs cached here, and records it as
+    /// the repository's current index. `None`: no spec is cached after all.
+    async fn build_merged_index(
+        &self,
+        repo: &RepoName,
+        upstream: Option<String>,
+        upstream_url: &str,
+        max: u64,
+    ) -> Result<Option<String>> {
+        let started = std::time::Instant::now();
+        let invalid = |reason: String| {
+            Error::Upstream(UpstreamError::Invalid {
+                upstream: upstream_url.to_owned(),
+                reason,
+            })
+        };
+        let primary: Bytes = match &upstream {
+            None => Bytes::from_static(br#"{"database":{"installs":{}}}"#),
+            Some(digest) => {
+                let reference = Reference::Digest(digest.parse()?);
+                let Some(m) = self.catalog.manifest(repo, &reference, true).await? else {
+                    return Err(Error::Internal(Internal::Other("the upstream index manifest vanished")));
+                };
+                let layer = index_layer(m.content.as_deref().unwrap_or_default(), &m.media_type, max)
+                    .map_err(|reason| invalid(format!("index.spack {digest}: {reason}")))?;
+                self.read_blob_bounded(&layer, max).await?
+            }
+        };
+
+        // The local index, from one catalog snapshot (the specs cached here: small).
+        let (to, mut from) = tokio::sync::mpsc::channel::<Bytes>(PIECES_AHEAD);
+        let collect = async {
+            let mut local = Vec::new();
+            while let Some(piece) = from.recv().await {
+                local.extend_from_slice(&piece);
+            }
+            local
+        };
+        let (snapshot, local) = tokio::join!(self.catalog.spack_index_stream(repo, PIECE, to), collect);
+        let Some(snapshot) = snapshot? else {
+            return Ok(None);
+        };
+
+        let id = uuid::Uuid::new_v4();
+        let mut writer = self.store.start_upload_kept_in_cache(id, Algorithm::Sha256).await?;
+        let (to, mut from) = tokio::sync::mpsc::channel::<Bytes>(PIECES_AHEAD);
+        let merging = crate::metrics::spawn_blocking(move || {
+            let mut piece = Vec::with_capacity(PIECE);
+            let mut out = |data: &[u8]| {
+                piece.extend_from_slice(data);
+                if piece.len() >= PIECE {
+                    let full = std::mem::replace(&mut piece, Vec::with_capacity(PIECE));
+                    to.blocking_send(Bytes::from(full))
+                        .map_err(|_| "the index writer went away".to_owned())?;
+                }
+                Ok(())
+            };
+            let stats = merge::merge(&primary, &local, &mut out)?;
+            if !piece.is_empty() {
+                to.blocking_send(Bytes::from(piece))
+                    .map_err(|_| MergeError::Output("the index writer went away".to_owned()))?;
+            }
+            Ok::<_, MergeError>(stats)
+        });
+        let store = async {
+            while let Some(piece) = from.recv().await {
+                writer.write(piece).await?;
+            }
+            Ok::<_, Error>(())
+        };
+        let (merged, stored) = tokio::join!(merging, store);
+        let stats = match (merged, stored) {
+            (Ok(Ok(stats)), Ok(())) => stats,
+            (_, Err(e)) => {
+                writer.abort().await;
+                return Err(e);
+            }
+            (Ok(Err(MergeError::Primary(reason))), Ok(())) => {
+                writer.abort().await;
+                tracing::warn!(repo = %repo, upstream = upstream_url, reason = %reason, "the upstream Spack index is invalid");
+                return Err(invalid(format!("index.spack is not a valid Spack index: {reason}")));
+            }
+            (Ok(Err(e)), Ok(())) => {
+                writer.abort().await;
+                return Err(Error::Internal(Internal::Other(match e {
+                    MergeError::Secondary(_) => "the local Spack index could not be read",
+                    _ => "writing the merged Spack index failed",
+                })));
+            }
+            (Err(e), Ok(())) => {
+                writer.abort().await;
+                return Err(e.into());
+            }
+        };
+        let (index_digest, index_size) = self.commit_as(repo, id, writer, None).await?;
+        let config_digest = Digest::sha256_of(EMPTY_CONFIG);
+        if self.catalog.blob_size(repo, &config_digest).await?.is_none() {
+            let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(EMPTY_CONFIG))]);
+            self.store_whole(repo, &config_digest, body).await?;
+        }
+        let inputs = upstream.as_deref().unwrap_or("none");
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest.to_string(), "size": EMPTY_CONFIG.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": index_digest.to_string(), "size": index_size}],
+            "annotations": {UPSTREAM_ANNOTATION: inputs},
+        })
+        .to_string()
+        .into_bytes();
+        let digest = Digest::sha256_of(&body);
+        let parsed = manifest::parse(&body, None)?;
+        self.catalog
+            .put_manifest(
+                repo,
+                NewManifest {
+                    digest: digest.clone(),
+                    content: body,
+                    parsed,
+                    tag: None,
+                    spack: None,
+                    platform: None,
+                    spack_index_generation: Some(snapshot.generation),
+                },
+                self.settings
+                    .immutable_tags
+                    .for_repo(repo.as_str(), crate::auth::Overwrite::Refused),
+                None,
+            )
+            .await?;
+        let m = crate::metrics::get();
+        m.spack_builds.inc();
+        m.spack_build_duration.observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            repo = %repo, digest = %digest, upstream_index = inputs, generation = snapshot.generation,
+            upstream_entries = stats.primary, local_only_entries = stats.secondary_only, bytes = stats.bytes,
+            duration_ms = started.elapsed().as_millis() as u64, "merged spack index built"
+        );
+        Ok(Some(digest.to_string()))
+    }
+
+    /// A stored blob read whole, refused (as an invalid upstream answer) past `max` bytes.
+    async fn read_blob_bounded(&self, layer: &Digest, max: u64) -> Result<Bytes> {
+        let mut body = self.store.get(layer, None).await?;
+        let mut data = Vec::new();
+        while let Some(piece) = body.next().await {
+            let piece = piece?;
+            if (data.len() + piece.len()) as u64 > max {
+                return Err(Error::Internal(Internal::Other(
+                    "a stored upstream Spack index is larger than max_spack_index_size",
+                )));
+            }
+            data.extend_from_slice(&piece);
+        }
+        Ok(Bytes::from(data))
+    }
+
+    /// Checks a fetched upstream `index.spack` manifest of a proxied repository before its
+    /// blobs are fetched (the layer's announced size) and, with `fetched`, after (the index is
+    /// a Spack index). Refused indexes are remembered by digest and refused at once next time.
+    pub(super) async fn check_upstream_index(
+        &self,
+        route: &Route,
+        repo: &RepoName,
+        digest: &Digest,
+        parsed: &manifest::Manifest,
+        fetched: bool,
+    ) -> std::result::Result<(), FetchError> {
+        let Some(state) = self.proxy.clone() else {
+            return Ok(());
+        };
+        let key = format!("{repo}@{digest}");
+        let refuse = |reason: String| {
+            tracing::warn!(
+                repo = %repo, digest = %digest, upstream = route.upstream.prefix(), reason = %reason,
+                "the upstream's index.spack was refused"
+            );
+            if let Ok(mut r) = state.rejected_indexes.lock() {
+                if r.len() >= MAX_REJECTED {
+                    r.clear();
+                }
+                r.insert(key.clone());
+            }
+            FetchError::Upstream(UpstreamError::Invalid {
+                upstream: route.upstream.url().to_owned(),
+                reason: format!("index.spack {digest}: {reason}"),
+            })
+        };
+        if state.rejected_indexes.lock().is_ok_and(|r| r.contains(&key)) {
+            return Err(FetchError::Upstream(UpstreamError::Invalid {
+                upstream: route.upstream.url().to_owned(),
+                reason: format!("index.spack {digest} was refused before"),
+            }));
+        }
+        let max = route.upstream.max_spack_index_size();
+        let Some(layer) = parsed.layers.first() else {
+            return Err(refuse("the manifest has no layer".to_owned()));
+        };
+        if layer.size > max {
+            return Err(refuse(format!(
+                "its index is {} bytes, more than max_spack_index_size ({max} bytes)",
+                layer.size
+            )));
+        }
+        if !fetched {
+            return Ok(());
+        }
+        let data = match self.read_blob_bounded(&layer.digest, max).await {
+            Ok(data) => data,
+            Err(e) => return Err(super::local_failure(e, repo, "reading an upstream Spack index")),
+        };
+        let checked = crate::metrics::spawn_blocking(move || merge::validate(&data)).await;
+        match checked {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(reason)) => Err(refuse(format!("not a valid Spack index: {reason}"))),
+            Err(e) => Err(super::local_failure(e.into(), repo, "checking an upstream Spack index")),
+        }
+    }
+}
+
+/// The upstream index manifest named in a merged index manifest's annotation.
+fn merged_from(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get("annotations")?
+        .get(UPSTREAM_ANNOTATION)?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// The index blob of an index manifest, if it is at most `max` bytes.
+fn index_layer(body: &[u8], media_type: &str, max: u64) -> std::result::Result<Digest, String> {
+    let parsed = manifest::parse(body, Some(media_type)).map_err(|e| e.to_string())?;
+    let layer = parsed.layers.first().ok_or("the manifest has no layer")?;
+    if layer.size > max {
+        return Err(format!(
+            "its index is {} bytes, more than max_spack_index_size ({max} bytes)",
+            layer.size
+        ));
+    }
+    Ok(layer.digest.clone())
+}

@@ -1,0 +1,303 @@
+//! Proxied Spack buildcaches (issue 16): a Stowage whose `up/` prefix mirrors a second Stowage
+//! holding a Spack buildcache, built there by replaying the fixture captures of real Spack
+//! sessions (`common::replay`). The mirror's `index.spack` is the upstream's index merged with
+//! the specs cached in the mirror (`registry::proxy::spack`).
+//!
+//! Both servers are real `stowage serve` processes on 127.0.0.1, on the blob backend
+//! `STOWAGE_TEST_BACKEND` names.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::replay::{Replayer, is_spec_tag, tag_hash};
+use common::spack::{in_buildcache, served_index};
+use common::{TestServer, client, sha256, wait_until};
+use serde_json::{Value, json};
+
+const APPC: &str = "cbhp76umblq6t7nayg4dzofb4p63de3f";
+const LIBB: &str = "zgl5yzcqzdnkd7scv2tq3qoi5fyw7vh3";
+const LIBA: &str = "3vaqv4q37uunzetmg437xpx7ssadj3dh";
+const GCC_RUNTIME: &str = "6ncciihz43s6lzi6zn52bxhu7ixu53u4";
+const COMPILER_WRAPPER: &str = "dioyrijxsehyuerhuyhoobduwxjym7b3";
+const LIBB_CLOSURE: &[&str] = &[LIBB, LIBA, GCC_RUNTIME, COMPILER_WRAPPER];
+const ALL_FIVE: &[&str] = &[APPC, LIBB, LIBA, GCC_RUNTIME, COMPILER_WRAPPER];
+
+/// The repository the captures push to, at the upstream.
+const REPO: &str = "spack/buildcache";
+
+/// The annotation naming the upstream index a merged index was built from.
+const UPSTREAM_ANNOTATION: &str = "org.stowage.spack.upstream-index";
+
+/// An upstream in open mode and a mirror of it under `up/`.
+struct Pair {
+    upstream: TestServer,
+    mirror: TestServer,
+    _dir: tempfile::TempDir,
+}
+
+impl Pair {
+    /// With `extra` lines added to the mirror's `[[proxy]]` entry.
+    fn start(tag_ttl: &str, extra: &str) -> Pair {
+        let upstream = TestServer::start();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("mirror.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[proxy]]\nprefix = \"up/\"\nurl = \"{}\"\ntag_ttl = \"{tag_ttl}\"\ntimeout_secs = 5\n{extra}",
+                upstream.url
+            ),
+        )
+        .expect("write mirror config");
+        let mirror = TestServer::start_with(&[("STOWAGE_CONFIG", config.to_str().expect("utf-8"))]);
+        Pair {
+            upstream,
+            mirror,
+            _dir: dir,
+        }
+    }
+}
+
+fn sorted(hashes: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = hashes.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
+/// The spec tags of `repo` at `server`, by DAG hash.
+async fn spec_tags(server: &TestServer, repo: &str) -> std::collections::BTreeMap<String, String> {
+    let resp = client()
+        .get(server.v2(&format!("{repo}/tags/list")))
+        .send()
+        .await
+        .expect("GET tags/list");
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.expect("tags json");
+    v["tags"]
+        .as_array()
+        .expect("tags")
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|t| is_spec_tag(t))
+        .map(|t| (tag_hash(t), t.to_owned()))
+        .collect()
+}
+
+/// GET of a manifest; returns the status, the body and the `Docker-Content-Digest`.
+async fn get_manifest(server: &TestServer, repo: &str, reference: &str) -> (u16, Vec<u8>, Option<String>) {
+    let resp = client()
+        .get(server.v2(&format!("{repo}/manifests/{reference}")))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .expect("GET manifest");
+    let status = resp.status().as_u16();
+    let digest = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (status, resp.bytes().await.expect("body").to_vec(), digest)
+}
+
+/// The `index.spack` manifest digest `server` serves for `repo`.
+async fn index_digest(server: &TestServer, repo: &str) -> String {
+    let (status, _, digest) = get_manifest(server, repo, "index.spack").await;
+    assert_eq!(status, 200, "{repo} index.spack");
+    digest.expect("Docker-Content-Digest")
+}
+
+/// The upstream's index lists exactly `hashes` as in the buildcache.
+async fn in_index(server: &TestServer, repo: &str) -> Vec<String> {
+    in_buildcache(&served_index(server, repo).await.1)
+}
+
+#[tokio::test]
+async fn a_proxied_buildcache_serves_the_upstream_index_merged_with_the_specs_cached_here() {
+    let ttl = Duration::from_secs(4);
+    let pair = Pair::start("4s", "");
+    let mirrored = format!("up/{REPO}");
+    let mut upstream = Replayer::new(&pair.upstream);
+    upstream.replay("01").await;
+    upstream.check_index(REPO, LIBB_CLOSURE).await;
+
+    // Nothing cached yet: the upstream's index, as it is.
+    let read_at = Instant::now();
+    assert_eq!(in_index(&pair.mirror, &mirrored).await, sorted(LIBB_CLOSURE));
+    assert_eq!(
+        index_digest(&pair.mirror, &mirrored).await,
+        index_digest(&pair.upstream, REPO).await,
+        "with no spec cached the mirror serves the upstream's index manifest"
+    );
+
+    // appc pushed upstream: not seen before tag_ttl.
+    upstream.replay("02").await;
+    upstream.check_index(REPO, ALL_FIVE).await;
+    assert_eq!(in_index(&pair.mirror, &mirrored).await, sorted(LIBB_CLOSURE));
+    assert!(
+        read_at.elapsed() < ttl,
+        "the machine was too slow to check the index within tag_ttl ({:?})",
+        read_at.elapsed()
+    );
+
+    // libb pulled through: a merged index is built, naming the upstream index it merged.
+    let tags = spec_tags(&pair.upstream, REPO).await;
+    let libb_tag = tags[LIBB].clone();
+    let (status, _, _) = get_manifest(&pair.mirror, &mirrored, &libb_tag).await;
+    assert_eq!(status, 200, "libb pulled through");
+    let (manifest, index) = served_index(&pair.mirror, &mirrored).await;
+    assert!(
+        manifest["annotations"][UPSTREAM_ANNOTATION].is_string(),
+        "a merged index: {manifest}"
+    );
+    assert_eq!(in_buildcache(&index), sorted(LIBB_CLOSURE), "appc still unseen within tag_ttl");
+    // Read again: not rebuilt.
+    let merged = index_digest(&pair.mirror, &mirrored).await;
+    assert_eq!(index_digest(&pair.mirror, &mirrored).await, merged);
+
+    // After tag_ttl the upstream's new index is merged in.
+    wait_until("appc is listed by the mirror", || async {
+        in_index(&pair.mirror, &mirrored).await == sorted(ALL_FIVE)
+    })
+    .await;
+    assert!(read_at.elapsed() >= ttl, "appc seen before tag_ttl");
+
+    // The upstream deletes libb and appc: appc (never cached) goes, libb (cached) stays.
+    for hash in [LIBB, APPC] {
+        let resp = client()
+            .delete(pair.upstream.v2(&format!("{REPO}/manifests/{}", tags[hash])))
+            .send()
+            .await
+            .expect("DELETE");
+        assert_eq!(resp.status(), 202, "upstream delete of {hash}");
+    }
+    let up_index = in_index(&pair.upstream, REPO).await;
+    assert!(!up_index.contains(&LIBB.to_owned()) && !up_index.contains(&APPC.to_owned()));
+    wait_until("appc leaves the mirror's index", || async {
+        !in_index(&pair.mirror, &mirrored).await.contains(&APPC.to_owned())
+    })
+    .await;
+    let (manifest, index) = served_index(&pair.mirror, &mirrored).await;
+    assert_eq!(in_buildcache(&index), sorted(LIBB_CLOSURE), "the cached libb stays listed");
+    assert_eq!(
+        manifest["annotations"][UPSTREAM_ANNOTATION].as_str(),
+        Some(index_digest(&pair.upstream, REPO).await.as_str()),
+        "merged from the upstream's current index"
+    );
+    let libb = &index["database"]["installs"][LIBB];
+    assert_eq!(libb["spec"]["hash"], LIBB, "libb's spec as it was pushed");
+    assert_eq!(index["database"]["installs"][LIBA]["ref_count"], 1, "liba is needed by libb");
+
+    // The upstream gone: the merged index is still served, with its blob.
+    let mut pair = pair;
+    pair.upstream.kill();
+    let (_, stale) = served_index(&pair.mirror, &mirrored).await;
+    assert_eq!(in_buildcache(&stale), sorted(LIBB_CLOSURE));
+}
+
+/// A valid index of one fake spec.
+fn fake_index(hash: &str) -> Vec<u8> {
+    json!({"database": {"version": "8", "installs": {
+        hash: {"spec": {"name": "fake", "version": "1", "hash": hash}, "ref_count": 0, "in_buildcache": true}
+    }}})
+    .to_string()
+    .into_bytes()
+}
+
+/// Pushes `index` as `repo:index.spack` at `server` (a repository with no spec: an ordinary
+/// tag there), in the shape Spack writes.
+async fn push_index(server: &TestServer, repo: &str, index: &[u8]) -> String {
+    let http = client();
+    let layer = common::push_blob(server, repo, index).await;
+    let config = common::push_blob(server, repo, b"{}").await;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": index.len()}]
+    })
+    .to_string();
+    let resp = http
+        .put(server.v2(&format!("{repo}/manifests/index.spack")))
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.clone())
+        .send()
+        .await
+        .expect("PUT index");
+    assert_eq!(resp.status(), 201);
+    sha256(manifest.as_bytes())
+}
+
+/// `stowage_proxy_stale_serves_total`, summed.
+async fn stale_serves(server: &TestServer) -> f64 {
+    let text = client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| l.starts_with("stowage_proxy_stale_serves_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The status and OCI error code of a GET of `index.spack`.
+async fn index_error(server: &TestServer, repo: &str) -> (u16, String, String) {
+    let resp = client()
+        .get(server.v2(&format!("{repo}/manifests/index.spack")))
+        .send()
+        .await
+        .expect("GET index");
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    (
+        status,
+        body["errors"][0]["code"].as_str().unwrap_or_default().to_owned(),
+        body["errors"][0]["message"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_corrupt_or_oversized_upstream_index_is_an_upstream_error_or_the_stale_copy() {
+    let pair = Pair::start("1s", "max_spack_index_size = \"1KiB\"\n");
+
+    // Corrupt, never cached: 502 UNAVAILABLE naming the problem.
+    push_index(&pair.upstream, "corrupt/cache", b"{\"database\": not json").await;
+    let (status, code, message) = index_error(&pair.mirror, "up/corrupt/cache").await;
+    assert_eq!((status, code.as_str()), (502, "UNAVAILABLE"), "{message}");
+    assert!(message.contains("not a valid Spack index"), "{message}");
+
+    // Oversized, never cached: 502, before its blob is fetched.
+    let mut big = fake_index("aaaa");
+    big.extend(std::iter::repeat_n(b' ', 2048));
+    let big_layer = sha256(&big);
+    push_index(&pair.upstream, "big/cache", &big).await;
+    let (status, code, message) = index_error(&pair.mirror, "up/big/cache").await;
+    assert_eq!((status, code.as_str()), (502, "UNAVAILABLE"), "{message}");
+    assert!(message.contains("max_spack_index_size"), "{message}");
+    let resp = client()
+        .head(pair.mirror.v2(&format!("up/big/cache/blobs/{big_layer}")))
+        .send()
+        .await
+        .expect("HEAD");
+    assert_eq!(resp.status(), 200, "the upstream still has it (asked upstream)");
+
+    // A good index cached, then replaced upstream by a corrupt one: the good one stays served.
+    let good = push_index(&pair.upstream, "site/cache", &fake_index("bbbb")).await;
+    assert_eq!(index_digest(&pair.mirror, "up/site/cache").await, good);
+    let bad = push_index(&pair.upstream, "site/cache", b"[1, 2, 3]").await;
+    assert_ne!(good, bad);
+    // Past tag_ttl a read asks the upstream again, refuses the new index and serves the old
+    // one, counted as a stale serve; until then the old one is served as fresh. Either way: the
+    // good one.
+    wait_until("the mirror re-validated index.spack and served the stale copy", || async {
+        assert_eq!(index_digest(&pair.mirror, "up/site/cache").await, good);
+        stale_serves(&pair.mirror).await >= 1.0
+    })
+    .await;
+    assert_eq!(index_digest(&pair.mirror, "up/site/cache").await, good);
+}

@@ -151,7 +151,11 @@ async fn a_proxied_buildcache_serves_the_upstream_index_merged_with_the_specs_ca
         manifest["annotations"][UPSTREAM_ANNOTATION].is_string(),
         "a merged index: {manifest}"
     );
-    assert_eq!(in_buildcache(&index), sorted(LIBB_CLOSURE), "appc still unseen within tag_ttl");
+    assert_eq!(
+        in_buildcache(&index),
+        sorted(LIBB_CLOSURE),
+        "appc still unseen within tag_ttl"
+    );
     // Read again: not rebuilt.
     let merged = index_digest(&pair.mirror, &mirrored).await;
     assert_eq!(index_digest(&pair.mirror, &mirrored).await, merged);
@@ -179,7 +183,11 @@ async fn a_proxied_buildcache_serves_the_upstream_index_merged_with_the_specs_ca
     })
     .await;
     let (manifest, index) = served_index(&pair.mirror, &mirrored).await;
-    assert_eq!(in_buildcache(&index), sorted(LIBB_CLOSURE), "the cached libb stays listed");
+    assert_eq!(
+        in_buildcache(&index),
+        sorted(LIBB_CLOSURE),
+        "the cached libb stays listed"
+    );
     assert_eq!(
         manifest["annotations"][UPSTREAM_ANNOTATION].as_str(),
         Some(index_digest(&pair.upstream, REPO).await.as_str()),
@@ -187,7 +195,10 @@ async fn a_proxied_buildcache_serves_the_upstream_index_merged_with_the_specs_ca
     );
     let libb = &index["database"]["installs"][LIBB];
     assert_eq!(libb["spec"]["hash"], LIBB, "libb's spec as it was pushed");
-    assert_eq!(index["database"]["installs"][LIBA]["ref_count"], 1, "liba is needed by libb");
+    assert_eq!(
+        index["database"]["installs"][LIBA]["ref_count"], 1,
+        "liba is needed by libb"
+    );
 
     // The upstream gone: the merged index is still served, with its blob.
     let mut pair = pair;
@@ -294,10 +305,13 @@ async fn a_corrupt_or_oversized_upstream_index_is_an_upstream_error_or_the_stale
     // Past tag_ttl a read asks the upstream again, refuses the new index and serves the old
     // one, counted as a stale serve; until then the old one is served as fresh. Either way: the
     // good one.
-    wait_until("the mirror re-validated index.spack and served the stale copy", || async {
-        assert_eq!(index_digest(&pair.mirror, "up/site/cache").await, good);
-        stale_serves(&pair.mirror).await >= 1.0
-    })
+    wait_until(
+        "the mirror re-validated index.spack and served the stale copy",
+        || async {
+            assert_eq!(index_digest(&pair.mirror, "up/site/cache").await, good);
+            stale_serves(&pair.mirror).await >= 1.0
+        },
+    )
     .await;
     assert_eq!(index_digest(&pair.mirror, "up/site/cache").await, good);
 }

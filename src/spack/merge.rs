@@ -32,8 +32,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// Why a merge failed.
@@ -231,9 +231,7 @@ where
     F: FnMut(String, Entry<'a>) -> Result<(), String>,
 {
     let mut de = serde_json::Deserializer::from_slice(data);
-    let version = de
-        .deserialize_map(Top { each: &mut each })
-        .map_err(|e| e.to_string())?;
+    let version = de.deserialize_map(Top { each: &mut each }).map_err(|e| e.to_string())?;
     de.end().map_err(|e| e.to_string())?;
     Ok(version)
 }
@@ -417,7 +415,10 @@ mod tests {
         assert_eq!(installs["ccc"]["ref_count"], 2, "a's edge and the local-only b's");
         assert_eq!(installs["ddd"]["ref_count"], 1);
         assert_eq!(installs["shared"]["spec"]["name"], "primary-wins");
-        assert_eq!(installs["shared"]["in_buildcache"], true, "either side's spec tag counts");
+        assert_eq!(
+            installs["shared"]["in_buildcache"], true,
+            "either side's spec tag counts"
+        );
         assert_eq!(installs["ccc"]["in_buildcache"], false);
         assert_eq!(installs["bbb"]["spec"], node("b", "bbb", &["ccc", "ddd"]));
     }
@@ -455,7 +456,10 @@ mod tests {
             assert!(!wrote, "{bad:?}");
             assert!(validate(bad.as_bytes()).is_err(), "{bad:?}");
         }
-        assert_eq!(validate(br#"{"database":{"version":8,"installs":{"a":{"spec":{}}}}}"#), Ok(1));
+        assert_eq!(
+            validate(br#"{"database":{"version":8,"installs":{"a":{"spec":{}}}}}"#),
+            Ok(1)
+        );
     }
 
     #[test]

@@ -60,7 +60,11 @@ const MAX_REJECTED: usize = 1024;
 
 fn index_tag() -> Reference {
     // A constant that is a valid tag: parsing cannot fail.
-    Reference::Tag(INDEX_TAG.parse::<Tag>().unwrap_or_else(|_| unreachable!("index.spack is a valid tag")))
+    Reference::Tag(
+        INDEX_TAG
+            .parse::<Tag>()
+            .unwrap_or_else(|_| unreachable!("index.spack is a valid tag")),
+    )
 }
 
 impl Registry {
@@ -90,7 +94,9 @@ impl Registry {
             return Ok(Some(m));
         }
         if self.is_read_only() {
-            return self.stale_merged_index(repo, &route, with_content, Error::ReadOnly).await;
+            return self
+                .stale_merged_index(repo, &route, with_content, Error::ReadOnly)
+                .await;
         }
         let (this, owned, upstream_url) = (self.clone(), repo.clone(), route.upstream.url().to_owned());
         let max = route.upstream.max_spack_index_size();

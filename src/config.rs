@@ -327,7 +327,10 @@ impl SpackConfig {
         for (i, m) in self.merge.iter().enumerate() {
             let at = format!("spack.merge[{i}]");
             if m.repository.parse::<crate::oci::RepoName>().is_err() {
-                return Err(format!("{at}.repository {:?} is not a valid repository name", m.repository));
+                return Err(format!(
+                    "{at}.repository {:?} is not a valid repository name",
+                    m.repository
+                ));
             }
             if proxied(&m.repository) {
                 return Err(format!(
@@ -336,7 +339,10 @@ impl SpackConfig {
                 ));
             }
             if self.merge[..i].iter().any(|o| o.repository == m.repository) {
-                return Err(format!("{at}.repository {:?} is named by two [[spack.merge]] entries", m.repository));
+                return Err(format!(
+                    "{at}.repository {:?} is named by two [[spack.merge]] entries",
+                    m.repository
+                ));
             }
             if m.fallbacks.is_empty() {
                 return Err(format!("{at}.fallbacks is empty: name at least one proxied repository"));
@@ -1454,17 +1460,32 @@ mod tests {
                 Config::load(Some(Path::new("again.toml")), CliOverrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(again.spack, c.spack);
             for (body, says) in [
-                ("repository = \"up/x\"\nfallbacks = [\"up/a\"]", "must be a hosted repository"),
-                ("repository = \"site/c\"\nfallbacks = [\"other/a\"]", "is not under any [[proxy]] prefix"),
+                (
+                    "repository = \"up/x\"\nfallbacks = [\"up/a\"]",
+                    "must be a hosted repository",
+                ),
+                (
+                    "repository = \"site/c\"\nfallbacks = [\"other/a\"]",
+                    "is not under any [[proxy]] prefix",
+                ),
                 ("repository = \"site/c\"\nfallbacks = []", "fallbacks is empty"),
-                ("repository = \"Site\"\nfallbacks = [\"up/a\"]", "not a valid repository name"),
-                ("repository = \"site/c\"\nfallbacks = [\"up/A\"]", "not a valid repository name"),
+                (
+                    "repository = \"Site\"\nfallbacks = [\"up/a\"]",
+                    "not a valid repository name",
+                ),
+                (
+                    "repository = \"site/c\"\nfallbacks = [\"up/A\"]",
+                    "not a valid repository name",
+                ),
                 ("repository = \"site/c\"\nfallbacks = [\"up/a\", \"up/a\"]", "twice"),
                 (
                     "repository = \"site/c\"\nfallbacks = [\"up/a\"]\n[[spack.merge]]\nrepository = \"site/c\"\nfallbacks = [\"up/b\"]",
                     "named by two",
                 ),
-                ("repository = \"site/c\"\nfallbacks = [\"up/a\"]\nextra = 1", "unknown field"),
+                (
+                    "repository = \"site/c\"\nfallbacks = [\"up/a\"]\nextra = 1",
+                    "unknown field",
+                ),
             ] {
                 jail.create_file("bad.toml", &format!("{proxy}\n[[spack.merge]]\n{body}\n"))?;
                 let err = Config::load(Some(Path::new("bad.toml")), CliOverrides::default())

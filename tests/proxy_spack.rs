@@ -315,3 +315,117 @@ async fn a_corrupt_or_oversized_upstream_index_is_an_upstream_error_or_the_stale
     .await;
     assert_eq!(index_digest(&pair.mirror, "up/site/cache").await, good);
 }
+
+/// The sum of `series` samples at `server` whose labels include every one of `labels`.
+async fn metric(server: &TestServer, series: &str, labels: &[&str]) -> f64 {
+    let text = client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{series}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Blob and manifest GETs the upstream answered 200 (what the mirror fetched).
+async fn upstream_fetches(upstream: &TestServer) -> f64 {
+    let mut n = 0.0;
+    for handler in ["blob", "manifest"] {
+        n += metric(
+            upstream,
+            "registry_http_requests_total",
+            &["method=\"get\"", "code=\"200\"", &format!("handler=\"{handler}\"")],
+        )
+        .await;
+    }
+    n
+}
+
+// The v0.23.1 builds, pushed into the hosted repository.
+const V023: &[&str] = &[
+    "sjwgkh5a34jtk2djdhppl7fxqcmva6e5",
+    "kmajeogxm5kkqkh2ys3sj4awlrphcsjy",
+    "kuy7ghr3xo2bom5ylg2qx35es2lx64kc",
+    "qvnbqmq4iob2qjjyq4ofhpbvmaiwg5xh",
+];
+
+#[tokio::test]
+async fn a_hosted_buildcache_with_a_proxied_fallback_lists_both_and_installs_through_it() {
+    // The hosted repository is the one the install capture asks for (`spack/buildcache`);
+    // its fallback mirrors the upstream's buildcache of the same name.
+    let mut pair = Pair::start(
+        "10m",
+        &format!("\n[[spack.merge]]\nrepository = \"{REPO}\"\nfallbacks = [\"up/{REPO}\"]\n"),
+    );
+    let mut upstream = Replayer::new(&pair.upstream);
+    upstream.replay("01").await;
+    upstream.replay("02").await;
+    upstream.check_index(REPO, ALL_FIVE).await;
+
+    // The site's own specs: the v0.23.1 buildcache, as real Spack pushed it.
+    common::spack::push_fixture(
+        &pair.mirror,
+        REPO,
+        &common::spack::FixtureRepo::load("bearer-tls", "spack_v023"),
+    )
+    .await;
+    let mut both: Vec<&str> = ALL_FIVE.to_vec();
+    both.extend_from_slice(V023);
+    let (manifest, index) = served_index(&pair.mirror, REPO).await;
+    assert_eq!(
+        in_buildcache(&index),
+        sorted(&both),
+        "the hosted specs and the upstream's"
+    );
+    assert!(
+        manifest["annotations"][UPSTREAM_ANNOTATION]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("up/{REPO}@sha256:"))),
+        "built from the fallback's index: {manifest}"
+    );
+    let merged = index_digest(&pair.mirror, REPO).await;
+    assert_eq!(
+        index_digest(&pair.mirror, REPO).await,
+        merged,
+        "not rebuilt per request"
+    );
+
+    // An install-shaped session against the hosted repository: every spec comes from the
+    // upstream through the fallback.
+    let before = upstream_fetches(&pair.upstream).await;
+    Replayer::new(&pair.mirror).replay("05").await;
+    let fetched = upstream_fetches(&pair.upstream).await - before;
+    assert!(fetched > 0.0, "the specs were fetched from the upstream");
+    // Again: all from the mirror's cache.
+    Replayer::new(&pair.mirror).replay("05").await;
+    assert_eq!(
+        upstream_fetches(&pair.upstream).await - before,
+        fetched,
+        "each spec fetched from the upstream once"
+    );
+    // The fallback is a pull-through cache: it holds what was fetched, the hosted repository
+    // gained nothing.
+    let cached = spec_tags(&pair.mirror, &format!("up/{REPO}")).await;
+    assert!(cached.contains_key(APPC), "appc cached in the fallback: {cached:?}");
+    let hosted = spec_tags(&pair.mirror, REPO).await;
+    assert!(
+        !hosted.contains_key(APPC),
+        "the hosted repository holds its own specs only"
+    );
+
+    // The upstream stopped: the same install still succeeds, from the cache.
+    pair.upstream.kill();
+    Replayer::new(&pair.mirror).replay("05").await;
+    // A spec neither side has is still unknown, not an error.
+    let (status, _, _) = get_manifest(&pair.mirror, REPO, "nothing-1.0-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.spack").await;
+    assert_eq!(
+        status, 502,
+        "with the upstream down an uncached tag is an upstream error"
+    );
+}

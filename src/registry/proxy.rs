@@ -41,6 +41,7 @@
 //!   repository (the HTTP layer checks it before the service is called).
 
 pub mod lru;
+mod merge;
 mod spack;
 mod tee;
 
@@ -200,6 +201,8 @@ pub(crate) struct ProxyState {
     /// Upstream `index.spack` manifests refused (`repo@digest`), not checked again (see
     /// [`spack`]).
     rejected_indexes: Mutex<HashSet<String>>,
+    /// `[[spack.merge]]`: hosted repositories and their fallbacks (see [`merge`]).
+    spack_merge: merge::Fallbacks,
 }
 
 impl ProxyState {
@@ -213,6 +216,7 @@ impl ProxyState {
             validated: Mutex::new(HashMap::new()),
             pulls: lru::ProxyPulls::default(),
             rejected_indexes: Mutex::new(HashSet::new()),
+            spack_merge: HashMap::new(),
         }
     }
 
@@ -290,6 +294,26 @@ impl Registry {
     pub fn with_proxies(mut self, proxies: Proxies, spool_dir: &Path) -> Self {
         self.proxy = (!proxies.is_empty()).then(|| Arc::new(ProxyState::new(proxies, spool_dir.to_owned())));
         self
+    }
+
+    /// Backs hosted Spack buildcaches with the proxied repositories `[[spack.merge]]` names
+    /// (see [`merge`]); after [`Registry::with_proxies`] (the fallbacks are proxied, so a
+    /// validated configuration with entries has proxies).
+    pub fn with_spack_merge(mut self, entries: &[crate::config::SpackMergeConfig]) -> Result<Self> {
+        if entries.is_empty() {
+            return Ok(self);
+        }
+        let fallbacks = merge::fallbacks(entries)?;
+        let Some(state) = self.proxy.take() else {
+            return Err(Error::Internal(Internal::Other(
+                "[[spack.merge]] needs [[proxy]] entries",
+            )));
+        };
+        let mut state = Arc::try_unwrap(state)
+            .map_err(|_| Error::Internal(Internal::Other("the pull-through state is shared already")))?;
+        state.spack_merge = fallbacks;
+        self.proxy = Some(Arc::new(state));
+        Ok(self)
     }
 
     fn route(&self, repo: &RepoName) -> Option<Route> {

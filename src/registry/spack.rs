@@ -34,6 +34,10 @@ impl Registry {
         if self.is_proxied(repo) {
             return self.proxied_spack_index(repo, with_content).await;
         }
+        // A hosted repository with fallbacks (`[[spack.merge]]`) lists theirs too.
+        if let Some(fallbacks) = self.spack_fallbacks(repo) {
+            return self.hosted_merged_index(repo, &fallbacks, with_content).await;
+        }
         match self.current_spack_index(repo, with_content).await? {
             Current::NotSpack => return Ok(None),
             Current::Fresh(m) => return Ok(Some(m)),

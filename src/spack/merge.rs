@@ -14,7 +14,8 @@
 //! ```
 //!
 //! - The primary's entries come first, in its order, then the secondary's entries whose hash
-//!   the primary does not list, in theirs. A hash in both keeps the primary's spec.
+//!   the primary does not list, in theirs. A hash in both keeps the primary's spec, or with
+//!   `prefer_secondary` the secondary's (a hosted repository's own spec over a fallback's).
 //! - `in_buildcache` is true if either index says so (the spec has a spec tag on one side).
 //! - `ref_count` counts the listed nodes that depend on the node: a primary entry's is its own
 //!   plus the secondary-only nodes with an edge to it; a secondary-only entry's is the
@@ -94,6 +95,7 @@ pub fn validate(data: &[u8]) -> Result<usize, String> {
 pub fn merge(
     primary: &[u8],
     secondary: &[u8],
+    prefer_secondary: bool,
     out: &mut dyn FnMut(&[u8]) -> Result<(), String>,
 ) -> Result<MergeStats, MergeError> {
     // The secondary, whole (it is built from the local catalog: the specs cached here).
@@ -135,7 +137,11 @@ pub fn merge(
         let ref_count = e.ref_count + extra_refs.get(&hash).copied().unwrap_or(0);
         let in_buildcache = e.in_buildcache || local_entry.is_some_and(|l| l.in_buildcache);
         primary_entries += 1;
-        sink.entry(&mut first, &hash, e.spec, ref_count, in_buildcache)
+        let spec = match local_entry {
+            Some(l) if prefer_secondary => l.spec,
+            _ => e.spec,
+        };
+        sink.entry(&mut first, &hash, spec, ref_count, in_buildcache)
             .map_err(|err| {
                 let text = err.to_string();
                 failed = Some(err);
@@ -377,7 +383,7 @@ mod tests {
     fn run(primary: &Value, secondary: &Value) -> Value {
         let (p, s) = (primary.to_string(), secondary.to_string());
         let mut out = Vec::new();
-        let stats = merge(p.as_bytes(), s.as_bytes(), &mut |d| {
+        let stats = merge(p.as_bytes(), s.as_bytes(), false, &mut |d| {
             out.extend_from_slice(d);
             Ok(())
         })
@@ -424,6 +430,25 @@ mod tests {
     }
 
     #[test]
+    fn with_prefer_secondary_a_hash_in_both_keeps_the_secondary_spec() {
+        let primary = json!({"database": {"installs": {
+            "s": {"spec": node("fallback", "s", &[]), "ref_count": 0, "in_buildcache": true}
+        }}});
+        let secondary = json!({"database": {"installs": {
+            "s": {"spec": node("hosted", "s", &[]), "ref_count": 0, "in_buildcache": true}
+        }}});
+        let (p, s) = (primary.to_string(), secondary.to_string());
+        let mut out = Vec::new();
+        merge(p.as_bytes(), s.as_bytes(), true, &mut |d| {
+            out.extend_from_slice(d);
+            Ok(())
+        })
+        .expect("merges");
+        let merged: Value = serde_json::from_slice(&out).expect("JSON");
+        assert_eq!(merged["database"]["installs"]["s"]["spec"]["name"], "hosted");
+    }
+
+    #[test]
     fn an_empty_secondary_gives_the_primary_back() {
         let primary = json!({"database": {"version": "8", "installs": {
             "aaa": {"spec": node("a", "aaa", &[]), "ref_count": 0, "in_buildcache": true}
@@ -448,7 +473,7 @@ mod tests {
             r#"{"database":{"installs":{"a":{"spec":{}}"#,
         ] {
             let mut wrote = false;
-            let got = merge(bad.as_bytes(), secondary.as_bytes(), &mut |_| {
+            let got = merge(bad.as_bytes(), secondary.as_bytes(), false, &mut |_| {
                 wrote = true;
                 Ok(())
             });
@@ -465,7 +490,9 @@ mod tests {
     #[test]
     fn a_consumer_that_goes_away_ends_the_merge() {
         let primary = json!({"database": {"installs": {"a": {"spec": {}}}}}).to_string();
-        let got = merge(primary.as_bytes(), primary.as_bytes(), &mut |_| Err("gone".into()));
+        let got = merge(primary.as_bytes(), primary.as_bytes(), false, &mut |_| {
+            Err("gone".into())
+        });
         assert!(matches!(got, Err(MergeError::Output(_))), "{got:?}");
     }
 }

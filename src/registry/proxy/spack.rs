@@ -58,7 +58,46 @@ const PIECES_AHEAD: usize = 16;
 /// Upstream index digests remembered as refused (per process); beyond it they are forgotten.
 const MAX_REJECTED: usize = 1024;
 
-fn index_tag() -> Reference {
+/// An index manifest merged into another repository's index.
+pub(super) struct Source {
+    /// The repository holding the manifest.
+    pub(super) repo: RepoName,
+    pub(super) digest: String,
+    /// Largest index blob read.
+    pub(super) max: u64,
+    /// The upstream it came from (named in errors).
+    pub(super) upstream: String,
+}
+
+impl Source {
+    /// Stands for "no source" in an error message.
+    fn none(repo: &RepoName) -> Source {
+        Source {
+            repo: repo.clone(),
+            digest: String::new(),
+            max: 0,
+            upstream: String::new(),
+        }
+    }
+}
+
+/// A failed merge as an error: the source's fault is an upstream error (502, or the stale
+/// copy), anything else internal.
+fn merge_failure(e: MergeError, repo: &RepoName, source: &Source) -> Error {
+    match e {
+        MergeError::Primary(reason) => {
+            tracing::warn!(repo = %repo, source = %source.repo, reason = %reason, "a Spack index to merge is invalid");
+            Error::Upstream(UpstreamError::Invalid {
+                upstream: source.upstream.clone(),
+                reason: format!("index.spack is not a valid Spack index: {reason}"),
+            })
+        }
+        MergeError::Secondary(_) => Error::Internal(Internal::Other("the local Spack index could not be read")),
+        MergeError::Output(_) => Error::Internal(Internal::Other("writing the merged Spack index failed")),
+    }
+}
+
+pub(super) fn index_tag() -> Reference {
     // A constant that is a valid tag: parsing cannot fail.
     Reference::Tag(
         INDEX_TAG
@@ -87,7 +126,11 @@ impl Registry {
             Ok(_) => self.catalog.manifest(repo, &tag, false).await?.map(|m| m.digest),
             // The upstream has no index: the specs cached here are the whole index.
             Err(Error::ManifestUnknown) => None,
-            Err(e) => return self.stale_merged_index(repo, &route, with_content, e).await,
+            Err(e) => {
+                return self
+                    .stale_merged_index(repo, route.upstream.prefix(), with_content, e)
+                    .await;
+            }
         };
         let inputs = upstream.clone().unwrap_or_else(|| "none".to_owned());
         if let Some(m) = self.current_merged_index(repo, &inputs, with_content).await? {
@@ -95,36 +138,67 @@ impl Registry {
         }
         if self.is_read_only() {
             return self
-                .stale_merged_index(repo, &route, with_content, Error::ReadOnly)
+                .stale_merged_index(repo, route.upstream.prefix(), with_content, Error::ReadOnly)
                 .await;
         }
-        let (this, owned, upstream_url) = (self.clone(), repo.clone(), route.upstream.url().to_owned());
-        let max = route.upstream.max_spack_index_size();
-        let built = tokio::spawn(async move {
+        let sources: Vec<Source> = upstream
+            .into_iter()
+            .map(|digest| Source {
+                repo: repo.clone(),
+                digest,
+                max: route.upstream.max_spack_index_size(),
+                upstream: route.upstream.url().to_owned(),
+            })
+            .collect();
+        match self.build_merged_once(repo, sources, false, inputs).await {
+            Ok(Some(digest)) => self.merged_manifest(repo, &digest, with_content).await,
+            Ok(None) => Ok(None),
+            Err(e @ Error::Upstream(_)) => {
+                self.stale_merged_index(repo, route.upstream.prefix(), with_content, e)
+                    .await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The index manifest `digest` of `repo`.
+    pub(super) async fn merged_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &str,
+        with_content: bool,
+    ) -> Result<Option<ManifestRecord>> {
+        let digest: Digest = digest.parse()?;
+        self.catalog
+            .manifest(repo, &Reference::Digest(digest), with_content)
+            .await
+    }
+
+    /// Builds the merged index of `repo` from `sources` and its own specs in a task of its
+    /// own, under the repository's build lock, unless a build from the same `inputs` is
+    /// current by then. Returns the manifest's digest (`None`: no spec recorded here).
+    pub(super) async fn build_merged_once(
+        &self,
+        repo: &RepoName,
+        sources: Vec<Source>,
+        prefer_local: bool,
+        inputs: String,
+    ) -> Result<Option<String>> {
+        let (this, owned) = (self.clone(), repo.clone());
+        tokio::spawn(async move {
             let _guard = this.spack_builds.lock(owned.as_str()).await;
             // Another reader may have built it while this one waited.
             if let Some(m) = this.current_merged_index(&owned, &inputs, false).await? {
                 return Ok(Some(m.digest));
             }
-            this.build_merged_index(&owned, upstream, &upstream_url, max).await
+            this.build_merged_index(&owned, &sources, prefer_local, &inputs).await
         })
-        .await?;
-        match built {
-            Ok(Some(digest)) => {
-                let digest: Digest = digest.parse()?;
-                self.catalog
-                    .manifest(repo, &Reference::Digest(digest), with_content)
-                    .await
-            }
-            Ok(None) => Ok(None),
-            Err(e @ Error::Upstream(_)) => self.stale_merged_index(repo, &route, with_content, e).await,
-            Err(e) => Err(e),
-        }
+        .await?
     }
 
     /// The merged index built last, if it was built from the current spec generation and the
     /// upstream index `inputs` names.
-    async fn current_merged_index(
+    pub(super) async fn current_merged_index(
         &self,
         repo: &RepoName,
         inputs: &str,
@@ -151,10 +225,10 @@ impl Registry {
 
     /// The merged index built last, whatever its inputs, served because `why` kept a new one
     /// from being built; `why` itself when there is none.
-    async fn stale_merged_index(
+    pub(super) async fn stale_merged_index(
         &self,
         repo: &RepoName,
-        route: &Route,
+        prefix: &str,
         with_content: bool,
         why: Error,
     ) -> Result<Option<ManifestRecord>> {
@@ -175,49 +249,32 @@ impl Registry {
             return Err(why);
         };
         tracing::warn!(
-            repo = %repo, upstream = route.upstream.prefix(), error = %why,
+            repo = %repo, upstream = prefix, error = %why,
             "serving the merged Spack index built last: a new one could not be built"
         );
         crate::metrics::get()
             .proxy_stale_serves
             .get_or_create(&crate::metrics::UpstreamOnlyLabels {
-                upstream: route.upstream.prefix().to_owned(),
+                upstream: prefix.to_owned(),
             })
             .inc();
         Ok(Some(m))
     }
 
-    /// Builds the merged index from the upstream index manifest `upstream` (stored here under
-    /// `index.spack`; `None`: no upstream index) and the specs cached here, and records it as
-    /// the repository's current index. `None`: no spec is cached after all.
+    /// Builds the merged index of `repo` from the index manifests `sources` (in priority
+    /// order) and the specs recorded here, and records it as the repository's current index.
+    /// With `prefer_local` a hash listed here and in a source keeps this repository's spec,
+    /// else the source's. `None`: no spec is recorded here after all.
     async fn build_merged_index(
         &self,
         repo: &RepoName,
-        upstream: Option<String>,
-        upstream_url: &str,
-        max: u64,
+        sources: &[Source],
+        prefer_local: bool,
+        inputs: &str,
     ) -> Result<Option<String>> {
         let started = std::time::Instant::now();
-        let invalid = |reason: String| {
-            Error::Upstream(UpstreamError::Invalid {
-                upstream: upstream_url.to_owned(),
-                reason,
-            })
-        };
-        let primary: Bytes = match &upstream {
-            None => Bytes::from_static(br#"{"database":{"installs":{}}}"#),
-            Some(digest) => {
-                let reference = Reference::Digest(digest.parse()?);
-                let Some(m) = self.catalog.manifest(repo, &reference, true).await? else {
-                    return Err(Error::Internal(Internal::Other("the upstream index manifest vanished")));
-                };
-                let layer = index_layer(m.content.as_deref().unwrap_or_default(), &m.media_type, max)
-                    .map_err(|reason| invalid(format!("index.spack {digest}: {reason}")))?;
-                self.read_blob_bounded(&layer, max).await?
-            }
-        };
 
-        // The local index, from one catalog snapshot (the specs cached here: small).
+        // The local index, from one catalog snapshot.
         let (to, mut from) = tokio::sync::mpsc::channel::<Bytes>(PIECES_AHEAD);
         let collect = async {
             let mut local = Vec::new();
@@ -230,6 +287,29 @@ impl Registry {
         let Some(snapshot) = snapshot? else {
             return Ok(None);
         };
+        // Sources folded in one at a time, each under what was merged before (which wins a
+        // hash in both when `prefer_local`); all but the last into memory, the last streamed.
+        let mut merged_so_far = Bytes::from(local);
+        let last = sources.len().saturating_sub(1);
+        for source in sources.iter().take(last) {
+            let primary = self.source_index(source).await?;
+            let secondary = merged_so_far.clone();
+            let folded = crate::metrics::spawn_blocking(move || {
+                let mut out = Vec::new();
+                merge::merge(&primary, &secondary, prefer_local, &mut |d: &[u8]| {
+                    out.extend_from_slice(d);
+                    Ok(())
+                })
+                .map(|_| out)
+            })
+            .await?;
+            merged_so_far = Bytes::from(folded.map_err(|e| merge_failure(e, repo, source))?);
+        }
+        let primary = match sources.get(last) {
+            Some(source) => self.source_index(source).await?,
+            None => Bytes::from_static(br#"{"database":{"installs":{}}}"#),
+        };
+        let local = merged_so_far;
 
         let id = uuid::Uuid::new_v4();
         let mut writer = self.store.start_upload_kept_in_cache(id, Algorithm::Sha256).await?;
@@ -245,7 +325,7 @@ impl Registry {
                 }
                 Ok(())
             };
-            let stats = merge::merge(&primary, &local, &mut out)?;
+            let stats = merge::merge(&primary, &local, prefer_local, &mut out)?;
             if !piece.is_empty() {
                 to.blocking_send(Bytes::from(piece))
                     .map_err(|_| MergeError::Output("the index writer went away".to_owned()))?;
@@ -265,17 +345,12 @@ impl Registry {
                 writer.abort().await;
                 return Err(e);
             }
-            (Ok(Err(MergeError::Primary(reason))), Ok(())) => {
-                writer.abort().await;
-                tracing::warn!(repo = %repo, upstream = upstream_url, reason = %reason, "the upstream Spack index is invalid");
-                return Err(invalid(format!("index.spack is not a valid Spack index: {reason}")));
-            }
             (Ok(Err(e)), Ok(())) => {
                 writer.abort().await;
-                return Err(Error::Internal(Internal::Other(match e {
-                    MergeError::Secondary(_) => "the local Spack index could not be read",
-                    _ => "writing the merged Spack index failed",
-                })));
+                return Err(match sources.get(last) {
+                    Some(source) => merge_failure(e, repo, source),
+                    None => merge_failure(e, repo, &Source::none(repo)),
+                });
             }
             (Err(e), Ok(())) => {
                 writer.abort().await;
@@ -288,7 +363,6 @@ impl Registry {
             let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(EMPTY_CONFIG))]);
             self.store_whole(repo, &config_digest, body).await?;
         }
-        let inputs = upstream.as_deref().unwrap_or("none");
         let body = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -322,11 +396,26 @@ impl Registry {
         m.spack_builds.inc();
         m.spack_build_duration.observe(started.elapsed().as_secs_f64());
         tracing::info!(
-            repo = %repo, digest = %digest, upstream_index = inputs, generation = snapshot.generation,
-            upstream_entries = stats.primary, local_only_entries = stats.secondary_only, bytes = stats.bytes,
+            repo = %repo, digest = %digest, inputs, generation = snapshot.generation,
+            last_source_entries = stats.primary, other_entries = stats.secondary_only, bytes = stats.bytes,
             duration_ms = started.elapsed().as_millis() as u64, "merged spack index built"
         );
         Ok(Some(digest.to_string()))
+    }
+
+    /// The index blob of `source`, read whole (at most its `max`).
+    async fn source_index(&self, source: &Source) -> Result<Bytes> {
+        let Some(m) = self.merged_manifest(&source.repo, &source.digest, true).await? else {
+            return Err(Error::Internal(Internal::Other("a Spack index merged here vanished")));
+        };
+        let layer =
+            index_layer(m.content.as_deref().unwrap_or_default(), &m.media_type, source.max).map_err(|reason| {
+                Error::Upstream(UpstreamError::Invalid {
+                    upstream: source.upstream.clone(),
+                    reason: format!("index.spack {}: {reason}", source.digest),
+                })
+            })?;
+        self.read_blob_bounded(&layer, source.max).await
     }
 
     /// A stored blob read whole, refused (as an invalid upstream answer) past `max` bytes.

@@ -39,6 +39,11 @@ struct Pair {
 impl Pair {
     /// With `extra` lines added to the mirror's `[[proxy]]` entry.
     fn start(tag_ttl: &str, extra: &str) -> Pair {
+        Self::start_with(tag_ttl, extra, &[])
+    }
+
+    /// With `envs` set for the mirror besides its configuration file.
+    fn start_with(tag_ttl: &str, extra: &str, envs: &[(&str, &str)]) -> Pair {
         let upstream = TestServer::start();
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("mirror.toml");
@@ -50,7 +55,9 @@ impl Pair {
             ),
         )
         .expect("write mirror config");
-        let mirror = TestServer::start_with(&[("STOWAGE_CONFIG", config.to_str().expect("utf-8"))]);
+        let mut all = vec![("STOWAGE_CONFIG", config.to_str().expect("utf-8"))];
+        all.extend_from_slice(envs);
+        let mirror = TestServer::start_with(&all);
         Pair {
             upstream,
             mirror,
@@ -427,5 +434,97 @@ async fn a_hosted_buildcache_with_a_proxied_fallback_lists_both_and_installs_thr
     assert_eq!(
         status, 502,
         "with the upstream down an uncached tag is an upstream error"
+    );
+}
+
+#[tokio::test]
+async fn a_fallback_is_pulled_with_the_hosted_repositorys_permission_and_pushes_link_its_blobs() {
+    let pair = Pair::start_with(
+        "10m",
+        &format!(
+            "\n[[spack.merge]]\nrepository = \"site/cache\"\nfallbacks = [\"up/{REPO}\"]\n\n[auth]\nenabled = true\n\n\
+             [[auth.rules]]\nrepositories = [\"site/cache\"]\nusers = [\"site\"]\nactions = [\"pull\", \"push\"]\n"
+        ),
+        &[("STOWAGE_AUTH__ENABLED", "true")],
+    );
+    common::run_cli(pair.mirror.data_dir(), &["user", "add", "site"], "site-pw\n");
+    let mut upstream = Replayer::new(&pair.upstream);
+    upstream.replay("01").await;
+    let tags = spec_tags(&pair.upstream, REPO).await;
+    let http = client();
+    let get = |path: String| {
+        http.get(pair.mirror.v2(&path))
+            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+    };
+
+    // Pull on site/cache is enough; the fallback itself is not open to this user, nor is
+    // site/cache to anonymous clients.
+    let libb = format!("site/cache/manifests/{}", tags[LIBB]);
+    let resp = get(libb.clone())
+        .basic_auth("site", Some("site-pw"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200, "through the fallback");
+    let manifest: Value = resp.json().await.expect("manifest");
+    let resp = get(libb).send().await.expect("GET");
+    assert_eq!(resp.status(), 401, "anonymous");
+    let resp = get(format!("up/{REPO}/manifests/{}", tags[LIBB]))
+        .basic_auth("site", Some("site-pw"))
+        .send()
+        .await
+        .expect("GET");
+    assert!(
+        [401, 403].contains(&resp.status().as_u16()),
+        "the fallback by its own name: {}",
+        resp.status()
+    );
+    let layer = manifest["layers"][0]["digest"].as_str().expect("layer").to_owned();
+    let resp = get(format!("site/cache/blobs/{layer}"))
+        .basic_auth("site", Some("site-pw"))
+        .send()
+        .await
+        .expect("GET blob");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(sha256(&resp.bytes().await.expect("blob")), layer);
+
+    // A push whose blobs a HEAD found in the fallback (so the client did not upload them):
+    // liba's manifest, never fetched by the mirror, pushed to site/cache under a tag of its own.
+    let (status, body, _) = get_manifest(&pair.upstream, REPO, &tags[LIBA]).await;
+    assert_eq!(status, 200);
+    let liba: Value = serde_json::from_slice(&body).expect("liba manifest");
+    for d in [&liba["config"]["digest"], &liba["layers"][0]["digest"]] {
+        let resp = http
+            .head(
+                pair.mirror
+                    .v2(&format!("site/cache/blobs/{}", d.as_str().expect("digest"))),
+            )
+            .basic_auth("site", Some("site-pw"))
+            .send()
+            .await
+            .expect("HEAD");
+        assert_eq!(resp.status(), 200, "found through the fallback");
+    }
+    let resp = http
+        .put(pair.mirror.v2("site/cache/manifests/liba-copy"))
+        .basic_auth("site", Some("site-pw"))
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(resp.status(), 201, "the fallback's blobs were linked for the push");
+    let resp = http
+        .put(pair.mirror.v2(&format!("up/{REPO}/manifests/liba-copy")))
+        .basic_auth("site", Some("site-pw"))
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .body(body)
+        .send()
+        .await
+        .expect("PUT");
+    assert!(
+        resp.status().is_client_error(),
+        "the fallback stays read-only: {}",
+        resp.status()
     );
 }

@@ -36,6 +36,9 @@
 //!   ever; a client joining a flight looks at its outcome before its tee.
 //! - In read-only maintenance nothing is fetched: cached content is served as it is (tags
 //!   without re-validation), anything else is answered 503 like a write.
+//! - Spack: a proxied buildcache's `index.spack` is its upstream's merged with the specs
+//!   cached here ([`spack`]); an upstream index is bounded and checked before it is stored.
+//!   A hosted buildcache may name proxied repositories as fallbacks ([`merge`]).
 //! - Pushes and deletes into a proxied repository are refused with 405 `UNSUPPORTED`
 //!   ([`Registry::refuse_if_proxied`]); the access policy applies to pulls as for any
 //!   repository (the HTTP layer checks it before the service is called).

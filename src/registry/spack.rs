@@ -4,6 +4,10 @@
 //! `index.spack` is read and the repository's spec tags changed since the last build. One build
 //! runs at a time per repository and concurrent readers wait for it and share its result; an
 //! unchanged index is served from the manifest already built.
+//!
+//! A proxied repository's index (the upstream's merged with the specs cached there) and a
+//! hosted repository's with `[[spack.merge]]` fallbacks are built by `registry::proxy::spack`
+//! and `registry::proxy::merge`; [`Registry::spack_index`] only dispatches to them.
 
 use bytes::Bytes;
 

@@ -164,8 +164,12 @@ async fn a_proxied_buildcache_serves_the_upstream_index_merged_with_the_specs_ca
         "appc still unseen within tag_ttl"
     );
     // Read again: not rebuilt.
+    let built = index_builds(&pair.mirror).await;
+    assert!(built >= 1.0, "a merged index was built");
     let merged = index_digest(&pair.mirror, &mirrored).await;
     assert_eq!(index_digest(&pair.mirror, &mirrored).await, merged);
+    served_index(&pair.mirror, &mirrored).await;
+    assert_eq!(index_builds(&pair.mirror).await, built, "reads do not rebuild");
 
     // After tag_ttl the upstream's new index is merged in.
     wait_until("appc is listed by the mirror", || async {
@@ -261,6 +265,22 @@ async fn stale_serves(server: &TestServer) -> f64 {
         .filter(|l| l.starts_with("stowage_proxy_stale_serves_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// `stowage_spack_index_builds_total`: index builds (hosted and merged) since start.
+async fn index_builds(server: &TestServer) -> f64 {
+    let text = client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("stowage_spack_index_builds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The status and OCI error code of a GET of `index.spack`.
@@ -396,12 +416,14 @@ async fn a_hosted_buildcache_with_a_proxied_fallback_lists_both_and_installs_thr
             .is_some_and(|a| a.starts_with(&format!("up/{REPO}@sha256:"))),
         "built from the fallback's index: {manifest}"
     );
+    let built = index_builds(&pair.mirror).await;
     let merged = index_digest(&pair.mirror, REPO).await;
     assert_eq!(
         index_digest(&pair.mirror, REPO).await,
         merged,
         "not rebuilt per request"
     );
+    assert_eq!(index_builds(&pair.mirror).await, built, "reads do not rebuild");
 
     // An install-shaped session against the hosted repository: every spec comes from the
     // upstream through the fallback.

@@ -313,7 +313,7 @@ impl Registry {
 
         let id = uuid::Uuid::new_v4();
         let mut writer = self.store.start_upload_kept_in_cache(id, Algorithm::Sha256).await?;
-        let (to, mut from) = tokio::sync::mpsc::channel::<Bytes>(PIECES_AHEAD);
+        let (to, from) = tokio::sync::mpsc::channel::<Bytes>(PIECES_AHEAD);
         let merging = crate::metrics::spawn_blocking(move || {
             let mut piece = Vec::with_capacity(PIECE);
             let mut out = |data: &[u8]| {
@@ -332,7 +332,11 @@ impl Registry {
             }
             Ok::<_, MergeError>(stats)
         });
+        // The receiver is moved into the block, so that a failed write drops it: the merge task
+        // then sees a closed channel instead of blocking in `blocking_send` for ever (holding
+        // the build lock and a blocking thread).
         let store = async {
+            let mut from = from;
             while let Some(piece) = from.recv().await {
                 writer.write(piece).await?;
             }

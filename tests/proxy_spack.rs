@@ -550,3 +550,51 @@ async fn a_fallback_is_pulled_with_the_hosted_repositorys_permission_and_pushes_
         resp.status()
     );
 }
+
+#[tokio::test]
+async fn a_push_into_a_hosted_buildcache_works_while_its_fallbacks_upstream_is_down() {
+    let mut pair = Pair::start(
+        "10m",
+        &format!("\n[[spack.merge]]\nrepository = \"{REPO}\"\nfallbacks = [\"up/{REPO}\"]\n"),
+    );
+    pair.upstream.kill();
+
+    // A real Spack push (capture 01) into the hosted repository: every blob is `HEAD`ed
+    // first, and Spack aborts on any answer but 200 or 404. The fallback's upstream cannot be
+    // asked, so the blobs are simply not there (404) and get uploaded.
+    let mismatches = Replayer::new(&pair.mirror)
+        .replay_capture(&common::replay::Capture::load("01"))
+        .await;
+    // The existence check of each spec's manifest answers the fallback's upstream error; Spack
+    // counts any error there as "missing" (PROTOCOL.md, push step 1), so that is no failure.
+    let unexpected: Vec<&String> = mismatches
+        .iter()
+        .filter(|m| !(m.contains(" GET /v2/") && m.contains("/manifests/") && m.contains("status 502, captured 404")))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "the push differs from the capture:\n  {}",
+        unexpected.iter().map(|m| m.as_str()).collect::<Vec<_>>().join("\n  ")
+    );
+    let pushed = spec_tags(&pair.mirror, REPO).await;
+    assert_eq!(
+        pushed.keys().cloned().collect::<Vec<_>>(),
+        sorted(LIBB_CLOSURE),
+        "every spec of the push stored in the hosted repository"
+    );
+
+    // A blob neither side has: 404 `BLOB_UNKNOWN`, not a 502, on HEAD and GET.
+    let missing = format!("sha256:{}", "0".repeat(64));
+    for method in [reqwest::Method::HEAD, reqwest::Method::GET] {
+        let resp = client()
+            .request(method.clone(), pair.mirror.v2(&format!("{REPO}/blobs/{missing}")))
+            .send()
+            .await
+            .expect("blob request");
+        assert_eq!(resp.status(), 404, "{method} of an unknown blob");
+        if method == reqwest::Method::GET {
+            let body: Value = resp.json().await.expect("error body");
+            assert_eq!(body["errors"][0]["code"], "BLOB_UNKNOWN", "{body}");
+        }
+    }
+}

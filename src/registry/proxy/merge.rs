@@ -13,7 +13,10 @@
 //! - A manifest that is not found in the hosted repository (by tag or digest) is looked up in
 //!   each fallback in order, exactly as a pull of the fallback would (fetched and cached
 //!   there on first request). A blob not linked in the hosted repository is served from the
-//!   first fallback that has it cached, else from the first whose upstream has it.
+//!   first fallback that has it cached, else from the first whose upstream has it; a fallback
+//!   whose upstream cannot answer counts as not having it (`BLOB_UNKNOWN`, never a 502), so
+//!   that a push into the hosted repository (which `HEAD`s each blob first) works while an
+//!   upstream is down.
 //! - Pushes go to the hosted repository as ever; a manifest pushed there may reference blobs
 //!   that a `HEAD` found in a fallback (Spack skips uploading those): they are linked into the
 //!   hosted repository from the fallback before the manifest is stored. Fallbacks stay
@@ -150,6 +153,11 @@ impl Registry {
     /// has fallbacks and does not link the blob; then the first fallback that has it cached,
     /// else the first whose upstream has it (asked with a `HEAD`), else `repo` (which answers
     /// `BLOB_UNKNOWN`).
+    ///
+    /// A fallback that cannot answer (its upstream down or rate-limiting, or this instance
+    /// read-only) counts as not having the blob: logged, never an error. A push into the hosted
+    /// repository `HEAD`s every blob before uploading it and must not depend on an upstream
+    /// it needs nothing from.
     pub async fn blob_source(&self, repo: &RepoName, digest: &Digest) -> Result<RepoName> {
         let Some(fallbacks) = self.spack_fallbacks(repo) else {
             return Ok(repo.clone());
@@ -162,20 +170,19 @@ impl Registry {
                 return Ok(fallback.clone());
             }
         }
-        let mut failed = None;
         for fallback in fallbacks {
             match self.proxied_blob_size(&fallback, digest).await {
                 Ok(Some(_)) => return Ok(fallback),
                 Ok(None) | Err(Error::BlobUnknown(_)) => {}
                 Err(e) => {
-                    failed.get_or_insert(e);
+                    tracing::warn!(
+                        repo = %repo, fallback = %fallback, digest = %digest, error = %e,
+                        "a fallback could not be asked for a blob: taken as not there"
+                    );
                 }
             }
         }
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(repo.clone()),
-        }
+        Ok(repo.clone())
     }
 
     /// Before a manifest is pushed to hosted `repo`: links into it the blobs the manifest

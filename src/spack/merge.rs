@@ -16,6 +16,8 @@
 //! - The primary's entries come first, in its order, then the secondary's entries whose hash
 //!   the primary does not list, in theirs. A hash in both keeps the primary's spec, or with
 //!   `prefer_secondary` the secondary's (a hosted repository's own spec over a fallback's).
+//! - A hash listed twice in one index (malformed JSON for Spack, whose parser keeps the last)
+//!   keeps its first entry here, written once.
 //! - `in_buildcache` is true if either index says so (the spec has a spec tag on one side).
 //! - `ref_count` counts the listed nodes that depend on the node: a primary entry's is its own
 //!   plus the secondary-only nodes with an edge to it; a secondary-only entry's is the
@@ -28,9 +30,11 @@
 //! The primary is read twice, streaming, by a visitor that never builds a tree of the whole
 //! document: once to find which secondary hashes it lists (and to reject a malformed index
 //! before anything is written), once to write it. Each entry's `spec` is borrowed from the
-//! input as raw JSON; only the secondary-only specs are parsed (for their dependency edges).
+//! input as raw JSON; only the secondary-only specs are read again, streaming, for the hashes of
+//! their dependency edges (nothing else of them is built in memory).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::fmt;
 
 use serde::Deserialize;
@@ -105,25 +109,47 @@ pub fn merge(
         Ok(())
     })
     .map_err(MergeError::Secondary)?;
-    let by_hash: HashMap<&str, usize> = local.iter().enumerate().map(|(i, (h, _))| (h.as_str(), i)).collect();
+    // A hash listed twice keeps its first entry (on either side).
+    let mut by_hash: HashMap<&str, usize> = HashMap::with_capacity(local.len());
+    let mut repeated = vec![false; local.len()];
+    for (i, (h, _)) in local.iter().enumerate() {
+        match by_hash.entry(h.as_str()) {
+            std::collections::hash_map::Entry::Occupied(_) => repeated[i] = true,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(i);
+            }
+        }
+    }
 
-    // Pass 1 over the primary: which local hashes it lists (and whether it is valid at all).
+    // Pass 1 over the primary: which local hashes it lists (and whether it is valid at all),
+    // and which of its hashes may be listed twice (a 64-bit fingerprint per entry; the few
+    // whose fingerprint was seen before are kept by name and checked exactly in pass 2).
     let mut in_primary = vec![false; local.len()];
+    let fingerprint = std::collections::hash_map::RandomState::new();
+    let mut fingerprints: HashSet<u64> = HashSet::new();
+    let mut maybe_repeated: HashSet<String> = HashSet::new();
     let primary_version = walk(primary, |hash, _| {
         if let Some(&i) = by_hash.get(hash.as_str()) {
             in_primary[i] = true;
         }
+        if !fingerprints.insert(fingerprint.hash_one(hash.as_str())) {
+            maybe_repeated.insert(hash);
+        }
         Ok(())
     })
     .map_err(MergeError::Primary)?;
+    drop(fingerprints);
 
     // Edges from local-only nodes to primary nodes raise the latter's ref_count.
     let mut extra_refs: HashMap<String, i64> = HashMap::new();
-    for ((_, e), listed) in local.iter().zip(&in_primary) {
-        if !*listed {
-            for dep in dependency_hashes(e.spec) {
-                *extra_refs.entry(dep).or_default() += 1;
-            }
+    for (((_, e), listed), again) in local.iter().zip(&in_primary).zip(&repeated) {
+        if !*listed && !*again {
+            for_each_dependency(e.spec, &mut |dep| match extra_refs.get_mut(dep) {
+                Some(n) => *n = n.saturating_add(1),
+                None => {
+                    extra_refs.insert(dep.to_owned(), 1);
+                }
+            });
         }
     }
 
@@ -132,9 +158,14 @@ pub fn merge(
     let mut first = true;
     let mut primary_entries = 0usize;
     let mut failed: Option<MergeError> = None;
+    let mut emitted_repeats: HashSet<String> = HashSet::new();
     let walked = walk(primary, |hash, e| {
+        if maybe_repeated.contains(&hash) && !emitted_repeats.insert(hash.clone()) {
+            // Listed before: the first entry was written.
+            return Ok(());
+        }
         let local_entry = by_hash.get(hash.as_str()).map(|&i| &local[i].1);
-        let ref_count = e.ref_count + extra_refs.get(&hash).copied().unwrap_or(0);
+        let ref_count = e.ref_count.saturating_add(extra_refs.get(&hash).copied().unwrap_or(0));
         let in_buildcache = e.in_buildcache || local_entry.is_some_and(|l| l.in_buildcache);
         primary_entries += 1;
         let spec = match local_entry {
@@ -153,8 +184,8 @@ pub fn merge(
     }
     walked.map_err(MergeError::Primary)?;
     let mut secondary_only = 0usize;
-    for ((hash, e), listed) in local.iter().zip(&in_primary) {
-        if !*listed {
+    for (((hash, e), listed), again) in local.iter().zip(&in_primary).zip(&repeated) {
+        if !*listed && !*again {
             secondary_only += 1;
             sink.entry(&mut first, hash, e.spec, e.ref_count, e.in_buildcache)?;
         }
@@ -181,6 +212,8 @@ impl Sink<'_> {
         (self.out)(data).map_err(MergeError::Output)
     }
 
+    /// One `installs` entry, written straight to the output (the spec is never copied into
+    /// a buffer of its own).
     fn entry(
         &mut self,
         first: &mut bool,
@@ -189,13 +222,14 @@ impl Sink<'_> {
         ref_count: i64,
         in_buildcache: bool,
     ) -> Result<(), MergeError> {
+        if !std::mem::take(first) {
+            self.write(b",")?;
+        }
         let key = serde_json::Value::String(hash.to_owned()).to_string();
-        let comma = if std::mem::take(first) { "" } else { "," };
-        let text = format!(
-            "{comma}{key}:{{\"spec\":{},\"ref_count\":{ref_count},\"in_buildcache\":{in_buildcache}}}",
-            spec.get()
-        );
-        self.write(text.as_bytes())
+        self.write(key.as_bytes())?;
+        self.write(br#":{"spec":"#)?;
+        self.write(spec.get().as_bytes())?;
+        self.write(format!(",\"ref_count\":{ref_count},\"in_buildcache\":{in_buildcache}}}").as_bytes())
     }
 }
 
@@ -211,22 +245,260 @@ fn lower_version(a: Option<String>, b: Option<String>) -> String {
     }
 }
 
-/// The DAG hashes a node depends on: `dependencies` as a list of `{"hash":…}` (spec format 2
-/// and later) or an object of them by name (older formats). Anything else: none.
-fn dependency_hashes(spec: &RawValue) -> Vec<String> {
-    #[derive(Deserialize)]
-    struct Deps {
-        #[serde(default)]
-        dependencies: serde_json::Value,
+/// `text` cut to at most 64 bytes (at a character boundary), for messages and logs: a key
+/// from an upstream index can be any length.
+fn shortened(text: &str) -> String {
+    const MAX: usize = 64;
+    if text.len() <= MAX {
+        return text.to_owned();
     }
-    let Ok(deps) = serde_json::from_str::<Deps>(spec.get()) else {
-        return Vec::new();
-    };
-    let hash = |v: &serde_json::Value| v.get("hash").and_then(|h| h.as_str()).map(str::to_owned);
-    match deps.dependencies {
-        serde_json::Value::Array(list) => list.iter().filter_map(hash).collect(),
-        serde_json::Value::Object(map) => map.values().filter_map(hash).collect(),
-        _ => Vec::new(),
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// Longest DAG hash counted as a dependency (Spack's are 32 characters); longer ones are
+/// ignored, so that the edge counts stay bounded by the number of nodes, not by their text.
+const MAX_HASH_LEN: usize = 128;
+
+/// Calls `each` with every DAG hash node `spec` depends on: `dependencies` as a list of
+/// `{"hash":…}` (spec format 2 and later) or an object of them by name (older formats);
+/// anything else, or an element without a string `hash`, names none. Streaming: nothing but
+/// the hash strings is kept (the rest of `dependencies`, however large, is skipped), and
+/// nothing is allocated per element.
+fn for_each_dependency(spec: &RawValue, each: &mut dyn FnMut(&str)) {
+    let mut de = serde_json::Deserializer::from_str(spec.get());
+    // A malformed spec names the dependencies read before the fault (the primary's specs are
+    // only checked to be objects; a bad one miscounts, never fails the merge).
+    let _ = de.deserialize_map(SpecDeps { each });
+}
+
+/// A spec object: only its `dependencies` are looked at.
+struct SpecDeps<'f> {
+    each: &'f mut dyn FnMut(&str),
+}
+
+impl<'de> Visitor<'de> for SpecDeps<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a spec object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(deps) = map.next_key_seed(KeyIs("dependencies"))? {
+            if deps {
+                map.next_value_seed(DepList { each: &mut *self.each })?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a map key is the given name, read without allocating (unless escaped).
+struct KeyIs(&'static str);
+
+impl<'de> DeserializeSeed<'de> for KeyIs {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIs {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
+}
+
+/// `dependencies`: a list or an object of dependency nodes; anything else is skipped.
+struct DepList<'f> {
+    each: &'f mut dyn FnMut(&str),
+}
+
+impl<'de> DeserializeSeed<'de> for DepList<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DepList<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list or an object of dependencies")
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(DepNode { each: &mut *self.each })?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            map.next_value_seed(DepNode { each: &mut *self.each })?;
+        }
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// One dependency node: its string `hash` is handed on, the rest skipped. A node that is not
+/// an object names nothing.
+struct DepNode<'f> {
+    each: &'f mut dyn FnMut(&str),
+}
+
+impl<'de> DeserializeSeed<'de> for DepNode<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DepNode<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a dependency")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = false;
+        while let Some(hash) = map.next_key_seed(KeyIs("hash"))? {
+            if hash && !seen {
+                seen = true;
+                let text = map.next_value::<HashText<'de>>()?;
+                if let Some(h) = text.0.filter(|h| !h.is_empty() && h.len() <= MAX_HASH_LEN) {
+                    (self.each)(&h);
+                }
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// A `hash` value: its text if it is a string (borrowed when it has no escapes), else
+/// nothing (skipped without being built).
+struct HashText<'de>(Option<std::borrow::Cow<'de, str>>);
+
+impl<'de> Deserialize<'de> for HashText<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = HashText<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a DAG hash")
+            }
+
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(HashText(Some(std::borrow::Cow::Borrowed(v))))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(HashText((v.len() <= MAX_HASH_LEN).then(|| std::borrow::Cow::Owned(v.to_owned()))))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(HashText(None))
+            }
+
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(HashText(None))
+            }
+
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(HashText(None))
+            }
+
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(HashText(None))
+            }
+
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(HashText(None))
+            }
+
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(HashText(None))
+            }
+
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(HashText(None))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -362,7 +634,7 @@ where
             }
             let e: RawEntry<'de> = map.next_value()?;
             if !e.spec.get().starts_with('{') {
-                return Err(de::Error::custom(format!("the spec of {hash} is not an object")));
+                return Err(de::Error::custom(format!("the spec of {} is not an object", shortened(&hash))));
             }
             let entry = Entry {
                 spec: e.spec,
@@ -494,5 +766,94 @@ mod tests {
             Err("gone".into())
         });
         assert!(matches!(got, Err(MergeError::Output(_))), "{got:?}");
+    }
+
+    fn merged_text(primary: &str, secondary: &str) -> Value {
+        let mut out = Vec::new();
+        merge(primary.as_bytes(), secondary.as_bytes(), false, &mut |d| {
+            out.extend_from_slice(d);
+            Ok(())
+        })
+        .expect("merges");
+        serde_json::from_slice(&out).expect("output is JSON")
+    }
+
+    #[test]
+    fn dependency_edges_are_read_from_either_form_and_junk_is_skipped() {
+        let primary = json!({"database": {"installs": {
+            "p1": {"spec": node("p1", "p1", &[]), "ref_count": 0},
+            "p2": {"spec": node("p2", "p2", &[]), "ref_count": 5},
+            "p3": {"spec": node("p3", "p3", &[]), "ref_count": 0}
+        }}})
+        .to_string();
+        // List form with extra fields and junk elements; object form (old specs); a
+        // `dependencies` that is neither; a spec with a hash that is not a string.
+        let secondary = json!({"database": {"installs": {
+            "s1": {"spec": {"name": "s1", "dependencies": [
+                {"name": "a", "hash": "p1", "parameters": {"deptypes": ["build", "link"], "virtuals": []}},
+                "junk", 7, null, [1, 2], {"no-hash": true}, {"hash": 12}, {"hash": {"deep": ["p2"]}},
+                {"hash": "p2", "hash2": "p3"}
+            ]}},
+            "s2": {"spec": {"name": "s2", "dependencies": {"a": {"hash": "p1"}, "b": {"hash": "p3", "type": ["link"]}}}},
+            "s3": {"spec": {"name": "s3", "dependencies": "p1"}},
+            "s4": {"spec": {"name": "s4", "dependencies": [{"hash": "x".repeat(MAX_HASH_LEN + 1)}]}}
+        }}})
+        .to_string();
+        let merged = merged_text(&primary, &secondary);
+        let installs = &merged["database"]["installs"];
+        assert_eq!(installs["p1"]["ref_count"], 2, "s1 (list) and s2 (object)");
+        assert_eq!(installs["p2"]["ref_count"], 6, "its own 5 and s1's");
+        assert_eq!(installs["p3"]["ref_count"], 1, "s2 only: hash2 is no edge");
+        assert_eq!(installs["s1"]["spec"]["dependencies"].as_array().map(Vec::len), Some(9), "specs are copied whole");
+    }
+
+    #[test]
+    fn a_huge_dependency_list_is_counted_without_being_built() {
+        // 200,000 dependency nodes with padding: read streaming, counted exactly.
+        let mut deps = String::from("[");
+        for i in 0..200_000 {
+            if i > 0 {
+                deps.push(',');
+            }
+            deps.push_str(r#"{"name":"pad","hash":"p1","parameters":{"deptypes":["build","link","run"],"virtuals":["mpi","blas"]}}"#);
+        }
+        deps.push(']');
+        let primary = r#"{"database":{"installs":{"p1":{"spec":{"name":"p1"},"ref_count":0}}}}"#;
+        let secondary = format!(r#"{{"database":{{"installs":{{"big":{{"spec":{{"name":"big","dependencies":{deps}}}}}}}}}}}"#);
+        let merged = merged_text(primary, &secondary);
+        assert_eq!(merged["database"]["installs"]["p1"]["ref_count"], 200_000);
+    }
+
+    #[test]
+    fn ref_counts_saturate_and_repeated_hashes_are_written_once() {
+        let primary = format!(
+            r#"{{"database":{{"installs":{{"p1":{{"spec":{{"name":"first"}},"ref_count":{}}},"p2":{{"spec":{{}}}},"p1":{{"spec":{{"name":"second"}},"ref_count":0}}}}}}}}"#,
+            i64::MAX
+        );
+        let secondary = r#"{"database":{"installs":{
+            "s1":{"spec":{"name":"s1-first","dependencies":[{"hash":"p1"}]},"in_buildcache":true},
+            "s1":{"spec":{"name":"s1-second","dependencies":[{"hash":"p1"}]}}}}}"#;
+        let mut out = Vec::new();
+        merge(primary.as_bytes(), secondary.as_bytes(), false, &mut |d| {
+            out.extend_from_slice(d);
+            Ok(())
+        })
+        .expect("merges");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert_eq!(text.matches(r#""p1":"#).count(), 1, "{text}");
+        assert_eq!(text.matches(r#""s1":"#).count(), 1, "{text}");
+        let merged: Value = serde_json::from_str(&text).expect("JSON");
+        let installs = &merged["database"]["installs"];
+        assert_eq!(installs["p1"]["spec"]["name"], "first");
+        assert_eq!(installs["p1"]["ref_count"], i64::MAX, "saturated, not overflowed");
+        assert_eq!(installs["s1"]["spec"]["name"], "s1-first");
+    }
+
+    #[test]
+    fn a_long_key_is_shortened_in_the_error() {
+        let key = "k".repeat(100_000);
+        let bad = format!(r#"{{"database":{{"installs":{{"{key}":{{"spec":1}}}}}}}}"#);
+        let err = validate(bad.as_bytes()).expect_err("refused");
+        assert!(err.len() < 300, "{} bytes: {}", err.len(), &err[..200]);
     }
 }

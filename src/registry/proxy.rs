@@ -206,6 +206,9 @@ pub(crate) struct ProxyState {
     rejected_indexes: Mutex<HashSet<String>>,
     /// `[[spack.merge]]`: hosted repositories and their fallbacks (see [`merge`]).
     spack_merge: merge::Fallbacks,
+    /// Held while a Spack index is read whole to be checked or merged (see [`spack`]): a
+    /// process-wide bound on the memory they take, whatever the number of proxies.
+    spack_index_reads: tokio::sync::Semaphore,
 }
 
 impl ProxyState {
@@ -220,6 +223,7 @@ impl ProxyState {
             pulls: lru::ProxyPulls::default(),
             rejected_indexes: Mutex::new(HashSet::new()),
             spack_merge: HashMap::new(),
+            spack_index_reads: tokio::sync::Semaphore::new(spack::INDEX_READS),
         }
     }
 

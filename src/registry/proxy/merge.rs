@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 
 use super::super::Registry;
-use super::spack::{Source, index_tag};
+use super::spack::{Source, index_tag, inputs_of};
 use crate::catalog::ManifestRecord;
 use crate::config::SpackMergeConfig;
 use crate::error::{Error, Result};
@@ -102,12 +102,7 @@ impl Registry {
                 None => Ok(None),
             };
         }
-        let inputs: Vec<String> = sources.iter().map(|s| format!("{}@{}", s.repo, s.digest)).collect();
-        let inputs = if inputs.is_empty() {
-            "none".to_owned()
-        } else {
-            inputs.join(",")
-        };
+        let inputs = inputs_of(&sources, true);
         if let Some(m) = self.current_merged_index(repo, &inputs, with_content).await? {
             return Ok(Some(m));
         }

@@ -26,7 +26,10 @@
 //! - A locally cached spec stays listed while its spec tag is cached, whatever the upstream
 //!   index says; a spec the upstream lists is listed whether cached or not.
 //! - The upstream index is held in memory once while merging (bounded by
-//!   `max_spack_index_size`); the output is streamed into a staged upload.
+//!   `max_spack_index_size`); the output is streamed into a staged upload. At most
+//!   [`INDEX_READS`] indexes are read whole at a time in the process (checks and builds).
+//! - A build never publishes from inputs older than those it could see: its sources are read
+//!   again under the build lock, and a source replaced while it is read restarts the build.
 //! - An upstream failure (down, refusing, an invalid or oversized index) never gives a 500: the
 //!   merged index built last is served (with a warning and the stale-serve metric), or the
 //!   upstream error (502) when there is none.
@@ -54,6 +57,14 @@ const PIECE: usize = 1024 * 1024;
 
 /// Pieces produced ahead of the upload they are written to.
 const PIECES_AHEAD: usize = 16;
+
+/// Spack indexes read whole at a time in the whole process (checks of a fetched upstream index
+/// and merged builds): each holds up to `max_spack_index_size` (a hosted build with fallbacks
+/// more), so this bounds their memory whatever the number of `[[proxy]]` entries.
+pub(super) const INDEX_READS: usize = 2;
+
+/// Attempts at a merged build whose source index was replaced (and deleted) while it was read.
+const BUILD_ATTEMPTS: usize = 3;
 
 /// Upstream index digests remembered as refused (per process); beyond it they are forgotten.
 const MAX_REJECTED: usize = 1024;
@@ -177,6 +188,13 @@ impl Registry {
     /// Builds the merged index of `repo` from `sources` and its own specs in a task of its
     /// own, under the repository's build lock, unless a build from the same `inputs` is
     /// current by then. Returns the manifest's digest (`None`: no spec recorded here).
+    ///
+    /// Under the lock the sources are read again from the catalog ([`Self::sources_now`]): a
+    /// caller that read them before waiting may hold digests another build has since replaced,
+    /// and a build from older inputs must never replace a newer one (the catalog accepts an
+    /// equal generation). A source replaced (and its manifest deleted) while it is read makes
+    /// the build start again from the sources read afresh, a few times, then an upstream
+    /// error (served as the stale copy), never a 500.
     pub(super) async fn build_merged_once(
         &self,
         repo: &RepoName,
@@ -187,13 +205,80 @@ impl Registry {
         let (this, owned) = (self.clone(), repo.clone());
         tokio::spawn(async move {
             let _guard = this.spack_builds.lock(owned.as_str()).await;
-            // Another reader may have built it while this one waited.
-            if let Some(m) = this.current_merged_index(&owned, &inputs, false).await? {
-                return Ok(Some(m.digest));
+            let _permit = match this.proxy.as_ref() {
+                Some(p) => Some(
+                    p.spack_index_reads
+                        .acquire()
+                        .await
+                        .map_err(|_| Error::Internal(Internal::Other("the Spack index semaphore is closed")))?,
+                ),
+                None => None,
+            };
+            let mut sources = sources;
+            let mut inputs = inputs;
+            for _ in 0..BUILD_ATTEMPTS {
+                (sources, inputs) = this.sources_now(&owned, sources, prefer_local, inputs).await?;
+                // Another reader may have built it while this one waited.
+                if let Some(m) = this.current_merged_index(&owned, &inputs, false).await? {
+                    return Ok(Some(m.digest));
+                }
+                match this.build_merged_index(&owned, &sources, prefer_local, &inputs).await? {
+                    Built::Index(digest) => return Ok(Some(digest)),
+                    Built::NoSpecs => return Ok(None),
+                    Built::Vanished(source) => {
+                        tracing::info!(repo = %owned, source = %source, "a Spack index being merged was replaced: merging again");
+                    }
+                }
             }
-            this.build_merged_index(&owned, &sources, prefer_local, &inputs).await
+            Err(Error::Upstream(UpstreamError::Invalid {
+                upstream: sources.first().map(|s| s.upstream.clone()).unwrap_or_default(),
+                reason: "index.spack kept changing while it was merged".to_owned(),
+            }))
         })
         .await?
+    }
+
+    /// `sources` (and their `inputs` string) as the catalog names them now: each source's
+    /// digest replaced by the newer one its repository holds, if any (a proxied repository's
+    /// upstream index tag; a fallback's current merged index, else its upstream index tag).
+    /// A source whose repository holds none now keeps its digest.
+    async fn sources_now(
+        &self,
+        repo: &RepoName,
+        mut sources: Vec<Source>,
+        hosted: bool,
+        inputs: String,
+    ) -> Result<(Vec<Source>, String)> {
+        let mut changed = false;
+        for source in &mut sources {
+            let merged = if &source.repo == repo {
+                None
+            } else {
+                self.catalog
+                    .spack_index_state(&source.repo)
+                    .await?
+                    .and_then(|s| s.manifest_digest)
+            };
+            let now = match merged {
+                Some(d) => Some(d),
+                None => self
+                    .catalog
+                    .manifest(&source.repo, &index_tag(), false)
+                    .await?
+                    .map(|m| m.digest.to_string()),
+            };
+            if let Some(now) = now
+                && now != source.digest
+            {
+                source.digest = now;
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok((sources, inputs));
+        }
+        let inputs = inputs_of(&sources, hosted);
+        Ok((sources, inputs))
     }
 
     /// The merged index built last, if it was built from the current spec generation and the
@@ -264,14 +349,14 @@ impl Registry {
     /// Builds the merged index of `repo` from the index manifests `sources` (in priority
     /// order) and the specs recorded here, and records it as the repository's current index.
     /// With `prefer_local` a hash listed here and in a source keeps this repository's spec,
-    /// else the source's. `None`: no spec is recorded here after all.
+    /// else the source's.
     async fn build_merged_index(
         &self,
         repo: &RepoName,
         sources: &[Source],
         prefer_local: bool,
         inputs: &str,
-    ) -> Result<Option<String>> {
+    ) -> Result<Built> {
         let started = std::time::Instant::now();
 
         // The local index, from one catalog snapshot.
@@ -285,14 +370,16 @@ impl Registry {
         };
         let (snapshot, local) = tokio::join!(self.catalog.spack_index_stream(repo, PIECE, to), collect);
         let Some(snapshot) = snapshot? else {
-            return Ok(None);
+            return Ok(Built::NoSpecs);
         };
         // Sources folded in one at a time, each under what was merged before (which wins a
         // hash in both when `prefer_local`); all but the last into memory, the last streamed.
         let mut merged_so_far = Bytes::from(local);
         let last = sources.len().saturating_sub(1);
         for source in sources.iter().take(last) {
-            let primary = self.source_index(source).await?;
+            let Some(primary) = self.source_index(source).await? else {
+                return Ok(Built::Vanished(source.repo.clone()));
+            };
             let secondary = merged_so_far.clone();
             let folded = crate::metrics::spawn_blocking(move || {
                 let mut out = Vec::new();
@@ -306,7 +393,10 @@ impl Registry {
             merged_so_far = Bytes::from(folded.map_err(|e| merge_failure(e, repo, source))?);
         }
         let primary = match sources.get(last) {
-            Some(source) => self.source_index(source).await?,
+            Some(source) => match self.source_index(source).await? {
+                Some(data) => data,
+                None => return Ok(Built::Vanished(source.repo.clone())),
+            },
             None => Bytes::from_static(br#"{"database":{"installs":{}}}"#),
         };
         let local = merged_so_far;
@@ -316,12 +406,18 @@ impl Registry {
         let (to, from) = tokio::sync::mpsc::channel::<Bytes>(PIECES_AHEAD);
         let merging = crate::metrics::spawn_blocking(move || {
             let mut piece = Vec::with_capacity(PIECE);
-            let mut out = |data: &[u8]| {
-                piece.extend_from_slice(data);
-                if piece.len() >= PIECE {
-                    let full = std::mem::replace(&mut piece, Vec::with_capacity(PIECE));
-                    to.blocking_send(Bytes::from(full))
-                        .map_err(|_| "the index writer went away".to_owned())?;
+            // Output is cut into pieces of exactly `PIECE` bytes, however large one write
+            // (a spec) is.
+            let mut out = |mut data: &[u8]| {
+                while !data.is_empty() {
+                    let take = data.len().min(PIECE - piece.len());
+                    piece.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if piece.len() >= PIECE {
+                        let full = std::mem::replace(&mut piece, Vec::with_capacity(PIECE));
+                        to.blocking_send(Bytes::from(full))
+                            .map_err(|_| "the index writer went away".to_owned())?;
+                    }
                 }
                 Ok(())
             };
@@ -404,13 +500,14 @@ impl Registry {
             last_source_entries = stats.primary, other_entries = stats.secondary_only, bytes = stats.bytes,
             duration_ms = started.elapsed().as_millis() as u64, "merged spack index built"
         );
-        Ok(Some(digest.to_string()))
+        Ok(Built::Index(digest.to_string()))
     }
 
-    /// The index blob of `source`, read whole (at most its `max`).
-    async fn source_index(&self, source: &Source) -> Result<Bytes> {
+    /// The index blob of `source`, read whole (at most its `max`). `None`: its manifest is
+    /// gone (replaced by a newer index since the source was read).
+    async fn source_index(&self, source: &Source) -> Result<Option<Bytes>> {
         let Some(m) = self.merged_manifest(&source.repo, &source.digest, true).await? else {
-            return Err(Error::Internal(Internal::Other("a Spack index merged here vanished")));
+            return Ok(None);
         };
         let layer =
             index_layer(m.content.as_deref().unwrap_or_default(), &m.media_type, source.max).map_err(|reason| {
@@ -419,7 +516,12 @@ impl Registry {
                     reason: format!("index.spack {}: {reason}", source.digest),
                 })
             })?;
-        self.read_blob_bounded(&layer, source.max).await
+        match self.read_blob_bounded(&layer, source.max).await {
+            Ok(data) => Ok(Some(data)),
+            // The manifest was deleted (and its blob collected) while it was read.
+            Err(Error::BlobUnknown(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// A stored blob read whole, refused (as an invalid upstream answer) past `max` bytes.
@@ -488,6 +590,13 @@ impl Registry {
         if !fetched {
             return Ok(());
         }
+        let Ok(_permit) = state.spack_index_reads.acquire().await else {
+            return Err(super::local_failure(
+                Error::Internal(Internal::Other("the Spack index semaphore is closed")),
+                repo,
+                "checking an upstream Spack index",
+            ));
+        };
         let data = match self.read_blob_bounded(&layer.digest, max).await {
             Ok(data) => data,
             Err(e) => return Err(super::local_failure(e, repo, "reading an upstream Spack index")),
@@ -498,6 +607,33 @@ impl Registry {
             Ok(Err(reason)) => Err(refuse(format!("not a valid Spack index: {reason}"))),
             Err(e) => Err(super::local_failure(e.into(), repo, "checking an upstream Spack index")),
         }
+    }
+}
+
+/// What a merged build did.
+enum Built {
+    /// The manifest built and recorded.
+    Index(String),
+    /// No spec is recorded in the repository after all.
+    NoSpecs,
+    /// The source index of this repository was replaced (its manifest deleted) meanwhile.
+    Vanished(RepoName),
+}
+
+/// The inputs annotation of a merged index built from `sources`: a proxied repository's
+/// upstream index digest, or `<fallback>@<digest>,…` for a hosted one; `none` without any.
+pub(super) fn inputs_of(sources: &[Source], hosted: bool) -> String {
+    if sources.is_empty() {
+        return "none".to_owned();
+    }
+    if hosted {
+        sources
+            .iter()
+            .map(|s| format!("{}@{}", s.repo, s.digest))
+            .collect::<Vec<_>>()
+            .join(",")
+    } else {
+        sources.iter().map(|s| s.digest.clone()).collect::<Vec<_>>().join(",")
     }
 }
 

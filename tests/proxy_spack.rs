@@ -552,11 +552,17 @@ async fn a_fallback_is_pulled_with_the_hosted_repositorys_permission_and_pushes_
 }
 
 #[tokio::test]
-async fn a_push_into_a_hosted_buildcache_works_while_its_fallbacks_upstream_is_down() {
+async fn a_hosted_buildcache_takes_pushes_and_lists_its_own_specs_while_its_fallbacks_upstream_is_down() {
     let mut pair = Pair::start(
         "10m",
         &format!("\n[[spack.merge]]\nrepository = \"{REPO}\"\nfallbacks = [\"up/{REPO}\"]\n"),
     );
+    let mut upstream = Replayer::new(&pair.upstream);
+    upstream.replay("01").await;
+    upstream.replay("02").await;
+    upstream.check_index(REPO, ALL_FIVE).await;
+    // Stopped before the mirror ever read from it: the fallback has nothing cached.
+    let upstream_addr = pair.upstream.url.trim_start_matches("http://").to_owned();
     pair.upstream.kill();
 
     // A real Spack push (capture 01) into the hosted repository: every blob is `HEAD`ed
@@ -597,4 +603,30 @@ async fn a_push_into_a_hosted_buildcache_works_while_its_fallbacks_upstream_is_d
             assert_eq!(body["errors"][0]["code"], "BLOB_UNKNOWN", "{body}");
         }
     }
+
+    // The hosted index with the fallback unavailable and nothing cached from it: the site's
+    // own specs, not a 502.
+    let (manifest, index) = served_index(&pair.mirror, REPO).await;
+    assert_eq!(in_buildcache(&index), sorted(LIBB_CLOSURE), "its own specs");
+    assert_eq!(
+        manifest["annotations"][UPSTREAM_ANNOTATION],
+        format!("up/{REPO}@unavailable"),
+        "built without the fallback: {manifest}"
+    );
+    let built = index_builds(&pair.mirror).await;
+    served_index(&pair.mirror, REPO).await;
+    assert_eq!(index_builds(&pair.mirror).await, built, "not rebuilt per read while it is down");
+
+    // The upstream back (same address): the next read merges its index in.
+    pair.upstream
+        .crash_and_restart_with(&[("STOWAGE_LISTEN", upstream_addr.as_str())]);
+    assert_eq!(pair.upstream.url, format!("http://{upstream_addr}"), "restarted on its address");
+    let (manifest, index) = served_index(&pair.mirror, REPO).await;
+    assert_eq!(in_buildcache(&index), sorted(ALL_FIVE), "its own and the upstream's");
+    assert!(
+        manifest["annotations"][UPSTREAM_ANNOTATION]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("up/{REPO}@sha256:"))),
+        "rebuilt from the fallback's index: {manifest}"
+    );
 }

@@ -92,17 +92,38 @@ impl Registry {
                     upstream: route.upstream.url().to_owned(),
                 }),
                 Ok(None) => {}
-                Err(e) => return self.stale_merged_index(repo, &prefix, with_content, e).await,
+                Err(e) => {
+                    // It has nothing to offer (no merged index, no cached upstream index): the
+                    // index is built without it, and rebuilt once it answers (its inputs
+                    // then differ).
+                    tracing::warn!(
+                        repo = %repo, fallback = %fallback, error = %e,
+                        "a fallback's Spack index is unavailable: the merged index leaves it out"
+                    );
+                    crate::metrics::get()
+                        .proxy_stale_serves
+                        .get_or_create(&crate::metrics::UpstreamOnlyLabels {
+                            upstream: route.upstream.prefix().to_owned(),
+                        })
+                        .inc();
+                    sources.push(Source {
+                        repo: fallback.clone(),
+                        digest: String::new(),
+                        max: 0,
+                        upstream: route.upstream.url().to_owned(),
+                    });
+                }
             }
         }
+        // Unavailable fallbacks (no digest) are named in the inputs, and left out of a build.
+        let inputs = inputs_of(&sources, true);
         if self.catalog.spack_index_state(repo).await?.is_none() {
             // No spec of its own: nothing to record a build in; the first fallback's index.
-            return match sources.first() {
+            return match sources.iter().find(|s| !s.digest.is_empty()) {
                 Some(s) => self.merged_manifest(&s.repo, &s.digest, with_content).await,
                 None => Ok(None),
             };
         }
-        let inputs = inputs_of(&sources, true);
         if let Some(m) = self.current_merged_index(repo, &inputs, with_content).await? {
             return Ok(Some(m));
         }

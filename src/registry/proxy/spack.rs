@@ -133,17 +133,36 @@ impl Registry {
             return Ok(None);
         }
         let tag = index_tag();
-        let upstream = match self.fill_proxied_manifest(repo, &tag).await {
-            Ok(_) => self.catalog.manifest(repo, &tag, false).await?.map(|m| m.digest),
-            // The upstream has no index: the specs cached here are the whole index.
-            Err(Error::ManifestUnknown) => None,
-            Err(e) => {
-                return self
-                    .stale_merged_index(repo, route.upstream.prefix(), with_content, e)
-                    .await;
+        let (upstream, inputs) = match self.fill_proxied_manifest(repo, &tag).await {
+            Ok(_) => {
+                let digest = self.catalog.manifest(repo, &tag, false).await?.map(|m| m.digest);
+                let inputs = digest.clone().unwrap_or_else(|| "none".to_owned());
+                (digest, inputs)
             }
+            // The upstream has no index: the specs cached here are the whole index.
+            Err(Error::ManifestUnknown) => (None, "none".to_owned()),
+            Err(e) => match self
+                .stale_merged_index(repo, route.upstream.prefix(), with_content, e)
+                .await
+            {
+                Ok(stale) => return Ok(stale),
+                // Nothing built before and no upstream index cached: the specs cached here
+                // are served alone (rebuilt once the upstream's index can be read).
+                Err(e) => {
+                    tracing::warn!(
+                        repo = %repo, upstream = route.upstream.prefix(), error = %e,
+                        "the upstream's Spack index is unavailable: the merged index lists the specs cached here only"
+                    );
+                    crate::metrics::get()
+                        .proxy_stale_serves
+                        .get_or_create(&crate::metrics::UpstreamOnlyLabels {
+                            upstream: route.upstream.prefix().to_owned(),
+                        })
+                        .inc();
+                    (None, UNAVAILABLE.to_owned())
+                }
+            },
         };
-        let inputs = upstream.clone().unwrap_or_else(|| "none".to_owned());
         if let Some(m) = self.current_merged_index(repo, &inputs, with_content).await? {
             return Ok(Some(m));
         }
@@ -358,6 +377,8 @@ impl Registry {
         inputs: &str,
     ) -> Result<Built> {
         let started = std::time::Instant::now();
+        // A source without a digest could not be read (`inputs` names it): left out.
+        let sources: Vec<&Source> = sources.iter().filter(|s| !s.digest.is_empty()).collect();
 
         // The local index, from one catalog snapshot.
         let (to, mut from) = tokio::sync::mpsc::channel::<Bytes>(PIECES_AHEAD);
@@ -610,6 +631,10 @@ impl Registry {
     }
 }
 
+/// The inputs of a merged index built while a source could not be read: never equal to a
+/// digest, so the index is rebuilt once the source answers.
+const UNAVAILABLE: &str = "unavailable";
+
 /// What a merged build did.
 enum Built {
     /// The manifest built and recorded.
@@ -627,9 +652,13 @@ pub(super) fn inputs_of(sources: &[Source], hosted: bool) -> String {
         return "none".to_owned();
     }
     if hosted {
+        // A fallback that could not be read (no digest) is named `<fallback>@unavailable`.
         sources
             .iter()
-            .map(|s| format!("{}@{}", s.repo, s.digest))
+            .map(|s| match s.digest.as_str() {
+                "" => format!("{}@{UNAVAILABLE}", s.repo),
+                d => format!("{}@{d}", s.repo),
+            })
             .collect::<Vec<_>>()
             .join(",")
     } else {

@@ -341,6 +341,34 @@ async fn a_corrupt_or_oversized_upstream_index_is_an_upstream_error_or_the_stale
     )
     .await;
     assert_eq!(index_digest(&pair.mirror, "up/site/cache").await, good);
+
+    // The refused index is not fetched again: each re-validation (after tag_ttl) is a HEAD
+    // that finds the refused digest, and the tag then counts as fresh for tag_ttl.
+    let upstream_manifest_requests = |method: &'static str| {
+        let upstream = &pair.upstream;
+        async move {
+            metric(
+                upstream,
+                "registry_http_requests_total",
+                &[&format!("method=\"{method}\""), "handler=\"manifest\""],
+            )
+            .await
+        }
+    };
+    let (gets, heads) = (
+        upstream_manifest_requests("get").await,
+        upstream_manifest_requests("head").await,
+    );
+    wait_until("the mirror re-validated index.spack twice more", || async {
+        assert_eq!(index_digest(&pair.mirror, "up/site/cache").await, good);
+        upstream_manifest_requests("head").await >= heads + 2.0
+    })
+    .await;
+    assert_eq!(
+        upstream_manifest_requests("get").await,
+        gets,
+        "the refused index was not fetched again"
+    );
 }
 
 /// The sum of `series` samples at `server` whose labels include every one of `labels`.

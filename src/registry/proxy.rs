@@ -570,6 +570,15 @@ impl Registry {
         {
             return Ok(());
         }
+        // The upstream still names a Spack index refused before: not fetched again, and the
+        // tag counts as re-validated for `tag_ttl` (its stale copy is served meanwhile), so
+        // that every read does not cost the upstream a HEAD and a GET.
+        if let (Some(remote), Some(state)) = (&remote, &self.proxy)
+            && let Some(refused) = self.refused_spack_index(route, repo, tag, remote)
+        {
+            state.mark_fresh(format!("{repo}:{tag}"), &route.upstream);
+            return Err(refused);
+        }
         let fetched = route
             .upstream
             .get_manifest(&route.name, &reference, self.settings.max_manifest_size)

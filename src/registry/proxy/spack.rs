@@ -561,6 +561,29 @@ impl Registry {
         Ok(Bytes::from(data))
     }
 
+    /// The error for upstream index `digest` of proxied `repo` (tag `tag`) if it was refused
+    /// before (see [`Self::check_upstream_index`]); `None` for any other tag or digest.
+    pub(super) fn refused_spack_index(
+        &self,
+        route: &Route,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+    ) -> Option<FetchError> {
+        if tag.as_str() != INDEX_TAG {
+            return None;
+        }
+        let state = self.proxy.as_ref()?;
+        let key = format!("{repo}@{digest}");
+        if !state.rejected_indexes.lock().is_ok_and(|r| r.contains(&key)) {
+            return None;
+        }
+        Some(FetchError::Upstream(UpstreamError::Invalid {
+            upstream: route.upstream.url().to_owned(),
+            reason: format!("index.spack {digest} was refused before"),
+        }))
+    }
+
     /// Checks a fetched upstream `index.spack` manifest of a proxied repository before its
     /// blobs are fetched (the layer's announced size) and, with `fetched`, after (the index is
     /// a Spack index). Refused indexes are remembered by digest and refused at once next time.

@@ -643,12 +643,20 @@ async fn a_hosted_buildcache_takes_pushes_and_lists_its_own_specs_while_its_fall
     );
     let built = index_builds(&pair.mirror).await;
     served_index(&pair.mirror, REPO).await;
-    assert_eq!(index_builds(&pair.mirror).await, built, "not rebuilt per read while it is down");
+    assert_eq!(
+        index_builds(&pair.mirror).await,
+        built,
+        "not rebuilt per read while it is down"
+    );
 
     // The upstream back (same address): the next read merges its index in.
     pair.upstream
         .crash_and_restart_with(&[("STOWAGE_LISTEN", upstream_addr.as_str())]);
-    assert_eq!(pair.upstream.url, format!("http://{upstream_addr}"), "restarted on its address");
+    assert_eq!(
+        pair.upstream.url,
+        format!("http://{upstream_addr}"),
+        "restarted on its address"
+    );
     let (manifest, index) = served_index(&pair.mirror, REPO).await;
     assert_eq!(in_buildcache(&index), sorted(ALL_FIVE), "its own and the upstream's");
     assert!(

@@ -34,8 +34,8 @@
 //! their dependency edges (nothing else of them is built in memory).
 
 use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasher;
 use std::fmt;
+use std::hash::BuildHasher;
 
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -465,7 +465,9 @@ impl<'de> Deserialize<'de> for HashText<'de> {
             }
 
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(HashText((v.len() <= MAX_HASH_LEN).then(|| std::borrow::Cow::Owned(v.to_owned()))))
+                Ok(HashText(
+                    (v.len() <= MAX_HASH_LEN).then(|| std::borrow::Cow::Owned(v.to_owned())),
+                ))
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
@@ -634,7 +636,10 @@ where
             }
             let e: RawEntry<'de> = map.next_value()?;
             if !e.spec.get().starts_with('{') {
-                return Err(de::Error::custom(format!("the spec of {} is not an object", shortened(&hash))));
+                return Err(de::Error::custom(format!(
+                    "the spec of {} is not an object",
+                    shortened(&hash)
+                )));
             }
             let entry = Entry {
                 spec: e.spec,
@@ -804,7 +809,11 @@ mod tests {
         assert_eq!(installs["p1"]["ref_count"], 2, "s1 (list) and s2 (object)");
         assert_eq!(installs["p2"]["ref_count"], 6, "its own 5 and s1's");
         assert_eq!(installs["p3"]["ref_count"], 1, "s2 only: hash2 is no edge");
-        assert_eq!(installs["s1"]["spec"]["dependencies"].as_array().map(Vec::len), Some(9), "specs are copied whole");
+        assert_eq!(
+            installs["s1"]["spec"]["dependencies"].as_array().map(Vec::len),
+            Some(9),
+            "specs are copied whole"
+        );
     }
 
     #[test]
@@ -819,7 +828,8 @@ mod tests {
         }
         deps.push(']');
         let primary = r#"{"database":{"installs":{"p1":{"spec":{"name":"p1"},"ref_count":0}}}}"#;
-        let secondary = format!(r#"{{"database":{{"installs":{{"big":{{"spec":{{"name":"big","dependencies":{deps}}}}}}}}}}}"#);
+        let secondary =
+            format!(r#"{{"database":{{"installs":{{"big":{{"spec":{{"name":"big","dependencies":{deps}}}}}}}}}}}"#);
         let merged = merged_text(primary, &secondary);
         assert_eq!(merged["database"]["installs"]["p1"]["ref_count"], 200_000);
     }

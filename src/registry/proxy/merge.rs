@@ -8,6 +8,9 @@
 //!   first fallback's. It is built as a proxied repository's merged index is
 //!   ([`Registry::build_merged_index`]) and rebuilt only when an input changed: the hosted
 //!   spec generation or a fallback's index digest (the inputs are the manifest's annotation).
+//!   A fallback with nothing to offer (no merged index, no cached upstream index, its upstream
+//!   down or refusing) is left out, named `<fallback>@unavailable` in the inputs, so the
+//!   index is rebuilt once it answers; it never turns the hosted index into a 502.
 //!   A hosted repository with no spec of its own has no index state to record a build in: it
 //!   serves its first fallback's index as it is.
 //! - A manifest that is not found in the hosted repository (by tag or digest) is looked up in

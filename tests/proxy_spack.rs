@@ -666,3 +666,39 @@ async fn a_hosted_buildcache_takes_pushes_and_lists_its_own_specs_while_its_fall
         "rebuilt from the fallback's index: {manifest}"
     );
 }
+
+#[tokio::test]
+async fn a_proxied_buildcache_whose_upstream_is_down_at_its_first_index_read_lists_its_cached_specs() {
+    let mut pair = Pair::start("10m", "");
+    let mirrored = format!("up/{REPO}");
+    let mut upstream = Replayer::new(&pair.upstream);
+    upstream.replay("01").await;
+    upstream.replay("02").await;
+    upstream.check_index(REPO, ALL_FIVE).await;
+    // One spec pulled through; the index never read.
+    let tags = spec_tags(&pair.upstream, REPO).await;
+    let (status, _, _) = get_manifest(&pair.mirror, &mirrored, &tags[LIBA]).await;
+    assert_eq!(status, 200, "liba pulled through");
+    let upstream_addr = pair.upstream.url.trim_start_matches("http://").to_owned();
+    pair.upstream.kill();
+
+    // No merged index yet and no upstream index cached: the cached spec alone, not a 502.
+    let (manifest, index) = served_index(&pair.mirror, &mirrored).await;
+    assert_eq!(in_buildcache(&index), sorted(&[LIBA]), "the spec cached here");
+    assert_eq!(
+        manifest["annotations"][UPSTREAM_ANNOTATION], "unavailable",
+        "{manifest}"
+    );
+
+    // The upstream back: the next read merges its index in.
+    pair.upstream
+        .crash_and_restart_with(&[("STOWAGE_LISTEN", upstream_addr.as_str())]);
+    let (manifest, index) = served_index(&pair.mirror, &mirrored).await;
+    assert_eq!(in_buildcache(&index), sorted(ALL_FIVE), "the upstream's specs too");
+    assert!(
+        manifest["annotations"][UPSTREAM_ANNOTATION]
+            .as_str()
+            .is_some_and(|a| a.starts_with("sha256:")),
+        "rebuilt from the upstream's index: {manifest}"
+    );
+}

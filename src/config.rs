@@ -31,6 +31,9 @@ pub struct Config {
     /// Pull-through caches of upstream registries (`[[proxy]]`): repositories under `prefix`
     /// are read-only mirrors of `url`. See [`ProxyConfig`] and `docs/proxy.md`.
     pub proxy: Vec<ProxyConfig>,
+    /// Spack build caches: hosted repositories that fall back to proxied ones
+    /// (`[[spack.merge]]`). See [`SpackConfig`].
+    pub spack: SpackConfig,
     pub gc: GcConfig,
     pub audit: AuditConfig,
     pub log: LogConfig,
@@ -286,6 +289,85 @@ pub struct ProxyConfig {
     /// Needs `gc.enabled` (checked in [`Config::validate`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size: Option<ByteSize>,
+    /// Largest upstream Spack `index.spack` blob read to merge with the specs cached here
+    /// (bytes, or a number with a unit); a larger one is refused as an upstream error (the
+    /// merged index built last is served meanwhile, if any). The merge holds the upstream
+    /// index in memory once.
+    #[serde(default = "default_max_spack_index_size")]
+    pub max_spack_index_size: ByteSize,
+}
+
+/// `[spack]`: Spack build caches.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpackConfig {
+    /// Hosted repositories whose `index.spack` also lists proxied repositories' specs, and
+    /// whose pulls fall back to them (`[[spack.merge]]`).
+    pub merge: Vec<SpackMergeConfig>,
+}
+
+/// One `[[spack.merge]]` entry: a hosted buildcache backed by pull-through caches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpackMergeConfig {
+    /// The hosted repository (not under a `[[proxy]]` prefix) clients use as their mirror.
+    pub repository: String,
+    /// Proxied repositories (under a `[[proxy]]` prefix), in priority order: their index
+    /// entries are listed in the repository's `index.spack` (its own specs win), and a
+    /// manifest or blob it does not hold is looked up in them, in this order. Anyone who may
+    /// pull `repository` can pull through them.
+    pub fallbacks: Vec<String>,
+}
+
+impl SpackConfig {
+    /// Each repository is a valid name outside every proxy prefix, named once; each fallback a
+    /// valid repository under a prefix, named once per entry. (No cycle can form: a
+    /// fallback is proxied and a merged repository is not.)
+    fn validate(&self, proxies: &[ProxyConfig]) -> Result<(), String> {
+        let proxied = |name: &str| proxies.iter().any(|p| name.starts_with(p.prefix.as_str()));
+        for (i, m) in self.merge.iter().enumerate() {
+            let at = format!("spack.merge[{i}]");
+            if m.repository.parse::<crate::oci::RepoName>().is_err() {
+                return Err(format!(
+                    "{at}.repository {:?} is not a valid repository name",
+                    m.repository
+                ));
+            }
+            if proxied(&m.repository) {
+                return Err(format!(
+                    "{at}.repository {:?} is under a [[proxy]] prefix: it must be a hosted repository",
+                    m.repository
+                ));
+            }
+            if self.merge[..i].iter().any(|o| o.repository == m.repository) {
+                return Err(format!(
+                    "{at}.repository {:?} is named by two [[spack.merge]] entries",
+                    m.repository
+                ));
+            }
+            if m.fallbacks.is_empty() {
+                return Err(format!("{at}.fallbacks is empty: name at least one proxied repository"));
+            }
+            for (j, f) in m.fallbacks.iter().enumerate() {
+                if f.parse::<crate::oci::RepoName>().is_err() {
+                    return Err(format!("{at}.fallbacks[{j}] {f:?} is not a valid repository name"));
+                }
+                if !proxied(f) {
+                    return Err(format!(
+                        "{at}.fallbacks[{j}] {f:?} is not under any [[proxy]] prefix: fallbacks must be pull-through repositories"
+                    ));
+                }
+                if m.fallbacks[..j].contains(f) {
+                    return Err(format!("{at}.fallbacks names {f:?} twice"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_max_spack_index_size() -> ByteSize {
+    ByteSize(1 << 30)
 }
 
 fn default_tag_ttl() -> Period {
@@ -883,6 +965,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             immutable_tags: Vec::new(),
             proxy: Vec::new(),
+            spack: SpackConfig::default(),
             gc: GcConfig::default(),
             audit: AuditConfig::default(),
             log: LogConfig::default(),
@@ -1065,6 +1148,7 @@ impl Config {
                  the cache down to the cap, and a real `stowage gc` does not run while the server is up"
             ));
         }
+        self.spack.validate(&self.proxy)?;
         crate::auth::bootstrap::validate(auth)?;
         Ok(())
     }
@@ -1370,6 +1454,62 @@ mod tests {
     }
 
     #[test]
+    fn spack_merge_entries_are_read_and_validated() {
+        figment::Jail::expect_with(|jail| {
+            let proxy = "[[proxy]]\nprefix = \"up/\"\nurl = \"https://r.example\"\n";
+            jail.create_file(
+                "ok.toml",
+                &format!("{proxy}\n[[spack.merge]]\nrepository = \"site/cache\"\nfallbacks = [\"up/a\", \"up/b\"]\n"),
+            )?;
+            let c = Config::load(Some(Path::new("ok.toml")), CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.spack.merge.len(), 1);
+            assert_eq!(c.spack.merge[0].repository, "site/cache");
+            assert_eq!(c.spack.merge[0].fallbacks, ["up/a", "up/b"]);
+            let printed = toml::to_string(&c).map_err(|e| e.to_string())?;
+            jail.create_file("again.toml", &printed)?;
+            let again =
+                Config::load(Some(Path::new("again.toml")), CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(again.spack, c.spack);
+            for (body, says) in [
+                (
+                    "repository = \"up/x\"\nfallbacks = [\"up/a\"]",
+                    "must be a hosted repository",
+                ),
+                (
+                    "repository = \"site/c\"\nfallbacks = [\"other/a\"]",
+                    "is not under any [[proxy]] prefix",
+                ),
+                ("repository = \"site/c\"\nfallbacks = []", "fallbacks is empty"),
+                (
+                    "repository = \"Site\"\nfallbacks = [\"up/a\"]",
+                    "not a valid repository name",
+                ),
+                (
+                    "repository = \"site/c\"\nfallbacks = [\"up/A\"]",
+                    "not a valid repository name",
+                ),
+                ("repository = \"site/c\"\nfallbacks = [\"up/a\", \"up/a\"]", "twice"),
+                (
+                    "repository = \"site/c\"\nfallbacks = [\"up/a\"]\n[[spack.merge]]\nrepository = \"site/c\"\nfallbacks = [\"up/b\"]",
+                    "named by two",
+                ),
+                (
+                    "repository = \"site/c\"\nfallbacks = [\"up/a\"]\nextra = 1",
+                    "unknown field",
+                ),
+            ] {
+                jail.create_file("bad.toml", &format!("{proxy}\n[[spack.merge]]\n{body}\n"))?;
+                let err = Config::load(Some(Path::new("bad.toml")), CliOverrides::default())
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                assert!(err.contains(says), "{body:?}: {err}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
     fn proxy_entries_are_read_and_validated() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
@@ -1396,6 +1536,7 @@ mod tests {
             assert_eq!(c.proxy[1].tag_ttl.secs(), 300);
             assert_eq!(c.proxy[0].max_size.map(ByteSize::bytes), Some(50 << 30));
             assert_eq!(c.proxy[1].max_size, None);
+            assert_eq!(c.proxy[1].max_spack_index_size.bytes(), 1 << 30);
             assert_eq!(c.proxy[1].timeout_secs, 30);
             assert_eq!(c.proxy[1].max_concurrent_requests, 16);
             assert!(!c.proxy[1].insecure_skip_verify);
@@ -1439,6 +1580,10 @@ mod tests {
                 ),
                 (format!("prefix = \"hub/\"\n{url}\ntag_ttl = 0"), "between 1 s"),
                 (format!("prefix = \"hub/\"\n{url}\nmax_size = 0"), "between 1 byte"),
+                (
+                    format!("prefix = \"hub/\"\n{url}\nmax_spack_index_size = 0"),
+                    "between 1 byte",
+                ),
                 (
                     format!("prefix = \"hub/\"\n{url}\nmax_size = \"5 parsecs\""),
                     "invalid size",

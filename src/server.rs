@@ -260,7 +260,9 @@ pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error
             tracing::info!(files = swept, "removed proxy spool files left by a previous run");
         }
     }
-    let registry = Registry::new(catalog, store, settings).with_proxies(proxies, &spool_dir);
+    let registry = Registry::new(catalog, store, settings)
+        .with_proxies(proxies, &spool_dir)
+        .with_spack_merge(&config.spack.merge)?;
     registry.set_read_only(config.registry.read_only);
     // Upload sessions recorded in the catalog resume, unless they expired or lost their data;
     // anything else staged is left over from uploads that cannot.

@@ -2,7 +2,8 @@
 //! stage of a monolithic, a POST + PUT, a chunked and a streamed upload never yields a 201 for
 //! wrong bytes, ends the session, leaves no served blob that does not hash to its digest, and
 //! once the fault clears the same blob pushes correctly to the same and another repository.
-//! Plus the issue's own reproduction, and a real full disk (a small tmpfs).
+//! Plus the issue's own reproduction, and a real full disk (a small tmpfs). And one Spack case
+//! (issue 16): a merged `index.spack` whose upload fails answers, instead of hanging.
 //!
 //! The faults are injected through the test-only `/_stowage/faults` route of a binary built with
 //! `--features fault-injection` (`scripts/test` does). **Without it these tests fail**, loudly:
@@ -731,4 +732,115 @@ async fn a_full_disk_answers_507_and_the_blob_pushes_once_space_is_freed() {
     }
     drop(env);
     drop(tmpfs);
+}
+
+/// A merged Spack index (`[[spack.merge]]`, `registry::proxy::spack`) whose upload fails
+/// part-way answers an error instead of hanging: the merge task sees its consumer gone. Before,
+/// the failed writer kept the channel's receiver alive, and the merge task blocked for ever in
+/// a full channel (16 pieces of 1 MiB) holding the repository's build lock. Once the fault
+/// clears, the same index builds.
+#[tokio::test]
+async fn a_merged_spack_index_whose_upload_fails_answers_and_builds_once_the_fault_clears() {
+    const FAKE_SPECS: usize = 150_000;
+    let upstream = TestServer::start();
+    // A fallback index of ~45 MB (far more than the 16 MiB the channel holds), pushed as an
+    // ordinary tag of a repository without specs.
+    let mut installs = serde_json::Map::new();
+    for i in 0..FAKE_SPECS {
+        let hash = format!("{i:032}");
+        installs.insert(
+            hash.clone(),
+            json!({"spec": {"name": "fake", "version": "1", "hash": hash, "padding": "x".repeat(200)},
+                   "ref_count": 0, "in_buildcache": true}),
+        );
+    }
+    let index = json!({"database": {"version": "8", "installs": installs}})
+        .to_string()
+        .into_bytes();
+    drop(installs);
+    let layer = common::push_blob(&upstream, "big/cache", &index).await;
+    let config = common::push_blob(&upstream, "big/cache", b"{}").await;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": index.len()}]
+    });
+    let resp = client()
+        .put(upstream.v2("big/cache/manifests/index.spack"))
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.to_string())
+        .send()
+        .await
+        .expect("PUT index");
+    assert_eq!(resp.status(), 201);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config_file = dir.path().join("mirror.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "[[proxy]]\nprefix = \"up/\"\nurl = \"{}\"\ntag_ttl = \"10m\"\ntimeout_secs = 30\n\n\
+             [[spack.merge]]\nrepository = \"spack/buildcache\"\nfallbacks = [\"up/big/cache\"]\n",
+            upstream.url
+        ),
+    )
+    .expect("write mirror config");
+    let part = match common::backend() {
+        Backend::Fs => FS_PART_SIZE,
+        Backend::S3 => S3_PART_SIZE,
+    }
+    .to_string();
+    let mirror = TestServer::start_with(&[
+        ("STOWAGE_CONFIG", config_file.to_str().expect("utf-8")),
+        ("STOWAGE_STORAGE__PART_SIZE", part.as_str()),
+    ]);
+    let env = Env {
+        server: mirror,
+        part: 0,
+    };
+    // The fallback's index cached in the mirror (its blob fetched with it), then the site's own
+    // specs pushed into the hosted repository by a real Spack push (capture 01).
+    let resp = client()
+        .get(env.server.v2("up/big/cache/manifests/index.spack"))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .expect("GET fallback index");
+    assert_eq!(resp.status(), 200, "the fallback's index");
+    common::replay::Replayer::new(&env.server).replay("01").await;
+
+    // Every part write of the merged index's upload fails after the first.
+    env.set_faults(json!([{ "op": "staging.write", "after": 1 }])).await;
+    let patient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let resp = patient
+        .get(env.server.v2("spack/buildcache/manifests/index.spack"))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .expect("the index read answers (it hung before the fix)");
+    assert!(
+        resp.status().is_server_error(),
+        "a failed build is an error: {}",
+        resp.status()
+    );
+    let fired: u64 = env.fault_state().await.iter().filter_map(|r| r["fired"].as_u64()).sum();
+    assert!(fired >= 1, "the fault happened");
+
+    // The fault cleared: the build lock was released, the index builds and lists both sides.
+    env.clear_faults().await;
+    let (_, merged) = common::spack::served_index(&env.server, "spack/buildcache").await;
+    let listed = common::spack::in_buildcache(&merged);
+    assert_eq!(
+        listed.len(),
+        FAKE_SPECS + 4,
+        "the fallback's specs and the four pushed (libb and its dependencies)"
+    );
+    assert!(
+        listed.contains(&"zgl5yzcqzdnkd7scv2tq3qoi5fyw7vh3".to_owned()),
+        "libb, pushed"
+    );
 }

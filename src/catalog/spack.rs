@@ -206,6 +206,10 @@ pub(super) fn sync_tag(
 }
 
 /// Records a freshly built index manifest as current, unless a newer build got there first.
+/// A build of the same generation replaces the current one: a hosted index is rebuilt at the
+/// same generation only when its manifest was deleted, and a proxied repository's merged index
+/// also when the upstream index changed (`registry::proxy::spack`). Builds of one repository
+/// run one at a time.
 pub(super) fn publish_index(c: &Connection, repo_id: i64, generation: i64, digest: &str) -> rusqlite::Result<()> {
     let previous: Option<String> = c
         .query_row(
@@ -217,7 +221,7 @@ pub(super) fn publish_index(c: &Connection, repo_id: i64, generation: i64, diges
         .flatten();
     let updated = c.execute(
         "UPDATE spack_index SET built_generation = ?2, manifest_digest = ?3
-          WHERE repo_id = ?1 AND (built_generation IS NULL OR built_generation < ?2)",
+          WHERE repo_id = ?1 AND (built_generation IS NULL OR built_generation <= ?2)",
         params![repo_id, generation, digest],
     )?;
     // The replaced index manifest is no longer reachable by anything but its digest; drop it

@@ -13,6 +13,8 @@ const DIGEST_HEADER: &str = "Docker-Content-Digest";
 pub async fn get(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResponse> {
     let repo = extract::repo(&req)?;
     let digest = extract::digest_param(&req, "digest")?;
+    // A hosted Spack buildcache with fallbacks (`[[spack.merge]]`) may serve it from one.
+    let repo = reg.blob_source(&repo, &digest).await?;
     if let Some(url) = reg.blob_redirect(&repo, &digest).await? {
         // The store answers the client's `Range` itself.
         return Ok(HttpResponse::TemporaryRedirect()
@@ -48,6 +50,7 @@ pub async fn get(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpRespo
 pub async fn head(req: HttpRequest, reg: web::Data<Registry>) -> Result<HttpResponse> {
     let repo = extract::repo(&req)?;
     let digest = extract::digest_param(&req, "digest")?;
+    let repo = reg.blob_source(&repo, &digest).await?;
     let size = reg.blob_size(&repo, &digest).await?;
     Ok(HttpResponse::Ok()
         .insert_header((CONTENT_TYPE, "application/octet-stream"))

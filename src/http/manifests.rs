@@ -29,7 +29,13 @@ async fn lookup(req: HttpRequest, reg: web::Data<Registry>, with_content: bool) 
     };
     let m = match served {
         Some(m) => m,
-        None => reg.get_manifest(&repo, &reference, with_content).await?,
+        None => match reg.get_manifest(&repo, &reference, with_content).await {
+            // A hosted Spack buildcache with fallbacks (`[[spack.merge]]`) looks there next.
+            Err(Error::ManifestUnknown) if reg.spack_fallbacks(&repo).is_some() => {
+                reg.fallback_manifest(&repo, &reference, with_content).await?
+            }
+            other => other?,
+        },
     };
     let mut resp = HttpResponse::Ok();
     resp.insert_header((CONTENT_TYPE, m.media_type))
@@ -75,6 +81,9 @@ pub async fn put(
         other => other,
     })?;
     let overwrite = overwrite(&req, &auth, &repo);
+    // Blobs a client found in a fallback (`[[spack.merge]]`) and did not upload.
+    reg.link_fallback_blobs(&repo, &body, extract::content_type(&req).as_deref())
+        .await?;
     let out = reg
         .put_manifest(
             &repo,

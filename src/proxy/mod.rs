@@ -151,6 +151,8 @@ pub struct Upstream {
     tokens: Mutex<HashMap<String, (String, Instant)>>,
     permits: Arc<Semaphore>,
     tag_ttl: Duration,
+    /// Largest upstream `index.spack` blob merged (see `registry::proxy::spack`).
+    max_spack_index_size: u64,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -229,6 +231,7 @@ impl Upstream {
             tokens: Mutex::new(HashMap::new()),
             permits: Arc::new(Semaphore::new(entry.max_concurrent_requests)),
             tag_ttl: Duration::from_secs(entry.tag_ttl.secs()),
+            max_spack_index_size: entry.max_spack_index_size.bytes(),
         })
     }
 
@@ -245,6 +248,11 @@ impl Upstream {
     /// How long a proxied tag is served before it is checked again.
     pub fn tag_ttl(&self) -> Duration {
         self.tag_ttl
+    }
+
+    /// Largest upstream Spack index blob that is read to be merged.
+    pub fn max_spack_index_size(&self) -> u64 {
+        self.max_spack_index_size
     }
 
     fn count(&self, outcome: &'static str) {
@@ -742,6 +750,7 @@ mod tests {
             max_concurrent_requests: 2,
             namespaces: None,
             max_size: None,
+            max_spack_index_size: crate::config::ByteSize::parse("1GiB").expect("size"),
         }
     }
 

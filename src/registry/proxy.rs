@@ -36,14 +36,19 @@
 //!   ever; a client joining a flight looks at its outcome before its tee.
 //! - In read-only maintenance nothing is fetched: cached content is served as it is (tags
 //!   without re-validation), anything else is answered 503 like a write.
+//! - Spack: a proxied buildcache's `index.spack` is its upstream's merged with the specs
+//!   cached here ([`spack`]); an upstream index is bounded and checked before it is stored.
+//!   A hosted buildcache may name proxied repositories as fallbacks ([`merge`]).
 //! - Pushes and deletes into a proxied repository are refused with 405 `UNSUPPORTED`
 //!   ([`Registry::refuse_if_proxied`]); the access policy applies to pulls as for any
 //!   repository (the HTTP layer checks it before the service is called).
 
 pub mod lru;
+mod merge;
+mod spack;
 mod tee;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -196,6 +201,14 @@ pub(crate) struct ProxyState {
     validated: Mutex<HashMap<String, Instant>>,
     /// Pulls served from the local copy, not yet written (see [`lru`]).
     pulls: lru::ProxyPulls,
+    /// Upstream `index.spack` manifests refused (`repo@digest`), not checked again (see
+    /// [`spack`]).
+    rejected_indexes: Mutex<HashSet<String>>,
+    /// `[[spack.merge]]`: hosted repositories and their fallbacks (see [`merge`]).
+    spack_merge: merge::Fallbacks,
+    /// Held while a Spack index is read whole to be checked or merged (see [`spack`]): a
+    /// process-wide bound on the memory they take, whatever the number of proxies.
+    spack_index_reads: tokio::sync::Semaphore,
 }
 
 impl ProxyState {
@@ -208,6 +221,9 @@ impl ProxyState {
             tags: Flights::default(),
             validated: Mutex::new(HashMap::new()),
             pulls: lru::ProxyPulls::default(),
+            rejected_indexes: Mutex::new(HashSet::new()),
+            spack_merge: HashMap::new(),
+            spack_index_reads: tokio::sync::Semaphore::new(spack::INDEX_READS),
         }
     }
 
@@ -285,6 +301,26 @@ impl Registry {
     pub fn with_proxies(mut self, proxies: Proxies, spool_dir: &Path) -> Self {
         self.proxy = (!proxies.is_empty()).then(|| Arc::new(ProxyState::new(proxies, spool_dir.to_owned())));
         self
+    }
+
+    /// Backs hosted Spack buildcaches with the proxied repositories `[[spack.merge]]` names
+    /// (see [`merge`]); after [`Registry::with_proxies`] (the fallbacks are proxied, so a
+    /// validated configuration with entries has proxies).
+    pub fn with_spack_merge(mut self, entries: &[crate::config::SpackMergeConfig]) -> Result<Self> {
+        if entries.is_empty() {
+            return Ok(self);
+        }
+        let fallbacks = merge::fallbacks(entries)?;
+        let Some(state) = self.proxy.take() else {
+            return Err(Error::Internal(Internal::Other(
+                "[[spack.merge]] needs [[proxy]] entries",
+            )));
+        };
+        let mut state = Arc::try_unwrap(state)
+            .map_err(|_| Error::Internal(Internal::Other("the pull-through state is shared already")))?;
+        state.spack_merge = fallbacks;
+        self.proxy = Some(Arc::new(state));
+        Ok(self)
     }
 
     fn route(&self, repo: &RepoName) -> Option<Route> {
@@ -534,6 +570,15 @@ impl Registry {
         {
             return Ok(());
         }
+        // The upstream still names a Spack index refused before: not fetched again, and the
+        // tag counts as re-validated for `tag_ttl` (its stale copy is served meanwhile), so
+        // that every read does not cost the upstream a HEAD and a GET.
+        if let (Some(remote), Some(state)) = (&remote, &self.proxy)
+            && let Some(refused) = self.refused_spack_index(route, repo, tag, remote)
+        {
+            state.mark_fresh(format!("{repo}:{tag}"), &route.upstream);
+            return Err(refused);
+        }
         let fetched = route
             .upstream
             .get_manifest(&route.name, &reference, self.settings.max_manifest_size)
@@ -618,6 +663,12 @@ impl Registry {
         if !parsed.manifests.is_empty() && depth >= MAX_DEPTH {
             return Err(invalid(format!("manifest {} nests indexes too deeply", fetched.digest)));
         }
+        // An upstream Spack index is bounded and checked before it replaces the one cached.
+        let spack_index = tag.as_ref().is_some_and(|t| t.as_str() == crate::spack::INDEX_TAG);
+        if spack_index {
+            self.check_upstream_index(route, repo, &fetched.digest, &parsed, false)
+                .await?;
+        }
         let children = parsed
             .manifests
             .iter()
@@ -634,6 +685,10 @@ impl Registry {
                 )),
                 other => other,
             })?;
+        if spack_index {
+            self.check_upstream_index(route, repo, &fetched.digest, &parsed, true)
+                .await?;
+        }
         let reference = match tag {
             Some(t) => Reference::Tag(t),
             None => Reference::Digest(fetched.digest.clone()),

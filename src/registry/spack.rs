@@ -4,6 +4,10 @@
 //! `index.spack` is read and the repository's spec tags changed since the last build. One build
 //! runs at a time per repository and concurrent readers wait for it and share its result; an
 //! unchanged index is served from the manifest already built.
+//!
+//! A proxied repository's index (the upstream's merged with the specs cached there) and a
+//! hosted repository's with `[[spack.merge]]` fallbacks are built by `registry::proxy::spack`
+//! and `registry::proxy::merge`; [`Registry::spack_index`] only dispatches to them.
 
 use bytes::Bytes;
 
@@ -30,6 +34,14 @@ impl Registry {
     /// The current index manifest of a Spack build cache, building it first if the repository's
     /// spec tags changed since the last build. `None` when the repository holds no Spack specs.
     pub async fn spack_index(&self, repo: &RepoName, with_content: bool) -> Result<Option<ManifestRecord>> {
+        // A pull-through cache merges the upstream's index with its cached specs.
+        if self.is_proxied(repo) {
+            return self.proxied_spack_index(repo, with_content).await;
+        }
+        // A hosted repository with fallbacks (`[[spack.merge]]`) lists theirs too.
+        if let Some(fallbacks) = self.spack_fallbacks(repo) {
+            return self.hosted_merged_index(repo, &fallbacks, with_content).await;
+        }
         match self.current_spack_index(repo, with_content).await? {
             Current::NotSpack => return Ok(None),
             Current::Fresh(m) => return Ok(Some(m)),

@@ -33,8 +33,11 @@
 //! Stowage maintains this index itself: a spec tag's nodes are recorded in the catalog in the
 //! same transaction as the tag (O(size of that spec's DAG), whatever the repository holds), and
 //! the index blob is materialised when `index.spack` is read after a change
-//! (`registry::spack`, `catalog::spack`).
+//! (`registry::spack`, `catalog::spack`). Two indexes are merged into one by [`merge`] (a
+//! pull-through cache's upstream index and its cached specs, or a hosted cache and its
+//! fallbacks).
 
+pub mod merge;
 mod spec;
 
 pub use spec::{SpecImage, SpecNode, parse_config};

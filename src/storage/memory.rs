@@ -37,8 +37,17 @@ use crate::error::{Error, Result};
 /// budget of terabytes still fits the semaphore's `u32` acquisitions.
 pub const UNIT: usize = 4096;
 
-/// Default budget (`storage.upload_memory`).
-pub const DEFAULT_BYTES: usize = 256 * 1024 * 1024;
+/// Default budget on local disk (`storage.upload_memory`): parts are reserved step by step and
+/// an idle upload gives its part's memory back, so only uploads whose bytes are arriving hold
+/// any, and a few MiB keep the disk busy.
+pub const DEFAULT_LOCAL_BYTES: usize = 16 * 1024 * 1024;
+
+/// Default budget on object stores: every upload filling a part holds a whole part (5 MiB or
+/// more) until it is full, stalled or not, so the budget bounds how many can upload at once.
+pub const DEFAULT_OBJECT_STORE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Smallest budget on local disk: a few steps of reservation.
+pub const MIN_LOCAL_BYTES: usize = 512 * 1024;
 
 /// Default longest wait for memory (`storage.upload_memory_wait_secs`).
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
@@ -219,6 +228,16 @@ impl UploadMemory {
     /// The budget in bytes.
     pub fn limit(&self) -> usize {
         self.inner.units * UNIT
+    }
+
+    /// Bytes reserved now, idle pooled parts included.
+    pub fn reserved_bytes(&self) -> usize {
+        self.inner.reserved.load(Ordering::Relaxed) as usize * UNIT
+    }
+
+    /// Bytes held by idle part buffers kept for reuse (counted in [`Self::reserved_bytes`]).
+    pub fn pooled_bytes(&self) -> usize {
+        self.inner.pool.lock().map_or(0, |p| p.len()) * self.inner.pool_size
     }
 
     /// Units covering `bytes`, capped at the budget (so that a wait can always end).

@@ -15,6 +15,11 @@
 //!   written by the store, which ends on its own, or a whole part's reservation taken before
 //!   the first byte of that part (object stores), which its client fills without needing more.
 //!   So waits cannot form a cycle; they end when parts are written or clients time out.
+//! - On local disk only uploads whose bytes are arriving hold budget: one whose body is idle
+//!   gives its partly filled part's memory back (`StagedWriter::release_idle`), keeping a tail
+//!   of under one [`ALIGN`] block outside the budget (bounded by the session limit). So the
+//!   default budget is small there ([`DEFAULT_LOCAL_BYTES`]); on object stores a stalled upload
+//!   keeps its whole part, and the default is larger ([`DEFAULT_OBJECT_STORE_BYTES`]).
 //! - A wait is bounded (`storage.upload_memory_wait_secs`): past it the request gets 503
 //!   `UNAVAILABLE` with `Retry-After`, and its session keeps everything received so far.
 //! - Idle part buffers are pooled for reuse (faulting in fresh pages for every 8 MiB part costs

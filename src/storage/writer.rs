@@ -13,11 +13,23 @@
 //!   takes a whole part's memory at once (an idle buffer from the pool when there is one: no
 //!   fresh pages to fault in). Past that, memory is reserved in steps of [`STEP`] as bytes
 //!   arrive, so under load a slow client holds about what it has sent, not a whole part. When
-//!   the next step is not available at once, the partly filled part is written out as it is
-//!   (its memory comes back when the write is done) and only then does the upload wait,
-//!   holding nothing but parts the store is writing.
+//!   the next step is not available at once, the block-aligned prefix of the partly filled
+//!   part is written out (its memory comes back when the write is done) and only then does the
+//!   upload wait, holding nothing but parts the store is writing and a tail of under one block
+//!   ([`ALIGN`]) that reserves nothing.
+//! - On local disk, an upload whose body has been idle for [`IDLE_RELEASE_AFTER`] while it
+//!   holds memory for a partly filled part gives that memory back the same way
+//!   ([`StagedWriter::release_idle`], called by the request's body pump): clients that start a
+//!   body and stall hold under one block each, outside the budget, so only uploads whose bytes
+//!   are arriving hold budget. Writing whole blocks keeps later parts at aligned offsets (direct
+//!   I/O); the tail is hashed with the bytes that follow it, so the hash and the durability
+//!   rules below are unchanged. A client that keeps sending a byte now and then is not idle
+//!   and holds one step.
 //! - Object stores need parts of at least 5 MiB, so a whole part is reserved before its first
-//!   byte; filling it then needs nothing more than the client's bytes.
+//!   byte; filling it then needs nothing more than the client's bytes. A stalled upload keeps
+//!   that part (moving it to the tail object and back on every pause would cost two requests of
+//!   up to a part each); the session's bytes move to the tail object only once the session is
+//!   idle between requests (see `spill`). The S3 default budget is larger for that reason.
 //!
 //! On local disk the writer also asks the kernel to start writing each part back as soon as it
 //! is written ([`Writeback`]), so the final fsync finds little left to do: durable uploads then

@@ -608,7 +608,7 @@ pub struct StorageConfig {
     pub part_size: usize,
     /// Memory every upload's part buffers are reserved from, in bytes, whatever the number of
     /// uploads. An upload that finds it spent waits (its connection is back-pressured) until
-    /// other uploads' parts are written. Default: 16 MiB on `fs` (at least 512 KiB: parts are
+    /// other uploads' parts are written. Default: 8 MiB on `fs` (at least 512 KiB: parts are
     /// reserved in 64 KiB steps, and an upload whose body is idle for 200 ms gives its memory
     /// back), 256 MiB on `s3` (at least two parts: an upload filling a part holds all of it,
     /// stalled or not).
@@ -1149,7 +1149,7 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             let fs = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(fs.storage.upload_memory, None);
-            assert_eq!(fs.storage.upload_memory(), 16 * 1024 * 1024);
+            assert_eq!(fs.storage.upload_memory(), 8 * 1024 * 1024);
             jail.set_env("STOWAGE_STORAGE__BACKEND", "s3");
             jail.set_env("STOWAGE_STORAGE__S3__BUCKET", "b");
             let s3 = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;

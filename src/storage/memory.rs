@@ -45,7 +45,7 @@ pub const UNIT: usize = 4096;
 /// Default budget on local disk (`storage.upload_memory`): parts are reserved step by step and
 /// an idle upload gives its part's memory back, so only uploads whose bytes are arriving hold
 /// any, and a few MiB keep the disk busy.
-pub const DEFAULT_LOCAL_BYTES: usize = 16 * 1024 * 1024;
+pub const DEFAULT_LOCAL_BYTES: usize = 8 * 1024 * 1024;
 
 /// Default budget on object stores: every upload filling a part holds a whole part (5 MiB or
 /// more) until it is full, stalled or not, so the budget bounds how many can upload at once.

@@ -104,12 +104,6 @@ impl PartBuf {
         self.reservation.merge(more);
     }
 
-    /// Takes the reservation out of this buffer (which then counts against no budget), so that
-    /// it can be given back while the few bytes it holds are kept.
-    pub fn take_reservation(&mut self) -> Reservation {
-        std::mem::replace(&mut self.reservation, Reservation::none())
-    }
-
     /// Appends as much of `data` as fits; returns how many bytes were taken.
     pub fn fill(&mut self, data: &[u8]) -> usize {
         let n = data.len().min(self.remaining());

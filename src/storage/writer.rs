@@ -424,25 +424,29 @@ impl StagedWriter {
     }
 
     /// Writes out the block-aligned prefix of the part being filled and keeps the rest (fewer
-    /// than [`ALIGN`] bytes) in a buffer that holds no reservation, so the part's memory comes
-    /// back once the store has taken the prefix. Writing whole blocks keeps every later part at
-    /// an aligned offset, so parts still go to disk with direct I/O.
+    /// than [`ALIGN`] bytes) in a fresh buffer that holds no reservation, so the part's memory
+    /// comes back once the store has taken the prefix. Writing whole blocks keeps every later
+    /// part at an aligned offset, so parts still go to disk with direct I/O.
+    ///
+    /// The rest is always copied out, even when nothing is written: the old buffer may be a
+    /// whole pooled part with all its pages touched, and keeping it without its reservation
+    /// would keep that memory resident outside the budget. Dropped with its reservation, it
+    /// goes back to the pool (where it counts) or is unmapped.
     async fn flush_partial(&mut self) -> Result<()> {
-        let Some(mut buf) = self.buf.take() else {
+        let Some(buf) = self.buf.take() else {
             return Ok(());
         };
         let aligned = buf.len() - buf.len() % ALIGN;
-        if aligned == 0 {
-            // Nothing worth a write: keep the bytes, give the memory back.
-            drop(buf.take_reservation());
-            self.buf = Some(buf);
-            return Ok(());
-        }
         if aligned < buf.len() {
             // Pages are touched only as they are filled: this costs one block, not a part.
             let mut tail = PartBuf::with_capacity(self.part_size, Reservation::none());
             tail.fill(&buf.as_ref()[aligned..]);
             self.buf = Some(tail);
+        }
+        if aligned == 0 {
+            // Nothing worth a write: the bytes are in the tail, the memory goes back.
+            drop(buf);
+            return Ok(());
         }
         let mut prefix = buf.freeze();
         prefix.truncate(aligned);
@@ -753,6 +757,44 @@ mod tests {
         w.write(Bytes::copy_from_slice(&all[100..])).await.unwrap();
         let (digest, len) = w.finish().await.unwrap();
         assert_eq!((digest, len), (Digest::sha256_of(&all), all.len() as u64));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_whole_part_under_one_block_is_not_kept_resident() {
+        // A budget of four parts: the first part is a whole one (its mapping as large as a
+        // part, reserved in full), as it is whenever the budget has plenty left.
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::local(dir.path().to_path_buf(), 1024 * KIB)
+            .unwrap()
+            .with_upload_memory(4 * 1024 * KIB, Duration::from_secs(5));
+        let memory = store.upload_memory().clone();
+        let mut w = store
+            .start_upload(uuid::Uuid::new_v4(), Algorithm::Sha256)
+            .await
+            .unwrap();
+        let all = data(1024 * KIB + 300);
+        w.write(Bytes::copy_from_slice(&all[..100])).await.unwrap();
+        assert_eq!(memory.reserved_bytes(), 1024 * KIB, "a whole part");
+        assert_eq!(memory.pooled_bytes(), 0);
+        w.release_idle().await.unwrap();
+        assert!(!w.holds_partial_part());
+        assert_eq!(w.flushed, 0);
+        // The 100 bytes moved to a buffer of their own; the whole part's mapping went back
+        // with its reservation (to the pool, where it still counts against the budget), so no
+        // part-sized mapping stays with the idle upload outside the budget.
+        assert_eq!(memory.pooled_bytes(), 1024 * KIB);
+        assert_eq!(memory.reserved_bytes(), memory.pooled_bytes());
+        let kept = w.buf.as_ref().expect("the tail is kept");
+        assert_eq!(kept.as_ref(), &all[..100]);
+        assert_eq!(kept.reserved(), 0);
+        // Someone needing the whole budget gets it (the pool is emptied for it).
+        let everything = memory.try_reserve(memory.limit()).expect("the whole budget is free");
+        assert_eq!(memory.pooled_bytes(), 0);
+        drop(everything);
+        w.write(Bytes::copy_from_slice(&all[100..])).await.unwrap();
+        let (digest, len) = w.finish().await.unwrap();
+        assert_eq!((digest, len), (Digest::sha256_of(&all), all.len() as u64));
+        all_given_back(&memory).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

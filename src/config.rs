@@ -608,9 +608,9 @@ pub struct StorageConfig {
     pub part_size: usize,
     /// Memory every upload's part buffers are reserved from, in bytes, whatever the number of
     /// uploads. An upload that finds it spent waits (its connection is back-pressured) until
-    /// other uploads' parts are written. Default: 8 MiB on `fs` (at least 512 KiB: parts are
-    /// reserved in 64 KiB steps, and an upload whose body is idle for 200 ms gives its memory
-    /// back), 256 MiB on `s3` (at least two parts: an upload filling a part holds all of it,
+    /// other uploads' parts are written. Default: 8 MiB on `fs`, or two parts if `part_size`
+    /// is raised past its 8 MiB default (at least 512 KiB: parts are reserved in 64 KiB steps,
+    /// and an upload whose body is idle for 200 ms gives its memory back), 256 MiB on `s3` (at least two parts: an upload filling a part holds all of it,
     /// stalled or not).
     pub upload_memory: Option<usize>,
     /// Longest wait for upload memory; past it the request is answered 503 `UNAVAILABLE`
@@ -621,10 +621,13 @@ pub struct StorageConfig {
 }
 
 impl StorageConfig {
-    /// `upload_memory`, or the backend's default.
+    /// `upload_memory`, or the backend's default. On `fs` the default is never under two
+    /// parts, so that raising `part_size` past its default does not leave every part written
+    /// in pieces of a sixteenth of the budget.
     pub fn upload_memory(&self) -> usize {
         use crate::storage::memory;
         self.upload_memory.unwrap_or(match self.backend {
+            Backend::Fs if self.part_size > DEFAULT_PART_SIZE => 2 * self.part_size,
             Backend::Fs => memory::DEFAULT_LOCAL_BYTES,
             Backend::S3 => memory::DEFAULT_OBJECT_STORE_BYTES,
         })
@@ -910,7 +913,7 @@ impl Default for StorageConfig {
         StorageConfig {
             backend: Backend::Fs,
             path: None,
-            part_size: 8 * 1024 * 1024,
+            part_size: DEFAULT_PART_SIZE,
             upload_memory: None,
             upload_memory_wait_secs: crate::storage::memory::DEFAULT_WAIT.as_secs(),
             s3: S3Config::default(),
@@ -956,6 +959,9 @@ fn top_level_keys() -> Vec<String> {
         _ => Vec::new(),
     }
 }
+
+/// Default `storage.part_size`.
+pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
 
 /// Bounds of `storage.part_size`: each upload in progress holds about three parts in memory.
 const MIN_PART_SIZE: usize = 64 * 1024;
@@ -1150,6 +1156,19 @@ mod tests {
             let fs = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(fs.storage.upload_memory, None);
             assert_eq!(fs.storage.upload_memory(), 8 * 1024 * 1024);
+            // The fs default is 8 MiB up to the default part size, then two parts.
+            for (part, budget) in [
+                (65536, 8 * 1024 * 1024),
+                (8 * 1024 * 1024, 8 * 1024 * 1024),
+                (8 * 1024 * 1024 + 4096, 2 * (8 * 1024 * 1024 + 4096)),
+                (64 * 1024 * 1024, 128 * 1024 * 1024),
+            ] {
+                jail.set_env("STOWAGE_STORAGE__PART_SIZE", part.to_string());
+                let ok = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
+                assert_eq!(ok.storage.upload_memory, None);
+                assert_eq!(ok.storage.upload_memory(), budget, "part size {part}");
+            }
+            jail.set_env("STOWAGE_STORAGE__PART_SIZE", "8388608");
             jail.set_env("STOWAGE_STORAGE__BACKEND", "s3");
             jail.set_env("STOWAGE_STORAGE__S3__BUCKET", "b");
             let s3 = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
@@ -1162,9 +1181,9 @@ mod tests {
             jail.set_env("STOWAGE_STORAGE__UPLOAD_MEMORY", "10485760");
             let ok = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(ok.storage.upload_memory(), 10 * 1024 * 1024);
-            // Local disk: a few 64 KiB steps, whatever the part size.
+            // Local disk, an explicit budget: a few 64 KiB steps, whatever the part size.
             jail.set_env("STOWAGE_STORAGE__BACKEND", "fs");
-            jail.set_env("STOWAGE_STORAGE__PART_SIZE", "8388608");
+            jail.set_env("STOWAGE_STORAGE__PART_SIZE", "67108864");
             jail.set_env("STOWAGE_STORAGE__UPLOAD_MEMORY", "524287");
             let err = Config::load(None, CliOverrides::default())
                 .expect_err("too small")

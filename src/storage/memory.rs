@@ -8,8 +8,11 @@
 //! the buffer is gone.
 //!
 //! Invariants:
-//! - No reservation is larger than the budget (the configuration keeps the budget at two parts
-//!   or more), so every wait can end.
+//! - No reservation is larger than the budget, so every wait can end: a request for more is
+//!   capped at the whole budget, and on object stores, where a part is reserved whole, the
+//!   configuration keeps the budget at two parts or more. (On local disk parts are reserved in
+//!   steps; the default budget there is two parts when the part size is raised past its
+//!   default.)
 //! - An upload never waits for memory while holding a reservation that only its own client can
 //!   release (see `StagedWriter`'s module doc): what it holds while waiting is either being
 //!   written by the store, which ends on its own, or a whole part's reservation taken before
@@ -44,7 +47,8 @@ pub const UNIT: usize = 4096;
 
 /// Default budget on local disk (`storage.upload_memory`): parts are reserved step by step and
 /// an idle upload gives its part's memory back, so only uploads whose bytes are arriving hold
-/// any, and a few MiB keep the disk busy.
+/// any, and a few MiB keep the disk busy. (Two parts instead when `storage.part_size` is raised
+/// past its default: see `StorageConfig::upload_memory`.)
 pub const DEFAULT_LOCAL_BYTES: usize = 8 * 1024 * 1024;
 
 /// Default budget on object stores: every upload filling a part holds a whole part (5 MiB or

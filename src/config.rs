@@ -610,8 +610,9 @@ pub struct StorageConfig {
     /// uploads. An upload that finds it spent waits (its connection is back-pressured) until
     /// other uploads' parts are written. Default: 8 MiB on `fs`, or two parts if `part_size`
     /// is raised past its 8 MiB default (at least 512 KiB: parts are reserved in 64 KiB steps,
-    /// and an upload whose body is idle for 200 ms gives its memory back), 256 MiB on `s3` (at least two parts: an upload filling a part holds all of it,
-    /// stalled or not).
+    /// and an upload whose body is idle for 200 ms gives its memory back when someone waits or
+    /// less than half the budget is free), 256 MiB on `s3` (at least two parts: an upload
+    /// filling a part holds all of it, stalled or not).
     pub upload_memory: Option<usize>,
     /// Longest wait for upload memory; past it the request is answered 503 `UNAVAILABLE`
     /// with `Retry-After`, and its upload session keeps what it received.

@@ -324,15 +324,19 @@ impl Registry {
         let mut n = 0u64;
         loop {
             // A body that goes idle while its upload holds memory for a partly filled part gives
-            // that memory back (local disk; see `StagedWriter::release_idle`), so that stalled or
-            // dribbling clients do not hold the budget active uploads need. `next` is
-            // cancel-safe: a timed-out wait loses nothing.
+            // that memory back once the budget wants it (local disk; see
+            // `StagedWriter::release_idle`), so that stalled or dribbling clients do not hold the
+            // budget active uploads need. `next` is cancel-safe: a timed-out wait loses nothing.
             let next = if writer.holds_partial_part() {
-                match tokio::time::timeout(IDLE_RELEASE_AFTER, body.next()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        writer.release_idle().await.map_err(PumpError::Store)?;
-                        body.next().await
+                loop {
+                    match tokio::time::timeout(IDLE_RELEASE_AFTER, body.next()).await {
+                        Ok(next) => break next,
+                        Err(_) if writer.memory_wanted_back() => {
+                            writer.release_idle().await.map_err(PumpError::Store)?;
+                            break body.next().await;
+                        }
+                        // Still idle, memory not wanted: look again after another interval.
+                        Err(_) => {}
                     }
                 }
             } else {

@@ -18,11 +18,13 @@
 //!   written by the store, which ends on its own, or a whole part's reservation taken before
 //!   the first byte of that part (object stores), which its client fills without needing more.
 //!   So waits cannot form a cycle; they end when parts are written or clients time out.
-//! - On local disk only uploads whose bytes are arriving hold budget: one whose body is idle
-//!   gives its partly filled part's memory back (`StagedWriter::release_idle`), keeping a tail
-//!   of under one [`ALIGN`] block outside the budget (bounded by the session limit). So the
-//!   default budget is small there ([`DEFAULT_LOCAL_BYTES`]); on object stores a stalled upload
-//!   keeps its whole part, and the default is larger ([`DEFAULT_OBJECT_STORE_BYTES`]).
+//! - On local disk, under pressure, only uploads whose bytes are arriving hold budget: one
+//!   whose body is idle gives its partly filled part's memory back once it is wanted
+//!   ([`UploadMemory::wanted_back`]: someone waits, or less than half the budget is free;
+//!   `StagedWriter::release_idle`), keeping a tail of under one [`ALIGN`] block outside the
+//!   budget (bounded by the session limit). So the default budget is small there
+//!   ([`DEFAULT_LOCAL_BYTES`]); on object stores a stalled upload keeps its whole part, and the
+//!   default is larger ([`DEFAULT_OBJECT_STORE_BYTES`]).
 //! - A wait is bounded (`storage.upload_memory_wait_secs`): past it the request gets 503
 //!   `UNAVAILABLE` with `Retry-After`, and its session keeps everything received so far.
 //! - Idle part buffers are pooled for reuse (faulting in fresh pages for every 8 MiB part costs
@@ -244,6 +246,19 @@ impl UploadMemory {
         self.inner.reserved.load(Ordering::Relaxed) as usize * UNIT
     }
 
+    /// Whether memory is wanted back from idle uploads: someone is waiting for it, or less than
+    /// half the budget is free (idle pooled parts count as free: they are given up before
+    /// anyone waits). Otherwise an idle upload keeps what it holds, so that clients pausing
+    /// briefly (slow links, a client compressing the next chunk) do not pay for a short write
+    /// and fresh memory on every pause.
+    pub fn wanted_back(&self) -> bool {
+        if self.inner.waiting.load(Ordering::SeqCst) > 0 {
+            return true;
+        }
+        let pooled = self.inner.pool.lock().map_or(0, |p| p.len()) * self.inner.pool_size / UNIT;
+        self.inner.permits.available_permits() + pooled < self.inner.units / 2
+    }
+
     /// Bytes held by idle part buffers kept for reuse (counted in [`Self::reserved_bytes`]).
     pub fn pooled_bytes(&self) -> usize {
         self.inner.pool.lock().map_or(0, |p| p.len()) * self.inner.pool_size
@@ -364,6 +379,32 @@ mod tests {
         assert_eq!(b.bytes(), 4 * UNIT);
         drop(b);
         assert_eq!(memory.try_reserve(4 * UNIT).unwrap().bytes(), 4 * UNIT);
+    }
+
+    #[tokio::test]
+    async fn memory_is_wanted_back_when_someone_waits_or_less_than_half_is_free() {
+        let memory = UploadMemory::new(8 * UNIT, Duration::from_secs(30), UNIT);
+        let half = memory.try_reserve(4 * UNIT).unwrap();
+        assert!(!memory.wanted_back(), "half the budget is still free");
+        let more = memory.try_reserve(UNIT).unwrap();
+        assert!(memory.wanted_back(), "less than half is free");
+        drop(more);
+        assert!(!memory.wanted_back());
+        let rest = memory.try_reserve(4 * UNIT).unwrap();
+        drop(half);
+        assert!(!memory.wanted_back());
+        // Someone waiting wants memory back, however much is free.
+        let waiter = tokio::spawn({
+            let memory = memory.clone();
+            async move { memory.reserve(8 * UNIT).await.map(|r| r.bytes()) }
+        });
+        while memory.inner.waiting.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(memory.wanted_back(), "someone waits");
+        drop(rest);
+        assert_eq!(waiter.await.unwrap().unwrap(), 8 * UNIT);
+        assert!(!memory.wanted_back());
     }
 
     #[tokio::test]

@@ -19,9 +19,12 @@
 //!   ([`ALIGN`]) that reserves nothing.
 //! - On local disk, an upload whose body has been idle for [`IDLE_RELEASE_AFTER`] while it
 //!   holds memory for a partly filled part gives that memory back the same way
-//!   ([`StagedWriter::release_idle`], called by the request's body pump): clients that start a
-//!   body and stall hold under one block each, outside the budget, so only uploads whose bytes
-//!   are arriving hold budget. Writing whole blocks keeps later parts at aligned offsets (direct
+//!   ([`StagedWriter::release_idle`], called by the request's body pump) once memory is wanted
+//!   back: someone waits for memory or less than half the budget is free
+//!   ([`UploadMemory::wanted_back`]; checked every [`IDLE_RELEASE_AFTER`] while idle). So under
+//!   pressure clients that start a body and stall hold under one block each, outside the
+//!   budget, and only uploads whose bytes are arriving hold budget; with the budget mostly free
+//!   a pausing upload keeps its part (no short write, no fresh memory after the pause). Writing whole blocks keeps later parts at aligned offsets (direct
 //!   I/O); the tail is hashed with the bytes that follow it, so the hash and the durability
 //!   rules below are unchanged. A client that keeps sending a byte now and then is not idle
 //!   and holds one step.
@@ -410,8 +413,14 @@ impl StagedWriter {
         self.staging.min_part() <= 1 && self.buf.as_ref().is_some_and(|b| b.reserved() > 0)
     }
 
+    /// Whether the budget wants memory back from idle uploads now
+    /// ([`UploadMemory::wanted_back`]).
+    pub fn memory_wanted_back(&self) -> bool {
+        self.memory.wanted_back()
+    }
+
     /// Gives back the budget the part being filled holds, for an upload whose body has been
-    /// idle for [`IDLE_RELEASE_AFTER`]: the part's block-aligned prefix is hashed and written
+    /// idle for [`IDLE_RELEASE_AFTER`] while memory is wanted back: the part's block-aligned prefix is hashed and written
     /// (as a short part), and the rest, under one block, stays buffered reserving nothing. A
     /// no-op unless [`Self::holds_partial_part`]. A failure poisons the writer, as any write's.
     pub async fn release_idle(&mut self) -> Result<()> {

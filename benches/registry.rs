@@ -18,6 +18,11 @@
 //! - `REGBENCH_PARALLEL_MIB`       size of each of them, MiB (default 256)
 //! - `REGBENCH_UPLOAD_MEMORY_MIB`  Stowage's `storage.upload_memory` in MiB (default: Stowage's
 //!   own default), to see what the upload memory budget costs in throughput
+//! - `REGBENCH_ONLY_MEMORY=1`      run only the memory workload (with `REGBENCH_AUTH=0
+//!   REGBENCH_S3=0` the quickest way to measure upload memory; the process holds less before it
+//!   than after the other workloads, so its peak is a few MiB lower than in a full run)
+//! - `REGBENCH_STOWAGE_BIN`        run this `stowage` binary instead of building the release one
+//!   (to compare a build of another commit in the same run conditions)
 //! - `REGBENCH_S3=0`               skip the S3 backend's run (Stowage on a moto S3 server on
 //!   127.0.0.1, `$STOWAGE_TEST_PYTHON -m moto.server`; `scripts/test` installs moto)
 
@@ -72,6 +77,7 @@ struct Settings {
     images: usize,
     stowage_is_distribution: bool,
     stowage_log: String,
+    only_memory: bool,
 }
 
 impl Settings {
@@ -91,6 +97,7 @@ impl Settings {
             images: num("REGBENCH_IMAGES", 1000) as usize,
             stowage_is_distribution: std::env::var("REGBENCH_STOWAGE").is_ok_and(|v| v == "distribution"),
             stowage_log: std::env::var("REGBENCH_STOWAGE_LOG").unwrap_or_else(|_| "error".into()),
+            only_memory: std::env::var("REGBENCH_ONLY_MEMORY").is_ok_and(|v| v == "1"),
         }
     }
 }
@@ -486,6 +493,9 @@ fn start_stowage_with(bin: &Path, log_level: &str, label: &'static str, envs: &[
 
 /// Builds the release `stowage` binary (a no-op when it is fresh) and returns its path.
 fn build_stowage() -> PathBuf {
+    if let Some(bin) = std::env::var_os("REGBENCH_STOWAGE_BIN") {
+        return PathBuf::from(bin);
+    }
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("[bench] cargo build --release --bin stowage");
@@ -1608,10 +1618,12 @@ fn main() -> ExitCode {
         PATCH_SIZE / MIB
     );
     println!();
-    print!("{}", report(&rows, rss_1g, rss_end, stow.label));
-    println!();
-    print!("{}", cpu_report(&rows, stow.label));
-    println!();
+    if !rows.is_empty() {
+        print!("{}", report(&rows, rss_1g, rss_end, stow.label));
+        println!();
+        print!("{}", cpu_report(&rows, stow.label));
+        println!();
+    }
     if !parallel.is_empty() {
         println!(
             "Memory with {} uploads of {} MiB at once (monolithic PUT each; peak RSS from a VmHWM reset \
@@ -1636,6 +1648,7 @@ fn main() -> ExitCode {
     // server on loopback, after the fs servers are done (they stay up, idle).
     let s3_rows = match (&stowage_bin, std::env::var("REGBENCH_S3").as_deref()) {
         (Some(_), Ok("0")) => None,
+        (Some(_), _) if settings.only_memory => None,
         (Some(bin), _) => {
             eprintln!("[bench] starting moto (S3) and Stowage on S3");
             let moto = start_moto();
@@ -1740,6 +1753,20 @@ async fn run(
         goal,
     };
 
+    if settings.only_memory {
+        let blob = Arc::new(Blob::random(settings.parallel_size, 0x3333));
+        let mut parallel = Vec::new();
+        for s in [dist, stow] {
+            let (m, peak) = w_parallel_uploads(s, &blob, settings.parallel_uploads).await;
+            parallel.push((s.label, m, peak));
+        }
+        return Outcome {
+            rows,
+            rss_1g: (None, None),
+            rss_end: (None, None),
+            parallel,
+        };
+    }
     let mut m = Vec::new();
     for s in &targets {
         m.push(w_upload(&s.client, s, mono, false).await);

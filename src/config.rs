@@ -690,14 +690,32 @@ pub struct StorageConfig {
     /// smallest part). On local disk, a multiple of 4 KiB lets parts be written with direct I/O.
     pub part_size: usize,
     /// Memory every upload's part buffers are reserved from, in bytes, whatever the number of
-    /// uploads (at least two parts). An upload that finds it spent waits (its connection is
-    /// back-pressured) until other uploads' parts are written.
-    pub upload_memory: usize,
+    /// uploads. An upload that finds it spent waits (its connection is back-pressured) until
+    /// other uploads' parts are written. Default: 8 MiB on `fs`, or two parts if `part_size`
+    /// is raised past its 8 MiB default (at least 512 KiB: parts are reserved in 64 KiB steps,
+    /// and an upload whose body is idle for 200 ms gives its memory back when someone waits or
+    /// less than half the budget is free), 256 MiB on `s3` (at least two parts: an upload
+    /// filling a part holds all of it, stalled or not).
+    pub upload_memory: Option<usize>,
     /// Longest wait for upload memory; past it the request is answered 503 `UNAVAILABLE`
     /// with `Retry-After`, and its upload session keeps what it received.
     pub upload_memory_wait_secs: u64,
     /// The `s3` backend's settings.
     pub s3: S3Config,
+}
+
+impl StorageConfig {
+    /// `upload_memory`, or the backend's default. On `fs` the default is never under two
+    /// parts, so that raising `part_size` past its default does not leave every part written
+    /// in pieces of a sixteenth of the budget.
+    pub fn upload_memory(&self) -> usize {
+        use crate::storage::memory;
+        self.upload_memory.unwrap_or(match self.backend {
+            Backend::Fs if self.part_size > DEFAULT_PART_SIZE => 2 * self.part_size,
+            Backend::Fs => memory::DEFAULT_LOCAL_BYTES,
+            Backend::S3 => memory::DEFAULT_OBJECT_STORE_BYTES,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -980,8 +998,8 @@ impl Default for StorageConfig {
         StorageConfig {
             backend: Backend::Fs,
             path: None,
-            part_size: 8 * 1024 * 1024,
-            upload_memory: crate::storage::memory::DEFAULT_BYTES,
+            part_size: DEFAULT_PART_SIZE,
+            upload_memory: None,
             upload_memory_wait_secs: crate::storage::memory::DEFAULT_WAIT.as_secs(),
             s3: S3Config::default(),
         }
@@ -1026,6 +1044,9 @@ fn top_level_keys() -> Vec<String> {
         _ => Vec::new(),
     }
 }
+
+/// Default `storage.part_size`.
+pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
 
 /// Bounds of `storage.part_size`: each upload in progress holds about three parts in memory.
 const MIN_PART_SIZE: usize = 64 * 1024;
@@ -1105,17 +1126,23 @@ impl Config {
                 "storage.part_size must be between {MIN_PART_SIZE} (64 KiB) and {MAX_PART_SIZE} (1 GiB) bytes, not {part}"
             ));
         }
-        // Two parts at least, so that one upload can fill a part while another is written.
-        let effective_part = match self.storage.backend {
-            Backend::Fs => part,
-            Backend::S3 => part.max(crate::storage::staging::S3_MIN_PART),
-        };
-        let memory = self.storage.upload_memory;
-        if memory < 2 * effective_part {
-            return Err(format!(
-                "storage.upload_memory must be at least two parts ({} bytes with this part size and backend), not {memory}",
-                2 * effective_part
-            ));
+        // On S3 two parts at least, so that one upload can fill a part while another is
+        // written; on local disk a few reservation steps (parts there need not be whole).
+        let memory = self.storage.upload_memory();
+        match self.storage.backend {
+            Backend::Fs if memory < crate::storage::memory::MIN_LOCAL_BYTES => {
+                return Err(format!(
+                    "storage.upload_memory must be at least {} bytes (512 KiB) with the fs backend, not {memory}",
+                    crate::storage::memory::MIN_LOCAL_BYTES
+                ));
+            }
+            Backend::S3 if memory < 2 * part.max(crate::storage::staging::S3_MIN_PART) => {
+                return Err(format!(
+                    "storage.upload_memory must be at least two parts ({} bytes with this part size) with the s3 backend, not {memory}",
+                    2 * part.max(crate::storage::staging::S3_MIN_PART)
+                ));
+            }
+            _ => {}
         }
         if self.storage.upload_memory_wait_secs == 0 {
             return Err("storage.upload_memory_wait_secs must be at least 1".to_owned());
@@ -1220,25 +1247,50 @@ mod tests {
     }
 
     #[test]
-    fn upload_memory_holds_two_parts_at_least() {
+    fn upload_memory_defaults_and_floors_depend_on_the_backend() {
         figment::Jail::expect_with(|jail| {
+            let fs = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(fs.storage.upload_memory, None);
+            assert_eq!(fs.storage.upload_memory(), 8 * 1024 * 1024);
+            // The fs default is 8 MiB up to the default part size, then two parts.
+            for (part, budget) in [
+                (65536, 8 * 1024 * 1024),
+                (8 * 1024 * 1024, 8 * 1024 * 1024),
+                (8 * 1024 * 1024 + 4096, 2 * (8 * 1024 * 1024 + 4096)),
+                (64 * 1024 * 1024, 128 * 1024 * 1024),
+            ] {
+                jail.set_env("STOWAGE_STORAGE__PART_SIZE", part.to_string());
+                let ok = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
+                assert_eq!(ok.storage.upload_memory, None);
+                assert_eq!(ok.storage.upload_memory(), budget, "part size {part}");
+            }
+            jail.set_env("STOWAGE_STORAGE__PART_SIZE", "8388608");
+            jail.set_env("STOWAGE_STORAGE__BACKEND", "s3");
+            jail.set_env("STOWAGE_STORAGE__S3__BUCKET", "b");
+            let s3 = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(s3.storage.upload_memory(), 256 * 1024 * 1024);
+            // S3: two parts, 5 MiB at least each whatever part_size says.
             jail.set_env("STOWAGE_STORAGE__PART_SIZE", "1048576");
-            jail.set_env("STOWAGE_STORAGE__UPLOAD_MEMORY", "2097151");
+            jail.set_env("STOWAGE_STORAGE__UPLOAD_MEMORY", "10485759");
+            let err = Config::load(None, CliOverrides::default()).expect_err("s3").to_string();
+            assert!(err.contains("at least two parts (10485760 bytes"), "{err}");
+            jail.set_env("STOWAGE_STORAGE__UPLOAD_MEMORY", "10485760");
+            let ok = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(ok.storage.upload_memory(), 10 * 1024 * 1024);
+            // Local disk, an explicit budget: a few 64 KiB steps, whatever the part size.
+            jail.set_env("STOWAGE_STORAGE__BACKEND", "fs");
+            jail.set_env("STOWAGE_STORAGE__PART_SIZE", "67108864");
+            jail.set_env("STOWAGE_STORAGE__UPLOAD_MEMORY", "524287");
             let err = Config::load(None, CliOverrides::default())
                 .expect_err("too small")
                 .to_string();
             assert!(
-                err.contains("storage.upload_memory must be at least two parts (2097152"),
+                err.contains("storage.upload_memory must be at least 524288 bytes (512 KiB) with the fs backend"),
                 "{err}"
             );
-            jail.set_env("STOWAGE_STORAGE__UPLOAD_MEMORY", "2097152");
+            jail.set_env("STOWAGE_STORAGE__UPLOAD_MEMORY", "524288");
             let ok = Config::load(None, CliOverrides::default()).map_err(|e| e.to_string())?;
-            assert_eq!(ok.storage.upload_memory, 2 * 1024 * 1024);
-            // S3 parts are 5 MiB at least, whatever part_size says.
-            jail.set_env("STOWAGE_STORAGE__BACKEND", "s3");
-            jail.set_env("STOWAGE_STORAGE__S3__BUCKET", "b");
-            let err = Config::load(None, CliOverrides::default()).expect_err("s3").to_string();
-            assert!(err.contains("(10485760 bytes"), "{err}");
+            assert_eq!(ok.storage.upload_memory(), 512 * 1024);
             jail.set_env("STOWAGE_STORAGE__BACKEND", "fs");
             jail.set_env("STOWAGE_STORAGE__UPLOAD_MEMORY_WAIT_SECS", "0");
             let err = Config::load(None, CliOverrides::default())

@@ -216,7 +216,7 @@ pub async fn open_store(config: &Config) -> Result<BlobStore, Box<dyn std::error
         Backend::S3 => crate::storage::s3::open(&config.storage.s3, part_size)?,
     };
     Ok(store.with_upload_memory(
-        config.storage.upload_memory,
+        config.storage.upload_memory(),
         Duration::from_secs(config.storage.upload_memory_wait_secs),
     ))
 }

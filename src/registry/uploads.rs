@@ -58,7 +58,7 @@ use super::Registry;
 use crate::catalog::{UploadCheckpoint, UploadRecord};
 use crate::error::{Error, Internal, Result};
 use crate::oci::{Algorithm, Digest, RepoName};
-use crate::storage::{Checkpoint, StagedWriter};
+use crate::storage::{Checkpoint, IDLE_RELEASE_AFTER, StagedWriter};
 
 /// How long a request waits for another request on the same session to finish.
 const BUSY_WAIT: Duration = Duration::from_secs(2);
@@ -322,7 +322,29 @@ impl Registry {
         S: Stream<Item = std::io::Result<Bytes>> + Unpin,
     {
         let mut n = 0u64;
-        while let Some(chunk) = body.next().await {
+        loop {
+            // A body that goes idle while its upload holds memory for a partly filled part gives
+            // that memory back once the budget wants it (local disk; see
+            // `StagedWriter::release_idle`), so that stalled or dribbling clients do not hold the
+            // budget active uploads need. `next` is cancel-safe: a timed-out wait loses nothing.
+            let next = if writer.holds_partial_part() {
+                loop {
+                    match tokio::time::timeout(IDLE_RELEASE_AFTER, body.next()).await {
+                        Ok(next) => break next,
+                        Err(_) if writer.memory_wanted_back() => {
+                            writer.release_idle().await.map_err(PumpError::Store)?;
+                            break body.next().await;
+                        }
+                        // Still idle, memory not wanted: look again after another interval.
+                        Err(_) => {}
+                    }
+                }
+            } else {
+                body.next().await
+            };
+            let Some(chunk) = next else {
+                break;
+            };
             let chunk = chunk.map_err(|e| PumpError::Body(Error::BodyRead(e.to_string())))?;
             n += chunk.len() as u64;
             writer.write(chunk).await.map_err(|e| match e {

@@ -8,13 +8,23 @@
 //! the buffer is gone.
 //!
 //! Invariants:
-//! - No reservation is larger than the budget (the configuration keeps the budget at two parts
-//!   or more), so every wait can end.
+//! - No reservation is larger than the budget, so every wait can end: a request for more is
+//!   capped at the whole budget, and on object stores, where a part is reserved whole, the
+//!   configuration keeps the budget at two parts or more. (On local disk parts are reserved in
+//!   steps; the default budget there is two parts when the part size is raised past its
+//!   default.)
 //! - An upload never waits for memory while holding a reservation that only its own client can
 //!   release (see `StagedWriter`'s module doc): what it holds while waiting is either being
 //!   written by the store, which ends on its own, or a whole part's reservation taken before
 //!   the first byte of that part (object stores), which its client fills without needing more.
 //!   So waits cannot form a cycle; they end when parts are written or clients time out.
+//! - On local disk, under pressure, only uploads whose bytes are arriving hold budget: one
+//!   whose body is idle gives its partly filled part's memory back once it is wanted
+//!   ([`UploadMemory::wanted_back`]: someone waits, or less than half the budget is free;
+//!   `StagedWriter::release_idle`), keeping a tail of under one [`ALIGN`] block outside the
+//!   budget (bounded by the session limit). So the default budget is small there
+//!   ([`DEFAULT_LOCAL_BYTES`]); on object stores a stalled upload keeps its whole part, and the
+//!   default is larger ([`DEFAULT_OBJECT_STORE_BYTES`]).
 //! - A wait is bounded (`storage.upload_memory_wait_secs`): past it the request gets 503
 //!   `UNAVAILABLE` with `Retry-After`, and its session keeps everything received so far.
 //! - Idle part buffers are pooled for reuse (faulting in fresh pages for every 8 MiB part costs
@@ -37,8 +47,18 @@ use crate::error::{Error, Result};
 /// budget of terabytes still fits the semaphore's `u32` acquisitions.
 pub const UNIT: usize = 4096;
 
-/// Default budget (`storage.upload_memory`).
-pub const DEFAULT_BYTES: usize = 256 * 1024 * 1024;
+/// Default budget on local disk (`storage.upload_memory`): parts are reserved step by step and
+/// an idle upload gives its part's memory back, so only uploads whose bytes are arriving hold
+/// any, and a few MiB keep the disk busy. (Two parts instead when `storage.part_size` is raised
+/// past its default: see `StorageConfig::upload_memory`.)
+pub const DEFAULT_LOCAL_BYTES: usize = 8 * 1024 * 1024;
+
+/// Default budget on object stores: every upload filling a part holds a whole part (5 MiB or
+/// more) until it is full, stalled or not, so the budget bounds how many can upload at once.
+pub const DEFAULT_OBJECT_STORE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Smallest budget on local disk: a few steps of reservation.
+pub const MIN_LOCAL_BYTES: usize = 512 * 1024;
 
 /// Default longest wait for memory (`storage.upload_memory_wait_secs`).
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
@@ -221,6 +241,29 @@ impl UploadMemory {
         self.inner.units * UNIT
     }
 
+    /// Bytes reserved now, idle pooled parts included.
+    pub fn reserved_bytes(&self) -> usize {
+        self.inner.reserved.load(Ordering::Relaxed) as usize * UNIT
+    }
+
+    /// Whether memory is wanted back from idle uploads: someone is waiting for it, or less than
+    /// half the budget is free (idle pooled parts count as free: they are given up before
+    /// anyone waits). Otherwise an idle upload keeps what it holds, so that clients pausing
+    /// briefly (slow links, a client compressing the next chunk) do not pay for a short write
+    /// and fresh memory on every pause.
+    pub fn wanted_back(&self) -> bool {
+        if self.inner.waiting.load(Ordering::SeqCst) > 0 {
+            return true;
+        }
+        let pooled = self.inner.pool.lock().map_or(0, |p| p.len()) * self.inner.pool_size / UNIT;
+        self.inner.permits.available_permits() + pooled < self.inner.units / 2
+    }
+
+    /// Bytes held by idle part buffers kept for reuse (counted in [`Self::reserved_bytes`]).
+    pub fn pooled_bytes(&self) -> usize {
+        self.inner.pool.lock().map_or(0, |p| p.len()) * self.inner.pool_size
+    }
+
     /// Units covering `bytes`, capped at the budget (so that a wait can always end).
     fn units(&self, bytes: usize) -> u32 {
         let units = bytes.div_ceil(UNIT).min(self.inner.units);
@@ -336,6 +379,32 @@ mod tests {
         assert_eq!(b.bytes(), 4 * UNIT);
         drop(b);
         assert_eq!(memory.try_reserve(4 * UNIT).unwrap().bytes(), 4 * UNIT);
+    }
+
+    #[tokio::test]
+    async fn memory_is_wanted_back_when_someone_waits_or_less_than_half_is_free() {
+        let memory = UploadMemory::new(8 * UNIT, Duration::from_secs(30), UNIT);
+        let half = memory.try_reserve(4 * UNIT).unwrap();
+        assert!(!memory.wanted_back(), "half the budget is still free");
+        let more = memory.try_reserve(UNIT).unwrap();
+        assert!(memory.wanted_back(), "less than half is free");
+        drop(more);
+        assert!(!memory.wanted_back());
+        let rest = memory.try_reserve(4 * UNIT).unwrap();
+        drop(half);
+        assert!(!memory.wanted_back());
+        // Someone waiting wants memory back, however much is free.
+        let waiter = tokio::spawn({
+            let memory = memory.clone();
+            async move { memory.reserve(8 * UNIT).await.map(|r| r.bytes()) }
+        });
+        while memory.inner.waiting.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(memory.wanted_back(), "someone waits");
+        drop(rest);
+        assert_eq!(waiter.await.unwrap().unwrap(), 8 * UNIT);
+        assert!(!memory.wanted_back());
     }
 
     #[tokio::test]

@@ -51,7 +51,7 @@ use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectSt
 use uuid::Uuid;
 
 use staging::{FileStaging, MultipartStaging, Staging, StagingState};
-pub use writer::{Checkpoint, StagedWriter};
+pub use writer::{Checkpoint, IDLE_RELEASE_AFTER, StagedWriter};
 
 use crate::error::{Error, Internal, Result};
 use crate::oci::{Algorithm, Digest, Hasher};
@@ -170,7 +170,7 @@ impl BlobStore {
             multipart: None,
             signer: None,
             prefix: None,
-            memory: memory::UploadMemory::new(memory::DEFAULT_BYTES, memory::DEFAULT_WAIT, part_size),
+            memory: memory::UploadMemory::new(memory::DEFAULT_LOCAL_BYTES, memory::DEFAULT_WAIT, part_size),
             max_copy: None,
         })
     }
@@ -186,7 +186,7 @@ impl BlobStore {
             signer: None,
             prefix: None,
             memory: memory::UploadMemory::new(
-                memory::DEFAULT_BYTES,
+                memory::DEFAULT_OBJECT_STORE_BYTES,
                 memory::DEFAULT_WAIT,
                 part_size.max(staging::S3_MIN_PART),
             ),

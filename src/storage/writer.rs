@@ -13,11 +13,26 @@
 //!   takes a whole part's memory at once (an idle buffer from the pool when there is one: no
 //!   fresh pages to fault in). Past that, memory is reserved in steps of [`STEP`] as bytes
 //!   arrive, so under load a slow client holds about what it has sent, not a whole part. When
-//!   the next step is not available at once, the partly filled part is written out as it is
-//!   (its memory comes back when the write is done) and only then does the upload wait,
-//!   holding nothing but parts the store is writing.
+//!   the next step is not available at once, the block-aligned prefix of the partly filled
+//!   part is written out (its memory comes back when the write is done) and only then does the
+//!   upload wait, holding nothing but parts the store is writing and a tail of under one block
+//!   ([`ALIGN`]) that reserves nothing.
+//! - On local disk, an upload whose body has been idle for [`IDLE_RELEASE_AFTER`] while it
+//!   holds memory for a partly filled part gives that memory back the same way
+//!   ([`StagedWriter::release_idle`], called by the request's body pump) once memory is wanted
+//!   back: someone waits for memory or less than half the budget is free
+//!   ([`UploadMemory::wanted_back`]; checked every [`IDLE_RELEASE_AFTER`] while idle). So under
+//!   pressure clients that start a body and stall hold under one block each, outside the
+//!   budget, and only uploads whose bytes are arriving hold budget; with the budget mostly free
+//!   a pausing upload keeps its part (no short write, no fresh memory after the pause). Writing whole blocks keeps later parts at aligned offsets (direct
+//!   I/O); the tail is hashed with the bytes that follow it, so the hash and the durability
+//!   rules below are unchanged. A client that keeps sending a byte now and then is not idle
+//!   and holds one step.
 //! - Object stores need parts of at least 5 MiB, so a whole part is reserved before its first
-//!   byte; filling it then needs nothing more than the client's bytes.
+//!   byte; filling it then needs nothing more than the client's bytes. A stalled upload keeps
+//!   that part (moving it to the tail object and back on every pause would cost two requests of
+//!   up to a part each); the session's bytes move to the tail object only once the session is
+//!   idle between requests (see `spill`). The S3 default budget is larger for that reason.
 //!
 //! On local disk the writer also asks the kernel to start writing each part back as soon as it
 //! is written ([`Writeback`]), so the final fsync finds little left to do: durable uploads then
@@ -48,12 +63,13 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::multipart::PartId;
 use tokio::task::JoinHandle;
 
-use super::aligned::PartBuf;
+use super::aligned::{ALIGN, PartBuf};
 use super::memory::{Reservation, UploadMemory};
 use super::staging::{PartWrite, Staging};
 use crate::error::{Error, Internal, Result};
@@ -63,7 +79,13 @@ use crate::oci::{Digest, Hasher};
 const MAX_IN_FLIGHT: usize = 2;
 
 /// Steps in which a local-disk part's memory is reserved as its bytes arrive.
-const STEP: usize = 256 * 1024;
+const STEP: usize = 64 * 1024;
+
+/// How long an upload's body may stay idle, while the upload holds budget for a partly filled
+/// part, before that memory is given back ([`StagedWriter::release_idle`]). Short enough that
+/// clients which start a body and dribble or stall hold only a block each, long enough that an
+/// upload pausing between TCP windows does not write short parts.
+pub const IDLE_RELEASE_AFTER: Duration = Duration::from_millis(200);
 
 /// Durable progress worth recording in the middle of a long request (see `checkpoint_due`).
 const CHECKPOINT_BYTES: u64 = 128 * 1024 * 1024;
@@ -344,9 +366,19 @@ impl StagedWriter {
                 return Ok(want.min(covered - buf.len()));
             }
             // The budget is spent: write what this part holds so far rather than wait holding
-            // memory only this upload's client could complete (see the module doc).
-            if let Some(partial) = self.buf.take() {
-                self.write_part(partial.freeze(), Reservation::none()).await?;
+            // memory only this upload's client could complete (see the module doc). Only a
+            // sub-block tail stays, reserving nothing.
+            self.flush_partial().await?;
+            let wanted = self.step_after_wait();
+            if let Some(buf) = self.buf.as_mut() {
+                let more = self.memory.reserve(wanted).await?;
+                buf.reserve_more(more);
+                // A step is larger than the tail (under one block), so it covers more bytes.
+                let room = buf.reserved().min(self.part_size).saturating_sub(buf.len());
+                if room == 0 {
+                    return Err(Internal::Other("upload memory step smaller than a block").into());
+                }
+                return Ok(want.min(room));
             }
         }
         // A whole part if one is there now (from the pool of idle parts: no fresh pages); on
@@ -362,7 +394,9 @@ impl StagedWriter {
             return Ok(want.min(covered));
         }
         let first = if self.staging.min_part() <= 1 {
-            want.next_multiple_of(STEP).min(self.part_size)
+            want.next_multiple_of(STEP)
+                .max(self.step_after_wait())
+                .min(self.part_size)
         } else {
             self.part_size
         };
@@ -371,6 +405,71 @@ impl StagedWriter {
         let covered = reservation.bytes().min(self.part_size);
         self.buf = Some(PartBuf::with_capacity(self.part_size, reservation));
         Ok(want.min(covered))
+    }
+
+    /// Whether the part being filled holds budget that [`Self::release_idle`] would give back
+    /// (local disk only: see the module doc for object stores).
+    pub fn holds_partial_part(&self) -> bool {
+        self.staging.min_part() <= 1 && self.buf.as_ref().is_some_and(|b| b.reserved() > 0)
+    }
+
+    /// Whether the budget wants memory back from idle uploads now
+    /// ([`UploadMemory::wanted_back`]).
+    pub fn memory_wanted_back(&self) -> bool {
+        self.memory.wanted_back()
+    }
+
+    /// Gives back the budget the part being filled holds, for an upload whose body has been
+    /// idle for [`IDLE_RELEASE_AFTER`] while memory is wanted back: the part's block-aligned prefix is hashed and written
+    /// (as a short part), and the rest, under one block, stays buffered reserving nothing. A
+    /// no-op unless [`Self::holds_partial_part`]. A failure poisons the writer, as any write's.
+    pub async fn release_idle(&mut self) -> Result<()> {
+        self.check()?;
+        if !self.holds_partial_part() {
+            return Ok(());
+        }
+        let r = self.flush_partial().await;
+        self.poison_on_err(r)
+    }
+
+    /// Writes out the block-aligned prefix of the part being filled and keeps the rest (fewer
+    /// than [`ALIGN`] bytes) in a fresh buffer that holds no reservation, so the part's memory
+    /// comes back once the store has taken the prefix. Writing whole blocks keeps every later
+    /// part at an aligned offset, so parts still go to disk with direct I/O.
+    ///
+    /// The rest is always copied out, even when nothing is written: the old buffer may be a
+    /// whole pooled part with all its pages touched, and keeping it without its reservation
+    /// would keep that memory resident outside the budget. Dropped with its reservation, it
+    /// goes back to the pool (where it counts) or is unmapped.
+    async fn flush_partial(&mut self) -> Result<()> {
+        let Some(buf) = self.buf.take() else {
+            return Ok(());
+        };
+        let aligned = buf.len() - buf.len() % ALIGN;
+        if aligned < buf.len() {
+            // Pages are touched only as they are filled: this costs one block, not a part.
+            let mut tail = PartBuf::with_capacity(self.part_size, Reservation::none());
+            tail.fill(&buf.as_ref()[aligned..]);
+            self.buf = Some(tail);
+        }
+        if aligned == 0 {
+            // Nothing worth a write: the bytes are in the tail, the memory goes back.
+            drop(buf);
+            return Ok(());
+        }
+        let mut prefix = buf.freeze();
+        prefix.truncate(aligned);
+        self.write_part(prefix, Reservation::none()).await
+    }
+
+    /// What a local-disk part reserves when it may have to wait: a sixteenth of the budget (at
+    /// least a step, at most a part), so that under pressure parts are written in pieces of
+    /// that size rather than a step each (64 KiB writes cost throughput), while the budget still
+    /// goes round many uploads.
+    fn step_after_wait(&self) -> usize {
+        (self.memory.limit() / 16)
+            .next_multiple_of(ALIGN)
+            .clamp(STEP, self.part_size.max(STEP))
     }
 
     /// Hashes `part` on the blocking pool; returns it with the hash state after it.
@@ -579,5 +678,160 @@ impl StagedWriter {
             }
             self.tail_object = false;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::oci::Algorithm;
+    use crate::storage::BlobStore;
+
+    const KIB: usize = 1024;
+
+    /// A local-disk store whose parts (1 MiB) are as large as its whole budget, so that parts
+    /// are reserved in steps, and a writer of a new upload on it.
+    async fn writer(dir: &std::path::Path) -> (BlobStore, StagedWriter) {
+        let store = BlobStore::local(dir.to_path_buf(), 1024 * KIB)
+            .unwrap()
+            .with_upload_memory(1024 * KIB, Duration::from_secs(5));
+        let writer = store
+            .start_upload(uuid::Uuid::new_v4(), Algorithm::Sha256)
+            .await
+            .unwrap();
+        (store, writer)
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    /// Waits until every reservation of `memory` has come back, but for idle parts kept for
+    /// reuse (parts in flight finish on their own).
+    async fn all_given_back(memory: &UploadMemory) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while memory.reserved_bytes() != memory.pooled_bytes() {
+            assert!(
+                Instant::now() < deadline,
+                "{} bytes still reserved",
+                memory.reserved_bytes()
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_partial_part_gives_its_memory_back_and_keeps_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut w) = writer(dir.path()).await;
+        let memory = store.upload_memory().clone();
+        let all = data(3 * 1024 * KIB + 777);
+        // 10,000 bytes: two whole blocks and a tail of 1,808.
+        w.write(Bytes::copy_from_slice(&all[..10_000])).await.unwrap();
+        assert!(w.holds_partial_part());
+        assert_eq!(memory.reserved_bytes(), STEP);
+        w.release_idle().await.unwrap();
+        assert!(!w.holds_partial_part());
+        all_given_back(&memory).await;
+        // The blocks went to the store; the tail is still buffered, and counted as accepted.
+        assert_eq!(w.flushed, 8192);
+        assert_eq!(w.len(), 10_000);
+        // Releasing again has nothing to do.
+        w.release_idle().await.unwrap();
+        assert_eq!(w.flushed, 8192);
+        // The upload goes on from there, its parts at block-aligned offsets again.
+        w.write(Bytes::copy_from_slice(&all[10_000..])).await.unwrap();
+        assert!(w.flushed.is_multiple_of(ALIGN as u64), "{}", w.flushed);
+        let (digest, len) = w.finish().await.unwrap();
+        assert_eq!(len, all.len() as u64);
+        assert_eq!(digest, Digest::sha256_of(&all));
+        all_given_back(&memory).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tail_under_one_block_is_kept_without_a_reservation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut w) = writer(dir.path()).await;
+        let memory = store.upload_memory().clone();
+        let all = data(300 * KIB);
+        w.write(Bytes::copy_from_slice(&all[..100])).await.unwrap();
+        w.release_idle().await.unwrap();
+        // Nothing written (not even a block), yet the whole budget is free at once.
+        assert_eq!(w.flushed, 0);
+        assert_eq!(memory.reserved_bytes(), 0);
+        let everything = memory.try_reserve(memory.limit()).expect("the whole budget is free");
+        drop(everything);
+        w.write(Bytes::copy_from_slice(&all[100..])).await.unwrap();
+        let (digest, len) = w.finish().await.unwrap();
+        assert_eq!((digest, len), (Digest::sha256_of(&all), all.len() as u64));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_whole_part_under_one_block_is_not_kept_resident() {
+        // A budget of four parts: the first part is a whole one (its mapping as large as a
+        // part, reserved in full), as it is whenever the budget has plenty left.
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::local(dir.path().to_path_buf(), 1024 * KIB)
+            .unwrap()
+            .with_upload_memory(4 * 1024 * KIB, Duration::from_secs(5));
+        let memory = store.upload_memory().clone();
+        let mut w = store
+            .start_upload(uuid::Uuid::new_v4(), Algorithm::Sha256)
+            .await
+            .unwrap();
+        let all = data(1024 * KIB + 300);
+        w.write(Bytes::copy_from_slice(&all[..100])).await.unwrap();
+        assert_eq!(memory.reserved_bytes(), 1024 * KIB, "a whole part");
+        assert_eq!(memory.pooled_bytes(), 0);
+        w.release_idle().await.unwrap();
+        assert!(!w.holds_partial_part());
+        assert_eq!(w.flushed, 0);
+        // The 100 bytes moved to a buffer of their own; the whole part's mapping went back
+        // with its reservation (to the pool, where it still counts against the budget), so no
+        // part-sized mapping stays with the idle upload outside the budget.
+        assert_eq!(memory.pooled_bytes(), 1024 * KIB);
+        assert_eq!(memory.reserved_bytes(), memory.pooled_bytes());
+        let kept = w.buf.as_ref().expect("the tail is kept");
+        assert_eq!(kept.as_ref(), &all[..100]);
+        assert_eq!(kept.reserved(), 0);
+        // Someone needing the whole budget gets it (the pool is emptied for it).
+        let everything = memory.try_reserve(memory.limit()).expect("the whole budget is free");
+        assert_eq!(memory.pooled_bytes(), 0);
+        drop(everything);
+        w.write(Bytes::copy_from_slice(&all[100..])).await.unwrap();
+        let (digest, len) = w.finish().await.unwrap();
+        assert_eq!((digest, len), (Digest::sha256_of(&all), all.len() as u64));
+        all_given_back(&memory).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_the_budget_spent_a_partial_part_is_written_before_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut w) = writer(dir.path()).await;
+        let memory = store.upload_memory().clone();
+        // Someone else holds all but one step: the writer fills that step, writes it out (a
+        // short part) and waits for its own write to give the step back; no cycle.
+        let others = memory.try_reserve(memory.limit() - STEP).unwrap();
+        let all = data(STEP + 5_000);
+        let write = async {
+            // In 64 KiB chunks, as request bodies come.
+            for chunk in all.chunks(64 * KIB) {
+                w.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), write)
+            .await
+            .expect("the write waits only for its own part");
+        assert_eq!(w.flushed, STEP as u64);
+        assert!(w.holds_partial_part());
+        w.release_idle().await.unwrap();
+        // 5,000 bytes: one more block written, 904 kept.
+        assert_eq!(w.flushed, (STEP + ALIGN) as u64);
+        drop(others);
+        let (digest, _) = w.finish().await.unwrap();
+        assert_eq!(digest, Digest::sha256_of(&all));
+        all_given_back(&memory).await;
     }
 }

@@ -434,12 +434,12 @@ fn open_reader(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-/// What every catalog connection gets, whatever it is for: the query planner stability
-/// guarantee, so that a cached statement is never re-prepared because of what is bound to it
-/// (see the module doc).
 /// The writer connection's page cache, in KiB (see the module doc).
 const WRITER_CACHE_KIB: i64 = 64 * 1024;
 
+/// What every catalog connection gets, whatever it is for: the query planner stability
+/// guarantee, so that a cached statement is never re-prepared because of what is bound to it
+/// (see the module doc).
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     Ok(())

@@ -460,21 +460,47 @@ async fn a_moved_upstream_tag_is_seen_after_tag_ttl_and_not_before() {
     let ttl = Duration::from_secs(4);
     let pair = Pair::start("4s");
     let first = push_upstream(&pair.upstream, "lib/app", "latest", pseudo_random(2000, 5), "first").await;
-    let validated = Instant::now();
-    pull_over_http(&pair, "lib/app", "latest", &first).await;
-
-    let second = push_upstream(&pair.upstream, "lib/app", "latest", pseudo_random(2000, 6), "second").await;
+    // The second image goes up under another tag before the timed window, so that moving
+    // `latest` inside it is one manifest PUT (pushing blobs to a moto-backed upstream on a
+    // loaded machine could take longer than the TTL on its own).
+    let second = push_upstream(&pair.upstream, "lib/app", "next", pseudo_random(2000, 6), "second").await;
     assert_ne!(first.manifest, second.manifest);
+    let second_body = {
+        let resp = client()
+            .get(pair.upstream.v2("lib/app/manifests/next"))
+            .basic_auth("alice", Some("alice-pw"))
+            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .expect("GET manifest");
+        assert_eq!(resp.status(), 200, "the upstream serves its own tag");
+        resp.bytes().await.expect("manifest body").to_vec()
+    };
+
+    // The mirror validates `latest` at this manifest GET; the TTL runs from here.
+    let validated = Instant::now();
+    let (status, digest, _) = get(&pair.down("lib/app/manifests/latest")).await;
+    assert_eq!((status, digest.as_deref()), (200, Some(first.manifest.as_str())));
+    let resp = client()
+        .put(pair.upstream.v2("lib/app/manifests/latest"))
+        .basic_auth("alice", Some("alice-pw"))
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .body(second_body)
+        .send()
+        .await
+        .expect("PUT manifest");
+    assert_eq!(resp.status(), 201, "latest moved at the upstream");
     let (status, digest, _) = get(&pair.down("lib/app/manifests/latest")).await;
     assert!(
         validated.elapsed() < ttl,
-        "the check ran within the TTL (the machine is too slow otherwise)"
+        "three requests took longer than the TTL: the machine is too slow for this check"
     );
     assert_eq!(
         (status, digest.as_deref()),
         (200, Some(first.manifest.as_str())),
         "old digest before tag_ttl"
     );
+    pull_over_http(&pair, "lib/app", "latest", &first).await;
 
     wait_until("the mirror serves the moved tag", || async {
         let (_, digest, _) = get(&pair.down("lib/app/manifests/latest")).await;

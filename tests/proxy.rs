@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestServer, run_cli, sha256, wait_until};
+use common::{TestServer, metric, run_cli, sha256, wait_until};
 use serde_json::{Value, json};
 
 const UPSTREAM_CONFIG: &str = r#"
@@ -232,23 +232,6 @@ fn error_code(body: &[u8]) -> String {
 fn error_message(body: &[u8]) -> String {
     let v: Value = serde_json::from_slice(body).expect("JSON");
     v["errors"][0]["message"].as_str().unwrap_or_default().to_owned()
-}
-
-/// The sum of `series` samples whose labels include every one of `labels`.
-async fn metric(server: &TestServer, series: &str, labels: &[&str]) -> f64 {
-    let text = client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{series}{{")))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Blob GETs the upstream answered 200 (what the mirror fetched).

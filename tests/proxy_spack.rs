@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::replay::{Replayer, is_spec_tag, tag_hash};
 use common::spack::{in_buildcache, served_index};
-use common::{TestServer, client, sha256, wait_until};
+use common::{TestServer, client, metric, sha256, wait_until};
 use serde_json::{Value, json};
 
 const APPC: &str = "cbhp76umblq6t7nayg4dzofb4p63de3f";
@@ -369,23 +369,6 @@ async fn a_corrupt_or_oversized_upstream_index_is_an_upstream_error_or_the_stale
         gets,
         "the refused index was not fetched again"
     );
-}
-
-/// The sum of `series` samples at `server` whose labels include every one of `labels`.
-async fn metric(server: &TestServer, series: &str, labels: &[&str]) -> f64 {
-    let text = client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{series}{{")))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Blob and manifest GETs the upstream answered 200 (what the mirror fetched).

@@ -151,7 +151,9 @@ impl Registry {
                 return Err(Error::ManifestUnknown);
             }
         };
+        let streamed = started.elapsed();
         let (index_digest, index_size) = self.commit_as(repo, id, writer, None).await?;
+        let published = started.elapsed();
         let config_digest = Digest::sha256_of(EMPTY_CONFIG);
         self.ensure_blob(repo, &config_digest, Bytes::from_static(EMPTY_CONFIG))
             .await?;
@@ -192,7 +194,8 @@ impl Registry {
             .await?;
         tracing::info!(
             repo = %repo, digest = %digest, generation = snapshot.generation, specs = snapshot.specs,
-            nodes = snapshot.nodes, bytes = snapshot.bytes, duration_ms = started.elapsed().as_millis() as u64,
+            nodes = snapshot.nodes, bytes = snapshot.bytes, streamed_ms = streamed.as_millis() as u64,
+            published_ms = published.as_millis() as u64, duration_ms = started.elapsed().as_millis() as u64,
             "spack index built"
         );
         Ok(digest.to_string())

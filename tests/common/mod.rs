@@ -459,6 +459,24 @@ pub async fn push_image(server: &TestServer, repo: &str, reference: &str, layer:
     (sha256(&body), body)
 }
 
+/// The sum of the `series` samples at `server`'s `/metrics` whose labels include every one of
+/// `labels` (each written `name="value"`).
+pub async fn metric(server: &TestServer, series: &str, labels: &[&str]) -> f64 {
+    let text = client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{series}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Polls `done` every 100 ms until it holds; fails after 60 s. The pause is between polls of a
 /// condition, never a wait standing in for one.
 pub async fn wait_until<F, Fut>(what: &str, mut done: F)

@@ -154,22 +154,45 @@ impl Registry {
         let streamed = started.elapsed();
         let (index_digest, index_size) = self.commit_as(repo, id, writer, None).await?;
         let published = started.elapsed();
-        let config_digest = Digest::sha256_of(EMPTY_CONFIG);
-        self.ensure_blob(repo, &config_digest, Bytes::from_static(EMPTY_CONFIG))
+        let digest = self
+            .publish_index_manifest(repo, &index_digest, index_size, None, snapshot.generation)
             .await?;
+        tracing::info!(
+            repo = %repo, digest = %digest, generation = snapshot.generation, specs = snapshot.specs,
+            nodes = snapshot.nodes, bytes = snapshot.bytes, streamed_ms = streamed.as_millis() as u64,
+            published_ms = published.as_millis() as u64, duration_ms = started.elapsed().as_millis() as u64,
+            "spack index built"
+        );
+        Ok(digest.to_string())
+    }
 
-        let body = format!(
-            concat!(
-                r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","schemaVersion":2,"#,
-                r#""config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"#,
-                r#""layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{}","size":{}}}]}}"#
-            ),
-            config_digest,
-            EMPTY_CONFIG.len(),
-            index_digest,
-            index_size
-        )
-        .into_bytes();
+    /// Records the index manifest of a build: a `{}` config (stored if missing) and one
+    /// layer, the index blob (`index_digest`, `index_size`, already stored), with
+    /// `annotations` when given, marked as built from `generation`. Untagged: `index.spack`
+    /// resolves to it through the catalog's index state. Returns the manifest's digest.
+    pub(super) async fn publish_index_manifest(
+        &self,
+        repo: &RepoName,
+        index_digest: &Digest,
+        index_size: u64,
+        annotations: Option<serde_json::Value>,
+        generation: i64,
+    ) -> Result<Digest> {
+        let config_digest = Digest::sha256_of(EMPTY_CONFIG);
+        if self.catalog.blob_size(repo, &config_digest).await?.is_none() {
+            let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(EMPTY_CONFIG))]);
+            self.store_whole(repo, &config_digest, body).await?;
+        }
+        let mut body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest.to_string(), "size": EMPTY_CONFIG.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": index_digest.to_string(), "size": index_size}],
+        });
+        if let Some(annotations) = annotations {
+            body["annotations"] = annotations;
+        }
+        let body = body.to_string().into_bytes();
         let digest = Digest::sha256_of(&body);
         let parsed = manifest::parse(&body, None)?;
         self.catalog
@@ -182,7 +205,7 @@ impl Registry {
                     tag: None,
                     spack: None,
                     platform: None,
-                    spack_index_generation: Some(snapshot.generation),
+                    spack_index_generation: Some(generation),
                 },
                 // Untagged: no tag to protect.
                 self.settings
@@ -192,22 +215,7 @@ impl Registry {
                 None,
             )
             .await?;
-        tracing::info!(
-            repo = %repo, digest = %digest, generation = snapshot.generation, specs = snapshot.specs,
-            nodes = snapshot.nodes, bytes = snapshot.bytes, streamed_ms = streamed.as_millis() as u64,
-            published_ms = published.as_millis() as u64, duration_ms = started.elapsed().as_millis() as u64,
-            "spack index built"
-        );
-        Ok(digest.to_string())
-    }
-
-    /// Stores `data` as blob `digest` in the repository unless it is already there.
-    async fn ensure_blob(&self, repo: &RepoName, digest: &Digest, data: Bytes) -> Result<()> {
-        if self.catalog.blob_size(repo, digest).await?.is_some() {
-            return Ok(());
-        }
-        let body = futures_util::stream::iter([Ok::<_, std::io::Error>(data)]);
-        self.upload_whole(repo, digest, body).await
+        Ok(digest)
     }
 }
 

@@ -24,10 +24,14 @@
 //!   ([`UploadMemory::wanted_back`]; checked every [`IDLE_RELEASE_AFTER`] while idle). So under
 //!   pressure clients that start a body and stall hold under one block each, outside the
 //!   budget, and only uploads whose bytes are arriving hold budget; with the budget mostly free
-//!   a pausing upload keeps its part (no short write, no fresh memory after the pause). Writing whole blocks keeps later parts at aligned offsets (direct
-//!   I/O); the tail is hashed with the bytes that follow it, so the hash and the durability
-//!   rules below are unchanged. A client that keeps sending a byte now and then is not idle
-//!   and holds one step.
+//!   a pausing upload keeps its part (no short write, no fresh memory after the pause).
+//!   Writing whole blocks keeps later parts at aligned offsets (direct I/O); the tail is hashed
+//!   with the bytes that follow it, so the hash and the durability rules below are unchanged.
+//!   A client that keeps sending a byte more often than [`IDLE_RELEASE_AFTER`] is never idle
+//!   and keeps what its part reserved: one step if it started under pressure, a whole part if
+//!   it started while half the budget was free. About 128 such clients hold the whole 8 MiB
+//!   default budget in steps, and then other uploads wait (503 after the configured wait); a
+//!   site expecting that many trickling clients raises `storage.upload_memory`.
 //! - Object stores need parts of at least 5 MiB, so a whole part is reserved before its first
 //!   byte; filling it then needs nothing more than the client's bytes. A stalled upload keeps
 //!   that part (moving it to the tail object and back on every pause would cost two requests of

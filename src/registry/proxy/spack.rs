@@ -39,7 +39,7 @@ use futures_util::StreamExt;
 
 use super::super::Registry;
 use super::{FetchError, Route};
-use crate::catalog::{ManifestRecord, NewManifest};
+use crate::catalog::ManifestRecord;
 use crate::error::{Error, Internal, Result};
 use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag, manifest};
 use crate::proxy::UpstreamError;
@@ -48,9 +48,6 @@ use crate::spack::merge::{self, MergeError};
 
 /// The annotation of a merged index manifest naming the upstream index manifest it merged.
 pub const UPSTREAM_ANNOTATION: &str = "org.stowage.spack.upstream-index";
-
-/// The 2-byte `{}` config of an index manifest, as Spack writes it.
-const EMPTY_CONFIG: &[u8] = b"{}";
 
 /// Pieces the merged index is written in.
 const PIECE: usize = 1024 * 1024;
@@ -479,38 +476,13 @@ impl Registry {
             }
         };
         let (index_digest, index_size) = self.commit_as(repo, id, writer, None).await?;
-        let config_digest = Digest::sha256_of(EMPTY_CONFIG);
-        if self.catalog.blob_size(repo, &config_digest).await?.is_none() {
-            let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(EMPTY_CONFIG))]);
-            self.store_whole(repo, &config_digest, body).await?;
-        }
-        let body = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest.to_string(), "size": EMPTY_CONFIG.len()},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": index_digest.to_string(), "size": index_size}],
-            "annotations": {UPSTREAM_ANNOTATION: inputs},
-        })
-        .to_string()
-        .into_bytes();
-        let digest = Digest::sha256_of(&body);
-        let parsed = manifest::parse(&body, None)?;
-        self.catalog
-            .put_manifest(
+        let digest = self
+            .publish_index_manifest(
                 repo,
-                NewManifest {
-                    digest: digest.clone(),
-                    content: body,
-                    parsed,
-                    tag: None,
-                    spack: None,
-                    platform: None,
-                    spack_index_generation: Some(snapshot.generation),
-                },
-                self.settings
-                    .immutable_tags
-                    .for_repo(repo.as_str(), crate::auth::Overwrite::Refused),
-                None,
+                &index_digest,
+                index_size,
+                Some(serde_json::json!({ UPSTREAM_ANNOTATION: inputs })),
+                snapshot.generation,
             )
             .await?;
         let m = crate::metrics::get();

@@ -1458,21 +1458,6 @@ async fn the_ns_mirror_form_keeps_the_uri_authority_for_the_token_realm() {
     );
 }
 
-/// The value of `series`, a counter or gauge without labels.
-async fn unlabelled_metric(server: &TestServer, series: &str) -> f64 {
-    let text = client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-}
-
 /// Seconds since the epoch.
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -1679,12 +1664,12 @@ async fn the_servers_collection_passes_evict_and_report_the_cached_bytes() {
     }
     let image_bytes = |image: &Image| (image.config.1.len() + image.layer.1.len()) as f64;
     wait_until("a pass evicted one image", || async {
-        unlabelled_metric(&pair.downstream, "stowage_proxy_evictions_total").await >= 1.0
+        metric(&pair.downstream, "stowage_proxy_evictions_total", &[]).await >= 1.0
             && metric(&pair.downstream, "stowage_proxy_cached_bytes", &["prefix=\"hub/\""]).await <= cap as f64
     })
     .await;
     assert_eq!(
-        unlabelled_metric(&pair.downstream, "stowage_proxy_evictions_total").await,
+        metric(&pair.downstream, "stowage_proxy_evictions_total", &[]).await,
         1.0
     );
     let cached = metric(&pair.downstream, "stowage_proxy_cached_bytes", &["prefix=\"hub/\""]).await;

@@ -164,12 +164,16 @@ async fn a_proxied_buildcache_serves_the_upstream_index_merged_with_the_specs_ca
         "appc still unseen within tag_ttl"
     );
     // Read again: not rebuilt.
-    let built = index_builds(&pair.mirror).await;
+    let built = metric(&pair.mirror, "stowage_spack_index_builds_total", &[]).await;
     assert!(built >= 1.0, "a merged index was built");
     let merged = index_digest(&pair.mirror, &mirrored).await;
     assert_eq!(index_digest(&pair.mirror, &mirrored).await, merged);
     served_index(&pair.mirror, &mirrored).await;
-    assert_eq!(index_builds(&pair.mirror).await, built, "reads do not rebuild");
+    assert_eq!(
+        metric(&pair.mirror, "stowage_spack_index_builds_total", &[]).await,
+        built,
+        "reads do not rebuild"
+    );
 
     // After tag_ttl the upstream's new index is merged in.
     wait_until("appc is listed by the mirror", || async {
@@ -251,38 +255,6 @@ async fn push_index(server: &TestServer, repo: &str, index: &[u8]) -> String {
     sha256(manifest.as_bytes())
 }
 
-/// `stowage_proxy_stale_serves_total`, summed.
-async fn stale_serves(server: &TestServer) -> f64 {
-    let text = client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|l| l.starts_with("stowage_proxy_stale_serves_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// `stowage_spack_index_builds_total`: index builds (hosted and merged) since start.
-async fn index_builds(server: &TestServer) -> f64 {
-    let text = client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|l| l.strip_prefix("stowage_spack_index_builds_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// The status and OCI error code of a GET of `index.spack`.
 async fn index_error(server: &TestServer, repo: &str) -> (u16, String, String) {
     let resp = client()
@@ -336,7 +308,7 @@ async fn a_corrupt_or_oversized_upstream_index_is_an_upstream_error_or_the_stale
         "the mirror re-validated index.spack and served the stale copy",
         || async {
             assert_eq!(index_digest(&pair.mirror, "up/site/cache").await, good);
-            stale_serves(&pair.mirror).await >= 1.0
+            metric(&pair.mirror, "stowage_proxy_stale_serves_total", &[]).await >= 1.0
         },
     )
     .await;
@@ -427,14 +399,18 @@ async fn a_hosted_buildcache_with_a_proxied_fallback_lists_both_and_installs_thr
             .is_some_and(|a| a.starts_with(&format!("up/{REPO}@sha256:"))),
         "built from the fallback's index: {manifest}"
     );
-    let built = index_builds(&pair.mirror).await;
+    let built = metric(&pair.mirror, "stowage_spack_index_builds_total", &[]).await;
     let merged = index_digest(&pair.mirror, REPO).await;
     assert_eq!(
         index_digest(&pair.mirror, REPO).await,
         merged,
         "not rebuilt per request"
     );
-    assert_eq!(index_builds(&pair.mirror).await, built, "reads do not rebuild");
+    assert_eq!(
+        metric(&pair.mirror, "stowage_spack_index_builds_total", &[]).await,
+        built,
+        "reads do not rebuild"
+    );
 
     // An install-shaped session against the hosted repository: every spec comes from the
     // upstream through the fallback.
@@ -624,10 +600,10 @@ async fn a_hosted_buildcache_takes_pushes_and_lists_its_own_specs_while_its_fall
         format!("up/{REPO}@unavailable"),
         "built without the fallback: {manifest}"
     );
-    let built = index_builds(&pair.mirror).await;
+    let built = metric(&pair.mirror, "stowage_spack_index_builds_total", &[]).await;
     served_index(&pair.mirror, REPO).await;
     assert_eq!(
-        index_builds(&pair.mirror).await,
+        metric(&pair.mirror, "stowage_spack_index_builds_total", &[]).await,
         built,
         "not rebuilt per read while it is down"
     );

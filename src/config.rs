@@ -268,6 +268,10 @@ pub struct ProxyConfig {
     /// upstream `HEAD` (seconds, or a number with a unit: `5m`).
     #[serde(default = "default_tag_ttl")]
     pub tag_ttl: Period,
+    /// How long an upstream "not found" (a 404 to a manifest or blob request) is remembered:
+    /// the same request is answered "unknown" from memory until then, without asking again.
+    #[serde(default = "default_miss_ttl")]
+    pub miss_ttl: Period,
     /// Seconds to connect to the upstream, and most seconds between two reads of a response.
     #[serde(default = "default_proxy_timeout")]
     pub timeout_secs: u64,
@@ -372,6 +376,10 @@ fn default_max_spack_index_size() -> ByteSize {
 
 fn default_tag_ttl() -> Period {
     Period(300)
+}
+
+fn default_miss_ttl() -> Period {
+    Period(30)
 }
 
 fn default_proxy_timeout() -> u64 {
@@ -1584,6 +1592,7 @@ mod tests {
             let c = Config::load(Some(Path::new("ok.toml")), CliOverrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(c.proxy.len(), 2);
             assert_eq!(c.proxy[0].tag_ttl.secs(), 600);
+            assert_eq!(c.proxy[0].miss_ttl.secs(), 30);
             assert_eq!(c.proxy[0].password_env.as_deref(), Some("HUB_TOKEN"));
             assert_eq!(c.proxy[1].tag_ttl.secs(), 300);
             assert_eq!(c.proxy[0].max_size.map(ByteSize::bytes), Some(50 << 30));
@@ -1631,6 +1640,7 @@ mod tests {
                     "unknown field",
                 ),
                 (format!("prefix = \"hub/\"\n{url}\ntag_ttl = 0"), "between 1 s"),
+                (format!("prefix = \"hub/\"\n{url}\nmiss_ttl = 0"), "between 1 s"),
                 (format!("prefix = \"hub/\"\n{url}\nmax_size = 0"), "between 1 byte"),
                 (
                     format!("prefix = \"hub/\"\n{url}\nmax_spack_index_size = 0"),

@@ -400,7 +400,8 @@ impl Metrics {
         r.register(
             "stowage_proxy_upstream_requests",
             "Requests to a pull-through upstream, by upstream prefix and outcome (ok, not_found, \
-             rate_limited, unauthorized, error, unreachable)",
+             rate_limited, unauthorized, error, unreachable; not_found_remembered: a 404 answered \
+             from memory, no request sent)",
             m.upstream_requests.clone(),
         );
         r.register(

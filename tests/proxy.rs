@@ -500,6 +500,65 @@ async fn a_moved_upstream_tag_is_seen_after_tag_ttl_and_not_before() {
     pull_over_http(&pair, "lib/app", &first.manifest, &first).await;
 }
 
+/// An upstream 404 is remembered for `miss_ttl`: asking again for a blob or a tag the upstream
+/// lacks (by `HEAD` or `GET`) costs no upstream request until then, and what the upstream has
+/// gained meanwhile is served once the entry expires.
+#[tokio::test]
+async fn an_upstream_miss_is_remembered_for_miss_ttl() {
+    let ttl = Duration::from_secs(10);
+    let pair = Pair::start_full("5m", false, "miss_ttl = \"10s\"\n");
+    let layer = pseudo_random(3000, 21);
+    let digest = sha256(&layer);
+    let upstream_404s = || metric(&pair.upstream, "registry_http_requests_total", &["code=\"404\""]);
+    let remembered = || {
+        metric(
+            &pair.downstream,
+            "stowage_proxy_upstream_requests_total",
+            &["outcome=\"not_found_remembered\""],
+        )
+    };
+    let (before, remembered_before) = (upstream_404s().await, remembered().await);
+    let asked = Instant::now();
+    let http = client();
+    for _ in 0..5 {
+        let head = http
+            .head(pair.down(&format!("lib/app/blobs/{digest}")))
+            .send()
+            .await
+            .expect("HEAD");
+        assert_eq!(head.status(), 404);
+        let (status, _, body) = get(&pair.down(&format!("lib/app/blobs/{digest}"))).await;
+        assert_eq!((status, error_code(&body)), (404, "BLOB_UNKNOWN".to_owned()));
+        let (status, _, body) = get(&pair.down("lib/app/manifests/later")).await;
+        assert_eq!((status, error_code(&body)), (404, "MANIFEST_UNKNOWN".to_owned()));
+    }
+    assert_eq!(
+        upstream_404s().await - before,
+        2.0,
+        "one upstream request for the blob (HEAD and GET share it) and one for the tag"
+    );
+    assert_eq!(remembered().await - remembered_before, 13.0);
+
+    // The upstream gains both; the mirror still remembers them missing.
+    let image = push_upstream(&pair.upstream, "lib/app", "later", layer, "later").await;
+    let (status, _, _) = get(&pair.down("lib/app/manifests/later")).await;
+    assert!(
+        asked.elapsed() < ttl,
+        "pushing one small image took longer than miss_ttl: the machine is too slow for this check"
+    );
+    assert_eq!(status, 404, "a remembered miss is answered from memory");
+
+    wait_until("the tag is served once the miss expires", || async {
+        let (status, _, _) = get(&pair.down("lib/app/manifests/later")).await;
+        if status == 200 {
+            assert!(asked.elapsed() >= ttl, "the miss was forgotten before miss_ttl");
+        }
+        status == 200
+    })
+    .await;
+    pull_over_http(&pair, "lib/app", "later", &image).await;
+}
+
 #[tokio::test]
 async fn concurrent_pulls_of_one_uncached_blob_share_one_upstream_fetch() {
     let pair = Pair::start("5m");

@@ -151,6 +151,10 @@ pub struct Upstream {
     tokens: Mutex<HashMap<String, (String, Instant)>>,
     permits: Arc<Semaphore>,
     tag_ttl: Duration,
+    /// Requests the upstream answered 404 lately (see [`Misses`]), and for how long each is
+    /// remembered.
+    misses: Mutex<Misses>,
+    miss_ttl: Duration,
     /// Largest upstream `index.spack` blob merged (see `registry::proxy::spack`).
     max_spack_index_size: u64,
 }
@@ -161,6 +165,48 @@ impl std::fmt::Debug for Upstream {
             .field("prefix", &self.prefix)
             .field("base", &self.base)
             .finish_non_exhaustive()
+    }
+}
+
+/// Most upstream 404s remembered per upstream (about 150 bytes each).
+const MAX_MISSES: usize = 10_000;
+
+/// Upstream 404s, by `<repository>/<path>`, with when each was answered: a puller asking again
+/// and again for a manifest or blob the upstream does not have (a tag not pushed yet, a
+/// digest a client made up, a Spack client `HEAD`ing every blob before a push into a hosted
+/// repository with fallbacks) costs one upstream request per `miss_ttl`, not one per request.
+/// Bounded: past [`MAX_MISSES`] the oldest is forgotten first. A hit that the upstream gains
+/// meanwhile is seen once the entry expires.
+#[derive(Default)]
+struct Misses {
+    at: HashMap<String, Instant>,
+    /// Insertion order, for forgetting the oldest (an entry re-inserted stands here twice; the
+    /// stale one is skipped when it comes up).
+    order: std::collections::VecDeque<(String, Instant)>,
+}
+
+impl Misses {
+    fn fresh(&mut self, key: &str, ttl: Duration) -> bool {
+        match self.at.get(key) {
+            Some(at) if at.elapsed() < ttl => true,
+            Some(_) => {
+                self.at.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn insert(&mut self, key: String, now: Instant) {
+        self.at.insert(key.clone(), now);
+        self.order.push_back((key, now));
+        while self.order.len() > MAX_MISSES {
+            if let Some((old, at)) = self.order.pop_front()
+                && self.at.get(&old) == Some(&at)
+            {
+                self.at.remove(&old);
+            }
+        }
     }
 }
 
@@ -231,6 +277,8 @@ impl Upstream {
             tokens: Mutex::new(HashMap::new()),
             permits: Arc::new(Semaphore::new(entry.max_concurrent_requests)),
             tag_ttl: Duration::from_secs(entry.tag_ttl.secs()),
+            misses: Mutex::new(Misses::default()),
+            miss_ttl: Duration::from_secs(entry.miss_ttl.secs()),
             max_spack_index_size: entry.max_spack_index_size.bytes(),
         })
     }
@@ -253,6 +301,20 @@ impl Upstream {
     /// Largest upstream Spack index blob that is read to be merged.
     pub fn max_spack_index_size(&self) -> u64 {
         self.max_spack_index_size
+    }
+
+    /// Whether `key` was answered 404 less than `miss_ttl` ago.
+    fn remembered_miss(&self, key: &str) -> bool {
+        let Ok(mut misses) = self.misses.lock() else {
+            return false;
+        };
+        misses.fresh(key, self.miss_ttl)
+    }
+
+    fn remember_miss(&self, key: String) {
+        if let Ok(mut misses) = self.misses.lock() {
+            misses.insert(key, Instant::now());
+        }
     }
 
     fn count(&self, outcome: &'static str) {
@@ -329,6 +391,12 @@ impl Upstream {
         path: &str,
         accept: Option<&str>,
     ) -> Result<Option<Fetched>, UpstreamError> {
+        // A HEAD and a GET of the same path share their answer: absent is absent.
+        let miss_key = format!("{repo}/{path}");
+        if self.remembered_miss(&miss_key) {
+            self.count("not_found_remembered");
+            return Ok(None);
+        }
         let url = format!("{}/v2/{repo}/{path}", self.base);
         let scope = format!("repository:{repo}:pull");
         let permit = self
@@ -361,6 +429,7 @@ impl Upstream {
                 }
                 StatusCode::NOT_FOUND => {
                     self.count("not_found");
+                    self.remember_miss(miss_key);
                     return Ok(None);
                 }
                 StatusCode::TOO_MANY_REQUESTS => {
@@ -736,6 +805,33 @@ mod tests {
         assert_eq!(form_encode("x y"), "x%20y");
     }
 
+    #[test]
+    fn misses_expire_and_stay_bounded() {
+        let mut misses = Misses::default();
+        let ttl = Duration::from_secs(30);
+        let now = Instant::now();
+        misses.insert("a/blobs/x".into(), now);
+        assert!(misses.fresh("a/blobs/x", ttl));
+        assert!(!misses.fresh("a/blobs/y", ttl));
+        let old = now.checked_sub(Duration::from_secs(31)).expect("an instant 31 s ago");
+        misses.insert("a/manifests/t".into(), old);
+        assert!(!misses.fresh("a/manifests/t", ttl), "expired");
+        assert!(
+            !misses.at.contains_key("a/manifests/t"),
+            "an expired entry is dropped when seen"
+        );
+        for i in 0..MAX_MISSES + 100 {
+            misses.insert(format!("r/blobs/{i}"), now);
+        }
+        assert!(misses.order.len() <= MAX_MISSES && misses.at.len() <= MAX_MISSES);
+        assert!(!misses.fresh("a/blobs/x", ttl), "the oldest forgotten first");
+        assert!(misses.fresh(&format!("r/blobs/{}", MAX_MISSES + 99), ttl));
+        // Re-inserting a key keeps one live entry for it.
+        misses.insert("r/blobs/5000".into(), now);
+        misses.insert("r/blobs/5000".into(), now);
+        assert!(misses.at.len() <= MAX_MISSES);
+    }
+
     fn entry(prefix: &str) -> ProxyConfig {
         ProxyConfig {
             prefix: prefix.into(),
@@ -746,6 +842,7 @@ mod tests {
             ca_file: None,
             insecure_skip_verify: false,
             tag_ttl: crate::config::Period::parse("5m").expect("period"),
+            miss_ttl: crate::config::Period::parse("30s").expect("period"),
             timeout_secs: 5,
             max_concurrent_requests: 2,
             namespaces: None,

@@ -83,7 +83,10 @@ impl Postgres {
         let bin = pg_bin();
         // SAFETY: geteuid has no preconditions and cannot fail.
         let as_postgres = unsafe { libc::geteuid() } == 0;
-        let dir = tempfile::Builder::new().prefix("stowage-pg-").tempdir().unwrap();
+        // The `postgres` user must reach the directory: as root, under /tmp whatever TMPDIR says
+        // (a root-only TMPDIR would stop it at the parent).
+        let parent = if as_postgres { PathBuf::from("/tmp") } else { std::env::temp_dir() };
+        let dir = tempfile::Builder::new().prefix("stowage-pg-").tempdir_in(parent).unwrap();
         if as_postgres {
             std::os::unix::fs::chown(dir.path(), Some(id_of("-u")), Some(id_of("-g"))).unwrap();
         }
@@ -820,7 +823,7 @@ const SCENARIO: &[Step] = &[
         expect: &[(NODES, "aaaa,2,1,1 | bbbb,2,0,1 | cccc,2,0,3 | dddd,1,1,0"), (INDEX, "2,-1,-,2,1")],
     },
     Step {
-        name: "Spack: a node recorded after the rows that name it",
+        name: "Spack: nodes recorded after the rows that name them (fsck's repair order)",
         stmts: &[
             ok(
                 PUT_MANIFEST,
@@ -831,24 +834,43 @@ const SCENARIO: &[Step] = &[
                 PUT_SPEC,
                 &[I(2), T(PY), T("pppp"), T("sha256:m5"), I(3), T("python"), T("3.12"), NullT, NullT, NullT, NullT],
             ),
-            ok(PUT_CLOSURE, &[I(2), T(PY), T("pppp")]),
-            ok(PUT_CLOSURE, &[I(2), T(PY), T("qqqq")]),
+            // One statement for several rows: PostgreSQL fires the row triggers at its end.
+            ok(
+                "INSERT INTO spack_closure (repo_id, tag, hash) VALUES (?1, ?2, ?3), (?1, ?2, ?4), (?1, ?2, ?5)
+                 ON CONFLICT DO NOTHING",
+                &[I(2), T(PY), T("pppp"), T("qqqq"), T("rrrr")],
+            ),
+            // qqqq before its dependent: the edge's own trigger counts it.
+            ok(
+                PUT_NODE,
+                &[I(2), T("qqqq"), T("sqlite"), T("3.45"), NullT, NullT, NullT, NullT, I(0), T("{\"name\":\"sqlite\"}")],
+            ),
             ok(
                 PUT_NODE,
                 &[I(2), T("pppp"), T("python"), T("3.12"), NullT, NullT, NullT, NullT, I(0), T("{\"name\":\"python\"}")],
             ),
             ok(PUT_DEP, &[I(2), T("pppp"), T("qqqq"), T("[\"run\"]")]),
+            ok(PUT_DEP, &[I(2), T("pppp"), T("rrrr"), T("[\"link\"]")]),
+            // rrrr after the edge naming it: its node's trigger counts it.
             ok(
                 PUT_NODE,
-                &[I(2), T("qqqq"), T("sqlite"), T("3.45"), NullT, NullT, NullT, NullT, I(0), T("{\"name\":\"sqlite\"}")],
+                &[I(2), T("rrrr"), T("readline"), T("8.2"), NullT, NullT, NullT, NullT, I(0), T("{\"name\":\"readline\"}")],
             ),
             // An edge needs its dependent recorded.
             refused(PUT_DEP, &[I(2), T("zzzz"), T("qqqq"), T("[\"run\"]")]),
         ],
         expect: &[
-            (NODES, "aaaa,2,1,1 | bbbb,2,0,1 | cccc,2,0,3 | dddd,1,1,0 | pppp,1,1,0 | qqqq,1,0,1"),
+            (NODES, "aaaa,2,1,1 | bbbb,2,0,1 | cccc,2,0,3 | dddd,1,1,0 | qqqq,1,0,1 | pppp,1,1,0 | rrrr,1,0,1"),
             (INDEX, "3,-1,-,3,1"),
         ],
+    },
+    Step {
+        name: "Spack: an edge of a listed node removed",
+        stmts: &[ok(
+            "DELETE FROM spack_deps WHERE repo_id = ?1 AND hash = ?2 AND dep_hash = ?3",
+            &[I(2), T("pppp"), T("rrrr")],
+        )],
+        expect: &[(NODES, "aaaa,2,1,1 | bbbb,2,0,1 | cccc,2,0,3 | dddd,1,1,0 | qqqq,1,0,1 | pppp,1,1,0 | rrrr,1,0,0")],
     },
     Step {
         name: "Spack: a spec tag moved to an image that is no spec",
@@ -861,16 +883,23 @@ const SCENARIO: &[Step] = &[
             ok(CLEAR_SPEC, &[I(2), T(ZLIB)]),
         ],
         expect: &[
-            (NODES, "aaaa,1,0,1 | bbbb,1,0,1 | cccc,1,0,3 | dddd,1,1,0 | pppp,1,1,0 | qqqq,1,0,1"),
+            (NODES, "aaaa,1,0,1 | bbbb,1,0,1 | cccc,1,0,3 | dddd,1,1,0 | qqqq,1,0,1 | pppp,1,1,0 | rrrr,1,0,0"),
             (INDEX, "4,-1,-,2,0"),
             (CONTENT, "22"),
         ],
     },
     Step {
         name: "Spack: a spec tag deleted, cascading to its spec and closure",
-        stmts: &[ok("DELETE FROM tags WHERE repo_id = ?1 AND name = ?2", &[I(2), T(LIBPNG)])],
+        stmts: &[
+            ok("DELETE FROM tags WHERE repo_id = ?1 AND name = ?2", &[I(2), T(LIBPNG)]),
+            // An edge of a node no spec lists any more: counted nowhere, so nothing changes.
+            ok(
+                "DELETE FROM spack_deps WHERE repo_id = ?1 AND hash = ?2 AND dep_hash = ?3",
+                &[I(2), T("aaaa"), T("bbbb")],
+            ),
+        ],
         expect: &[
-            (NODES, "aaaa,0,0,0 | bbbb,0,0,0 | cccc,0,0,0 | dddd,0,0,0 | pppp,1,1,0 | qqqq,1,0,1"),
+            (NODES, "aaaa,0,0,0 | bbbb,0,0,0 | cccc,0,0,0 | dddd,0,0,0 | qqqq,1,0,1 | pppp,1,1,0 | rrrr,1,0,0"),
             (INDEX, "5,-1,-,1,0"),
             (CONTENT, "23"),
         ],
@@ -879,7 +908,7 @@ const SCENARIO: &[Step] = &[
         name: "Spack: a spec's manifest deleted, cascading through its tag and directly",
         stmts: &[ok("DELETE FROM manifests WHERE repo_id = ?1 AND digest = ?2", &[I(2), T("sha256:m5")])],
         expect: &[
-            (NODES, "aaaa,0,0,0 | bbbb,0,0,0 | cccc,0,0,0 | dddd,0,0,0 | pppp,0,0,0 | qqqq,0,0,0"),
+            (NODES, "aaaa,0,0,0 | bbbb,0,0,0 | cccc,0,0,0 | dddd,0,0,0 | qqqq,0,0,0 | pppp,0,0,0 | rrrr,0,0,0"),
             (INDEX, "6,-1,-,0,0"),
             (CONTENT, "25"),
             (REPOS, "mirror,0,1000,0 | spack,1,0,750 | team/app,0,1300,500"),

@@ -26,6 +26,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::tools::{ContainersWorld, output_within, require_tool};
 use common::{TestServer, run_cli as stowage, sha256};
 
 /// Who may do what: `alice` pulls and pushes everywhere, `bob` only pulls; `public/**` is open
@@ -151,50 +152,9 @@ impl Registry {
 // Tools
 // ---------------------------------------------------------------------------------------------
 
-/// How long one engine command may take.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Finds `name` on `PATH`, or fails the test saying how to get it.
-fn require_tool(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "required tool `{name}` is not installed (not found on PATH); `scripts/test` \
-                 installs it (Debian packages podman, buildah, containerd, busybox-static, \
-                 skopeo). These tests never skip a missing tool."
-            )
-        })
-}
-
-/// Runs `cmd` (stdin closed) with a time limit, without judging its exit status.
-fn run_unchecked(cmd: &mut Command) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let out = child.wait_with_output();
-        let _ = tx.send(());
-        out
-    });
-    if rx.recv_timeout(COMMAND_TIMEOUT).is_err() {
-        // SAFETY: kill(2) on the pid of the child this function started and has not reaped.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        panic!("{cmd:?} did not finish within {COMMAND_TIMEOUT:?}");
-    }
-    waiter.join().expect("waiter thread").expect("wait for command")
-}
-
 /// Runs `cmd`; fails the test if it exits non-zero, showing what it printed.
 fn run(cmd: &mut Command) -> Output {
-    let out = run_unchecked(cmd);
+    let out = output_within(cmd);
     assert!(
         out.status.success(),
         "command failed ({}): {cmd:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
@@ -213,89 +173,26 @@ fn stdout(out: &Output) -> String {
 // podman and buildah with throwaway state
 // ---------------------------------------------------------------------------------------------
 
-/// Where containers/image keeps its blob-info cache when it runs as root.
-const SYSTEM_BLOB_INFO_CACHE: &str = "/var/lib/containers/cache";
-
-/// A private podman/buildah world: vfs storage, auth file, HOME and runtime dir in a temp dir.
+/// A private podman/buildah world (see `common::tools::ContainersWorld`), using the system's
+/// `registries.conf`.
 struct Engine {
-    dir: tempfile::TempDir,
+    world: ContainersWorld,
 }
 
 impl Engine {
     fn new() -> Engine {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let root = dir.path();
-        for sub in ["graph", "run", "home", "xdg", "libpod", "blob-info-cache"] {
-            std::fs::create_dir_all(root.join(sub)).expect("mkdir");
+        Engine {
+            world: ContainersWorld::new(None),
         }
-        std::fs::write(
-            root.join("storage.conf"),
-            format!(
-                "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
-                root.join("graph").display(),
-                root.join("run").display()
-            ),
-        )
-        .expect("write storage.conf");
-        // podman as root keeps its locks and event log under /run/libpod by default.
-        std::fs::write(
-            root.join("containers.conf"),
-            format!(
-                "[engine]\ntmp_dir = \"{}\"\nevents_logger = \"none\"\n",
-                root.join("libpod").display()
-            ),
-        )
-        .expect("write containers.conf");
-        // podman refuses an auth file that does not exist.
-        std::fs::write(root.join("auth.json"), "{}").expect("write auth.json");
-        Engine { dir }
     }
 
     fn path(&self, sub: &str) -> PathBuf {
-        self.dir.path().join(sub)
+        self.world.path(sub)
     }
 
-    /// A podman or buildah command in this engine's world. Run as root, containers/image keeps
-    /// a blob-info cache in `/var/lib/containers/cache` that no flag or variable moves, so the
-    /// command runs in a mount namespace of its own where this engine's empty dir is mounted
-    /// there.
+    /// A podman or buildah command in this engine's world.
     fn command(&self, tool: &str) -> Command {
-        use std::os::unix::ffi::OsStrExt as _;
-        use std::os::unix::process::CommandExt as _;
-        let mut cmd = Command::new(require_tool(tool));
-        cmd.env("CONTAINERS_STORAGE_CONF", self.path("storage.conf"))
-            .env("CONTAINERS_CONF", self.path("containers.conf"))
-            .env("REGISTRY_AUTH_FILE", self.path("auth.json"))
-            .env("HOME", self.path("home"))
-            .env("XDG_RUNTIME_DIR", self.path("xdg"))
-            .env_remove("CONTAINERS_REGISTRIES_CONF");
-        // The mount point must exist (containers/image would create it on first use anyway).
-        std::fs::create_dir_all(SYSTEM_BLOB_INFO_CACHE).expect("create the mount point");
-        let cstr = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path without NUL");
-        let root = cstr(Path::new("/"));
-        let source = cstr(&self.path("blob-info-cache"));
-        let target = cstr(Path::new(SYSTEM_BLOB_INFO_CACHE));
-        // SAFETY: only async-signal-safe system calls on memory owned by the closure, in the
-        // child between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let none = std::ptr::null();
-                if libc::unshare(libc::CLONE_NEWNS) != 0
-                    || libc::mount(
-                        none,
-                        root.as_ptr(),
-                        none,
-                        libc::MS_REC | libc::MS_PRIVATE,
-                        std::ptr::null(),
-                    ) != 0
-                    || libc::mount(source.as_ptr(), target.as_ptr(), none, libc::MS_BIND, std::ptr::null()) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd
+        self.world.command(tool)
     }
 
     fn podman(&self, args: &[&str]) -> Output {
@@ -416,7 +313,7 @@ fn podman_round_trip(reg: &Registry) {
         "logout left credentials behind"
     );
     // Logged out, a push is refused (alice's repository is not anonymous).
-    let refused = run_unchecked(
+    let refused = output_within(
         engine
             .command("podman")
             .args(["push", &tls, &remote, &reg.image("demo/app:anon")]),
@@ -454,7 +351,7 @@ fn podman_logs_in_with_an_api_token_and_pushes() {
 
     // The token's scope does not cover another repository: the push is refused at once.
     let started = Instant::now();
-    let refused = run_unchecked(engine.command("podman").args([
+    let refused = output_within(engine.command("podman").args([
         "push",
         "--tls-verify=false",
         "localhost/tok:v1",
@@ -492,7 +389,7 @@ fn podman_login_with_a_wrong_password_is_refused() {
     );
 
     // A pull with wrong credentials shows Stowage's own reason.
-    let out = run_unchecked(engine.command("podman").args([
+    let out = output_within(engine.command("podman").args([
         "pull",
         "--tls-verify=false",
         "--creds",
@@ -576,7 +473,7 @@ fn podman_pulls_anonymously_from_an_anonymous_pull_repository() {
     // Outside `anonymous_pull`, the same anonymous pull is refused.
     push_with_podman(&reg, "demo/anon:v1");
     let refused =
-        run_unchecked(
+        output_within(
             engine
                 .command("podman")
                 .args(["pull", "--tls-verify=false", &reg.image("demo/anon:v1")]),
@@ -623,7 +520,7 @@ fn buildah_push(reg: &Registry) {
     let manifest: serde_json::Value = serde_json::from_slice(&reg.raw_manifest("demo/bud:v1")).expect("json");
     assert_eq!(manifest["layers"].as_array().map(Vec::len), Some(1), "{manifest}");
 
-    let refused = run_unchecked(engine.command("buildah").args([
+    let refused = output_within(engine.command("buildah").args([
         "push",
         &tls,
         "--creds",
@@ -798,7 +695,7 @@ fn containerd_pulls_and_pushes_with_a_password() {
     );
 
     // A wrong password is refused.
-    let refused = run_unchecked(&mut ctd.ctr(&[
+    let refused = output_within(&mut ctd.ctr(&[
         "images",
         "pull",
         "--plain-http",

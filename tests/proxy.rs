@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::tools::{ContainersWorld, output_within, require_tool};
 use common::{TestServer, metric, run_cli, sha256, wait_until};
 use serde_json::{Value, json};
 
@@ -271,35 +272,6 @@ fn require_skopeo() -> PathBuf {
         .unwrap_or_else(|| {
             panic!("`skopeo` is not installed; `scripts/test` installs it (apt-get install skopeo). Never skipped.")
         })
-}
-
-/// How long one external command (skopeo, podman, an offline `stowage` command) may take.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Runs `cmd` (stdin closed, output captured) and returns its output, whatever its status; a
-/// command still running after [`COMMAND_TIMEOUT`] is killed and fails the test, instead of
-/// hanging the whole test binary.
-fn output_within(cmd: &mut Command) -> std::process::Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let pid = child.id();
-    let (done, finished) = std::sync::mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let out = child.wait_with_output();
-        let _ = done.send(());
-        out
-    });
-    if finished.recv_timeout(COMMAND_TIMEOUT).is_err() {
-        // SAFETY: kill(2) of the child started above, which the waiter has not reaped (it
-        // reports right after reaping, and has not reported).
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        panic!("{cmd:?} did not finish within {COMMAND_TIMEOUT:?}");
-    }
-    waiter.join().expect("waiter thread").expect("wait for the command")
 }
 
 /// `skopeo copy` from the mirror into an OCI layout, returning the layout's directory.
@@ -982,14 +954,6 @@ async fn push_unpackable(server: &TestServer, repo: &str, tag: &str, seed: &str)
         config: (sha256(&config), config),
         layer: (sha256(&layer), layer),
     }
-}
-
-fn require_tool(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|c| c.is_file())
-        .unwrap_or_else(|| panic!("`{name}` is not installed; `scripts/test` installs it. Never skipped."))
 }
 
 /// Runs a command to its end (at most 120 s), failing the test if it fails.
@@ -1766,90 +1730,23 @@ async fn the_servers_collection_passes_evict_and_report_the_cached_bytes() {
 // podman as a pull-through client
 // ---------------------------------------------------------------------------------------------
 
-/// Where containers/image keeps its blob-info cache when it runs as root.
-const SYSTEM_BLOB_INFO_CACHE: &str = "/var/lib/containers/cache";
-
-/// A podman of its own (as `tests/engines.rs` sets one up): vfs storage, runroot, HOME,
-/// runtime dir, auth file and `registries.conf` in a temp dir, and a private mount namespace
-/// per command with an empty dir over root's blob-info cache. Each pull uses a fresh one, so
-/// that podman finds nothing locally and asks for every blob.
+/// A podman of its own (`common::tools::ContainersWorld`) with the given `registries.conf`.
+/// Each pull uses a fresh one, so that podman finds nothing locally and asks for every blob.
 struct Podman {
-    dir: tempfile::TempDir,
+    world: ContainersWorld,
 }
 
 impl Podman {
     /// `registries` is the whole `registries.conf`.
     fn new(registries: &str) -> Podman {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let root = dir.path();
-        for sub in ["graph", "run", "home", "xdg", "libpod", "blob-info-cache"] {
-            std::fs::create_dir_all(root.join(sub)).expect("mkdir");
+        Podman {
+            world: ContainersWorld::new(Some(registries)),
         }
-        std::fs::write(
-            root.join("storage.conf"),
-            format!(
-                "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
-                root.join("graph").display(),
-                root.join("run").display()
-            ),
-        )
-        .expect("write storage.conf");
-        std::fs::write(
-            root.join("containers.conf"),
-            format!(
-                "[engine]\ntmp_dir = \"{}\"\nevents_logger = \"none\"\n",
-                root.join("libpod").display()
-            ),
-        )
-        .expect("write containers.conf");
-        std::fs::write(root.join("registries.conf"), registries).expect("write registries.conf");
-        std::fs::write(root.join("auth.json"), "{}").expect("write auth.json");
-        Podman { dir }
-    }
-
-    fn path(&self, sub: &str) -> PathBuf {
-        self.dir.path().join(sub)
     }
 
     /// `podman args…` in this podman's world; returns its output, whatever its status.
     fn run(&self, args: &[&str]) -> std::process::Output {
-        use std::os::unix::ffi::OsStrExt as _;
-        use std::os::unix::process::CommandExt as _;
-        let mut cmd = Command::new(require_tool("podman"));
-        cmd.args(args)
-            .env("CONTAINERS_STORAGE_CONF", self.path("storage.conf"))
-            .env("CONTAINERS_CONF", self.path("containers.conf"))
-            .env("CONTAINERS_REGISTRIES_CONF", self.path("registries.conf"))
-            .env("REGISTRY_AUTH_FILE", self.path("auth.json"))
-            .env("HOME", self.path("home"))
-            .env("XDG_RUNTIME_DIR", self.path("xdg"))
-            .stdin(Stdio::null());
-        std::fs::create_dir_all(SYSTEM_BLOB_INFO_CACHE).expect("create the mount point");
-        let cstr = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path without NUL");
-        let root = cstr(Path::new("/"));
-        let source = cstr(&self.path("blob-info-cache"));
-        let target = cstr(Path::new(SYSTEM_BLOB_INFO_CACHE));
-        // SAFETY: only async-signal-safe system calls on memory owned by the closure, in the
-        // child between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let none = std::ptr::null();
-                if libc::unshare(libc::CLONE_NEWNS) != 0
-                    || libc::mount(
-                        none,
-                        root.as_ptr(),
-                        none,
-                        libc::MS_REC | libc::MS_PRIVATE,
-                        std::ptr::null(),
-                    ) != 0
-                    || libc::mount(source.as_ptr(), target.as_ptr(), none, libc::MS_BIND, std::ptr::null()) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        output_within(&mut cmd)
+        output_within(self.world.command("podman").args(args))
     }
 
     /// `podman pull` of `image` (insecure registries come from `registries.conf`), then the

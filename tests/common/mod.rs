@@ -12,6 +12,7 @@ pub mod limits;
 pub mod oci;
 pub mod replay;
 pub mod spack;
+pub mod tools;
 
 #[allow(unused_imports)] // each test binary uses a different subset
 pub use backend::{Backend, S3_PART_SIZE, backend};

@@ -5,8 +5,10 @@
 //! SQLite catalog is made by Stowage's own migration runner ([`stowage::catalog::migrate_file`]).
 //! Then:
 //! - [`same_shape`]: every SQLite table has a PostgreSQL table with the same columns (names,
-//!   types as translated, nullability, byte-order collation for text), the same named indexes,
-//!   and every SQLite trigger a PostgreSQL trigger of the same name on the same table, firing
+//!   types as translated, nullability, byte-order collation for text), the same named indexes
+//!   (table, columns in order including SQLite's implicit key suffix, UNIQUE, partial WHERE),
+//!   the same primary keys, UNIQUE constraints, foreign keys (columns, target, ON DELETE) and
+//!   number of CHECKs per table, and every SQLite trigger a PostgreSQL trigger of the same name on the same table, firing
 //!   at the same time on the same event (and `UPDATE OF` columns); and every SQLite migration
 //!   after the PostgreSQL baseline has its PostgreSQL counterpart.
 //! - [`same_rows`]: one scripted scenario ([`SCENARIO`], written once with `?N` placeholders and
@@ -453,6 +455,238 @@ fn sqlite_trigger_kind(sql: &str) -> (String, String, Vec<String>) {
     (words[at].to_owned(), event, columns)
 }
 
+/// An index: (name, table, columns in order, unique, normalised partial WHERE or "").
+type Index = (String, String, Vec<String>, bool, String);
+
+/// A partial index's predicate with parentheses, case and spacing normalised away.
+fn norm_predicate(p: &str) -> String {
+    p.to_lowercase()
+        .replace(['(', ')'], " ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The INTEGER PRIMARY KEY column a rowid table's rowid aliases, if any.
+fn sqlite_rowid_alias(c: &rusqlite::Connection, table: &str) -> Option<String> {
+    let pk: Vec<(String, String)> = c
+        .prepare("SELECT name, type FROM pragma_table_info(?1) WHERE pk > 0")
+        .unwrap()
+        .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    match pk.as_slice() {
+        [(name, ty)] if ty == "INTEGER" => Some(name.clone()),
+        _ => None,
+    }
+}
+
+/// SQLite's named indexes, each with the implicit key suffix `pragma_index_xinfo` shows (the
+/// rowid as the column it aliases, or left out when it aliases none); a UNIQUE index by its
+/// key columns alone.
+fn sqlite_indexes(c: &rusqlite::Connection) -> Vec<Index> {
+    let mut out = Vec::new();
+    for table in sqlite_tables(c) {
+        let alias = sqlite_rowid_alias(c, &table);
+        let list: Vec<(String, bool, bool)> = c
+            .prepare("SELECT name, \"unique\", partial FROM pragma_index_list(?1) WHERE origin = 'c'")
+            .unwrap()
+            .query_map([&table], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? == 1, r.get::<_, i64>(2)? == 1))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        for (name, unique, partial) in list {
+            let cols: Vec<(Option<String>, bool)> = c
+                .prepare("SELECT name, key FROM pragma_index_xinfo(?1) ORDER BY seqno")
+                .unwrap()
+                .query_map([&name], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? == 1)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let mut columns: Vec<String> = Vec::new();
+            for (col, key) in cols {
+                if unique && !key {
+                    continue;
+                }
+                let col = col.or_else(|| alias.clone());
+                if let Some(col) = col.filter(|c| !columns.contains(c)) {
+                    columns.push(col);
+                }
+            }
+            let sql: String = c
+                .query_row("SELECT sql FROM sqlite_schema WHERE name = ?1", [&name], |r| r.get(0))
+                .unwrap();
+            let predicate = match sql.to_uppercase().find(" WHERE ") {
+                Some(at) => norm_predicate(&sql[at + 7..]),
+                None => String::new(),
+            };
+            assert_eq!(partial, !predicate.is_empty(), "{name}: {sql}");
+            out.push((name, table.clone(), columns, unique, predicate));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn pg_indexes(pg: &mut postgres::Client) -> Vec<Index> {
+    let mut out: Vec<Index> = pg
+        .query(
+            "SELECT c.relname::text, t.relname::text,
+                    array(SELECT a.attname::text
+                            FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, n)
+                            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                           ORDER BY k.n),
+                    i.indisunique, coalesce(pg_get_expr(i.indpred, i.indrelid), '')
+               FROM pg_index i
+               JOIN pg_class c ON c.oid = i.indexrelid
+               JOIN pg_class t ON t.oid = i.indrelid
+              WHERE t.relnamespace = current_schema()::regnamespace
+                AND c.relname NOT IN (SELECT conname FROM pg_constraint)",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let predicate: String = r.get(4);
+            (r.get(0), r.get(1), r.get(2), r.get(3), norm_predicate(&predicate))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A constraint: (table, kind, columns, target table, target columns, ON DELETE), kind one of
+/// `p` (primary key), `u` (UNIQUE), `f` (foreign key), `c` (CHECK: no columns, one per CHECK).
+type Constraint = (String, String, Vec<String>, String, Vec<String>, String);
+
+fn sqlite_constraints(c: &rusqlite::Connection) -> Vec<Constraint> {
+    let mut out = Vec::new();
+    let strings = |sql: &str, arg: &str| -> Vec<String> {
+        c.prepare(sql)
+            .unwrap()
+            .query_map([arg], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let none = || (String::new(), Vec::new(), String::new());
+    for table in sqlite_tables(c) {
+        let pk = strings(
+            "SELECT name FROM pragma_table_info(?1) WHERE pk > 0 ORDER BY pk",
+            &table,
+        );
+        if !pk.is_empty() {
+            let (t, tc, d) = none();
+            out.push((table.clone(), "p".to_owned(), pk, t, tc, d));
+        }
+        for index in strings("SELECT name FROM pragma_index_list(?1) WHERE origin = 'u'", &table) {
+            let cols = strings(
+                "SELECT name FROM pragma_index_xinfo(?1) WHERE key = 1 ORDER BY seqno",
+                &index,
+            );
+            let (t, tc, d) = none();
+            out.push((table.clone(), "u".to_owned(), cols, t, tc, d));
+        }
+        let fks: Vec<(i64, String, String, Option<String>, String)> = c
+            .prepare(
+                "SELECT id, \"table\", \"from\", \"to\", on_delete FROM pragma_foreign_key_list(?1) ORDER BY id, seq",
+            )
+            .unwrap()
+            .query_map([&table], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let mut by_id: BTreeMap<i64, Constraint> = BTreeMap::new();
+        for (id, target, from, to, on_delete) in fks {
+            let action = match on_delete.as_str() {
+                "NO ACTION" => "a",
+                "RESTRICT" => "r",
+                "CASCADE" => "c",
+                "SET NULL" => "n",
+                "SET DEFAULT" => "d",
+                other => panic!("{table}: ON DELETE {other}"),
+            };
+            let e = by_id.entry(id).or_insert_with(|| {
+                (
+                    table.clone(),
+                    "f".to_owned(),
+                    Vec::new(),
+                    target.clone(),
+                    Vec::new(),
+                    action.to_owned(),
+                )
+            });
+            e.2.push(from);
+            // A reference to the target's primary key may leave the column out.
+            let to = to.unwrap_or_else(|| {
+                strings(
+                    "SELECT name FROM pragma_table_info(?1) WHERE pk > 0 ORDER BY pk",
+                    &target,
+                )
+                .swap_remove(0)
+            });
+            e.4.push(to);
+        }
+        out.extend(by_id.into_values());
+        // SQLite keeps no list of CHECKs: count them in the table's text (the word CHECK
+        // followed by a parenthesis, so that "checkpoint" in a comment is not one).
+        let sql: String = c
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+                [&table],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let upper = sql.to_uppercase();
+        let checks = upper
+            .match_indices("CHECK")
+            .filter(|(at, _)| {
+                let before = upper[..*at].chars().next_back();
+                let after = upper[at + 5..].trim_start();
+                !before.is_some_and(|b| b.is_alphanumeric() || b == '_') && after.starts_with('(')
+            })
+            .count();
+        for _ in 0..checks {
+            let (t, tc, d) = none();
+            out.push((table.clone(), "c".to_owned(), Vec::new(), t, tc, d));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn pg_constraints(pg: &mut postgres::Client) -> Vec<Constraint> {
+    let mut out: Vec<Constraint> = pg
+        .query(
+            "SELECT t.relname::text, c.contype::text,
+                    CASE WHEN c.contype = 'c' THEN '{}'::text[] ELSE
+                    array(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(attnum, n)
+                            JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+                           ORDER BY k.n) END,
+                    coalesce(f.relname::text, ''),
+                    coalesce(array(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(attnum, n)
+                            JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum
+                           ORDER BY k.n), '{}'),
+                    CASE WHEN c.contype = 'f' THEN c.confdeltype::text ELSE '' END
+               FROM pg_constraint c
+               JOIN pg_class t ON t.oid = c.conrelid
+               LEFT JOIN pg_class f ON f.oid = c.confrelid
+              WHERE t.relnamespace = current_schema()::regnamespace",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    out.sort();
+    out
+}
+
 #[test]
 fn same_shape() {
     let (_sdir, sqlite) = sqlite_catalog();
@@ -516,30 +750,20 @@ fn same_shape() {
         assert_eq!(expected, actual, "columns of {table} (name, type, not null, collation)");
     }
 
-    // Named indexes (SQLite's automatic ones back constraints, as PostgreSQL's do).
-    let mut s = sqlite
-        .prepare(
-            "SELECT name, tbl_name FROM sqlite_schema
-              WHERE type = 'index' AND name NOT LIKE 'sqlite_autoindex_%' ORDER BY name",
-        )
-        .unwrap();
-    let indexes: Vec<(String, String)> = s
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let pg_indexes: Vec<(String, String)> = pg
-        .query(
-            "SELECT indexname::text, tablename::text FROM pg_indexes
-              WHERE schemaname = current_schema()
-                AND indexname NOT IN (SELECT conname FROM pg_constraint) ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(indexes, pg_indexes, "the same named indexes");
+    // Named indexes (SQLite's automatic ones back constraints, as PostgreSQL's do): table,
+    // columns in order, UNIQUE, and the partial WHERE.
+    assert_eq!(
+        sqlite_indexes(&sqlite),
+        pg_indexes(&mut pg),
+        "the same named indexes (name, table, columns, unique, WHERE)"
+    );
+
+    // Primary keys, UNIQUE constraints, foreign keys (columns, target, ON DELETE), CHECKs.
+    assert_eq!(
+        sqlite_constraints(&sqlite),
+        pg_constraints(&mut pg),
+        "the same constraints"
+    );
 
     // Triggers: same name, table, timing, event and UPDATE OF columns.
     let mut s = sqlite

@@ -1,7 +1,9 @@
 //! The PostgreSQL catalog schema (`migrations/postgres/`) against the SQLite one.
 //!
 //! A real throwaway PostgreSQL server (Debian's `postgresql-15`, installed by `scripts/test`) is
-//! started on 127.0.0.1 in a temporary directory, and the PostgreSQL schema applied to it; the
+//! started as the test's child process, on a Unix socket in a private temporary directory, with
+//! an ICU en-US default collation (so byte order must come from the columns' `COLLATE "C"`), and
+//! the PostgreSQL schema applied to it; the
 //! SQLite catalog is made by Stowage's own migration runner ([`stowage::catalog::migrate_file`]).
 //! Then:
 //! - [`same_shape`]: every SQLite table has a PostgreSQL table with the same columns (names,
@@ -25,8 +27,10 @@
 //! The test fails, never skips, when PostgreSQL is missing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The PostgreSQL schema, applied in this order (the baseline, then any later migrations).
 fn pg_migrations() -> Vec<(String, String)> {
@@ -51,22 +55,36 @@ const PG_BASELINE: usize = 17;
 // A throwaway PostgreSQL server.
 // ------------------------------------------------------------------------------------------
 
-/// A PostgreSQL server on 127.0.0.1, in a temporary directory; stopped and removed on drop.
+/// A PostgreSQL server run as a child process of the test, listening only on a Unix socket in
+/// its private (0700) temporary directory; stopped and removed on drop.
+///
+/// The postmaster is `postgres` itself (not a `pg_ctl` daemon that detaches into its own
+/// session), so it stays in the test's process group, is killed in [`Drop`] (which also runs on
+/// an unwinding panic), and, should the test process die without unwinding (SIGKILL, a CI
+/// timeout), gets SIGKILL from the kernel (`PR_SET_PDEATHSIG`); its backends exit when they see
+/// the postmaster gone. Every wait is bounded: start-up ([`STARTUP`]), connecting
+/// ([`CONNECT_TIMEOUT`]), each statement (`statement_timeout`, `lock_timeout`).
 struct Postgres {
     bin: PathBuf,
-    data: PathBuf,
-    port: u16,
-    /// Run the server's tools as the `postgres` user (initdb refuses to run as root).
-    as_postgres: bool,
+    /// Run the server's tools as the `postgres` user (initdb and postgres refuse root).
+    user: Option<(u32, u32)>,
+    server: Option<std::process::Child>,
     dir: Option<tempfile::TempDir>,
 }
+
+/// How long the server may take to accept connections.
+const STARTUP: Duration = Duration::from_secs(60);
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The port only names the socket file (`.s.PGSQL.<port>`); nothing listens on TCP.
+const SOCKET_PORT: u16 = 5432;
 
 fn pg_bin() -> PathBuf {
     let bin = std::env::var_os("STOWAGE_TEST_PG_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"));
     assert!(
-        bin.join("initdb").is_file() && bin.join("pg_ctl").is_file(),
+        bin.join("initdb").is_file() && bin.join("postgres").is_file(),
         "PostgreSQL server binaries not found in {} (scripts/test installs Debian's postgresql-15; \
          STOWAGE_TEST_PG_BIN names another directory)",
         bin.display()
@@ -83,70 +101,137 @@ fn id_of(flag: &str) -> u32 {
     String::from_utf8(out.stdout).unwrap().trim().parse().unwrap()
 }
 
+/// Removes the directories of servers whose test was killed without unwinding (the server died
+/// with it, see [`Postgres`], but its directory stayed): a `stowage-pg-*` directory older than
+/// [`STALE`] whose postmaster (if it wrote its pid) is gone.
+fn sweep_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with("stowage-pg-") {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE));
+        let pid: Option<i32> = std::fs::read_to_string(path.join("data/postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()));
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = pid.is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
+        if old && !alive {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+/// How old a server directory must be before [`sweep_stale`] considers it (another test of the
+/// same run may be starting its server in a directory that has no pid file yet).
+const STALE: Duration = Duration::from_secs(600);
+
 impl Postgres {
     fn start() -> Postgres {
         let bin = pg_bin();
         // SAFETY: geteuid has no preconditions and cannot fail.
-        let as_postgres = unsafe { libc::geteuid() } == 0;
+        let root = unsafe { libc::geteuid() } == 0;
+        let user = root.then(|| (id_of("-u"), id_of("-g")));
         // The `postgres` user must reach the directory: as root, under /tmp whatever TMPDIR says
         // (a root-only TMPDIR would stop it at the parent).
-        let parent = if as_postgres {
+        let parent = if root {
             PathBuf::from("/tmp")
         } else {
             std::env::temp_dir()
         };
+        sweep_stale(&parent);
         let dir = tempfile::Builder::new()
             .prefix("stowage-pg-")
             .tempdir_in(parent)
             .unwrap();
-        if as_postgres {
-            std::os::unix::fs::chown(dir.path(), Some(id_of("-u")), Some(id_of("-g"))).unwrap();
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
         }
-        let data = dir.path().join("data");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let pg = Postgres {
+        let socket = dir.path().join(format!(".s.PGSQL.{SOCKET_PORT}"));
+        assert!(
+            socket.as_os_str().len() < 100,
+            "{} is too long for a Unix socket path (set a shorter TMPDIR)",
+            socket.display()
+        );
+        let mut pg = Postgres {
             bin,
-            data,
-            port,
-            as_postgres,
+            user,
+            server: None,
             dir: Some(dir),
         };
-        let data = pg.data.to_str().unwrap().to_owned();
-        pg.run(
-            "initdb",
-            &[
-                "-D",
-                &data,
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "--no-instructions",
-            ],
+        let data = pg.dir().join("data");
+        let data = data.to_str().unwrap().to_owned();
+        // An ICU default collation in which 'a' sorts before 'B': the byte order the catalog
+        // relies on must come from the columns' COLLATE "C", not from the database's locale.
+        let out = pg
+            .command("initdb")
+            .args(["-D", &data, "-A", "trust", "-U", "postgres", "-E", "UTF8"])
+            .args(["--locale=C.UTF-8", "--locale-provider=icu", "--icu-locale=en-US"])
+            .args(["--no-sync", "--no-instructions"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
+
+        let log_path = pg.dir().join("server.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let socket_dir = pg.dir().to_str().unwrap().to_owned();
-        let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {socket_dir} -c fsync=off -c synchronous_commit=off",
-            pg.port
-        );
-        let log = pg.dir().join("server.log");
-        let log = log.to_str().unwrap().to_owned();
-        // `-w`: returns once the server accepts connections (or fails after `-t` seconds).
-        if !pg.try_run(
-            "pg_ctl",
-            &["start", "-D", &data, "-w", "-t", "60", "-l", &log, "-o", &options],
-        ) {
-            panic!(
-                "PostgreSQL did not start:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+        let mut cmd = pg.command("postgres");
+        cmd.args(["-D", &data, "-p", &SOCKET_PORT.to_string(), "-k", &socket_dir])
+            .args([
+                "-c",
+                "listen_addresses=",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+            ])
+            .args(["-c", "full_page_writes=off"])
+            .args(["-c", "statement_timeout=60s", "-c", "lock_timeout=10s"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe; the closure allocates nothing. It runs after the
+        // child took the `postgres` uid (a credential change would clear the setting).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        pg.server = Some(cmd.spawn().unwrap());
+
+        // Ready once it accepts a connection on the socket; a server that exits fails at once.
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            if let Some(status) = pg.server.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "PostgreSQL exited ({status}):\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            if pg.config().connect(postgres::NoTls).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL did not accept connections within {STARTUP:?}:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
             );
+            std::thread::sleep(Duration::from_millis(50));
         }
         pg
     }
@@ -155,53 +240,50 @@ impl Postgres {
         self.dir.as_ref().unwrap().path()
     }
 
-    fn command(&self, tool: &str, args: &[&str]) -> Command {
-        let path = self.bin.join(tool);
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(path);
-            c
-        } else {
-            Command::new(path)
-        };
-        cmd.args(args).current_dir(self.dir());
+    /// A server tool, run as the `postgres` user when the test runs as root (std drops root's
+    /// supplementary groups along with the uid).
+    fn command(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(tool));
+        if let Some((uid, gid)) = self.user {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.current_dir(self.dir());
         cmd
     }
 
-    fn try_run(&self, tool: &str, args: &[&str]) -> bool {
-        let out = self.command(tool, args).output().unwrap();
-        if !out.status.success() {
-            eprintln!(
-                "{tool} failed: {}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        out.status.success()
-    }
-
-    fn run(&self, tool: &str, args: &[&str]) {
-        assert!(self.try_run(tool, args), "{tool} failed");
+    fn config(&self) -> postgres::Config {
+        let mut config = postgres::Config::new();
+        config
+            .host_path(self.dir())
+            .port(SOCKET_PORT)
+            .user("postgres")
+            .dbname("postgres")
+            .connect_timeout(CONNECT_TIMEOUT);
+        config
     }
 
     fn client(&self) -> postgres::Client {
-        postgres::Config::new()
-            .host("127.0.0.1")
-            .port(self.port)
-            .user("postgres")
-            .dbname("postgres")
-            .connect(postgres::NoTls)
-            .unwrap()
+        let mut client = self.config().connect(postgres::NoTls).unwrap();
+        // The check the ICU locale is there for: without COLLATE "C", 'a' < 'B'.
+        let ordered: bool = client.query_one("SELECT 'a' < 'B'", &[]).unwrap().get(0);
+        assert!(ordered, "the database's default collation is byte order");
+        client
     }
 }
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let data = self.data.to_str().unwrap_or_default().to_owned();
-        if self.data.join("postmaster.pid").exists() {
-            let _ = self
-                .command("pg_ctl", &["stop", "-D", &data, "-m", "immediate", "-w"])
-                .output();
+        if let Some(mut server) = self.server.take() {
+            // SIGQUIT: immediate shutdown (the postmaster stops its backends, then exits);
+            // SIGKILL if it has not within a few seconds.
+            // SAFETY: kill has no memory preconditions; the pid is our own unreaped child.
+            unsafe { libc::kill(server.id() as libc::pid_t, libc::SIGQUIT) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(server.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = server.kill();
+            let _ = server.wait();
         }
         if let Some(dir) = self.dir.take() {
             let _ = dir.close();

@@ -295,6 +295,9 @@ impl Drop for Postgres {
 fn pg_catalog() -> (Postgres, postgres::Client) {
     let pg = Postgres::start();
     let mut client = pg.client();
+    // As the engine's migration runner will: the catalog's schema, and nothing else, on the
+    // path (the trigger functions pin it).
+    client.batch_execute("SET search_path = public").unwrap();
     for (name, sql) in pg_migrations() {
         client
             .batch_execute(&sql)
@@ -845,6 +848,23 @@ fn same_shape() {
         sqlite_constraints(&sqlite),
         pg_constraints(&mut pg),
         "the same constraints"
+    );
+
+    // Every trigger function pins its search_path to the catalog's schema.
+    let unpinned: Vec<(String, Option<Vec<String>>)> = pg
+        .query(
+            "SELECT proname::text, proconfig FROM pg_proc
+              WHERE prorettype = 'trigger'::regtype AND pronamespace = current_schema()::regnamespace
+                AND NOT coalesce('search_path=public' = ANY (proconfig), false)",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(
+        unpinned.is_empty(),
+        "trigger functions without search_path=public: {unpinned:?}"
     );
 
     // Triggers: same name, table, timing, event and UPDATE OF columns.

@@ -324,10 +324,16 @@ CREATE TABLE spack_index (
 
 ---------------------------------------------------------------------------------------------
 -- Triggers. Each SQLite trigger is one function and one trigger, both of its SQLite name.
+--
+-- Each function pins `search_path` to the one this file was applied with (the migration
+-- runner sets it to exactly the catalog's schema first), so that a session with another
+-- search_path, or objects of the same name in a schema earlier on it, cannot redirect the
+-- triggers' writes.
 ---------------------------------------------------------------------------------------------
 
 -- SQLite 0002: a repository's Spack index generation moves with every change of its spec tags.
-CREATE FUNCTION spack_specs_added() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION spack_specs_added() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     INSERT INTO spack_index (repo_id, generation) VALUES (NEW.repo_id, 0) ON CONFLICT DO NOTHING;
     UPDATE spack_index SET generation = generation + 1 WHERE repo_id = NEW.repo_id;
@@ -336,7 +342,8 @@ END $$;
 CREATE TRIGGER spack_specs_added AFTER INSERT ON spack_specs
     FOR EACH ROW EXECUTE FUNCTION spack_specs_added();
 
-CREATE FUNCTION spack_specs_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION spack_specs_removed() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE spack_index SET generation = generation + 1 WHERE repo_id = OLD.repo_id;
     RETURN NULL;
@@ -346,7 +353,8 @@ CREATE TRIGGER spack_specs_removed AFTER DELETE ON spack_specs
 
 -- SQLite 0006: deleting a manifest restarts the grace period of the blobs it referenced.
 -- BEFORE: its references cascade away with it.
-CREATE FUNCTION manifests_deleted_touch_links() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION manifests_deleted_touch_links() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE repo_blobs SET linked_at = stowage_now()
      WHERE repo_id = OLD.repo_id
@@ -357,7 +365,8 @@ CREATE TRIGGER manifests_deleted_touch_links BEFORE DELETE ON manifests
     FOR EACH ROW EXECUTE FUNCTION manifests_deleted_touch_links();
 
 -- SQLite 0008: a manifest a tag leaves (moved or deleted) is touched.
-CREATE FUNCTION tags_moved_touch_manifest() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION tags_moved_touch_manifest() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE manifests SET touched_at = stowage_now() WHERE id = OLD.manifest_id;
     RETURN NULL;
@@ -365,7 +374,8 @@ END $$;
 CREATE TRIGGER tags_moved_touch_manifest AFTER UPDATE OF manifest_id ON tags
     FOR EACH ROW WHEN (OLD.manifest_id <> NEW.manifest_id) EXECUTE FUNCTION tags_moved_touch_manifest();
 
-CREATE FUNCTION tags_deleted_touch_manifest() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION tags_deleted_touch_manifest() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE manifests SET touched_at = stowage_now() WHERE id = OLD.manifest_id;
     RETURN NULL;
@@ -375,7 +385,8 @@ CREATE TRIGGER tags_deleted_touch_manifest AFTER DELETE ON tags
 
 -- SQLite 0011: the credentials epoch moves with every change of who may sign in, or with what
 -- (recording a token's last use does not move it).
-CREATE FUNCTION bump_auth_epoch() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION bump_auth_epoch() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE auth_epoch SET value = value + 1 WHERE id = 1;
     RETURN NULL;
@@ -396,7 +407,8 @@ CREATE TRIGGER api_tokens_removed_auth_epoch AFTER DELETE ON api_tokens
 
 -- SQLite 0011: the content epoch moves with every change of what a manifest lookup (by tag or
 -- by digest) answers (the collector's touched_at does not count).
-CREATE FUNCTION bump_content_epoch() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION bump_content_epoch() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE content_epoch SET value = value + 1 WHERE id = 1;
     RETURN NULL;
@@ -416,7 +428,8 @@ CREATE TRIGGER manifests_removed_content_epoch AFTER DELETE ON manifests
     FOR EACH ROW EXECUTE FUNCTION bump_content_epoch();
 
 -- SQLite 0013: per-repository tag count and stored bytes.
-CREATE FUNCTION repo_stats_tag_added() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION repo_stats_tag_added() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE repositories SET tag_count = tag_count + 1 WHERE id = NEW.repo_id;
     RETURN NULL;
@@ -424,7 +437,8 @@ END $$;
 CREATE TRIGGER repo_stats_tag_added AFTER INSERT ON tags
     FOR EACH ROW EXECUTE FUNCTION repo_stats_tag_added();
 
-CREATE FUNCTION repo_stats_tag_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION repo_stats_tag_removed() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE repositories SET tag_count = tag_count - 1 WHERE id = OLD.repo_id;
     RETURN NULL;
@@ -432,7 +446,8 @@ END $$;
 CREATE TRIGGER repo_stats_tag_removed AFTER DELETE ON tags
     FOR EACH ROW EXECUTE FUNCTION repo_stats_tag_removed();
 
-CREATE FUNCTION repo_stats_blob_linked() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION repo_stats_blob_linked() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE repositories
        SET blob_bytes = blob_bytes + coalesce((SELECT size FROM blobs WHERE digest = NEW.digest), 0)
@@ -442,7 +457,8 @@ END $$;
 CREATE TRIGGER repo_stats_blob_linked AFTER INSERT ON repo_blobs
     FOR EACH ROW EXECUTE FUNCTION repo_stats_blob_linked();
 
-CREATE FUNCTION repo_stats_blob_unlinked() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION repo_stats_blob_unlinked() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE repositories
        SET blob_bytes = blob_bytes - coalesce((SELECT size FROM blobs WHERE digest = OLD.digest), 0)
@@ -452,7 +468,8 @@ END $$;
 CREATE TRIGGER repo_stats_blob_unlinked AFTER DELETE ON repo_blobs
     FOR EACH ROW EXECUTE FUNCTION repo_stats_blob_unlinked();
 
-CREATE FUNCTION repo_stats_manifest_added() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION repo_stats_manifest_added() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE repositories SET manifest_bytes = manifest_bytes + NEW.size WHERE id = NEW.repo_id;
     RETURN NULL;
@@ -460,7 +477,8 @@ END $$;
 CREATE TRIGGER repo_stats_manifest_added AFTER INSERT ON manifests
     FOR EACH ROW EXECUTE FUNCTION repo_stats_manifest_added();
 
-CREATE FUNCTION repo_stats_manifest_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION repo_stats_manifest_removed() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE repositories SET manifest_bytes = manifest_bytes - OLD.size WHERE id = OLD.repo_id;
     RETURN NULL;
@@ -471,7 +489,8 @@ CREATE TRIGGER repo_stats_manifest_removed AFTER DELETE ON manifests
 -- SQLite 0015/0016: the Spack index's figures per node and per repository.
 
 -- A node recorded after rows that name it: count what is already there.
-CREATE FUNCTION spack_figures_node_added() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION spack_figures_node_added() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE spack_nodes SET
         closure_refs = (SELECT count(*) FROM spack_closure c WHERE c.repo_id = NEW.repo_id AND c.hash = NEW.hash),
@@ -485,7 +504,8 @@ CREATE TRIGGER spack_figures_node_added AFTER INSERT ON spack_nodes
     FOR EACH ROW EXECUTE FUNCTION spack_figures_node_added();
 
 -- An edge counts towards its dependency while its dependent is listed.
-CREATE FUNCTION spack_figures_edge_added() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION spack_figures_edge_added() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     IF (SELECT closure_refs FROM spack_nodes WHERE repo_id = NEW.repo_id AND hash = NEW.hash) > 0 THEN
         UPDATE spack_nodes SET ref_count = ref_count + 1 WHERE repo_id = NEW.repo_id AND hash = NEW.dep_hash;
@@ -495,7 +515,8 @@ END $$;
 CREATE TRIGGER spack_figures_edge_added AFTER INSERT ON spack_deps
     FOR EACH ROW EXECUTE FUNCTION spack_figures_edge_added();
 
-CREATE FUNCTION spack_figures_edge_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION spack_figures_edge_removed() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     IF (SELECT closure_refs FROM spack_nodes WHERE repo_id = OLD.repo_id AND hash = OLD.hash) > 0 THEN
         UPDATE spack_nodes SET ref_count = ref_count - 1 WHERE repo_id = OLD.repo_id AND hash = OLD.dep_hash;
@@ -507,7 +528,8 @@ CREATE TRIGGER spack_figures_edge_removed AFTER DELETE ON spack_deps
 
 -- A node becoming listed (its first closure row) or unlisted (its last) adds or removes its
 -- edges from its dependencies' ref_count.
-CREATE FUNCTION spack_figures_closure_added() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION spack_figures_closure_added() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE spack_nodes SET closure_refs = closure_refs + 1 WHERE repo_id = NEW.repo_id AND hash = NEW.hash;
     UPDATE spack_nodes SET ref_count = ref_count + 1
@@ -519,7 +541,8 @@ END $$;
 CREATE TRIGGER spack_figures_closure_added AFTER INSERT ON spack_closure
     FOR EACH ROW EXECUTE FUNCTION spack_figures_closure_added();
 
-CREATE FUNCTION spack_figures_closure_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION spack_figures_closure_removed() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE spack_nodes SET closure_refs = closure_refs - 1 WHERE repo_id = OLD.repo_id AND hash = OLD.hash;
     UPDATE spack_nodes SET ref_count = ref_count - 1
@@ -533,7 +556,8 @@ CREATE TRIGGER spack_figures_closure_removed AFTER DELETE ON spack_closure
 
 -- Spec tags: the root's spec_refs and the repository's counts. The index row may not exist
 -- yet (spack_specs_added creates it too; trigger order is not relied on).
-CREATE FUNCTION spack_figures_spec_added() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION spack_figures_spec_added() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE spack_nodes SET spec_refs = spec_refs + 1 WHERE repo_id = NEW.repo_id AND hash = NEW.hash;
     INSERT INTO spack_index (repo_id, generation) VALUES (NEW.repo_id, 0) ON CONFLICT DO NOTHING;
@@ -546,7 +570,8 @@ END $$;
 CREATE TRIGGER spack_figures_spec_added AFTER INSERT ON spack_specs
     FOR EACH ROW EXECUTE FUNCTION spack_figures_spec_added();
 
-CREATE FUNCTION spack_figures_spec_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION spack_figures_spec_removed() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE spack_nodes SET spec_refs = spec_refs - 1 WHERE repo_id = OLD.repo_id AND hash = OLD.hash;
     UPDATE spack_index

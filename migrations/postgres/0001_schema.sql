@@ -45,9 +45,15 @@
 --   subquery (PostgreSQL allows none) becomes an IF inside its function. A BEFORE trigger
 --   returns OLD (NULL would cancel the delete). Rows deleted by ON DELETE CASCADE fire DELETE
 --   triggers on both engines; an upsert that takes its DO NOTHING / DO UPDATE branch fires no
---   INSERT trigger on either (DO UPDATE fires UPDATE triggers on both).
+--   INSERT trigger on either (DO UPDATE fires UPDATE triggers on both; but PostgreSQL
+--   fires a BEFORE INSERT trigger for such a row, so there is none here). AFTER row triggers
+--   of one event fire in name order, and a cascade's triggers queue behind the outer
+--   statement's. Lock order: the triggers lock `content_epoch` and `repositories` rows in an
+--   order that depends on the write path, so concurrent writers can deadlock; the engine
+--   must impose one order (docs/postgres.md, "Lock order").
 
--- The current time in unix seconds, as SQLite's CAST(strftime('%s', 'now') AS INTEGER).
+-- The current time in unix seconds, as SQLite's CAST(strftime('%s', 'now') AS INTEGER): the
+-- database server's clock, not the replica's (docs/postgres.md: GC cutoffs and clock skew).
 CREATE FUNCTION stowage_now() RETURNS BIGINT LANGUAGE sql STABLE AS
 $$ SELECT floor(extract(epoch FROM statement_timestamp()))::BIGINT $$;
 

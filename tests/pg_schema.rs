@@ -22,7 +22,8 @@
 //! identity sequences leave gaps (an upsert taking its DO UPDATE branch, or a rolled-back
 //! insert, consumes a value) where SQLite reuses the next rowid. Both assign them in insert
 //! order, which the rank comparison checks. The times the triggers write (`stowage_now()`,
-//! SQLite's `strftime('%s', 'now')`) are compared as "now" (any value past 2001).
+//! SQLite's `strftime('%s', 'now')`) must be the test's clock's "now" in unix seconds (within
+//! a few seconds; the server runs in a time zone far from UTC so that a local time shows).
 //!
 //! The test fails, never skips, when PostgreSQL is missing.
 
@@ -199,6 +200,8 @@ impl Postgres {
             ])
             .args(["-c", "full_page_writes=off"])
             .args(["-c", "statement_timeout=60s", "-c", "lock_timeout=10s"])
+            // Far from UTC (+13:45), so that a time taken in local time shows.
+            .args(["-c", "TimeZone=Pacific/Chatham"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -984,11 +987,30 @@ const INDEX: &str =
      FROM spack_index WHERE repo_id = 2";
 const CONTENT: &str = "SELECT value FROM content_epoch";
 const AUTH: &str = "SELECT value FROM auth_epoch";
-/// "now" for the times triggers write; the scenario's own times are small numbers.
-const TOUCHED: &str =
-    "SELECT digest, CASE WHEN touched_at > 1000000000 THEN -1 ELSE touched_at END FROM manifests ORDER BY id";
-const LINKED: &str = "SELECT repo_id, digest, CASE WHEN linked_at > 1000000000 THEN -1 ELSE linked_at END
+/// The times triggers write, as -1 when they are the test's clock's "now" (within
+/// [`NOW_SLACK`] seconds) and -2 when they are any other large value (milliseconds, a shifted
+/// time zone, a stale transaction time); the scenario's own times are small numbers.
+/// `NOW_UNIX` is replaced by the current unix time when the query runs ([`at_now`]).
+const TOUCHED: &str = "SELECT digest, CASE WHEN abs(touched_at - NOW_UNIX) <= NOW_SLACK THEN -1
+                               WHEN touched_at > 1000000000 THEN -2 ELSE touched_at END
+     FROM manifests ORDER BY id";
+const LINKED: &str = "SELECT repo_id, digest, CASE WHEN abs(linked_at - NOW_UNIX) <= NOW_SLACK THEN -1
+                                      WHEN linked_at > 1000000000 THEN -2 ELSE linked_at END
      FROM repo_blobs ORDER BY repo_id, digest";
+
+/// How far a trigger-written time may be from the test's clock (the scenario takes a second or
+/// two; both engines run on this machine's clock).
+const NOW_SLACK: i64 = 5;
+
+/// `sql` with `NOW_UNIX` and `NOW_SLACK` filled in from the test's clock.
+fn at_now(sql: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    sql.replace("NOW_UNIX", &now.to_string())
+        .replace("NOW_SLACK", &NOW_SLACK.to_string())
+}
 
 const ZLIB: &str = "zlib-1.3-aaaa.spack";
 const LIBPNG: &str = "libpng-1.6-dddd.spack";
@@ -1515,7 +1537,10 @@ fn snapshot(engine: &mut dyn Engine, tables: &[(String, Vec<String>)]) -> BTreeM
             .map(|c| {
                 let quoted = format!("\"{c}\"");
                 if TRIGGER_TIMES.contains(&(table.as_str(), c.as_str())) {
-                    format!("CASE WHEN {quoted} > 1000000000 THEN -1 ELSE {quoted} END")
+                    format!(
+                        "CASE WHEN abs({quoted} - NOW_UNIX) <= NOW_SLACK THEN -1
+                              WHEN {quoted} > 1000000000 THEN -2 ELSE {quoted} END"
+                    )
                 } else {
                     quoted
                 }
@@ -1527,9 +1552,14 @@ fn snapshot(engine: &mut dyn Engine, tables: &[(String, Vec<String>)]) -> BTreeM
             select.join(", "),
             order.join(", ")
         );
-        let mut rows = engine.query(&sql, &[]);
+        let mut rows = engine.query(&at_now(&sql), &[]);
         for row in &mut rows {
             for (cell, column) in row.iter_mut().zip(columns) {
+                assert!(
+                    !(*cell == Cell::Int(-2) && TRIGGER_TIMES.contains(&(table.as_str(), column.as_str()))),
+                    "{}: {table}.{column} is not the current unix time",
+                    engine.name()
+                );
                 let target = if column == "id" && ID_TABLES.contains(&table.as_str()) {
                     Some(table.as_str())
                 } else {
@@ -1577,7 +1607,7 @@ fn same_rows() {
                 }
             }
             for (sql, expected) in step.expect {
-                let got = render(&engine.query(sql, &[]));
+                let got = render(&engine.query(&at_now(sql), &[]));
                 assert_eq!(&got, expected, "{}: after step {:?}: {sql}", engine.name(), step.name);
             }
         }

@@ -1,12 +1,16 @@
 //! The PostgreSQL catalog schema (`migrations/postgres/`) against the SQLite one.
 //!
 //! A real throwaway PostgreSQL server (Debian's `postgresql-15`, installed by `scripts/test`) is
-//! started on 127.0.0.1 in a temporary directory, and the PostgreSQL schema applied to it; the
+//! started as the test's child process, on a Unix socket in a private temporary directory, with
+//! an ICU en-US default collation (so byte order must come from the columns' `COLLATE "C"`), and
+//! the PostgreSQL schema applied to it; the
 //! SQLite catalog is made by Stowage's own migration runner ([`stowage::catalog::migrate_file`]).
 //! Then:
 //! - [`same_shape`]: every SQLite table has a PostgreSQL table with the same columns (names,
-//!   types as translated, nullability, byte-order collation for text), the same named indexes,
-//!   and every SQLite trigger a PostgreSQL trigger of the same name on the same table, firing
+//!   types as translated, nullability, byte-order collation for text), the same named indexes
+//!   (table, columns in order including SQLite's implicit key suffix, UNIQUE, partial WHERE),
+//!   the same primary keys, UNIQUE constraints, foreign keys (columns, target, ON DELETE) and
+//!   number of CHECKs per table, and every SQLite trigger a PostgreSQL trigger of the same name on the same table, firing
 //!   at the same time on the same event (and `UPDATE OF` columns); and every SQLite migration
 //!   after the PostgreSQL baseline has its PostgreSQL counterpart.
 //! - [`same_rows`]: one scripted scenario ([`SCENARIO`], written once with `?N` placeholders and
@@ -18,13 +22,16 @@
 //! identity sequences leave gaps (an upsert taking its DO UPDATE branch, or a rolled-back
 //! insert, consumes a value) where SQLite reuses the next rowid. Both assign them in insert
 //! order, which the rank comparison checks. The times the triggers write (`stowage_now()`,
-//! SQLite's `strftime('%s', 'now')`) are compared as "now" (any value past 2001).
+//! SQLite's `strftime('%s', 'now')`) must be the test's clock's "now" in unix seconds (within
+//! a few seconds; the server runs in a time zone far from UTC so that a local time shows).
 //!
 //! The test fails, never skips, when PostgreSQL is missing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The PostgreSQL schema, applied in this order (the baseline, then any later migrations).
 fn pg_migrations() -> Vec<(String, String)> {
@@ -49,22 +56,36 @@ const PG_BASELINE: usize = 17;
 // A throwaway PostgreSQL server.
 // ------------------------------------------------------------------------------------------
 
-/// A PostgreSQL server on 127.0.0.1, in a temporary directory; stopped and removed on drop.
+/// A PostgreSQL server run as a child process of the test, listening only on a Unix socket in
+/// its private (0700) temporary directory; stopped and removed on drop.
+///
+/// The postmaster is `postgres` itself (not a `pg_ctl` daemon that detaches into its own
+/// session), so it stays in the test's process group, is killed in [`Drop`] (which also runs on
+/// an unwinding panic), and, should the test process die without unwinding (SIGKILL, a CI
+/// timeout), gets SIGKILL from the kernel (`PR_SET_PDEATHSIG`); its backends exit when they see
+/// the postmaster gone. Every wait is bounded: start-up ([`STARTUP`]), connecting
+/// ([`CONNECT_TIMEOUT`]), each statement (`statement_timeout`, `lock_timeout`).
 struct Postgres {
     bin: PathBuf,
-    data: PathBuf,
-    port: u16,
-    /// Run the server's tools as the `postgres` user (initdb refuses to run as root).
-    as_postgres: bool,
+    /// Run the server's tools as the `postgres` user (initdb and postgres refuse root).
+    user: Option<(u32, u32)>,
+    server: Option<std::process::Child>,
     dir: Option<tempfile::TempDir>,
 }
+
+/// How long the server may take to accept connections.
+const STARTUP: Duration = Duration::from_secs(60);
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The port only names the socket file (`.s.PGSQL.<port>`); nothing listens on TCP.
+const SOCKET_PORT: u16 = 5432;
 
 fn pg_bin() -> PathBuf {
     let bin = std::env::var_os("STOWAGE_TEST_PG_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"));
     assert!(
-        bin.join("initdb").is_file() && bin.join("pg_ctl").is_file(),
+        bin.join("initdb").is_file() && bin.join("postgres").is_file(),
         "PostgreSQL server binaries not found in {} (scripts/test installs Debian's postgresql-15; \
          STOWAGE_TEST_PG_BIN names another directory)",
         bin.display()
@@ -81,70 +102,139 @@ fn id_of(flag: &str) -> u32 {
     String::from_utf8(out.stdout).unwrap().trim().parse().unwrap()
 }
 
+/// Removes the directories of servers whose test was killed without unwinding (the server died
+/// with it, see [`Postgres`], but its directory stayed): a `stowage-pg-*` directory older than
+/// [`STALE`] whose postmaster (if it wrote its pid) is gone.
+fn sweep_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with("stowage-pg-") {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE));
+        let pid: Option<i32> = std::fs::read_to_string(path.join("data/postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()));
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = pid.is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
+        if old && !alive {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+/// How old a server directory must be before [`sweep_stale`] considers it (another test of the
+/// same run may be starting its server in a directory that has no pid file yet).
+const STALE: Duration = Duration::from_secs(600);
+
 impl Postgres {
     fn start() -> Postgres {
         let bin = pg_bin();
         // SAFETY: geteuid has no preconditions and cannot fail.
-        let as_postgres = unsafe { libc::geteuid() } == 0;
+        let root = unsafe { libc::geteuid() } == 0;
+        let user = root.then(|| (id_of("-u"), id_of("-g")));
         // The `postgres` user must reach the directory: as root, under /tmp whatever TMPDIR says
         // (a root-only TMPDIR would stop it at the parent).
-        let parent = if as_postgres {
+        let parent = if root {
             PathBuf::from("/tmp")
         } else {
             std::env::temp_dir()
         };
+        sweep_stale(&parent);
         let dir = tempfile::Builder::new()
             .prefix("stowage-pg-")
             .tempdir_in(parent)
             .unwrap();
-        if as_postgres {
-            std::os::unix::fs::chown(dir.path(), Some(id_of("-u")), Some(id_of("-g"))).unwrap();
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
         }
-        let data = dir.path().join("data");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let pg = Postgres {
+        let socket = dir.path().join(format!(".s.PGSQL.{SOCKET_PORT}"));
+        assert!(
+            socket.as_os_str().len() < 100,
+            "{} is too long for a Unix socket path (set a shorter TMPDIR)",
+            socket.display()
+        );
+        let mut pg = Postgres {
             bin,
-            data,
-            port,
-            as_postgres,
+            user,
+            server: None,
             dir: Some(dir),
         };
-        let data = pg.data.to_str().unwrap().to_owned();
-        pg.run(
-            "initdb",
-            &[
-                "-D",
-                &data,
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "--no-instructions",
-            ],
+        let data = pg.dir().join("data");
+        let data = data.to_str().unwrap().to_owned();
+        // An ICU default collation in which 'a' sorts before 'B': the byte order the catalog
+        // relies on must come from the columns' COLLATE "C", not from the database's locale.
+        let out = pg
+            .command("initdb")
+            .args(["-D", &data, "-A", "trust", "-U", "postgres", "-E", "UTF8"])
+            .args(["--locale=C.UTF-8", "--locale-provider=icu", "--icu-locale=en-US"])
+            .args(["--no-sync", "--no-instructions"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
+
+        let log_path = pg.dir().join("server.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let socket_dir = pg.dir().to_str().unwrap().to_owned();
-        let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {socket_dir} -c fsync=off -c synchronous_commit=off",
-            pg.port
-        );
-        let log = pg.dir().join("server.log");
-        let log = log.to_str().unwrap().to_owned();
-        // `-w`: returns once the server accepts connections (or fails after `-t` seconds).
-        if !pg.try_run(
-            "pg_ctl",
-            &["start", "-D", &data, "-w", "-t", "60", "-l", &log, "-o", &options],
-        ) {
-            panic!(
-                "PostgreSQL did not start:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+        let mut cmd = pg.command("postgres");
+        cmd.args(["-D", &data, "-p", &SOCKET_PORT.to_string(), "-k", &socket_dir])
+            .args([
+                "-c",
+                "listen_addresses=",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+            ])
+            .args(["-c", "full_page_writes=off"])
+            .args(["-c", "statement_timeout=60s", "-c", "lock_timeout=10s"])
+            // Far from UTC (+13:45), so that a time taken in local time shows.
+            .args(["-c", "TimeZone=Pacific/Chatham"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe; the closure allocates nothing. It runs after the
+        // child took the `postgres` uid (a credential change would clear the setting).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        pg.server = Some(cmd.spawn().unwrap());
+
+        // Ready once it accepts a connection on the socket; a server that exits fails at once.
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            if let Some(status) = pg.server.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "PostgreSQL exited ({status}):\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            if pg.config().connect(postgres::NoTls).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL did not accept connections within {STARTUP:?}:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
             );
+            std::thread::sleep(Duration::from_millis(50));
         }
         pg
     }
@@ -153,53 +243,50 @@ impl Postgres {
         self.dir.as_ref().unwrap().path()
     }
 
-    fn command(&self, tool: &str, args: &[&str]) -> Command {
-        let path = self.bin.join(tool);
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(path);
-            c
-        } else {
-            Command::new(path)
-        };
-        cmd.args(args).current_dir(self.dir());
+    /// A server tool, run as the `postgres` user when the test runs as root (std drops root's
+    /// supplementary groups along with the uid).
+    fn command(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(tool));
+        if let Some((uid, gid)) = self.user {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.current_dir(self.dir());
         cmd
     }
 
-    fn try_run(&self, tool: &str, args: &[&str]) -> bool {
-        let out = self.command(tool, args).output().unwrap();
-        if !out.status.success() {
-            eprintln!(
-                "{tool} failed: {}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        out.status.success()
-    }
-
-    fn run(&self, tool: &str, args: &[&str]) {
-        assert!(self.try_run(tool, args), "{tool} failed");
+    fn config(&self) -> postgres::Config {
+        let mut config = postgres::Config::new();
+        config
+            .host_path(self.dir())
+            .port(SOCKET_PORT)
+            .user("postgres")
+            .dbname("postgres")
+            .connect_timeout(CONNECT_TIMEOUT);
+        config
     }
 
     fn client(&self) -> postgres::Client {
-        postgres::Config::new()
-            .host("127.0.0.1")
-            .port(self.port)
-            .user("postgres")
-            .dbname("postgres")
-            .connect(postgres::NoTls)
-            .unwrap()
+        let mut client = self.config().connect(postgres::NoTls).unwrap();
+        // The check the ICU locale is there for: without COLLATE "C", 'a' < 'B'.
+        let ordered: bool = client.query_one("SELECT 'a' < 'B'", &[]).unwrap().get(0);
+        assert!(ordered, "the database's default collation is byte order");
+        client
     }
 }
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let data = self.data.to_str().unwrap_or_default().to_owned();
-        if self.data.join("postmaster.pid").exists() {
-            let _ = self
-                .command("pg_ctl", &["stop", "-D", &data, "-m", "immediate", "-w"])
-                .output();
+        if let Some(mut server) = self.server.take() {
+            // SIGQUIT: immediate shutdown (the postmaster stops its backends, then exits);
+            // SIGKILL if it has not within a few seconds.
+            // SAFETY: kill has no memory preconditions; the pid is our own unreaped child.
+            unsafe { libc::kill(server.id() as libc::pid_t, libc::SIGQUIT) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(server.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = server.kill();
+            let _ = server.wait();
         }
         if let Some(dir) = self.dir.take() {
             let _ = dir.close();
@@ -211,6 +298,9 @@ impl Drop for Postgres {
 fn pg_catalog() -> (Postgres, postgres::Client) {
     let pg = Postgres::start();
     let mut client = pg.client();
+    // As the engine's migration runner will: the catalog's schema, and nothing else, on the
+    // path (the trigger functions pin it).
+    client.batch_execute("SET search_path = public").unwrap();
     for (name, sql) in pg_migrations() {
         client
             .batch_execute(&sql)
@@ -453,6 +543,238 @@ fn sqlite_trigger_kind(sql: &str) -> (String, String, Vec<String>) {
     (words[at].to_owned(), event, columns)
 }
 
+/// An index: (name, table, columns in order, unique, normalised partial WHERE or "").
+type Index = (String, String, Vec<String>, bool, String);
+
+/// A partial index's predicate with parentheses, case and spacing normalised away.
+fn norm_predicate(p: &str) -> String {
+    p.to_lowercase()
+        .replace(['(', ')'], " ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The INTEGER PRIMARY KEY column a rowid table's rowid aliases, if any.
+fn sqlite_rowid_alias(c: &rusqlite::Connection, table: &str) -> Option<String> {
+    let pk: Vec<(String, String)> = c
+        .prepare("SELECT name, type FROM pragma_table_info(?1) WHERE pk > 0")
+        .unwrap()
+        .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    match pk.as_slice() {
+        [(name, ty)] if ty == "INTEGER" => Some(name.clone()),
+        _ => None,
+    }
+}
+
+/// SQLite's named indexes, each with the implicit key suffix `pragma_index_xinfo` shows (the
+/// rowid as the column it aliases, or left out when it aliases none); a UNIQUE index by its
+/// key columns alone.
+fn sqlite_indexes(c: &rusqlite::Connection) -> Vec<Index> {
+    let mut out = Vec::new();
+    for table in sqlite_tables(c) {
+        let alias = sqlite_rowid_alias(c, &table);
+        let list: Vec<(String, bool, bool)> = c
+            .prepare("SELECT name, \"unique\", partial FROM pragma_index_list(?1) WHERE origin = 'c'")
+            .unwrap()
+            .query_map([&table], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? == 1, r.get::<_, i64>(2)? == 1))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        for (name, unique, partial) in list {
+            let cols: Vec<(Option<String>, bool)> = c
+                .prepare("SELECT name, key FROM pragma_index_xinfo(?1) ORDER BY seqno")
+                .unwrap()
+                .query_map([&name], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? == 1)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let mut columns: Vec<String> = Vec::new();
+            for (col, key) in cols {
+                if unique && !key {
+                    continue;
+                }
+                let col = col.or_else(|| alias.clone());
+                if let Some(col) = col.filter(|c| !columns.contains(c)) {
+                    columns.push(col);
+                }
+            }
+            let sql: String = c
+                .query_row("SELECT sql FROM sqlite_schema WHERE name = ?1", [&name], |r| r.get(0))
+                .unwrap();
+            let predicate = match sql.to_uppercase().find(" WHERE ") {
+                Some(at) => norm_predicate(&sql[at + 7..]),
+                None => String::new(),
+            };
+            assert_eq!(partial, !predicate.is_empty(), "{name}: {sql}");
+            out.push((name, table.clone(), columns, unique, predicate));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn pg_indexes(pg: &mut postgres::Client) -> Vec<Index> {
+    let mut out: Vec<Index> = pg
+        .query(
+            "SELECT c.relname::text, t.relname::text,
+                    array(SELECT a.attname::text
+                            FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, n)
+                            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                           ORDER BY k.n),
+                    i.indisunique, coalesce(pg_get_expr(i.indpred, i.indrelid), '')
+               FROM pg_index i
+               JOIN pg_class c ON c.oid = i.indexrelid
+               JOIN pg_class t ON t.oid = i.indrelid
+              WHERE t.relnamespace = current_schema()::regnamespace
+                AND c.relname NOT IN (SELECT conname FROM pg_constraint)",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let predicate: String = r.get(4);
+            (r.get(0), r.get(1), r.get(2), r.get(3), norm_predicate(&predicate))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A constraint: (table, kind, columns, target table, target columns, ON DELETE), kind one of
+/// `p` (primary key), `u` (UNIQUE), `f` (foreign key), `c` (CHECK: no columns, one per CHECK).
+type Constraint = (String, String, Vec<String>, String, Vec<String>, String);
+
+fn sqlite_constraints(c: &rusqlite::Connection) -> Vec<Constraint> {
+    let mut out = Vec::new();
+    let strings = |sql: &str, arg: &str| -> Vec<String> {
+        c.prepare(sql)
+            .unwrap()
+            .query_map([arg], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let none = || (String::new(), Vec::new(), String::new());
+    for table in sqlite_tables(c) {
+        let pk = strings(
+            "SELECT name FROM pragma_table_info(?1) WHERE pk > 0 ORDER BY pk",
+            &table,
+        );
+        if !pk.is_empty() {
+            let (t, tc, d) = none();
+            out.push((table.clone(), "p".to_owned(), pk, t, tc, d));
+        }
+        for index in strings("SELECT name FROM pragma_index_list(?1) WHERE origin = 'u'", &table) {
+            let cols = strings(
+                "SELECT name FROM pragma_index_xinfo(?1) WHERE key = 1 ORDER BY seqno",
+                &index,
+            );
+            let (t, tc, d) = none();
+            out.push((table.clone(), "u".to_owned(), cols, t, tc, d));
+        }
+        let fks: Vec<(i64, String, String, Option<String>, String)> = c
+            .prepare(
+                "SELECT id, \"table\", \"from\", \"to\", on_delete FROM pragma_foreign_key_list(?1) ORDER BY id, seq",
+            )
+            .unwrap()
+            .query_map([&table], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let mut by_id: BTreeMap<i64, Constraint> = BTreeMap::new();
+        for (id, target, from, to, on_delete) in fks {
+            let action = match on_delete.as_str() {
+                "NO ACTION" => "a",
+                "RESTRICT" => "r",
+                "CASCADE" => "c",
+                "SET NULL" => "n",
+                "SET DEFAULT" => "d",
+                other => panic!("{table}: ON DELETE {other}"),
+            };
+            let e = by_id.entry(id).or_insert_with(|| {
+                (
+                    table.clone(),
+                    "f".to_owned(),
+                    Vec::new(),
+                    target.clone(),
+                    Vec::new(),
+                    action.to_owned(),
+                )
+            });
+            e.2.push(from);
+            // A reference to the target's primary key may leave the column out.
+            let to = to.unwrap_or_else(|| {
+                strings(
+                    "SELECT name FROM pragma_table_info(?1) WHERE pk > 0 ORDER BY pk",
+                    &target,
+                )
+                .swap_remove(0)
+            });
+            e.4.push(to);
+        }
+        out.extend(by_id.into_values());
+        // SQLite keeps no list of CHECKs: count them in the table's text (the word CHECK
+        // followed by a parenthesis, so that "checkpoint" in a comment is not one).
+        let sql: String = c
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+                [&table],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let upper = sql.to_uppercase();
+        let checks = upper
+            .match_indices("CHECK")
+            .filter(|(at, _)| {
+                let before = upper[..*at].chars().next_back();
+                let after = upper[at + 5..].trim_start();
+                !before.is_some_and(|b| b.is_alphanumeric() || b == '_') && after.starts_with('(')
+            })
+            .count();
+        for _ in 0..checks {
+            let (t, tc, d) = none();
+            out.push((table.clone(), "c".to_owned(), Vec::new(), t, tc, d));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn pg_constraints(pg: &mut postgres::Client) -> Vec<Constraint> {
+    let mut out: Vec<Constraint> = pg
+        .query(
+            "SELECT t.relname::text, c.contype::text,
+                    CASE WHEN c.contype = 'c' THEN '{}'::text[] ELSE
+                    array(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(attnum, n)
+                            JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+                           ORDER BY k.n) END,
+                    coalesce(f.relname::text, ''),
+                    coalesce(array(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(attnum, n)
+                            JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum
+                           ORDER BY k.n), '{}'),
+                    CASE WHEN c.contype = 'f' THEN c.confdeltype::text ELSE '' END
+               FROM pg_constraint c
+               JOIN pg_class t ON t.oid = c.conrelid
+               LEFT JOIN pg_class f ON f.oid = c.confrelid
+              WHERE t.relnamespace = current_schema()::regnamespace",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    out.sort();
+    out
+}
+
 #[test]
 fn same_shape() {
     let (_sdir, sqlite) = sqlite_catalog();
@@ -516,30 +838,37 @@ fn same_shape() {
         assert_eq!(expected, actual, "columns of {table} (name, type, not null, collation)");
     }
 
-    // Named indexes (SQLite's automatic ones back constraints, as PostgreSQL's do).
-    let mut s = sqlite
-        .prepare(
-            "SELECT name, tbl_name FROM sqlite_schema
-              WHERE type = 'index' AND name NOT LIKE 'sqlite_autoindex_%' ORDER BY name",
-        )
-        .unwrap();
-    let indexes: Vec<(String, String)> = s
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let pg_indexes: Vec<(String, String)> = pg
+    // Named indexes (SQLite's automatic ones back constraints, as PostgreSQL's do): table,
+    // columns in order, UNIQUE, and the partial WHERE.
+    assert_eq!(
+        sqlite_indexes(&sqlite),
+        pg_indexes(&mut pg),
+        "the same named indexes (name, table, columns, unique, WHERE)"
+    );
+
+    // Primary keys, UNIQUE constraints, foreign keys (columns, target, ON DELETE), CHECKs.
+    assert_eq!(
+        sqlite_constraints(&sqlite),
+        pg_constraints(&mut pg),
+        "the same constraints"
+    );
+
+    // Every trigger function pins its search_path to the catalog's schema.
+    let unpinned: Vec<(String, Option<Vec<String>>)> = pg
         .query(
-            "SELECT indexname::text, tablename::text FROM pg_indexes
-              WHERE schemaname = current_schema()
-                AND indexname NOT IN (SELECT conname FROM pg_constraint) ORDER BY 1",
+            "SELECT proname::text, proconfig FROM pg_proc
+              WHERE prorettype = 'trigger'::regtype AND pronamespace = current_schema()::regnamespace
+                AND NOT coalesce('search_path=public' = ANY (proconfig), false)",
             &[],
         )
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(indexes, pg_indexes, "the same named indexes");
+    assert!(
+        unpinned.is_empty(),
+        "trigger functions without search_path=public: {unpinned:?}"
+    );
 
     // Triggers: same name, table, timing, event and UPDATE OF columns.
     let mut s = sqlite
@@ -658,11 +987,30 @@ const INDEX: &str =
      FROM spack_index WHERE repo_id = 2";
 const CONTENT: &str = "SELECT value FROM content_epoch";
 const AUTH: &str = "SELECT value FROM auth_epoch";
-/// "now" for the times triggers write; the scenario's own times are small numbers.
-const TOUCHED: &str =
-    "SELECT digest, CASE WHEN touched_at > 1000000000 THEN -1 ELSE touched_at END FROM manifests ORDER BY id";
-const LINKED: &str = "SELECT repo_id, digest, CASE WHEN linked_at > 1000000000 THEN -1 ELSE linked_at END
+/// The times triggers write, as -1 when they are the test's clock's "now" (within
+/// [`NOW_SLACK`] seconds) and -2 when they are any other large value (milliseconds, a shifted
+/// time zone, a stale transaction time); the scenario's own times are small numbers.
+/// `NOW_UNIX` is replaced by the current unix time when the query runs ([`at_now`]).
+const TOUCHED: &str = "SELECT digest, CASE WHEN abs(touched_at - NOW_UNIX) <= NOW_SLACK THEN -1
+                               WHEN touched_at > 1000000000 THEN -2 ELSE touched_at END
+     FROM manifests ORDER BY id";
+const LINKED: &str = "SELECT repo_id, digest, CASE WHEN abs(linked_at - NOW_UNIX) <= NOW_SLACK THEN -1
+                                      WHEN linked_at > 1000000000 THEN -2 ELSE linked_at END
      FROM repo_blobs ORDER BY repo_id, digest";
+
+/// How far a trigger-written time may be from the test's clock (the scenario takes a second or
+/// two; both engines run on this machine's clock).
+const NOW_SLACK: i64 = 5;
+
+/// `sql` with `NOW_UNIX` and `NOW_SLACK` filled in from the test's clock.
+fn at_now(sql: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    sql.replace("NOW_UNIX", &now.to_string())
+        .replace("NOW_SLACK", &NOW_SLACK.to_string())
+}
 
 const ZLIB: &str = "zlib-1.3-aaaa.spack";
 const LIBPNG: &str = "libpng-1.6-dddd.spack";
@@ -1189,7 +1537,10 @@ fn snapshot(engine: &mut dyn Engine, tables: &[(String, Vec<String>)]) -> BTreeM
             .map(|c| {
                 let quoted = format!("\"{c}\"");
                 if TRIGGER_TIMES.contains(&(table.as_str(), c.as_str())) {
-                    format!("CASE WHEN {quoted} > 1000000000 THEN -1 ELSE {quoted} END")
+                    format!(
+                        "CASE WHEN abs({quoted} - NOW_UNIX) <= NOW_SLACK THEN -1
+                              WHEN {quoted} > 1000000000 THEN -2 ELSE {quoted} END"
+                    )
                 } else {
                     quoted
                 }
@@ -1201,9 +1552,14 @@ fn snapshot(engine: &mut dyn Engine, tables: &[(String, Vec<String>)]) -> BTreeM
             select.join(", "),
             order.join(", ")
         );
-        let mut rows = engine.query(&sql, &[]);
+        let mut rows = engine.query(&at_now(&sql), &[]);
         for row in &mut rows {
             for (cell, column) in row.iter_mut().zip(columns) {
+                assert!(
+                    !(*cell == Cell::Int(-2) && TRIGGER_TIMES.contains(&(table.as_str(), column.as_str()))),
+                    "{}: {table}.{column} is not the current unix time",
+                    engine.name()
+                );
                 let target = if column == "id" && ID_TABLES.contains(&table.as_str()) {
                     Some(table.as_str())
                 } else {
@@ -1251,7 +1607,7 @@ fn same_rows() {
                 }
             }
             for (sql, expected) in step.expect {
-                let got = render(&engine.query(sql, &[]));
+                let got = render(&engine.query(&at_now(sql), &[]));
                 assert_eq!(&got, expected, "{}: after step {:?}: {sql}", engine.name(), step.name);
             }
         }

@@ -223,23 +223,5 @@ pub fn import_rootfs(host: &str, root: &Path, tag: &str) -> Result<(), String> {
 
 /// Runs `cmd` to completion, capturing its output; panics when it takes longer than `timeout`
 /// (killing it) or cannot be started.
-pub fn output_within(cmd: &mut Command, timeout: Duration) -> std::process::Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(timeout) {
-        Ok(out) => out.unwrap_or_else(|e| panic!("{cmd:?}: {e}")),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            panic!("{cmd:?} did not finish within {timeout:?}");
-        }
-    }
-}
+#[allow(unused_imports)] // only the binaries that run docker use it
+pub use super::tools::output_within_for as output_within;

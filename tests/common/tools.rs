@@ -30,6 +30,11 @@ pub fn require_tool(name: &str) -> PathBuf {
 /// command still running after [`COMMAND_TIMEOUT`] is killed and fails the test, instead of
 /// hanging the whole test binary.
 pub fn output_within(cmd: &mut Command) -> Output {
+    output_within_for(cmd, COMMAND_TIMEOUT)
+}
+
+/// [`output_within`] with a time limit of its own.
+pub fn output_within_for(cmd: &mut Command, timeout: Duration) -> Output {
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -43,11 +48,11 @@ pub fn output_within(cmd: &mut Command) -> Output {
         let _ = done.send(());
         out
     });
-    if finished.recv_timeout(COMMAND_TIMEOUT).is_err() {
+    if finished.recv_timeout(timeout).is_err() {
         // SAFETY: kill(2) of the child started above, which the waiter has not reaped (it
         // reports right after reaping, and has not reported).
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        panic!("{cmd:?} did not finish within {COMMAND_TIMEOUT:?}");
+        panic!("{cmd:?} did not finish within {timeout:?}");
     }
     waiter.join().expect("waiter thread").expect("wait for the command")
 }

@@ -883,7 +883,7 @@ fn same_shape() {
         .unwrap()
         .map(Result::unwrap)
         .collect();
-    assert_eq!(triggers.len(), 30, "SQLite's triggers at version 17: {triggers:?}");
+    assert_eq!(triggers.len(), 32, "SQLite's triggers at version 18: {triggers:?}");
     let mut pg_triggers: Vec<(String, String, String, String, Vec<String>)> = pg
         .query(
             "SELECT t.trigger_name::text, t.event_object_table::text, t.action_timing::text,
@@ -968,6 +968,8 @@ const LINK_BLOB: &str =
     "INSERT INTO blobs (digest, size, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (digest) DO NOTHING";
 const LINK_REPO: &str = "INSERT INTO repo_blobs (repo_id, digest, linked_at) VALUES (?1, ?2, ?3)
      ON CONFLICT (repo_id, digest) DO UPDATE SET linked_at = excluded.linked_at";
+/// `catalog::spack::record_spack_build`'s piece insert.
+const ADD_PIECE: &str = "INSERT INTO blob_pieces (digest, ordinal, piece, start, len) VALUES (?1, ?2, ?3, ?4, ?5)";
 /// `catalog::spack::sync_tag`'s statements.
 const CLEAR_SPEC: &str = "DELETE FROM spack_specs WHERE repo_id = ?1 AND tag = ?2";
 const PUT_NODE: &str =
@@ -1363,6 +1365,57 @@ const SCENARIO: &[Step] = &[
             ("SELECT digest, superseded_at FROM gc_superseded", "sha256:old,600"),
             ("SELECT key, value FROM gc_state", "orphans_listed_at,710"),
             (CONTENT, "25"),
+        ],
+    },
+    Step {
+        name: "Spack index build recorded: a composite with its pieces, the layout, marks consumed by value",
+        stmts: &[
+            ok(
+                "INSERT INTO blobs (digest, size, created_at, composite) VALUES (?1, ?2, ?3, 1)
+                 ON CONFLICT (digest) DO NOTHING",
+                &[T("sha256:cmp"), I(1500), I(700)],
+            ),
+            ok(LINK_BLOB, &[T("sha256:p1"), I(1000), I(700)]),
+            ok(LINK_BLOB, &[T("sha256:p2"), I(2000), I(700)]),
+            ok(ADD_PIECE, &[T("sha256:cmp"), I(0), T("sha256:p1"), I(0), I(1000)]),
+            ok(ADD_PIECE, &[T("sha256:cmp"), I(1), T("sha256:p2"), I(100), I(500)]),
+            // A piece is a recorded blob, and stays recorded while a composite names it.
+            refused(ADD_PIECE, &[T("sha256:cmp"), I(2), T("sha256:none"), I(0), I(1)]),
+            refused("DELETE FROM blobs WHERE digest = ?1", &[T("sha256:p2")]),
+            refused(ADD_PIECE, &[T("sha256:cmp"), I(3), T("sha256:p1"), I(0), I(0)]),
+            ok("DELETE FROM spack_index_layout WHERE repo_id = ?1", &[I(2)]),
+            ok(
+                "INSERT INTO spack_index_layout (repo_id, seg, blob, start, len, comma) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                &[I(2), I(0), T("sha256:p1"), I(10), I(990), I(0)],
+            ),
+            // A mark read at another value (changed since) stays.
+            ok(
+                "DELETE FROM spack_index_dirty WHERE repo_id = ?1 AND seg = ?2 AND mark = ?3",
+                &[I(2), I(0), I(-1)],
+            ),
+        ],
+        expect: &[
+            (
+                "SELECT digest, ordinal, piece, start, len FROM blob_pieces ORDER BY digest, ordinal",
+                "sha256:cmp,0,sha256:p1,0,1000 | sha256:cmp,1,sha256:p2,100,500",
+            ),
+            ("SELECT repo_id, seg, blob, start, len, comma FROM spack_index_layout", "2,0,sha256:p1,10,990,0"),
+            // 49 changes of node rows' entries (segment 0: ids below 512) since the scenario began.
+            ("SELECT repo_id, seg, mark FROM spack_index_dirty ORDER BY repo_id, seg", "2,0,49"),
+        ],
+    },
+    Step {
+        name: "a composite forgotten: its pieces go with it; a mark consumed at the value read",
+        stmts: &[
+            ok("DELETE FROM blobs WHERE digest = ?1", &[T("sha256:cmp")]),
+            ok(
+                "DELETE FROM spack_index_dirty WHERE repo_id = ?1 AND seg = ?2 AND mark = ?3",
+                &[I(2), I(0), I(49)],
+            ),
+        ],
+        expect: &[
+            ("SELECT count(*) FROM blob_pieces", "0"),
+            ("SELECT count(*) FROM spack_index_dirty", "0"),
         ],
     },
     Step {

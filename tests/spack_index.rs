@@ -307,3 +307,233 @@ async fn fsck_finds_and_repairs_wrong_index_figures() {
         "the same index again"
     );
 }
+
+/// What a client pushes for one spec: `(digest, bytes)` of its blobs, its tag, its manifest.
+type SpecImage = (Vec<(String, Vec<u8>)>, String, Vec<u8>);
+
+/// A spec image of `width + 1` new nodes (package `wide{i}` and its private dependencies), all
+/// depending on one shared node `base` (whose `ref_count` then changes with every push, as a
+/// compiler runtime's does in a real cache): enough rows to span several of the index's
+/// 512-rowid segments with a few pushes.
+fn wide_spec(i: usize, width: usize) -> SpecImage {
+    let h = |name: &str| {
+        let digest = sha256(name.as_bytes());
+        digest[7..39]
+            .chars()
+            .map(|c| {
+                if c.is_ascii_digit() {
+                    (b'a' + c as u8 - b'0') as char
+                } else {
+                    c
+                }
+            })
+            .collect::<String>()
+    };
+    let node = |name: &str, deps: &[String]| {
+        serde_json::json!({"name": name, "version": "1.0",
+            "arch": {"platform": "linux", "platform_os": "debian12", "target": "x86_64"},
+            "namespace": "builtin", "parameters": {"build_system": "generic", "padding": "x".repeat(700)},
+            "dependencies": deps.iter().map(|d| serde_json::json!({"name": d, "hash": h(d),
+                "parameters": {"deptypes": ["build", "link"], "virtuals": []}})).collect::<Vec<_>>(),
+            "hash": h(name)})
+    };
+    let root = format!("wide{i}");
+    let private: Vec<String> = (0..width).map(|j| format!("wide{i}-dep{j}")).collect();
+    let mut root_deps = private.clone();
+    root_deps.push("base".to_owned());
+    let mut nodes = vec![node(&root, &root_deps)];
+    nodes.extend(private.iter().map(|p| node(p, &["base".to_owned()])));
+    nodes.push(node("base", &[]));
+    let layer = format!("tarball of {root}").into_bytes();
+    let config = serde_json::to_vec(&serde_json::json!({"architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": []}, "config": {"Env": []},
+        "spec": {"_meta": {"version": 5}, "nodes": nodes}, "buildcache_layout_version": 3,
+        "binary_cache_checksum": {"hash_algorithm": "sha256", "hash": &sha256(&layer)[7..]}}))
+    .expect("config");
+    let manifest = serde_json::to_vec(&serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sha256(&layer), "size": layer.len()}]}))
+    .expect("manifest");
+    let tag = format!("{root}-1.0-{}.spack", h(&root));
+    (vec![(sha256(&layer), layer), (sha256(&config), config)], tag, manifest)
+}
+
+async fn push_wide(server: &TestServer, repo: &str, i: usize, width: usize) -> String {
+    let (blobs, tag, manifest) = wide_spec(i, width);
+    for (_, data) in &blobs {
+        common::push_blob(server, repo, data).await;
+    }
+    put_manifest(
+        server,
+        repo,
+        &tag,
+        &(manifest, "application/vnd.oci.image.manifest.v1+json".to_owned()),
+    )
+    .await;
+    tag
+}
+
+/// The current index blob's digest, and whether the catalog records it as a composite and with
+/// how many pieces.
+fn index_blob(server: &TestServer, repo: &str) -> (String, bool, i64) {
+    let db = rusqlite::Connection::open_with_flags(
+        server.data_dir().join("catalog.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open catalog");
+    db.query_row(
+        "SELECT r.digest, b.composite, (SELECT count(*) FROM blob_pieces p WHERE p.digest = r.digest)
+           FROM spack_index i JOIN repositories repo ON repo.id = i.repo_id
+           JOIN manifests m ON m.repo_id = i.repo_id AND m.digest = i.manifest_digest
+           JOIN manifest_refs r ON r.manifest_id = m.id AND r.kind = 'layer'
+           JOIN blobs b ON b.digest = r.digest
+          WHERE repo.name = ?1",
+        [repo],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .expect("index blob")
+}
+
+/// The served index of `repo`, checked against the full serialisation from the catalog.
+async fn check_against_full(server: &TestServer, repo: &str, what: String) -> Vec<u8> {
+    let served = served_index_bytes(server, repo).await;
+    let expected = correlated_index(server, repo);
+    assert!(
+        served == expected,
+        "{what}: served {} bytes, expected {} bytes",
+        served.len(),
+        expected.len()
+    );
+    served
+}
+
+/// An index rebuilt from the segments that changed, composed with the runs of earlier builds
+/// (a composite blob), is byte for byte the full serialisation, through pushes that change the
+/// first and the last segments, a deleted tag and a manifest pushed again; it is served whole,
+/// by range across its pieces and by HEAD; garbage collection keeps every piece a current index
+/// names and removes the superseded ones; `stowage fsck` hashes it through its pieces.
+#[tokio::test]
+async fn an_index_composed_of_changed_segments_is_the_full_serialisation_byte_for_byte() {
+    let mut server = TestServer::start();
+    let repo = "wide/cache";
+    // 14 specs of 100 nodes: about 1,400 rows, three segments.
+    let mut tags = Vec::new();
+    for i in 0..14 {
+        tags.push(push_wide(&server, repo, i, 99).await);
+    }
+    check_against_full(&server, repo, "first build".into()).await;
+    let (_, composite, _) = index_blob(&server, repo);
+    assert!(!composite, "the first build writes the whole index");
+
+    // One more spec: its rows and `base`'s count change; the segments between are named.
+    tags.push(push_wide(&server, repo, 14, 99).await);
+    let served = check_against_full(&server, repo, "one spec more".into()).await;
+    let (digest, composite, pieces) = index_blob(&server, repo);
+    assert!(
+        composite && pieces >= 3,
+        "an incremental build is a composite: {pieces} pieces"
+    );
+
+    // Ranges across the pieces, and HEAD.
+    let http = client();
+    let len = served.len() as u64;
+    for (a, b) in [
+        (0, 9),
+        (1, len / 2),
+        (len / 3, 2 * len / 3),
+        (len - 100, len - 1),
+        (5, len - 1),
+    ] {
+        let resp = http
+            .get(server.v2(&format!("{repo}/blobs/{digest}")))
+            .header("Range", format!("bytes={a}-{b}"))
+            .send()
+            .await
+            .expect("GET range");
+        assert_eq!(resp.status(), 206, "bytes={a}-{b}");
+        let body = resp.bytes().await.expect("body");
+        assert!(body[..] == served[a as usize..=b as usize], "bytes={a}-{b}");
+    }
+    let head = http
+        .head(server.v2(&format!("{repo}/blobs/{digest}")))
+        .send()
+        .await
+        .expect("HEAD");
+    assert_eq!(head.status(), 200);
+    assert_eq!(
+        head.headers()["content-length"].to_str().expect("length"),
+        len.to_string()
+    );
+
+    // A deleted tag (an early segment), then the same manifest pushed again, then more specs.
+    delete(&server, &format!("{repo}/manifests/{}", tags[1])).await;
+    check_against_full(&server, repo, "a tag deleted".into()).await;
+    let (blobs, tag, manifest) = wide_spec(1, 99);
+    assert_eq!(tag, tags[1]);
+    for (_, data) in &blobs {
+        common::push_blob(&server, repo, data).await;
+    }
+    put_manifest(
+        &server,
+        repo,
+        &tag,
+        &(manifest, "application/vnd.oci.image.manifest.v1+json".to_owned()),
+    )
+    .await;
+    check_against_full(&server, repo, "pushed again".into()).await;
+    for i in 15..18 {
+        push_wide(&server, repo, i, 99).await;
+        check_against_full(&server, repo, format!("spec {i}")).await;
+    }
+
+    // Collection (every second, no grace: from a restart after SIGKILL, so that no push races
+    // it) keeps what the current index names and takes the superseded composites: wait until
+    // only the current one is left, then read it again.
+    server.crash_and_restart_with(&[("STOWAGE_GC__INTERVAL_SECS", "1"), ("STOWAGE_GC__GRACE_SECS", "0")]);
+    let db_path = server.data_dir().join("catalog.db");
+    let composites = || {
+        let db = rusqlite::Connection::open_with_flags(&db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open catalog");
+        db.query_row("SELECT count(*) FROM blobs WHERE composite = 1", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .expect("count")
+    };
+    common::wait_until("the superseded composites are collected", || {
+        let left = composites();
+        async move { left <= 1 }
+    })
+    .await;
+    check_against_full(&server, repo, "after collection".into()).await;
+
+    server.kill();
+    let (code, out, err) = server.fsck(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(" 0 bad ") && out.contains(" 0 unreadable"), "{out}");
+
+    // A damaged piece: `fsck` finds it and the composite made of it; `--repair` forgets both,
+    // and the next read builds the whole index again.
+    let (digest, _, _) = index_blob(&server, repo);
+    let piece: String = rusqlite::Connection::open_with_flags(&db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open catalog")
+        .query_row(
+            "SELECT piece FROM blob_pieces WHERE digest = ?1 ORDER BY len DESC LIMIT 1",
+            [&digest],
+            |r| r.get(0),
+        )
+        .expect("a piece");
+    server.corrupt_blob_object(&piece, b"not the index");
+    let (_, out, _) = server.fsck(&[]);
+    assert!(out.contains(&format!("{piece}: wrong size")), "{out}");
+    assert!(out.contains(&format!("{digest}: ")), "the composite made of it: {out}");
+    let (_, out, err) = server.fsck(&["--repair"]);
+    assert!(out.contains("1 forgotten, 0 repairs failed"), "{out}{err}");
+    server.crash_and_restart();
+    let served = check_against_full(&server, repo, "rebuilt after the repair".into()).await;
+    assert!(!served.is_empty());
+    // The same bytes as the composite it replaces (so the same digest), now one object.
+    let (rebuilt, composite, _) = index_blob(&server, repo);
+    assert!(!composite && rebuilt == digest, "a full build after the repair");
+    assert!(server.blob_object_exists(&rebuilt));
+}

@@ -12,7 +12,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{TestServer, UNDO_MIGRATIONS_13_TO_17, client, push_blob, sha256, wait_until};
+use common::{TestServer, UNDO_MIGRATIONS_13_TO_18, client, push_blob, sha256, wait_until};
 use serde_json::json;
 
 const CONFIG_MT: &str = "application/vnd.oci.image.config.v1+json";
@@ -230,7 +230,7 @@ async fn repository_figures_follow_pushes_mounts_deletes_gc_and_retention() {
         // Migrations after 12 undone, newest first: the Spack index figures (15), image
         // platforms (14) and repository figures (13).
         db.execute_batch(&format!(
-            "{UNDO_MIGRATIONS_13_TO_17}
+            "{UNDO_MIGRATIONS_13_TO_18}
              PRAGMA user_version = 12;",
         ))
         .expect("downgrade the catalog");

@@ -169,14 +169,16 @@ impl Catalog {
         .await
     }
 
-    /// Up to `limit` recorded blobs (digest, recorded size) whose digest sorts after `after`,
-    /// in digest order: page through every blob by passing the last digest of a page.
-    pub async fn blobs_after(&self, after: Option<String>, limit: usize) -> Result<Vec<(String, u64)>> {
+    /// Up to `limit` recorded blobs (digest, recorded size, whether it is a composite) whose
+    /// digest sorts after `after`, in digest order: page through every blob by passing the last
+    /// digest of a page.
+    pub async fn blobs_after(&self, after: Option<String>, limit: usize) -> Result<Vec<(String, u64, bool)>> {
         self.read(move |c| {
-            let mut stmt =
-                c.prepare_cached("SELECT digest, size FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT ?2")?;
+            let mut stmt = c.prepare_cached(
+                "SELECT digest, size, composite FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT ?2",
+            )?;
             let rows = stmt.query_map(params![after.unwrap_or_default(), limit as i64], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, bool>(2)?))
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
@@ -188,16 +190,15 @@ impl Catalog {
     pub async fn forget_blob(&self, digest: &str) -> Result<Option<u64>> {
         let digest = digest.to_owned();
         self.write(move |c| {
-            c.execute(
-                "UPDATE spack_index SET built_generation = NULL
-                  WHERE manifest_digest IN (
-                        SELECT m.digest FROM manifest_refs r JOIN manifests m ON m.id = r.manifest_id
-                         WHERE r.digest = ?1 AND m.repo_id = spack_index.repo_id)",
-                [&digest],
-            )?;
-            let links = c.execute("DELETE FROM repo_blobs WHERE digest = ?1", [&digest])?;
-            let rows = c.execute("DELETE FROM blobs WHERE digest = ?1", [&digest])?;
-            Ok((rows > 0).then_some(links as u64))
+            // A composite made of it is as bad as it: forgotten first (its pieces with it).
+            let composites = c
+                .prepare_cached("SELECT DISTINCT digest FROM blob_pieces WHERE piece = ?1")?
+                .query_map([&digest], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            for composite in &composites {
+                forget_one(c, composite)?;
+            }
+            Ok(forget_one(c, &digest)?)
         })
         .await
     }
@@ -266,4 +267,20 @@ impl Catalog {
         })
         .await
     }
+}
+
+/// Marks stale every Spack index whose manifest lists blob `digest`, and removes the blob's
+/// links and row (its own pieces' rows cascade). Returns how many repositories linked it, or
+/// `None` when the catalog did not record it.
+fn forget_one(c: &rusqlite::Connection, digest: &str) -> rusqlite::Result<Option<u64>> {
+    c.execute(
+        "UPDATE spack_index SET built_generation = NULL
+          WHERE manifest_digest IN (
+                SELECT m.digest FROM manifest_refs r JOIN manifests m ON m.id = r.manifest_id
+                 WHERE r.digest = ?1 AND m.repo_id = spack_index.repo_id)",
+        [digest],
+    )?;
+    let links = c.execute("DELETE FROM repo_blobs WHERE digest = ?1", [digest])?;
+    let rows = c.execute("DELETE FROM blobs WHERE digest = ?1", [digest])?;
+    Ok((rows > 0).then_some(links as u64))
 }

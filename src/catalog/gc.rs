@@ -197,12 +197,14 @@ impl Catalog {
     }
 
     /// Examines up to `limit` blobs after `after` (in digest order) and returns those (with
-    /// their sizes) that no repository links.
+    /// the bytes their objects hold: none for a composite) that no repository links and no
+    /// composite blob names as a piece.
     pub async fn gc_scan_blobs(&self, after: Option<String>, limit: usize) -> Result<Slice<(String, u64), String>> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT b.digest, b.size,
+                "SELECT b.digest, CASE WHEN b.composite = 1 THEN 0 ELSE b.size END,
                         NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)
+                        AND NOT EXISTS (SELECT 1 FROM blob_pieces p WHERE p.piece = b.digest)
                    FROM blobs b WHERE b.digest > ?1 ORDER BY b.digest LIMIT ?2",
             )?;
             let mut rows = stmt.query(params![after.unwrap_or_default(), limit as i64])?;
@@ -223,13 +225,15 @@ impl Catalog {
         .await
     }
 
-    /// Forgets those of `digests` that no repository links (any more), in one transaction.
+    /// Forgets those of `digests` that no repository links (any more) and no composite names,
+    /// in one transaction (a composite's pieces go with it).
     /// Returns the ones it forgot.
     pub async fn gc_forget_blobs(&self, digests: Vec<String>) -> Result<Vec<String>> {
         self.write(move |c| {
             let mut stmt = c.prepare_cached(
                 "DELETE FROM blobs WHERE digest = ?1
-                    AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = blobs.digest)",
+                    AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = blobs.digest)
+                    AND NOT EXISTS (SELECT 1 FROM blob_pieces p WHERE p.piece = blobs.digest)",
             )?;
             let mut forgotten = Vec::new();
             for digest in digests {
@@ -279,12 +283,14 @@ impl Catalog {
         .await
     }
 
-    /// Sizes of those of `digests` that the catalog records and no repository links.
+    /// Sizes of those of `digests` that the catalog records and no repository links or
+    /// composite names (0 for a composite, which holds no bytes of its own).
     pub async fn blob_sizes_if_unlinked(&self, digests: Vec<String>) -> Result<HashMap<String, u64>> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT size FROM blobs b WHERE b.digest = ?1
-                    AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)",
+                "SELECT CASE WHEN b.composite = 1 THEN 0 ELSE b.size END FROM blobs b WHERE b.digest = ?1
+                    AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)
+                    AND NOT EXISTS (SELECT 1 FROM blob_pieces p WHERE p.piece = b.digest)",
             )?;
             let mut sizes = HashMap::new();
             for digest in digests {

@@ -99,7 +99,8 @@ pub use fsck::{RepoFigures, RepoFiguresMismatch, RepoFiguresPage};
 pub use queries::{Deletion, ManifestRecord, NewManifest, Referrer, RepositoryPage};
 pub use retention::{KeepList, PULL_BATCH, RetentionDeleted, RetentionSnapshot, RetentionTag, TagRemoval};
 pub use spack::{
-    ClosureNode, Dependent, Dependents, Edge, IndexSnapshot, IndexState, SpecDetail, SpecFacets, SpecQuery, SpecSummary,
+    BuildMode, ClosureNode, Dependent, Dependents, Edge, INDEX_TRAILER, IndexBuild, IndexRun, IndexSnapshot,
+    IndexState, RunSource, SpecDetail, SpecFacets, SpecQuery, SpecSummary,
 };
 pub use stats::CatalogStats;
 pub use ui::{RepositorySummary, SummaryPage, TagRow};
@@ -136,6 +137,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0015_spack_fragments.sql"),
     include_str!("../../migrations/0016_spack_nodes_rowid.sql"),
     include_str!("../../migrations/0017_proxy_pulls.sql"),
+    include_str!("../../migrations/0018_spack_index_composite.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

@@ -98,6 +98,25 @@ pub(super) fn link(conn: &Connection, repo_id: i64, digest: &str, size: u64) -> 
     Ok(())
 }
 
+/// The pieces of composite blob `digest`, in order. A piece whose recorded digest does not
+/// parse (never written so) fails the read rather than serving other bytes.
+pub(super) fn pieces_of(conn: &Connection, digest: &str) -> rusqlite::Result<Vec<crate::storage::composite::Piece>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT piece, start, len FROM blob_pieces WHERE digest = ?1 ORDER BY ordinal")?;
+    let rows = stmt.query_map([digest], |r| {
+        let blob: String = r.get(0)?;
+        let blob = blob
+            .parse::<Digest>()
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?;
+        Ok(crate::storage::composite::Piece {
+            blob,
+            start: r.get::<_, i64>(1)? as u64,
+            len: r.get::<_, i64>(2)? as u64,
+        })
+    })?;
+    rows.collect()
+}
+
 fn size_in_repo(conn: &Connection, repo: &str, digest: &str) -> rusqlite::Result<Option<u64>> {
     conn.query_row(
         "SELECT b.size FROM repo_blobs rb
@@ -122,6 +141,32 @@ impl Catalog {
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.read(move |c| Ok(size_in_repo(c, &repo, &digest)?)).await
+    }
+
+    /// Size of `digest` if the repository may read it, and whether it is a composite blob
+    /// (served through [`Catalog::blob_pieces`], see `storage::composite`).
+    pub async fn blob_entry(&self, repo: &RepoName, digest: &Digest) -> Result<Option<(u64, bool)>> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.read(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT b.size, b.composite FROM repo_blobs rb
+                   JOIN repositories r ON r.id = rb.repo_id
+                   JOIN blobs b ON b.digest = rb.digest
+                  WHERE r.name = ?1 AND rb.digest = ?2",
+            )?
+            .query_row(params![repo, digest], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, bool>(1)?))
+            })
+            .optional()?)
+        })
+        .await
+    }
+
+    /// The pieces of composite blob `digest`, in order (empty for a plain blob or an unknown
+    /// digest).
+    pub async fn blob_pieces(&self, digest: &Digest) -> Result<Vec<crate::storage::composite::Piece>> {
+        let digest = digest.to_string();
+        self.read(move |c| Ok(pieces_of(c, &digest)?)).await
     }
 
     /// Size the catalog records for `digest` in any repository: `Some` only for a blob that was

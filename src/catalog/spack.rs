@@ -36,6 +36,19 @@
 //!   correlated afresh gives (the published blob's digest depends only on the catalog's content,
 //!   never on how it was computed). Entries are in the order their nodes were first recorded;
 //!   `installs` is a JSON object, whose order Spack ignores.
+//!
+//! Incremental builds ([`Catalog::spack_index_build`] with [`BuildMode::Incremental`]; the
+//! design, with a picture, is in docs/design.md, "The index at 500,000 specs"): the walk is cut
+//! into segments of 512 rowids ([`SEGMENT_SHIFT`]). Invariants:
+//! - every change to a node row's entry marks its segment (`spack_index_dirty`, triggers of
+//!   migration 0018) in the changing transaction, so a segment without a mark since the layout
+//!   was recorded has the run the layout names, byte for byte;
+//! - a build reads marks, layout and rows in one snapshot, and its layout is recorded with the
+//!   marks it read deleted by value (`record_spack_build`), so a concurrent change stays marked;
+//! - a run starts with `,` exactly when an entry precedes it: a reused run that must lose its
+//!   `,` is named one byte later, and one that would need a `,` it lacks is serialised again;
+//! - the composite of the header, the runs and the trailer is therefore the full serialisation
+//!   of the snapshot (tests/spack_index.rs checks it byte for byte against a correlated one).
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -95,9 +108,18 @@ impl PieceSink {
         self.send_full()
     }
 
-    /// Appends one `"hash":{"spec":…,"ref_count":…,"in_buildcache":…}` entry of `installs`.
-    fn push_entry(&mut self, hash: &str, node: &[u8], ref_count: i64, in_buildcache: bool) -> Result<()> {
+    /// Bytes gathered so far (sent and not yet sent).
+    fn position(&self) -> u64 {
+        self.sent + self.piece.len() as u64
+    }
+
+    /// Appends one `"hash":{"spec":…,"ref_count":…,"in_buildcache":…}` entry of `installs`,
+    /// after a `,` when `comma`.
+    fn push_entry(&mut self, comma: bool, hash: &str, node: &[u8], ref_count: i64, in_buildcache: bool) -> Result<()> {
         use std::io::Write as _;
+        if comma {
+            self.piece.push(b',');
+        }
         // DAG hashes are base32 (letters and digits): a JSON string as they are. Anything else
         // is escaped as serde_json would.
         if hash.bytes().all(|b| b.is_ascii_alphanumeric()) {
@@ -271,75 +293,355 @@ impl Catalog {
         .await
     }
 
-    /// Serialises the repository's index from one consistent snapshot of the catalog, sending
-    /// it to `to` in pieces of `piece` bytes as it goes, so that the index is never held whole
-    /// in memory (it is about 1 KB per spec node: 490 MB at 500,000 specs). `None`, with nothing
-    /// sent, when the repository has no Spack index.
+    /// Serialises the repository's whole index from one consistent snapshot of the catalog,
+    /// sending it to `to` in pieces of `piece` bytes as it goes, so that the index is never held
+    /// whole in memory (it is about 1 KB per spec node: 490 MB at 500,000 specs). `None`, with
+    /// nothing sent, when the repository has no Spack index.
     pub async fn spack_index_stream(
         &self,
         repo: &RepoName,
         piece: usize,
         to: tokio::sync::mpsc::Sender<bytes::Bytes>,
     ) -> Result<Option<IndexSnapshot>> {
+        Ok(self
+            .spack_index_build(repo, piece, to, BuildMode::Full)
+            .await?
+            .map(|b| b.snapshot))
+    }
+
+    /// Builds the repository's index from one consistent snapshot: sends what it serialises
+    /// (the header, the runs it writes, the trailer) to `to` in pieces of `piece` bytes, and
+    /// returns where each run of the index lies (see [`IndexBuild`]). With
+    /// [`BuildMode::Incremental`], only the segments marked since the last recorded layout
+    /// are serialised; the others are named where the layout says they lie. `None`, with
+    /// nothing sent, when the repository has no Spack index.
+    pub async fn spack_index_build(
+        &self,
+        repo: &RepoName,
+        piece: usize,
+        to: tokio::sync::mpsc::Sender<bytes::Bytes>,
+        mode: BuildMode,
+    ) -> Result<Option<IndexBuild>> {
         let repo = repo.to_string();
         self.read(move |c| {
             let tx = c.unchecked_transaction()?;
-            let Some((repo_id, generation)) = tx
-                .query_row(
-                    "SELECT s.repo_id, s.generation FROM spack_index s JOIN repositories r ON r.id = s.repo_id
-                      WHERE r.name = ?1",
-                    [&repo],
-                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
-                )
-                .optional()?
-            else {
-                return Ok(None);
-            };
-            let (specs, old_layout_specs): (i64, i64) = tx.query_row(
-                "SELECT specs, old_layout_specs FROM spack_index WHERE repo_id = ?1",
-                [repo_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
-            // Spack 0.2x (layout 2) reads database version 7 only; 1.x reads 7 and 8. Serve the
-            // newest version every client that pushed here can read.
-            let version = if old_layout_specs > 0 { "7" } else { "8" };
             let mut out = PieceSink::new(piece.max(1), to);
-            out.push(b"{\"database\":{\"version\":\"")?;
-            out.push(version.as_bytes())?;
-            out.push(b"\",\"installs\":{")?;
-            // One walk of the repository's rows in table order; the figures are kept (see the
-            // module doc) and the node is its stored JSON, copied without decoding.
-            let mut stmt = tx.prepare_cached(
-                "SELECT hash, node, ref_count, spec_refs > 0 FROM spack_nodes INDEXED BY spack_nodes_by_repo
-                  WHERE repo_id = ?1 AND closure_refs > 0 ORDER BY id",
-            )?;
-            let mut rows = stmt.query([repo_id])?;
-            let mut nodes = 0usize;
-            while let Some(row) = rows.next()? {
-                let hash = row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
-                let node = row.get_ref(1)?.as_bytes().map_err(rusqlite::Error::from)?;
-                let ref_count: i64 = row.get(2)?;
-                let in_buildcache: bool = row.get(3)?;
-                if nodes > 0 {
-                    out.push(b",")?;
-                }
-                nodes += 1;
-                out.push_entry(hash, node, ref_count, in_buildcache)?;
-            }
-            out.push(b"}}}")?;
-            out.flush()?;
-            drop(rows);
-            drop(stmt);
+            let built = build_index(&tx, &repo, &mut out, mode)?;
             tx.commit()?;
-            Ok(Some(IndexSnapshot {
-                generation,
-                specs: specs as usize,
-                nodes,
-                bytes: out.sent,
-            }))
+            Ok(built)
         })
         .await
     }
+
+    /// Records the layout of a build and consumes the marks it read, in one transaction with
+    /// the composite blob the index is made of (`composite`: digest, size and pieces, linked
+    /// into the repository), when it is one. Returns `false`, recording nothing, when a blob
+    /// the composite or the layout names is no longer recorded (the collector took it since the
+    /// build read the layout): the caller then builds in full.
+    pub async fn record_spack_build(
+        &self,
+        repo: &RepoName,
+        composite: Option<(crate::oci::Digest, u64, Vec<crate::storage::composite::Piece>)>,
+        layout: Vec<IndexRun>,
+        marks: Vec<(i64, i64)>,
+    ) -> Result<bool> {
+        let repo = repo.to_string();
+        self.write(move |c| {
+            let Some(repo_id) = repo_id(c, &repo)? else {
+                return Ok(false);
+            };
+            let mut plain = c.prepare_cached("SELECT 1 FROM blobs WHERE digest = ?1 AND composite = 0")?;
+            let mut named: Vec<String> = layout
+                .iter()
+                .filter_map(|r| match &r.source {
+                    RunSource::Stored(blob) => Some(blob.clone()),
+                    RunSource::Written => None,
+                })
+                .collect();
+            if let Some((_, _, pieces)) = &composite {
+                named.extend(pieces.iter().map(|p| p.blob.to_string()));
+            }
+            named.sort_unstable();
+            named.dedup();
+            for blob in &named {
+                if !plain.exists([blob])? {
+                    return Ok(false);
+                }
+            }
+            if let Some((digest, size, pieces)) = &composite {
+                let added = c.execute(
+                    "INSERT INTO blobs (digest, size, created_at, composite) VALUES (?1, ?2, ?3, 1)
+                     ON CONFLICT (digest) DO NOTHING",
+                    params![digest.to_string(), *size as i64, super::now()],
+                )?;
+                // Already recorded: the same bytes, stored or composed before; they stay as they are.
+                if added > 0 {
+                    let mut piece = c.prepare_cached(
+                        "INSERT INTO blob_pieces (digest, ordinal, piece, start, len) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?;
+                    for (ordinal, p) in pieces.iter().enumerate() {
+                        piece.execute(params![
+                            digest.to_string(),
+                            ordinal as i64,
+                            p.blob.to_string(),
+                            p.start as i64,
+                            p.len as i64
+                        ])?;
+                    }
+                }
+                super::queries::link(c, repo_id, &digest.to_string(), *size)?;
+            }
+            c.execute("DELETE FROM spack_index_layout WHERE repo_id = ?1", [repo_id])?;
+            let mut run = c.prepare_cached(
+                "INSERT INTO spack_index_layout (repo_id, seg, blob, start, len, comma) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for r in &layout {
+                let RunSource::Stored(blob) = &r.source else {
+                    return Err(Internal::Other("an index layout run without its blob").into());
+                };
+                run.execute(params![repo_id, r.seg, blob, r.start as i64, r.len as i64, r.comma])?;
+            }
+            let mut consume =
+                c.prepare_cached("DELETE FROM spack_index_dirty WHERE repo_id = ?1 AND seg = ?2 AND mark = ?3")?;
+            for (seg, mark) in marks {
+                consume.execute(params![repo_id, seg, mark])?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+}
+
+/// A segment is the node rows `[seg << SEGMENT_SHIFT, (seg + 1) << SEGMENT_SHIFT)`: 512 rowids,
+/// about 512 KB of index. Migration 0018's triggers compute `id >> 9`: keep them equal.
+pub const SEGMENT_SHIFT: u32 = 9;
+
+/// A layout spread over more blobs than this is not reused: the build is a full one, and the
+/// index a plain blob again (a composite's pieces stay few, and the blobs they keep alive).
+const MAX_LAYOUT_BLOBS: usize = 16;
+
+/// Nor is a layout whose blobs hold more than twice the bytes it names, plus this much: the
+/// old bytes a composite keeps alive stay within about the index's own size.
+const LAYOUT_SLACK: u64 = 64 * 1024 * 1024;
+
+/// How a build may reuse the runs of the last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildMode {
+    /// Serialise every listed node.
+    Full,
+    /// Serialise only the segments marked since the last recorded layout (and a segment that
+    /// must now start with a `,` it lacks); name the layout's runs for the others. Falls back
+    /// to [`BuildMode::Full`] when there is no layout, when it names a blob no longer recorded
+    /// (or a composite), or when it is spread too thin ([`MAX_LAYOUT_BLOBS`], [`LAYOUT_SLACK`]).
+    Incremental,
+}
+
+/// Where a run of a built index lies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunSource {
+    /// In the bytes this build sent, at `start`.
+    Written,
+    /// In the stored blob with this digest, at `start`.
+    Stored(String),
+}
+
+/// One segment's run of a built index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexRun {
+    pub seg: i64,
+    pub source: RunSource,
+    pub start: u64,
+    pub len: u64,
+    /// Whether the run starts with the `,` separating it from the entries before it.
+    pub comma: bool,
+}
+
+/// What a build sent, and where the index's bytes lie: the `header` bytes at the start of what
+/// was sent, then `runs` in order, then the 3 bytes sent last (`}}}`).
+#[derive(Debug, Clone)]
+pub struct IndexBuild {
+    pub snapshot: IndexSnapshot,
+    pub header: u64,
+    pub runs: Vec<IndexRun>,
+    /// The dirty marks read, (segment, mark): consumed when the layout is recorded.
+    pub marks: Vec<(i64, i64)>,
+    /// Whether the build reused a layout (`false`: everything was serialised).
+    pub incremental: bool,
+}
+
+/// The index's last bytes, closing `installs`, `database` and the document.
+pub const INDEX_TRAILER: &[u8] = b"}}}";
+
+/// Builds the index inside the read transaction `tx` (see [`Catalog::spack_index_build`]).
+fn build_index(tx: &Connection, repo: &str, out: &mut PieceSink, mode: BuildMode) -> Result<Option<IndexBuild>> {
+    let Some((repo_id, generation, specs, old_layout_specs)) = tx
+        .query_row(
+            "SELECT s.repo_id, s.generation, s.specs, s.old_layout_specs
+               FROM spack_index s JOIN repositories r ON r.id = s.repo_id WHERE r.name = ?1",
+            [repo],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            },
+        )
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    // Spack 0.2x (layout 2) reads database version 7 only; 1.x reads 7 and 8. Serve the
+    // newest version every client that pushed here can read.
+    let version = if old_layout_specs > 0 { "7" } else { "8" };
+    out.push(b"{\"database\":{\"version\":\"")?;
+    out.push(version.as_bytes())?;
+    out.push(b"\",\"installs\":{")?;
+    let header = out.position();
+    let marks = tx
+        .prepare_cached("SELECT seg, mark FROM spack_index_dirty WHERE repo_id = ?1 ORDER BY seg")?
+        .query_map([repo_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let layout = match mode {
+        BuildMode::Incremental => reusable_layout(tx, repo_id)?,
+        BuildMode::Full => None,
+    };
+    let mut runs = Vec::new();
+    let mut nodes = 0usize;
+    // Whether an entry precedes the next one (which then starts with `,`).
+    let mut listed_before = false;
+    let mut rows_stmt = tx.prepare_cached(
+        "SELECT id, hash, node, ref_count, spec_refs > 0 FROM spack_nodes INDEXED BY spack_nodes_by_repo
+          WHERE repo_id = ?1 AND id >= ?2 AND id < ?3 AND closure_refs > 0 ORDER BY id",
+    )?;
+    // Serialises the listed nodes with ids in `ids`, closing a run at each segment boundary.
+    let mut write_rows = |ids: std::ops::Range<i64>,
+                          out: &mut PieceSink,
+                          listed_before: &mut bool,
+                          runs: &mut Vec<IndexRun>|
+     -> Result<usize> {
+        let mut rows = rows_stmt.query(params![repo_id, ids.start, ids.end])?;
+        let mut open: Option<IndexRun> = None;
+        let mut n = 0usize;
+        while let Some(row) = rows.next()? {
+            let seg = row.get::<_, i64>(0)? >> SEGMENT_SHIFT;
+            if open.as_ref().is_some_and(|r| r.seg != seg) {
+                runs.extend(open.take().map(|r| close(r, out)));
+            }
+            if open.is_none() {
+                open = Some(IndexRun {
+                    seg,
+                    source: RunSource::Written,
+                    start: out.position(),
+                    len: 0,
+                    comma: *listed_before,
+                });
+            }
+            let hash = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
+            let node = row.get_ref(2)?.as_bytes().map_err(rusqlite::Error::from)?;
+            out.push_entry(*listed_before, hash, node, row.get(3)?, row.get(4)?)?;
+            *listed_before = true;
+            n += 1;
+        }
+        runs.extend(open.take().map(|r| close(r, out)));
+        Ok(n)
+    };
+    let incremental = layout.is_some();
+    match layout {
+        // One walk of the repository's rows in table order; the figures are kept (see the
+        // module doc) and the node is its stored JSON, copied without decoding.
+        None => nodes += write_rows(i64::MIN..i64::MAX, out, &mut listed_before, &mut runs)?,
+        Some(layout) => {
+            let dirty: std::collections::BTreeSet<i64> = marks.iter().map(|(seg, _)| *seg).collect();
+            let mut segs: std::collections::BTreeSet<i64> = dirty.clone();
+            segs.extend(layout.keys().copied());
+            for seg in segs {
+                let reused = layout
+                    .get(&seg)
+                    .filter(|r| !dirty.contains(&seg) && (r.comma || !listed_before));
+                match reused {
+                    Some(r) => {
+                        let mut r = r.clone();
+                        // The first entry of the index has no `,` before it.
+                        if r.comma && !listed_before {
+                            r.start += 1;
+                            r.len -= 1;
+                            r.comma = false;
+                        }
+                        runs.push(r);
+                        listed_before = true;
+                    }
+                    None => {
+                        let ids = (seg << SEGMENT_SHIFT)..((seg + 1) << SEGMENT_SHIFT);
+                        nodes += write_rows(ids, out, &mut listed_before, &mut runs)?;
+                    }
+                }
+            }
+        }
+    }
+    out.push(INDEX_TRAILER)?;
+    out.flush()?;
+    Ok(Some(IndexBuild {
+        snapshot: IndexSnapshot {
+            generation,
+            specs: specs as usize,
+            nodes,
+            bytes: out.sent,
+        },
+        header,
+        runs,
+        marks,
+        incremental,
+    }))
+}
+
+/// Ends a written run at the sink's position.
+fn close(mut run: IndexRun, out: &PieceSink) -> IndexRun {
+    run.len = out.position() - run.start;
+    run
+}
+
+/// The repository's recorded layout, by segment, if a build may reuse it (see
+/// [`BuildMode::Incremental`]).
+fn reusable_layout(tx: &Connection, repo_id: i64) -> Result<Option<std::collections::BTreeMap<i64, IndexRun>>> {
+    let layout = tx
+        .prepare_cached("SELECT seg, blob, start, len, comma FROM spack_index_layout WHERE repo_id = ?1")?
+        .query_map([repo_id], |r| {
+            Ok(IndexRun {
+                seg: r.get(0)?,
+                source: RunSource::Stored(r.get(1)?),
+                start: r.get::<_, i64>(2)? as u64,
+                len: r.get::<_, i64>(3)? as u64,
+                comma: r.get(4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    if layout.is_empty() {
+        return Ok(None);
+    }
+    let mut blobs: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    for r in &layout {
+        if let RunSource::Stored(blob) = &r.source {
+            blobs.entry(blob.as_str()).or_default();
+        }
+    }
+    if blobs.len() > MAX_LAYOUT_BLOBS {
+        return Ok(None);
+    }
+    let mut size = tx.prepare_cached("SELECT size FROM blobs WHERE digest = ?1 AND composite = 0")?;
+    for (blob, bytes) in blobs.iter_mut() {
+        match size.query_row([*blob], |r| r.get::<_, i64>(0)).optional()? {
+            Some(n) => *bytes = n.max(0) as u64,
+            None => return Ok(None),
+        }
+    }
+    let named: u64 = layout.iter().map(|r| r.len).sum();
+    let held: u64 = blobs.values().sum();
+    if held > named.saturating_mul(2).saturating_add(LAYOUT_SLACK) {
+        return Ok(None);
+    }
+    Ok(Some(layout.into_iter().map(|r| (r.seg, r)).collect()))
 }
 
 /// A spec in a build cache, as the Spack API lists it.
@@ -977,10 +1279,11 @@ mod tests {
         .enumerate()
         {
             let hash = format!("h{i}");
-            sink.push_entry(&hash, node, i as i64, i % 2 == 0).unwrap();
+            sink.push_entry(i > 0, &hash, node, i as i64, i % 2 == 0).unwrap();
             expected.extend_from_slice(
                 format!(
-                    "\"{hash}\":{{\"spec\":{},\"ref_count\":{i},\"in_buildcache\":{}}}",
+                    "{}\"{hash}\":{{\"spec\":{},\"ref_count\":{i},\"in_buildcache\":{}}}",
+                    if i > 0 { "," } else { "" },
                     String::from_utf8_lossy(node),
                     i % 2 == 0
                 )

@@ -28,9 +28,12 @@ impl Catalog {
 fn stats(c: &Connection) -> Result<CatalogStats> {
     let one = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0));
     let repositories = one("SELECT COUNT(*) FROM repositories")?;
-    let (blobs, stored_bytes) = c.query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs", [], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-    })?;
+    let (blobs, stored_bytes) = c.query_row(
+        // A composite blob's bytes are stored once, in the blobs it names (migration 0018).
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN composite = 0 THEN size ELSE 0 END), 0) FROM blobs",
+        [],
+        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+    )?;
     let manifests = one("SELECT COUNT(*) FROM manifests")?;
     let mut stmt = c.prepare_cached(
         "SELECT r.name,

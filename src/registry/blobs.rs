@@ -3,9 +3,9 @@
 use std::ops::Range;
 
 use super::Registry;
-use crate::error::{Error, Result};
+use crate::error::{Error, Internal, Result};
 use crate::oci::{Digest, RepoName};
-use crate::storage::ByteStream;
+use crate::storage::{ByteStream, composite};
 
 /// A byte range asked for by a client, before it is checked against the blob's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +54,10 @@ impl Registry {
     /// are redirected to the object store (a short-lived presigned URL); `None` otherwise, and
     /// for a blob not stored here (a proxied one is then streamed from its fetch).
     pub async fn blob_redirect(&self, repo: &RepoName, digest: &Digest) -> Result<Option<String>> {
-        if self.catalog.blob_size(repo, digest).await?.is_none() {
-            return Ok(None);
+        match self.catalog.blob_entry(repo, digest).await? {
+            // A composite has no object of its own to sign a URL for: streamed.
+            None | Some((_, true)) => return Ok(None),
+            Some((_, false)) => {}
         }
         let url = self.store.download_url(digest).await?;
         if url.is_some() {
@@ -67,17 +69,17 @@ impl Registry {
     /// Opens a blob (or a range of it) for streaming. A blob of a proxied repository not
     /// stored yet is streamed from the fetch that stores it (the tee, see `proxy`).
     pub async fn get_blob(&self, repo: &RepoName, digest: &Digest, range: Option<ByteRange>) -> Result<BlobBody> {
-        let size = match self.catalog.blob_size(repo, digest).await? {
-            Some(size) => {
+        let (size, composite) = match self.catalog.blob_entry(repo, digest).await? {
+            Some(entry) => {
                 self.record_proxy_blob_pull(repo, digest);
-                size
+                entry
             }
             None => {
                 if let Some(teed) = self.proxied_blob(repo, digest, range).await? {
                     return Ok(counted(teed));
                 }
                 self.catalog
-                    .blob_size(repo, digest)
+                    .blob_entry(repo, digest)
                     .await?
                     .ok_or_else(|| Error::BlobUnknown(Some(digest.clone())))?
             }
@@ -86,12 +88,28 @@ impl Registry {
             None => None,
             Some(r) => Some(r.resolve(size).ok_or(Error::RangeNotSatisfiable { size })?),
         };
-        let body = self.store.get(digest, range.clone()).await?;
+        let body = if composite {
+            self.composite_body(digest, size, range.clone()).await?
+        } else {
+            self.store.get(digest, range.clone()).await?
+        };
         Ok(counted(BlobBody {
             size,
             range,
             body: Box::pin(body),
         }))
+    }
+
+    /// The bytes of composite blob `digest` (or a range of them), read through its pieces.
+    async fn composite_body(&self, digest: &Digest, size: u64, range: Option<Range<u64>>) -> Result<ByteStream> {
+        let pieces = self.catalog.blob_pieces(digest).await?;
+        if composite::size(&pieces) != size {
+            // Recorded together in one transaction: never expected. Serve nothing rather than
+            // bytes that are not the blob's.
+            tracing::error!(digest = %digest, size, "a composite blob's pieces do not add up to its size");
+            return Err(Internal::Other("a composite blob's pieces do not add up to its size").into());
+        }
+        Ok(composite::stream(&self.store, &pieces, range))
     }
 
     /// Removes a blob from a repository (audited for `actor`). Its bytes stay while other

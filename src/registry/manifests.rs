@@ -145,8 +145,9 @@ impl Registry {
         } else {
             return Ok((None, None));
         };
-        // Only a config the repository holds at the size the manifest declares is read.
-        if config.size > limit || self.catalog.blob_size(repo, &config.digest).await? != Some(config.size) {
+        // Only a config the repository holds at the size the manifest declares is read; a
+        // composite blob (a Spack index this registry built) is neither a spec nor a platform.
+        if config.size > limit || self.catalog.blob_entry(repo, &config.digest).await? != Some((config.size, false)) {
             return Ok((None, None));
         }
         let bytes = match self.store.read_small(&config.digest, limit).await {

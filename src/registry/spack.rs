@@ -5,6 +5,10 @@
 //! runs at a time per repository and concurrent readers wait for it and share its result; an
 //! unchanged index is served from the manifest already built.
 //!
+//! A build writes only the segments that changed since the last one, and the index is then a
+//! composite blob of those and the runs already stored (`storage::composite`,
+//! `catalog::spack::BuildMode`); a build that cannot reuse them builds in full.
+//!
 //! A proxied repository's index (the upstream's merged with the specs cached there) and a
 //! hosted repository's with `[[spack.merge]]` fallbacks are built by `registry::proxy::spack`
 //! and `registry::proxy::merge`; [`Registry::spack_index`] only dispatches to them.
@@ -12,9 +16,10 @@
 use bytes::Bytes;
 
 use super::Registry;
-use crate::catalog::{ManifestRecord, NewManifest};
-use crate::error::{Error, Result};
+use crate::catalog::{BuildMode, INDEX_TRAILER, IndexRun, ManifestRecord, NewManifest, RunSource};
+use crate::error::{Error, Internal, Result};
 use crate::oci::{Algorithm, Digest, Reference, RepoName, manifest};
+use crate::storage::composite::{self, Piece};
 
 /// Size of the pieces the catalog scan sends. Small enough that the allocator reuses their
 /// memory from piece to piece: pieces of a whole part (8 MiB) were fresh mappings each time, and
@@ -121,15 +126,39 @@ impl Registry {
             .await
     }
 
-    /// Builds the index blob and its manifest from one snapshot and records them as current.
-    /// The index is streamed from the catalog into a staged upload and published under the
-    /// digest it turns out to have, so it is never held whole in memory.
+    /// Builds the index and its manifest from one snapshot and records them as current: an
+    /// incremental build first (see `catalog::spack::BuildMode`), and a full one when the
+    /// incremental one cannot reuse what it named (the collector took a blob of the layout
+    /// meanwhile, or a piece cannot be read back).
     async fn build_spack_index(&self, repo: &RepoName) -> Result<String> {
+        match self.build_spack_index_as(repo, BuildMode::Incremental).await {
+            Ok(Some(digest)) => Ok(digest),
+            Ok(None) => {
+                tracing::info!(repo = %repo, "the spack index layout is gone; building in full");
+                self.build_spack_index_as(repo, BuildMode::Full)
+                    .await?
+                    .ok_or_else(|| Internal::Other("a full spack index build could not be recorded").into())
+            }
+            Err(e) => {
+                tracing::warn!(repo = %repo, error = %e, "an incremental spack index build failed; building in full");
+                self.build_spack_index_as(repo, BuildMode::Full)
+                    .await?
+                    .ok_or_else(|| Internal::Other("a full spack index build could not be recorded").into())
+            }
+        }
+    }
+
+    /// One build. What the catalog serialises (the header, the segments it writes, the
+    /// trailer) is streamed into a staged upload and published as a plain blob; when the build
+    /// reused runs of earlier builds, the index is the composite of that blob's runs and the
+    /// reused ones (`storage::composite`), hashed by reading them back, and recorded with its
+    /// pieces. `None` when a blob the build named was collected before it was recorded.
+    async fn build_spack_index_as(&self, repo: &RepoName, mode: BuildMode) -> Result<Option<String>> {
         let started = std::time::Instant::now();
         let id = uuid::Uuid::new_v4();
         let mut writer = self.store.start_upload_kept_in_cache(id, Algorithm::Sha256).await?;
         let (to, from) = tokio::sync::mpsc::channel::<Bytes>(INDEX_PIECES_AHEAD);
-        let serialise = self.catalog.spack_index_stream(repo, INDEX_PIECE, to);
+        let serialise = self.catalog.spack_index_build(repo, INDEX_PIECE, to, mode);
         let store = async {
             // Owned here, so that a failed write closes the channel and stops the serialiser.
             let mut from = from;
@@ -138,9 +167,9 @@ impl Registry {
             }
             Ok::<_, Error>(())
         };
-        let (snapshot, stored) = tokio::join!(serialise, store);
-        let snapshot = match (snapshot, stored) {
-            (Ok(Some(snapshot)), Ok(())) => snapshot,
+        let (built, stored) = tokio::join!(serialise, store);
+        let built = match (built, stored) {
+            (Ok(Some(built)), Ok(())) => built,
             // A write failure closes the channel, which fails the serialiser: report the cause.
             (_, Err(e)) | (Err(e), Ok(())) => {
                 writer.abort().await;
@@ -152,18 +181,70 @@ impl Registry {
             }
         };
         let streamed = started.elapsed();
-        let (index_digest, index_size) = self.commit_as(repo, id, writer, None).await?;
+        let (written, written_size) = self.commit_as(repo, id, writer, None).await?;
         let published = started.elapsed();
+        let trailer = INDEX_TRAILER.len() as u64;
+        let blob_of = |source: &RunSource| match source {
+            RunSource::Written => Ok(written.clone()),
+            RunSource::Stored(d) => d.parse::<Digest>(),
+        };
+        let mut pieces = vec![Piece {
+            blob: written.clone(),
+            start: 0,
+            len: built.header,
+        }];
+        for run in &built.runs {
+            pieces.push(Piece {
+                blob: blob_of(&run.source)?,
+                start: run.start,
+                len: run.len,
+            });
+        }
+        pieces.push(Piece {
+            blob: written.clone(),
+            start: written_size.saturating_sub(trailer),
+            len: trailer,
+        });
+        let pieces = composite::coalesce(pieces);
+        let plain = matches!(pieces.as_slice(), [p] if p.blob == written && p.start == 0 && p.len == written_size);
+        let (index_digest, index_size, recorded) = if plain {
+            (written.clone(), written_size, None)
+        } else {
+            let (size, digest) = composite::hash(&self.store, &pieces, Algorithm::Sha256).await?;
+            (digest.clone(), size, Some((digest, size, pieces.clone())))
+        };
+        let hashed = started.elapsed();
+        let layout = built
+            .runs
+            .iter()
+            .map(|r| {
+                let blob = blob_of(&r.source)?.to_string();
+                Ok(IndexRun {
+                    source: RunSource::Stored(blob),
+                    ..r.clone()
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if !self
+            .catalog
+            .record_spack_build(repo, recorded, layout, built.marks.clone())
+            .await?
+        {
+            return Ok(None);
+        }
+        let snapshot = built.snapshot;
         let digest = self
             .publish_index_manifest(repo, &index_digest, index_size, None, snapshot.generation)
             .await?;
         tracing::info!(
             repo = %repo, digest = %digest, generation = snapshot.generation, specs = snapshot.specs,
-            nodes = snapshot.nodes, bytes = snapshot.bytes, streamed_ms = streamed.as_millis() as u64,
-            published_ms = published.as_millis() as u64, duration_ms = started.elapsed().as_millis() as u64,
+            incremental = built.incremental, nodes_written = snapshot.nodes, bytes_written = snapshot.bytes,
+            bytes = index_size, pieces = if plain { 1 } else { pieces.len() },
+            streamed_ms = streamed.as_millis() as u64, published_ms = published.as_millis() as u64,
+            hashed_ms = hashed.as_millis() as u64, duration_ms = started.elapsed().as_millis() as u64,
             "spack index built"
         );
-        Ok(digest.to_string())
+        Ok(Some(digest.to_string()))
     }
 
     /// Records the index manifest of a build: a `{}` config (stored if missing) and one

@@ -31,6 +31,7 @@
 
 mod aligned;
 mod chunks;
+pub mod composite;
 mod download;
 pub mod memory;
 pub mod s3;
@@ -607,37 +608,12 @@ impl BlobStore {
     /// Streamed, never whole in memory; hashed on the blocking pool in pieces of about
     /// [`HASH_PIECE`] bytes, never on an async worker.
     pub async fn hash_blob(&self, digest: &Digest) -> Result<Option<(u64, Digest)>> {
-        let mut stream = match self.get(digest, None).await {
+        let stream = match self.get(digest, None).await {
             Ok(s) => s,
             Err(Error::BlobUnknown(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let mut hasher = Hasher::new(digest.algorithm());
-        let mut size = 0u64;
-        let mut piece: Vec<Bytes> = Vec::new();
-        let mut piece_len = 0usize;
-        loop {
-            let next = stream.next().await.transpose()?;
-            if let Some(chunk) = &next {
-                size += chunk.len() as u64;
-                piece_len += chunk.len();
-                piece.push(chunk.clone());
-            }
-            if piece_len >= HASH_PIECE || (next.is_none() && !piece.is_empty()) {
-                let chunks = std::mem::take(&mut piece);
-                piece_len = 0;
-                hasher = crate::metrics::spawn_blocking(move || {
-                    for c in &chunks {
-                        hasher.update(c);
-                    }
-                    hasher
-                })
-                .await?;
-            }
-            if next.is_none() {
-                return Ok(Some((size, hasher.finish())));
-            }
-        }
+        hash_stream(stream, digest.algorithm()).await.map(Some)
     }
 
     /// Moves blob `digest`'s object out of `blobs/` to its [`Key::Quarantine`] key for time
@@ -690,4 +666,36 @@ fn remove_empty_upload_dirs(uploads: &std::path::Path, keep: &std::collections::
         }
     }
     Ok(n)
+}
+
+/// Reads `stream` to its end and hashes it with `algorithm`: returns the bytes read and their
+/// digest. Hashed on the blocking pool in pieces of about [`HASH_PIECE`] bytes, never on an
+/// async worker, and never holding a blocking thread while waiting for the stream.
+pub(crate) async fn hash_stream(mut stream: ByteStream, algorithm: Algorithm) -> Result<(u64, Digest)> {
+    let mut hasher = Hasher::new(algorithm);
+    let mut size = 0u64;
+    let mut piece: Vec<Bytes> = Vec::new();
+    let mut piece_len = 0usize;
+    loop {
+        let next = stream.next().await.transpose()?;
+        if let Some(chunk) = &next {
+            size += chunk.len() as u64;
+            piece_len += chunk.len();
+            piece.push(chunk.clone());
+        }
+        if piece_len >= HASH_PIECE || (next.is_none() && !piece.is_empty()) {
+            let chunks = std::mem::take(&mut piece);
+            piece_len = 0;
+            hasher = crate::metrics::spawn_blocking(move || {
+                for c in &chunks {
+                    hasher.update(c);
+                }
+                hasher
+            })
+            .await?;
+        }
+        if next.is_none() {
+            return Ok((size, hasher.finish()));
+        }
+    }
 }

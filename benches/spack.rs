@@ -83,7 +83,8 @@ fn start(dir: Data) -> Stowage {
         .env("STOWAGE_DATA_DIR", dir.path())
         // The costs measured here are the catalog's, not authentication's.
         .env("STOWAGE_AUTH__ENABLED", "false")
-        .env("RUST_LOG", "error")
+        // Errors, and each index build's stage times (printed below).
+        .env("RUST_LOG", "error,stowage::registry::spack=info")
         .stdout(Stdio::piped())
         .spawn()
         .expect("start stowage");
@@ -95,7 +96,13 @@ fn start(dir: Data) -> Stowage {
             break url.trim().to_owned();
         }
     };
-    std::thread::spawn(move || for _ in lines {});
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("spack index built") {
+                eprintln!("server: {line}");
+            }
+        }
+    });
     Stowage { child, base, dir }
 }
 

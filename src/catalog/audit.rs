@@ -27,7 +27,7 @@
 //! batches by a periodic task of the server ([`super::Catalog::prune_audit`]).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use rusqlite::{Connection, OpenFlags, params};
@@ -228,7 +228,11 @@ type Queued = (i64, Actor, Event);
 
 /// The bounded queue of refusals and the thread that writes them (see the module doc).
 pub(super) struct RefusalQueue {
-    tx: Mutex<Option<mpsc::SyncSender<Queued>>>,
+    /// Unbounded as a channel (it allocates as rows arrive, where a `sync_channel` of
+    /// [`REFUSAL_QUEUE`] slots held ~2 MiB from start-up); `queued` bounds it.
+    tx: Mutex<Option<mpsc::Sender<Queued>>>,
+    /// Rows sent and not yet taken by the writing thread: never above [`REFUSAL_QUEUE`].
+    queued: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
     /// While set (and the queue is open), nothing is written.
     paused: Arc<AtomicBool>,
@@ -238,15 +242,17 @@ pub(super) struct RefusalQueue {
 impl RefusalQueue {
     /// Starts the writing thread, which submits its jobs to `jobs` (the writer's queue).
     pub(super) fn start(jobs: mpsc::Sender<Job>) -> std::io::Result<RefusalQueue> {
-        let (tx, rx) = mpsc::sync_channel::<Queued>(REFUSAL_QUEUE);
+        let (tx, rx) = mpsc::channel::<Queued>();
+        let queued = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
         let paused = Arc::new(AtomicBool::new(false));
-        let (counter, hold) = (Arc::clone(&dropped), Arc::clone(&paused));
+        let (taken, counter, hold) = (Arc::clone(&queued), Arc::clone(&dropped), Arc::clone(&paused));
         let thread = std::thread::Builder::new()
             .name("catalog-audit".into())
-            .spawn(move || flush_loop(&rx, &jobs, &counter, &hold))?;
+            .spawn(move || flush_loop(&rx, &taken, &jobs, &counter, &hold))?;
         Ok(RefusalQueue {
             tx: Mutex::new(Some(tx)),
+            queued,
             dropped,
             paused,
             thread: Mutex::new(Some(thread)),
@@ -255,13 +261,22 @@ impl RefusalQueue {
 
     /// Queues a refusal without waiting; drops it (counted) when the queue is full.
     fn push(&self, row: Queued) {
+        // A place in the queue first; given back if the row cannot be sent.
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= REFUSAL_QUEUE {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let sent = match self.tx.lock() {
             Ok(tx) => match tx.as_ref() {
-                Some(tx) => tx.try_send(row).is_ok(),
+                Some(tx) => tx.send(row).is_ok(),
                 None => false,
             },
             Err(_) => false,
         };
+        if !sent {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
         if !sent {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -279,7 +294,13 @@ impl RefusalQueue {
     }
 }
 
-fn flush_loop(rx: &mpsc::Receiver<Queued>, jobs: &mpsc::Sender<Job>, dropped: &AtomicU64, paused: &AtomicBool) {
+fn flush_loop(
+    rx: &mpsc::Receiver<Queued>,
+    queued: &AtomicUsize,
+    jobs: &mpsc::Sender<Job>,
+    dropped: &AtomicU64,
+    paused: &AtomicBool,
+) {
     while let Ok(first) = rx.recv() {
         while paused.load(Ordering::SeqCst) {
             std::thread::sleep(REFUSAL_PAUSE);
@@ -291,6 +312,7 @@ fn flush_loop(rx: &mpsc::Receiver<Queued>, jobs: &mpsc::Sender<Job>, dropped: &A
                 Err(_) => break,
             }
         }
+        queued.fetch_sub(batch.len(), Ordering::SeqCst);
         let full = batch.len() == REFUSAL_BATCH;
         let rows = batch.len();
         if let Err(e) = write_batch(jobs, batch) {

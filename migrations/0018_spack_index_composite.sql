@@ -11,6 +11,8 @@
 -- blob queries check `blob_pieces_by_piece`); deleting a composite's row deletes its pieces'
 -- rows (ON DELETE CASCADE), which frees them for a later pass. A piece itself is never a
 -- composite (the build only names blobs it stored or ones a layout names, which are plain).
+-- An object published under a composite's digest (a client pushing the same bytes, a build
+-- writing them whole) turns the row plain and drops its pieces (`queries::link_published`).
 ALTER TABLE blobs ADD COLUMN composite INTEGER NOT NULL DEFAULT 0 CHECK (composite IN (0, 1));
 
 CREATE TABLE blob_pieces (
@@ -27,8 +29,10 @@ CREATE INDEX blob_pieces_by_piece ON blob_pieces(piece);
 -- `[seg * 512, seg * 512 + 512)` of `spack_nodes`, and its run is the serialised entries of the
 -- repository's listed nodes in it, in rowid order, each but the index's first preceded by `,`
 -- (`comma` says whether the run starts with one). A segment without listed nodes has no row.
--- `blob` has no foreign key: the build checks that the blobs it reuses are still recorded, in
--- the transaction that publishes the composite naming them.
+-- The collector keeps every blob a layout names (`spack_index_layout_by_blob`), as it keeps
+-- pieces; `blob` has no foreign key all the same (`stowage fsck --repair` forgets a damaged
+-- blob whatever names it): the build checks that the blobs it reuses are still recorded, in
+-- the transaction that records the composite naming them.
 CREATE TABLE spack_index_layout (
     repo_id  INTEGER NOT NULL REFERENCES repositories(id) ON DELETE CASCADE,
     seg      INTEGER NOT NULL,
@@ -38,6 +42,7 @@ CREATE TABLE spack_index_layout (
     comma    INTEGER NOT NULL CHECK (comma IN (0, 1)),
     PRIMARY KEY (repo_id, seg)
 ) STRICT, WITHOUT ROWID;
+CREATE INDEX spack_index_layout_by_blob ON spack_index_layout(blob);
 
 -- Segments whose run may differ from the layout's: every change of a node row's index entry
 -- (a new row; a change of `closure_refs`, `spec_refs` or `ref_count`, whichever trigger or

@@ -389,6 +389,73 @@ async fn check_composite(catalog: &Catalog, store: &BlobStore, digest: &str, rec
     }
 }
 
+/// Checks the blobs of one page (`(digest, recorded size, composite)`), `jobs` at a time,
+/// printing each bad one; with `repair`, quarantines and forgets it.
+async fn check_blobs(
+    catalog: &Catalog,
+    store: &BlobStore,
+    page: Vec<(String, u64, bool)>,
+    repair: bool,
+    jobs: usize,
+    report: &mut FsckReport,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut checks = futures_util::stream::iter(page)
+        .map(|(digest, recorded, composite)| {
+            let store = store.clone();
+            async move {
+                let verdict = if composite {
+                    check_composite(catalog, &store, &digest, recorded).await
+                } else {
+                    check_blob(&store, &digest, recorded).await
+                };
+                (digest, recorded, verdict)
+            }
+        })
+        .buffer_unordered(jobs.max(1));
+    while let Some((digest, recorded, verdict)) = checks.next().await {
+        report.checked += 1;
+        let problem = match verdict {
+            Verdict::Good { size } => {
+                report.bytes += size;
+                continue;
+            }
+            Verdict::Unreadable(e) => {
+                // Forgotten since the listing: collected by a live server, or a composite
+                // forgotten with the bad piece it was made of (a repair earlier in this run).
+                if !catalog.blob_known(&digest).await? {
+                    continue;
+                }
+                report.unreadable += 1;
+                println!("{digest}: unreadable, left alone: {e}");
+                continue;
+            }
+            Verdict::Missing => {
+                // Garbage collection in a live server may have removed it since the listing.
+                if !repair && !catalog.blob_known(&digest).await? {
+                    continue;
+                }
+                report.missing += 1;
+                "missing: no object in the store".to_owned()
+            }
+            Verdict::WrongSize { stored } => {
+                report.bytes += stored;
+                report.wrong_size += 1;
+                format!("wrong size: {recorded} bytes recorded, {stored} stored")
+            }
+            Verdict::WrongDigest { size, actual } => {
+                report.bytes += size;
+                report.wrong_digest += 1;
+                format!("wrong digest: the stored bytes hash to {actual}")
+            }
+        };
+        println!("{digest}: {problem}");
+        if repair {
+            repair_blob(catalog, store, &digest, report).await;
+        }
+    }
+    Ok(())
+}
+
 /// `stowage fsck`: verifies every blob the catalog records, `jobs` at a time, printing each bad
 /// one and a summary on stdout; with `repair`, quarantines and forgets the bad ones (see the
 /// module doc). Fails only when the check itself cannot run.
@@ -415,65 +482,21 @@ async fn fsck_with(
     let store = crate::server::open_store(config).await?;
     let started = std::time::Instant::now();
     let mut report = FsckReport::default();
+    // Composite blobs (Spack indexes made of stored runs) are checked after every plain blob,
+    // so that a damaged piece is reported and, with `repair`, forgotten with the composites
+    // made of it before those are read.
+    let mut composites = Vec::new();
     let mut after: Option<String> = None;
     loop {
         let page = catalog.blobs_after(after.clone(), FSCK_PAGE).await?;
         let Some((last, _, _)) = page.last() else { break };
         after = Some(last.clone());
-        let mut checks = futures_util::stream::iter(page)
-            .map(|(digest, recorded, composite)| {
-                let store = store.clone();
-                async move {
-                    let verdict = if composite {
-                        check_composite(catalog, &store, &digest, recorded).await
-                    } else {
-                        check_blob(&store, &digest, recorded).await
-                    };
-                    (digest, recorded, verdict)
-                }
-            })
-            .buffer_unordered(jobs.max(1));
-        while let Some((digest, recorded, verdict)) = checks.next().await {
-            report.checked += 1;
-            let problem = match verdict {
-                Verdict::Good { size } => {
-                    report.bytes += size;
-                    continue;
-                }
-                Verdict::Unreadable(e) => {
-                    // Forgotten since the listing: collected by a live server, or a composite
-                    // forgotten with the bad piece it was made of (a repair earlier in this run).
-                    if !catalog.blob_known(&digest).await? {
-                        continue;
-                    }
-                    report.unreadable += 1;
-                    println!("{digest}: unreadable, left alone: {e}");
-                    continue;
-                }
-                Verdict::Missing => {
-                    // Garbage collection in a live server may have removed it since the listing.
-                    if !repair && !catalog.blob_known(&digest).await? {
-                        continue;
-                    }
-                    report.missing += 1;
-                    "missing: no object in the store".to_owned()
-                }
-                Verdict::WrongSize { stored } => {
-                    report.bytes += stored;
-                    report.wrong_size += 1;
-                    format!("wrong size: {recorded} bytes recorded, {stored} stored")
-                }
-                Verdict::WrongDigest { size, actual } => {
-                    report.bytes += size;
-                    report.wrong_digest += 1;
-                    format!("wrong digest: the stored bytes hash to {actual}")
-                }
-            };
-            println!("{digest}: {problem}");
-            if repair {
-                repair_blob(catalog, &store, &digest, &mut report).await;
-            }
-        }
+        let (deferred, plain): (Vec<_>, Vec<_>) = page.into_iter().partition(|(_, _, composite)| *composite);
+        composites.extend(deferred);
+        check_blobs(catalog, &store, plain, repair, jobs, &mut report).await?;
+    }
+    for page in composites.chunks(FSCK_PAGE) {
+        check_blobs(catalog, &store, page.to_vec(), repair, jobs, &mut report).await?;
     }
     check_repo_figures(catalog, repair, &mut report).await?;
     check_spack_figures(catalog, repair, &mut report).await?;

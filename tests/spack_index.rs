@@ -316,6 +316,12 @@ type SpecImage = (Vec<(String, Vec<u8>)>, String, Vec<u8>);
 /// compiler runtime's does in a real cache): enough rows to span several of the index's
 /// 512-rowid segments with a few pushes.
 fn wide_spec(i: usize, width: usize) -> SpecImage {
+    wide_spec_with(i, width, true)
+}
+
+/// [`wide_spec`], with or without the shared `base` node (without it, a spec's rows are its own
+/// `width + 1` and a push changes no other segment).
+fn wide_spec_with(i: usize, width: usize, with_base: bool) -> SpecImage {
     let h = |name: &str| {
         let digest = sha256(name.as_bytes());
         digest[7..39]
@@ -339,11 +345,14 @@ fn wide_spec(i: usize, width: usize) -> SpecImage {
     };
     let root = format!("wide{i}");
     let private: Vec<String> = (0..width).map(|j| format!("wide{i}-dep{j}")).collect();
+    let base: Vec<String> = if with_base { vec!["base".to_owned()] } else { Vec::new() };
     let mut root_deps = private.clone();
-    root_deps.push("base".to_owned());
+    root_deps.extend(base.iter().cloned());
     let mut nodes = vec![node(&root, &root_deps)];
-    nodes.extend(private.iter().map(|p| node(p, &["base".to_owned()])));
-    nodes.push(node("base", &[]));
+    nodes.extend(private.iter().map(|p| node(p, &base)));
+    if with_base {
+        nodes.push(node("base", &[]));
+    }
     let layer = format!("tarball of {root}").into_bytes();
     let config = serde_json::to_vec(&serde_json::json!({"architecture": "amd64", "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": []}, "config": {"Env": []},
@@ -360,7 +369,10 @@ fn wide_spec(i: usize, width: usize) -> SpecImage {
 }
 
 async fn push_wide(server: &TestServer, repo: &str, i: usize, width: usize) -> String {
-    let (blobs, tag, manifest) = wide_spec(i, width);
+    push_image(server, repo, wide_spec(i, width)).await
+}
+
+async fn push_image(server: &TestServer, repo: &str, (blobs, tag, manifest): SpecImage) -> String {
     for (_, data) in &blobs {
         common::push_blob(server, repo, data).await;
     }
@@ -536,4 +548,110 @@ async fn an_index_composed_of_changed_segments_is_the_full_serialisation_byte_fo
     let (rebuilt, composite, _) = index_blob(&server, repo);
     assert!(!composite && rebuilt == digest, "a full build after the repair");
     assert!(server.blob_object_exists(&rebuilt));
+}
+
+/// A segment's run is reused with exactly the `,` its place needs: when the segment before it
+/// empties, the next one's run is named one byte later (no `,` before the index's first entry);
+/// when the segment before it fills again, the run that lacks its `,` is written again. Specs
+/// of 511 and 512 rows without a shared node fill segments 0, 1 and 2 exactly, so each change
+/// touches one segment.
+#[tokio::test]
+async fn reused_runs_get_the_comma_their_place_needs() {
+    let server = TestServer::start();
+    let repo = "commas/cache";
+    // Row ids start at 1: 511 rows fill segment 0 (ids 1-511), then 512 rows per segment.
+    let first = push_image(&server, repo, wide_spec_with(0, 510, false)).await;
+    push_image(&server, repo, wide_spec_with(1, 511, false)).await;
+    push_image(&server, repo, wide_spec_with(2, 511, false)).await;
+    check_against_full(&server, repo, "first build".into()).await;
+    let (_, composite, _) = index_blob(&server, repo);
+    assert!(!composite, "the first build is a full one");
+
+    // Segment 0 empties: segment 1's run loses its `,`.
+    delete(&server, &format!("{repo}/manifests/{first}")).await;
+    check_against_full(&server, repo, "the first segment emptied".into()).await;
+    let (_, composite, _) = index_blob(&server, repo);
+    assert!(composite, "segments 1 and 2 reused");
+    let first_build = {
+        let db = rusqlite::Connection::open_with_flags(
+            server.data_dir().join("catalog.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open catalog");
+        let rows: Vec<(i64, String, bool)> = db
+            .prepare("SELECT seg, blob, comma FROM spack_index_layout ORDER BY seg")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("layout")
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            rows.iter().map(|(seg, _, comma)| (*seg, *comma)).collect::<Vec<_>>(),
+            vec![(1, false), (2, true)],
+            "segment 1 is first now, named one byte later"
+        );
+        assert_eq!(rows[0].1, rows[1].1, "both named in the first build's blob");
+        rows[0].1.clone()
+    };
+    assert!(server.blob_object_exists(&first_build));
+
+    // Segment 0 fills again: segment 1's run (recorded without its `,`) is written again.
+    let again = push_image(&server, repo, wide_spec_with(0, 510, false)).await;
+    assert_eq!(again, first);
+    check_against_full(&server, repo, "the first segment filled again".into()).await;
+    // The bytes are the first build's again (so is the digest, whose plain blob serves them);
+    // the layout shows what the build did: segments 0 and 1 written, segment 2 reused.
+    let db = rusqlite::Connection::open_with_flags(
+        server.data_dir().join("catalog.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open catalog");
+    let layout: Vec<(i64, String, bool)> = db
+        .prepare("SELECT seg, blob, comma FROM spack_index_layout ORDER BY seg")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("layout")
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(layout.len(), 3, "{layout:?}");
+    assert_eq!(
+        layout.iter().map(|(seg, _, comma)| (*seg, *comma)).collect::<Vec<_>>(),
+        vec![(0, false), (1, true), (2, true)]
+    );
+    assert_eq!(layout[0].1, layout[1].1, "segments 0 and 1 written by the last build");
+    assert_ne!(
+        layout[1].1, layout[2].1,
+        "segment 2 named where an earlier build wrote it"
+    );
+}
+
+/// A full build whose bytes are those of a composite the catalog still records (here: every
+/// segment changed and came back as it was) is the index, served from its own object: the
+/// composite's row becomes a plain blob when that object is published.
+#[tokio::test]
+async fn a_whole_index_with_the_bytes_of_a_recorded_composite_is_served() {
+    let server = TestServer::start();
+    let repo = "wide/cache";
+    let mut tags = Vec::new();
+    for i in 0..14 {
+        tags.push(push_wide(&server, repo, i, 99).await);
+    }
+    check_against_full(&server, repo, "first build".into()).await;
+    tags.push(push_wide(&server, repo, 14, 99).await);
+    check_against_full(&server, repo, "one spec more".into()).await;
+    let (digest, composite, _) = index_blob(&server, repo);
+    assert!(composite);
+    // Segments 1 (spec 7), 2 (spec 14) and 0 (`base`) change, then come back as they were.
+    for i in [7usize, 14] {
+        delete(&server, &format!("{repo}/manifests/{}", tags[i])).await;
+    }
+    for i in [7usize, 14] {
+        push_wide(&server, repo, i, 99).await;
+    }
+    check_against_full(&server, repo, "every segment back as it was".into()).await;
+    let (again, composite, pieces) = index_blob(&server, repo);
+    assert_eq!(again, digest, "the same bytes");
+    assert!(!composite && pieces == 0, "now one object");
+    assert!(server.blob_object_exists(&again));
+    check_against_full(&server, repo, "read again".into()).await;
 }

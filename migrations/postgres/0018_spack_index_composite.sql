@@ -21,6 +21,7 @@ CREATE TABLE spack_index_layout (
     comma    BIGINT NOT NULL CHECK (comma IN (0, 1)),
     PRIMARY KEY (repo_id, seg)
 );
+CREATE INDEX spack_index_layout_by_blob ON spack_index_layout(blob, repo_id, seg);
 
 CREATE TABLE spack_index_dirty (
     repo_id  BIGINT NOT NULL REFERENCES repositories(id) ON DELETE CASCADE,

@@ -197,14 +197,15 @@ impl Catalog {
     }
 
     /// Examines up to `limit` blobs after `after` (in digest order) and returns those (with
-    /// the bytes their objects hold: none for a composite) that no repository links and no
-    /// composite blob names as a piece.
+    /// the bytes their objects hold: none for a composite) that no repository links, no
+    /// composite blob names as a piece and no Spack index layout names (migration 0018).
     pub async fn gc_scan_blobs(&self, after: Option<String>, limit: usize) -> Result<Slice<(String, u64), String>> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT b.digest, CASE WHEN b.composite = 1 THEN 0 ELSE b.size END,
                         NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)
                         AND NOT EXISTS (SELECT 1 FROM blob_pieces p WHERE p.piece = b.digest)
+                        AND NOT EXISTS (SELECT 1 FROM spack_index_layout l WHERE l.blob = b.digest)
                    FROM blobs b WHERE b.digest > ?1 ORDER BY b.digest LIMIT ?2",
             )?;
             let mut rows = stmt.query(params![after.unwrap_or_default(), limit as i64])?;
@@ -225,15 +226,16 @@ impl Catalog {
         .await
     }
 
-    /// Forgets those of `digests` that no repository links (any more) and no composite names,
-    /// in one transaction (a composite's pieces go with it).
+    /// Forgets those of `digests` that no repository links (any more) and no composite or Spack
+    /// index layout names, in one transaction (a composite's pieces go with it).
     /// Returns the ones it forgot.
     pub async fn gc_forget_blobs(&self, digests: Vec<String>) -> Result<Vec<String>> {
         self.write(move |c| {
             let mut stmt = c.prepare_cached(
                 "DELETE FROM blobs WHERE digest = ?1
                     AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = blobs.digest)
-                    AND NOT EXISTS (SELECT 1 FROM blob_pieces p WHERE p.piece = blobs.digest)",
+                    AND NOT EXISTS (SELECT 1 FROM blob_pieces p WHERE p.piece = blobs.digest)
+                    AND NOT EXISTS (SELECT 1 FROM spack_index_layout l WHERE l.blob = blobs.digest)",
             )?;
             let mut forgotten = Vec::new();
             for digest in digests {
@@ -290,7 +292,8 @@ impl Catalog {
             let mut stmt = c.prepare_cached(
                 "SELECT CASE WHEN b.composite = 1 THEN 0 ELSE b.size END FROM blobs b WHERE b.digest = ?1
                     AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)
-                    AND NOT EXISTS (SELECT 1 FROM blob_pieces p WHERE p.piece = b.digest)",
+                    AND NOT EXISTS (SELECT 1 FROM blob_pieces p WHERE p.piece = b.digest)
+                    AND NOT EXISTS (SELECT 1 FROM spack_index_layout l WHERE l.blob = b.digest)",
             )?;
             let mut sizes = HashMap::new();
             for digest in digests {

@@ -98,6 +98,20 @@ pub(super) fn link(conn: &Connection, repo_id: i64, digest: &str, size: u64) -> 
     Ok(())
 }
 
+/// Size of `digest` in `repo` and whether it is a composite, if the repository may read it.
+fn entry_in_repo(conn: &Connection, repo: &str, digest: &str) -> rusqlite::Result<Option<(u64, bool)>> {
+    conn.prepare_cached(
+        "SELECT b.size, b.composite FROM repo_blobs rb
+           JOIN repositories r ON r.id = rb.repo_id
+           JOIN blobs b ON b.digest = rb.digest
+          WHERE r.name = ?1 AND rb.digest = ?2",
+    )?
+    .query_row(params![repo, digest], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, bool>(1)?))
+    })
+    .optional()
+}
+
 /// The pieces of composite blob `digest`, in order. A piece whose recorded digest does not
 /// parse (never written so) fails the read rather than serving other bytes.
 pub(super) fn pieces_of(conn: &Connection, digest: &str) -> rusqlite::Result<Vec<crate::storage::composite::Piece>> {
@@ -115,6 +129,22 @@ pub(super) fn pieces_of(conn: &Connection, digest: &str) -> rusqlite::Result<Vec
         })
     })?;
     rows.collect()
+}
+
+/// [`link`] for a blob whose object was just published: a composite recorded under the same
+/// digest (the same bytes, see `storage::composite`) becomes a plain blob served from that
+/// object, so that nothing a client stored depends on pieces the collector may then take, and
+/// a build that wrote the same bytes whole can name its own blob.
+pub(super) fn link_published(conn: &Connection, repo_id: i64, digest: &str, size: u64) -> rusqlite::Result<()> {
+    link(conn, repo_id, digest, size)?;
+    if conn.execute(
+        "UPDATE blobs SET composite = 0 WHERE digest = ?1 AND composite = 1",
+        [digest],
+    )? > 0
+    {
+        conn.execute("DELETE FROM blob_pieces WHERE digest = ?1", [digest])?;
+    }
+    Ok(())
 }
 
 fn size_in_repo(conn: &Connection, repo: &str, digest: &str) -> rusqlite::Result<Option<u64>> {
@@ -143,23 +173,32 @@ impl Catalog {
         self.read(move |c| Ok(size_in_repo(c, &repo, &digest)?)).await
     }
 
-    /// Size of `digest` if the repository may read it, and whether it is a composite blob
-    /// (served through [`Catalog::blob_pieces`], see `storage::composite`).
-    pub async fn blob_entry(&self, repo: &RepoName, digest: &Digest) -> Result<Option<(u64, bool)>> {
+    /// Size of `digest` if the repository may read it, and, for a composite blob (see
+    /// `storage::composite`), its pieces, read in the same snapshot as the size.
+    pub async fn blob_body_entry(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<(u64, Option<Vec<crate::storage::composite::Piece>>)>> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.read(move |c| {
-            Ok(c.prepare_cached(
-                "SELECT b.size, b.composite FROM repo_blobs rb
-                   JOIN repositories r ON r.id = rb.repo_id
-                   JOIN blobs b ON b.digest = rb.digest
-                  WHERE r.name = ?1 AND rb.digest = ?2",
-            )?
-            .query_row(params![repo, digest], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, bool>(1)?))
-            })
-            .optional()?)
+            let tx = c.unchecked_transaction()?;
+            let entry = entry_in_repo(&tx, &repo, &digest)?;
+            let entry = match entry {
+                None => None,
+                Some((size, false)) => Some((size, None)),
+                Some((size, true)) => Some((size, Some(pieces_of(&tx, &digest)?))),
+            };
+            tx.commit()?;
+            Ok(entry)
         })
         .await
+    }
+
+    /// Size of `digest` if the repository may read it, and whether it is a composite blob.
+    pub async fn blob_entry(&self, repo: &RepoName, digest: &Digest) -> Result<Option<(u64, bool)>> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.read(move |c| Ok(entry_in_repo(c, &repo, &digest)?)).await
     }
 
     /// The pieces of composite blob `digest`, in order (empty for a plain blob or an unknown
@@ -188,7 +227,7 @@ impl Catalog {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.write(move |c| {
             let id = ensure_repo(c, &repo)?;
-            Ok(link(c, id, &digest, size)?)
+            Ok(link_published(c, id, &digest, size)?)
         })
         .await
     }

@@ -10,7 +10,7 @@
 use rusqlite::{OptionalExtension, params};
 use uuid::Uuid;
 
-use super::queries::{ensure_repo, link};
+use super::queries::{ensure_repo, link_published};
 use super::{Catalog, now};
 use crate::error::Result;
 use crate::oci::{Digest, RepoName};
@@ -176,7 +176,7 @@ impl Catalog {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.write(move |c| {
             let repo_id = ensure_repo(c, &repo)?;
-            link(c, repo_id, &digest, size)?;
+            link_published(c, repo_id, &digest, size)?;
             c.execute("DELETE FROM uploads WHERE id = ?1", [key(id)])?;
             Ok(())
         })

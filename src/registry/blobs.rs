@@ -69,7 +69,7 @@ impl Registry {
     /// Opens a blob (or a range of it) for streaming. A blob of a proxied repository not
     /// stored yet is streamed from the fetch that stores it (the tee, see `proxy`).
     pub async fn get_blob(&self, repo: &RepoName, digest: &Digest, range: Option<ByteRange>) -> Result<BlobBody> {
-        let (size, composite) = match self.catalog.blob_entry(repo, digest).await? {
+        let (size, pieces) = match self.catalog.blob_body_entry(repo, digest).await? {
             Some(entry) => {
                 self.record_proxy_blob_pull(repo, digest);
                 entry
@@ -79,7 +79,7 @@ impl Registry {
                     return Ok(counted(teed));
                 }
                 self.catalog
-                    .blob_entry(repo, digest)
+                    .blob_body_entry(repo, digest)
                     .await?
                     .ok_or_else(|| Error::BlobUnknown(Some(digest.clone())))?
             }
@@ -88,28 +88,15 @@ impl Registry {
             None => None,
             Some(r) => Some(r.resolve(size).ok_or(Error::RangeNotSatisfiable { size })?),
         };
-        let body = if composite {
-            self.composite_body(digest, size, range.clone()).await?
-        } else {
-            self.store.get(digest, range.clone()).await?
+        let body = match pieces {
+            Some(pieces) => composite_body(&self.store, digest, size, &pieces, range.clone())?,
+            None => self.store.get(digest, range.clone()).await?,
         };
         Ok(counted(BlobBody {
             size,
             range,
             body: Box::pin(body),
         }))
-    }
-
-    /// The bytes of composite blob `digest` (or a range of them), read through its pieces.
-    async fn composite_body(&self, digest: &Digest, size: u64, range: Option<Range<u64>>) -> Result<ByteStream> {
-        let pieces = self.catalog.blob_pieces(digest).await?;
-        if composite::size(&pieces) != size {
-            // Recorded together in one transaction: never expected. Serve nothing rather than
-            // bytes that are not the blob's.
-            tracing::error!(digest = %digest, size, "a composite blob's pieces do not add up to its size");
-            return Err(Internal::Other("a composite blob's pieces do not add up to its size").into());
-        }
-        Ok(composite::stream(&self.store, &pieces, range))
     }
 
     /// Removes a blob from a repository (audited for `actor`). Its bytes stay while other
@@ -131,6 +118,23 @@ impl Registry {
             Err(Error::BlobUnknown(Some(digest.clone())))
         }
     }
+}
+
+/// The bytes of composite blob `digest` (or a range of them), read through its `pieces`.
+fn composite_body(
+    store: &crate::storage::BlobStore,
+    digest: &Digest,
+    size: u64,
+    pieces: &[composite::Piece],
+    range: Option<Range<u64>>,
+) -> Result<ByteStream> {
+    if composite::size(pieces) != size {
+        // Recorded together in one transaction and read in one snapshot: never expected. Serve
+        // nothing rather than bytes that are not the blob's.
+        tracing::error!(digest = %digest, size, "a composite blob's pieces do not add up to its size");
+        return Err(Internal::Other("a composite blob's pieces do not add up to its size").into());
+    }
+    Ok(composite::stream(store, pieces, range))
 }
 
 /// Counts the bytes of `blob` as the client takes each piece: bytes sent, not bytes promised.

@@ -131,19 +131,14 @@ impl Registry {
     /// incremental one cannot reuse what it named (the collector took a blob of the layout
     /// meanwhile, or a piece cannot be read back).
     async fn build_spack_index(&self, repo: &RepoName) -> Result<String> {
-        match self.build_spack_index_as(repo, BuildMode::Incremental).await {
-            Ok(Some(digest)) => Ok(digest),
-            Ok(None) => {
-                tracing::info!(repo = %repo, "the spack index layout is gone; building in full");
-                self.build_spack_index_as(repo, BuildMode::Full)
-                    .await?
-                    .ok_or_else(|| Internal::Other("a full spack index build could not be recorded").into())
-            }
-            Err(e) => {
-                tracing::warn!(repo = %repo, error = %e, "an incremental spack index build failed; building in full");
-                self.build_spack_index_as(repo, BuildMode::Full)
-                    .await?
-                    .ok_or_else(|| Internal::Other("a full spack index build could not be recorded").into())
+        match self.build_spack_index_as(repo, BuildMode::Incremental).await? {
+            Built::Index(digest) => Ok(digest),
+            Built::Retry(why) => {
+                tracing::warn!(repo = %repo, why, "an incremental spack index build was not kept; building in full");
+                match self.build_spack_index_as(repo, BuildMode::Full).await? {
+                    Built::Index(digest) => Ok(digest),
+                    Built::Retry(why) => Err(Internal::Other(why).into()),
+                }
             }
         }
     }
@@ -152,8 +147,9 @@ impl Registry {
     /// trailer) is streamed into a staged upload and published as a plain blob; when the build
     /// reused runs of earlier builds, the index is the composite of that blob's runs and the
     /// reused ones (`storage::composite`), hashed by reading them back, and recorded with its
-    /// pieces. `None` when a blob the build named was collected before it was recorded.
-    async fn build_spack_index_as(&self, repo: &RepoName, mode: BuildMode) -> Result<Option<String>> {
+    /// pieces. [`Built::Retry`] when what an incremental build composed cannot be kept (see
+    /// there); errors of the catalog or the store otherwise, which a full build would meet too.
+    async fn build_spack_index_as(&self, repo: &RepoName, mode: BuildMode) -> Result<Built> {
         let started = std::time::Instant::now();
         let id = uuid::Uuid::new_v4();
         let mut writer = self.store.start_upload_kept_in_cache(id, Algorithm::Sha256).await?;
@@ -207,10 +203,22 @@ impl Registry {
         });
         let pieces = composite::coalesce(pieces);
         let plain = matches!(pieces.as_slice(), [p] if p.blob == written && p.start == 0 && p.len == written_size);
+        if !plain && pieces.len() > MAX_PIECES {
+            return Ok(Built::Retry("the composite index would have too many pieces"));
+        }
         let (index_digest, index_size, recorded) = if plain {
             (written.clone(), written_size, None)
         } else {
-            let (size, digest) = composite::hash(&self.store, &pieces, Algorithm::Sha256).await?;
+            let (size, digest) = match composite::hash(&self.store, &pieces, Algorithm::Sha256).await {
+                Ok(hashed) => hashed,
+                Err(e) => {
+                    tracing::warn!(repo = %repo, error = %e, "reading back the pieces of a spack index failed");
+                    return Ok(Built::Retry("a piece of the composite index could not be read"));
+                }
+            };
+            if size != composite::size(&pieces) {
+                return Ok(Built::Retry("the pieces of the composite index read back short"));
+            }
             (digest.clone(), size, Some((digest, size, pieces.clone())))
         };
         let hashed = started.elapsed();
@@ -230,7 +238,7 @@ impl Registry {
             .record_spack_build(repo, recorded, layout, built.marks.clone())
             .await?
         {
-            return Ok(None);
+            return Ok(Built::Retry("a blob the index layout names was collected meanwhile"));
         }
         let snapshot = built.snapshot;
         let digest = self
@@ -244,7 +252,7 @@ impl Registry {
             hashed_ms = hashed.as_millis() as u64, duration_ms = started.elapsed().as_millis() as u64,
             "spack index built"
         );
-        Ok(Some(digest.to_string()))
+        Ok(Built::Index(digest.to_string()))
     }
 
     /// Records the index manifest of a build: a `{}` config (stored if missing) and one
@@ -298,6 +306,21 @@ impl Registry {
             .await?;
         Ok(digest)
     }
+}
+
+/// Coalesced pieces a composite index may have: more (changes scattered over many segments,
+/// runs alternating between blobs) and the build is a full one, so that serving or hashing the
+/// index never takes more than this many store reads in a row.
+const MAX_PIECES: usize = 64;
+
+/// What one build did.
+enum Built {
+    /// Recorded: the index manifest's digest.
+    Index(String),
+    /// An incremental build whose composite cannot be kept: too many pieces, a piece that
+    /// cannot be read back, or a blob the layout names that was collected meanwhile. A full
+    /// build names no earlier blob, so it never ends this way.
+    Retry(&'static str),
 }
 
 /// Where a repository's index stands when `index.spack` is read.

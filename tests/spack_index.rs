@@ -550,6 +550,21 @@ async fn an_index_composed_of_changed_segments_is_the_full_serialisation_byte_fo
     assert!(server.blob_object_exists(&rebuilt));
 }
 
+/// The recorded index layout (the catalog holds one repository's): (segment, blob, comma).
+fn layout(server: &TestServer) -> Vec<(i64, String, bool)> {
+    let db = rusqlite::Connection::open_with_flags(
+        server.data_dir().join("catalog.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open catalog");
+    db.prepare("SELECT seg, blob, comma FROM spack_index_layout ORDER BY seg")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("layout")
+        .map(Result::unwrap)
+        .collect()
+}
+
 /// A segment's run is reused with exactly the `,` its place needs: when the segment before it
 /// empties, the next one's run is named one byte later (no `,` before the index's first entry);
 /// when the segment before it fills again, the run that lacks its `,` is written again. Specs
@@ -572,27 +587,14 @@ async fn reused_runs_get_the_comma_their_place_needs() {
     check_against_full(&server, repo, "the first segment emptied".into()).await;
     let (_, composite, _) = index_blob(&server, repo);
     assert!(composite, "segments 1 and 2 reused");
-    let first_build = {
-        let db = rusqlite::Connection::open_with_flags(
-            server.data_dir().join("catalog.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("open catalog");
-        let rows: Vec<(i64, String, bool)> = db
-            .prepare("SELECT seg, blob, comma FROM spack_index_layout ORDER BY seg")
-            .expect("prepare")
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .expect("layout")
-            .map(Result::unwrap)
-            .collect();
-        assert_eq!(
-            rows.iter().map(|(seg, _, comma)| (*seg, *comma)).collect::<Vec<_>>(),
-            vec![(1, false), (2, true)],
-            "segment 1 is first now, named one byte later"
-        );
-        assert_eq!(rows[0].1, rows[1].1, "both named in the first build's blob");
-        rows[0].1.clone()
-    };
+    let rows = layout(&server);
+    assert_eq!(
+        rows.iter().map(|(seg, _, comma)| (*seg, *comma)).collect::<Vec<_>>(),
+        vec![(1, false), (2, true)],
+        "segment 1 is first now, named one byte later"
+    );
+    assert_eq!(rows[0].1, rows[1].1, "both named in the first build's blob");
+    let first_build = rows[0].1.clone();
     assert!(server.blob_object_exists(&first_build));
 
     // Segment 0 fills again: segment 1's run (recorded without its `,`) is written again.
@@ -601,18 +603,7 @@ async fn reused_runs_get_the_comma_their_place_needs() {
     check_against_full(&server, repo, "the first segment filled again".into()).await;
     // The bytes are the first build's again (so is the digest, whose plain blob serves them);
     // the layout shows what the build did: segments 0 and 1 written, segment 2 reused.
-    let db = rusqlite::Connection::open_with_flags(
-        server.data_dir().join("catalog.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open catalog");
-    let layout: Vec<(i64, String, bool)> = db
-        .prepare("SELECT seg, blob, comma FROM spack_index_layout ORDER BY seg")
-        .expect("prepare")
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .expect("layout")
-        .map(Result::unwrap)
-        .collect();
+    let layout = layout(&server);
     assert_eq!(layout.len(), 3, "{layout:?}");
     assert_eq!(
         layout.iter().map(|(seg, _, comma)| (*seg, *comma)).collect::<Vec<_>>(),

@@ -1017,6 +1017,8 @@ fn at_now(sql: &str) -> String {
 const ZLIB: &str = "zlib-1.3-aaaa.spack";
 const LIBPNG: &str = "libpng-1.6-dddd.spack";
 const PY: &str = "py-3.12-pppp.spack";
+const CURL_A: &str = "curl-8.5-eeee.spack";
+const CURL_B: &str = "curl-8.5-eeee-again.spack";
 
 const SCENARIO: &[Step] = &[
     Step {
@@ -1536,12 +1538,50 @@ const SCENARIO: &[Step] = &[
         expect: &[("SELECT id, \"offset\", hash_state FROM uploads", "u1,1024,x'0102'")],
     },
     Step {
+        name: "Spack: one manifest under two spec tags, both live when their repository goes",
+        stmts: &[
+            ok(
+                PUT_MANIFEST,
+                &[I(2), T("sha256:m8"), T("application/vnd.oci.image.manifest.v1+json"), I(120), B(b"8"), NullT, NullT, NullT, I(800), NullT],
+            ),
+            ok(PUT_TAG, &[I(2), T(CURL_A), T("sha256:m8"), I(800)]),
+            ok(CLEAR_SPEC, &[I(2), T(CURL_A)]),
+            ok(
+                PUT_NODE,
+                &[I(2), T("eeee"), T("curl"), T("8.5"), T("linux"), T("debian12"), T("x86_64"), T("gcc@12.2.0"), I(0), T("{\"name\":\"curl\"}")],
+            ),
+            ok(PUT_DEP, &[I(2), T("eeee"), T("cccc"), T("[\"link\"]")]),
+            ok(
+                PUT_SPEC,
+                &[I(2), T(CURL_A), T("eeee"), T("sha256:m8"), I(3), T("curl"), T("8.5"), T("linux"), T("debian12"), T("x86_64"), T("gcc@12.2.0")],
+            ),
+            ok(PUT_CLOSURE, &[I(2), T(CURL_A), T("eeee")]),
+            ok(PUT_CLOSURE, &[I(2), T(CURL_A), T("cccc")]),
+            ok(PUT_TAG, &[I(2), T(CURL_B), T("sha256:m8"), I(810)]),
+            ok(CLEAR_SPEC, &[I(2), T(CURL_B)]),
+            ok(
+                PUT_NODE,
+                &[I(2), T("eeee"), T("curl"), T("8.5"), T("linux"), T("debian12"), T("x86_64"), T("gcc@12.2.0"), I(0), T("{\"name\":\"curl\"}")],
+            ),
+            ok(
+                PUT_SPEC,
+                &[I(2), T(CURL_B), T("eeee"), T("sha256:m8"), I(3), T("curl"), T("8.5"), T("linux"), T("debian12"), T("x86_64"), T("gcc@12.2.0")],
+            ),
+            ok(PUT_CLOSURE, &[I(2), T(CURL_B), T("eeee")]),
+            ok(PUT_CLOSURE, &[I(2), T(CURL_B), T("cccc")]),
+        ],
+        expect: &[(NODES, "aaaa,0,0,0 | bbbb,0,0,0 | cccc,2,0,1 | dddd,0,0,0 | qqqq,0,0,0 | pppp,0,0,0 | rrrr,0,0,0 | eeee,2,2,0"), (INDEX, "8,6,sha256:idx1,2,0"), ("SELECT count(*) FROM spack_closure", "4")],
+    },
+    Step {
         name: "a repository deleted, cascading to everything in it",
         stmts: &[ok("DELETE FROM repositories WHERE name = ?1", &[T("spack")])],
         expect: &[
             (REPOS, "mirror,0,1000,0 | team/app,0,1300,500"),
             ("SELECT count(*) FROM spack_nodes", "0"),
             ("SELECT count(*) FROM spack_deps", "0"),
+            ("SELECT count(*) FROM spack_specs", "0"),
+            ("SELECT count(*) FROM spack_closure", "0"),
+            ("SELECT count(*) FROM spack_index_dirty", "0"),
             ("SELECT count(*) FROM spack_index", "0"),
             ("SELECT count(*) FROM spack_keep_hashes", "0"),
             ("SELECT count(*) FROM gc_superseded", "0"),

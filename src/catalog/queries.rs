@@ -182,9 +182,16 @@ impl Catalog {
     ) -> Result<Option<(u64, Option<Vec<crate::storage::composite::Piece>>)>> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.read(move |c| {
+            // A plain blob (nearly every GET): one statement, as before composites existed.
+            match entry_in_repo(c, &repo, &digest)? {
+                None => return Ok(None),
+                Some((size, false)) => return Ok(Some((size, None))),
+                Some((_, true)) => {}
+            }
+            // A composite: its row and pieces again, from one snapshot (it may have been
+            // forgotten since, or made plain by an object published under its digest).
             let tx = c.unchecked_transaction()?;
-            let entry = entry_in_repo(&tx, &repo, &digest)?;
-            let entry = match entry {
+            let entry = match entry_in_repo(&tx, &repo, &digest)? {
                 None => None,
                 Some((size, false)) => Some((size, None)),
                 Some((size, true)) => Some((size, Some(pieces_of(&tx, &digest)?))),

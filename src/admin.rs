@@ -57,8 +57,10 @@ pub async fn settle_credentials(data_dir: std::path::PathBuf) {
 }
 
 async fn open_catalog(config: &Config) -> Result<Catalog, Box<dyn std::error::Error>> {
-    let path = config.catalog_path();
-    Ok(crate::metrics::spawn_blocking(move || Catalog::open(&path)).await??)
+    let config = config.clone();
+    crate::metrics::spawn_blocking(move || crate::catalog::open_configured(&config, false))
+        .await?
+        .map_err(|e| e as Box<dyn std::error::Error>)
 }
 
 /// Reads a line from the terminal with echo off.

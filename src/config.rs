@@ -20,6 +20,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory for the catalog (`catalog.db`) and, with the `fs` backend, the blobs.
     pub data_dir: PathBuf,
+    /// Where the catalog lives: SQLite under `data_dir` (the default), or PostgreSQL.
+    pub catalog: CatalogConfig,
     pub server: ServerConfig,
     pub storage: StorageConfig,
     pub registry: RegistryConfig,
@@ -39,6 +41,58 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub ui: UiConfig,
+}
+
+/// The catalog's database (`[catalog]`). Unset `url`: SQLite, `<data_dir>/catalog.db`.
+/// A `postgres://` URL: PostgreSQL, which several replicas can share (`docs/postgres.md`).
+/// The password never comes from this file: from `password_file` (e.g. a mounted Kubernetes
+/// Secret) or the environment variable `password_env` names, read at start-up.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogConfig {
+    /// `postgres://user@host:5432/stowage` (or the `host=… dbname=…` form); no password here.
+    pub url: Option<String>,
+    /// A file holding the database password (one line; surrounding whitespace is ignored).
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the database password.
+    pub password_env: Option<String>,
+}
+
+impl CatalogConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.password_file.is_some() && self.password_env.is_some() {
+            return Err("catalog: set one of password_file and password_env, not both".into());
+        }
+        let Some(url) = &self.url else {
+            if self.password_file.is_some() || self.password_env.is_some() {
+                return Err("catalog: a password needs catalog.url (SQLite has none)".into());
+            }
+            return Ok(());
+        };
+        let parsed: ::postgres::Config = url
+            .parse()
+            .map_err(|e| format!("catalog.url is not a PostgreSQL connection URL: {e}"))?;
+        if parsed.get_password().is_some() {
+            return Err(
+                "catalog.url must not hold the password: use catalog.password_file or catalog.password_env".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The password `password_file` or `password_env` holds, if either is set.
+    pub fn password(&self) -> Result<Option<String>, String> {
+        if let Some(file) = &self.password_file {
+            let text =
+                std::fs::read_to_string(file).map_err(|e| format!("catalog.password_file {}: {e}", file.display()))?;
+            return Ok(Some(text.trim().to_owned()));
+        }
+        if let Some(var) = &self.password_env {
+            let value = std::env::var(var).map_err(|_| format!("catalog.password_env: {var} is not set"))?;
+            return Ok(Some(value));
+        }
+        Ok(None)
+    }
 }
 
 /// Prometheus metrics at `/metrics` (the series: `crate::metrics` and the README).
@@ -984,6 +1038,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
             data_dir: PathBuf::from("./stowage-data"),
+            catalog: CatalogConfig::default(),
             server: ServerConfig::default(),
             storage: StorageConfig::default(),
             registry: RegistryConfig::default(),
@@ -1093,6 +1148,7 @@ impl Config {
 
     /// Checks the settings a type cannot express.
     fn validate(&self) -> Result<(), String> {
+        self.catalog.validate()?;
         if self.metrics.listen.is_some_and(|m| m == self.listen) {
             return Err("metrics.listen must differ from listen (leave it out to serve /metrics on listen)".to_owned());
         }

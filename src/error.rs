@@ -184,11 +184,14 @@ pub enum Internal {
     #[error("storage: {0}")]
     Storage(#[from] object_store::Error),
     #[error("catalog: {0}")]
-    Catalog(#[from] rusqlite::Error),
+    Catalog(#[from] crate::catalog::db::Error),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     #[error("background task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// The catalog's database cannot be reached now (answered 503 `UNAVAILABLE`).
+    #[error("catalog unavailable: {0}")]
+    CatalogUnavailable(&'static str),
     #[error("{0}")]
     Other(&'static str),
 }
@@ -202,7 +205,17 @@ impl Internal {
             Internal::Storage(e) => chain_is_storage_full(e),
             Internal::Catalog(e) => chain_is_storage_full(e),
             Internal::Io(e) => chain_is_storage_full(e),
-            Internal::Join(_) | Internal::Other(_) => false,
+            Internal::Join(_) | Internal::Other(_) | Internal::CatalogUnavailable(_) => false,
+        }
+    }
+
+    /// Whether this failure is the catalog's database being out of reach for now (a
+    /// PostgreSQL server down, restarting or out of connections): the request may be retried.
+    pub fn is_catalog_unavailable(&self) -> bool {
+        match self {
+            Internal::Catalog(e) => e.is_unavailable(),
+            Internal::CatalogUnavailable(_) => true,
+            _ => false,
         }
     }
 }
@@ -230,6 +243,12 @@ fn chain_is_storage_full(err: &(dyn std::error::Error + 'static)) -> bool {
         {
             return true;
         }
+        // Transparent: its `source` is the wrapped error's source, not that error.
+        if let Some(db) = e.downcast_ref::<crate::catalog::db::Error>()
+            && db.is_disk_full()
+        {
+            return true;
+        }
         next = e.source();
     }
     false
@@ -249,6 +268,12 @@ impl From<object_store::Error> for Error {
 
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
+        Error::Internal(Internal::Catalog(e.into()))
+    }
+}
+
+impl From<crate::catalog::db::Error> for Error {
+    fn from(e: crate::catalog::db::Error) -> Self {
         Error::Internal(Internal::Catalog(e))
     }
 }
@@ -268,7 +293,7 @@ impl From<tokio::task::JoinError> for Error {
 impl Error {
     /// The OCI error code this error is reported as.
     pub fn code(&self) -> Code {
-        if self.is_storage_full() {
+        if self.is_storage_full() || self.is_catalog_unavailable() {
             return Code::Unavailable;
         }
         match self {
@@ -309,11 +334,18 @@ impl Error {
         matches!(self, Error::Internal(i) | Error::UploadFailed(i) if i.is_storage_full())
     }
 
+    /// Whether the catalog's database is out of reach for now (503 `UNAVAILABLE` with
+    /// `Retry-After`, whichever variant carries the failure).
+    pub fn is_catalog_unavailable(&self) -> bool {
+        matches!(self, Error::Internal(i) | Error::UploadFailed(i) if i.is_catalog_unavailable())
+    }
+
     /// HTTP status, where a variant differs from its code's usual one.
     pub fn status(&self) -> u16 {
         match self {
             // 507 Insufficient Storage: what a full disk is, rather than UNAVAILABLE's usual 503.
             _ if self.is_storage_full() => 507,
+            _ if self.is_catalog_unavailable() => 503,
             Error::UploadOutOfOrder { .. } => 416,
             Error::ManifestTooLarge { .. } => 413,
             // The server failed, not the client's request.
@@ -356,6 +388,16 @@ mod tests {
 
     fn enospc() -> std::io::Error {
         std::io::Error::from_raw_os_error(libc::ENOSPC)
+    }
+
+    #[test]
+    fn an_unreachable_catalog_is_503_unavailable() {
+        let e = Error::Internal(Internal::CatalogUnavailable("catalog transaction could not start"));
+        assert!(e.is_catalog_unavailable());
+        assert_eq!((e.status(), e.code().as_str()), (503, "UNAVAILABLE"));
+        let other = Error::Internal(Internal::Other("x"));
+        assert!(!other.is_catalog_unavailable());
+        assert_eq!(other.status(), 500);
     }
 
     #[test]

@@ -82,6 +82,7 @@ pub async fn audit(args: AuditArgs, config: &Config) -> Outcome {
         .map(|s| parse_since(s, crate::catalog::now()))
         .transpose()?;
     let path = config.catalog_path();
+    let postgres = postgres_settings(config)?;
     let mut left = usize::try_from(args.limit).unwrap_or(usize::MAX);
     let mut before = None;
     let mut out = std::io::stdout().lock();
@@ -94,7 +95,12 @@ pub async fn audit(args: AuditArgs, config: &Config) -> Outcome {
             limit: left.min(MAX_PAGE),
         };
         let path = path.clone();
-        let page = blocking(move || read_file(&path, &q)).await?;
+        let postgres = postgres.clone();
+        let page = blocking(move || match &postgres {
+            Some(settings) => crate::catalog::audit::read_postgres(settings, &q),
+            None => read_file(&path, &q),
+        })
+        .await?;
         for row in &page.entries {
             if args.json {
                 writeln!(out, "{}", serde_json::to_string(row)?)?;
@@ -122,8 +128,36 @@ async fn lock(
     blocking(move || DataDirLock::acquire(&dir, what).map_err(|e| format!("{e}\n{why}"))).await
 }
 
+/// The PostgreSQL catalog's connection settings, when `catalog.url` names one.
+fn postgres_settings(
+    config: &Config,
+) -> Result<Option<crate::catalog::postgres::Settings>, Box<dyn std::error::Error>> {
+    let Some(url) = &config.catalog.url else {
+        return Ok(None);
+    };
+    let password = config.catalog.password()?;
+    Ok(Some(crate::catalog::postgres::Settings::new(url, password.as_deref())?))
+}
+
 /// `stowage migrate`.
 pub async fn migrate(config: &Config) -> Outcome {
+    if let Some(settings) = postgres_settings(config)? {
+        // Replicas may be running: the migration lock, not the data directory's, keeps two
+        // processes from migrating at once.
+        let (from, applied) =
+            blocking(move || crate::catalog::postgres::migrate(&settings).map_err(|e| e.to_string())).await?;
+        for version in &applied {
+            println!(
+                "applied migration {version}: {}",
+                crate::catalog::postgres::migration_title(*version)
+            );
+        }
+        match applied.last() {
+            Some(to) => eprintln!("catalog migrated from schema version {from} to {to}"),
+            None => eprintln!("catalog already at schema version {from}: nothing to apply"),
+        }
+        return Ok(());
+    }
     let _lock = lock(
         config,
         "migrate",
@@ -195,6 +229,13 @@ pub async fn gc(args: GcArgs, config: &Config) -> Outcome {
         write_pause: 0.0,
     };
     let index_grace = Duration::from_secs(config.gc.spack_index_grace_secs);
+    if config.catalog.url.is_some() {
+        return Err(
+            "`stowage gc` works on a SQLite catalog only: with PostgreSQL the running replicas \
+                    collect garbage every gc.interval_secs (see docs/postgres.md)"
+                .into(),
+        );
+    }
     let (registry, _lock, _copy) = if args.dry_run {
         let (live, dir) = (config.catalog_path(), config.data_dir.clone());
         let copy = blocking(move || CatalogCopy::take(&live, &dir)).await?;

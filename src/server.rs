@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use actix_web::{App, HttpServer, middleware, web};
 
-use crate::catalog::Catalog;
 use crate::config::{Backend, Config, TlsConfig};
 use crate::registry::{Registry, SessionLimits, Settings};
 use crate::storage::BlobStore;
@@ -242,8 +241,10 @@ pub fn settings(config: &Config) -> Settings {
 
 /// Opens the catalog and the blob store described by `config`.
 pub async fn open(config: &Config) -> Result<Registry, Box<dyn std::error::Error>> {
-    let catalog_path = config.catalog_path();
-    let catalog = crate::metrics::spawn_blocking(move || Catalog::open(&catalog_path)).await??;
+    let catalog_config = config.clone();
+    let catalog = crate::metrics::spawn_blocking(move || crate::catalog::open_configured(&catalog_config, true))
+        .await?
+        .map_err(|e| e as Box<dyn std::error::Error>)?;
     let store = open_store(config).await?;
     let settings = settings(config);
     tracing::info!(
@@ -507,6 +508,18 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                     tracing::info!("read-only mode: garbage collection skipped");
                     continue;
                 }
+                // With PostgreSQL, one replica collects at a time (`registry::gc`, "Replicas").
+                let _leader = match registry.lead_gc().await {
+                    Ok(Some(leader)) => leader,
+                    Ok(None) => {
+                        tracing::debug!("garbage collection: another replica is collecting; skipped");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "garbage collection: cannot take leadership; retrying next time");
+                        continue;
+                    }
+                };
                 let started = std::time::Instant::now();
                 match registry.collect_garbage(opts).await {
                     Ok(r) if r.is_empty() => tracing::debug!("garbage collection: nothing to remove"),

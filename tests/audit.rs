@@ -477,13 +477,12 @@ async fn rows_past_the_retention_are_pruned_at_start() {
         .expect("clock")
         .as_secs() as i64;
     {
-        let db = rusqlite::Connection::open(s.server.data_dir().join("catalog.db")).expect("open catalog");
+        let db = s.server.catalog_sql();
         for (age_days, request) in [(400, "ancient"), (31, "old"), (10, "recent")] {
             db.execute(
                 "INSERT INTO audit_log (at, action, repository, actor, request_id) VALUES (?1, 'tag.delete', 'app', 'planted', ?2)",
-                rusqlite::params![now - age_days * 86_400, request],
-            )
-            .expect("plant a row");
+                &[(now - age_days * 86_400).into(), request.into()],
+            );
         }
     }
     s.server.crash_and_restart();

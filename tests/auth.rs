@@ -117,16 +117,12 @@ impl AuthServer {
         let now = jsonwebtoken::get_current_timestamp() as i64;
         // The user's credentials epoch, as the server would put it in a token signed in with
         // the password.
-        let db = rusqlite::Connection::open_with_flags(
-            self.server.data_dir().join("catalog.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("open the catalog");
-        let epoch: i64 = db
-            .query_row("SELECT credentials_epoch FROM users WHERE name = ?1", [sub], |r| {
-                r.get(0)
-            })
-            .unwrap_or(0);
+        let epoch: i64 = self
+            .server
+            .catalog_sql()
+            .query_rows("SELECT credentials_epoch FROM users WHERE name = ?1", &[sub.into()])
+            .first()
+            .map_or(0, |row| row[0].int());
         let claims = stowage::auth::Claims {
             iss: "stowage".into(),
             sub: sub.into(),
@@ -1350,9 +1346,9 @@ async fn admin_role_is_granted_and_revoked_from_the_cli() {
     stowage(s.server.data_dir(), &["user", "admin", "reader", "--revoke"], "");
     assert_eq!(delete("v2").await.expect("DELETE").status(), 403, "no longer an admin");
 
-    let unknown = Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .args(["user", "admin", "nobody"])
-        .env("STOWAGE_DATA_DIR", s.server.data_dir())
+    let unknown = s
+        .server
+        .stowage_command(&["user", "admin", "nobody"])
         .output()
         .expect("run stowage");
     assert!(!unknown.status.success(), "an unknown user is an error");

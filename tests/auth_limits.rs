@@ -69,16 +69,10 @@ impl Server {
     fn craft_token(&self, sub: &str, access: Vec<stowage::auth::jwt::AccessEntry>, exp_offset: i64) -> String {
         let keys = stowage::auth::KeySet::load(&stowage::auth::keys::key_dir(self.server.data_dir()), None, &[], 0)
             .expect("load the server's keys");
-        let db = rusqlite::Connection::open_with_flags(
-            self.server.data_dir().join("catalog.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("open the catalog");
-        let epoch: i64 = db
-            .query_row("SELECT credentials_epoch FROM users WHERE name = ?1", [sub], |r| {
-                r.get(0)
-            })
-            .expect("the user's credentials epoch");
+        let epoch = self
+            .server
+            .catalog_sql()
+            .query_i64("SELECT credentials_epoch FROM users WHERE name = ?1", &[sub.into()]);
         let now = jsonwebtoken::get_current_timestamp() as i64;
         let claims = stowage::auth::Claims {
             iss: "stowage".into(),

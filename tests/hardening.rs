@@ -185,11 +185,14 @@ fn set_mode(path: &std::path::Path, mode: u32) {
 /// in directories Stowage creates 0700, and restricted at start-up when found readable by
 /// others. The process umask is the common 022, under which files are created 0644 unless the
 /// server asks for less.
+///
+/// On the SQLite catalog whatever `STOWAGE_TEST_CATALOG` says: its files are what is checked
+/// (a PostgreSQL catalog has no file in the data directory; its server keeps its own files).
 #[tokio::test]
 async fn catalog_and_key_files_are_owner_only() {
     // SAFETY: umask has no memory-safety preconditions.
     unsafe { libc::umask(0o022) };
-    let mut server = TestServer::start();
+    let mut server = TestServer::start_on_catalog(common::Catalog::Sqlite, &[]);
     push_blob(&server, "perm/app", b"a blob makes the catalog write").await;
     let data = server.data_dir().to_owned();
     let catalog = data.join("catalog.db");
@@ -254,12 +257,12 @@ async fn patch(server: &TestServer, path: &str, range: &str, data: &[u8]) -> req
 
 /// Ids of the upload sessions the catalog records.
 fn recorded_sessions(server: &TestServer) -> Vec<String> {
-    let db = rusqlite::Connection::open(server.data_dir().join("catalog.db")).expect("open catalog");
-    let mut stmt = db.prepare("SELECT id FROM uploads ORDER BY id").expect("query");
-    stmt.query_map([], |r| r.get::<_, String>(0))
-        .expect("rows")
-        .collect::<Result<_, _>>()
-        .expect("ids")
+    server
+        .catalog_sql()
+        .query_rows("SELECT id FROM uploads ORDER BY id", &[])
+        .iter()
+        .map(|r| r[0].text().to_owned())
+        .collect()
 }
 
 /// A restart after a crash clears what the crash left: session rows whose staged data is gone
@@ -288,13 +291,11 @@ async fn restart_clears_orphan_sessions_and_empty_upload_dirs() {
     let status = server.terminate();
     assert!(status.success(), "clean stop: {status}");
     // The expired session was last used two days ago (the timeout is 24 h).
-    let db = rusqlite::Connection::open(server.data_dir().join("catalog.db")).expect("open catalog");
-    db.execute(
+    let aged = server.catalog_sql().execute(
         "UPDATE uploads SET updated_at = updated_at - 172800 WHERE id = ?1",
-        [&expired_id],
-    )
-    .expect("age the session");
-    drop(db);
+        &[(&expired_id).into()],
+    );
+    assert_eq!(aged, 1, "age the session");
     let uploads = server.data_dir().join("storage/uploads");
     let empty_dirs = [
         uploads.join("0b5ca1ab1e0000000000000000000001"),
@@ -398,20 +399,23 @@ async fn anonymous_catalog_listing_is_bounded_whatever_the_repository_count() {
     let status = server.terminate();
     assert!(status.success(), "clean stop: {status}");
     {
-        let mut db = rusqlite::Connection::open(server.data_dir().join("catalog.db")).expect("open catalog");
-        let tx = db.transaction().expect("begin");
-        {
-            let mut add = tx
-                .prepare("INSERT INTO repositories (name, created_at) VALUES (?1, 0)")
-                .expect("prepare");
-            for name in ["p/public".to_owned(), "z/public".to_owned()]
-                .into_iter()
-                .chain((0..PRIVATE_REPOS).map(|i| format!("m/private{i:06}")))
-            {
-                add.execute([name]).expect("insert repository");
-            }
-        }
-        tx.commit().expect("commit");
+        let db = server.catalog_sql();
+        db.execute(
+            "INSERT INTO repositories (name, created_at) VALUES ('p/public', 0), ('z/public', 0)",
+            &[],
+        );
+        // m/private000000 to m/private099999, generated in one statement on either engine.
+        let added = db.execute(
+            "WITH RECURSIVE n(i, padded) AS (
+                 SELECT CAST(0 AS BIGINT), CAST('000000' AS TEXT)
+                 UNION ALL
+                 SELECT i + 1, '000000' || (i + 1) FROM n WHERE i + 1 < ?1
+             )
+             INSERT INTO repositories (name, created_at)
+             SELECT 'm/private' || substr(padded, length(padded) - 5), 0 FROM n ORDER BY i",
+            &[(PRIVATE_REPOS as i64).into()],
+        );
+        assert_eq!(added, PRIVATE_REPOS as u64);
     }
     server.crash_and_restart();
     let http = client();

@@ -8,7 +8,8 @@ mod common;
 
 use std::process::Command;
 
-use common::{STDERR_FILE_ENV, TestServer, client, push_blob, push_image, sha256, wait_until};
+use common::sql::Value;
+use common::{Catalog, STDERR_FILE_ENV, TestServer, client, push_blob, push_image, sha256, wait_until};
 
 async fn status_of(url: &str) -> (u16, String) {
     let resp = client().get(url).send().await.expect("GET");
@@ -39,24 +40,24 @@ async fn probes_answer_without_credentials_with_auth_on() {
     assert_eq!(head.status(), 200);
 }
 
-/// A transaction held on the catalog from outside (as a stuck writer or a locked file would)
-/// makes `/readyz` say the catalog cannot be written; releasing it makes it ready again.
+/// A write lock held on the catalog from outside (as a stuck writer or a locked file would)
+/// makes `/readyz` say the catalog cannot be written; releasing it makes it ready again. On
+/// SQLite the lock is a `BEGIN IMMEDIATE` transaction on the file; on PostgreSQL the advisory
+/// lock every write transaction of the server takes first (`WRITE_LOCK`), held here by a
+/// session of its own (session-level, so it blocks the server's transaction-level one).
 #[tokio::test]
 async fn readyz_fails_while_the_catalog_cannot_be_written() {
+    use stowage::catalog::postgres::WRITE_LOCK;
     let server = TestServer::start();
     let base = base(&server);
     assert_eq!(status_of(&format!("{base}/readyz")).await.0, 200);
-    let db = server.data_dir().join("catalog.db");
-    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
-    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-    let holder = std::thread::spawn(move || {
-        let conn = rusqlite::Connection::open(db).expect("open catalog");
-        conn.execute_batch("BEGIN IMMEDIATE").expect("take the write lock");
-        locked_tx.send(()).expect("report");
-        let _ = release_rx.recv();
-        conn.execute_batch("ROLLBACK").expect("release");
-    });
-    locked_rx.recv().expect("locked");
+    let holder = server.catalog_sql();
+    match server.catalog {
+        Catalog::Sqlite => holder.execute_batch("BEGIN IMMEDIATE"),
+        Catalog::Postgres => {
+            holder.execute("SELECT pg_advisory_lock(?1)", &[WRITE_LOCK.into()]);
+        }
+    }
     // The last answer is cached for a second; the check then waits up to 5 s for the writer.
     wait_until("readyz reports the catalog", || async {
         let (status, body) = status_of(&format!("{base}/readyz")).await;
@@ -64,12 +65,18 @@ async fn readyz_fails_while_the_catalog_cannot_be_written() {
     })
     .await;
     assert_eq!(status_of(&format!("{base}/livez")).await.0, 200, "alive all the same");
-    release_tx.send(()).expect("release");
-    holder.join().expect("holder");
+    match server.catalog {
+        Catalog::Sqlite => holder.execute_batch("ROLLBACK"),
+        Catalog::Postgres => {
+            let released = holder.query_rows("SELECT pg_advisory_unlock(?1)", &[WRITE_LOCK.into()]);
+            assert_eq!(released, [[Value::Int(1)]], "the lock was held");
+        }
+    }
     wait_until("readyz is ready again", || async {
         status_of(&format!("{base}/readyz")).await.0 == 200
     })
     .await;
+    drop(holder);
 }
 
 /// After SIGTERM, `/readyz` answers 503 while requests are still served for

@@ -5,8 +5,9 @@
 //! pruned; expired keep-lists stop counting and are removed; immutable tags are never deleted.
 //!
 //! Ages are made without sleeping: the server is stopped (gracefully, which also writes the
-//! pulls it recorded), push times are moved into the past in its catalog file, and the server
-//! is started again with the rules and a collection pass every second.
+//! pulls it recorded), push times are moved into the past in its catalog (SQLite or
+//! PostgreSQL), and the server is started again with the rules and a collection pass every
+//! second.
 
 mod common;
 
@@ -48,10 +49,6 @@ fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
-fn catalog(server: &TestServer) -> rusqlite::Connection {
-    rusqlite::Connection::open(server.data_dir().join("catalog.db")).expect("open catalog")
-}
-
 fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -61,15 +58,13 @@ fn now() -> i64 {
 
 /// Moves tags' push times `ago` seconds into the past (the server must be stopped).
 fn backdate(server: &TestServer, repo: &str, tags: &[(&str, i64)]) {
-    let db = catalog(server);
+    let db = server.catalog_sql();
     for (tag, ago) in tags {
-        let n = db
-            .execute(
-                "UPDATE tags SET updated_at = ?3 WHERE name = ?2
-                    AND repo_id = (SELECT id FROM repositories WHERE name = ?1)",
-                rusqlite::params![repo, tag, now() - ago],
-            )
-            .expect("backdate");
+        let n = db.execute(
+            "UPDATE tags SET updated_at = ?3 WHERE name = ?2
+                AND repo_id = (SELECT id FROM repositories WHERE name = ?1)",
+            &[repo.into(), (*tag).into(), (now() - ago).into()],
+        );
         assert_eq!(n, 1, "{repo}:{tag}");
     }
 }
@@ -164,16 +159,16 @@ async fn rules_keep_what_they_say_and_the_preview_lists_exactly_what_goes() {
 
     // A graceful stop writes the recorded pulls.
     assert!(server.terminate().success());
-    let pulled: Vec<(String, Option<i64>)> = catalog(&server)
-        .prepare(
+    let pulled: Vec<(String, Option<i64>)> = server
+        .catalog_sql()
+        .query_rows(
             "SELECT t.name, m.pulled_at FROM tags t JOIN manifests m ON m.id = t.manifest_id
                JOIN repositories r ON r.id = t.repo_id WHERE r.name = 'pulls/a' ORDER BY t.name",
+            &[],
         )
-        .expect("prepare")
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
+        .iter()
+        .map(|r| (r[0].text().to_owned(), r[1].opt_int()))
+        .collect();
     assert_eq!(pulled.len(), 3);
     for (tag, at) in &pulled {
         match tag.as_str() {
@@ -407,12 +402,10 @@ async fn a_kept_environment_keeps_its_link_run_closure_and_keep_lists_expire() {
         "both keep-lists keep every spec"
     );
     // "short" expires (moved into the past while the server is stopped): it stops counting.
-    let n = catalog(&server)
-        .execute(
-            "UPDATE spack_keep SET expires_at = ?1 WHERE name = 'short'",
-            [now() - 1],
-        )
-        .expect("expire");
+    let n = server.catalog_sql().execute(
+        "UPDATE spack_keep SET expires_at = ?1 WHERE name = 'short'",
+        &[(now() - 1).into()],
+    );
     assert_eq!(n, 1);
     let preview = prune_preview(&server, &config);
     let sibling = spec_tag("compiler-wrapper", "1.0", COMPILER_WRAPPER);

@@ -55,7 +55,12 @@ async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("stowage.toml");
     std::fs::write(&config, CONFIG).expect("write config");
-    let mut server = TestServer::start_with(&[("STOWAGE_CONFIG", config.to_str().expect("utf-8"))]);
+    // `stowage gc` (and its dry run on a copy of the catalog) runs on a SQLite catalog only;
+    // with PostgreSQL the replicas collect (docs/postgres.md), so this runs on SQLite always.
+    let mut server = TestServer::start_on_catalog(
+        common::Catalog::Sqlite,
+        &[("STOWAGE_CONFIG", config.to_str().expect("utf-8"))],
+    );
 
     let (kept, kept_body) = push_image(&server, "keep/app", "v1", b"kept layer").await;
     let (old, _) = push_image(&server, "ret/app", "old", b"old layer").await;
@@ -174,14 +179,19 @@ async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
     assert_eq!(third_index, second_index, "the current index stayed");
 }
 
-/// `stowage <args>` on `data_dir`.
+/// `stowage <args>` on `data_dir`, with its SQLite catalog (`catalog.db` in it), whatever
+/// `STOWAGE_TEST_CATALOG` says.
 fn stowage(data_dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     run(Command::new(env!("CARGO_BIN_EXE_stowage"))
         .args(args)
         .env("STOWAGE_DATA_DIR", data_dir)
+        .env_remove("STOWAGE_CATALOG__URL")
         .env("RUST_LOG", "warn"))
 }
 
+/// On a SQLite catalog whatever `STOWAGE_TEST_CATALOG` says (no catalog setting: the data
+/// directory's `catalog.db`): it checks SQLite's migration history (`user_version`, rolled back
+/// by hand); `tests/pg_schema.rs` checks the PostgreSQL migrations.
 #[tokio::test]
 async fn migrate_applies_each_pending_migration_once() {
     let dir = tempfile::tempdir().expect("temp dir");

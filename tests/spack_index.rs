@@ -122,54 +122,35 @@ async fn served_index_bytes(server: &TestServer, repo: &str) -> Vec<u8> {
 /// migration 0015: every node in some spec tag's DAG, with correlated counts (in the order the
 /// nodes were recorded, as the index lists them since migration 0016).
 fn correlated_index(server: &TestServer, repo: &str) -> Vec<u8> {
-    let db = rusqlite::Connection::open_with_flags(
-        server.data_dir().join("catalog.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open catalog");
-    let repo_id: i64 = db
-        .query_row("SELECT id FROM repositories WHERE name = ?1", [repo], |r| r.get(0))
-        .expect("repository");
-    let min_layout: Option<i64> = db
-        .query_row(
-            "SELECT MIN(layout_version) FROM spack_specs WHERE repo_id = ?1",
-            [repo_id],
-            |r| r.get(0),
-        )
-        .expect("layout");
+    let db = server.catalog_sql();
+    let repo_id = db.query_i64("SELECT id FROM repositories WHERE name = ?1", &[repo.into()]);
+    let min_layout = db.query_row(
+        "SELECT MIN(layout_version) FROM spack_specs WHERE repo_id = ?1",
+        &[repo_id.into()],
+    )[0]
+    .opt_int();
     let version = if min_layout.is_some_and(|l| l < 3) { "7" } else { "8" };
     let mut out = format!("{{\"database\":{{\"version\":\"{version}\",\"installs\":{{");
-    let mut stmt = db
-        .prepare(
-            "SELECT n.hash, n.node,
-                    (SELECT COUNT(*) FROM spack_deps d
-                      WHERE d.repo_id = n.repo_id AND d.dep_hash = n.hash
-                        AND EXISTS (SELECT 1 FROM spack_closure c2 WHERE c2.repo_id = d.repo_id AND c2.hash = d.hash)),
-                    EXISTS (SELECT 1 FROM spack_specs s WHERE s.repo_id = n.repo_id AND s.hash = n.hash)
-               FROM spack_nodes n
-              WHERE n.repo_id = ?1
-                AND EXISTS (SELECT 1 FROM spack_closure c WHERE c.repo_id = n.repo_id AND c.hash = n.hash)
-              ORDER BY n.id",
-        )
-        .expect("prepare");
-    let rows = stmt
-        .query_map([repo_id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, bool>(3)?,
-            ))
-        })
-        .expect("query");
-    for (i, row) in rows.enumerate() {
-        let (hash, node, ref_count, in_buildcache) = row.expect("row");
+    let rows = db.query_rows(
+        "SELECT n.hash, n.node,
+                (SELECT COUNT(*) FROM spack_deps d
+                  WHERE d.repo_id = n.repo_id AND d.dep_hash = n.hash
+                    AND EXISTS (SELECT 1 FROM spack_closure c2 WHERE c2.repo_id = d.repo_id AND c2.hash = d.hash)),
+                EXISTS (SELECT 1 FROM spack_specs s WHERE s.repo_id = n.repo_id AND s.hash = n.hash)
+           FROM spack_nodes n
+          WHERE n.repo_id = ?1
+            AND EXISTS (SELECT 1 FROM spack_closure c WHERE c.repo_id = n.repo_id AND c.hash = n.hash)
+          ORDER BY n.id",
+        &[repo_id.into()],
+    );
+    for (i, row) in rows.iter().enumerate() {
+        let (hash, node, ref_count, in_buildcache) = (row[0].text(), row[1].text(), row[2].int(), row[3].flag());
         if i > 0 {
             out.push(',');
         }
         out.push_str(&format!(
             "{}:{{\"spec\":{node},\"ref_count\":{ref_count},\"in_buildcache\":{in_buildcache}}}",
-            serde_json::Value::String(hash)
+            serde_json::Value::String(hash.to_owned())
         ));
     }
     out.push_str("}}}");
@@ -268,21 +249,28 @@ async fn fsck_finds_and_repairs_wrong_index_figures() {
     let before = served_index_bytes(&server, "cache").await;
     server.terminate();
     {
-        let db = rusqlite::Connection::open(server.data_dir().join("catalog.db")).expect("open catalog");
+        let db = server.catalog_sql();
         let hashes: Vec<String> = db
-            .prepare("SELECT hash FROM spack_nodes WHERE closure_refs > 0 ORDER BY hash LIMIT 2")
-            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-            .expect("hashes");
+            .query_rows(
+                "SELECT hash FROM spack_nodes WHERE closure_refs > 0 ORDER BY hash LIMIT 2",
+                &[],
+            )
+            .iter()
+            .map(|r| r[0].text().to_owned())
+            .collect();
         assert_eq!(hashes.len(), 2);
-        db.execute(
+        let corrupted = db.execute(
             "UPDATE spack_nodes SET ref_count = ref_count + 3 WHERE hash = ?1",
-            [&hashes[0]],
-        )
-        .expect("corrupt ref_count");
-        db.execute("UPDATE spack_nodes SET closure_refs = 0 WHERE hash = ?1", [&hashes[1]])
-            .expect("corrupt closure_refs");
-        db.execute("UPDATE spack_index SET specs = specs + 1, built_generation = NULL", [])
-            .expect("corrupt specs");
+            &[(&hashes[0]).into()],
+        );
+        assert_eq!(corrupted, 1, "corrupt ref_count");
+        let corrupted = db.execute(
+            "UPDATE spack_nodes SET closure_refs = 0 WHERE hash = ?1",
+            &[(&hashes[1]).into()],
+        );
+        assert_eq!(corrupted, 1, "corrupt closure_refs");
+        let corrupted = db.execute("UPDATE spack_index SET specs = specs + 1, built_generation = NULL", &[]);
+        assert_eq!(corrupted, 1, "corrupt specs");
     }
     let (code, out, err) = server.fsck(&[]);
     assert_eq!(code, 1, "{out}{err}");
@@ -389,22 +377,16 @@ async fn push_image(server: &TestServer, repo: &str, (blobs, tag, manifest): Spe
 /// The current index blob's digest, and whether the catalog records it as a composite and with
 /// how many pieces.
 fn index_blob(server: &TestServer, repo: &str) -> (String, bool, i64) {
-    let db = rusqlite::Connection::open_with_flags(
-        server.data_dir().join("catalog.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open catalog");
-    db.query_row(
+    let row = server.catalog_sql().query_row(
         "SELECT r.digest, b.composite, (SELECT count(*) FROM blob_pieces p WHERE p.digest = r.digest)
            FROM spack_index i JOIN repositories repo ON repo.id = i.repo_id
            JOIN manifests m ON m.repo_id = i.repo_id AND m.digest = i.manifest_digest
            JOIN manifest_refs r ON r.manifest_id = m.id AND r.kind = 'layer'
            JOIN blobs b ON b.digest = r.digest
           WHERE repo.name = ?1",
-        [repo],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )
-    .expect("index blob")
+        &[repo.into()],
+    );
+    (row[0].text().to_owned(), row[1].flag(), row[2].int())
 }
 
 /// The served index of `repo`, checked against the full serialisation from the catalog.
@@ -503,14 +485,10 @@ async fn an_index_composed_of_changed_segments_is_the_full_serialisation_byte_fo
     // it) keeps what the current index names and takes the superseded composites: wait until
     // only the current one is left, then read it again.
     server.crash_and_restart_with(&[("STOWAGE_GC__INTERVAL_SECS", "1"), ("STOWAGE_GC__GRACE_SECS", "0")]);
-    let db_path = server.data_dir().join("catalog.db");
     let composites = || {
-        let db = rusqlite::Connection::open_with_flags(&db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .expect("open catalog");
-        db.query_row("SELECT count(*) FROM blobs WHERE composite = 1", [], |r| {
-            r.get::<_, i64>(0)
-        })
-        .expect("count")
+        server
+            .catalog_sql()
+            .query_i64("SELECT count(*) FROM blobs WHERE composite = 1", &[])
     };
     common::wait_until("the superseded composites are collected", || {
         let left = composites();
@@ -527,14 +505,10 @@ async fn an_index_composed_of_changed_segments_is_the_full_serialisation_byte_fo
     // A damaged piece: `fsck` finds it and the composite made of it; `--repair` forgets both,
     // and the next read builds the whole index again.
     let (digest, _, _) = index_blob(&server, repo);
-    let piece: String = rusqlite::Connection::open_with_flags(&db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .expect("open catalog")
-        .query_row(
-            "SELECT piece FROM blob_pieces WHERE digest = ?1 ORDER BY len DESC LIMIT 1",
-            [&digest],
-            |r| r.get(0),
-        )
-        .expect("a piece");
+    let piece = server.catalog_sql().query_string(
+        "SELECT piece FROM blob_pieces WHERE digest = ?1 ORDER BY len DESC LIMIT 1",
+        &[(&digest).into()],
+    );
     server.corrupt_blob_object(&piece, b"not the index");
     let (_, out, _) = server.fsck(&[]);
     assert!(out.contains(&format!("{piece}: wrong size")), "{out}");
@@ -552,16 +526,11 @@ async fn an_index_composed_of_changed_segments_is_the_full_serialisation_byte_fo
 
 /// The recorded index layout (the catalog holds one repository's): (segment, blob, comma).
 fn layout(server: &TestServer) -> Vec<(i64, String, bool)> {
-    let db = rusqlite::Connection::open_with_flags(
-        server.data_dir().join("catalog.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open catalog");
-    db.prepare("SELECT seg, blob, comma FROM spack_index_layout ORDER BY seg")
-        .expect("prepare")
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .expect("layout")
-        .map(Result::unwrap)
+    server
+        .catalog_sql()
+        .query_rows("SELECT seg, blob, comma FROM spack_index_layout ORDER BY seg", &[])
+        .iter()
+        .map(|r| (r[0].int(), r[1].text().to_owned(), r[2].flag()))
         .collect()
 }
 

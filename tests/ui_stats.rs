@@ -12,7 +12,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{TestServer, UNDO_MIGRATIONS_13_TO_18, client, push_blob, sha256, wait_until};
+use common::{Catalog, TestServer, UNDO_MIGRATIONS_13_TO_18, client, push_blob, sha256, wait_until};
 use serde_json::json;
 
 const CONFIG_MT: &str = "application/vnd.oci.image.config.v1+json";
@@ -134,32 +134,41 @@ fn fsck_clean(server: &TestServer, when: &str) -> String {
     out
 }
 
-#[tokio::test]
-async fn repository_figures_follow_pushes_mounts_deletes_gc_and_retention() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("stowage.toml");
-    std::fs::write(&config, RETENTION).expect("write config");
-    let config = config.to_str().expect("utf-8 path");
-    let mut server = TestServer::start_with(&[("STOWAGE_CONFIG", config), ("STOWAGE_GC__ENABLED", "false")]);
+/// What [`pushes_mounts_and_deletes`] pushed: the config every image shares, the second
+/// layer, the manifest of `stats/app:v1`, the size of `stats/ret:b`'s manifest, and what each
+/// repository holds.
+struct Pushed {
+    cfg: &'static [u8],
+    l2: Vec<u8>,
+    m1: String,
+    size_b: u64,
+    app: Expected,
+    mirror: Expected,
+    ret: Expected,
+}
 
-    let cfg = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+/// Pushes, re-pushes, a cross-repository mount, a tag delete and a manifest delete into
+/// `stats/app`, `stats/mirror` and `stats/ret`, checking the figures after each; then fsck
+/// agrees with them.
+async fn pushes_mounts_and_deletes(server: &TestServer) -> Pushed {
+    let cfg: &'static [u8] = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
     let (l1, l2) = (vec![1u8; 3000], vec![2u8; 5000]);
     let mut app = Expected::default();
-    let (m1, _) = push(&server, "stats/app", "v1", CONFIG_MT, cfg, &[&l1], &mut app).await;
+    let (m1, _) = push(server, "stats/app", "v1", CONFIG_MT, cfg, &[&l1], &mut app).await;
     app.tags = 1;
-    assert_figures(&server, "stats/app", &app, "the first push").await;
+    assert_figures(server, "stats/app", &app, "the first push").await;
 
     // The same manifest under a second tag: one more tag, no more bytes; pushing the same
     // blobs and manifest again changes nothing.
-    push(&server, "stats/app", "v2", CONFIG_MT, cfg, &[&l1], &mut app).await;
-    push(&server, "stats/app", "v1", CONFIG_MT, cfg, &[&l1], &mut app).await;
+    push(server, "stats/app", "v2", CONFIG_MT, cfg, &[&l1], &mut app).await;
+    push(server, "stats/app", "v1", CONFIG_MT, cfg, &[&l1], &mut app).await;
     app.tags = 2;
-    assert_figures(&server, "stats/app", &app, "a second tag and re-pushes").await;
+    assert_figures(server, "stats/app", &app, "a second tag and re-pushes").await;
 
     // A second image sharing the config: its layer and manifest count, the config once.
-    let (m3, _) = push(&server, "stats/app", "v3", CONFIG_MT, cfg, &[&l1, &l2], &mut app).await;
+    let (m3, _) = push(server, "stats/app", "v3", CONFIG_MT, cfg, &[&l1, &l2], &mut app).await;
     app.tags = 3;
-    assert_figures(&server, "stats/app", &app, "an image sharing blobs").await;
+    assert_figures(server, "stats/app", &app, "an image sharing blobs").await;
 
     // A cross-repository mount links the blob to the target only.
     let l1_digest = sha256(&l1);
@@ -171,28 +180,58 @@ async fn repository_figures_follow_pushes_mounts_deletes_gc_and_retention() {
     assert_eq!(resp.status(), 201, "mount");
     let mut mirror = Expected::default();
     mirror.blobs.insert(l1_digest.clone(), l1.len() as u64);
-    assert_figures(&server, "stats/mirror", &mirror, "a mount").await;
-    assert_figures(&server, "stats/app", &app, "a mount from it").await;
+    assert_figures(server, "stats/mirror", &mirror, "a mount").await;
+    assert_figures(server, "stats/app", &app, "a mount from it").await;
 
     // Deleting a tag: one tag fewer, its manifest stays (v1 names it).
-    delete(&server, "stats/app", "v2").await;
+    delete(server, "stats/app", "v2").await;
     app.tags = 2;
-    assert_figures(&server, "stats/app", &app, "a tag delete").await;
+    assert_figures(server, "stats/app", &app, "a tag delete").await;
     // Deleting a manifest: its tag and bytes go; its blobs stay linked until collected.
-    delete(&server, "stats/app", &m3).await;
+    delete(server, "stats/app", &m3).await;
     app.tags = 1;
     app.manifests.remove(&m3);
-    assert_figures(&server, "stats/app", &app, "a manifest delete").await;
+    assert_figures(server, "stats/app", &app, "a manifest delete").await;
 
     // Two images for retention, alike in every size, so that whichever it keeps the figures
     // are the same.
     let mut ret = Expected::default();
-    push(&server, "stats/ret", "a", CONFIG_MT, cfg, &[&[3u8; 700]], &mut ret).await;
-    let (_, size_b) = push(&server, "stats/ret", "b", CONFIG_MT, cfg, &[&[4u8; 700]], &mut ret).await;
+    push(server, "stats/ret", "a", CONFIG_MT, cfg, &[&[3u8; 700]], &mut ret).await;
+    let (_, size_b) = push(server, "stats/ret", "b", CONFIG_MT, cfg, &[&[4u8; 700]], &mut ret).await;
     ret.tags = 2;
-    assert_figures(&server, "stats/ret", &ret, "pushes").await;
-    let out = fsck_clean(&server, "pushes and deletes");
+    assert_figures(server, "stats/ret", &ret, "pushes").await;
+    let out = fsck_clean(server, "pushes and deletes");
     assert!(out.contains("3 repositories' figures recounted"), "{out}");
+    Pushed {
+        cfg,
+        l2,
+        m1,
+        size_b,
+        app,
+        mirror,
+        ret,
+    }
+}
+
+fn retention_config(dir: &tempfile::TempDir) -> String {
+    let config = dir.path().join("stowage.toml");
+    std::fs::write(&config, RETENTION).expect("write config");
+    config.to_str().expect("utf-8 path").to_owned()
+}
+
+#[tokio::test]
+async fn repository_figures_follow_pushes_mounts_deletes_gc_and_retention() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = retention_config(&dir);
+    let mut server = TestServer::start_with(&[("STOWAGE_CONFIG", &config), ("STOWAGE_GC__ENABLED", "false")]);
+    let Pushed {
+        cfg,
+        l2,
+        m1,
+        size_b,
+        mut app,
+        ..
+    } = pushes_mounts_and_deletes(&server).await;
 
     // Collection and retention: the tag retention drops, the manifests no tag names and the
     // links no manifest references go, each figure with them.
@@ -224,32 +263,12 @@ async fn repository_figures_follow_pushes_mounts_deletes_gc_and_retention() {
     server.kill();
     fsck_clean(&server, "collection and retention");
 
-    // A catalog from before the figures were kept: the migration back-fills them.
-    {
-        let db = rusqlite::Connection::open(server.data_dir().join("catalog.db")).expect("open catalog");
-        // Migrations after 12 undone, newest first: the Spack index figures (15), image
-        // platforms (14) and repository figures (13).
-        db.execute_batch(&format!(
-            "{UNDO_MIGRATIONS_13_TO_18}
-             PRAGMA user_version = 12;",
-        ))
-        .expect("downgrade the catalog");
-    }
-    server.crash_and_restart_with(&[("STOWAGE_GC__ENABLED", "false")]);
-    assert_figures(&server, "stats/app", &app, "the back-fill").await;
-    assert_figures(&server, "stats/ret", &kept_ret, "the back-fill").await;
-    assert_figures(&server, "stats/mirror", &mirror, "the back-fill").await;
-
     // Figures gone wrong behind the catalog's back: fsck reports them, --repair recounts.
-    server.kill();
-    {
-        let db = rusqlite::Connection::open(server.data_dir().join("catalog.db")).expect("open catalog");
-        db.execute(
-            "UPDATE repositories SET tag_count = 7, blob_bytes = blob_bytes + 1 WHERE name = 'stats/app'",
-            [],
-        )
-        .expect("spoil the figures");
-    }
+    let spoiled = server.catalog_sql().execute(
+        "UPDATE repositories SET tag_count = 7, blob_bytes = blob_bytes + 1 WHERE name = 'stats/app'",
+        &[],
+    );
+    assert_eq!(spoiled, 1, "spoil the figures");
     let (code, out, _) = server.fsck(&[]);
     assert_eq!(code, 1, "wrong figures fail fsck: {out}");
     assert!(
@@ -265,8 +284,37 @@ async fn repository_figures_follow_pushes_mounts_deletes_gc_and_retention() {
     assert_eq!(code, 1, "a repair run reports what it found: {out}");
     assert!(out.contains("1 wrong, 1 repaired"), "{out}");
     fsck_clean(&server, "the repair");
-    server.crash_and_restart();
+    server.crash_and_restart_with(&[("STOWAGE_GC__ENABLED", "false")]);
     assert_figures(&server, "stats/app", &app, "the repair").await;
+    assert_figures(&server, "stats/ret", &kept_ret, "the repair").await;
+    assert_figures(&server, "stats/mirror", &mirror, "the repair").await;
+}
+
+/// A catalog from before the figures were kept gets them back-filled by the migration (13).
+///
+/// On the SQLite catalog whatever `STOWAGE_TEST_CATALOG` says: the catalog is rolled back
+/// through SQLite's migration history (PostgreSQL's schema starts at SQLite's version 17).
+#[tokio::test]
+async fn the_figures_migration_back_fills_an_existing_catalog() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = retention_config(&dir);
+    let mut server = TestServer::start_on_catalog(
+        Catalog::Sqlite,
+        &[("STOWAGE_CONFIG", &config), ("STOWAGE_GC__ENABLED", "false")],
+    );
+    let Pushed { app, mirror, ret, .. } = pushes_mounts_and_deletes(&server).await;
+    server.kill();
+    // Migrations after 12 undone, newest first: the figures (13) among them.
+    server.catalog_sql().execute_batch(&format!(
+        "{UNDO_MIGRATIONS_13_TO_18}
+         PRAGMA user_version = 12;",
+    ));
+    server.crash_and_restart();
+    assert_figures(&server, "stats/app", &app, "the back-fill").await;
+    assert_figures(&server, "stats/ret", &ret, "the back-fill").await;
+    assert_figures(&server, "stats/mirror", &mirror, "the back-fill").await;
+    server.kill();
+    fsck_clean(&server, "the back-fill");
 }
 
 #[tokio::test]

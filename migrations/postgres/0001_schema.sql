@@ -7,7 +7,7 @@
 -- PL/pgSQL trigger function of the same name with the same effect, in the same transaction.
 -- `tests/pg_schema.rs` proves it: same tables, columns, indexes and trigger names, and the same
 -- rows (trigger-maintained figures included) after each step of one scripted scenario run on
--- both engines. No server code uses it yet (docs/postgres.md has the plan).
+-- both engines. The catalog engine applies it (src/catalog/postgres.rs, docs/postgres.md).
 --
 -- THE RULE: every later SQLite migration `migrations/00NN_*.sql` gets its PostgreSQL
 -- counterpart `migrations/postgres/00NN_*.sql` in the same commit, and the parity test's
@@ -533,32 +533,51 @@ CREATE TRIGGER spack_figures_edge_removed AFTER DELETE ON spack_deps
     FOR EACH ROW EXECUTE FUNCTION spack_figures_edge_removed();
 
 -- A node becoming listed (its first closure row) or unlisted (its last) adds or removes its
--- edges from its dependencies' ref_count.
+-- edges from its dependencies' ref_count. Unlike every other trigger here these fire once per
+-- statement, over the statement's rows (a transition table): a spec's closure is written by
+-- multi-row statements, and every node of a Spack 1.x spec depends on its compiler, so a
+-- row trigger updated the compiler's row once per node, and each update of a row within one
+-- transaction adds a version the next update walks past (quadratic in the spec's size; SQLite
+-- updates in place). The effect is the rows' effects added up: closure_refs moves by the
+-- node's rows in the statement, and a node whose count went from 0 (to 0) adds (removes) each
+-- of its edges once.
 CREATE FUNCTION spack_figures_closure_added() RETURNS trigger LANGUAGE plpgsql
     SET search_path FROM CURRENT AS $$
 BEGIN
-    UPDATE spack_nodes SET closure_refs = closure_refs + 1 WHERE repo_id = NEW.repo_id AND hash = NEW.hash;
-    UPDATE spack_nodes SET ref_count = ref_count + 1
-     WHERE repo_id = NEW.repo_id
-       AND hash IN (SELECT d.dep_hash FROM spack_deps d WHERE d.repo_id = NEW.repo_id AND d.hash = NEW.hash)
-       AND (SELECT p.closure_refs FROM spack_nodes p WHERE p.repo_id = NEW.repo_id AND p.hash = NEW.hash) = 1;
+    UPDATE spack_nodes n SET closure_refs = n.closure_refs + a.cnt
+      FROM (SELECT repo_id, hash, count(*) AS cnt FROM closure_new GROUP BY repo_id, hash) a
+     WHERE n.repo_id = a.repo_id AND n.hash = a.hash;
+    UPDATE spack_nodes d SET ref_count = d.ref_count + x.k
+      FROM (SELECT e.repo_id, e.dep_hash, count(*) AS k
+              FROM (SELECT repo_id, hash, count(*) AS cnt FROM closure_new GROUP BY repo_id, hash) a
+              JOIN spack_nodes p ON p.repo_id = a.repo_id AND p.hash = a.hash AND p.closure_refs = a.cnt
+              JOIN spack_deps e ON e.repo_id = a.repo_id AND e.hash = a.hash
+             GROUP BY e.repo_id, e.dep_hash) x
+     WHERE d.repo_id = x.repo_id AND d.hash = x.dep_hash;
     RETURN NULL;
 END $$;
 CREATE TRIGGER spack_figures_closure_added AFTER INSERT ON spack_closure
-    FOR EACH ROW EXECUTE FUNCTION spack_figures_closure_added();
+    REFERENCING NEW TABLE AS closure_new
+    FOR EACH STATEMENT EXECUTE FUNCTION spack_figures_closure_added();
 
 CREATE FUNCTION spack_figures_closure_removed() RETURNS trigger LANGUAGE plpgsql
     SET search_path FROM CURRENT AS $$
 BEGIN
-    UPDATE spack_nodes SET closure_refs = closure_refs - 1 WHERE repo_id = OLD.repo_id AND hash = OLD.hash;
-    UPDATE spack_nodes SET ref_count = ref_count - 1
-     WHERE repo_id = OLD.repo_id
-       AND hash IN (SELECT d.dep_hash FROM spack_deps d WHERE d.repo_id = OLD.repo_id AND d.hash = OLD.hash)
-       AND (SELECT p.closure_refs FROM spack_nodes p WHERE p.repo_id = OLD.repo_id AND p.hash = OLD.hash) = 0;
+    UPDATE spack_nodes n SET closure_refs = n.closure_refs - a.cnt
+      FROM (SELECT repo_id, hash, count(*) AS cnt FROM closure_old GROUP BY repo_id, hash) a
+     WHERE n.repo_id = a.repo_id AND n.hash = a.hash;
+    UPDATE spack_nodes d SET ref_count = d.ref_count - x.k
+      FROM (SELECT e.repo_id, e.dep_hash, count(*) AS k
+              FROM (SELECT DISTINCT repo_id, hash FROM closure_old) a
+              JOIN spack_nodes p ON p.repo_id = a.repo_id AND p.hash = a.hash AND p.closure_refs = 0
+              JOIN spack_deps e ON e.repo_id = a.repo_id AND e.hash = a.hash
+             GROUP BY e.repo_id, e.dep_hash) x
+     WHERE d.repo_id = x.repo_id AND d.hash = x.dep_hash;
     RETURN NULL;
 END $$;
 CREATE TRIGGER spack_figures_closure_removed AFTER DELETE ON spack_closure
-    FOR EACH ROW EXECUTE FUNCTION spack_figures_closure_removed();
+    REFERENCING OLD TABLE AS closure_old
+    FOR EACH STATEMENT EXECUTE FUNCTION spack_figures_closure_removed();
 
 -- Spec tags: the root's spec_refs and the repository's counts. The index row may not exist
 -- yet (spack_specs_added creates it too; trigger order is not relied on).

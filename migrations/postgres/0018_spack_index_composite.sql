@@ -30,11 +30,18 @@ CREATE TABLE spack_index_dirty (
     PRIMARY KEY (repo_id, seg)
 );
 
+-- A mark is only ever compared for equality with a value a build read (the build deletes the
+-- marks it read by value), so it must change in every transaction that changes its segment;
+-- SQLite counts changes. Here the mark is the changing transaction's id, written once per
+-- transaction: counting would update the same row once per node row changed, and every update
+-- of a row within one transaction adds a row version the next one must walk past (a
+-- 30,000-node spec's transaction became quadratic in its size).
 CREATE FUNCTION spack_index_node_marked() RETURNS trigger LANGUAGE plpgsql
     SET search_path FROM CURRENT AS $$
 BEGIN
-    INSERT INTO spack_index_dirty (repo_id, seg, mark) VALUES (NEW.repo_id, NEW.id >> 9, 1)
-        ON CONFLICT (repo_id, seg) DO UPDATE SET mark = spack_index_dirty.mark + 1;
+    INSERT INTO spack_index_dirty (repo_id, seg, mark) VALUES (NEW.repo_id, NEW.id >> 9, txid_current())
+        ON CONFLICT (repo_id, seg) DO UPDATE SET mark = excluded.mark
+        WHERE spack_index_dirty.mark <> excluded.mark;
     RETURN NULL;
 END $$;
 CREATE TRIGGER spack_index_node_added AFTER INSERT ON spack_nodes

@@ -30,7 +30,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
-use rusqlite::{Connection, OpenFlags, params};
+use super::db::{self, Connection, params};
+use rusqlite::OpenFlags;
 use serde::Serialize;
 
 use super::{Catalog, Job, now, run_in_savepoint};
@@ -194,7 +195,7 @@ impl Event {
 
 /// Writes one row, in the caller's transaction (see the module doc). The token's name is
 /// copied from `api_tokens` in the same statement.
-pub(super) fn record(c: &Connection, actor: &Actor, event: &Event, at: i64) -> rusqlite::Result<()> {
+pub(super) fn record(c: &Connection, actor: &Actor, event: &Event, at: i64) -> db::Result<()> {
     let detail = event.detail.as_ref().map(|d| {
         let s = d.to_string();
         if s.len() > MAX_DETAIL {
@@ -397,13 +398,13 @@ pub struct AuditPage {
     pub next_cursor: Option<i64>,
 }
 
-fn query(c: &Connection, q: &AuditQuery) -> rusqlite::Result<AuditPage> {
+fn query(c: &Connection, q: &AuditQuery) -> db::Result<AuditPage> {
     let limit = q.limit.clamp(1, MAX_PAGE);
     let mut stmt = c.prepare_cached(
         "SELECT id, at, action, repository, tag, digest, actor, token_id, token_name, client, request_id, detail
            FROM audit_log
-          WHERE (?1 IS NULL OR repository = ?1) AND (?2 IS NULL OR actor = ?2)
-            AND (?3 IS NULL OR at >= ?3) AND (?4 IS NULL OR id < ?4)
+          WHERE (CAST(?1 AS TEXT) IS NULL OR repository = ?1) AND (CAST(?2 AS TEXT) IS NULL OR actor = ?2)
+            AND (CAST(?3 AS BIGINT) IS NULL OR at >= ?3) AND (CAST(?4 AS BIGINT) IS NULL OR id < ?4)
           ORDER BY id DESC LIMIT ?5",
     )?;
     let mut entries = stmt
@@ -424,7 +425,7 @@ fn query(c: &Connection, q: &AuditQuery) -> rusqlite::Result<AuditPage> {
                 detail: detail.and_then(|d| serde_json::from_str(&d).ok()),
             })
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<db::Result<Vec<_>>>()?;
     let next_cursor = if entries.len() > limit {
         entries.truncate(limit);
         entries.last().map(|r| r.id)
@@ -441,8 +442,9 @@ pub fn read_file(path: &Path, q: &AuditQuery) -> std::result::Result<AuditPage, 
     if !path.exists() {
         return Err(format!("no catalog at {}", path.display()));
     }
-    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let c =
+        rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
     c.busy_timeout(std::time::Duration::from_secs(10))
         .map_err(|e| e.to_string())?;
     let has_table: bool = c
@@ -455,6 +457,12 @@ pub fn read_file(path: &Path, q: &AuditQuery) -> std::result::Result<AuditPage, 
     if !has_table {
         return Err("this catalog has no audit trail yet: run `stowage migrate` (or start the server) first".into());
     }
+    query(&Connection::from(c), q).map_err(|e| format!("reading the audit trail: {e}"))
+}
+
+/// [`read_file`] for a PostgreSQL catalog (a read-only session of its own). Blocking.
+pub fn read_postgres(settings: &super::postgres::Settings, q: &AuditQuery) -> std::result::Result<AuditPage, String> {
+    let c = settings.open(true).map_err(|e| e.to_string())?;
     query(&c, q).map_err(|e| format!("reading the audit trail: {e}"))
 }
 
@@ -666,7 +674,7 @@ mod tests {
             .unwrap();
         assert_eq!(written, 0, "nothing is written while paused");
         catalog.close();
-        let c = Connection::open(&path).unwrap();
+        let c = rusqlite::Connection::open(&path).unwrap();
         let written: i64 = c.query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0)).unwrap();
         assert_eq!(written as usize, sent - dropped);
     }

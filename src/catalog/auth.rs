@@ -5,7 +5,7 @@
 //! Every change to a user or token is recorded in the audit trail in its own transaction
 //! (`catalog::audit`), naming the user and token, never a hash.
 
-use rusqlite::{OptionalExtension, params};
+use super::db::{self, OptionalExtension, params};
 
 use super::audit::{self, Action, Actor, Event};
 use super::{Catalog, now};
@@ -63,7 +63,7 @@ pub enum NewTokenError {
 const TOKEN_COLUMNS: &str = "t.id, u.name, u.admin, t.name, t.scopes, t.created_at, t.expires_at, t.last_used_at, \
                              t.revoked_at";
 
-fn token_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiTokenRecord> {
+fn token_record(r: &db::Row<'_>) -> db::Result<ApiTokenRecord> {
     Ok(ApiTokenRecord {
         id: r.get(0)?,
         user: r.get(1)?,
@@ -185,7 +185,7 @@ impl Catalog {
                     live_tokens: r.get::<_, i64>(3)?.max(0) as u64,
                 })
             })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            Ok(rows.collect::<db::Result<Vec<_>>>()?)
         })
         .await
     }
@@ -221,7 +221,7 @@ impl Catalog {
             let mut stmt = c.prepare_cached(
                 "SELECT u.name, u.admin, u.created_at,
                         (SELECT count(*) FROM api_tokens t WHERE t.user_id = u.id AND t.revoked_at IS NULL)
-                 FROM users u WHERE ?1 IS NULL OR u.name > ?1 ORDER BY u.name LIMIT ?2",
+                 FROM users u WHERE CAST(?1 AS TEXT) IS NULL OR u.name > ?1 ORDER BY u.name LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![after, limit as i64], |r| {
                 Ok(UserSummary {
@@ -231,7 +231,7 @@ impl Catalog {
                     live_tokens: r.get::<_, i64>(3)?.max(0) as u64,
                 })
             })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            Ok(rows.collect::<db::Result<Vec<_>>>()?)
         })
         .await
     }
@@ -242,10 +242,10 @@ impl Catalog {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {TOKEN_COLUMNS} FROM api_tokens t JOIN users u ON u.id = t.user_id
-                 WHERE ?1 IS NULL OR t.id < ?1 ORDER BY t.id DESC LIMIT ?2"
+                 WHERE CAST(?1 AS BIGINT) IS NULL OR t.id < ?1 ORDER BY t.id DESC LIMIT ?2"
             ))?;
             let rows = stmt.query_map(params![before, limit as i64], token_record)?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            Ok(rows.collect::<db::Result<Vec<_>>>()?)
         })
         .await
     }
@@ -278,12 +278,12 @@ impl Catalog {
             if taken {
                 return Ok(Err(NewTokenError::NameTaken));
             }
-            c.execute(
+            let id: i64 = c.query_row(
                 "INSERT INTO api_tokens (user_id, name, secret_hash, scopes, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
                 params![user_id, name, secret_hash, scopes, now(), expires_at],
+                |r| r.get(0),
             )?;
-            let id = c.last_insert_rowid();
             let scopes = serde_json::from_str::<serde_json::Value>(&scopes).unwrap_or(serde_json::Value::Null);
             let detail = serde_json::json!({
                 "user": user, "token_id": id, "token_name": name, "scopes": scopes, "expires_at": expires_at,
@@ -308,10 +308,10 @@ impl Catalog {
         self.read(move |c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT {TOKEN_COLUMNS} FROM api_tokens t JOIN users u ON u.id = t.user_id
-                 WHERE ?1 IS NULL OR u.name = ?1 ORDER BY t.id DESC"
+                 WHERE CAST(?1 AS TEXT) IS NULL OR u.name = ?1 ORDER BY t.id DESC"
             ))?;
             let rows = stmt.query_map(params![user], token_record)?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            Ok(rows.collect::<db::Result<Vec<_>>>()?)
         })
         .await
     }
@@ -356,10 +356,10 @@ impl Catalog {
             let matching: Vec<(i64, String, String)> = {
                 let mut stmt = c.prepare(
                     "SELECT t.id, t.name, u.name FROM api_tokens t JOIN users u ON u.id = t.user_id
-                     WHERE t.revoked_at IS NULL AND (t.id = ?1 OR t.name = ?2) AND (?3 IS NULL OR u.name = ?3)",
+                     WHERE t.revoked_at IS NULL AND (t.id = ?1 OR t.name = ?2) AND (CAST(?3 AS TEXT) IS NULL OR u.name = ?3)",
                 )?;
                 let rows = stmt.query_map(params![id, key, user], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()?
+                rows.collect::<db::Result<Vec<_>>>()?
             };
             let [(token_id, token_name, owner)] = matching.as_slice() else {
                 return Ok(0);

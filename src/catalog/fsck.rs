@@ -22,7 +22,7 @@
 //! transaction and marks the repository's index stale, so that the next read of `index.spack`
 //! rebuilds it from the repaired figures.
 
-use rusqlite::params;
+use super::db::{self, params};
 
 use super::Catalog;
 use crate::error::Result;
@@ -103,7 +103,7 @@ impl Catalog {
             )?;
             let ids = ids
                 .query_map(params![after, limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<db::Result<Vec<_>>>()?;
             let mut mismatches = Vec::new();
             for (id, repo) in &ids {
                 let tx = c.unchecked_transaction()?;
@@ -180,7 +180,7 @@ impl Catalog {
             let rows = stmt.query_map(params![after.unwrap_or_default(), limit as i64], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, bool>(2)?))
             })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            Ok(rows.collect::<db::Result<Vec<_>>>()?)
         })
         .await
     }
@@ -194,7 +194,7 @@ impl Catalog {
             let composites = c
                 .prepare_cached("SELECT DISTINCT digest FROM blob_pieces WHERE piece = ?1")?
                 .query_map([&digest], |r| r.get::<_, String>(0))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<db::Result<Vec<_>>>()?;
             for composite in &composites {
                 forget_one(c, composite)?;
             }
@@ -210,7 +210,7 @@ impl Catalog {
             let mut ids = c.prepare_cached("SELECT id FROM repositories WHERE id > ?1 ORDER BY id LIMIT ?2")?;
             let ids = ids
                 .query_map(params![after, limit as i64], |r| r.get::<_, i64>(0))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<db::Result<Vec<_>>>()?;
             let mut figures = c.prepare_cached(&format!(
                 "SELECT name, tag_count, blob_bytes, manifest_bytes, {RECOUNT} FROM repositories WHERE id = ?1"
             ))?;
@@ -272,7 +272,7 @@ impl Catalog {
 /// Marks stale every Spack index whose manifest lists blob `digest`, and removes the blob's
 /// links and row (its own pieces' rows cascade). Returns how many repositories linked it, or
 /// `None` when the catalog did not record it.
-fn forget_one(c: &rusqlite::Connection, digest: &str) -> rusqlite::Result<Option<u64>> {
+fn forget_one(c: &db::Connection, digest: &str) -> db::Result<Option<u64>> {
     c.execute(
         "UPDATE spack_index SET built_generation = NULL
           WHERE manifest_digest IN (

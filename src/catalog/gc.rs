@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+use super::db::{self, Connection, OptionalExtension, params};
 
 use super::Catalog;
 use super::audit::{self, Action, Actor, Event};
@@ -256,7 +256,7 @@ impl Catalog {
                   ORDER BY superseded_at LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![before, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            Ok(rows.collect::<rusqlite::Result<Vec<LinkKey>>>()?)
+            Ok(rows.collect::<db::Result<Vec<LinkKey>>>()?)
         })
         .await
     }
@@ -313,7 +313,8 @@ impl Catalog {
             for chunk in digests.chunks(500) {
                 let marks = vec!["?"; chunk.len()].join(",");
                 let mut stmt = c.prepare(&format!("SELECT digest FROM blobs WHERE digest IN ({marks})"))?;
-                let rows = stmt.query_map(params_from_iter(chunk.iter()), |r| r.get::<_, String>(0))?;
+                let params: Vec<&dyn db::ToParam> = chunk.iter().map(|d| d as &dyn db::ToParam).collect();
+                let rows = stmt.query_map(&params, |r| r.get::<_, String>(0))?;
                 for row in rows {
                     known.insert(row?);
                 }
@@ -503,7 +504,7 @@ impl Catalog {
                     last_used: r.get(3)?,
                 })
             })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            Ok(rows.collect::<db::Result<Vec<_>>>()?)
         })
         .await
     }
@@ -572,7 +573,7 @@ impl Catalog {
                 };
                 let named: Vec<String> = tags
                     .query_map([mid], |r| r.get::<_, String>(0))?
-                    .collect::<rusqlite::Result<_>>()?;
+                    .collect::<db::Result<_>>()?;
                 if !first && !named.is_empty() {
                     continue; // a tagged child or referrer stays (and keeps its references)
                 }
@@ -587,7 +588,7 @@ impl Catalog {
                 }
                 let described: Vec<i64> = referrers
                     .query_map(params![repo_id, digest], |r| r.get::<_, i64>(0))?
-                    .collect::<rusqlite::Result<_>>()?;
+                    .collect::<db::Result<_>>()?;
                 if delete.execute([mid])? == 0 {
                     continue;
                 }
@@ -628,7 +629,7 @@ impl Catalog {
 }
 
 /// Names of the repositories `ids`.
-fn repo_names(c: &Connection, ids: impl Iterator<Item = i64>) -> rusqlite::Result<HashMap<i64, String>> {
+fn repo_names(c: &Connection, ids: impl Iterator<Item = i64>) -> db::Result<HashMap<i64, String>> {
     let mut stmt = c.prepare_cached("SELECT name FROM repositories WHERE id = ?1")?;
     let mut names = HashMap::new();
     for id in ids {
@@ -916,7 +917,7 @@ mod tests {
                 .read(move |c| {
                     let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
                     let rows = stmt.query_map(params!["hub/x", "sha256:c1", 1], |r| r.get::<_, String>(3))?;
-                    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+                    Ok(rows.collect::<db::Result<Vec<_>>>()?)
                 })
                 .await
                 .unwrap();

@@ -77,8 +77,11 @@
 
 pub mod audit;
 pub mod auth;
+pub(crate) mod db;
 mod fsck;
 mod gc;
+pub mod locks;
+pub mod postgres;
 pub use gc::{EvictCandidate, Eviction, ProxyPull};
 mod queries;
 mod retention;
@@ -92,7 +95,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
-use rusqlite::{Connection, OpenFlags};
+use db::Connection;
+use rusqlite::OpenFlags;
 use tokio::sync::oneshot;
 
 pub use fsck::{RepoFigures, RepoFiguresMismatch, RepoFiguresPage};
@@ -144,6 +148,8 @@ type Finisher = Box<dyn FnOnce(bool) + Send>;
 type Job = Box<dyn FnOnce(Option<&Connection>) -> Finisher + Send>;
 /// A read job: runs on a reader thread's connection (`None` when it could not be opened).
 type ReadJob = Box<dyn FnOnce(Option<&Connection>) + Send>;
+/// How a catalog thread opens (and after a failure, opens again) its connection.
+type Opener = Arc<dyn Fn() -> Result<Connection> + Send + Sync>;
 
 /// Handle to the catalog; cheap to clone.
 #[derive(Clone)]
@@ -158,6 +164,11 @@ struct Inner {
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Dropping it stops the checkpoint thread.
     checkpoints: Mutex<Option<mpsc::Sender<()>>>,
+    /// PostgreSQL with the fs blob backend: the connection holding the single-node lock
+    /// (`postgres::hold_single_node`), kept for the catalog's life.
+    _single_node: Option<postgres::SingleNode>,
+    /// PostgreSQL: the replica's database locks (`locks`); `None` on SQLite.
+    locks: Option<locks::LockService>,
     /// Refusals waiting for the audit trail (see `audit`).
     refusals: audit::RefusalQueue,
     /// The newest generations seen (see [`Catalog::auth_epoch`], [`Catalog::content_epoch`]).
@@ -174,7 +185,7 @@ impl Catalog {
     /// ends abnormally.
     fn open_supervised(path: &Path, on_writer_death: fn(&str)) -> Result<Catalog> {
         prepare_files(path)?;
-        let mut conn = Connection::open(path)?;
+        let mut conn = rusqlite::Connection::open(path)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = FULL;
@@ -184,22 +195,79 @@ impl Catalog {
         configure(&conn)?;
         conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         migrate(&mut conn)?;
-        let epochs = Arc::new(Epochs::default());
-        epochs.read(&conn)?;
         // The checkpoint thread does this writer's checkpoints (see the module doc).
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let conn = Connection::from(conn);
+        let reader_path = path.to_owned();
+        let checkpoint_path = path.to_owned();
+        Self::start(
+            conn,
+            None,
+            Arc::new(move || open_reader(&reader_path)),
+            Arc::new(move || {
+                let c = rusqlite::Connection::open(&checkpoint_path)?;
+                c.busy_timeout(std::time::Duration::from_secs(1))?;
+                Ok(Connection::from(c))
+            }),
+            None,
+            None,
+            on_writer_death,
+        )
+    }
+
+    /// Opens the PostgreSQL catalog `settings` names, applying pending migrations first.
+    /// `single_node`: the blobs are on the fs backend, so this process must be the catalog's
+    /// only one (it holds `postgres::SINGLE_NODE_LOCK` until it exits). Blocking.
+    pub fn open_postgres(
+        settings: &postgres::Settings,
+        single_node: bool,
+    ) -> std::result::Result<Catalog, Box<dyn std::error::Error + Send + Sync>> {
+        let held = if single_node {
+            Some(postgres::hold_single_node(settings)?)
+        } else {
+            None
+        };
+        postgres::migrate(settings)?;
+        let writer = settings.open(false)?;
+        let (r, p, w) = (settings.clone(), settings.clone(), settings.clone());
+        Self::start(
+            writer,
+            Some(Arc::new(move || w.open(false))),
+            Arc::new(move || r.open(true)),
+            Arc::new(move || p.open(true)),
+            held,
+            Some(locks::LockService::start(settings.clone())?),
+            exit_after_writer_death,
+        )
+        .map_err(Into::into)
+    }
+
+    /// Starts the catalog's threads around an open, migrated writer connection.
+    fn start(
+        conn: Connection,
+        reopen_writer: Option<Opener>,
+        open_reader: Opener,
+        open_poller: Opener,
+        single_node: Option<postgres::SingleNode>,
+        locks: Option<locks::LockService>,
+        on_writer_death: fn(&str),
+    ) -> Result<Catalog> {
+        let epochs = Arc::new(Epochs::default());
+        epochs.read(&conn)?;
         let (tx, rx) = mpsc::channel::<Job>();
         let writer_epochs = Arc::clone(&epochs);
         let thread = std::thread::Builder::new()
             .name("catalog-writer".into())
             .spawn(move || {
-                let ran = std::panic::catch_unwind(AssertUnwindSafe(|| writer_loop(conn, rx, &writer_epochs)));
+                let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    writer_loop(conn, reopen_writer, rx, &writer_epochs)
+                }));
                 if let Err(payload) = ran {
                     on_writer_death(&panic_message(payload.as_ref()));
                 }
             })?;
-        let reads = spawn_readers(path)?;
-        let checkpoints = spawn_checkpointer(path, Arc::clone(&epochs))?;
+        let reads = spawn_readers(open_reader)?;
+        let checkpoints = spawn_checkpointer(open_poller, Arc::clone(&epochs))?;
         let refusals = audit::RefusalQueue::start(tx.clone())?;
         Ok(Catalog {
             inner: Arc::new(Inner {
@@ -209,10 +277,43 @@ impl Catalog {
                 reads,
                 writer_thread: Mutex::new(Some(thread)),
                 checkpoints: Mutex::new(Some(checkpoints)),
+                _single_node: single_node,
+                locks,
             }),
         })
     }
 
+    /// Which database this catalog is on.
+    pub async fn engine(&self) -> Result<db::Engine> {
+        self.read(|c| Ok(c.engine())).await
+    }
+
+    /// The locks shared by every replica of a PostgreSQL catalog (`locks`); `None` on SQLite,
+    /// whose one process needs none beyond its own.
+    pub fn locks(&self) -> Option<&locks::LockService> {
+        self.inner.locks.as_ref()
+    }
+}
+
+/// Opens the catalog `config` names: SQLite under the data directory, or the PostgreSQL
+/// database of `catalog.url`. `serving`: for `stowage serve`, which with the fs blob backend
+/// must be the PostgreSQL catalog's only server (the CLI's commands, like `stowage user`, run
+/// beside it as they do beside a SQLite one). Blocking.
+pub fn open_configured(
+    config: &crate::config::Config,
+    serving: bool,
+) -> std::result::Result<Catalog, Box<dyn std::error::Error + Send + Sync>> {
+    match &config.catalog.url {
+        None => Ok(Catalog::open(&config.catalog_path())?),
+        Some(url) => {
+            let settings = postgres::Settings::new(url, config.catalog.password()?.as_deref())?;
+            let single_node = serving && config.storage.backend == crate::config::Backend::Fs;
+            Catalog::open_postgres(&settings, single_node)
+        }
+    }
+}
+
+impl Catalog {
     /// The credentials generation: a number that every change of a user or an API token moves
     /// forward (triggers of migration 11, in the changing transaction, whichever process makes
     /// it). A change made through this catalog is seen here before its writer is answered; one
@@ -238,7 +339,9 @@ impl Catalog {
         let job: Job = Box::new(move |conn| {
             let Some(conn) = conn else {
                 return Box::new(move |_| {
-                    let _ = tx.send(Err(Internal::Other("catalog transaction could not start").into()));
+                    let _ = tx.send(Err(
+                        Internal::CatalogUnavailable("catalog transaction could not start").into()
+                    ));
                 });
             };
             let result = run_in_savepoint(conn, f);
@@ -274,7 +377,7 @@ impl Catalog {
         let job: ReadJob = Box::new(move |conn| {
             let result = match conn {
                 Some(conn) => f(conn),
-                None => Err(Internal::Other("catalog read connection could not be opened").into()),
+                None => Err(Internal::CatalogUnavailable("catalog read connection could not be opened").into()),
             };
             let _ = tx.send(result);
         });
@@ -348,19 +451,20 @@ fn restrict(file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Starts the [`READERS`] reader threads; returns their queue.
-/// Starts the checkpoint thread; it runs until the returned sender is dropped.
-fn spawn_checkpointer(path: &Path, epochs: Arc<Epochs>) -> Result<mpsc::Sender<()>> {
+/// Starts the checkpoint thread; it runs until the returned sender is dropped. On PostgreSQL
+/// it only reads the generations (changes other replicas made), on the same schedule.
+fn spawn_checkpointer(open: Opener, epochs: Arc<Epochs>) -> Result<mpsc::Sender<()>> {
     let (tx, rx) = mpsc::channel::<()>();
-    let path = path.to_owned();
     std::thread::Builder::new()
         .name("catalog-checkpoint".into())
         .spawn(move || {
             let mut conn: Option<Connection> = None;
             while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(CHECKPOINT_EVERY) {
+                if conn.as_ref().is_some_and(Connection::is_broken) {
+                    conn = None;
+                }
                 if conn.is_none() {
-                    conn = Connection::open(&path)
-                        .and_then(|c| c.busy_timeout(std::time::Duration::from_secs(1)).map(|()| c))
+                    conn = open()
                         .inspect_err(|e| tracing::error!(error = %e, "catalog: cannot open the checkpoint connection"))
                         .ok();
                 }
@@ -371,7 +475,7 @@ fn spawn_checkpointer(path: &Path, epochs: Arc<Epochs>) -> Result<mpsc::Sender<(
                 {
                     tracing::warn!(error = %e, "catalog: cannot read the cache generations");
                 }
-                if let Some(c) = &conn
+                if let Some(c) = conn.as_ref().and_then(Connection::sqlite)
                     && let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
                 {
                     tracing::warn!(error = %e, "catalog: checkpoint failed; retrying");
@@ -382,22 +486,23 @@ fn spawn_checkpointer(path: &Path, epochs: Arc<Epochs>) -> Result<mpsc::Sender<(
     Ok(tx)
 }
 
-fn spawn_readers(path: &Path) -> Result<mpsc::Sender<ReadJob>> {
+/// Starts the [`READERS`] reader threads; returns their queue.
+fn spawn_readers(open: Opener) -> Result<mpsc::Sender<ReadJob>> {
     let (tx, rx) = mpsc::channel::<ReadJob>();
     let rx = Arc::new(Mutex::new(rx));
     for i in 0..READERS {
         let rx = Arc::clone(&rx);
-        let path = path.to_owned();
+        let open = Arc::clone(&open);
         std::thread::Builder::new()
             .name(format!("catalog-reader-{i}"))
-            .spawn(move || reader_loop(&path, &rx))?;
+            .spawn(move || reader_loop(&*open, &rx))?;
     }
     Ok(tx)
 }
 
 /// One reader thread: takes jobs until the queue closes. The connection is opened on first use
 /// and again after a failure to open or a job that panicked.
-fn reader_loop(path: &Path, jobs: &Mutex<mpsc::Receiver<ReadJob>>) {
+fn reader_loop(open: &(dyn Fn() -> Result<Connection> + Send + Sync), jobs: &Mutex<mpsc::Receiver<ReadJob>>) {
     let mut conn: Option<Connection> = None;
     let mut since_sample = 0u32;
     loop {
@@ -408,8 +513,11 @@ fn reader_loop(path: &Path, jobs: &Mutex<mpsc::Receiver<ReadJob>>) {
                 Err(_) => return,
             }
         };
+        if conn.as_ref().is_some_and(Connection::is_broken) {
+            conn = None;
+        }
         if conn.is_none() {
-            conn = open_reader(path)
+            conn = open()
                 .inspect_err(|e| tracing::error!(error = %e, "catalog: cannot open a read connection"))
                 .ok();
         }
@@ -429,13 +537,13 @@ fn reader_loop(path: &Path, jobs: &Mutex<mpsc::Receiver<ReadJob>>) {
 }
 
 fn open_reader(path: &Path) -> Result<Connection> {
-    let conn = Connection::open_with_flags(
+    let conn = rusqlite::Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
     )?;
     conn.execute_batch("PRAGMA busy_timeout = 10000;")?;
     configure(&conn)?;
-    Ok(conn)
+    Ok(conn.into())
 }
 
 /// The writer connection's page cache, in KiB (see the module doc).
@@ -444,7 +552,7 @@ const WRITER_CACHE_KIB: i64 = 64 * 1024;
 /// What every catalog connection gets, whatever it is for: the query planner stability
 /// guarantee, so that a cached statement is never re-prepared because of what is bound to it
 /// (see the module doc).
-fn configure(conn: &Connection) -> rusqlite::Result<()> {
+fn configure(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     Ok(())
 }
@@ -453,6 +561,7 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 /// counter is read and reset). Cheap: one pass over the connection's prepared statements.
 fn take_reprepares(conn: &Connection) -> u64 {
     use rusqlite::ffi;
+    let Some(conn) = conn.sqlite() else { return 0 };
     let mut total: u64 = 0;
     // SAFETY: `conn` is borrowed for the whole walk and used by this thread only, so no
     // statement is finalized or created meanwhile; `sqlite3_next_stmt` and
@@ -478,7 +587,7 @@ struct Epochs {
 
 impl Epochs {
     /// Reads both from the catalog through `conn`.
-    fn read(&self, conn: &Connection) -> rusqlite::Result<()> {
+    fn read(&self, conn: &Connection) -> db::Result<()> {
         let (auth, content) = conn
             .prepare_cached(
                 "SELECT (SELECT value FROM auth_epoch WHERE id = 1), (SELECT value FROM content_epoch WHERE id = 1)",
@@ -528,11 +637,11 @@ fn run_in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<
         tracing::error!(panic = %message, "a catalog write job panicked; its changes are rolled back");
         Err(Internal::Other("a catalog write job panicked").into())
     });
+    // A job that caught a statement's error and went on reaches `RELEASE` with PostgreSQL's
+    // transaction aborted: it is then rolled back like a failed job.
+    let outcome = outcome.and_then(|v| conn.execute_batch("RELEASE job").map(|()| v).map_err(Error::from));
     match outcome {
-        Ok(v) => {
-            conn.execute_batch("RELEASE job")?;
-            Ok(v)
-        }
+        Ok(v) => Ok(v),
         Err(e) => {
             if let Err(rb) = conn.execute_batch("ROLLBACK TO job; RELEASE job") {
                 tracing::error!(error = %rb, "rolling back a failed catalog job failed");
@@ -554,11 +663,45 @@ fn submit(sender: &mpsc::Sender<Job>, job: Job) -> Result<()> {
     Ok(())
 }
 
-fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, epochs: &Epochs) {
+/// The statements that open a write transaction. On PostgreSQL the transaction takes the
+/// catalog's write lock first (see `postgres`): writers on every replica run one at a time, as
+/// SQLite's one writer does, and the triggers' row locks cannot deadlock.
+fn begin_write(conn: &Connection) -> db::Result<()> {
+    match conn.engine() {
+        db::Engine::Sqlite => conn.execute_batch("BEGIN IMMEDIATE"),
+        db::Engine::Postgres => {
+            conn.execute_batch("BEGIN")?;
+            conn.execute("SELECT pg_advisory_xact_lock(?1)", [postgres::WRITE_LOCK])
+                .map(drop)
+        }
+    }
+}
+
+/// Commits the writer's transaction. PostgreSQL answers `COMMIT` in a transaction an error
+/// aborted with a rollback, not an error: a statement run first tells the two apart.
+fn commit_write(conn: &Connection) -> db::Result<()> {
+    if conn.engine() == db::Engine::Postgres {
+        conn.execute_batch("SELECT 1")?;
+    }
+    conn.execute_batch("COMMIT")
+}
+
+fn writer_loop(mut conn: Connection, reopen: Option<Opener>, jobs: mpsc::Receiver<Job>, epochs: &Epochs) {
     let metrics = crate::metrics::get();
     while let Ok(first) = jobs.recv() {
         metrics.catalog_queue.dec();
-        let started = conn.execute_batch("BEGIN IMMEDIATE");
+        if conn.is_broken()
+            && let Some(open) = &reopen
+        {
+            match open() {
+                Ok(c) => {
+                    tracing::warn!("catalog: the writer's connection broke; connected again");
+                    conn = c;
+                }
+                Err(e) => tracing::error!(error = %e, "catalog: cannot connect the writer again"),
+            }
+        }
+        let started = begin_write(&conn);
         if let Err(e) = &started {
             tracing::error!(error = %e, "catalog: cannot begin a write transaction");
         }
@@ -575,7 +718,7 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, epochs: &Epochs) {
         }
         let commit_started = std::time::Instant::now();
         let committed = txn.is_some()
-            && match conn.execute_batch("COMMIT") {
+            && match commit_write(&conn) {
                 Ok(()) => {
                     metrics.catalog_commit.observe(commit_started.elapsed().as_secs_f64());
                     true
@@ -604,7 +747,7 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, epochs: &Epochs) {
 const FOREIGN_KEYS_OFF: &str = "-- stowage: foreign-keys-off";
 
 /// Applies the migrations `conn`'s catalog lacks; returns the versions applied.
-fn migrate(conn: &mut Connection) -> Result<Vec<i64>> {
+fn migrate(conn: &mut rusqlite::Connection) -> Result<Vec<i64>> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let target = MIGRATIONS.len() as i64;
     if current > target {
@@ -663,7 +806,7 @@ pub struct Migrated {
 /// catalog meanwhile (`stowage migrate` holds the data directory's lock).
 pub fn migrate_file(path: &Path) -> Result<Migrated> {
     prepare_files(path)?;
-    let mut conn = Connection::open(path)?;
+    let mut conn = rusqlite::Connection::open(path)?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
@@ -697,7 +840,7 @@ pub(crate) fn now() -> i64 {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use rusqlite::OptionalExtension as _;
+    use super::db::OptionalExtension as _;
 
     use super::*;
 

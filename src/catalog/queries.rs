@@ -5,7 +5,7 @@
 //! [`Catalog::delete_manifest`]): the tag's current manifest is read and the write refused in the
 //! same transaction, so no concurrent write can slip between the check and the change.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use super::db::{self, Connection, OptionalExtension, params};
 
 use super::audit::{self, Action, Actor, Event};
 use super::{Catalog, now};
@@ -68,23 +68,23 @@ pub struct Referrer {
     pub annotations: Option<String>,
 }
 
-pub(super) fn repo_id(conn: &Connection, repo: &str) -> rusqlite::Result<Option<i64>> {
+pub(super) fn repo_id(conn: &Connection, repo: &str) -> db::Result<Option<i64>> {
     conn.query_row("SELECT id FROM repositories WHERE name = ?1", [repo], |r| r.get(0))
         .optional()
 }
 
-pub(super) fn ensure_repo(conn: &Connection, repo: &str) -> rusqlite::Result<i64> {
+pub(super) fn ensure_repo(conn: &Connection, repo: &str) -> db::Result<i64> {
     if let Some(id) = repo_id(conn, repo)? {
         return Ok(id);
     }
-    conn.execute(
-        "INSERT INTO repositories (name, created_at) VALUES (?1, ?2)",
+    conn.query_row(
+        "INSERT INTO repositories (name, created_at) VALUES (?1, ?2) RETURNING id",
         params![repo, now()],
-    )?;
-    Ok(conn.last_insert_rowid())
+        |r| r.get(0),
+    )
 }
 
-pub(super) fn link(conn: &Connection, repo_id: i64, digest: &str, size: u64) -> rusqlite::Result<()> {
+pub(super) fn link(conn: &Connection, repo_id: i64, digest: &str, size: u64) -> db::Result<()> {
     conn.execute(
         "INSERT INTO blobs (digest, size, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (digest) DO NOTHING",
         params![digest, size as i64, now()],
@@ -92,14 +92,14 @@ pub(super) fn link(conn: &Connection, repo_id: i64, digest: &str, size: u64) -> 
     conn.execute(
         // Linking again (a re-upload, a mount) restarts the garbage collector's grace period.
         "INSERT INTO repo_blobs (repo_id, digest, linked_at) VALUES (?1, ?2, ?3)
-         ON CONFLICT DO UPDATE SET linked_at = excluded.linked_at",
+         ON CONFLICT (repo_id, digest) DO UPDATE SET linked_at = excluded.linked_at",
         params![repo_id, digest, now()],
     )?;
     Ok(())
 }
 
 /// Size of `digest` in `repo` and whether it is a composite, if the repository may read it.
-fn entry_in_repo(conn: &Connection, repo: &str, digest: &str) -> rusqlite::Result<Option<(u64, bool)>> {
+fn entry_in_repo(conn: &Connection, repo: &str, digest: &str) -> db::Result<Option<(u64, bool)>> {
     conn.prepare_cached(
         "SELECT b.size, b.composite FROM repo_blobs rb
            JOIN repositories r ON r.id = rb.repo_id
@@ -114,14 +114,12 @@ fn entry_in_repo(conn: &Connection, repo: &str, digest: &str) -> rusqlite::Resul
 
 /// The pieces of composite blob `digest`, in order. A piece whose recorded digest does not
 /// parse (never written so) fails the read rather than serving other bytes.
-pub(super) fn pieces_of(conn: &Connection, digest: &str) -> rusqlite::Result<Vec<crate::storage::composite::Piece>> {
+pub(super) fn pieces_of(conn: &Connection, digest: &str) -> db::Result<Vec<crate::storage::composite::Piece>> {
     let mut stmt =
         conn.prepare_cached("SELECT piece, start, len FROM blob_pieces WHERE digest = ?1 ORDER BY ordinal")?;
     let rows = stmt.query_map([digest], |r| {
         let blob: String = r.get(0)?;
-        let blob = blob
-            .parse::<Digest>()
-            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?;
+        let blob = blob.parse::<Digest>().map_err(|e| db::Error::conversion(0, e))?;
         Ok(crate::storage::composite::Piece {
             blob,
             start: r.get::<_, i64>(1)? as u64,
@@ -135,7 +133,7 @@ pub(super) fn pieces_of(conn: &Connection, digest: &str) -> rusqlite::Result<Vec
 /// digest (the same bytes, see `storage::composite`) becomes a plain blob served from that
 /// object, so that nothing a client stored depends on pieces the collector may then take, and
 /// a build that wrote the same bytes whole can name its own blob.
-pub(super) fn link_published(conn: &Connection, repo_id: i64, digest: &str, size: u64) -> rusqlite::Result<()> {
+pub(super) fn link_published(conn: &Connection, repo_id: i64, digest: &str, size: u64) -> db::Result<()> {
     link(conn, repo_id, digest, size)?;
     if conn.execute(
         "UPDATE blobs SET composite = 0 WHERE digest = ?1 AND composite = 1",
@@ -147,7 +145,7 @@ pub(super) fn link_published(conn: &Connection, repo_id: i64, digest: &str, size
     Ok(())
 }
 
-fn size_in_repo(conn: &Connection, repo: &str, digest: &str) -> rusqlite::Result<Option<u64>> {
+fn size_in_repo(conn: &Connection, repo: &str, digest: &str) -> db::Result<Option<u64>> {
     conn.query_row(
         "SELECT b.size FROM repo_blobs rb
            JOIN repositories r ON r.id = rb.repo_id
@@ -367,7 +365,7 @@ impl Catalog {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)
                  ON CONFLICT (repo_id, digest) DO UPDATE
                     SET media_type = excluded.media_type, touched_at = excluded.touched_at,
-                        platform = coalesce(excluded.platform, platform)
+                        platform = coalesce(excluded.platform, manifests.platform)
                  RETURNING id",
                 params![
                     repo_id,
@@ -491,10 +489,15 @@ impl Catalog {
             if !locks.is_empty() {
                 // The tags naming the manifest, or an index that lists it (at any depth):
                 // deleting a child would break the immutable image as surely as the index.
-                let tags = c
-                    .prepare_cached(
-                        "WITH RECURSIVE up(digest) AS (
-                             SELECT ?2
+                // PostgreSQL: the seed takes the columns' byte-order collation, which the
+                // recursive term has (a bare parameter would be the database's default).
+                macro_rules! up_from {
+                    ($seed:literal) => {
+                        concat!(
+                            "WITH RECURSIVE up(digest) AS (
+                             SELECT ",
+                            $seed,
+                            "
                              UNION
                              SELECT m.digest FROM up
                                JOIN manifest_refs r ON r.digest = up.digest AND r.kind = 'manifest'
@@ -503,12 +506,19 @@ impl Catalog {
                          SELECT t.name, m.digest FROM up
                            JOIN manifests m ON m.repo_id = ?1 AND m.digest = up.digest
                            JOIN tags t ON t.manifest_id = m.id
-                          ORDER BY t.name",
-                    )?
+                          ORDER BY t.name"
+                        )
+                    };
+                }
+                let tags = c
+                    .prepare_cached(match c.engine() {
+                        db::Engine::Sqlite => up_from!("?2"),
+                        db::Engine::Postgres => up_from!("CAST(?2 AS TEXT) COLLATE \"C\""),
+                    })?
                     .query_map(params![repo_id, digest], |r| {
                         Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
                     })?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                    .collect::<db::Result<Vec<_>>>()?;
                 for (tag, named) in tags {
                     let change = TagChange::DeleteManifest {
                         digest: digest.clone(),
@@ -523,7 +533,7 @@ impl Catalog {
                       WHERE m.repo_id = ?1 AND m.digest = ?2 ORDER BY t.name",
                 )?
                 .query_map(params![repo_id, digest], |r| r.get::<_, String>(0))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<db::Result<Vec<_>>>()?;
             let n = c.execute(
                 "DELETE FROM manifests WHERE digest = ?2 AND repo_id = ?1",
                 params![repo_id, digest],
@@ -594,18 +604,18 @@ impl Catalog {
         let repo = repo.to_string();
         self.read(move |c| {
             let Some(id) = repo_id(c, &repo)? else { return Ok(None) };
-            let limit = limit.map_or(-1, |l| l.min(i64::MAX as u64) as i64);
+            let limit = limit.map_or(i64::MAX, |l| l.min(i64::MAX as u64) as i64);
             let mut stmt =
                 // `index.spack` of a Spack build cache is the server's, listed whether or not a
                 // client ever pushed it.
                 c.prepare_cached(
                     "SELECT name FROM (SELECT name FROM tags WHERE repo_id = ?1
-                                       UNION SELECT 'index.spack' FROM spack_index WHERE repo_id = ?1)
+                                       UNION SELECT 'index.spack' FROM spack_index WHERE repo_id = ?1) AS names
                       WHERE name > ?2 ORDER BY name LIMIT ?3",
                 )?;
             let tags = stmt
                 .query_map(params![id, last.unwrap_or_default(), limit], |r| r.get(0))?
-                .collect::<rusqlite::Result<Vec<String>>>()?;
+                .collect::<db::Result<Vec<String>>>()?;
             Ok(Some(tags))
         })
         .await
@@ -664,7 +674,7 @@ impl Catalog {
             let mut stmt = c.prepare_cached(
                 "SELECT m.digest, m.media_type, m.size, m.artifact_type, m.annotations
                    FROM manifests m JOIN repositories r ON r.id = m.repo_id
-                  WHERE r.name = ?1 AND m.subject = ?2 AND (?3 IS NULL OR m.artifact_type = ?3)
+                  WHERE r.name = ?1 AND m.subject = ?2 AND (CAST(?3 AS TEXT) IS NULL OR m.artifact_type = ?3)
                   ORDER BY m.created_at, m.digest",
             )?;
             let rows = stmt
@@ -677,7 +687,7 @@ impl Catalog {
                         annotations: r.get(4)?,
                     })
                 })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<db::Result<Vec<_>>>()?;
             Ok(rows)
         })
         .await

@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use super::db::{self, Connection, OptionalExtension, params};
 
 use super::Catalog;
 use super::audit::{self, Action, Actor, Event};
@@ -84,19 +84,34 @@ pub const PULL_BATCH: usize = 1000;
 
 /// The hashes the live keep-lists of a repository keep: their roots and, transitively, every
 /// dependency reached through an edge whose deptypes include `link` or `run`.
-fn kept_closure(c: &Connection, repo_id: i64, now: i64) -> rusqlite::Result<HashSet<String>> {
-    let mut stmt = c.prepare_cached(
-        "WITH RECURSIVE kept(hash) AS (
-             SELECT h.hash FROM spack_keep_hashes h
-               JOIN spack_keep k ON k.repo_id = h.repo_id AND k.name = h.name
-              WHERE h.repo_id = ?1 AND k.expires_at > ?2
-             UNION
-             SELECT d.dep_hash FROM spack_deps d JOIN kept ON d.hash = kept.hash
-              WHERE d.repo_id = ?1
-                AND EXISTS (SELECT 1 FROM json_each(d.deptypes) WHERE value IN ('link', 'run'))
-         )
-         SELECT hash FROM kept",
-    )?;
+fn kept_closure(c: &Connection, repo_id: i64, now: i64) -> db::Result<HashSet<String>> {
+    // `deptypes` is a JSON array of strings; each engine has its own way to read one.
+    let mut stmt = c.prepare_cached(match c.engine() {
+        db::Engine::Sqlite => {
+            "WITH RECURSIVE kept(hash) AS (
+                 SELECT h.hash FROM spack_keep_hashes h
+                   JOIN spack_keep k ON k.repo_id = h.repo_id AND k.name = h.name
+                  WHERE h.repo_id = ?1 AND k.expires_at > ?2
+                 UNION
+                 SELECT d.dep_hash FROM spack_deps d JOIN kept ON d.hash = kept.hash
+                  WHERE d.repo_id = ?1
+                    AND EXISTS (SELECT 1 FROM json_each(d.deptypes) WHERE value IN ('link', 'run'))
+             )
+             SELECT hash FROM kept"
+        }
+        db::Engine::Postgres => {
+            "WITH RECURSIVE kept(hash) AS (
+                 SELECT h.hash FROM spack_keep_hashes h
+                   JOIN spack_keep k ON k.repo_id = h.repo_id AND k.name = h.name
+                  WHERE h.repo_id = ?1 AND k.expires_at > ?2
+                 UNION
+                 SELECT d.dep_hash FROM spack_deps d JOIN kept ON d.hash = kept.hash
+                  WHERE d.repo_id = ?1
+                    AND jsonb_exists_any(d.deptypes::jsonb, ARRAY['link', 'run'])
+             )
+             SELECT hash FROM kept"
+        }
+    })?;
     let rows = stmt.query_map(params![repo_id, now], |r| r.get::<_, String>(0))?;
     rows.collect()
 }
@@ -104,7 +119,7 @@ fn kept_closure(c: &Connection, repo_id: i64, now: i64) -> rusqlite::Result<Hash
 /// Whether tag `name` pushed at `updated_at` has at least `n` tags of its repository newer than
 /// it (by push time, then name: the order `keep_last` counts in).
 const NEWER_TAGS: &str = "(SELECT COUNT(*) FROM (SELECT 1 FROM tags t2 WHERE t2.repo_id = ?1
-      AND (t2.updated_at > ?4 OR (t2.updated_at = ?4 AND t2.name > ?2)) LIMIT ?6)) >= ?6";
+      AND (t2.updated_at > ?4 OR (t2.updated_at = ?4 AND t2.name > ?2)) LIMIT ?6) AS newer) >= ?6";
 
 impl Catalog {
     /// Plans a repository's pass: `None` when it does not exist.
@@ -169,7 +184,7 @@ impl Catalog {
                     spack_hash: r.get(5)?,
                 })
             })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            Ok(rows.collect::<db::Result<Vec<_>>>()?)
         })
         .await
     }
@@ -191,7 +206,7 @@ impl Catalog {
     ) -> Result<RetentionDeleted> {
         self.write(move |c| {
             let repo_id = snapshot_repo;
-            let generation = |c: &Connection| -> rusqlite::Result<Option<i64>> {
+            let generation = |c: &Connection| -> db::Result<Option<i64>> {
                 c.query_row(
                     "SELECT generation FROM spack_index WHERE repo_id = ?1",
                     [repo_id],
@@ -212,8 +227,8 @@ impl Catalog {
             }
             let sql = format!(
                 "DELETE FROM tags WHERE repo_id = ?1 AND name = ?2 AND manifest_id = ?3 AND updated_at = ?4
-                    AND (?5 IS NULL OR NOT EXISTS (SELECT 1 FROM manifests m WHERE m.id = ?3 AND m.pulled_at >= ?5))
-                    AND (?6 IS NULL OR {NEWER_TAGS})"
+                    AND (CAST(?5 AS BIGINT) IS NULL OR NOT EXISTS (SELECT 1 FROM manifests m WHERE m.id = ?3 AND m.pulled_at >= ?5))
+                    AND (CAST(?6 AS BIGINT) IS NULL OR {NEWER_TAGS})"
             );
             let mut stmt = c.prepare_cached(&sql)?;
             let actor = Actor::system("retention");
@@ -260,7 +275,7 @@ impl Catalog {
                     r.get::<_, String>(1)?,
                 ))
             })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            Ok(rows.collect::<db::Result<Vec<_>>>()?)
         })
         .await
     }
@@ -272,7 +287,7 @@ impl Catalog {
             let mut stmt = c.prepare_cached(
                 "UPDATE manifests SET pulled_at = ?3
                   WHERE repo_id = (SELECT id FROM repositories WHERE name = ?1) AND digest = ?2
-                    AND (pulled_at IS NULL OR pulled_at < ?3 - ?4)",
+                    AND (pulled_at IS NULL OR pulled_at < CAST(?3 AS BIGINT) - CAST(?4 AS BIGINT))",
             )?;
             let mut written = 0u64;
             for (repo, digest, at) in &pulls {
@@ -335,13 +350,13 @@ impl Catalog {
                         hashes: Vec::new(),
                     })
                 })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<db::Result<Vec<_>>>()?;
             let mut hashes =
                 tx.prepare_cached("SELECT hash FROM spack_keep_hashes WHERE repo_id = ?1 AND name = ?2 ORDER BY hash")?;
             for list in &mut lists {
                 list.hashes = hashes
                     .query_map(params![repo_id, list.name], |r| r.get(0))?
-                    .collect::<rusqlite::Result<Vec<String>>>()?;
+                    .collect::<db::Result<Vec<String>>>()?;
             }
             Ok(Some(lists))
         })
@@ -400,9 +415,7 @@ mod tests {
         catalog
             .read(|c| {
                 let mut stmt = c.prepare("SELECT name FROM tags ORDER BY name")?;
-                Ok(stmt
-                    .query_map([], |r| r.get(0))?
-                    .collect::<rusqlite::Result<Vec<String>>>()?)
+                Ok(stmt.query_map([], |r| r.get(0))?.collect::<db::Result<Vec<String>>>()?)
             })
             .await
             .unwrap()

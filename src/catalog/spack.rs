@@ -50,7 +50,7 @@
 //! - the composite of the header, the runs and the trailer is therefore the full serialisation
 //!   of the snapshot (tests/spack_index.rs checks it byte for byte against a correlated one).
 
-use rusqlite::{Connection, OptionalExtension, params};
+use super::db::{self, Connection, OptionalExtension, params};
 
 use super::Catalog;
 use super::queries::repo_id;
@@ -177,10 +177,13 @@ pub(super) fn sync_tag(
     tag: &str,
     manifest_id: i64,
     spec: Option<&SpecImage>,
-) -> rusqlite::Result<()> {
+) -> db::Result<()> {
     c.prepare_cached("DELETE FROM spack_specs WHERE repo_id = ?1 AND tag = ?2")?
         .execute(params![repo_id, tag])?;
     let Some(spec) = spec else { return Ok(()) };
+    if c.engine() == db::Engine::Postgres {
+        return sync_tag_batched(c, repo_id, tag, manifest_id, spec);
+    }
     let mut node_stmt = c.prepare_cached(
         "INSERT INTO spack_nodes (repo_id, hash, name, version, platform, os, target, compiler, external, node)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT DO NOTHING",
@@ -200,6 +203,136 @@ pub(super) fn sync_tag(
     }
     // The root's searchable fields go into the tag's row (see the module doc). Every spec image
     // lists its root among its nodes; were one not to, its row would only lack them.
+    insert_spec_row(c, repo_id, tag, manifest_id, spec)?;
+    let mut closure =
+        c.prepare_cached("INSERT INTO spack_closure (repo_id, tag, hash) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")?;
+    for n in &spec.nodes {
+        closure.execute(params![repo_id, tag, n.hash])?;
+    }
+    Ok(())
+}
+
+/// Rows per statement of [`sync_tag_batched`]: each statement is a round trip to PostgreSQL
+/// (a row per statement made a 30,000-node spec take minutes), and 256 rows of 10 columns stay
+/// far below its 65,535 parameters.
+const PG_BATCH: usize = 256;
+
+/// Specs of at least this many nodes refresh the planner's statistics of the Spack tables in
+/// the transaction that records them (see [`sync_tag_batched`]); typical specs have a few
+/// hundred nodes, and autovacuum's own ANALYZE keeps up with those.
+const PG_ANALYZE_NODES: usize = 1000;
+
+/// [`sync_tag`] on PostgreSQL: the same rows, written by multi-row statements. The triggers
+/// then fire at the end of each statement rather than after each row, which the schema's
+/// triggers are written to allow (`docs/postgres.md`).
+fn sync_tag_batched(c: &Connection, repo_id: i64, tag: &str, manifest_id: i64, spec: &SpecImage) -> db::Result<()> {
+    let mut added = std::collections::HashSet::new();
+    let nodes: Vec<[&dyn db::ToParam; 10]> = spec
+        .nodes
+        .iter()
+        .map(|n| -> [&dyn db::ToParam; 10] {
+            [
+                &repo_id,
+                &n.hash,
+                &n.name,
+                &n.version,
+                &n.platform,
+                &n.os,
+                &n.target,
+                &n.compiler,
+                &n.external,
+                &n.json,
+            ]
+        })
+        .collect();
+    insert_batched(
+        c,
+        "INSERT INTO spack_nodes (repo_id, hash, name, version, platform, os, target, compiler, external, node)",
+        "ON CONFLICT DO NOTHING RETURNING hash",
+        &nodes,
+        |r| {
+            added.insert(r.get::<_, String>(0)?);
+            Ok(())
+        },
+    )?;
+    let repo: &i64 = &repo_id;
+    let deps: Vec<[&dyn db::ToParam; 4]> = spec
+        .nodes
+        .iter()
+        .filter(|n| added.contains(&n.hash))
+        .flat_map(|n| {
+            n.dependencies
+                .iter()
+                .map(move |(dep, types)| -> [&dyn db::ToParam; 4] { [repo, &n.hash, dep, types] })
+        })
+        .collect();
+    insert_batched(
+        c,
+        "INSERT INTO spack_deps (repo_id, hash, dep_hash, deptypes)",
+        "ON CONFLICT DO NOTHING",
+        &deps,
+        |_| Ok(()),
+    )?;
+    if spec.nodes.len() >= PG_ANALYZE_NODES {
+        // Statistics of tables this transaction just grew: without them the planner takes
+        // them for nearly empty, and the triggers below and the spec's first reads pick
+        // nested loops that are quadratic in the spec's size (a 3,000-node spec's dependency
+        // read took 3 s). ANALYZE sees this transaction's own rows.
+        c.execute_batch("ANALYZE spack_nodes, spack_deps, spack_closure")?;
+    }
+    insert_spec_row(c, repo_id, tag, manifest_id, spec)?;
+    let closure: Vec<[&dyn db::ToParam; 3]> = spec
+        .nodes
+        .iter()
+        .map(|n| -> [&dyn db::ToParam; 3] { [&repo_id, &tag, &n.hash] })
+        .collect();
+    insert_batched(
+        c,
+        "INSERT INTO spack_closure (repo_id, tag, hash)",
+        "ON CONFLICT DO NOTHING",
+        &closure,
+        |_| Ok(()),
+    )
+}
+
+/// Runs `head VALUES (…), (…) tail` for `rows`, [`PG_BATCH`] at a time, passing each row the
+/// statement returns to `on_row`.
+fn insert_batched<const W: usize>(
+    c: &Connection,
+    head: &str,
+    tail: &str,
+    rows: &[[&dyn db::ToParam; W]],
+    mut on_row: impl FnMut(&db::Row<'_>) -> db::Result<()>,
+) -> db::Result<()> {
+    for chunk in rows.chunks(PG_BATCH) {
+        let mut sql = String::with_capacity(head.len() + tail.len() + chunk.len() * W * 6);
+        sql.push_str(head);
+        sql.push_str(" VALUES ");
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 { "(" } else { ", (" });
+            for j in 0..W {
+                if j > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push('?');
+                sql.push_str(&(i * W + j + 1).to_string());
+            }
+            sql.push(')');
+        }
+        sql.push(' ');
+        sql.push_str(tail);
+        let params: Vec<&dyn db::ToParam> = chunk.iter().flat_map(|row| row.iter().copied()).collect();
+        let mut stmt = c.prepare_cached(&sql)?;
+        let mut returned = stmt.query(&params)?;
+        while let Some(row) = returned.next()? {
+            on_row(&row)?;
+        }
+    }
+    Ok(())
+}
+
+/// The tag's row in `spack_specs`, with its root's searchable fields.
+fn insert_spec_row(c: &Connection, repo_id: i64, tag: &str, manifest_id: i64, spec: &SpecImage) -> db::Result<()> {
     let root = spec.nodes.iter().find(|n| n.hash == spec.hash);
     c.prepare_cached(
         "INSERT INTO spack_specs (repo_id, tag, hash, manifest_id, layout_version,
@@ -219,11 +352,6 @@ pub(super) fn sync_tag(
         root.and_then(|n| n.target.as_ref()),
         root.and_then(|n| n.compiler.as_ref()),
     ])?;
-    let mut closure =
-        c.prepare_cached("INSERT INTO spack_closure (repo_id, tag, hash) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")?;
-    for n in &spec.nodes {
-        closure.execute(params![repo_id, tag, n.hash])?;
-    }
     Ok(())
 }
 
@@ -232,7 +360,7 @@ pub(super) fn sync_tag(
 /// same generation only when its manifest was deleted, and a proxied repository's merged index
 /// also when the upstream index changed (`registry::proxy::spack`). Builds of one repository
 /// run one at a time.
-pub(super) fn publish_index(c: &Connection, repo_id: i64, generation: i64, digest: &str) -> rusqlite::Result<()> {
+pub(super) fn publish_index(c: &Connection, repo_id: i64, generation: i64, digest: &str) -> db::Result<()> {
     let previous: Option<String> = c
         .query_row(
             "SELECT manifest_digest FROM spack_index WHERE repo_id = ?1",
@@ -258,7 +386,7 @@ pub(super) fn publish_index(c: &Connection, repo_id: i64, generation: i64, diges
              SELECT ?1, r.digest, ?3 FROM manifests m JOIN manifest_refs r ON r.manifest_id = m.id
               WHERE m.repo_id = ?1 AND m.digest = ?2 AND r.kind IN ('config', 'layer')
                 AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = m.id)
-             ON CONFLICT DO UPDATE SET superseded_at = excluded.superseded_at",
+             ON CONFLICT (repo_id, digest) DO UPDATE SET superseded_at = excluded.superseded_at",
             params![repo_id, old, super::now()],
         )?;
         c.execute(
@@ -502,7 +630,7 @@ fn build_index(tx: &Connection, repo: &str, out: &mut PieceSink, mode: BuildMode
     let marks = tx
         .prepare_cached("SELECT seg, mark FROM spack_index_dirty WHERE repo_id = ?1 ORDER BY seg")?
         .query_map([repo_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<db::Result<Vec<_>>>()?;
     let layout = match mode {
         BuildMode::Incremental => reusable_layout(tx, repo_id)?,
         BuildMode::Full => None,
@@ -538,8 +666,8 @@ fn build_index(tx: &Connection, repo: &str, out: &mut PieceSink, mode: BuildMode
                     comma: *listed_before,
                 });
             }
-            let hash = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
-            let node = row.get_ref(2)?.as_bytes().map_err(rusqlite::Error::from)?;
+            let hash = row.get_str(1)?;
+            let node = row.get_bytes(2)?;
             out.push_entry(*listed_before, hash, node, row.get(3)?, row.get(4)?)?;
             *listed_before = true;
             n += 1;
@@ -616,7 +744,7 @@ fn reusable_layout(tx: &Connection, repo_id: i64) -> Result<Option<std::collecti
                 comma: r.get(4)?,
             })
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<db::Result<Vec<_>>>()?;
     if layout.is_empty() {
         return Ok(None);
     }
@@ -803,7 +931,7 @@ pub struct SpecDetail {
     pub edges: Vec<Edge>,
 }
 
-fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SpecSummary> {
+fn summary(r: &db::Row<'_>) -> db::Result<SpecSummary> {
     Ok(SpecSummary {
         tag: r.get(0)?,
         hash: r.get(1)?,
@@ -842,13 +970,13 @@ impl Catalog {
                 args.len() + 3
             );
             let mut stmt = c.prepare_cached(&sql)?;
-            let params: Vec<&dyn rusqlite::ToSql> = std::iter::once(&repo_id as &dyn rusqlite::ToSql)
-                .chain(args.iter().map(|a| a as &dyn rusqlite::ToSql))
-                .chain([&limit as &dyn rusqlite::ToSql, &offset as &dyn rusqlite::ToSql])
+            let params: Vec<&dyn db::ToParam> = std::iter::once(&repo_id as &dyn db::ToParam)
+                .chain(args.iter().map(|a| a as &dyn db::ToParam))
+                .chain([&limit as &dyn db::ToParam, &offset as &dyn db::ToParam])
                 .collect();
             let rows = stmt
                 .query_map(params.as_slice(), summary)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<db::Result<Vec<_>>>()?;
             Ok(Some(rows))
         })
         .await
@@ -875,8 +1003,8 @@ impl Catalog {
                   WHERE {filters} GROUP BY s.compiler, s.target, s.os"
             );
             let mut stmt = c.prepare_cached(&sql)?;
-            let params: Vec<&dyn rusqlite::ToSql> = std::iter::once(&repo_id as &dyn rusqlite::ToSql)
-                .chain(args.iter().map(|a| a as &dyn rusqlite::ToSql))
+            let params: Vec<&dyn db::ToParam> = std::iter::once(&repo_id as &dyn db::ToParam)
+                .chain(args.iter().map(|a| a as &dyn db::ToParam))
                 .collect();
             let mut rows = stmt.query(params.as_slice())?;
             let mut counts: [std::collections::BTreeMap<String, u64>; 3] = Default::default();
@@ -980,7 +1108,7 @@ impl Catalog {
                         })
                     },
                 )?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<db::Result<Vec<_>>>()?;
             let next = if dependents.len() as u64 > limit {
                 dependents.truncate(limit as usize);
                 dependents
@@ -1031,7 +1159,7 @@ impl Catalog {
                         deptypes: deptypes.and_then(|d| serde_json::from_str(&d).ok()),
                     })
                 })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<db::Result<Vec<_>>>()?;
             drop(stmt);
             let mut stmt = tx.prepare(
                 "SELECT d.hash, d.dep_hash, d.deptypes
@@ -1049,7 +1177,7 @@ impl Catalog {
                         deptypes: serde_json::from_str(&deptypes).unwrap_or_default(),
                     })
                 })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<db::Result<Vec<_>>>()?;
             drop(stmt);
             tx.commit()?;
             let node = serde_json::from_str(&node).unwrap_or(serde_json::Value::Null);

@@ -2,7 +2,7 @@
 //! run at most once per `metrics::STATE_MAX_AGE`: each count is a scan of an index, a few
 //! milliseconds per hundred thousand rows.
 
-use rusqlite::Connection;
+use super::db::{self, Connection};
 
 use super::Catalog;
 use crate::error::Result;
@@ -44,7 +44,7 @@ fn stats(c: &Connection) -> Result<CatalogStats> {
     )?;
     let spack = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<db::Result<Vec<_>>>()?;
     Ok(CatalogStats {
         repositories,
         blobs,

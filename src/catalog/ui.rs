@@ -12,7 +12,7 @@
 //!   (an index: its children's, one level down, each blob counted once); an index's own bytes
 //!   come along (a few KiB each) for its platforms.
 
-use rusqlite::params;
+use super::db::{self, params};
 
 use super::Catalog;
 use super::queries::repo_id;
@@ -179,7 +179,7 @@ impl Catalog {
                         })
                     },
                 )?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<db::Result<Vec<_>>>()?;
             Ok(Some(rows))
         })
         .await
@@ -198,7 +198,7 @@ impl Catalog {
             )?;
             let names = stmt
                 .query_map(params![id, digest, limit.min(i64::MAX as u64) as i64], |r| r.get(0))?
-                .collect::<rusqlite::Result<Vec<String>>>()?;
+                .collect::<db::Result<Vec<String>>>()?;
             Ok(names)
         })
         .await

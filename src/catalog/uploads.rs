@@ -7,7 +7,7 @@
 //! transaction that links the finished blob, or when the session is cancelled or expires, or at
 //! start-up when its staged data is gone (`Registry::clean_up_uploads_at_start`).
 
-use rusqlite::{OptionalExtension, params};
+use super::db::{self, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::queries::{ensure_repo, link_published};
@@ -44,7 +44,7 @@ fn key(id: Uuid) -> String {
     id.simple().to_string()
 }
 
-fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRecord> {
+fn record(r: &db::Row<'_>) -> db::Result<UploadRecord> {
     let id: String = r.get(0)?;
     let offset: i64 = r.get(3)?;
     Ok(UploadRecord {
@@ -58,7 +58,7 @@ fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRecord> {
     })
 }
 
-const COLUMNS: &str = "id, repo, algorithm, offset, hash_state, staging, owner";
+const COLUMNS: &str = "id, repo, algorithm, \"offset\", hash_state, staging, owner";
 /// How many columns `COLUMNS` names (the index of the first column selected after them).
 const COLUMN_COUNT: usize = 7;
 
@@ -68,7 +68,7 @@ impl Catalog {
         self.write(move |c| {
             let t = now();
             c.execute(
-                "INSERT INTO uploads (id, repo, algorithm, offset, hash_state, staging, created_at, updated_at, owner)
+                "INSERT INTO uploads (id, repo, algorithm, \"offset\", hash_state, staging, created_at, updated_at, owner)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
                 params![
                     key(rec.id),
@@ -91,8 +91,8 @@ impl Catalog {
     pub async fn checkpoint_upload(&self, id: Uuid, cp: UploadCheckpoint) -> Result<()> {
         self.write(move |c| {
             c.execute(
-                "UPDATE uploads SET offset = ?2, hash_state = ?3, staging = ?4, updated_at = ?5
-                  WHERE id = ?1 AND offset <= ?2",
+                "UPDATE uploads SET \"offset\" = ?2, hash_state = ?3, staging = ?4, updated_at = ?5
+                  WHERE id = ?1 AND \"offset\" <= ?2",
                 params![key(id), cp.offset as i64, cp.hash_state, cp.staging, now()],
             )?;
             Ok(())
@@ -132,7 +132,7 @@ impl Catalog {
         self.read(|c| {
             let mut stmt = c.prepare(&format!("SELECT {COLUMNS}, updated_at FROM uploads"))?;
             let rows = stmt.query_map([], |r| Ok((record(r)?, r.get::<_, i64>(COLUMN_COUNT)?)))?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            Ok(rows.collect::<db::Result<Vec<_>>>()?)
         })
         .await
     }
@@ -144,7 +144,7 @@ impl Catalog {
                 "SELECT {COLUMNS} FROM uploads WHERE updated_at <= ?1 ORDER BY updated_at LIMIT ?2"
             ))?;
             let rows = stmt.query_map(params![before, limit], record)?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            Ok(rows.collect::<db::Result<Vec<_>>>()?)
         })
         .await
     }

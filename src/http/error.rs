@@ -10,6 +10,10 @@ use actix_web::{HttpResponse, ResponseError};
 
 use crate::error::{Code, Error};
 
+/// Seconds a client is asked to wait when the catalog's database is out of reach (a
+/// PostgreSQL failover or restart takes seconds).
+const CATALOG_RETRY_AFTER_SECS: u64 = 5;
+
 /// What a client is told when the storage is full (507 `UNAVAILABLE`).
 pub const STORAGE_FULL: &str = "the registry's storage is full: the data was not stored";
 
@@ -44,6 +48,10 @@ impl ResponseError for Error {
                     _ => format!("{STORAGE_FULL}; retry once space has been freed"),
                 }
             }
+            Error::Internal(inner) | Error::UploadFailed(inner) if inner.is_catalog_unavailable() => {
+                tracing::error!(error = %inner, "catalog unavailable while serving a request");
+                "the registry's catalog database is unavailable; retry shortly".to_owned()
+            }
             Error::Internal(inner) => {
                 tracing::error!(error = %inner, "internal error while serving a request");
                 "internal server error".to_owned()
@@ -74,6 +82,9 @@ impl ResponseError for Error {
             | Error::TooManyUploads { retry_after }
             | Error::UploadMemoryBusy { retry_after } => {
                 resp.insert_header((RETRY_AFTER, retry_after.to_string()));
+            }
+            _ if self.is_catalog_unavailable() => {
+                resp.insert_header((RETRY_AFTER, CATALOG_RETRY_AFTER_SECS.to_string()));
             }
             _ => {}
         }

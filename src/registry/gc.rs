@@ -1,7 +1,8 @@
 //! Garbage collection: removes the manifests nothing needs, the blob links no manifest needs,
 //! and the blobs no repository links. Runs inside the server (see `server.rs`), because
 //! deleting a blob object must not interleave with an upload publishing the same digest: both
-//! hold the digest's lock in [`Registry::blob_locks`].
+//! hold the digest's lock in [`Registry::blob_locks`] (across replicas on PostgreSQL: see
+//! "Replicas").
 //!
 //! # What stays
 //!
@@ -63,6 +64,21 @@
 //! A pass cut short (a stop, an error) leaves nothing inconsistent: every step is safe to
 //! repeat.
 //!
+//! # Replicas
+//!
+//! With a PostgreSQL catalog, several replicas share the catalog and the bucket. The digest
+//! locks above are then database locks too (`registry::locks::SharedLocks`, `catalog::locks`),
+//! so an upload on one replica and a deletion on another exclude each other as two tasks of one
+//! process do. One replica collects at a time: before each scheduled pass the server takes
+//! garbage-collection leadership ([`Registry::lead_gc`], a session-level advisory lock held for
+//! the pass); a replica that does not get it skips that pass and tries again at its next tick.
+//! Leadership only spares duplicate work: two passes side by side (leadership lost with its
+//! connection) stay correct, since every step re-checks its candidates in its write
+//! transaction and deletes objects under the digests' locks. A pass whose digest locks were
+//! lost meanwhile deletes no object (those become orphans, removed later under the lock). The
+//! superseded Spack index collection runs on every replica: it is short and safe side by side
+//! for the same reasons.
+//!
 //! # Status
 //!
 //! The server's passes ([`Registry::collect_garbage`]) leave their state in the registry
@@ -75,8 +91,9 @@
 //! # One-off passes and dry runs
 //!
 //! `stowage gc` runs [`Registry::collect_listed`] once, with the server stopped (it holds the
-//! data directory's lock: the digest locks above are in-process and cannot cover another
-//! process's uploads). `stowage gc --dry-run` runs the very same code on a snapshot copy of the
+//! data directory's lock: on SQLite the digest locks above are in-process and cannot cover
+//! another process's uploads; with PostgreSQL it refuses to run, the replicas collect).
+//! `stowage gc --dry-run` runs the very same code on a snapshot copy of the
 //! catalog with [`GcOptions::dry_run`] set: the copy's rows are deleted as in a real pass, so
 //! every later step sees what a real pass would, but no object is deleted from storage (and
 //! the objects it would have deleted are not taken for orphans). It lists, as [`Removed`]
@@ -246,7 +263,30 @@ pub struct GcPass {
     pub outcome: std::result::Result<GcReport, String>,
 }
 
+/// Garbage-collection leadership, held for one pass (see the module doc's "Replicas");
+/// released when dropped.
+pub struct GcLeadership {
+    _held: Option<crate::catalog::locks::LockGuard>,
+}
+
 impl Registry {
+    /// Takes garbage-collection leadership for a pass: always granted on SQLite (one process);
+    /// with PostgreSQL, `None` while another replica (or another pass of this one) holds it,
+    /// and the schedule's next pass then moves on by an interval.
+    pub async fn lead_gc(&self) -> Result<Option<GcLeadership>> {
+        let Some(locks) = self.catalog.locks() else {
+            return Ok(Some(GcLeadership { _held: None }));
+        };
+        let held = locks.try_acquire(crate::catalog::locks::GC_LEADER_KEY).await?;
+        if held.is_none() {
+            let mut s = self.gc_status.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(schedule) = s.schedule {
+                s.next_at = Some(now().saturating_add(schedule.interval.as_secs() as i64));
+            }
+        }
+        Ok(held.map(|g| GcLeadership { _held: Some(g) }))
+    }
+
     /// Records that the server runs a pass every `interval` (the first one `interval` from now).
     pub fn schedule_gc(&self, interval: Duration, grace: Duration) {
         let mut s = self.gc_status.lock().unwrap_or_else(|p| p.into_inner());
@@ -495,13 +535,10 @@ impl Registry {
             return Ok(Vec::new());
         }
         // Every digest's lock, in one order (an upload holds at most one, so this cannot
-        // deadlock), then one transaction forgets those still unlinked.
+        // deadlock; see `locks`), then one transaction forgets those still unlinked.
         let mut digests: Vec<String> = sizes.keys().cloned().collect();
         digests.sort();
-        let mut locks = Vec::with_capacity(digests.len());
-        for d in &digests {
-            locks.push(self.blob_locks.lock(d).await);
-        }
+        let locks = self.blob_locks.lock_all(&digests).await?;
         let mut forgotten = self.catalog.gc_forget_blobs(digests).await?;
         forgotten.sort();
         let gone = forgotten
@@ -509,6 +546,16 @@ impl Registry {
             .map(|d| (d.clone(), sizes.get(d).copied().unwrap_or(0)))
             .collect();
         if dry_run {
+            return Ok(gone);
+        }
+        // A lost database lock (PostgreSQL, its connection broke) no longer keeps another
+        // replica's upload from publishing one of these digests afresh: their objects are left
+        // for the orphan sweep, which takes the locks again.
+        if locks.is_lost() {
+            tracing::warn!(
+                blobs = forgotten.len(),
+                "garbage collection lost its blob locks; the objects of the blobs it forgot are left to the orphan sweep"
+            );
             return Ok(gone);
         }
         futures_util::stream::iter(forgotten.iter().cloned())
@@ -576,9 +623,12 @@ impl Registry {
         let mut removed = 0;
         for digest in orphans {
             let key = digest.to_string();
-            let _lock = self.blob_locks.lock(&key).await;
+            let lock = self.blob_locks.lock(&key).await?;
             if self.catalog.blob_known(&key).await? {
                 continue; // published and linked meanwhile
+            }
+            if lock.is_lost() {
+                continue; // another replica may be publishing it now: left for the next sweep
             }
             if !dry_run {
                 self.store.delete_blob(&digest).await?;

@@ -19,7 +19,7 @@ mod uploads;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use gc::{GcOptions, GcPass, GcReport, GcSchedule, GcStatus, Removed, WRITE_PAUSE};
+pub use gc::{GcLeadership, GcOptions, GcPass, GcReport, GcSchedule, GcStatus, Removed, WRITE_PAUSE};
 pub use manifests::PutOutcome;
 pub use proxy::lru as proxy_lru;
 pub use proxy::{SPOOL_DIR, sweep_spool_dir};
@@ -59,11 +59,11 @@ pub struct Registry {
     pub(crate) store: BlobStore,
     pub(crate) uploads: Arc<Uploads>,
     pub(crate) settings: Arc<Settings>,
-    /// One index build at a time per repository.
-    pub(crate) spack_builds: Arc<locks::KeyedLocks>,
+    /// One index build at a time per repository (across replicas on PostgreSQL).
+    pub(crate) spack_builds: Arc<locks::SharedLocks>,
     /// Held (per digest) while a blob is published and linked, and while garbage collection
-    /// deletes it, so that neither sees the other half done.
-    pub(crate) blob_locks: Arc<locks::KeyedLocks>,
+    /// deletes it, so that neither sees the other half done (across replicas on PostgreSQL).
+    pub(crate) blob_locks: Arc<locks::SharedLocks>,
     /// Read-only mode, draining, readiness.
     pub(crate) maintenance: Arc<maintenance::Maintenance>,
     /// Manifest pulls not yet written to the catalog (see `retention`).
@@ -78,13 +78,17 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(catalog: Catalog, store: BlobStore, settings: Settings) -> Self {
+        let db_locks = catalog.locks().cloned();
         Registry {
+            spack_builds: Arc::new(locks::SharedLocks::new(
+                db_locks.clone(),
+                crate::catalog::locks::spack_key,
+            )),
+            blob_locks: Arc::new(locks::SharedLocks::new(db_locks, crate::catalog::locks::blob_key)),
             catalog,
             store,
             uploads: Arc::new(Uploads::new(settings.upload_sessions)),
             settings: Arc::new(settings),
-            spack_builds: Arc::new(locks::KeyedLocks::default()),
-            blob_locks: Arc::new(locks::KeyedLocks::default()),
             maintenance: Arc::new(maintenance::Maintenance::default()),
             pulls: Arc::new(retention::PullRecorder::default()),
             manifests: Arc::new(manifest_cache::ManifestCache::new()),

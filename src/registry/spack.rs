@@ -16,6 +16,7 @@
 use bytes::Bytes;
 
 use super::Registry;
+use super::locks::SharedGuard;
 use crate::catalog::{BuildMode, INDEX_TRAILER, IndexRun, ManifestRecord, NewManifest, RunSource};
 use crate::error::{Error, Internal, Result};
 use crate::oci::{Algorithm, Digest, Reference, RepoName, manifest};
@@ -80,14 +81,14 @@ impl Registry {
     /// Builds the index unless another build made it current meanwhile; returns the current
     /// manifest's digest (`None`: the repository holds no Spack specs).
     async fn build_spack_index_once(&self, repo: &RepoName) -> Result<Option<String>> {
-        let _guard = self.spack_builds.lock(repo.as_str()).await;
+        let guard = self.spack_builds.lock(repo.as_str()).await?;
         // Another reader may have built it while this one waited.
         match self.current_spack_index(repo, false).await? {
             Current::NotSpack => Ok(None),
             Current::Fresh(m) => Ok(Some(m.digest)),
             Current::Stale => {
                 let started = std::time::Instant::now();
-                let built = self.build_spack_index(repo).await;
+                let built = self.build_spack_index(repo, &guard).await;
                 if built.is_ok() {
                     let m = crate::metrics::get();
                     m.spack_builds.inc();
@@ -130,12 +131,12 @@ impl Registry {
     /// incremental build first (see `catalog::spack::BuildMode`), and a full one when the
     /// incremental one cannot reuse what it named (the collector took a blob of the layout
     /// meanwhile, or a piece cannot be read back).
-    async fn build_spack_index(&self, repo: &RepoName) -> Result<String> {
-        match self.build_spack_index_as(repo, BuildMode::Incremental).await? {
+    async fn build_spack_index(&self, repo: &RepoName, lock: &SharedGuard) -> Result<String> {
+        match self.build_spack_index_as(repo, BuildMode::Incremental, lock).await? {
             Built::Index(digest) => Ok(digest),
             Built::Retry(why) => {
                 tracing::warn!(repo = %repo, why, "an incremental spack index build was not kept; building in full");
-                match self.build_spack_index_as(repo, BuildMode::Full).await? {
+                match self.build_spack_index_as(repo, BuildMode::Full, lock).await? {
                     Built::Index(digest) => Ok(digest),
                     Built::Retry(why) => Err(Internal::Other(why).into()),
                 }
@@ -149,7 +150,8 @@ impl Registry {
     /// reused ones (`storage::composite`), hashed by reading them back, and recorded with its
     /// pieces. [`Built::Retry`] when what an incremental build composed cannot be kept (see
     /// there); errors of the catalog or the store otherwise, which a full build would meet too.
-    async fn build_spack_index_as(&self, repo: &RepoName, mode: BuildMode) -> Result<Built> {
+    /// `lock` is the repository's build lock, held by the caller.
+    async fn build_spack_index_as(&self, repo: &RepoName, mode: BuildMode, lock: &SharedGuard) -> Result<Built> {
         let started = std::time::Instant::now();
         let id = uuid::Uuid::new_v4();
         let mut writer = self.store.start_upload_kept_in_cache(id, Algorithm::Sha256).await?;
@@ -233,6 +235,11 @@ impl Registry {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        // With PostgreSQL, a build whose lock went with its connection may overlap another
+        // replica's build of this repository: it records nothing (see `catalog::locks`).
+        if lock.is_lost() {
+            return Err(Internal::CatalogUnavailable("the Spack index build lost its database lock").into());
+        }
         if !self
             .catalog
             .record_spack_build(repo, recorded, layout, built.marks.clone())

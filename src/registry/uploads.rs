@@ -762,7 +762,7 @@ impl Registry {
         }
         // Garbage collection must not delete the object between the publish finding it
         // already stored and the link that makes it reachable again.
-        let _publishing = self.blob_locks.lock(&actual.to_string()).await;
+        let _publishing = self.blob_locks.lock(&actual.to_string()).await?;
         // Only an object the catalog records was verified when it was published: anything
         // else at the blob's key (left by a crash, or damaged) is replaced.
         let verified = self.catalog.recorded_blob_size(&actual).await? == Some(size);

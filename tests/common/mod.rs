@@ -4,18 +4,28 @@
 //! Each test owns its server: `TestServer::start()` picks a free port by asking the server to bind
 //! `127.0.0.1:0`, then reads the `listening on http(s)://…` line the server prints on stdout once its
 //! socket is bound. Dropping the `TestServer` kills the process and removes the data directory.
+//!
+//! `STOWAGE_TEST_BACKEND` (`fs` | `s3`, see `backend`) picks where the servers keep blobs, and
+//! `STOWAGE_TEST_CATALOG` (`sqlite` | `postgres`, see `catalog`) their catalog: with
+//! `postgres`, each `TestServer` gets a database of its own on the test binary's PostgreSQL
+//! server, kept across its restarts and dropped with it.
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod catalog;
 pub mod dockerd;
 pub mod limits;
 pub mod oci;
+pub mod postgres;
 pub mod replay;
 pub mod spack;
+pub mod sql;
 pub mod tools;
 
 #[allow(unused_imports)] // each test binary uses a different subset
 pub use backend::{Backend, S3_PART_SIZE, backend};
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use catalog::{Catalog, catalog};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -63,6 +73,11 @@ pub struct TestServer {
     pub backend: Backend,
     /// Its bucket on the S3 test server, with the S3 backend.
     pub bucket: Option<String>,
+    /// The catalog this server runs on (`STOWAGE_TEST_CATALOG`, see `catalog`).
+    pub catalog: Catalog,
+    /// Its database on the PostgreSQL test server, with the PostgreSQL catalog: the same for
+    /// every restart, dropped with the server.
+    database: Option<catalog::Database>,
 }
 
 impl TestServer {
@@ -80,10 +95,24 @@ impl TestServer {
     /// Starts a server on the given backend, whatever `STOWAGE_TEST_BACKEND` says (for tests of
     /// one backend's own features).
     pub fn start_on(backend: Backend, envs: &[(&str, &str)]) -> Self {
+        Self::start_on_backend_and_catalog(backend, catalog(), envs)
+    }
+
+    /// Starts a server on the given catalog engine, whatever `STOWAGE_TEST_CATALOG` says (for
+    /// tests of one engine's own features: the SQLite catalog's files, its migration history).
+    pub fn start_on_catalog(engine: Catalog, envs: &[(&str, &str)]) -> Self {
+        Self::start_on_backend_and_catalog(backend(), engine, envs)
+    }
+
+    /// Starts a server on the given backend and catalog engine, whatever the environment says.
+    pub fn start_on_backend_and_catalog(backend: Backend, engine: Catalog, envs: &[(&str, &str)]) -> Self {
         let tmp = tempfile::tempdir().expect("create temp dir");
         let data_dir = tmp.path().join("data");
+        // The password file goes beside the data directory, not in it.
+        let database = (engine == Catalog::Postgres).then(|| catalog::Database::create(&data_dir, tmp.path()));
         let bucket = (backend == Backend::S3).then(backend::new_bucket);
-        let mut all = bucket.as_deref().map(backend::s3_envs).unwrap_or_default();
+        let mut all = database.as_ref().map(|d| d.envs().to_vec()).unwrap_or_default();
+        all.extend(bucket.as_deref().map(backend::s3_envs).unwrap_or_default());
         all.extend(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let envs = all;
         let (child, url) = spawn(&data_dir, &envs);
@@ -97,6 +126,33 @@ impl TestServer {
             envs,
             backend,
             bucket,
+            catalog: engine,
+            database,
+        }
+    }
+
+    /// The name of this server's database on the PostgreSQL test server, with the PostgreSQL
+    /// catalog.
+    pub fn database(&self) -> Option<&str> {
+        self.database.as_ref().map(|d| d.name())
+    }
+
+    /// A connection to this server's catalog, to run SQL on behind its back whichever engine it
+    /// is (see `sql`): its SQLite `catalog.db`, or a session on its PostgreSQL database.
+    pub fn catalog_sql(&self) -> sql::CatalogSql {
+        match (self.catalog, self.database()) {
+            (Catalog::Sqlite, _) => sql::CatalogSql::sqlite(&self.data_dir),
+            (Catalog::Postgres, Some(database)) => sql::CatalogSql::postgres(database),
+            (Catalog::Postgres, None) => unreachable!("a PostgreSQL catalog has its database"),
+        }
+    }
+
+    /// After the process exited: waits until its sessions on the PostgreSQL catalog are gone
+    /// (ending them), so that a restart or a CLI run does not find the fs backend's
+    /// single-node lock still held by a backend that has not noticed its client died.
+    fn end_catalog_sessions(&self) {
+        if let Some(database) = &self.database {
+            database.end_sessions();
         }
     }
 
@@ -186,7 +242,8 @@ impl TestServer {
     }
 
     /// A `stowage` command with `args` (e.g. `["fsck"]`) set up for this server's data
-    /// directory and backend, as an operator runs one beside the server or after stopping it.
+    /// directory, backend and catalog, as an operator runs one beside the server or after
+    /// stopping it.
     pub fn stowage_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stowage"));
         cmd.args(args)
@@ -218,6 +275,7 @@ impl TestServer {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.end_catalog_sessions();
     }
 
     /// Whether any upload is staged right now: a staging file on local disk, or an object or
@@ -243,16 +301,18 @@ impl TestServer {
         self.child.id()
     }
 
-    /// The server's data directory (SQLite catalog and blob store live under it).
+    /// The server's data directory (the SQLite catalog and the fs blob store live under it).
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
 
     /// Kills the process (SIGKILL: no graceful shutdown, as in a crash) and starts a new one on the
-    /// same data directory. The port changes; `url` and `host` are updated.
+    /// same data directory (and PostgreSQL database). The port changes; `url` and `host` are
+    /// updated.
     pub fn crash_and_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.end_catalog_sessions();
         let (child, url) = spawn(&self.data_dir, &self.envs);
         self.child = child;
         self.host = host_of(&url);
@@ -264,7 +324,9 @@ impl TestServer {
         let pid = self.child.id().to_string();
         let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
         assert!(sent.success(), "kill -TERM {pid}");
-        self.child.wait().expect("wait for stowage")
+        let status = self.child.wait().expect("wait for stowage");
+        self.end_catalog_sessions();
+        status
     }
 
     /// Sends SIGTERM without waiting for the exit.
@@ -276,7 +338,9 @@ impl TestServer {
 
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
-        self.child.wait().expect("wait for stowage")
+        let status = self.child.wait().expect("wait for stowage");
+        self.end_catalog_sessions();
+        status
     }
 
     /// `{url}/v2/{path}`.
@@ -371,13 +435,15 @@ fn spawn(data_dir: &Path, envs: &[(String, String)]) -> (Child, String) {
 }
 
 /// Runs `stowage <args>` (an admin command: `user add`, `token create`, …) on `data_dir`,
-/// writing `stdin` to it; asserts it succeeded and returns its output.
+/// writing `stdin` to it; asserts it succeeded and returns its output. On the catalog of the
+/// `TestServer` whose data directory it is (its PostgreSQL database, with that catalog).
 pub fn run_cli(data_dir: &Path, args: &[&str], stdin: &str) -> std::process::Output {
     use std::io::Write as _;
     let mut child = Command::new(env!("CARGO_BIN_EXE_stowage"))
         .args(args)
         .env("STOWAGE_DATA_DIR", data_dir)
         .env("RUST_LOG", "warn")
+        .envs(catalog::envs_for(data_dir))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

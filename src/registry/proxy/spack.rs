@@ -220,7 +220,7 @@ impl Registry {
     ) -> Result<Option<String>> {
         let (this, owned) = (self.clone(), repo.clone());
         tokio::spawn(async move {
-            let _guard = this.spack_builds.lock(owned.as_str()).await;
+            let _guard = this.spack_builds.lock(owned.as_str()).await?;
             let _permit = match this.proxy.as_ref() {
                 Some(p) => Some(
                     p.spack_index_reads

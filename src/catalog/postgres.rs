@@ -1,0 +1,245 @@
+//! The PostgreSQL engine's own parts: connecting, the schema's migrations, and the database
+//! locks that stand in for what one SQLite process got from being alone.
+//!
+//! Connections: each catalog thread (the writer, the readers, the generation poller) owns one
+//! synchronous client, as it owns a SQLite connection on the other engine, so the catalog's
+//! threading, group commit and job queues are the same on both (see the parent module). A
+//! replica holds `READERS + 2` connections (`+ 1` on the fs blob backend, see
+//! [`hold_single_node`]; `+ 1` for its locks once it takes one, see `catalog::locks`); a broken
+//! one is opened again by its thread.
+//!
+//! Locks, all PostgreSQL advisory locks in one key space ([`lock_key`]):
+//! - **writes** ([`WRITE_LOCK`]): every write transaction takes it first
+//!   (`pg_advisory_xact_lock`), so the catalog's writers, across every replica, run one at a
+//!   time as they do on SQLite. The schema's triggers lock `content_epoch` and a repository's
+//!   row in an order that depends on the write path (`docs/postgres.md`, "Lock order"); with
+//!   one writer at a time they cannot deadlock. Each replica still commits its queued jobs
+//!   together, so the lock is taken once per batch, not per request.
+//! - **migrations** ([`MIGRATE_LOCK`], session-level): replicas starting together migrate once.
+//! - **single node** ([`SINGLE_NODE_LOCK`], session-level, held for the process's life): the
+//!   fs blob backend keeps blobs and upload sessions on one machine's disk, so only one replica
+//!   may use a PostgreSQL catalog with it; a second one is refused with a clear error.
+//! - **garbage-collection leadership** ([`GC_LEADER_LOCK`], session-level, for a pass) and the
+//!   named locks of blobs and Spack index builds (keys hashed from their names, outside this
+//!   prefix): taken through the replica's lock connection, `catalog::locks`.
+//!
+//! The schema version lives in `stowage_schema` (one row). The first PostgreSQL migration,
+//! `migrations/postgres/0001_schema.sql`, is the SQLite catalog's version 17 in one file, so a
+//! new database goes from 0 straight to 17, then follows the numbered files.
+
+use std::time::Duration;
+
+use super::db::Connection;
+use crate::error::{Internal, Result};
+
+/// The PostgreSQL migrations: the schema version each brings, and its text.
+const MIGRATIONS: &[(i64, &str)] = &[
+    (17, include_str!("../../migrations/postgres/0001_schema.sql")),
+    (
+        18,
+        include_str!("../../migrations/postgres/0018_spack_index_composite.sql"),
+    ),
+];
+
+/// The advisory lock key of Stowage's lock `n`: one 64-bit space shared by every database
+/// user, so Stowage's keys carry a prefix ("STOW") that other applications are unlikely to use.
+pub const fn lock_key(n: u32) -> i64 {
+    (0x5354_4F57_i64 << 32) | n as i64
+}
+
+/// Taken first by every write transaction (see the module doc).
+pub const WRITE_LOCK: i64 = lock_key(1);
+/// Held while migrating.
+pub const MIGRATE_LOCK: i64 = lock_key(2);
+/// Held for life by the one replica of a catalog whose blobs are on the fs backend.
+pub const SINGLE_NODE_LOCK: i64 = lock_key(3);
+/// Held (session-level, through `catalog::locks`) by the replica running a garbage collection
+/// pass: one replica collects at a time.
+pub const GC_LEADER_LOCK: i64 = lock_key(4);
+
+/// How long a connection attempt may take before it fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where and how to connect: the URL (`postgres://user@host:port/db?…`, or the key=value
+/// form) and a password kept out of it.
+#[derive(Clone)]
+pub struct Settings {
+    config: postgres::Config,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password is never printed.
+        f.debug_struct("Settings")
+            .field("hosts", &self.config.get_hosts())
+            .field("ports", &self.config.get_ports())
+            .field("user", &self.config.get_user())
+            .field("dbname", &self.config.get_dbname())
+            .finish()
+    }
+}
+
+impl Settings {
+    /// Parses `url`; `password`, when given, replaces any the URL holds.
+    pub fn new(url: &str, password: Option<&str>) -> std::result::Result<Settings, String> {
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| format!("catalog.url is not a PostgreSQL connection URL: {e}"))?;
+        if let Some(p) = password {
+            config.password(p);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("stowage");
+        }
+        // A dead server or a cut network is noticed by the kernel, not a hung query.
+        config.keepalives(true).keepalives_idle(Duration::from_secs(30));
+        Ok(Settings { config })
+    }
+
+    /// A new connection. Errors say where it tried, never with the password.
+    pub fn connect(&self) -> Result<postgres::Client> {
+        self.config.connect(postgres::NoTls).map_err(|e| {
+            tracing::error!(error = %e, target = ?self, "catalog: cannot connect to PostgreSQL");
+            crate::catalog::db::Error::from(e).into()
+        })
+    }
+
+    /// A new catalog connection for a catalog thread; `read_only` for a reader.
+    pub fn open(&self, read_only: bool) -> Result<Connection> {
+        let mut client = self.connect()?;
+        // Catalog times are unix seconds everywhere; nothing depends on the session's zone, but
+        // a fixed one keeps any `timestamptz` text the same on every replica.
+        client
+            .batch_execute("SET TIME ZONE 'UTC'; SET plan_cache_mode = force_custom_plan")
+            .map_err(crate::catalog::db::Error::from)?;
+        if read_only {
+            client
+                .batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+                .map_err(crate::catalog::db::Error::from)?;
+        }
+        Ok(Connection::from(client))
+    }
+}
+
+/// Applies the migrations the database lacks, under [`MIGRATE_LOCK`]; returns the version
+/// found and the versions applied. Blocking.
+pub fn migrate(settings: &Settings) -> Result<(i64, Vec<i64>)> {
+    let mut client = settings.connect()?;
+    let db = |e: postgres::Error| crate::error::Error::from(crate::catalog::db::Error::from(e));
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
+        .map_err(db)?;
+    let outcome = (|| -> Result<(i64, Vec<i64>)> {
+        client
+            .batch_execute(
+                "SET client_min_messages = warning;
+                 CREATE TABLE IF NOT EXISTS stowage_schema (
+                     id      BIGINT PRIMARY KEY CHECK (id = 1),
+                     version BIGINT NOT NULL
+                 )",
+            )
+            .map_err(db)?;
+        let from: i64 = client
+            .query_opt("SELECT version FROM stowage_schema WHERE id = 1", &[])
+            .map_err(db)?
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        let newest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+        if from > newest {
+            return Err(Internal::Other("catalog schema is newer than this stowage binary").into());
+        }
+        if from == 0 {
+            let tables: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'repositories'",
+                    &[],
+                )
+                .map_err(db)?
+                .get(0);
+            if tables > 0 {
+                return Err(Internal::Other(
+                    "the PostgreSQL database holds catalog tables but no schema version: not a database stowage created",
+                )
+                .into());
+            }
+        }
+        let mut applied = Vec::new();
+        for &(version, sql) in MIGRATIONS.iter().filter(|m| m.0 > from) {
+            let mut tx = client.transaction().map_err(db)?;
+            tx.batch_execute(sql).map_err(db)?;
+            tx.execute(
+                "INSERT INTO stowage_schema (id, version) VALUES (1, $1)
+                 ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                &[&version],
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)?;
+            tracing::info!(version, "catalog migrated (PostgreSQL)");
+            applied.push(version);
+        }
+        Ok((from, applied))
+    })();
+    // The session ends with the client, which releases the lock whatever happened.
+    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK]);
+    outcome
+}
+
+/// The first line of the migration that brings `version`, for `stowage migrate`.
+pub fn migration_title(version: i64) -> String {
+    MIGRATIONS
+        .iter()
+        .find(|m| m.0 == version)
+        .and_then(|m| m.1.lines().next())
+        .unwrap_or_default()
+        .trim_start_matches("--")
+        .trim()
+        .to_owned()
+}
+
+/// The schema version this binary brings a PostgreSQL catalog to.
+pub fn schema_version() -> i64 {
+    MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
+}
+
+/// Holds [`SINGLE_NODE_LOCK`] until dropped: a thread owns the connection that took it (a
+/// synchronous client must not be dropped on an async worker), and closes it when the holder
+/// goes.
+pub struct SingleNode {
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+/// Takes [`SINGLE_NODE_LOCK`] on a connection of its own: the lock lasts as long as that
+/// connection (the process's life, or until the server sees it gone). Refuses, with the
+/// reason, when another process holds it. Blocking.
+pub fn hold_single_node(settings: &Settings) -> std::result::Result<SingleNode, String> {
+    let client = take_single_node(settings)?;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("catalog-single-node".into())
+        .spawn(move || {
+            let _ = stopped.recv();
+            drop(client);
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(SingleNode { _stop: stop })
+}
+
+fn take_single_node(settings: &Settings) -> std::result::Result<postgres::Client, String> {
+    let mut client = settings.connect().map_err(|e| e.to_string())?;
+    let taken: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&SINGLE_NODE_LOCK])
+        .map_err(|e| e.to_string())?
+        .get(0);
+    if !taken {
+        return Err(
+            "another stowage process uses this PostgreSQL catalog with the fs blob backend, which \
+                    keeps blobs and uploads on one machine's disk: run one process only, or move the blobs \
+                    to S3 (storage.backend = \"s3\") to run several replicas"
+                .into(),
+        );
+    }
+    Ok(client)
+}

@@ -89,8 +89,14 @@ impl Error {
     /// connections (53300).
     pub fn is_unavailable(&self) -> bool {
         match self {
+            // Without a SQLSTATE: a closed session, or the socket's own failure (refused,
+            // reset, timed out). A value that could not be bound or read has neither, and is
+            // a fault of the query, not a reason to retry.
             Error::Postgres(e) => match e.code() {
-                None => e.as_db_error().is_none(),
+                None => {
+                    e.is_closed()
+                        || std::error::Error::source(e).is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some())
+                }
                 Some(code) => {
                     let code = code.code();
                     code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
@@ -802,8 +808,10 @@ pub struct Transaction<'c> {
 
 impl Transaction<'_> {
     pub fn commit(mut self) -> Result<()> {
+        // A failed COMMIT leaves `done` unset, so that the drop rolls back.
+        self.conn.execute_batch("COMMIT")?;
         self.done = true;
-        self.conn.execute_batch("COMMIT")
+        Ok(())
     }
 }
 

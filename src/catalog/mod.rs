@@ -671,8 +671,12 @@ fn begin_write(conn: &Connection) -> db::Result<()> {
         db::Engine::Sqlite => conn.execute_batch("BEGIN IMMEDIATE"),
         db::Engine::Postgres => {
             conn.execute_batch("BEGIN")?;
-            conn.execute("SELECT pg_advisory_xact_lock(?1)", [postgres::WRITE_LOCK])
-                .map(drop)
+            let locked = conn.execute("SELECT pg_advisory_xact_lock(?1)", [postgres::WRITE_LOCK]);
+            if locked.is_err() {
+                // Else the transaction stays open and aborted, and every later BEGIN fails.
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            locked.map(drop)
         }
     }
 }
@@ -704,6 +708,9 @@ fn writer_loop(mut conn: Connection, reopen: Option<Opener>, jobs: mpsc::Receive
         let started = begin_write(&conn);
         if let Err(e) = &started {
             tracing::error!(error = %e, "catalog: cannot begin a write transaction");
+            // Whatever was left open (PostgreSQL refuses BEGIN inside an aborted transaction)
+            // goes, so that the next batch can begin; with nothing open this fails harmlessly.
+            let _ = conn.execute_batch("ROLLBACK");
         }
         let txn = started.is_ok().then_some(&conn);
         let mut finishers = vec![first(txn)];

@@ -94,8 +94,13 @@ impl Settings {
         if config.get_application_name().is_none() {
             config.application_name("stowage");
         }
-        // A dead server or a cut network is noticed by the kernel, not a hung query.
+        // A dead server or a cut network is noticed by the kernel, not a hung query; and the
+        // server notices a dead replica within a minute or so, rather than the kernel's two
+        // hours, so that the write lock or a session lock it held is not held that long.
         config.keepalives(true).keepalives_idle(Duration::from_secs(30));
+        let mut options = config.get_options().map(str::to_owned).unwrap_or_default();
+        options.push_str(" -c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3");
+        config.options(options.trim_start());
         Ok(Settings { config })
     }
 
@@ -169,6 +174,10 @@ pub fn migrate(settings: &Settings) -> Result<(i64, Vec<i64>)> {
         let mut applied = Vec::new();
         for &(version, sql) in MIGRATIONS.iter().filter(|m| m.0 > from) {
             let mut tx = client.transaction().map_err(db)?;
+            // Replicas of the previous version may be writing: their transactions and this
+            // one's DDL then take their locks one after the other, never in a cycle.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+                .map_err(db)?;
             tx.batch_execute(sql).map_err(db)?;
             tx.execute(
                 "INSERT INTO stowage_schema (id, version) VALUES (1, $1)

@@ -259,7 +259,9 @@ fn sync_tag_batched(c: &Connection, repo_id: i64, tag: &str, manifest_id: i64, s
     let deps: Vec<[&dyn db::ToParam; 4]> = spec
         .nodes
         .iter()
-        .filter(|n| added.contains(&n.hash))
+        // A hash listed twice counts once, with its first entry's edges, as on SQLite (where
+        // the second insert of the node adds nothing, and so no edges).
+        .filter(|n| added.remove(&n.hash))
         .flat_map(|n| {
             n.dependencies
                 .iter()
@@ -382,10 +384,15 @@ pub(super) fn publish_index(c: &Connection, repo_id: i64, generation: i64, diges
         // Its blobs (the old index) leave promptly, not a grace period later: see
         // `registry::gc`. Recorded before the manifest goes, while its references are known.
         c.execute(
+            // Each digest once (a config that is also a layer is one blob): PostgreSQL refuses
+            // an upsert that reaches one row twice.
             "INSERT INTO gc_superseded (repo_id, digest, superseded_at)
-             SELECT ?1, r.digest, ?3 FROM manifests m JOIN manifest_refs r ON r.manifest_id = m.id
-              WHERE m.repo_id = ?1 AND m.digest = ?2 AND r.kind IN ('config', 'layer')
-                AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = m.id)
+             SELECT ?1, d.digest, ?3 FROM (
+                 SELECT DISTINCT r.digest FROM manifests m JOIN manifest_refs r ON r.manifest_id = m.id
+                  WHERE m.repo_id = ?1 AND m.digest = ?2 AND r.kind IN ('config', 'layer')
+                    AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = m.id)
+             ) AS d
+             WHERE true
              ON CONFLICT (repo_id, digest) DO UPDATE SET superseded_at = excluded.superseded_at",
             params![repo_id, old, super::now()],
         )?;

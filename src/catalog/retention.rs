@@ -86,31 +86,28 @@ pub const PULL_BATCH: usize = 1000;
 /// dependency reached through an edge whose deptypes include `link` or `run`.
 fn kept_closure(c: &Connection, repo_id: i64, now: i64) -> db::Result<HashSet<String>> {
     // `deptypes` is a JSON array of strings; each engine has its own way to read one.
+    macro_rules! kept_through {
+        ($link_or_run:literal) => {
+            concat!(
+                "WITH RECURSIVE kept(hash) AS (
+                     SELECT h.hash FROM spack_keep_hashes h
+                       JOIN spack_keep k ON k.repo_id = h.repo_id AND k.name = h.name
+                      WHERE h.repo_id = ?1 AND k.expires_at > ?2
+                     UNION
+                     SELECT d.dep_hash FROM spack_deps d JOIN kept ON d.hash = kept.hash
+                      WHERE d.repo_id = ?1 AND ",
+                $link_or_run,
+                "
+                 )
+                 SELECT hash FROM kept"
+            )
+        };
+    }
     let mut stmt = c.prepare_cached(match c.engine() {
         db::Engine::Sqlite => {
-            "WITH RECURSIVE kept(hash) AS (
-                 SELECT h.hash FROM spack_keep_hashes h
-                   JOIN spack_keep k ON k.repo_id = h.repo_id AND k.name = h.name
-                  WHERE h.repo_id = ?1 AND k.expires_at > ?2
-                 UNION
-                 SELECT d.dep_hash FROM spack_deps d JOIN kept ON d.hash = kept.hash
-                  WHERE d.repo_id = ?1
-                    AND EXISTS (SELECT 1 FROM json_each(d.deptypes) WHERE value IN ('link', 'run'))
-             )
-             SELECT hash FROM kept"
+            kept_through!("EXISTS (SELECT 1 FROM json_each(d.deptypes) WHERE value IN ('link', 'run'))")
         }
-        db::Engine::Postgres => {
-            "WITH RECURSIVE kept(hash) AS (
-                 SELECT h.hash FROM spack_keep_hashes h
-                   JOIN spack_keep k ON k.repo_id = h.repo_id AND k.name = h.name
-                  WHERE h.repo_id = ?1 AND k.expires_at > ?2
-                 UNION
-                 SELECT d.dep_hash FROM spack_deps d JOIN kept ON d.hash = kept.hash
-                  WHERE d.repo_id = ?1
-                    AND jsonb_exists_any(d.deptypes::jsonb, ARRAY['link', 'run'])
-             )
-             SELECT hash FROM kept"
-        }
+        db::Engine::Postgres => kept_through!("jsonb_exists_any(d.deptypes::jsonb, ARRAY['link', 'run'])"),
     })?;
     let rows = stmt.query_map(params![repo_id, now], |r| r.get::<_, String>(0))?;
     rows.collect()

@@ -131,6 +131,12 @@ pub fn blob_key(digest: &str) -> i64 {
     hashed_key("blob", digest)
 }
 
+/// The lock of upload session `id` (its simple form), held by a request that changes the
+/// session, so that one replica at a time moves it forward.
+pub fn upload_key(id: &str) -> i64 {
+    hashed_key("upload", id)
+}
+
 /// The lock of repository `repo`'s Spack index build.
 pub fn spack_key(repo: &str) -> i64 {
     hashed_key("spack", repo)

@@ -33,7 +33,7 @@ pub struct UploadRecord {
 }
 
 /// A checkpoint of a session's durable progress.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadCheckpoint {
     pub offset: u64,
     pub hash_state: Vec<u8>,
@@ -113,6 +113,21 @@ impl Catalog {
         .await
     }
 
+    /// How many sessions are recorded, in all and opened by `owner` (with several replicas the
+    /// catalog is the only place that sees every session).
+    pub async fn count_uploads(&self, owner: Option<&str>) -> Result<(u64, u64)> {
+        let owner = owner.map(str::to_owned);
+        self.read(move |c| {
+            let (all, mine): (i64, i64) = c.query_row(
+                "SELECT count(*), count(CASE WHEN owner = ?1 THEN 1 END) FROM uploads",
+                [owner],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            Ok((u64::try_from(all).unwrap_or(0), u64::try_from(mine).unwrap_or(0)))
+        })
+        .await
+    }
+
     /// Ids of every recorded session.
     pub async fn upload_ids(&self) -> Result<Vec<Uuid>> {
         self.read(|c| {
@@ -157,6 +172,18 @@ impl Catalog {
                 params![key(id), now()],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Forgets session `id` if it was not used after `before` (unix seconds); whether it did.
+    pub async fn delete_upload_if_idle(&self, id: Uuid, before: i64) -> Result<bool> {
+        self.write(move |c| {
+            let n = c.execute(
+                "DELETE FROM uploads WHERE id = ?1 AND updated_at <= ?2",
+                params![key(id), before],
+            )?;
+            Ok(n > 0)
         })
         .await
     }

@@ -115,6 +115,7 @@ impl Registry {
         let expired_before = crate::catalog::now().saturating_sub(timeout);
         let mut keep = std::collections::HashSet::new();
         let (mut expired, mut gone) = (0usize, 0usize);
+        let shared = self.shared_sessions();
         for (rec, last_used) in self.catalog.uploads_with_last_use().await? {
             if last_used <= expired_before {
                 expired += 1;
@@ -124,9 +125,20 @@ impl Registry {
                 keep.insert(rec.id);
                 continue;
             }
+            // Another replica may be using a shared session right now: not while it is.
+            let _lock = match shared {
+                None => None,
+                Some(locks) => match locks.try_acquire(uploads::lock_key(rec.id)).await? {
+                    Some(guard) => Some(guard),
+                    None => continue,
+                },
+            };
             self.forget_session(rec.id, Some(&rec.staging)).await;
         }
-        let stale = self.store.discard_uploads_except(&keep).await?;
+        // Other replicas' uploads in progress are not this start's to clean up: only what is
+        // older than any live session can be is left behind.
+        let younger_kept = shared.map(|_| self.settings.upload_timeout);
+        let stale = self.store.discard_uploads_except(&keep, younger_kept).await?;
         if expired + gone + stale > 0 {
             tracing::info!(
                 expired_sessions = expired,
@@ -153,12 +165,21 @@ impl Registry {
         let timeout = i64::try_from(self.settings.upload_timeout.as_secs()).unwrap_or(i64::MAX);
         let before = crate::catalog::now().saturating_sub(timeout);
         match self.catalog.idle_uploads(before, 1000).await {
-            Ok(idle) => {
-                for rec in idle.into_iter().filter(|r| !self.uploads.holds(r.id)) {
-                    self.forget_session(rec.id, Some(&rec.staging)).await;
-                    tracing::info!(upload = %rec.id, "expired an upload session left by a previous run");
+            Ok(idle) => match self.shared_sessions() {
+                None => {
+                    for rec in idle.into_iter().filter(|r| !self.uploads.holds(r.id)) {
+                        self.forget_session(rec.id, Some(&rec.staging)).await;
+                        tracing::info!(upload = %rec.id, "expired an upload session left by a previous run");
+                    }
                 }
-            }
+                Some(locks) => {
+                    for rec in idle {
+                        if let Err(e) = self.expire_shared_upload(locks, &rec, before).await {
+                            tracing::warn!(upload = %rec.id, error = %e, "expiring an upload session failed");
+                        }
+                    }
+                }
+            },
             Err(e) => tracing::warn!(error = %e, "listing idle upload sessions failed"),
         }
     }

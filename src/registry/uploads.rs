@@ -44,6 +44,45 @@
 //! after the last checkpoint are lost in a crash: the reported offset can go back, never beyond
 //! what is stored. Sessions expire after `registry.upload_timeout` without use, in memory and,
 //! across restarts, by the catalog's `updated_at`.
+//!
+//! # Shared sessions (several replicas)
+//!
+//! With a PostgreSQL catalog and blobs in an object store, several replicas serve one registry
+//! and a load balancer may send each request of a session to a different one. Such sessions
+//! are *shared* ([`Registry::shared_sessions`]); with SQLite, or blobs on local disk (which
+//! allow one server), the above is all there is. A shared session keeps these, in place of
+//! invariant 1's in-process exclusion alone:
+//!
+//! 6. **One replica at a time.** A request that changes the session holds, besides the session's
+//!    in-process lock, the session's database lock (`catalog::locks::upload_key`), waiting for
+//!    both within the same [`BUSY_WAIT`].
+//! 7. **Between requests the catalog describes the session whole.** The end of every request
+//!    that keeps the session moves the tail too small for a part into the session's tail object
+//!    (`StagedWriter::spill`) and records that checkpoint, so the recorded offset is every byte
+//!    the client was told is stored. A tail that cannot be stored ends the session (invariant
+//!    3), as a failed part write does. A request whose body failed keeps what it received the
+//!    same way.
+//! 8. **A replica's copy is used only if it is current.** Under the database lock, a request
+//!    reads the session's row: gone means the session ended elsewhere (404, and the copy here
+//!    is dropped without touching the data); a row other than the checkpoint this replica last
+//!    recorded means another replica moved the session on, and the writer is resumed from the
+//!    row. A status request reads the row alone. Copies idle for [`SHARED_COPY_IDLE`] are
+//!    dropped (the catalog has everything).
+//! 9. **Expiry and clean-up go by the catalog and skip what is in use.** Sessions expire by
+//!    their row's `updated_at` (every request's checkpoint moves it), only if their database
+//!    lock is free, and the row goes first with a condition on `updated_at`, so a session used
+//!    since it was listed is kept. At start-up a replica removes only staged objects older than
+//!    `registry.upload_timeout`: younger ones may be another replica's uploads in progress.
+//!    The session limits are counted in the catalog at `POST`; openings on several replicas at
+//!    once may each take the last free place.
+//!
+//! The cost over one process: a catalog read and two database lock statements per changing
+//! request, one `PUT` of the tail object at the end of a request that leaves one (under the
+//! object store's smallest part: 5 MiB), and one `GET` of it when the next request appends.
+//! Two replicas could both write one session only if a lock connection broke mid-request
+//! (`catalog::locks`). Even then a multipart part overwritten by the other replica no longer
+//! matches the part id (the ETag) recorded with it, and the object store refuses to complete
+//! the upload, so the session fails rather than publish bytes other than those hashed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +94,7 @@ use futures_util::{Stream, StreamExt};
 use uuid::Uuid;
 
 use super::Registry;
+use crate::catalog::locks::{LockGuard, LockService};
 use crate::catalog::{UploadCheckpoint, UploadRecord};
 use crate::error::{Error, Internal, Result};
 use crate::oci::{Algorithm, Digest, RepoName};
@@ -62,6 +102,9 @@ use crate::storage::{Checkpoint, IDLE_RELEASE_AFTER, StagedWriter};
 
 /// How long a request waits for another request on the same session to finish.
 const BUSY_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a replica keeps its copy of a shared session after the copy's last request.
+const SHARED_COPY_IDLE: Duration = Duration::from_secs(30);
 
 /// `Retry-After` (seconds) when the session limit is reached.
 const SESSIONS_RETRY_AFTER: u64 = 60;
@@ -94,6 +137,10 @@ struct Session {
     /// request reports while another request holds `state`).
     offset: AtomicU64,
     last_used: Mutex<Instant>,
+    /// The checkpoint this process last recorded in (or read from) the catalog for the
+    /// session. With shared sessions, a catalog row that differs from it means another replica
+    /// moved the session on, and the writer here is stale.
+    recorded: Mutex<Option<UploadCheckpoint>>,
 }
 
 struct SessionState {
@@ -110,7 +157,21 @@ impl Session {
             state: tokio::sync::Mutex::new(SessionState { writer }),
             offset: AtomicU64::new(offset),
             last_used: Mutex::new(Instant::now()),
+            recorded: Mutex::new(None),
         }
+    }
+
+    /// Notes the checkpoint recorded in the catalog for the session.
+    fn recorded(&self, cp: &UploadCheckpoint) {
+        self.offset.store(cp.offset, Ordering::Release);
+        if let Ok(mut r) = self.recorded.lock() {
+            *r = Some(cp.clone());
+        }
+    }
+
+    /// Whether `cp` is the checkpoint this process last recorded.
+    fn is_recorded(&self, cp: &UploadCheckpoint) -> bool {
+        self.recorded.lock().is_ok_and(|r| r.as_ref() == Some(cp))
     }
 
     /// Whether `who` may use this session.
@@ -120,18 +181,43 @@ impl Session {
             Some(owner) => who == Some(owner.as_str()),
         }
     }
+}
 
-    /// Takes the session for a request that changes it: waits a little for a request already
-    /// using it, then refuses. An ended session is unknown.
-    async fn acquire(&self) -> Result<tokio::sync::MutexGuard<'_, SessionState>> {
-        let state = tokio::time::timeout(BUSY_WAIT, self.state.lock())
-            .await
-            .map_err(|_| Error::UploadBusy)?;
-        if state.writer.is_none() {
-            return Err(Error::UploadUnknown);
-        }
-        Ok(state)
+/// A session taken by a request that changes it: its state and, with shared sessions, the
+/// database lock of its id (released when the request is done with it).
+struct Held<'a> {
+    state: tokio::sync::MutexGuard<'a, SessionState>,
+    _shared: Option<LockGuard>,
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = SessionState;
+    fn deref(&self) -> &SessionState {
+        &self.state
     }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut SessionState {
+        &mut self.state
+    }
+}
+
+/// The hash algorithm a session record names.
+fn algorithm_of(name: &str) -> Algorithm {
+    match name {
+        "sha512" => Algorithm::Sha512,
+        _ => Algorithm::Sha256,
+    }
+}
+
+/// Whether the recorded session may be used in `repo` by `who`.
+fn usable(record: &UploadRecord, repo: &RepoName, who: Option<&str>) -> bool {
+    record.repo == repo.as_str() && record.owner.as_deref().is_none_or(|owner| who == Some(owner))
+}
+
+pub(super) fn lock_key(id: Uuid) -> i64 {
+    crate::catalog::locks::upload_key(&id.simple().to_string())
 }
 
 /// The upload sessions in progress.
@@ -182,6 +268,13 @@ impl Uploads {
         self.sessions.lock().map(|s| s.contains_key(&id)).unwrap_or(false)
     }
 
+    /// Adds a session whatever the limits (one counted when it was opened).
+    fn insert(&self, id: Uuid, session: Session) -> Result<Arc<Session>> {
+        let session = Arc::new(session);
+        self.table()?.insert(id, Arc::clone(&session));
+        Ok(session)
+    }
+
     /// Adds a session if the limits allow it.
     fn admit(&self, id: Uuid, session: Session) -> Result<Arc<Session>> {
         let mut table = self.table()?;
@@ -204,6 +297,22 @@ impl Uploads {
         let session = Arc::new(session);
         table.insert(id, Arc::clone(&session));
         Ok(session)
+    }
+
+    /// Drops the copies of shared sessions idle here for at least `idle` that no request is
+    /// using: the catalog describes them whole, and whichever replica the next request reaches
+    /// resumes from it.
+    fn drop_idle_copies(&self, idle: Duration) -> usize {
+        let Ok(mut sessions) = self.sessions.lock() else {
+            return 0;
+        };
+        let before = sessions.len();
+        sessions.retain(|_, s| {
+            let idle = s.last_used.lock().map(|t| t.elapsed() >= idle).unwrap_or(false);
+            // A writer dropped here leaves its staged data alone (the session goes on).
+            !(idle && s.state.try_lock().map(|mut st| st.writer.take()).is_ok())
+        });
+        before - sessions.len()
     }
 
     fn remove(&self, id: Uuid) {
@@ -310,6 +419,105 @@ fn ended(e: Error) -> Error {
 }
 
 impl Registry {
+    /// The database locks of upload sessions when sessions are shared by several replicas (a
+    /// PostgreSQL catalog and blobs in an object store); `None` when one process owns them.
+    pub(super) fn shared_sessions(&self) -> Option<&LockService> {
+        if self.store.is_local() {
+            return None;
+        }
+        self.catalog.locks()
+    }
+
+    /// The limits of [`SessionLimits`] counted over every replica's sessions, in the catalog.
+    /// Concurrent openings on several replicas may each see the last free place.
+    async fn admit_shared(&self, owner: Option<&str>) -> Result<()> {
+        let (all, mine) = self.catalog.count_uploads(owner).await?;
+        let limits = self.uploads.limits;
+        if all >= limits.total as u64 || (owner.is_some() && mine >= limits.per_identity as u64) {
+            tracing::warn!(
+                sessions = all,
+                of_identity = mine,
+                identity = owner.unwrap_or("-"),
+                "upload session refused: limit reached"
+            );
+            return Err(Error::TooManyUploads {
+                retry_after: SESSIONS_RETRY_AFTER,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes a session for a request that changes it: waits up to [`BUSY_WAIT`] for a request
+    /// already using it (on any replica, when shared), then refuses. A shared session's writer
+    /// is then brought up to what the catalog records ([`Registry::refresh`]).
+    async fn take<'a>(&self, id: Uuid, session: &'a Session) -> Result<Held<'a>> {
+        let deadline = tokio::time::Instant::now() + BUSY_WAIT;
+        let state = tokio::time::timeout_at(deadline, session.state.lock())
+            .await
+            .map_err(|_| Error::UploadBusy)?;
+        let Some(locks) = self.shared_sessions() else {
+            if state.writer.is_none() {
+                return Err(Error::UploadUnknown);
+            }
+            return Ok(Held { state, _shared: None });
+        };
+        let guard = tokio::time::timeout_at(deadline, locks.acquire(lock_key(id)))
+            .await
+            .map_err(|_| Error::UploadBusy)??;
+        let mut held = Held {
+            state,
+            _shared: Some(guard),
+        };
+        self.refresh(id, session, &mut held).await?;
+        Ok(held)
+    }
+
+    /// With the session's database lock held: keeps the writer here if the catalog records
+    /// what this process last recorded, and otherwise (another replica moved the session on,
+    /// or this copy was dropped) resumes from the catalog's record. A session whose record is
+    /// gone was finished, cancelled or expired elsewhere, and is unknown.
+    async fn refresh(&self, id: Uuid, session: &Session, state: &mut SessionState) -> Result<()> {
+        let Some(record) = self.catalog.upload(id).await? else {
+            // Its data went with the record; a writer dropped here leaves staged data alone.
+            state.writer = None;
+            self.uploads.remove(id);
+            return Err(Error::UploadUnknown);
+        };
+        let recorded = UploadCheckpoint {
+            offset: record.offset,
+            hash_state: record.hash_state,
+            staging: record.staging,
+        };
+        if state.writer.is_some() && session.is_recorded(&recorded) {
+            return Ok(());
+        }
+        state.writer = None;
+        let cp = Checkpoint {
+            offset: recorded.offset,
+            hash_state: recorded.hash_state.clone(),
+            staging: recorded.staging.clone(),
+        };
+        match self
+            .store
+            .resume_upload(id, algorithm_of(&record.algorithm), &cp)
+            .await?
+        {
+            Some(writer) => {
+                tracing::debug!(upload = %id, offset = cp.offset, "upload session taken over from the catalog");
+                state.writer = Some(writer);
+                session.offset.store(recorded.offset, Ordering::Release);
+                session.recorded(&recorded);
+                Ok(())
+            }
+            None => {
+                tracing::warn!(upload = %id, "an upload session's staged data is gone; forgetting it");
+                self.forget_session(id, Some(&cp.staging)).await;
+                self.uploads.remove(id);
+                Err(Error::UploadUnknown)
+            }
+        }
+    }
+
     /// Streams a request body into a writer. With a session, records a checkpoint each time
     /// enough has been written since the last one.
     async fn pump<S>(
@@ -355,13 +563,13 @@ impl Registry {
             if let Some((id, session)) = session
                 && writer.checkpoint_due()
             {
-                let cp = writer.checkpoint(false).await.map_err(PumpError::Store)?;
-                let offset = cp.offset;
+                let cp = to_catalog(writer.checkpoint(false).await.map_err(PumpError::Store)?);
                 self.catalog
-                    .checkpoint_upload(id, to_catalog(cp))
+                    .checkpoint_upload(id, cp.clone())
                     .await
                     .map_err(PumpError::Store)?;
-                session.offset.store(offset, Ordering::Release);
+                session.offset.store(cp.offset, Ordering::Release);
+                session.recorded(&cp);
             }
         }
         Ok(n)
@@ -370,16 +578,24 @@ impl Registry {
     /// Opens an upload session for `owner` (the user name, if any).
     pub async fn start_upload(&self, repo: &RepoName, owner: Option<&str>) -> Result<Uuid> {
         self.refuse_if_proxied(repo)?;
+        if self.shared_sessions().is_some() {
+            // Counted in the catalog, which sees every replica's sessions.
+            self.admit_shared(owner).await?;
+        }
         let id = Uuid::new_v4();
         // Admitted before anything is staged, so a refused session costs nothing.
-        let session = self
-            .uploads
-            .admit(id, Session::new(repo.clone(), owner.map(str::to_owned), None))?;
+        let fresh = Session::new(repo.clone(), owner.map(str::to_owned), None);
+        let session = if self.shared_sessions().is_some() {
+            self.uploads.insert(id, fresh)?
+        } else {
+            self.uploads.admit(id, fresh)?
+        };
         let mut state = session.state.lock().await;
         let opened = async {
             let algorithm = Algorithm::Sha256;
             let writer = self.store.start_upload(id, algorithm).await?;
             let cp = writer.start_checkpoint();
+            session.recorded(&to_catalog(cp.clone()));
             let record = UploadRecord {
                 id,
                 repo: repo.to_string(),
@@ -420,17 +636,14 @@ impl Registry {
             return Ok(s);
         }
         let record = self.catalog.upload(id).await?.ok_or(Error::UploadUnknown)?;
-        if record.repo != repo.as_str() {
+        if !usable(&record, repo, who) {
             return Err(Error::UploadUnknown);
         }
-        if let Some(owner) = &record.owner
-            && who != Some(owner.as_str())
-        {
-            return Err(Error::UploadUnknown);
-        }
-        let algorithm = match record.algorithm.as_str() {
-            "sha512" => Algorithm::Sha512,
-            _ => Algorithm::Sha256,
+        let algorithm = algorithm_of(&record.algorithm);
+        let recorded = UploadCheckpoint {
+            offset: record.offset,
+            hash_state: record.hash_state.clone(),
+            staging: record.staging.clone(),
         };
         let cp = Checkpoint {
             offset: record.offset,
@@ -442,9 +655,14 @@ impl Registry {
             self.forget_session(id, Some(&cp.staging)).await;
             return Err(Error::UploadUnknown);
         };
-        let session = self
-            .uploads
-            .admit(id, Session::new(repo.clone(), record.owner, Some(writer)))?;
+        let fresh = Session::new(repo.clone(), record.owner, Some(writer));
+        fresh.recorded(&recorded);
+        let session = if self.shared_sessions().is_some() {
+            // Counted against the limits when it was opened, on whichever replica.
+            self.uploads.insert(id, fresh)?
+        } else {
+            self.uploads.admit(id, fresh)?
+        };
         tracing::info!(repo = %repo, upload = %id, offset = cp.offset, "upload session resumed");
         Ok(session)
     }
@@ -490,6 +708,14 @@ impl Registry {
     /// Bytes a session holds. Never waits for another request on the session: while one is in
     /// progress, the bytes held at the end of the last one that succeeded.
     pub async fn upload_offset(&self, repo: &RepoName, id: Uuid, who: Option<&str>) -> Result<u64> {
+        if self.shared_sessions().is_some() {
+            // The catalog describes every shared session whole between requests, and a request
+            // in progress (here or on another replica) up to its last checkpoint.
+            return match self.catalog.upload(id).await? {
+                Some(record) if usable(&record, repo, who) => Ok(record.offset),
+                _ => Err(Error::UploadUnknown),
+            };
+        }
         let session = self.session(repo, id, who).await?;
         match session.state.try_lock() {
             Ok(state) => state.writer.as_ref().map(StagedWriter::len).ok_or(Error::UploadUnknown),
@@ -503,7 +729,7 @@ impl Registry {
         S: Stream<Item = std::io::Result<Bytes>> + Unpin,
     {
         let session = self.session(repo, id, who).await?;
-        let mut state = session.acquire().await?;
+        let mut state = self.take(id, &session).await?;
         let Some(writer) = state.writer.as_mut() else {
             return Err(Error::UploadUnknown);
         };
@@ -521,7 +747,7 @@ impl Registry {
             Ok(n) if chunk.range.is_some_and(|r| Some(n) != r.byte_count()) => {
                 Err(PumpError::Store(Error::SizeInvalid))
             }
-            Ok(_) => self.checkpoint(id, writer).await.map_err(PumpError::Store),
+            Ok(_) => self.checkpoint(id, &session, writer).await.map_err(PumpError::Store),
             Err(e) => Err(e),
         };
         match outcome {
@@ -540,10 +766,19 @@ impl Registry {
         }
     }
 
-    /// Makes everything a request delivered durable and records it; returns the offset.
-    async fn checkpoint(&self, id: Uuid, writer: &mut StagedWriter) -> Result<u64> {
-        let cp = writer.checkpoint(true).await?;
-        self.catalog.checkpoint_upload(id, to_catalog(cp)).await?;
+    /// Makes everything a request delivered durable and records it; returns the offset. A
+    /// shared session's tail goes to its tail object too, so that the catalog describes the
+    /// session whole for the next request, on whichever replica.
+    async fn checkpoint(&self, id: Uuid, session: &Session, writer: &mut StagedWriter) -> Result<u64> {
+        let mut cp = writer.checkpoint(true).await?;
+        if self.shared_sessions().is_some()
+            && let Some(spilled) = writer.spill().await?
+        {
+            cp = spilled;
+        }
+        let cp = to_catalog(cp);
+        self.catalog.checkpoint_upload(id, cp.clone()).await?;
+        session.recorded(&cp);
         Ok(writer.len())
     }
 
@@ -554,10 +789,19 @@ impl Registry {
         let Some(writer) = state.writer.as_mut() else {
             return;
         };
+        let shared = self.shared_sessions().is_some();
         let kept = async {
-            let cp = writer.checkpoint(true).await?;
+            let mut cp = writer.checkpoint(true).await?;
+            // A shared session keeps what was received (the next request may reach another
+            // replica); otherwise it is dropped rather than held for a client that may not
+            // come back.
+            if shared && let Some(spilled) = writer.spill().await? {
+                cp = spilled;
+            }
             writer.discard_buffered();
-            self.catalog.checkpoint_upload(id, to_catalog(cp)).await?;
+            let cp = to_catalog(cp);
+            self.catalog.checkpoint_upload(id, cp.clone()).await?;
+            session.recorded(&cp);
             Ok::<_, Error>(writer.len())
         }
         .await;
@@ -586,7 +830,7 @@ impl Registry {
         S: Stream<Item = std::io::Result<Bytes>> + Unpin,
     {
         let session = self.session(repo, id, who).await?;
-        let mut state = session.acquire().await?;
+        let mut state = self.take(id, &session).await?;
         let Some(writer) = state.writer.as_mut() else {
             return Err(Error::UploadUnknown);
         };
@@ -642,7 +886,7 @@ impl Registry {
     /// Cancels a session and deletes its data.
     pub async fn cancel_upload(&self, repo: &RepoName, id: Uuid, who: Option<&str>) -> Result<()> {
         let session = self.session(repo, id, who).await?;
-        let mut state = session.acquire().await?;
+        let mut state = self.take(id, &session).await?;
         self.end_session(id, state.writer.take()).await;
         tracing::debug!(repo = %repo, upload = %id, "upload cancelled");
         Ok(())
@@ -682,6 +926,10 @@ impl Registry {
     /// checkpoint, so an abandoned session holds no memory and a restart keeps those bytes.
     /// A session a request is using is skipped. Returns how many sessions were spilled.
     pub async fn spill_idle_uploads(&self, idle: Duration) -> usize {
+        // A shared session's tail is moved at the end of every request already.
+        if self.shared_sessions().is_some() {
+            return 0;
+        }
         let mut spilled = 0;
         for (id, session) in self.uploads.idle(idle) {
             let Ok(mut state) = session.state.try_lock() else {
@@ -695,8 +943,10 @@ impl Registry {
                 Ok(Some(cp)) => {
                     // Without the record the tail object is ignored after a restart, and the
                     // bytes are read back from it as long as this process runs: nothing is lost.
-                    if let Err(e) = self.catalog.checkpoint_upload(id, to_catalog(cp)).await {
-                        tracing::warn!(upload = %id, error = %e, "recording a spilled upload tail failed");
+                    let cp = to_catalog(cp);
+                    match self.catalog.checkpoint_upload(id, cp.clone()).await {
+                        Ok(()) => session.recorded(&cp),
+                        Err(e) => tracing::warn!(upload = %id, error = %e, "recording a spilled upload tail failed"),
                     }
                     spilled += 1;
                 }
@@ -706,8 +956,36 @@ impl Registry {
         spilled
     }
 
+    /// Expires shared session `rec`, listed as idle since before `before` (unix seconds), unless
+    /// a request on any replica is using it or used it since: its record goes first, then its
+    /// data (data left by a failure there is the start-up sweep's and the bucket's lifecycle
+    /// rules' to remove).
+    pub(super) async fn expire_shared_upload(
+        &self,
+        locks: &LockService,
+        rec: &UploadRecord,
+        before: i64,
+    ) -> Result<()> {
+        let Some(_lock) = locks.try_acquire(lock_key(rec.id)).await? else {
+            return Ok(());
+        };
+        if !self.catalog.delete_upload_if_idle(rec.id, before).await? {
+            return Ok(());
+        }
+        self.uploads.remove(rec.id);
+        self.store.discard(rec.id, Some(&rec.staging)).await?;
+        tracing::info!(upload = %rec.id, "expired an idle upload session");
+        Ok(())
+    }
+
     /// Ends idle sessions (see `Registry::expire_uploads`).
     pub(super) async fn expire_held_uploads(&self) {
+        if self.shared_sessions().is_some() {
+            // Expiry goes by the catalog (`Registry::expire_uploads`), which every replica sees;
+            // a copy idle here is only dropped.
+            self.uploads.drop_idle_copies(SHARED_COPY_IDLE);
+            return;
+        }
         for (id, writer) in self.uploads.end_expired(self.settings.upload_timeout) {
             self.end_session(id, writer).await;
             tracing::info!(upload = %id, "expired an idle upload session");

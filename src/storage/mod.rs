@@ -147,6 +147,12 @@ impl Drop for Timer {
 }
 
 impl BlobStore {
+    /// Whether blobs and staged uploads are on this machine's disk (only one server can use
+    /// them), rather than in an object store every replica reaches.
+    pub fn is_local(&self) -> bool {
+        self.local_root.is_some()
+    }
+
     /// The `driver` label of this store's metrics (Distribution's names).
     fn driver(&self) -> &'static str {
         if self.local_root.is_some() { "filesystem" } else { "s3" }
@@ -572,15 +578,31 @@ impl BlobStore {
     /// Removes the staged data of every upload not in `keep` (left by uploads that were in
     /// progress when a previous process stopped and cannot be resumed), and on local disk the
     /// empty `uploads/<id>/` directories of uploads not in `keep`. Returns how many.
-    pub async fn discard_uploads_except(&self, keep: &std::collections::HashSet<Uuid>) -> Result<usize> {
+    ///
+    /// With `younger_kept`, objects modified within that long are kept too: another replica's
+    /// uploads in progress (single-request uploads have no session; a session's row may be
+    /// newer than the list of rows `keep` came from).
+    pub async fn discard_uploads_except(
+        &self,
+        keep: &std::collections::HashSet<Uuid>,
+        younger_kept: Option<std::time::Duration>,
+    ) -> Result<usize> {
         let prefix = match &self.prefix {
             None => Path::from("uploads"),
             Some(p) => Path::from(format!("{p}/uploads")),
         };
         let skip = prefix.parts().count();
+        // Unix seconds before which an object counts as left behind.
+        let cutoff = younger_kept.map(|age| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            i64::try_from(now.saturating_sub(age.as_secs())).unwrap_or(i64::MAX)
+        });
         let paths: Vec<_> = self
             .store
             .list(Some(&prefix))
+            .try_filter(|m| std::future::ready(cutoff.is_none_or(|c| m.last_modified.timestamp() < c)))
             .map_ok(|m| m.location)
             .try_collect()
             .await?;

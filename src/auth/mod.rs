@@ -297,6 +297,16 @@ impl Auth {
         upload_timeout: Duration,
     ) -> Result<Auth, keys::KeyError> {
         let dir = keys::key_dir(data_dir);
+        if config.enabled && config.signing_key.is_none() && catalog.locks().is_some() {
+            // Each replica would sign with a key of its own data directory, and tokens one
+            // issues would be refused by the others.
+            tracing::warn!(
+                keys = %dir.display(),
+                "auth.signing_key is not set: with a PostgreSQL catalog every replica must sign with one shared \
+                 key (a secret mounted at auth.signing_key, older ones in auth.verify_keys); this server uses \
+                 its own"
+            );
+        }
         let signing = config.signing_key.clone();
         let verify = config.verify_keys.clone();
         let keys = crate::metrics::spawn_blocking(move || KeySet::load(&dir, signing.as_deref(), &verify, now_secs()))

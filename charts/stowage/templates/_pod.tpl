@@ -1,5 +1,6 @@
 {{/*
-The pod template of the workload, at the indentation of its spec.template.
+The pod template of the StatefulSet and of the Deployment (include "stowage.replicated" tells
+which), at the indentation of a workload's spec.template.
 */}}
 {{- define "stowage.podTemplate" }}
 {{- $fullname := include "stowage.fullname" . }}
@@ -40,6 +41,7 @@ The pod template of the workload, at the indentation of its spec.template.
           env:
             - name: STOWAGE_CONFIG
               value: /etc/stowage/stowage.toml
+            {{- with include "stowage.catalogUrlEnv" . }}{{ . | trim | nindent 12 }}{{ end }}
           securityContext:
             {{- toYaml .Values.securityContext | nindent 12 }}
           resources:
@@ -61,6 +63,7 @@ The pod template of the workload, at the indentation of its spec.template.
           env:
             - name: STOWAGE_CONFIG
               value: /etc/stowage/stowage.toml
+            {{- with include "stowage.catalogUrlEnv" . }}{{ . | trim | nindent 12 }}{{ end }}
             {{- if and (eq .Values.storage.backend "s3") .Values.storage.s3.existingSecret }}
             - name: AWS_ACCESS_KEY_ID
               valueFrom:
@@ -122,13 +125,32 @@ The pod template of the workload, at the indentation of its spec.template.
               mountPath: /etc/stowage/bootstrap-token
               readOnly: true
             {{- end }}
+            {{- if .Values.catalog.postgres.enabled }}
+            - name: catalog
+              mountPath: {{ include "stowage.catalogDir" . }}
+              readOnly: true
+            {{- end }}
+            {{- if include "stowage.authKeys" . }}
+            - name: auth-keys
+              mountPath: {{ include "stowage.authKeysDir" . }}
+              readOnly: true
+            {{- end }}
       volumes:
         - name: config
           configMap:
             name: {{ $fullname }}
         - name: tmp
           emptyDir: {}
-        {{- if not .Values.persistence.enabled }}
+        {{- if include "stowage.replicated" . }}
+        # The data directory of a replica: its lock file and proxy spool, nothing to keep.
+        - name: data
+          {{- with .Values.deployment.dataSizeLimit }}
+          emptyDir:
+            sizeLimit: {{ . }}
+          {{- else }}
+          emptyDir: {}
+          {{- end }}
+        {{- else if not .Values.persistence.enabled }}
         - name: data
           emptyDir: {}
         {{- end }}
@@ -160,6 +182,42 @@ The pod template of the workload, at the indentation of its spec.template.
                 path: token
         {{- end }}
         {{- end }}
+        {{- with .Values.catalog.postgres }}
+        {{- if .enabled }}
+        # The database password (catalog.password_file); 0400, plus the group read the kubelet
+        # adds for the pod's fsGroup.
+        - name: catalog
+          secret:
+            secretName: {{ .existingSecret }}
+            defaultMode: 0400
+            items:
+              - key: {{ .passwordKey }}
+                path: password
+        {{- end }}
+        {{- end }}
+        {{- if include "stowage.authKeys" . }}
+        # Token keys: auth.signing_key and auth.verify_keys.
+        - name: auth-keys
+          projected:
+            defaultMode: 0400
+            sources:
+              {{- with .Values.auth.signingKey }}
+              {{- if .existingSecret }}
+              - secret:
+                  name: {{ .existingSecret }}
+                  items:
+                    - key: {{ .key }}
+                      path: signing-key.pem
+              {{- end }}
+              {{- end }}
+              {{- range $i, $k := .Values.auth.verifyKeys }}
+              - secret:
+                  name: {{ $k.existingSecret }}
+                  items:
+                    - key: {{ $k.key }}
+                      path: verify-key-{{ $i }}.pem
+              {{- end }}
+        {{- end }}
       {{- with .Values.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -168,8 +226,43 @@ The pod template of the workload, at the indentation of its spec.template.
       affinity:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+      {{- if include "stowage.replicated" . }}
+      {{- $spread := list }}
+      {{- if .Values.deployment.spreadOverNodes }}
+      {{- $spread = append $spread (dict "maxSkew" 1 "topologyKey" "kubernetes.io/hostname" "whenUnsatisfiable" "ScheduleAnyway") }}
+      {{- end }}
+      {{- $constraints := list }}
+      {{- range (concat $spread .Values.deployment.topologySpreadConstraints) }}
+      {{- $c := deepCopy . }}
+      {{- /* Left without a selector: this release's pods, of the same revision. */}}
+      {{- if not (hasKey $c "labelSelector") }}
+      {{- $_ := set $c "labelSelector" (dict "matchLabels" (include "stowage.selectorLabels" $ | fromYaml)) }}
+      {{- if not (hasKey $c "matchLabelKeys") }}
+      {{- $_ := set $c "matchLabelKeys" (list "pod-template-hash") }}
+      {{- end }}
+      {{- end }}
+      {{- $constraints = append $constraints $c }}
+      {{- end }}
+      {{- with $constraints }}
+      topologySpreadConstraints:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- end }}
       {{- with .Values.tolerations }}
       tolerations:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+{{- end }}
+
+{{/* STOWAGE_CATALOG__URL from catalog.postgres.existingSecret, when the URL is kept there. */}}
+{{- define "stowage.catalogUrlEnv" -}}
+{{- with .Values.catalog.postgres }}
+{{- if and .enabled .urlKey }}
+- name: STOWAGE_CATALOG__URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .urlKey }}
+{{- end }}
+{{- end }}
 {{- end }}

@@ -12,15 +12,18 @@ errors) of Kubernetes KUBE_VERSION. That tool has schemas for the Kubernetes API
 other APIs (the Prometheus Operator's ServiceMonitor, Gateway API's HTTPRoute) are listed as
 `"validated": false` with the reason, and tests/chart.rs checks their fields itself.
 
-For each value set (below) it writes OUT_DIR/<set>.toml, the stowage.toml of the rendered
-ConfigMap, for the test to load with the real binary (`stowage check-config`), and
-OUT_DIR/<set>.json, the rendered objects. Then it checks that each wrong value set is refused
-by the schema, both by `validate_schema` and by rendering.
+For each value set (below, and the chart's examples/replicas.yaml) it writes OUT_DIR/<set>.toml,
+the stowage.toml of the rendered ConfigMap, for the test to load with the real binary
+(`stowage check-config`), and OUT_DIR/<set>.json, the rendered objects. Then it checks that each
+wrong value set is refused by the schema, both by `validate_schema` and by rendering, and that
+each failing value set (accepted by the schema) is refused by the chart's own `fail` with its
+message.
 
 The last line of stdout is `CHART_CHECK_OK {json}` with, per value set, the lint messages and
-each object's kind, name and whether it was validated; and per wrong value set the refusal.
-Exits 1 (printing the reason) on any lint error or warning, render failure, invalid object, or
-wrong value that is accepted.
+each object's kind, name and whether it was validated; per wrong value set the refusal; per
+failing value set the chart's message.
+Exits 1 (printing the reason) on any lint error or warning, render failure, invalid object,
+wrong value that is accepted, or failing value set that renders or fails for another reason.
 """
 
 import json
@@ -91,17 +94,113 @@ VALUE_SETS = {
         "podDisruptionBudget": {"enabled": True},
         "persistence": {"enabled": False},
     },
+    # Several replicas: a Deployment on PostgreSQL and S3, the signing key and an old key for
+    # rotation from Secrets, behind an Ingress.
+    "replicas": {
+        "replicaCount": 3,
+        "catalog": {
+            "postgres": {
+                "enabled": True,
+                "url": "postgres://stowage@postgres.db.svc:5432/stowage",
+                "existingSecret": "stowage-db",
+                "passwordKey": "db-password",
+            }
+        },
+        "storage": {
+            "backend": "s3",
+            "s3": {
+                "bucket": "stowage-blobs",
+                "endpoint": "http://minio.minio.svc:9000",
+                "pathStyle": True,
+                "existingSecret": "stowage-s3",
+            },
+        },
+        "auth": {
+            "signingKey": {"existingSecret": "stowage-signing", "key": "ed25519.pem"},
+            "verifyKeys": [{"existingSecret": "stowage-signing-2025", "key": "ed25519.pem"}],
+            "bootstrapAdmin": {"enabled": True, "existingSecret": "stowage-admin"},
+        },
+        "ingress": {"enabled": True, "className": "nginx"},
+        "config": {"gc": {"grace_secs": 7200}},
+    },
+    # The Deployment with one replica (no budget), the URL from the Secret too, authentication
+    # off (no signing key needed), spread over zones instead of nodes, a bounded data directory.
+    "deployment-url-secret-no-auth": {
+        "catalog": {"postgres": {"enabled": True, "existingSecret": "stowage-db", "urlKey": "url"}},
+        "storage": {"backend": "s3", "s3": {"bucket": "stowage-blobs"}},
+        "auth": {"enabled": False},
+        "service": {"sessionAffinity": "ClientIP"},
+        "deployment": {
+            "spreadOverNodes": False,
+            "topologySpreadConstraints": [
+                {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}
+            ],
+            "dataSizeLimit": "10Gi",
+        },
+    },
+    # PostgreSQL with the fs backend: still the one-pod StatefulSet on its volume; a signing key
+    # from a Secret works there too.
+    "postgres-single-node": {
+        "catalog": {
+            "postgres": {
+                "enabled": True,
+                "url": "postgres://stowage@postgres.db.svc:5432/stowage",
+                "existingSecret": "stowage-db",
+            }
+        },
+        "auth": {"signingKey": {"existingSecret": "stowage-signing"}},
+    },
+}
+
+PG = {"enabled": True, "url": "postgres://stowage@postgres.db.svc:5432/stowage", "existingSecret": "stowage-db"}
+S3 = {"backend": "s3", "s3": {"bucket": "stowage-blobs"}}
+SIGNING = {"signingKey": {"existingSecret": "stowage-signing"}}
+
+# Values the schema accepts but the chart refuses to render (its `fail`), with a part of the
+# message the refusal must contain.
+FAILING_RENDERS = {
+    "replicas-without-postgres": (
+        {"replicaCount": 2, "storage": S3, "auth": SIGNING},
+        "replicaCount=2 needs the catalog on PostgreSQL",
+    ),
+    "replicas-without-s3": (
+        {"replicaCount": 2, "catalog": {"postgres": PG}, "auth": SIGNING},
+        "replicaCount=2 needs storage.backend=s3",
+    ),
+    "replicas-without-signing-key": (
+        {"replicaCount": 3, "catalog": {"postgres": PG}, "storage": S3},
+        "auth.enabled needs auth.signingKey.existingSecret",
+    ),
+    "deployment-without-signing-key": (
+        {"replicaCount": 1, "catalog": {"postgres": PG}, "storage": S3},
+        "auth.enabled needs auth.signingKey.existingSecret",
+    ),
+    "postgres-without-url": (
+        {"catalog": {"postgres": {"enabled": True, "existingSecret": "stowage-db"}}},
+        "catalog.postgres.enabled needs the database's URL",
+    ),
+    "postgres-url-and-urlKey": (
+        {"catalog": {"postgres": dict(PG, urlKey="url")}},
+        "set one of url and urlKey",
+    ),
+    "postgres-url-with-password": (
+        {"catalog": {"postgres": dict(PG, url="postgres://stowage:hunter2@postgres.db.svc/stowage")}},
+        "catalog.postgres.url must not hold the password",
+    ),
 }
 
 # Wrong values the schema must refuse, with a word the refusal must contain.
 WRONG_VALUES = {
     "string-replicaCount": ({"replicaCount": "1"}, "replicaCount"),
-    "two-replicas": ({"replicaCount": 2}, "replicaCount"),
+    "zero-replicas": ({"replicaCount": 0}, "replicaCount"),
     "unknown-backend": ({"storage": {"backend": "gcs"}}, "backend"),
     "s3-without-bucket": ({"storage": {"backend": "s3"}}, "bucket"),
     "bootstrap-admin-without-secret": ({"auth": {"bootstrapAdmin": {"enabled": True}}}, "existingSecret"),
     "misspelt-key": ({"persistance": {"size": "1Gi"}}, "persistance"),
     "bad-size": ({"persistence": {"size": "lots"}}, "size"),
+    "postgres-without-secret": ({"catalog": {"postgres": dict(PG, existingSecret="")}}, "existingSecret"),
+    "verify-key-without-secret": ({"auth": {"verifyKeys": [{"key": "old.pem"}]}}, "existingSecret"),
+    "unknown-session-affinity": ({"service": {"sessionAffinity": "Cookie"}}, "sessionAffinity"),
 }
 
 
@@ -173,6 +272,22 @@ def check_wrong(chart_dir, name, values, word):
     return refusal
 
 
+def check_failing(chart_dir, name, values, message):
+    chart = helm.Chart.load(chart_dir)
+    try:
+        chart.validate_schema(values)
+    except helm.HelmValuesError as e:
+        fail(f"{name}: the schema refused {values} before the chart could: {e}")
+    try:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        fail(f"{name}: rendering accepted {values}")
+    except helm.HelmError as e:
+        refusal = str(e)
+    if message not in refusal:
+        fail(f"{name}: the refusal does not say {message!r}: {refusal}")
+    return refusal
+
+
 def main():
     if len(sys.argv) != 4:
         print(__doc__)
@@ -183,11 +298,18 @@ def main():
         "kube_version": kube_version,
         "sets": {},
         "wrong": {},
+        "failing": {},
     }
-    for name, values in VALUE_SETS.items():
+    sets = dict(VALUE_SETS)
+    # The example of the chart's README, as a user passes it (`-f examples/replicas.yaml`).
+    with open(os.path.join(chart_dir, "examples", "replicas.yaml")) as f:
+        sets["example-replicas"] = yaml.safe_load(f)
+    for name, values in sets.items():
         result["sets"][name] = check_set(chart_dir, out_dir, kube_version, name, values)
     for name, (values, word) in WRONG_VALUES.items():
         result["wrong"][name] = check_wrong(chart_dir, name, values, word)
+    for name, (values, message) in FAILING_RENDERS.items():
+        result["failing"][name] = check_failing(chart_dir, name, values, message)
     print("CHART_CHECK_OK " + json.dumps(result))
 
 

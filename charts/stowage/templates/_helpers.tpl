@@ -54,6 +54,53 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "stowage.dataDir" -}}/var/lib/stowage{{- end }}
 {{- define "stowage.bootstrapAdminFile" -}}/etc/stowage/bootstrap-admin/password{{- end }}
 {{- define "stowage.bootstrapTokenFile" -}}/etc/stowage/bootstrap-token/token{{- end }}
+{{- define "stowage.catalogDir" -}}/etc/stowage/catalog{{- end }}
+{{- define "stowage.authKeysDir" -}}/etc/stowage/auth-keys{{- end }}
+
+{{/*
+"true" when the chart makes the Deployment: the catalog on PostgreSQL and the blobs on S3, the
+only combination several processes can share. Empty otherwise (the one-pod StatefulSet).
+*/}}
+{{- define "stowage.replicated" -}}
+{{- if and .Values.catalog.postgres.enabled (eq .Values.storage.backend "s3") }}true{{ end }}
+{{- end }}
+
+{{/* Whether the pod mounts token keys from Secrets ("true" or empty). */}}
+{{- define "stowage.authKeys" -}}
+{{- if or .Values.auth.signingKey.existingSecret .Values.auth.verifyKeys }}true{{ end }}
+{{- end }}
+
+{{/*
+Refuses, with the reason, values the schema cannot judge alone: several replicas without a
+catalog and a blob store they can share, and a Deployment without one token signing key.
+Renders nothing.
+*/}}
+{{- define "stowage.validate" -}}
+{{- $v := .Values }}
+{{- $pg := $v.catalog.postgres }}
+{{- if gt (int $v.replicaCount) 1 }}
+{{- if not $pg.enabled }}
+{{- fail (printf "replicaCount=%d needs the catalog on PostgreSQL (catalog.postgres.enabled=true with url or urlKey, and existingSecret): the default SQLite catalog is a file on one pod's volume with one writer, which replicas cannot share (README: Several replicas)" (int $v.replicaCount)) }}
+{{- end }}
+{{- if ne $v.storage.backend "s3" }}
+{{- fail (printf "replicaCount=%d needs storage.backend=s3: the fs backend keeps blobs and upload sessions on one pod's disk, which replicas cannot share (README: Several replicas)" (int $v.replicaCount)) }}
+{{- end }}
+{{- end }}
+{{- if $pg.enabled }}
+{{- if and $pg.url $pg.urlKey }}
+{{- fail "catalog.postgres: set one of url and urlKey (the URL from existingSecret), not both" }}
+{{- end }}
+{{- if not (or $pg.url $pg.urlKey) }}
+{{- fail "catalog.postgres.enabled needs the database's URL: catalog.postgres.url (postgres://user@host:5432/db), or catalog.postgres.urlKey, the key of existingSecret holding it" }}
+{{- end }}
+{{- if regexMatch `://[^/@]*:[^/@]*@|(^|\s)password\s*=` $pg.url }}
+{{- fail "catalog.postgres.url must not hold the password (Stowage refuses it, and values are not secret): put it in key passwordKey of catalog.postgres.existingSecret" }}
+{{- end }}
+{{- end }}
+{{- if and (include "stowage.replicated" .) $v.auth.enabled (not $v.auth.signingKey.existingSecret) }}
+{{- fail "with the catalog on PostgreSQL and blobs on S3 (the Deployment), auth.enabled needs auth.signingKey.existingSecret: a Secret holding one Ed25519 PEM key (openssl genpkey -algorithm ed25519) that every replica signs tokens with; a key each pod generated would make tokens from one replica invalid on the others and after every restart" }}
+{{- end }}
+{{- end }}
 
 {{/*
 stowage.toml: .Values.config with the settings the chart owns laid over it, one line per
@@ -72,6 +119,13 @@ below writes whole numbers as integers.
 {{- $_ := set $storage "s3" $s3 }}
 {{- end }}
 {{- $_ := set $managed "storage" $storage }}
+{{- with $v.catalog.postgres }}
+{{- if .enabled }}
+{{- $catalog := dict "password_file" (printf "%s/password" (include "stowage.catalogDir" $)) }}
+{{- if .url }}{{- $_ := set $catalog "url" .url }}{{- end }}
+{{- $_ := set $managed "catalog" $catalog }}
+{{- end }}
+{{- end }}
 {{- $_ := set $managed "server" (dict "shutdown_delay_secs" (int $v.shutdownDelaySeconds)) }}
 {{- if $v.tls.enabled }}
 {{- $_ := set $managed "tls" (dict "cert" "/etc/stowage/tls/tls.crt" "key" "/etc/stowage/tls/tls.key") }}
@@ -89,6 +143,16 @@ below writes whole numbers as integers.
 {{- if .expiresInDays }}{{- $_ := set $t "expires_in_days" (int .expiresInDays) }}{{- end }}
 {{- $_ := set $auth "bootstrap_token" $t }}
 {{- end }}
+{{- end }}
+{{- if $v.auth.signingKey.existingSecret }}
+{{- $_ := set $auth "signing_key" (printf "%s/signing-key.pem" (include "stowage.authKeysDir" .)) }}
+{{- end }}
+{{- if $v.auth.verifyKeys }}
+{{- $verify := list }}
+{{- range $i, $_ := $v.auth.verifyKeys }}
+{{- $verify = append $verify (printf "%s/verify-key-%d.pem" (include "stowage.authKeysDir" $) $i) }}
+{{- end }}
+{{- $_ := set $auth "verify_keys" $verify }}
 {{- end }}
 {{- $_ := set $managed "auth" $auth }}
 {{- $cfg := mustMergeOverwrite (deepCopy $v.config) $managed }}

@@ -33,13 +33,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// SQL undoing migrations 18 (composite blobs, the Spack index layout), 17
-/// (`manifests.proxy_pulled_at`), 16 (`spack_nodes` as a rowid
+/// SQL undoing migrations 19 (the failed-login limiter's shared state), 18 (composite blobs,
+/// the Spack index layout), 17 (`manifests.proxy_pulled_at`), 16 (`spack_nodes` as a rowid
 /// table: its index; the table keeps its shape, which the migration rebuilds anyway), 15 (Spack
 /// index figures), 14 (image platforms) and 13 (repository figures), newest first, for tests
 /// that roll a catalog back to an older schema: one copy, so that a new migration is undone
 /// everywhere once it is added here.
-pub const UNDO_MIGRATIONS_13_TO_18: &str = "DROP TRIGGER spack_index_node_added; DROP TRIGGER spack_index_node_changed;
+pub const UNDO_MIGRATIONS_13_TO_19: &str = "DROP TABLE login_throttle;
+             DROP TRIGGER spack_index_node_added; DROP TRIGGER spack_index_node_changed;
              DROP TABLE spack_index_dirty; DROP TABLE spack_index_layout; DROP TABLE blob_pieces;
              ALTER TABLE blobs DROP COLUMN composite;
              ALTER TABLE manifests DROP COLUMN proxy_pulled_at;

@@ -79,6 +79,8 @@ pub struct TestServer {
     /// Its database on the PostgreSQL test server, with the PostgreSQL catalog: the same for
     /// every restart, dropped with the server.
     database: Option<catalog::Database>,
+    /// The database of another server it shares (`start_sharing_catalog`).
+    sharing: Option<catalog::Sharing>,
 }
 
 impl TestServer {
@@ -129,13 +131,50 @@ impl TestServer {
             bucket,
             catalog: engine,
             database,
+            sharing: None,
+        }
+    }
+
+    /// Starts another replica of `other`: a server with a data directory of its own, on the
+    /// same PostgreSQL database and S3 bucket, with a copy of `other`'s token signing keys (as
+    /// replicas must share them), and `envs` added. `other` must run on PostgreSQL and S3 (the
+    /// fs backend allows one server per catalog), and outlive this one: declare it first, so
+    /// that it is dropped last (its database goes with it).
+    pub fn start_sharing_catalog(other: &TestServer, envs: &[(&str, &str)]) -> Self {
+        assert_eq!(other.catalog, Catalog::Postgres, "replicas share a PostgreSQL catalog");
+        assert_eq!(other.backend, Backend::S3, "replicas share an S3 bucket");
+        let database = other.database.as_ref().expect("a server of its own database");
+        let tmp = tempfile::tempdir().expect("create temp dir");
+        let data_dir = tmp.path().join("data");
+        copy_signing_keys(&other.data_dir, &data_dir);
+        let sharing = database.share(&data_dir);
+        let mut all = other.envs.clone();
+        all.extend(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let envs = all;
+        let (child, url) = spawn(&data_dir, &envs);
+        let host = host_of(&url);
+        TestServer {
+            child,
+            url,
+            host,
+            data_dir,
+            _tmp: Some(tmp),
+            envs,
+            backend: other.backend,
+            bucket: other.bucket.clone(),
+            catalog: other.catalog,
+            database: None,
+            sharing: Some(sharing),
         }
     }
 
     /// The name of this server's database on the PostgreSQL test server, with the PostgreSQL
-    /// catalog.
+    /// catalog (another server's, for a replica that shares it).
     pub fn database(&self) -> Option<&str> {
-        self.database.as_ref().map(|d| d.name())
+        self.database
+            .as_ref()
+            .map(|d| d.name())
+            .or_else(|| self.sharing.as_ref().map(|s| s.name()))
     }
 
     /// A connection to this server's catalog, to run SQL on behind its back whichever engine it
@@ -354,6 +393,24 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Copies the token signing keys a server generated in `from` (a data directory) to `to`'s
+/// key directory, modes kept private.
+fn copy_signing_keys(from: &Path, to: &Path) {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let (src, dst) = (from.join("auth/keys"), to.join("auth/keys"));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dst)
+        .expect("create the key directory");
+    for entry in std::fs::read_dir(&src).unwrap_or_else(|e| panic!("read {}: {e}", src.display())) {
+        let path = entry.expect("key directory entry").path();
+        let copy = dst.join(path.file_name().expect("file name"));
+        std::fs::copy(&path, &copy).expect("copy a signing key");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
     }
 }
 

@@ -8,19 +8,25 @@
 //! Client addresses are simulated with `X-Forwarded-For`: the servers here trust 127.0.0.1 as
 //! a proxy, so a request carrying `X-Forwarded-For: 203.0.113.66` comes from that address, and
 //! one without the header from 127.0.0.1 itself.
+//!
+//! With a PostgreSQL catalog, replicas share failed logins: `replicas_share_failed_logins` runs
+//! two servers on one database (on PostgreSQL and S3 whatever the environment says); the other
+//! tests run on the catalog `STOWAGE_TEST_CATALOG` names, and check that SQLite's limiter
+//! leaves nothing in the catalog.
 
 mod common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{TestServer, client, sha256};
+use common::{Backend, Catalog, TestServer, client, metric, sha256};
 
 /// Runs an admin command; returns what it printed, trimmed.
 fn stowage(data_dir: &Path, args: &[&str], stdin: &str) -> String {
     let out = common::run_cli(data_dir, args, stdin);
     String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
 }
+use futures_util::FutureExt as _;
 use futures_util::future::join_all;
 use reqwest::{Method, RequestBuilder, Response};
 
@@ -38,21 +44,64 @@ anonymous_pull = ["public/**"]
 /// `pusher` (password `pusher-pw`) and `admin` (`admin-pw`, an admin).
 struct Server {
     server: TestServer,
-    _config: tempfile::TempDir,
+    /// The config file's directory (replicas share it).
+    _config: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl Server {
     fn start(extra: &str) -> Server {
+        Self::start_on(common::backend(), common::catalog(), extra)
+    }
+
+    fn start_on(backend: Backend, catalog: Catalog, extra: &str) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("stowage.toml");
         std::fs::write(&path, format!("{BASE_CONFIG}{extra}\n")).expect("write config");
-        let server = TestServer::start_with(&[
-            ("STOWAGE_CONFIG", path.to_str().expect("utf-8 path")),
-            ("STOWAGE_AUTH__ENABLED", "true"),
-        ]);
+        let server = TestServer::start_on_backend_and_catalog(
+            backend,
+            catalog,
+            &[
+                ("STOWAGE_CONFIG", path.to_str().expect("utf-8 path")),
+                ("STOWAGE_AUTH__ENABLED", "true"),
+            ],
+        );
         stowage(server.data_dir(), &["user", "add", "pusher"], "pusher-pw\n");
         stowage(server.data_dir(), &["user", "add", "admin", "--admin"], "admin-pw\n");
-        Server { server, _config: dir }
+        Server {
+            server,
+            _config: std::sync::Arc::new(dir),
+        }
+    }
+
+    /// Two replicas on one PostgreSQL database and S3 bucket, with the same settings and users.
+    fn start_replicas(extra: &str) -> (Server, Server) {
+        let a = Self::start_on(Backend::S3, Catalog::Postgres, extra);
+        let config = a._config.path().join("stowage.toml");
+        let envs = [
+            ("STOWAGE_CONFIG", config.to_str().expect("utf-8 path")),
+            ("STOWAGE_AUTH__ENABLED", "true"),
+        ];
+        let b = Server {
+            server: TestServer::start_sharing(&a.server, &envs),
+            _config: a._config.clone(),
+        };
+        (a, b)
+    }
+
+    /// The shared limiter's rows: (key, failures, blocked until in unix ms).
+    fn throttle_rows(&self) -> Vec<(Vec<u8>, i64, i64)> {
+        self.server
+            .catalog_sql()
+            .query_rows(
+                "SELECT key, failures, blocked_until_ms FROM login_throttle ORDER BY key",
+                &[],
+            )
+            .into_iter()
+            .map(|r| match &r[..] {
+                [common::sql::Value::Bytes(key), failures, until] => (key.clone(), failures.int(), until.int()),
+                other => panic!("a login_throttle row: {other:?}"),
+            })
+            .collect()
     }
 
     fn token_create(&self, user: &str, scope: &str) -> String {
@@ -381,6 +430,13 @@ async fn a_user_keeps_working_while_an_attacker_guesses_their_password() {
     home.push_and_pull(&s, "team/app", "before").await;
 
     assert_eq!(guess_until_throttled(&s, "pusher", ATTACKER).await, 3);
+    // SQLite's limiter is in memory only; with PostgreSQL the replicas' shared rows are the
+    // pair's and the address's.
+    let shared = s.throttle_rows();
+    match s.server.catalog {
+        Catalog::Sqlite => assert!(shared.is_empty(), "{shared:?}"),
+        Catalog::Postgres => assert_eq!(shared.iter().map(|r| r.1).collect::<Vec<_>>(), [3, 3], "{shared:?}"),
+    }
     // Concurrent guesses cannot get around it: every one is refused before hashing.
     let burst = (0..50).map(|n| {
         let who = As::basic("pusher", &format!("burst-{n}"), Some(ATTACKER));
@@ -433,6 +489,70 @@ async fn a_user_keeps_working_while_an_attacker_guesses_their_password() {
         .password_grant(&s, "repository:team/app:pull")
         .await;
     assert_throttled(resp, 60, "too many failed logins").await;
+}
+
+/// Two replicas of one PostgreSQL catalog: failures sent to one block the attempts sent to the
+/// other, which never saw them, before any password is checked there; a success at the other
+/// once the block is over clears the pair for both.
+#[tokio::test]
+async fn replicas_share_failed_logins() {
+    let (a, b) = Server::start_replicas("max_failed_logins = 2\nfailed_login_backoff_secs = 5\n");
+    let right = As::basic("pusher", "pusher-pw", Some(ATTACKER));
+    let status = |s: &Server, who: &As| {
+        let (who, url) = (who.clone(), s.server.v2(""));
+        async move { who.send(Method::GET, &url, None).await.status().as_u16() }
+    };
+
+    assert_eq!(guess_until_throttled(&a, "pusher", ATTACKER).await, 2);
+    // B saw no failure, and the right password from that address is refused before it is
+    // checked (checked, it would get in).
+    let resp = right.send(Method::GET, &b.server.v2(""), None).await;
+    assert_throttled(resp, 5, "too many failed logins").await;
+    assert_eq!(
+        metric(&b.server, "stowage_auth_failed_logins_total", &[]).await,
+        0.0,
+        "B counted no failure of its own"
+    );
+    assert_eq!(metric(&a.server, "stowage_auth_failed_logins_total", &[]).await, 2.0);
+    // Only the pair is blocked: another user from that address, and the user from elsewhere,
+    // get in at B.
+    assert_eq!(status(&b, &As::basic("admin", "admin-pw", Some(ATTACKER))).await, 200);
+    assert_eq!(
+        status(&b, &As::basic("pusher", "pusher-pw", Some(ELSEWHERE))).await,
+        200
+    );
+
+    // The catalog holds the limiter's fixed-size keys, never the user name.
+    let rows = a.throttle_rows();
+    assert_eq!(rows.len(), 2, "the pair and the address: {rows:?}");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    for (key, failures, until) in &rows {
+        assert!(!key.windows(6).any(|w| w == b"pusher"), "{key:?}");
+        match key.len() {
+            33 => assert!(*failures == 2 && *until > now_ms, "the pair: blocked, {rows:?}"),
+            17 => assert!(*failures == 2 && *until == 0, "the address: not blocked, {rows:?}"),
+            n => panic!("a key of {n} bytes"),
+        }
+    }
+
+    // Once the block is over, the right password gets in at B and clears the pair's row (the
+    // address's stays).
+    common::wait_until("the right password gets in at B", || {
+        status(&b, &right).map(|s| s == 200)
+    })
+    .await;
+    let rows = a.throttle_rows();
+    assert_eq!(rows.iter().map(|r| r.0.len()).collect::<Vec<_>>(), [17], "{rows:?}");
+    // The pair's shared count starts again: two more failures at B, then it is blocked at A.
+    for n in 0..2 {
+        let wrong = As::basic("pusher", &format!("again-{n}"), Some(ATTACKER));
+        assert_eq!(status(&b, &wrong).await, 401, "failure {n} after the success");
+    }
+    let resp = right.send(Method::GET, &a.server.v2(""), None).await;
+    assert_throttled(resp, 5, "too many failed logins").await;
 }
 
 #[tokio::test]

@@ -718,6 +718,10 @@ struct Step {
 
 use V::{B, I, NullI, NullT, T};
 
+/// The shared failed-login limiter's statements, the very text the catalog runs.
+use stowage::catalog::login_throttle::{CLEAR, PRUNE, RECORD_FAILURE, SET_BLOCK};
+const THROTTLE: &str = "SELECT key, failures, blocked_until_ms, last_failure_ms FROM login_throttle ORDER BY key";
+
 /// The manifest PUT's statements (`catalog::queries`), as the real code binds them.
 const PUT_MANIFEST: &str = "INSERT INTO manifests
         (repo_id, digest, media_type, size, content, artifact_type, subject, annotations,
@@ -1308,6 +1312,39 @@ const SCENARIO: &[Step] = &[
             ),
         ],
         expect: &[("SELECT id, \"offset\", hash_state FROM uploads", "u1,1024,x'0102'")],
+    },
+    Step {
+        name: "failed logins shared by replicas: counted and blocked (a clock behind moves nothing back)",
+        stmts: &[
+            ok(RECORD_FAILURE, &[B(b"\x02pair"), I(1000), I(-59_000)]),
+            ok(RECORD_FAILURE, &[B(b"\x01addr"), I(1000), I(-59_000)]),
+            ok(RECORD_FAILURE, &[B(b"\x02pair"), I(2000), I(-58_000)]),
+            ok(SET_BLOCK, &[B(b"\x02pair"), I(3000)]),
+            ok(RECORD_FAILURE, &[B(b"\x02pair"), I(1500), I(-58_500)]),
+            ok(RECORD_FAILURE, &[B(b"\x01old"), I(10), I(-59_990)]),
+            refused(
+                "INSERT INTO login_throttle (key, failures, blocked_until_ms, last_failure_ms) VALUES (?1, 0, 0, 0)",
+                &[B(b"\x01zero")],
+            ),
+        ],
+        expect: &[(
+            THROTTLE,
+            "x'0161646472',1,0,1000 | x'016f6c64',1,0,10 | x'0270616972',3,3000,2000",
+        )],
+    },
+    Step {
+        name: "failed logins: expired rows pruned or started again, a blocked one kept",
+        stmts: &[
+            ok(PRUNE, &[I(100), I(5000), I(16)]),
+            ok(RECORD_FAILURE, &[B(b"\x01addr"), I(70_000), I(10_000)]),
+            ok(RECORD_FAILURE, &[B(b"\x02pair"), I(2500), I(2100)]),
+        ],
+        expect: &[(THROTTLE, "x'0161646472',1,0,70000 | x'0270616972',4,3000,2500")],
+    },
+    Step {
+        name: "failed logins: a success clears its pair",
+        stmts: &[ok(CLEAR, &[B(b"\x02pair")])],
+        expect: &[(THROTTLE, "x'0161646472',1,0,70000")],
     },
     Step {
         name: "Spack: one manifest under two spec tags, both live when their repository goes",

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::spack::{FixtureRepo, push_fixture, served_index};
-use common::{TestServer, UNDO_MIGRATIONS_13_TO_18, client, push_blob, push_image, sha256, wait_until};
+use common::{TestServer, UNDO_MIGRATIONS_13_TO_19, client, push_blob, push_image, sha256, wait_until};
 
 const CONFIG: &str = r#"
 [gc]
@@ -219,7 +219,7 @@ async fn migrate_applies_each_pending_migration_once() {
         // Undo every migration after 9, newest first: the Spack index figures, image platforms, repository figures, the
         // Spack search columns, the cache generations, the audit trail.
         db.execute_batch(&format!(
-            "{UNDO_MIGRATIONS_13_TO_18}
+            "{UNDO_MIGRATIONS_13_TO_19}
              DROP INDEX spack_specs_by_name; DROP INDEX spack_specs_by_compiler;
              DROP INDEX spack_specs_by_target; DROP INDEX spack_specs_by_os; DROP INDEX spack_specs_facets;
              ALTER TABLE spack_specs DROP COLUMN name; ALTER TABLE spack_specs DROP COLUMN version;

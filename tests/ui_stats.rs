@@ -12,7 +12,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Catalog, TestServer, UNDO_MIGRATIONS_13_TO_18, client, push_blob, sha256, wait_until};
+use common::{Catalog, TestServer, UNDO_MIGRATIONS_13_TO_19, client, push_blob, sha256, wait_until};
 use serde_json::json;
 
 const CONFIG_MT: &str = "application/vnd.oci.image.config.v1+json";
@@ -306,7 +306,7 @@ async fn the_figures_migration_back_fills_an_existing_catalog() {
     server.kill();
     // Migrations after 12 undone, newest first: the figures (13) among them.
     server.catalog_sql().execute_batch(&format!(
-        "{UNDO_MIGRATIONS_13_TO_18}
+        "{UNDO_MIGRATIONS_13_TO_19}
          PRAGMA user_version = 12;",
     ));
     server.crash_and_restart();

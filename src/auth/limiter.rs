@@ -30,6 +30,29 @@
 //! Behind a reverse proxy the client address is what `auth.trusted_proxies` lets the server
 //! believe (see `http::auth::client_ip`): behind a proxy not listed there, every client has the
 //! proxy's address and shares its allowance.
+//!
+//! # Replicas of a PostgreSQL catalog
+//!
+//! Replicas behind one load balancer would each give an attacker a whole allowance, and a block
+//! made on one would not refuse the attempts sent to another. With a PostgreSQL catalog the
+//! limiter therefore has a second layer, [`shared`]: the keys' failures and blocks in the
+//! catalog's `login_throttle` table, which every replica reads before it checks a password and
+//! writes after a failure (the rules are the same; [`shared`] says exactly what is read and
+//! written, and what happens when the catalog fails: each replica carries on with its own
+//! counts, with a warning). The in-memory limiter stays the first line on every replica: it
+//! refuses a key that is blocked or busy here without asking the catalog, bounds the attempts
+//! in flight per key and its own memory, and adopts the blocks the shared layer reports, so
+//! that an attacker's further attempts at a replica cost that replica nothing.
+//!
+//! The two layers only ever add refusals: an attempt goes ahead when neither refuses it. A
+//! replica's own count of a key is at most the shared count (it saw fewer of its failures),
+//! except for failures the catalog did not record (an attempt whose client went away before its
+//! outcome, a catalog error), and after a success at another replica, which clears the pair's
+//! shared row but not this replica's count of it (cleared here by a success here, or forgotten
+//! after `forget_after`).
+//!
+//! SQLite (one process, the default) has no shared layer: [`Limiter::admit`] is the in-memory
+//! check alone, and a login costs no catalog work.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -37,6 +60,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sha2::Digest as _;
+
+use crate::catalog::Catalog;
+
+pub mod shared;
 
 /// How the limiter is tuned.
 #[derive(Debug, Clone)]
@@ -53,6 +80,18 @@ pub struct Settings {
     pub max_entries: usize,
 }
 
+impl Settings {
+    /// How long a key with allowance `free` is blocked after its `failures`-th failure: not at
+    /// all before the allowance is spent, then `backoff`, doubled by each further failure, up
+    /// to `backoff_max`. The one rule of both layers.
+    pub fn block_after(&self, failures: u32, free: u32) -> Option<Duration> {
+        (failures >= free).then(|| {
+            let doublings = (failures - free).min(31);
+            self.backoff.saturating_mul(1u32 << doublings).min(self.backoff_max)
+        })
+    }
+}
+
 /// Most keys tracked by default (about 100 bytes each).
 pub const MAX_ENTRIES: usize = 100_000;
 
@@ -61,6 +100,21 @@ enum Key {
     Client(IpAddr),
     /// The first 128 bits of SHA-256 of the user name, and the address.
     User([u8; 16], IpAddr),
+}
+
+impl Key {
+    /// The key as the shared layer stores it: a kind byte (1: an address, 2: a pair), the
+    /// user name's hash for a pair, and the address as 16 bytes (IPv4 mapped into IPv6).
+    fn to_bytes(self) -> Vec<u8> {
+        let v6 = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        match self {
+            Key::Client(ip) => [&[1u8][..], &v6(ip)].concat(),
+            Key::User(name, ip) => [&[2u8][..], &name, &v6(ip)].concat(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -127,6 +181,8 @@ impl Attempt {
 pub struct Limiter {
     settings: Settings,
     state: Mutex<State>,
+    /// The shared layer, on a PostgreSQL catalog.
+    shared: Option<shared::Shared>,
 }
 
 struct State {
@@ -163,6 +219,58 @@ impl Pending<'_> {
     }
 }
 
+impl Pending<'_> {
+    /// Extends the blocks of the attempt's keys (in [`Attempt::keys`] order) to what the shared
+    /// layer says, while the attempt still holds them.
+    fn adopt_blocks(&self, until: [Option<Instant>; 2]) {
+        let mut state = self.limiter.state.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, until) in self.attempt.keys().into_iter().zip(until) {
+            if let (Some(until), Some(entry)) = (until, state.entries.get_mut(&key)) {
+                entry.blocked_until = Some(entry.blocked_until.map_or(until, |b| b.max(until)));
+            }
+        }
+    }
+}
+
+/// An attempt admitted by [`Limiter::admit`]: report its outcome with [`Admitted::succeed`],
+/// [`Admitted::fail`] or [`Admitted::release`]. Dropped without an outcome (even while one is
+/// being recorded), it counts as a failure here.
+pub struct Admitted<'a> {
+    pending: Pending<'a>,
+    /// The shared layer holds a row of the attempt's (user, address) pair, for a success to
+    /// clear.
+    pair_row: bool,
+}
+
+impl Admitted<'_> {
+    /// The password was right: clears the pair here, and in the shared layer if it has a row.
+    pub async fn succeed(self) {
+        let Admitted { pending, pair_row } = self;
+        let (limiter, attempt) = (pending.limiter, pending.attempt);
+        pending.succeed();
+        if let (true, Some(shared)) = (pair_row, &limiter.shared) {
+            shared.clear(attempt.user).await;
+        }
+    }
+
+    /// The password (or user name) was wrong: recorded in the shared layer first (the attempt
+    /// keeps its place in flight meanwhile), then here, with the shared layer's blocks adopted.
+    pub async fn fail(self) {
+        let Admitted { pending, .. } = self;
+        if let Some(shared) = &pending.limiter.shared
+            && let Some(blocks) = shared.record_failure(&pending.limiter.settings, &pending.attempt).await
+        {
+            pending.adopt_blocks(blocks);
+        }
+        pending.fail();
+    }
+
+    /// No password was checked: the attempt does not count.
+    pub fn release(self) {
+        self.pending.release();
+    }
+}
+
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if !self.done {
@@ -194,6 +302,33 @@ impl Limiter {
                 entries: HashMap::new(),
                 full_since: None,
             }),
+            shared: None,
+        }
+    }
+
+    /// This limiter with the shared layer on `catalog` (a PostgreSQL one: see [`shared`]).
+    pub fn shared_through(mut self, catalog: Catalog) -> Limiter {
+        self.shared = Some(shared::Shared::new(catalog));
+        self
+    }
+
+    /// Starts an attempt now: the in-memory check ([`Limiter::begin`]), then the shared layer's
+    /// (when there is one), or `Err(seconds to wait)`.
+    pub async fn admit(&self, attempt: Attempt) -> Result<Admitted<'_>, u64> {
+        let pending = self.begin(attempt, Instant::now())?;
+        let Some(shared) = &self.shared else {
+            return Ok(Admitted {
+                pending,
+                pair_row: false,
+            });
+        };
+        match shared.check(&attempt).await {
+            shared::Verdict::Open { pair_row } => Ok(Admitted { pending, pair_row }),
+            shared::Verdict::Blocked { until, retry_after } => {
+                pending.adopt_blocks(until);
+                pending.release();
+                Err(retry_after)
+            }
         }
     }
 
@@ -287,14 +422,10 @@ impl Limiter {
                 Outcome::Failure => {
                     entry.failures = entry.failures.saturating_add(1);
                     entry.last_failure = now;
-                    if entry.failures >= free {
-                        let doublings = (entry.failures - free).min(31);
-                        let block = self
-                            .settings
-                            .backoff
-                            .saturating_mul(1u32 << doublings)
-                            .min(self.settings.backoff_max);
-                        entry.blocked_until = Some(now + block);
+                    if let Some(block) = self.settings.block_after(entry.failures, free) {
+                        // Never shorter than a block the shared layer reported.
+                        let until = now + block;
+                        entry.blocked_until = Some(entry.blocked_until.map_or(until, |b| b.max(until)));
                     }
                 }
                 Outcome::Success if matches!(key, Key::User(..)) => {
@@ -303,7 +434,8 @@ impl Limiter {
                 }
                 Outcome::Success | Outcome::None => {}
             }
-            if entry.failures == 0 && entry.in_flight == 0 {
+            // A key with a block adopted from the shared layer stays until the block ends.
+            if entry.failures == 0 && entry.in_flight == 0 && entry.blocked_at(now).is_none() {
                 state.entries.remove(&key);
             }
         }
@@ -473,6 +605,53 @@ mod tests {
         let later = now + Duration::from_secs(601);
         assert_eq!(check(&l, Attempt::new(ip(100), "bob"), later), Ok(()));
         assert_eq!(l.len(), 0);
+    }
+
+    #[test]
+    fn adopted_blocks_refuse_until_they_end_and_are_never_shortened() {
+        let l = limiter(3, 100);
+        let now = Instant::now();
+        let a = Attempt::new(ip(1), "bob");
+        let mut p = l.begin(a, now).expect("allowed");
+        p.adopt_blocks([Some(now + Duration::from_secs(5)), None]);
+        p.done = true;
+        l.finish(&a, Outcome::None, now);
+        assert_eq!(check(&l, a, now), Err(5), "the pair is blocked here too");
+        assert_eq!(check(&l, Attempt::new(ip(1), "carol"), now), Ok(()), "not the address");
+        let later = now + Duration::from_secs(5);
+        let mut p = l.begin(a, later).expect("the block is over");
+        p.done = true;
+        l.finish(&a, Outcome::Success, later);
+        assert_eq!(l.len(), 0, "nothing left behind");
+
+        // A failure counted here (the first of three) keeps a longer block reported.
+        let b = Attempt::new(ip(2), "bob");
+        let mut p = l.begin(b, now).expect("allowed");
+        p.adopt_blocks([None, Some(now + Duration::from_secs(60))]);
+        p.done = true;
+        l.finish(&b, Outcome::Failure, now);
+        assert_eq!(check(&l, Attempt::new(ip(2), "carol"), now), Err(60), "the address");
+    }
+
+    #[test]
+    fn shared_keys_are_fixed_size_and_hold_no_user_name() {
+        let name = "a-rather-long-user-name";
+        let a = Attempt::new("2001:db8:1:2::1".parse().unwrap(), name);
+        let [user, client] = a.keys().map(Key::to_bytes);
+        assert_eq!((user.len(), client.len()), (33, 17));
+        assert!(!user.windows(6).any(|w| w == b"rather"));
+        // The same /64, the same keys; another name, another pair.
+        let b = Attempt::new("2001:db8:1:2::ffff".parse().unwrap(), name);
+        assert_eq!(b.keys().map(Key::to_bytes), [user.clone(), client.clone()]);
+        let c = Attempt::new("2001:db8:1:2::1".parse().unwrap(), "another");
+        assert_ne!(c.keys().map(Key::to_bytes)[0], user);
+        // IPv4, as is or mapped, is one address.
+        let v4 = Attempt::new(ip(1), name).keys().map(Key::to_bytes);
+        let mapped = Attempt::new("::ffff:10.0.0.1".parse().unwrap(), name)
+            .keys()
+            .map(Key::to_bytes);
+        assert_eq!(v4, mapped);
+        assert_ne!(v4[1], client);
     }
 
     #[test]

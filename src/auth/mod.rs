@@ -5,7 +5,8 @@
 //! - [`policy`]: who may do what where (anonymous pull, rules, admins, API token scopes).
 //! - [`password`]: argon2id password hashes and API token secrets.
 //! - [`keys`], [`jwt`]: Ed25519 signing keys and the tokens they sign.
-//! - [`limiter`]: failed-login throttling per client address and per (user, address).
+//! - [`limiter`]: failed-login throttling per client address and per (user, address), shared
+//!   by the replicas of a PostgreSQL catalog.
 //! - [`bootstrap`]: the admin user and API token created on the first start.
 //! - [`accounts`]: adding, changing and removing users and API tokens (the CLI and the UI).
 //! - [`immutable`]: `[[immutable_tags]]` rules and who may overwrite them (the `overwrite` action).
@@ -22,7 +23,8 @@
 //!
 //! Password checks, on every route and on `/token` alike ([`Auth::login`]), in this order:
 //! 1. An API token secret (`stw_…`) is looked up by its SHA-256 and never throttled.
-//! 2. The [`limiter`] admits the attempt or refuses it (429) before anything else is done.
+//! 2. The [`limiter`] admits the attempt or refuses it (429) before anything else is done
+//!    (with a PostgreSQL catalog, after one read of the failures every replica shares).
 //! 3. A password verified in the last five minutes against the same stored hash is accepted
 //!    from memory (Spack sends Basic credentials with every request).
 //! 4. Otherwise argon2 verifies it on the blocking pool, holding one of
@@ -315,6 +317,19 @@ impl Auth {
         let dummy_hash = blocking(|| password::hash("stowage: no such user"))
             .await
             .map_err(|e| e.to_string())??;
+        let limiter = limiter::Limiter::new(limiter::Settings {
+            free: config.max_failed_logins,
+            backoff: Duration::from_secs(config.failed_login_backoff_secs.max(1)),
+            backoff_max: Duration::from_secs(config.failed_login_backoff_max_secs),
+            forget_after: Duration::from_secs(config.failed_login_window_secs),
+            max_entries: limiter::MAX_ENTRIES,
+        });
+        // Replicas of a PostgreSQL catalog share their failed logins (see `limiter`); SQLite
+        // has one process, and its logins no catalog work.
+        let limiter = match catalog.engine().await.map_err(|e| e.to_string())? {
+            crate::catalog::db::Engine::Postgres => limiter.shared_through(catalog.clone()),
+            crate::catalog::db::Engine::Sqlite => limiter,
+        };
         Ok(Auth {
             inner: Arc::new(Inner {
                 enabled: config.enabled,
@@ -328,13 +343,7 @@ impl Auth {
                 keys,
                 policy: Policy::new(config.anonymous_pull.clone(), config.rules.clone()),
                 catalog,
-                limiter: limiter::Limiter::new(limiter::Settings {
-                    free: config.max_failed_logins,
-                    backoff: Duration::from_secs(config.failed_login_backoff_secs.max(1)),
-                    backoff_max: Duration::from_secs(config.failed_login_backoff_max_secs),
-                    forget_after: Duration::from_secs(config.failed_login_window_secs),
-                    max_entries: limiter::MAX_ENTRIES,
-                }),
+                limiter,
                 hashes: Arc::new(tokio::sync::Semaphore::new(
                     usize::try_from(config.max_concurrent_hashes.max(1)).unwrap_or(1),
                 )),
@@ -587,23 +596,19 @@ impl Auth {
                 });
         }
         let attempt = limiter::Attempt::new(client, user);
-        let pending = self
-            .inner
-            .limiter
-            .begin(attempt, Instant::now())
-            .map_err(|retry_after| {
-                // Refusals cost nothing and may come by the thousand: debug only. The failures that
-                // led to them were logged at info, and the limiter bounds those.
-                tracing::debug!(user, %client, retry_after, "login refused: too many failed logins from this address");
-                Refusal::TooManyAttempts(retry_after)
-            })?;
+        let pending = self.inner.limiter.admit(attempt).await.map_err(|retry_after| {
+            // Refusals cost nothing and may come by the thousand: debug only. The failures that
+            // led to them were logged at info, and the limiter bounds those.
+            tracing::debug!(user, %client, retry_after, "login refused: too many failed logins from this address");
+            Refusal::TooManyAttempts(retry_after)
+        })?;
         match self.check_password(user, password).await {
             Ok(Some(identity)) => {
-                pending.succeed();
+                pending.succeed().await;
                 Ok(identity)
             }
             Ok(None) => {
-                pending.fail();
+                pending.fail().await;
                 crate::metrics::get().failed_logins.inc();
                 tracing::info!(user, %client, "failed login: wrong user name or password");
                 Err(Refusal::BadCredentials.into())

@@ -81,6 +81,7 @@ pub(crate) mod db;
 mod fsck;
 mod gc;
 pub mod locks;
+pub mod login_throttle;
 pub mod postgres;
 pub use gc::{EvictCandidate, Eviction, ProxyPull};
 mod queries;
@@ -142,6 +143,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0016_spack_nodes_rowid.sql"),
     include_str!("../../migrations/0017_proxy_pulls.sql"),
     include_str!("../../migrations/0018_spack_index_composite.sql"),
+    include_str!("../../migrations/0019_login_throttle.sql"),
 ];
 
 type Finisher = Box<dyn FnOnce(bool) + Send>;

@@ -39,6 +39,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         18,
         include_str!("../../migrations/postgres/0018_spack_index_composite.sql"),
     ),
+    (19, include_str!("../../migrations/postgres/0019_login_throttle.sql")),
 ];
 
 /// The advisory lock key of Stowage's lock `n`: one 64-bit space shared by every database

@@ -143,6 +143,34 @@ impl Database {
     }
 }
 
+/// Another server's use of a [`Database`] (a second replica): while it lives, CLI runs on that
+/// server's data directory (`run_cli`) use the database too. Dropped before the database is.
+pub struct Sharing {
+    data_dir: PathBuf,
+}
+
+impl Database {
+    /// Lets the server whose data directory is `data_dir` use this database too.
+    pub fn share(&self, data_dir: &Path) -> Sharing {
+        BY_DATA_DIR
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(data_dir.to_owned(), self.envs.clone());
+        Sharing {
+            data_dir: data_dir.to_owned(),
+        }
+    }
+}
+
+impl Drop for Sharing {
+    fn drop(&mut self) {
+        BY_DATA_DIR
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.data_dir);
+    }
+}
+
 impl Drop for Database {
     fn drop(&mut self) {
         BY_DATA_DIR

@@ -33,13 +33,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-/// SQL undoing migrations 18 (composite blobs, the Spack index layout), 17
-/// (`manifests.proxy_pulled_at`), 16 (`spack_nodes` as a rowid
+/// SQL undoing migrations 19 (the failed-login limiter's shared state), 18 (composite blobs,
+/// the Spack index layout), 17 (`manifests.proxy_pulled_at`), 16 (`spack_nodes` as a rowid
 /// table: its index; the table keeps its shape, which the migration rebuilds anyway), 15 (Spack
 /// index figures), 14 (image platforms) and 13 (repository figures), newest first, for tests
 /// that roll a catalog back to an older schema: one copy, so that a new migration is undone
 /// everywhere once it is added here.
-pub const UNDO_MIGRATIONS_13_TO_18: &str = "DROP TRIGGER spack_index_node_added; DROP TRIGGER spack_index_node_changed;
+pub const UNDO_MIGRATIONS_13_TO_19: &str = "DROP TABLE login_throttle;
+             DROP TRIGGER spack_index_node_added; DROP TRIGGER spack_index_node_changed;
              DROP TABLE spack_index_dirty; DROP TABLE spack_index_layout; DROP TABLE blob_pieces;
              ALTER TABLE blobs DROP COLUMN composite;
              ALTER TABLE manifests DROP COLUMN proxy_pulled_at;
@@ -79,6 +80,9 @@ pub struct TestServer {
     /// every restart, shared with the servers started by `start_sharing`, dropped with the last
     /// of them.
     database: Option<Arc<catalog::Database>>,
+    /// For a server started by `start_sharing`: its data directory's use of the database, so
+    /// that `run_cli` on it reaches the database too.
+    sharing: Option<catalog::Sharing>,
 }
 
 impl TestServer {
@@ -130,6 +134,7 @@ impl TestServer {
             bucket,
             catalog: engine,
             database,
+            sharing: None,
         }
     }
 
@@ -138,12 +143,13 @@ impl TestServer {
     /// port of its own, and `envs` added. Nothing else of `first`'s environment is copied: pass
     /// the settings the replica should have too. Needs the PostgreSQL catalog (a SQLite catalog
     /// lives in one data directory); with blobs on local disk the second server refuses to start
-    /// (the single-node lock, see docs/postgres.md), so replicas are an S3 matter.
+    /// (the single-node lock, see docs/postgres.md), so replicas are an S3 matter. The token
+    /// signing keys `first` generated are copied to the new data directory.
     ///
     /// The database goes with the last server on it. While several servers share it, `kill` and
     /// `crash_and_restart` end no sessions on it (the others' are live): a killed process's
-    /// sessions end when PostgreSQL sees its sockets closed. `run_cli` knows the catalog of the
-    /// first server's data directory only; `stowage_command` works on any of them.
+    /// sessions end when PostgreSQL sees its sockets closed. `run_cli` and `stowage_command`
+    /// work on any of them.
     pub fn start_sharing(first: &TestServer, envs: &[(&str, &str)]) -> Self {
         let database = first
             .database
@@ -151,6 +157,9 @@ impl TestServer {
             .expect("start_sharing needs a server on the PostgreSQL catalog");
         let tmp = tempfile::tempdir().expect("create temp dir");
         let data_dir = tmp.path().join("data");
+        // Replicas must sign tokens with one key.
+        copy_signing_keys(&first.data_dir, &data_dir);
+        let sharing = Some(database.share(&data_dir));
         let mut all = database.envs_with_password_in(tmp.path());
         all.extend(first.bucket.as_deref().map(backend::s3_envs).unwrap_or_default());
         all.extend(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
@@ -168,11 +177,12 @@ impl TestServer {
             bucket: first.bucket.clone(),
             catalog: first.catalog,
             database: Some(database),
+            sharing,
         }
     }
 
     /// The name of this server's database on the PostgreSQL test server, with the PostgreSQL
-    /// catalog.
+    /// catalog (another server's, for a replica that shares it).
     pub fn database(&self) -> Option<&str> {
         self.database.as_ref().map(|d| d.name())
     }
@@ -396,6 +406,27 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Copies the token signing keys a server generated in `from` (a data directory) to `to`'s
+/// key directory, modes kept private.
+fn copy_signing_keys(from: &Path, to: &Path) {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let (src, dst) = (from.join("auth/keys"), to.join("auth/keys"));
+    if !src.exists() {
+        return;
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dst)
+        .expect("create the key directory");
+    for entry in std::fs::read_dir(&src).unwrap_or_else(|e| panic!("read {}: {e}", src.display())) {
+        let path = entry.expect("key directory entry").path();
+        let copy = dst.join(path.file_name().expect("file name"));
+        std::fs::copy(&path, &copy).expect("copy a signing key");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
     }
 }
 

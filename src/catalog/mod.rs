@@ -63,7 +63,8 @@
 //! at start-up (or ahead of it by `stowage migrate`, [`migrate_file`]); the applied version is
 //! SQLite's `user_version`. Every migration after version 17 gets its PostgreSQL counterpart,
 //! `migrations/postgres/00NN_*.sql`, in the same commit (`tests/pg_schema.rs` checks that the
-//! two schemas stay equivalent); no code uses the PostgreSQL schema yet (`docs/postgres.md`).
+//! two schemas stay equivalent); `postgres` applies them to a PostgreSQL catalog, whose
+//! version is the row of `stowage_schema` (`docs/postgres.md`).
 //!
 //! The audit trail (`audit`) is written by the write jobs that make each change; refusals reach
 //! the writer through a bounded queue and a thread of their own, which [`Catalog::close`] drains

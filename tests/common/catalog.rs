@@ -69,17 +69,7 @@ impl Database {
         let sql = format!("CREATE DATABASE {name} OWNER {ROLE}");
         pg.admin(|c| c.batch_execute(&sql))
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        let password_file = secrets.join(format!("{name}.password"));
-        {
-            use std::io::Write as _;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&password_file)
-                .unwrap_or_else(|e| panic!("create {}: {e}", password_file.display()));
-            writeln!(file, "{}", pg.password).expect("write the database password");
-        }
+        let password_file = write_password_file(secrets, &name);
         let envs = vec![
             (
                 "STOWAGE_CATALOG__URL".to_string(),
@@ -104,6 +94,20 @@ impl Database {
     /// The database's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The environment that points another `stowage` process (a second replica) at this
+    /// database, with the role's password in a file of its own (mode 0600) in `secrets`, so that
+    /// the process does not depend on the first server's directory.
+    pub fn envs_with_password_in(&self, secrets: &Path) -> Vec<(String, String)> {
+        let password_file = write_password_file(secrets, &self.name);
+        let mut envs = self.envs.clone();
+        for (k, v) in &mut envs {
+            if k == "STOWAGE_CATALOG__PASSWORD_FILE" {
+                *v = password_file.to_string_lossy().into_owned();
+            }
+        }
+        envs
     }
 
     /// The environment that points `stowage` at this database.
@@ -152,4 +156,18 @@ impl Drop for Database {
             eprintln!("{sql}: {e}");
         }
     }
+}
+
+/// Writes [`ROLE`]'s password to `<secrets>/<database>.password`, mode 0600; returns its path.
+fn write_password_file(secrets: &Path, database: &str) -> PathBuf {
+    use std::io::Write as _;
+    let password_file = secrets.join(format!("{database}.password"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&password_file)
+        .unwrap_or_else(|e| panic!("create {}: {e}", password_file.display()));
+    writeln!(file, "{}", shared().password).expect("write the database password");
+    password_file
 }

@@ -30,7 +30,7 @@ pub use catalog::{Catalog, catalog};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 /// SQL undoing migrations 18 (composite blobs, the Spack index layout), 17
@@ -76,8 +76,9 @@ pub struct TestServer {
     /// The catalog this server runs on (`STOWAGE_TEST_CATALOG`, see `catalog`).
     pub catalog: Catalog,
     /// Its database on the PostgreSQL test server, with the PostgreSQL catalog: the same for
-    /// every restart, dropped with the server.
-    database: Option<catalog::Database>,
+    /// every restart, shared with the servers started by `start_sharing`, dropped with the last
+    /// of them.
+    database: Option<Arc<catalog::Database>>,
 }
 
 impl TestServer {
@@ -109,7 +110,8 @@ impl TestServer {
         let tmp = tempfile::tempdir().expect("create temp dir");
         let data_dir = tmp.path().join("data");
         // The password file goes beside the data directory, not in it.
-        let database = (engine == Catalog::Postgres).then(|| catalog::Database::create(&data_dir, tmp.path()));
+        let database =
+            (engine == Catalog::Postgres).then(|| Arc::new(catalog::Database::create(&data_dir, tmp.path())));
         let bucket = (backend == Backend::S3).then(backend::new_bucket);
         let mut all = database.as_ref().map(|d| d.envs().to_vec()).unwrap_or_default();
         all.extend(bucket.as_deref().map(backend::s3_envs).unwrap_or_default());
@@ -128,6 +130,44 @@ impl TestServer {
             bucket,
             catalog: engine,
             database,
+        }
+    }
+
+    /// Starts another replica of `first`: a server on the same PostgreSQL database (its password
+    /// in a file of the new server's own) and the same S3 bucket, with a data directory and a
+    /// port of its own, and `envs` added. Nothing else of `first`'s environment is copied: pass
+    /// the settings the replica should have too. Needs the PostgreSQL catalog (a SQLite catalog
+    /// lives in one data directory); with blobs on local disk the second server refuses to start
+    /// (the single-node lock, see docs/postgres.md), so replicas are an S3 matter.
+    ///
+    /// The database goes with the last server on it. While several servers share it, `kill` and
+    /// `crash_and_restart` end no sessions on it (the others' are live): a killed process's
+    /// sessions end when PostgreSQL sees its sockets closed. `run_cli` knows the catalog of the
+    /// first server's data directory only; `stowage_command` works on any of them.
+    pub fn start_sharing(first: &TestServer, envs: &[(&str, &str)]) -> Self {
+        let database = first
+            .database
+            .clone()
+            .expect("start_sharing needs a server on the PostgreSQL catalog");
+        let tmp = tempfile::tempdir().expect("create temp dir");
+        let data_dir = tmp.path().join("data");
+        let mut all = database.envs_with_password_in(tmp.path());
+        all.extend(first.bucket.as_deref().map(backend::s3_envs).unwrap_or_default());
+        all.extend(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let envs = all;
+        let (child, url) = spawn(&data_dir, &envs);
+        let host = host_of(&url);
+        TestServer {
+            child,
+            url,
+            host,
+            data_dir,
+            _tmp: Some(tmp),
+            envs,
+            backend: first.backend,
+            bucket: first.bucket.clone(),
+            catalog: first.catalog,
+            database: Some(database),
         }
     }
 
@@ -150,8 +190,11 @@ impl TestServer {
     /// After the process exited: waits until its sessions on the PostgreSQL catalog are gone
     /// (ending them), so that a restart or a CLI run does not find the fs backend's
     /// single-node lock still held by a backend that has not noticed its client died.
+    /// Not while other servers share the database (`start_sharing`): their sessions are live.
     fn end_catalog_sessions(&self) {
-        if let Some(database) = &self.database {
+        if let Some(database) = &self.database
+            && Arc::strong_count(database) == 1
+        {
             database.end_sessions();
         }
     }

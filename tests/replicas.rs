@@ -193,6 +193,8 @@ struct Ctx {
     stop: AtomicBool,
     /// Set just before the replica `KILLED` gets SIGKILL.
     killed: AtomicBool,
+    /// Set when the test ends, a failure included (see [`Teardown`]).
+    tearing_down: AtomicBool,
     next_spec: AtomicUsize,
     seed: u64,
 }
@@ -242,7 +244,7 @@ async fn check(resp: reqwest::Response, want: &[u16], what: &str) -> reqwest::Re
 }
 
 /// The offset a session response's `Range: 0-<last>` reports (`0-0` is read as 0: the
-/// sessions here never stop at one byte).
+/// sessions here never stop at one byte, every PATCH sending at least two).
 fn range_end(resp: &reqwest::Response) -> usize {
     let range = resp.headers()["range"].to_str().expect("Range header");
     let last: usize = range
@@ -338,7 +340,9 @@ impl Client {
 
     /// The replica did not answer: counts it and moves on to the next replica.
     fn failed(&mut self, ctx: &Ctx, e: &reqwest::Error) -> Gone {
-        if self.replica == KILLED && ctx.killed.load(Ordering::Relaxed) {
+        if ctx.tearing_down.load(Ordering::Relaxed) {
+            // The replicas are being stopped: nothing to report.
+        } else if self.replica == KILLED && ctx.killed.load(Ordering::Relaxed) {
             ctx.stats.killed_errors.fetch_add(1, Ordering::Relaxed);
         } else {
             ctx.stats.live_errors.fetch_add(1, Ordering::Relaxed);
@@ -435,9 +439,12 @@ impl Client {
     /// continues from there.
     async fn push_chunked(&mut self, ctx: &Ctx, repo: &str, data: &[u8], digest: &str) -> Result<(), Gone> {
         let location = self.open_session(ctx, repo).await?;
-        let chunk = (data.len() / 3).max(1);
+        // At least 2 bytes a PATCH: a session at offset 1 reports `Range: 0-0`, as one at 0 does.
+        let chunk = (data.len() / 3).max(2);
         let mut offset = 0;
         let mut attempts = 0;
+        // What happened to the session so far, for the messages of a failure.
+        let mut story = String::new();
         loop {
             attempts += 1;
             assert!(
@@ -446,20 +453,43 @@ impl Client {
                 self.id,
                 ctx.seed
             );
-            let closing = match self.send_rest(ctx, &location, data, &mut offset, chunk, digest).await {
+            let was = self.replica;
+            let closing = match self
+                .send_rest(ctx, &location, data, &mut offset, chunk, digest, &story)
+                .await
+            {
                 Ok(()) => return Ok(()),
                 Err(closing) => closing,
             };
-            // Resume wherever the client is now.
-            let req = ctx.http.get(format!("{}{location}", self.base(ctx)));
-            let Ok(resp) = self.send(ctx, req).await else {
-                continue;
+            // Resume wherever the client is now: ask for the session's offset until a replica
+            // answers.
+            let resp = loop {
+                let req = ctx.http.get(format!("{}{location}", self.base(ctx)));
+                if let Ok(resp) = self.send(ctx, req).await {
+                    break resp;
+                }
+                attempts += 1;
+                assert!(
+                    attempts <= MAX_ATTEMPTS,
+                    "client {}: status of {location} got no answer",
+                    self.id
+                );
             };
             if resp.status() == 404 && closing {
                 // The closing PUT may have landed before the replica died: then the blob is
                 // there, and the session is rightly gone.
-                let req = ctx.http.head(self.v2(ctx, &format!("{repo}/blobs/{digest}")));
-                let Ok(head) = self.send(ctx, req).await else { continue };
+                let head = loop {
+                    let req = ctx.http.head(self.v2(ctx, &format!("{repo}/blobs/{digest}")));
+                    if let Ok(head) = self.send(ctx, req).await {
+                        break head;
+                    }
+                    attempts += 1;
+                    assert!(
+                        attempts <= MAX_ATTEMPTS,
+                        "client {}: HEAD {digest} got no answer",
+                        self.id
+                    );
+                };
                 if head.status() == 200 {
                     return Ok(());
                 }
@@ -481,13 +511,21 @@ impl Client {
                 "client {}: upload {location} reports {reported} bytes, more than the {offset} sent",
                 self.id
             );
+            story.push_str(&format!(
+                "; {} on replica {was} got no answer, replica {} reported {reported} of the {offset} bytes sent",
+                if closing { "the closing PUT" } else { "a PATCH" },
+                self.replica
+            ));
+            eprintln!("client {}: upload {location} of {digest}{story}", self.id);
             offset = reported;
             ctx.stats.sessions_resumed.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// PATCHes `data[offset..]` in chunks, then the closing PUT. `Err(true)` when the PUT got
-    /// no answer, `Err(false)` when a PATCH did not.
+    /// no answer, `Err(false)` when a PATCH did not. `story` is what happened to the session
+    /// before (for the message of a failure).
+    #[allow(clippy::too_many_arguments)]
     async fn send_rest(
         &mut self,
         ctx: &Ctx,
@@ -496,6 +534,7 @@ impl Client {
         offset: &mut usize,
         chunk: usize,
         digest: &str,
+        story: &str,
     ) -> Result<(), bool> {
         while *offset < data.len() {
             let end = (*offset + chunk).min(data.len());
@@ -506,13 +545,23 @@ impl Client {
                 .header("Content-Range", format!("{}-{}", *offset, end - 1))
                 .body(data[*offset..end].to_vec());
             let resp = self.send(ctx, req).await.map_err(|Gone| false)?;
-            let resp = check(resp, &[202], &format!("PATCH {}-{} of {location}", *offset, end - 1)).await;
+            let what = format!(
+                "PATCH {}-{} of {location} on replica {}{story}",
+                *offset,
+                end - 1,
+                self.replica
+            );
+            let resp = check(resp, &[202], &what).await;
             assert_eq!(range_end(&resp), end, "PATCH of {location}: the offset reported");
             *offset = end;
         }
         let req = ctx.http.put(format!("{}{location}?digest={digest}", self.base(ctx)));
         let resp = self.send(ctx, req).await.map_err(|Gone| true)?;
-        check(resp, &[201], &format!("closing PUT of {location} ({digest})")).await;
+        let what = format!(
+            "closing PUT of {location} ({digest}) on replica {}{story}",
+            self.replica
+        );
+        check(resp, &[201], &what).await;
         Ok(())
     }
 
@@ -689,7 +738,7 @@ impl Client {
                     self.rng.bytes(len as usize)
                 }
                 _ => {
-                    let len = self.rng.range(1..64 * 1024);
+                    let len = self.rng.range(2..64 * 1024);
                     self.rng.bytes(len as usize)
                 }
             });
@@ -772,7 +821,8 @@ impl Client {
                 .get(self.v2(ctx, &format!("{SPACK_REPO}/manifests/index.spack")))
                 .header("Accept", OCI_MANIFEST);
             let Ok(resp) = self.send(ctx, req).await else { continue };
-            let resp = check(resp, &[200], "GET index.spack").await;
+            let what = format!("GET index.spack on replica {}", self.replica);
+            let resp = check(resp, &[200], &what).await;
             if self.body(ctx, resp).await.is_ok() {
                 ctx.stats.index_reads.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -835,6 +885,18 @@ impl Client {
                 ledger.tag_deletes += 1;
             }
         }
+    }
+}
+
+/// Stops the clients when the test ends, a failure included: the replicas are dropped after it
+/// (declared before it), and clients still running at that moment then say nothing of the
+/// replicas going away.
+struct Teardown(Arc<Ctx>);
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        self.0.tearing_down.store(true, Ordering::Relaxed);
+        self.0.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -1279,6 +1341,9 @@ async fn three_replicas_share_one_catalog_and_bucket_under_load() {
         assert_eq!(resp.status(), 200, "{}: a blob pushed through replica 0", r.url);
     }
     eprintln!("{REPLICAS} replicas up in {:?}", started.elapsed());
+    for (i, r) in replicas.iter().enumerate() {
+        eprintln!("replica {i}: {}", r.url);
+    }
 
     let ctx = Arc::new(Ctx {
         urls: replicas.iter().map(|r| r.url.clone()).collect(),
@@ -1287,9 +1352,11 @@ async fn three_replicas_share_one_catalog_and_bucket_under_load() {
         stats: Stats::default(),
         stop: AtomicBool::new(false),
         killed: AtomicBool::new(false),
+        tearing_down: AtomicBool::new(false),
         next_spec: AtomicUsize::new(0),
         seed,
     });
+    let _teardown = Teardown(ctx.clone());
     let fixture = Arc::new(FixtureRepo::load("http-noauth", "spack_buildcache"));
     let (doomed_tx, doomed_rx) = mpsc::unbounded_channel::<Doomed>();
     let doomed_rx = Arc::new(tokio::sync::Mutex::new(doomed_rx));

@@ -181,44 +181,6 @@ impl TestServer {
         }
     }
 
-    /// Starts another replica of `first`: a server on the same PostgreSQL database (its password
-    /// in a file of the new server's own) and the same S3 bucket, with a data directory and a
-    /// port of its own, and `envs` added. Nothing else of `first`'s environment is copied: pass
-    /// the settings the replica should have too. Needs the PostgreSQL catalog (a SQLite catalog
-    /// lives in one data directory); with blobs on local disk the second server refuses to start
-    /// (the single-node lock, see docs/postgres.md), so replicas are an S3 matter.
-    ///
-    /// The database goes with the last server on it. While several servers share it, `kill` and
-    /// `crash_and_restart` end no sessions on it (the others' are live): a killed process's
-    /// sessions end when PostgreSQL sees its sockets closed. `run_cli` knows the catalog of the
-    /// first server's data directory only; `stowage_command` works on any of them.
-    pub fn start_sharing(first: &TestServer, envs: &[(&str, &str)]) -> Self {
-        let database = first
-            .database
-            .clone()
-            .expect("start_sharing needs a server on the PostgreSQL catalog");
-        let tmp = tempfile::tempdir().expect("create temp dir");
-        let data_dir = tmp.path().join("data");
-        let mut all = database.envs_with_password_in(tmp.path());
-        all.extend(first.bucket.as_deref().map(backend::s3_envs).unwrap_or_default());
-        all.extend(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let envs = all;
-        let (child, url) = spawn(&data_dir, &envs);
-        let host = host_of(&url);
-        TestServer {
-            child,
-            url,
-            host,
-            data_dir,
-            _tmp: Some(tmp),
-            envs,
-            backend: first.backend,
-            bucket: first.bucket.clone(),
-            catalog: first.catalog,
-            database: Some(database),
-        }
-    }
-
     /// The name of this server's database on the PostgreSQL test server, with the PostgreSQL
     /// catalog (another server's, for a replica that shares it).
     pub fn database(&self) -> Option<&str> {

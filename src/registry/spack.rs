@@ -130,18 +130,26 @@ impl Registry {
     /// Builds the index and its manifest from one snapshot and records them as current: an
     /// incremental build first (see `catalog::spack::BuildMode`), and a full one when the
     /// incremental one cannot reuse what it named (the collector took a blob of the layout
-    /// meanwhile, or a piece cannot be read back).
+    /// meanwhile, or a piece cannot be read back), or when the collector took the new index
+    /// blob (or the empty config) between its publish and the manifest that names it. That last
+    /// can happen to any build, only with a grace period of about zero, so a full build is
+    /// tried up to [`BUILD_ATTEMPTS`] times in all.
     async fn build_spack_index(&self, repo: &RepoName, lock: &SharedGuard) -> Result<String> {
-        match self.build_spack_index_as(repo, BuildMode::Incremental, lock).await? {
-            Built::Index(digest) => Ok(digest),
-            Built::Retry(why) => {
-                tracing::warn!(repo = %repo, why, "an incremental spack index build was not kept; building in full");
-                match self.build_spack_index_as(repo, BuildMode::Full, lock).await? {
-                    Built::Index(digest) => Ok(digest),
-                    Built::Retry(why) => Err(Internal::Other(why).into()),
-                }
+        let mut mode = BuildMode::Incremental;
+        for attempt in 1.. {
+            let why = match self.build_spack_index_as(repo, mode, lock).await {
+                Ok(Built::Index(digest)) => return Ok(digest),
+                Ok(Built::Retry(why)) => why,
+                Err(Error::ManifestBlobUnknown(_)) => "the collector took a blob of the new index before its manifest",
+                Err(e) => return Err(e),
+            };
+            if attempt >= BUILD_ATTEMPTS {
+                return Err(Internal::Other(why).into());
             }
+            tracing::warn!(repo = %repo, why, attempt, "a spack index build was not kept; building in full");
+            mode = BuildMode::Full;
         }
+        Err(Internal::Other("spack index build attempts ran out").into())
     }
 
     /// One build. What the catalog serialises (the header, the segments it writes, the
@@ -314,6 +322,9 @@ impl Registry {
         Ok(digest)
     }
 }
+
+/// Builds of one index per request at most: the first (incremental) and full ones after it.
+const BUILD_ATTEMPTS: u32 = 3;
 
 /// Coalesced pieces a composite index may have: more (changes scattered over many segments,
 /// runs alternating between blobs) and the build is a full one, so that serving or hashing the

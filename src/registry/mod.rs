@@ -117,6 +117,16 @@ impl Registry {
         let (mut expired, mut gone) = (0usize, 0usize);
         let shared = self.shared_sessions();
         for (rec, last_used) in self.catalog.uploads_with_last_use().await? {
+            if let Some(locks) = shared {
+                // Another replica may be using the session, or have used it since the listing:
+                // expired only if neither (and its data kept from the sweep below otherwise).
+                if last_used <= expired_before && self.expire_shared_upload(locks, &rec, expired_before).await? {
+                    expired += 1;
+                } else {
+                    keep.insert(rec.id);
+                }
+                continue;
+            }
             if last_used <= expired_before {
                 expired += 1;
             } else if !self.store.staged_data_present(rec.id, &rec.staging, rec.offset).await? {
@@ -125,14 +135,6 @@ impl Registry {
                 keep.insert(rec.id);
                 continue;
             }
-            // Another replica may be using a shared session right now: not while it is.
-            let _lock = match shared {
-                None => None,
-                Some(locks) => match locks.try_acquire(uploads::lock_key(rec.id)).await? {
-                    Some(guard) => Some(guard),
-                    None => continue,
-                },
-            };
             self.forget_session(rec.id, Some(&rec.staging)).await;
         }
         // Other replicas' uploads in progress are not this start's to clean up: only what is

@@ -75,6 +75,10 @@
 //!    `registry.upload_timeout`: younger ones may be another replica's uploads in progress.
 //!    The session limits are counted in the catalog at `POST`; openings on several replicas at
 //!    once may each take the last free place.
+//! 10. **A closing `PUT` forgets the row before it consumes the staged data** (reads back and
+//!     deletes the tail object, completes the multipart upload), so that a replica dying in the
+//!     middle of a commit leaves a session that is unknown (404, the client starts again), not
+//!     one whose data is half gone.
 //!
 //! The cost over one process: a catalog read and two database lock statements per changing
 //! request, one `PUT` of the tail object at the end of a request that leaves one (under the
@@ -870,6 +874,13 @@ impl Registry {
             self.end_session(id, state.writer.take()).await;
             return Err(ended(e));
         }
+        // A shared session's row goes before the commit consumes the staged data (the tail
+        // object, the multipart upload): a replica taking over after this one dies mid-commit
+        // then finds the session gone (404: the client starts again) instead of resuming data
+        // that is no longer there. Nothing is consumed yet if this fails.
+        if self.shared_sessions().is_some() {
+            self.catalog.delete_upload(id).await?;
+        }
         // From here the session is ended for every other request (its writer is gone), and the
         // lock is held until the commit has either linked the blob (deleting the session's
         // catalog row in the same transaction) or forgotten the session.
@@ -959,23 +970,25 @@ impl Registry {
     /// Expires shared session `rec`, listed as idle since before `before` (unix seconds), unless
     /// a request on any replica is using it or used it since: its record goes first, then its
     /// data (data left by a failure there is the start-up sweep's and the bucket's lifecycle
-    /// rules' to remove).
+    /// rules' to remove). Returns whether it did.
     pub(super) async fn expire_shared_upload(
         &self,
         locks: &LockService,
         rec: &UploadRecord,
         before: i64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let Some(_lock) = locks.try_acquire(lock_key(rec.id)).await? else {
-            return Ok(());
+            return Ok(false);
         };
         if !self.catalog.delete_upload_if_idle(rec.id, before).await? {
-            return Ok(());
+            return Ok(false);
         }
         self.uploads.remove(rec.id);
-        self.store.discard(rec.id, Some(&rec.staging)).await?;
+        if let Err(e) = self.store.discard(rec.id, Some(&rec.staging)).await {
+            tracing::warn!(upload = %rec.id, error = %e, "discarding an expired upload's data failed");
+        }
         tracing::info!(upload = %rec.id, "expired an idle upload session");
-        Ok(())
+        Ok(true)
     }
 
     /// Ends idle sessions (see `Registry::expire_uploads`).

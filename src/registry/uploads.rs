@@ -574,6 +574,7 @@ impl Registry {
                     .map_err(PumpError::Store)?;
                 session.offset.store(cp.offset, Ordering::Release);
                 session.recorded(&cp);
+                writer.drop_stale_tails().await;
             }
         }
         Ok(n)
@@ -783,6 +784,7 @@ impl Registry {
         let cp = to_catalog(cp);
         self.catalog.checkpoint_upload(id, cp.clone()).await?;
         session.recorded(&cp);
+        writer.drop_stale_tails().await;
         Ok(writer.len())
     }
 
@@ -806,6 +808,7 @@ impl Registry {
             let cp = to_catalog(cp);
             self.catalog.checkpoint_upload(id, cp.clone()).await?;
             session.recorded(&cp);
+            writer.drop_stale_tails().await;
             Ok::<_, Error>(writer.len())
         }
         .await;
@@ -956,7 +959,10 @@ impl Registry {
                     // bytes are read back from it as long as this process runs: nothing is lost.
                     let cp = to_catalog(cp);
                     match self.catalog.checkpoint_upload(id, cp.clone()).await {
-                        Ok(()) => session.recorded(&cp),
+                        Ok(()) => {
+                            session.recorded(&cp);
+                            writer.drop_stale_tails().await;
+                        }
                         Err(e) => tracing::warn!(upload = %id, error = %e, "recording a spilled upload tail failed"),
                     }
                     spilled += 1;

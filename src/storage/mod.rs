@@ -51,7 +51,7 @@ use object_store::signer::Signer;
 use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectStoreExt};
 use uuid::Uuid;
 
-use staging::{FileStaging, MultipartStaging, Staging, StagingState};
+use staging::{FileStaging, MultipartStaging, Staging, StagingState, TailKey};
 pub use writer::{Checkpoint, IDLE_RELEASE_AFTER, StagedWriter};
 
 use crate::error::{Error, Internal, Result};
@@ -421,17 +421,33 @@ impl BlobStore {
         ) {
             (Some(StagingState::File), Some(file)) => {
                 match crate::metrics::spawn_blocking(move || FileStaging::reopen(file, offset)).await?? {
-                    Some(f) => (Staging::File(f), Vec::new(), 0),
+                    Some(f) => (Staging::File(f), Vec::new(), (0, TailKey::after(0))),
                     None => return Ok(None),
                 }
             }
-            (Some(StagingState::Multipart { upload_id, parts, tail }), None) => {
+            (
+                Some(StagingState::Multipart {
+                    upload_id,
+                    parts,
+                    tail,
+                    tail_at,
+                }),
+                None,
+            ) => {
+                let key = match tail_at {
+                    Some(at) => TailKey::after(at),
+                    None => TailKey {
+                        at: parts.len(),
+                        legacy: true,
+                    },
+                };
                 let parts = parts.into_iter().map(|content_id| PartId { content_id }).collect();
-                (self.staging(id, upload_id)?, parts, tail.unwrap_or(0))
+                (self.staging(id, upload_id)?, parts, (tail.unwrap_or(0), key))
             }
             _ => return Ok(None),
         };
         // The hash state covers the parts; a tail object's bytes come after it, unhashed.
+        let (tail, tail_key) = tail;
         let Some(parts_end) = offset.checked_sub(tail) else {
             return Ok(None);
         };
@@ -445,7 +461,7 @@ impl BlobStore {
             parts,
         );
         if tail > 0 {
-            writer.spilled(tail);
+            writer.spilled(tail, tail_key);
         }
         Ok(Some(writer))
     }
@@ -534,27 +550,32 @@ impl BlobStore {
     /// staging state, when it has one: an unfinished S3 multipart upload is aborted with it.
     pub async fn discard(&self, id: Uuid, staging: Option<&str>) -> Result<()> {
         let _timer = self.timer("delete_upload");
-        if let Some(StagingState::Multipart { upload_id, tail, .. }) = staging.and_then(StagingState::from_json) {
+        if let Some(StagingState::Multipart { upload_id, .. }) = staging.and_then(StagingState::from_json) {
             let mut s = self.staging(id, upload_id.clone())?;
             if upload_id.is_some()
                 && let Err(e) = s.abort().await
             {
                 tracing::warn!(upload = %id, error = %e, "aborting a multipart upload failed");
             }
-            if tail.is_some()
-                && let Err(e) = s.delete_tail().await
-            {
-                tracing::warn!(upload = %id, error = %e, "deleting an upload's tail object failed");
-            }
         }
         if let Some(file) = self.local_file(Key::Upload(id)) {
             crate::metrics::spawn_blocking(move || staging::remove_staging_file(&file)).await??;
             return Ok(());
         }
-        match self.store.delete(&self.path(Key::Upload(id))).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
+        // Every object of the upload: its data, and its tail objects (superseded ones that a
+        // crash between a spill and its checkpoint left too).
+        let dir = match &self.prefix {
+            None => Path::from(format!("uploads/{}", id.simple())),
+            Some(p) => Path::from(format!("{p}/uploads/{}", id.simple())),
+        };
+        let objects: Vec<Path> = self.store.list(Some(&dir)).map_ok(|m| m.location).try_collect().await?;
+        for object in objects {
+            match self.store.delete(&object).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
+        Ok(())
     }
 
     /// Whether the staged data a session recorded (`staging`, holding `offset` bytes) is still

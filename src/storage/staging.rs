@@ -12,11 +12,15 @@
 //!   parts written so far are what a restart needs. A blob smaller than one part never starts a
 //!   multipart upload: it is written with a single PUT when the upload completes. Bytes past the
 //!   last part (fewer than S3 takes as a part) live in memory while requests come in; a session
-//!   left idle, or one open at a graceful stop, moves them to a small **tail object**
-//!   (`uploads/<uuid>/tail`), so an abandoned session holds no memory and a restart loses
-//!   nothing. The tail object only ever holds bytes that start at the last part's end, and the
-//!   state records how many of them count (a longer object is cut: it was written by a spill
-//!   whose checkpoint was never recorded).
+//!   left idle, or one open at a graceful stop, moves them to a small **tail object**, so an
+//!   abandoned session holds no memory and a restart loses nothing. A tail object is named by
+//!   where it starts, the number of parts before it ([`TailKey`]: `uploads/<uuid>/tail-<n>`;
+//!   `uploads/<uuid>/tail` for sessions recorded before tails were named so), and the state
+//!   records how many of its bytes count. Rewriting the tail at the same place only makes it
+//!   longer (its bytes are a prefix of the new ones), so a recorded checkpoint never finds its
+//!   tail changed under it: a spill after a part was written goes to a new name, and the
+//!   superseded tail is deleted only once a checkpoint naming the new parts is recorded
+//!   ([`crate::storage::StagedWriter::drop_stale_tails`]).
 //!
 //! [`StagingState`] is the serialisable part of each, kept by the catalog between checkpoints.
 //!
@@ -52,7 +56,30 @@ pub enum StagingState {
         /// Bytes after the last part that are kept in the tail object.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tail: Option<u64>,
+        /// Parts before the tail object, which names it (absent: the unnumbered tail object
+        /// of older versions).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tail_at: Option<usize>,
     },
+}
+
+/// Which object holds an upload's bytes past its last part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TailKey {
+    /// Parts before it.
+    pub at: usize,
+    /// The unnumbered name of older versions' tails.
+    pub legacy: bool,
+}
+
+impl TailKey {
+    /// The tail that follows `parts` parts.
+    pub fn after(parts: usize) -> TailKey {
+        TailKey {
+            at: parts,
+            legacy: false,
+        }
+    }
 }
 
 impl StagingState {
@@ -95,7 +122,7 @@ pub struct MultipartStaging {
     store: Arc<dyn ObjectStore>,
     multipart: Arc<dyn MultipartStore>,
     path: Path,
-    /// Where bytes past the last part are kept while the session is idle.
+    /// The unnumbered tail object's name; numbered ones add `-<parts>` ([`TailKey`]).
     tail_path: Path,
     upload_id: Option<String>,
 }
@@ -146,6 +173,13 @@ impl FileStaging {
 }
 
 impl MultipartStaging {
+    fn tail(&self, key: TailKey) -> Path {
+        if key.legacy {
+            return self.tail_path.clone();
+        }
+        Path::from(format!("{}-{}", self.tail_path, key.at))
+    }
+
     pub fn new(
         store: Arc<dyn ObjectStore>,
         multipart: Arc<dyn MultipartStore>,
@@ -173,14 +207,15 @@ impl Staging {
     }
 
     /// The serialisable state, given the ids of the parts durably written so far and the
-    /// bytes kept in the tail object.
-    pub fn state(&self, parts: &[PartId], tail: Option<u64>) -> StagingState {
+    /// bytes kept in a tail object, and which.
+    pub fn state(&self, parts: &[PartId], tail: Option<(u64, TailKey)>) -> StagingState {
         match self {
             Staging::File(_) => StagingState::File,
             Staging::Multipart(m) => StagingState::Multipart {
                 upload_id: m.upload_id.clone(),
                 parts: parts.iter().map(|p| p.content_id.clone()).collect(),
-                tail,
+                tail: tail.map(|(len, _)| len),
+                tail_at: tail.and_then(|(_, key)| (!key.legacy).then_some(key.at)),
             },
         }
     }
@@ -191,22 +226,22 @@ impl Staging {
         matches!(self, Staging::Multipart(_))
     }
 
-    /// Stores `data`, the bytes after the last part, as the tail object (durable on return).
-    pub async fn put_tail(&self, data: Bytes) -> Result<()> {
+    /// Stores `data`, the bytes after the last part, as tail object `key` (durable on return).
+    pub async fn put_tail(&self, data: Bytes, key: TailKey) -> Result<()> {
         match self {
             Staging::Multipart(m) => {
-                m.store.put(&m.tail_path, PutPayload::from(data)).await?;
+                m.store.put(&m.tail(key), PutPayload::from(data)).await?;
                 Ok(())
             }
             Staging::File(_) => Err(Internal::Other("local staging keeps no tail object").into()),
         }
     }
 
-    /// The first `len` bytes of the tail object.
-    pub async fn get_tail(&self, len: u64) -> Result<Bytes> {
+    /// The first `len` bytes of tail object `key`.
+    pub async fn get_tail(&self, len: u64, key: TailKey) -> Result<Bytes> {
         match self {
             Staging::Multipart(m) => {
-                let data = m.store.get(&m.tail_path).await?.bytes().await?;
+                let data = m.store.get(&m.tail(key)).await?.bytes().await?;
                 if (data.len() as u64) < len {
                     return Err(Internal::Other("an upload's tail object is shorter than recorded").into());
                 }
@@ -216,10 +251,10 @@ impl Staging {
         }
     }
 
-    /// Deletes the tail object, if there is one.
-    pub async fn delete_tail(&self) -> Result<()> {
+    /// Deletes tail object `key`, if there is one.
+    pub async fn delete_tail(&self, key: TailKey) -> Result<()> {
         if let Staging::Multipart(m) = self {
-            match m.store.delete(&m.tail_path).await {
+            match m.store.delete(&m.tail(key)).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }

@@ -75,7 +75,7 @@ use tokio::task::JoinHandle;
 
 use super::aligned::{ALIGN, PartBuf};
 use super::memory::{Reservation, UploadMemory};
-use super::staging::{PartWrite, Staging};
+use super::staging::{PartWrite, Staging, TailKey};
 use crate::error::{Error, Internal, Result};
 use crate::oci::{Digest, Hasher};
 
@@ -140,8 +140,13 @@ pub struct StagedWriter {
     /// Bytes past the last part that sit in the store's tail object instead of `buf` (an idle
     /// session, see [`StagedWriter::spill`]); read back before anything else happens.
     spilled: u64,
-    /// Whether a tail object may exist; it is deleted when the upload ends.
-    tail_object: bool,
+    /// Which tail object holds the `spilled` bytes.
+    tail_key: TailKey,
+    /// Tail objects that may exist (written here, or the one resumed from); deleted when they
+    /// are superseded ([`StagedWriter::drop_stale_tails`]) or the upload ends.
+    tails: Vec<TailKey>,
+    /// Parts named by the last checkpoint handed out.
+    described_parts: usize,
 }
 
 /// Write-back control of a staged file on local disk.
@@ -198,6 +203,7 @@ impl StagedWriter {
         state: Vec<u8>,
         parts: Vec<PartId>,
     ) -> Self {
+        let parts_len = parts.len();
         let writeback = match &staging {
             Staging::File(f) => Some(Arc::new(Writeback::new(Arc::clone(&f.file)))),
             Staging::Multipart(_) => None,
@@ -218,7 +224,9 @@ impl StagedWriter {
             writeback,
             poisoned: false,
             spilled: 0,
-            tail_object: false,
+            tail_key: TailKey::after(parts_len),
+            tails: Vec::new(),
+            described_parts: parts_len,
         }
     }
 
@@ -232,11 +240,34 @@ impl StagedWriter {
         }
     }
 
-    /// Marks the `bytes` after the resumed offset as kept in the tail object.
-    pub(super) fn spilled(&mut self, bytes: u64) {
+    /// Marks the `bytes` after the resumed offset as kept in tail object `key`.
+    pub(super) fn spilled(&mut self, bytes: u64, key: TailKey) {
         self.spilled = bytes;
         self.len += bytes;
-        self.tail_object = true;
+        self.tail_key = key;
+        self.note_tail(key);
+    }
+
+    fn note_tail(&mut self, key: TailKey) {
+        if !self.tails.contains(&key) {
+            self.tails.push(key);
+        }
+    }
+
+    /// Deletes the tail objects a recorded checkpoint no longer names: those before the parts
+    /// of the last checkpoint handed out, once the caller has recorded it (their bytes are in
+    /// those parts). A tail at the current place is kept: it only ever grows.
+    pub async fn drop_stale_tails(&mut self) {
+        let parts = self.described_parts;
+        let mut kept = Vec::with_capacity(self.tails.len());
+        for key in std::mem::take(&mut self.tails) {
+            if key.at >= parts {
+                kept.push(key);
+            } else if let Err(e) = self.staging.delete_tail(key).await {
+                tracing::warn!(error = %e, "deleting a superseded upload tail object failed");
+            }
+        }
+        self.tails = kept;
     }
 
     /// Reads the tail object back into the part buffer, if the bytes past the last part are there.
@@ -245,7 +276,7 @@ impl StagedWriter {
             return Ok(());
         }
         let reservation = self.memory.reserve(self.part_size).await?;
-        let data = self.staging.get_tail(self.spilled).await?;
+        let data = self.staging.get_tail(self.spilled, self.tail_key).await?;
         let mut buf = PartBuf::with_capacity(self.part_size, reservation);
         buf.fill(&data);
         self.buf = Some(buf);
@@ -268,14 +299,19 @@ impl StagedWriter {
         };
         // A copy, so that the part (and its reservation) stays as it was if storing fails.
         let data = Bytes::copy_from_slice(buf.as_ref());
-        self.staging.put_tail(data.clone()).await?;
+        // Named by where it starts: a tail recorded before a part was written stays as it was
+        // until a checkpoint naming that part is recorded.
+        let key = TailKey::after(self.parts.len());
+        self.note_tail(key);
+        self.staging.put_tail(data.clone(), key).await?;
         self.buf = None;
-        self.tail_object = true;
+        self.tail_key = key;
         self.spilled = data.len() as u64;
+        self.described_parts = self.parts.len();
         Ok(Some(Checkpoint {
             offset: self.written.0 + self.spilled,
             hash_state: self.written.1.clone(),
-            staging: self.staging.state(&self.parts, Some(self.spilled)).to_json(),
+            staging: self.staging.state(&self.parts, Some((self.spilled, key))).to_json(),
         }))
     }
 
@@ -577,10 +613,14 @@ impl StagedWriter {
             // Nothing came since the tail was moved to its object (a write reads it back
             // first): the tail object is durable already, so describe it, without needing
             // memory to read it back.
+            self.described_parts = self.parts.len();
             return Ok(Checkpoint {
                 offset: self.written.0 + self.spilled,
                 hash_state: self.written.1.clone(),
-                staging: self.staging.state(&self.parts, Some(self.spilled)).to_json(),
+                staging: self
+                    .staging
+                    .state(&self.parts, Some((self.spilled, self.tail_key)))
+                    .to_json(),
             });
         }
         if end_of_request {
@@ -596,6 +636,7 @@ impl StagedWriter {
         }
         self.staging.sync().await?;
         self.recorded = self.written.0;
+        self.described_parts = self.parts.len();
         Ok(Checkpoint {
             offset: self.written.0,
             hash_state: self.written.1.clone(),
@@ -676,11 +717,10 @@ impl StagedWriter {
     }
 
     async fn delete_tail_object(&mut self) {
-        if self.tail_object {
-            if let Err(e) = self.staging.delete_tail().await {
+        for key in std::mem::take(&mut self.tails) {
+            if let Err(e) = self.staging.delete_tail(key).await {
                 tracing::warn!(error = %e, "deleting an upload's tail object failed");
             }
-            self.tail_object = false;
         }
     }
 }

@@ -2,6 +2,8 @@
 //! data directories and drives the same workloads, with the same client code, against each.
 //!
 //! Run with `cargo bench --bench registry`. See `benches/README.md` for what each workload does.
+//! The server processes, test images, small-image pushes and request-rate machinery are in
+//! `benches/common/harness.rs`, shared with `benches/replicas.rs`.
 //!
 //! Debug knobs (environment variables; the defaults are the real benchmark):
 //! - `REGBENCH_BLOB_MIB`   size of the large blobs, MiB (default 1024)
@@ -26,43 +28,31 @@
 //! - `REGBENCH_S3=0`               skip the S3 backend's run (Stowage on a moto S3 server on
 //!   127.0.0.1, `$STOWAGE_TEST_PYTHON -m moto.server`; `scripts/test` installs moto)
 
+#[path = "common/harness.rs"]
+#[allow(dead_code)] // each benchmark uses part of it
+mod harness;
+
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read as _};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
-use reqwest::{Client, StatusCode, Url};
-use sha2::Digest as _;
+use harness::*;
+use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
+use reqwest::{Client, StatusCode};
 
-const MIB: usize = 1 << 20;
 const DISTRIBUTION_BIN: &str = "/usr/bin/docker-registry";
-/// Request-rate workloads: concurrent connections.
-const RATE_CONNS: usize = 64;
-/// Request-rate workloads: unmeasured warm-up before the measured window.
-const RATE_WARMUP: Duration = Duration::from_secs(1);
-/// Small-image pushes: concurrent clients.
-const IMAGE_WORKERS: usize = 16;
-/// Small-image pushes: give up (and report what was done) after this long.
-const IMAGE_DEADLINE: Duration = Duration::from_secs(120);
 /// Chunked upload: size of one PATCH.
 const PATCH_SIZE: usize = 64 * MIB;
 /// Download: runs per registry; the median is reported.
 const DOWNLOAD_RUNS: usize = 3;
 /// Request bodies are streamed in pieces of this size.
 const STREAM_PIECE: usize = MIB;
-const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
-    application/vnd.oci.image.index.v1+json, \
-    application/vnd.docker.distribution.manifest.v2+json, \
-    application/vnd.docker.distribution.manifest.list.v2+json";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 // ---------------------------------------------------------------------------------------------
 // Settings
@@ -105,99 +95,6 @@ impl Settings {
 // ---------------------------------------------------------------------------------------------
 // Server processes
 // ---------------------------------------------------------------------------------------------
-
-/// A registry process on 127.0.0.1. Dropping it (also while unwinding from a panic) kills the
-/// process and removes its temporary data directory.
-struct Server {
-    label: &'static str,
-    child: Child,
-    /// `http://127.0.0.1:PORT`, no trailing slash.
-    url: String,
-    log: PathBuf,
-    tmp: tempfile::TempDir,
-    /// The client every workload uses against this server (with its credentials, if any).
-    client: Client,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// `{url}/v2/{path}`.
-    fn v2(&self, path: &str) -> String {
-        format!("{}/v2/{path}", self.url)
-    }
-
-    /// Peak resident set size (VmHWM) in KiB.
-    fn vm_hwm_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-        line.split_whitespace().nth(1)?.parse().ok()
-    }
-
-    /// User + system CPU time of the process so far.
-    fn cpu(&self) -> Duration {
-        proc_cpu(&format!("/proc/{}/stat", self.pid()))
-    }
-
-    fn disk_usage(&self) -> u64 {
-        dir_size(self.tmp.path())
-    }
-
-    fn log_tail(&self) -> String {
-        log_tail(&self.log)
-    }
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-fn dir_size(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => dir_size(&e.path()),
-            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
-/// utime + stime from a `/proc/.../stat` file (clock ticks of 10 ms).
-fn proc_cpu(stat_path: &str) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(stat_path) else {
-        return Duration::ZERO;
-    };
-    // The command name (field 2) may contain spaces: count fields after its closing ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-        .sum();
-    Duration::from_millis(ticks * 10)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0 to find a free port")
-        .port()
-}
 
 fn start_distribution(label: &'static str) -> Server {
     let tmp = tempfile::Builder::new()
@@ -268,6 +165,19 @@ fn start_distribution(label: &'static str) -> Server {
 
 fn start_stowage(bin: &Path, log_level: &str) -> Server {
     start_stowage_with(bin, log_level, "Stowage", &[])
+}
+
+/// [`harness::start_stowage_with`] with `storage.upload_memory` from `REGBENCH_UPLOAD_MEMORY_MIB`
+/// when set (`envs` may still override it).
+fn start_stowage_with(bin: &Path, log_level: &str, label: &'static str, envs: &[(&str, String)]) -> Server {
+    let mut all: Vec<(&str, String)> = std::env::var("REGBENCH_UPLOAD_MEMORY_MIB")
+        .ok()
+        .and_then(|m| m.parse::<usize>().ok())
+        .map(|m| ("STOWAGE_STORAGE__UPLOAD_MEMORY", (m * MIB).to_string()))
+        .into_iter()
+        .collect();
+    all.extend(envs.iter().cloned());
+    harness::start_stowage_with(bin, log_level, label, &all)
 }
 
 /// The user the authenticated target's workloads run as.
@@ -370,313 +280,6 @@ async fn sign_in(s: &mut Server) {
     s.client = client_builder().default_headers(headers).build().expect("client");
 }
 
-/// A moto S3 server on 127.0.0.1 with one bucket, `bench`; killed when dropped.
-struct S3Server {
-    child: Child,
-    host: String,
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_moto() -> S3Server {
-    let python = std::env::var("STOWAGE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let port = free_port();
-    let child = Command::new(&python)
-        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("run {python} -m moto.server (pip install 'moto[server]'): {e}"));
-    let mut server = S3Server {
-        child,
-        host: format!("127.0.0.1:{port}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = server.child.try_wait() {
-            panic!("moto.server exited ({status}) before serving");
-        }
-        assert!(Instant::now() < deadline, "moto.server is not listening after 60 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut stream = TcpStream::connect(&server.host).expect("connect to moto");
-    let req = format!(
-        "PUT /bench HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        server.host
-    );
-    std::io::Write::write_all(&mut stream, req.as_bytes()).expect("create bucket");
-    let mut resp = String::new();
-    let _ = stream.read_to_string(&mut resp);
-    assert!(resp.starts_with("HTTP/1.1 200"), "create bucket on moto: {resp}");
-    server
-}
-
-fn start_stowage_with(bin: &Path, log_level: &str, label: &'static str, envs: &[(&str, String)]) -> Server {
-    let tmp = tempfile::Builder::new()
-        .prefix("bench-stowage-")
-        .tempdir()
-        .expect("create temp dir");
-    let data = tmp.path().join("data");
-    let log = tmp.path().join("stowage.log");
-    let log_file = std::fs::File::create(&log).expect("create log file");
-    let mut cmd = Command::new(bin);
-    // Stowage reads STOWAGE_* variables as settings: pass only the ones set here.
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("STOWAGE_") {
-            cmd.env_remove(k);
-        }
-    }
-    let mut child = cmd
-        .arg("serve")
-        .env("STOWAGE_LISTEN", "127.0.0.1:0")
-        .env("STOWAGE_DATA_DIR", &data)
-        // Distribution runs without authentication here; so does Stowage, to compare like with like.
-        .env("STOWAGE_AUTH__ENABLED", "false")
-        .env("RUST_LOG", log_level)
-        .envs(
-            std::env::var("REGBENCH_UPLOAD_MEMORY_MIB")
-                .ok()
-                .and_then(|m| m.parse::<usize>().ok())
-                .map(|m| ("STOWAGE_STORAGE__UPLOAD_MEMORY", (m * MIB).to_string())),
-        )
-        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log_file)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    // Reads the `listening on http://…` line, then keeps draining stdout until the process ends.
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(rest) = line.split("listening on http://").nth(1)
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
-            }
-        }
-    });
-    let mut server = Server {
-        label,
-        child,
-        url: String::new(),
-        log,
-        tmp,
-        client: client(),
-    };
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(host) => server.url = format!("http://{host}"),
-        Err(_) => {
-            std::thread::sleep(Duration::from_millis(200));
-            let status = match server.child.try_wait() {
-                Ok(Some(s)) => format!("exited ({s})"),
-                _ => "still running".to_string(),
-            };
-            panic!(
-                "stowage did not print `stowage listening on http://…` on stdout within 60 s \
-                 (process {status}); stderr tail:\n{}",
-                server.log_tail()
-            );
-        }
-    }
-    server
-}
-
-/// Builds the release `stowage` binary (a no-op when it is fresh) and returns its path.
-fn build_stowage() -> PathBuf {
-    if let Some(bin) = std::env::var_os("REGBENCH_STOWAGE_BIN") {
-        return PathBuf::from(bin);
-    }
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("[bench] cargo build --release --bin stowage");
-    let status = Command::new(&cargo)
-        .args(["build", "--release", "--bin", "stowage"])
-        .current_dir(manifest_dir)
-        .stdin(Stdio::null())
-        .status()
-        .unwrap_or_else(|e| panic!("run {cargo}: {e}"));
-    assert!(
-        status.success(),
-        "`cargo build --release --bin stowage` failed ({status})"
-    );
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir.join("target"));
-    let bin = target_dir.join("release").join("stowage");
-    assert!(bin.exists(), "{} missing after build", bin.display());
-    bin
-}
-
-/// Runs `cmd args` and returns the first line of its output, giving up after 10 s.
-fn command_version(cmd: &Path, args: &[&str]) -> String {
-    let child = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let Ok(mut child) = child else {
-        return "unknown".into();
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return "unknown (timed out)".into();
-            }
-        }
-    }
-    let mut out = String::new();
-    if let Some(mut s) = child.stdout.take() {
-        let _ = s.read_to_string(&mut out);
-    }
-    if out.trim().is_empty()
-        && let Some(mut s) = child.stderr.take()
-    {
-        let _ = s.read_to_string(&mut out);
-    }
-    out.lines().next().unwrap_or("unknown").trim().to_string()
-}
-
-fn machine_info() -> String {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, m)| m.trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
-    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    format!(
-        "nproc {cpus}, CPU {model}, {:.1} GiB RAM, Linux {}, load average before run {}",
-        mem_kib as f64 / (1024.0 * 1024.0),
-        kernel.trim(),
-        load.join(" ")
-    )
-}
-
-// ---------------------------------------------------------------------------------------------
-// Test data
-// ---------------------------------------------------------------------------------------------
-
-/// wyrand: a fast, deterministic PRNG (not for cryptography).
-struct WyRand(u64);
-
-impl WyRand {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
-        let t = u128::from(self.0) * u128::from(self.0 ^ 0xe703_7ed1_a0b4_28db);
-        ((t >> 64) ^ t) as u64
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for c in &mut chunks {
-            c.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        let rem = chunks.into_remainder();
-        let last = self.next_u64().to_le_bytes();
-        rem.copy_from_slice(&last[..rem.len()]);
-    }
-}
-
-fn sha256(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
-}
-
-struct Blob {
-    data: Bytes,
-    digest: String,
-}
-
-impl Blob {
-    fn random(size: usize, seed: u64) -> Blob {
-        let mut data = vec![0u8; size];
-        let mut rng = WyRand(seed);
-        for piece in data.chunks_mut(MIB) {
-            rng.fill(piece);
-        }
-        let digest = sha256(&data);
-        Blob {
-            data: data.into(),
-            digest,
-        }
-    }
-
-    fn from_vec(data: Vec<u8>) -> Blob {
-        let digest = sha256(&data);
-        Blob {
-            data: data.into(),
-            digest,
-        }
-    }
-}
-
-struct Image {
-    tag: String,
-    config: Blob,
-    layer: Blob,
-    manifest: Bytes,
-}
-
-impl Image {
-    /// A small image whose config (~1 KiB), layer (4 KiB) and manifest are unique to `index`.
-    fn small(index: usize, tag: String) -> Image {
-        let padding = "x".repeat(900);
-        let config = format!(
-            r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["BENCH_INDEX={index}"],"Labels":{{"padding":"{padding}"}}}},"rootfs":{{"type":"layers","diff_ids":[]}}}}"#
-        );
-        let config = Blob::from_vec(config.into_bytes());
-        let mut layer = vec![0u8; 4096];
-        WyRand(0x5eed_0000 + index as u64).fill(&mut layer);
-        let layer = Blob::from_vec(layer);
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": config.digest,
-                "size": config.data.len(),
-            },
-            "layers": [{
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": layer.digest,
-                "size": layer.data.len(),
-            }],
-        });
-        let manifest = serde_json::to_vec(&manifest).expect("serialise manifest");
-        Image {
-            tag,
-            config,
-            layer,
-            manifest: manifest.into(),
-        }
-    }
-}
-
 /// A request body that streams `data` in `STREAM_PIECE` pieces (zero-copy slices).
 fn streamed_body(data: Bytes) -> reqwest::Body {
     let len = data.len();
@@ -687,69 +290,8 @@ fn streamed_body(data: Bytes) -> reqwest::Body {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Client operations (identical for both registries)
+// Client operations (identical for both registries; the small-image ones are in `harness`)
 // ---------------------------------------------------------------------------------------------
-
-fn client_builder() -> reqwest::ClientBuilder {
-    Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .http1_only()
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(RATE_CONNS * 2)
-        .timeout(Duration::from_secs(300))
-}
-
-fn client() -> Client {
-    client_builder().build().expect("build reqwest client")
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Res<T> = Result<T, BoxError>;
-
-async fn expect_status(resp: reqwest::Response, want: StatusCode, what: &str) -> Res<reqwest::Response> {
-    if resp.status() == want {
-        return Ok(resp);
-    }
-    let status = resp.status();
-    let body = resp.text().await.unwrap_or_default();
-    Err(format!(
-        "{what}: expected {want}, got {status}: {}",
-        body.chars().take(500).collect::<String>()
-    )
-    .into())
-}
-
-/// The upload URL from a response's `Location` (absolute or relative), resolved against `base`.
-fn location(base: &str, resp: &reqwest::Response) -> Res<String> {
-    let loc = resp
-        .headers()
-        .get(LOCATION)
-        .ok_or("response has no Location header")?
-        .to_str()?;
-    Ok(Url::parse(base)?.join(loc)?.to_string())
-}
-
-fn with_digest(url: &str, digest: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}digest={digest}")
-}
-
-/// POST /v2/<repo>/blobs/uploads/ -> upload URL.
-async fn start_upload(c: &Client, base: &str, repo: &str) -> Res<String> {
-    let resp = c
-        .post(v2(base, &format!("{repo}/blobs/uploads/")))
-        .header(CONTENT_LENGTH, 0)
-        .send()
-        .await?;
-    let resp = expect_status(resp, StatusCode::ACCEPTED, "POST upload").await?;
-    location(base, &resp)
-}
-
-/// `{base}/v2/{path}`.
-fn v2(base: &str, path: &str) -> String {
-    format!("{base}/v2/{path}")
-}
 
 /// POST, then PUT ?digest= with the whole blob as a streamed body.
 async fn upload_monolithic(c: &Client, base: &str, repo: &str, blob: &Blob) -> Res<()> {
@@ -803,176 +345,6 @@ async fn download(c: &Client, base: &str, repo: &str, digest: &str) -> Res<u64> 
     Ok(n)
 }
 
-/// POST + PUT ?digest= with the whole (small) body in the PUT.
-async fn push_small_blob(c: &Client, base: &str, repo: &str, blob: &Blob) -> Res<()> {
-    let url = start_upload(c, base, repo).await?;
-    let resp = c
-        .put(with_digest(&url, &blob.digest))
-        .header(CONTENT_TYPE, "application/octet-stream")
-        .body(blob.data.clone())
-        .send()
-        .await?;
-    expect_status(resp, StatusCode::CREATED, "PUT ?digest= (small blob)").await?;
-    Ok(())
-}
-
-async fn push_image(c: &Client, base: &str, repo: &str, img: &Image) -> Res<()> {
-    push_small_blob(c, base, repo, &img.config).await?;
-    push_small_blob(c, base, repo, &img.layer).await?;
-    let resp = c
-        .put(v2(base, &format!("{repo}/manifests/{}", img.tag)))
-        .header(CONTENT_TYPE, OCI_MANIFEST)
-        .body(img.manifest.clone())
-        .send()
-        .await?;
-    expect_status(resp, StatusCode::CREATED, "PUT manifest").await?;
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Measurements
-// ---------------------------------------------------------------------------------------------
-
-/// One workload's outcome against one registry.
-#[derive(Clone, Copy, Default)]
-struct Measured {
-    /// The figure of merit (MB/s, requests/s or images/s).
-    value: f64,
-    /// Seconds measured.
-    secs: f64,
-    /// Server CPU time (user + system) during the measured window.
-    server_cpu: f64,
-    /// Benchmark client CPU time during the measured window.
-    client_cpu: f64,
-    /// CPU time used on the machine by anything else (other processes, interrupts) meanwhile.
-    other_cpu: f64,
-    /// Operations counted (bytes for throughput workloads).
-    ops: f64,
-    errors: u64,
-}
-
-fn self_cpu() -> Duration {
-    proc_cpu("/proc/self/stat")
-}
-
-struct CpuMark {
-    at: Instant,
-    server: Duration,
-    client: Duration,
-    machine: Duration,
-}
-
-/// Busy CPU time of the whole machine (all cores) from `/proc/stat`, in ticks of 10 ms.
-fn machine_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return Duration::ZERO;
-    };
-    // user nice system idle iowait irq softirq steal ...: everything but idle and iowait.
-    let ticks: u64 = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .filter_map(|(_, v)| v.parse::<u64>().ok())
-        .sum();
-    Duration::from_millis(ticks * 10)
-}
-
-impl CpuMark {
-    fn now(s: &Server) -> CpuMark {
-        CpuMark {
-            at: Instant::now(),
-            server: s.cpu(),
-            client: self_cpu(),
-            machine: machine_cpu(),
-        }
-    }
-
-    /// A `Measured` for `ops` operations since this mark; `per_sec` = ops / seconds / `unit`.
-    fn finish(&self, s: &Server, ops: f64, unit: f64, errors: u64) -> Measured {
-        let secs = self.at.elapsed().as_secs_f64();
-        let server_cpu = s.cpu().saturating_sub(self.server).as_secs_f64();
-        let client_cpu = self_cpu().saturating_sub(self.client).as_secs_f64();
-        let machine = machine_cpu().saturating_sub(self.machine).as_secs_f64();
-        Measured {
-            value: ops / secs / unit,
-            secs,
-            server_cpu,
-            client_cpu,
-            other_cpu: (machine - server_cpu - client_cpu).max(0.0),
-            ops,
-            errors,
-        }
-    }
-}
-
-/// Runs `RATE_CONNS` tasks that each loop `op` until the deadline; counts the operations that
-/// complete in the measured window (after `RATE_WARMUP`).
-async fn request_rate<F, Fut>(s: &Server, secs: Duration, op: F) -> Measured
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Res<()>> + Send,
-{
-    request_rate_with(s, secs, RATE_CONNS, op).await
-}
-
-/// [`request_rate`] with `conns` tasks (each on its own connection once warm).
-async fn request_rate_with<F, Fut>(s: &Server, secs: Duration, conns: usize, op: F) -> Measured
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Res<()>> + Send,
-{
-    let op = Arc::new(op);
-    let ok = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
-    let start = Instant::now();
-    let measure_from = start + RATE_WARMUP;
-    let end = measure_from + secs;
-    let mut tasks = Vec::new();
-    for _ in 0..conns {
-        let (op, ok, errors, first_error) = (op.clone(), ok.clone(), errors.clone(), first_error.clone());
-        tasks.push(tokio::spawn(async move {
-            // Bounded in time (the deadline) and in count.
-            for _ in 0..10_000_000u64 {
-                if Instant::now() >= end {
-                    break;
-                }
-                let result = op().await;
-                let now = Instant::now();
-                match result {
-                    Ok(()) if now >= measure_from && now < end => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(()) => {}
-                    Err(e) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        first_error.lock().unwrap().get_or_insert_with(|| e.to_string());
-                        // Do not spin on a failing server.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                }
-            }
-        }));
-    }
-    tokio::time::sleep_until(measure_from.into()).await;
-    let mark = CpuMark::now(s);
-    tokio::time::sleep_until(end.into()).await;
-    let mut m = mark.finish(s, 0.0, 1.0, 0);
-    for t in tasks {
-        t.await.expect("request task panicked");
-    }
-    m.ops = ok.load(Ordering::Relaxed) as f64;
-    m.value = m.ops / m.secs;
-    m.errors = errors.load(Ordering::Relaxed);
-    if let Some(e) = first_error.lock().unwrap().take() {
-        eprintln!("[bench] {}: {} errors, first: {e}", s.label, m.errors);
-    }
-    m
-}
-
 // ---------------------------------------------------------------------------------------------
 // Workloads
 // ---------------------------------------------------------------------------------------------
@@ -994,49 +366,6 @@ fn progress(s: &Server, what: &str, m: &Measured, unit: &str) {
             String::new()
         }
     );
-}
-
-/// Writes back dirty pages so one workload's writeback does not land in the next one's window.
-fn sync_disks() {
-    let _ = Command::new("sync").status();
-}
-
-/// Milliseconds spent so far waiting for the machine to go idle (bounded by `QUIET_TOTAL`).
-static QUIET_WAITED_MS: AtomicU64 = AtomicU64::new(0);
-/// Longest wait for an idle machine before one workload.
-const QUIET_EACH: Duration = Duration::from_secs(20);
-/// Longest total wait for an idle machine in one run.
-const QUIET_TOTAL: Duration = Duration::from_secs(90);
-/// "Idle": less than this share of one core busy over a 500 ms sample.
-const QUIET_BUSY: f64 = 0.25;
-
-/// Before a workload: flushes dirty pages, then waits (bounded) until nothing else keeps the
-/// machine busy, so that a build or test running beside the benchmark does not land in a window.
-async fn settle() {
-    sync_disks();
-    let start = Instant::now();
-    let mut said = false;
-    loop {
-        let before = machine_cpu();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let busy = machine_cpu().saturating_sub(before).as_secs_f64() / 0.5;
-        let waited = QUIET_WAITED_MS.load(Ordering::Relaxed) + start.elapsed().as_millis() as u64;
-        if busy < QUIET_BUSY {
-            break;
-        }
-        if start.elapsed() >= QUIET_EACH || waited >= QUIET_TOTAL.as_millis() as u64 {
-            eprintln!("[bench] machine still busy ({:.0}% of a core); going on", busy * 100.0);
-            break;
-        }
-        if !said {
-            eprintln!(
-                "[bench] waiting for the machine to go idle ({:.0}% of a core busy)",
-                busy * 100.0
-            );
-            said = true;
-        }
-    }
-    QUIET_WAITED_MS.fetch_add(start.elapsed().as_millis() as u64, Ordering::Relaxed);
 }
 
 async fn w_upload(c: &Client, s: &Server, blob: &Blob, chunked: bool) -> Measured {
@@ -1523,7 +852,7 @@ fn overhead_main(bin: &Path, settings: &Settings) -> ExitCode {
 fn main() -> ExitCode {
     let settings = Settings::from_env();
     if std::env::var("REGBENCH_OVERHEAD").is_ok_and(|v| v == "1") {
-        return overhead_main(&build_stowage(), &settings);
+        return overhead_main(&build_stowage("REGBENCH_STOWAGE_BIN"), &settings);
     }
     if !Path::new(DISTRIBUTION_BIN).exists() {
         eprintln!(
@@ -1535,7 +864,7 @@ fn main() -> ExitCode {
     let stowage_bin = if settings.stowage_is_distribution {
         None
     } else {
-        Some(build_stowage())
+        Some(build_stowage("REGBENCH_STOWAGE_BIN"))
     };
 
     let machine = machine_info();
@@ -1652,14 +981,7 @@ fn main() -> ExitCode {
         (Some(bin), _) => {
             eprintln!("[bench] starting moto (S3) and Stowage on S3");
             let moto = start_moto();
-            let envs = [
-                ("STOWAGE_STORAGE__BACKEND", "s3".to_string()),
-                ("STOWAGE_STORAGE__S3__BUCKET", "bench".to_string()),
-                ("STOWAGE_STORAGE__S3__ENDPOINT", format!("http://{}", moto.host)),
-                ("STOWAGE_STORAGE__S3__PATH_STYLE", "true".to_string()),
-                ("AWS_ACCESS_KEY_ID", "bench".to_string()),
-                ("AWS_SECRET_ACCESS_KEY", "bench-secret".to_string()),
-            ];
+            let envs = s3_envs(&moto.host, "bench");
             let s3 = start_stowage_with(bin, &settings.stowage_log, "Stowage-S3", &envs);
             let c = client();
             let (m1, m2, m3) = rt.block_on(async {

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::rng::Rng;
 use common::spack::in_buildcache;
 use common::{TestServer, sha256};
 use futures_util::StreamExt as _;
@@ -35,37 +36,6 @@ const SHARED_LAYERS: u64 = 6;
 const SPACK_REPO: &str = "crash/spack";
 /// Requests checked at once after a restart.
 const VERIFY_PARALLEL: usize = 16;
-
-/// SplitMix64: a small seeded generator, enough for schedules and test bytes.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn range(&mut self, r: std::ops::Range<u64>) -> u64 {
-        r.start + self.below(r.end - r.start)
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(len);
-        v
-    }
-}
 
 /// The last push of a tag the server acknowledged, and the pushes of it sent since then
 /// without an answer (cut short by a crash: each may or may not have landed).

@@ -42,6 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::rng::Rng;
 use common::spack::{FixtureRepo, in_buildcache, served_index};
 use common::sql::{CatalogSql, Value};
 use common::{Backend, Catalog, S3_PART_SIZE, TestServer, metric, sha256, wait_until};
@@ -86,37 +87,6 @@ const GC_ENVS: &[(&str, &str)] = &[
     ("STOWAGE_GC__ORPHAN_INTERVAL_SECS", "2"),
     ("STOWAGE_GC__SPACK_INDEX_GRACE_SECS", "2"),
 ];
-
-/// SplitMix64: a small seeded generator, enough for choices and test bytes.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn range(&mut self, r: std::ops::Range<u64>) -> u64 {
-        r.start + self.below(r.end - r.start)
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(len);
-        v
-    }
-}
 
 /// What the replicas acknowledged about one tag.
 #[derive(Default)]

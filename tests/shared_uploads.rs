@@ -30,17 +30,7 @@ fn replicas() -> (TestServer, TestServer) {
 
 /// Bytes that differ with `seed`.
 fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    let mut x = (seed + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    for chunk in out.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        for (b, v) in chunk.iter_mut().zip(x.to_le_bytes()) {
-            *b = v;
-        }
-    }
-    out
+    common::rng::seeded_bytes(seed, len)
 }
 
 /// Opens a session on `server`; its path (`/v2/…`), which every replica serves.

@@ -24,17 +24,7 @@ const RACE_BUDGET: Duration = Duration::from_secs(40);
 
 /// Bytes that differ from trial to trial (so no trial is satisfied by deduplication).
 fn blob(trial: usize, len: usize) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    let mut x = (trial as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        for (b, v) in chunk.iter_mut().zip(x.to_le_bytes()) {
-            *b = v;
-        }
-    }
-    data
+    common::rng::seeded_bytes(trial as u64, len)
 }
 
 async fn open_session(http: &reqwest::Client, server: &TestServer, repo: &str) -> String {

@@ -18,6 +18,7 @@ pub mod limits;
 pub mod oci;
 pub mod postgres;
 pub mod replay;
+pub mod rng;
 pub mod spack;
 pub mod sql;
 pub mod tools;

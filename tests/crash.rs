@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::rng::Rng;
-use common::spack::in_buildcache;
+use common::spack::{in_buildcache, spec_hash};
 use common::{TestServer, sha256};
 use futures_util::StreamExt as _;
 use serde_json::json;
@@ -295,19 +295,6 @@ impl Pusher {
         }
         Ok(())
     }
-}
-
-/// A Spack-style 32-character hash for spec `i`.
-fn spec_hash(i: usize) -> String {
-    let alphabet = b"abcdefghijklmnopqrstuvwxyz234567";
-    let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (0..32)
-        .map(|_| {
-            let c = alphabet[(x % 32) as usize] as char;
-            x = x.rotate_left(5) ^ 0x5bd1_e995;
-            c
-        })
-        .collect()
 }
 
 fn spec_tag(i: usize) -> String {

@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::rng::Rng;
-use common::spack::{FixtureRepo, in_buildcache, served_index};
+use common::spack::{FixtureRepo, in_buildcache, served_index, spec_hash};
 use common::sql::{CatalogSql, Value};
 use common::{Backend, Catalog, S3_PART_SIZE, TestServer, metric, sha256, wait_until};
 use futures_util::StreamExt as _;
@@ -253,19 +253,6 @@ fn blobs_of(body: &[u8]) -> Vec<String> {
         blobs.push(config.to_owned());
     }
     blobs
-}
-
-/// A Spack-style 32-character hash for spec `i`.
-fn spec_hash(i: usize) -> String {
-    let alphabet = b"abcdefghijklmnopqrstuvwxyz234567";
-    let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (0..32)
-        .map(|_| {
-            let c = alphabet[(x % 32) as usize] as char;
-            x = x.rotate_left(5) ^ 0x5bd1_e995;
-            c
-        })
-        .collect()
 }
 
 fn spec_tag(i: usize) -> String {

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::spack::{in_buildcache, served_index};
+use common::spack::{in_buildcache, served_index, spec_hash};
 use common::{TestServer, client, sha256};
 use serde_json::json;
 use tokio::sync::{Mutex, mpsc};
@@ -17,32 +17,21 @@ const CHAOS: usize = 4;
 /// Specs 0..SHARED are dependencies of all the others.
 const SHARED: usize = 50;
 
-/// A Spack-style 32-character hash for spec `i`.
-fn hash(i: usize) -> String {
-    let alphabet = b"abcdefghijklmnopqrstuvwxyz234567";
-    let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (0..32)
-        .map(|_| {
-            let c = alphabet[(x % 32) as usize] as char;
-            x = x.rotate_left(5) ^ 0x5bd1_e995;
-            c
-        })
-        .collect()
-}
-
 fn node(i: usize) -> serde_json::Value {
     let mut deps = vec![json!({"name": "glibc", "hash": "glibcglibcglibcglibcglibcglibc22",
                                "parameters": {"deptypes": ["link"], "virtuals": ["libc"]}})];
     if i >= SHARED {
-        deps.push(json!({"name": format!("pkg{}", i % SHARED), "hash": hash(i % SHARED),
-                         "parameters": {"deptypes": ["build", "link"], "virtuals": []}}));
+        deps.push(
+            json!({"name": format!("pkg{}", i % SHARED), "hash": spec_hash(i % SHARED),
+                         "parameters": {"deptypes": ["build", "link"], "virtuals": []}}),
+        );
     }
     // Real nodes carry variants and more; the padding also takes the index past the 1 MiB
     // pieces the server streams it in.
     json!({"name": format!("pkg{i}"), "version": "1.0",
            "arch": {"platform": "linux", "platform_os": "debian12", "target": "x86_64"},
            "parameters": {"build_system": "generic", "cflags": [], "note": format!("{i:0>1000}")},
-           "namespace": "builtin", "dependencies": deps, "hash": hash(i)})
+           "namespace": "builtin", "dependencies": deps, "hash": spec_hash(i)})
 }
 
 fn glibc() -> serde_json::Value {
@@ -51,7 +40,7 @@ fn glibc() -> serde_json::Value {
 }
 
 fn tag(i: usize) -> String {
-    format!("pkg{i}-1.0-{}.spack", hash(i))
+    format!("pkg{i}-1.0-{}.spack", spec_hash(i))
 }
 
 /// Pushes spec `i` (layer, config, manifest) as Spack does; `round` changes the config bytes
@@ -160,7 +149,7 @@ async fn concurrent_pushes_deletes_and_repushes_keep_the_index_exact() {
         t.await.expect("client task");
     }
 
-    let expected: BTreeSet<String> = (0..SPECS).filter(|&i| !deleted(i)).map(hash).collect();
+    let expected: BTreeSet<String> = (0..SPECS).filter(|&i| !deleted(i)).map(spec_hash).collect();
     let (manifest, index) = served_index(&server, "spack/race").await;
     let index_size = manifest["layers"][0]["size"].as_u64().expect("index size");
     assert!(

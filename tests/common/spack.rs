@@ -139,3 +139,17 @@ pub fn in_buildcache(index: &serde_json::Value) -> Vec<String> {
     v.sort();
     v
 }
+
+/// A Spack-style 32-character hash (Spack's base32 alphabet) for spec `i`, the same for the
+/// same `i`.
+pub fn spec_hash(i: usize) -> String {
+    let alphabet = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (0..32)
+        .map(|_| {
+            let c = alphabet[(x % 32) as usize] as char;
+            x = x.rotate_left(5) ^ 0x5bd1_e995;
+            c
+        })
+        .collect()
+}

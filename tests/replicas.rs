@@ -1286,7 +1286,9 @@ async fn three_replicas_share_one_catalog_and_bucket_under_load() {
         .build()
         .expect("client");
 
-    // One registry: what one replica stores, every other serves.
+    // One registry: what one replica stores, every other serves. The probe blob is referenced by
+    // no manifest, so collection (zero grace) is paused while it is read.
+    let paused = GcPaused::take(&replicas[0]);
     let probe = b"stored through replica 0";
     let probe_digest = common::push_blob(&replicas[0], "replicas/probe", probe).await;
     for r in &replicas[1..] {
@@ -1297,6 +1299,7 @@ async fn three_replicas_share_one_catalog_and_bucket_under_load() {
             .expect("GET");
         assert_eq!(resp.status(), 200, "{}: a blob pushed through replica 0", r.url);
     }
+    paused.release();
     eprintln!("{REPLICAS} replicas up in {:?}", started.elapsed());
     for (i, r) in replicas.iter().enumerate() {
         eprintln!("replica {i}: {}", r.url);

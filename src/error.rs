@@ -104,6 +104,12 @@ pub enum Error {
     /// Another request is using the upload session.
     #[error("blob upload invalid: another request is using this upload session; retry when it has finished")]
     UploadBusy,
+    /// Another replica moved the upload session on while this request ran (this replica's
+    /// database lock on it was lost); what the request sent was not kept.
+    #[error(
+        "blob upload invalid: another server moved this upload session on while this request ran; what it sent was not kept: ask for the session's offset and continue from there"
+    )]
+    UploadMoved,
     /// Storing an upload's data failed; the session was ended and its data deleted.
     #[error("blob upload invalid: the upload could not be stored and was ended; start it again")]
     UploadFailed(Internal),
@@ -299,9 +305,11 @@ impl Error {
         match self {
             Error::BlobUnknown(_) => Code::BlobUnknown,
             Error::UploadUnknown => Code::BlobUploadUnknown,
-            Error::UploadOutOfOrder { .. } | Error::UploadInvalid(_) | Error::UploadBusy | Error::UploadFailed(_) => {
-                Code::BlobUploadInvalid
-            }
+            Error::UploadOutOfOrder { .. }
+            | Error::UploadInvalid(_)
+            | Error::UploadBusy
+            | Error::UploadMoved
+            | Error::UploadFailed(_) => Code::BlobUploadInvalid,
             Error::DigestMismatch { .. } | Error::DigestInvalid(_) => Code::DigestInvalid,
             Error::ManifestBlobUnknown(_) => Code::ManifestBlobUnknown,
             Error::ManifestInvalid(_) | Error::ManifestTooLarge { .. } => Code::ManifestInvalid,

@@ -9,6 +9,9 @@
 //! - Two PATCHes at the same offset on two replicas at once: exactly one is taken.
 //! - `kill -9` of the replica a session was used on: the other reports every byte the first
 //!   acknowledged (the tail under the store's smallest part included) and finishes the blob.
+//! - A replica whose database lock on a session is lost mid-request (its lock connection ended
+//!   by the server) while the other replica moves the session on: the first one's request is
+//!   refused and records nothing, and the session finishes with exactly the bytes acknowledged.
 
 mod common;
 
@@ -16,8 +19,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::oci::assert_error;
-use common::{Backend, Catalog, TestServer, client, sha256};
+use common::sql::Value;
+use common::{Backend, Catalog, TestServer, client, sha256, wait_until};
 use futures_util::StreamExt as _;
+use tokio::sync::mpsc;
 
 const MIB: usize = 1024 * 1024;
 
@@ -221,4 +226,108 @@ async fn a_session_survives_kill_9_of_its_replica() {
     assert_eq!(resp.status(), 202);
     finish(&http, &b, &path, &sha256(&blob), blob[8 * MIB..].to_vec()).await;
     assert_blob(&http, &b, repo, &blob).await;
+}
+
+/// The backend (process id) of a PostgreSQL session holding the database lock of the upload
+/// session at `path`, if one does.
+fn upload_lock_holder(server: &TestServer, path: &str) -> Option<i64> {
+    let id: String = path
+        .rsplit('/')
+        .next()
+        .and_then(|last| last.split('?').next())
+        .expect("an upload id")
+        .replace('-', "");
+    let key = stowage::catalog::locks::upload_key(&id);
+    // A bigint advisory key shows as its high and low 32 bits.
+    let (high, low) = (key >> 32 & 0xffff_ffff, key & 0xffff_ffff);
+    let rows = tokio::task::block_in_place(|| {
+        server.catalog_sql().query_rows(
+            "SELECT pid::bigint FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                AND classid::bigint = ?1 AND objid::bigint = ?2",
+            &[high.into(), low.into()],
+        )
+    });
+    match rows.as_slice() {
+        [] => None,
+        [row] => Some(row[0].int()),
+        more => panic!("one upload lock held by {} sessions", more.len()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_lost_the_session_lock_mid_request_records_nothing() {
+    let (a, b) = replicas();
+    let http = client();
+    let repo = "shared/lost-lock";
+    let path = open(&http, &a, repo).await;
+    // One whole part and a tail.
+    let first = data(40, 6 * MIB);
+    let resp = patch(&http, &a, &path, first.clone(), first.len(), Some(0)).await;
+    assert_eq!(resp.status(), 202);
+
+    // A's next PATCH arrives slowly; while A holds the session's lock, its lock connection is
+    // ended (as a failover or a network cut would), which releases the lock in the database.
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|piece| (Ok::<_, std::io::Error>(piece), rx))
+    });
+    let lost = data(41, 6 * MIB);
+    let slow = {
+        let (http, a, path) = (http.clone(), a.url.clone(), path.clone());
+        let len = lost.len();
+        tokio::spawn(async move {
+            http.patch(format!("{a}{path}"))
+                .header("content-type", "application/octet-stream")
+                .header("content-length", len.to_string())
+                .header("content-range", format!("{}-{}", 6 * MIB, 6 * MIB + len - 1))
+                .body(reqwest::Body::wrap_stream(body))
+                .send()
+                .await
+                .expect("A's PATCH")
+        })
+    };
+    tx.send(Bytes::copy_from_slice(&lost[..MIB]))
+        .await
+        .expect("first piece");
+    let mut holder = None;
+    wait_until("A holds the session's lock", || {
+        holder = upload_lock_holder(&a, &path);
+        std::future::ready(holder.is_some())
+    })
+    .await;
+    let ended = tokio::task::block_in_place(|| {
+        a.catalog_sql().query_rows(
+            "SELECT pg_terminate_backend(?1::int)::int",
+            &[holder.expect("a holder").into()],
+        )
+    });
+    assert_eq!(ended, [[Value::Int(1)]], "A's lock connection ended");
+
+    // B takes the session on from what A last recorded.
+    let taken = data(42, MIB / 2);
+    let resp = patch(&http, &b, &path, taken.clone(), taken.len(), Some(6 * MIB)).await;
+    assert_eq!(resp.status(), 202, "B continues the session A no longer holds");
+    assert_eq!(held(&resp), 6 * MIB + MIB / 2);
+
+    // A's request ends now: it must not be acknowledged, nor move the session.
+    for piece in lost[MIB..].chunks(MIB) {
+        tx.send(Bytes::copy_from_slice(piece)).await.expect("a piece");
+    }
+    drop(tx);
+    let resp = slow.await.expect("A's PATCH task");
+    assert_error(resp, 400, &["BLOB_UPLOAD_INVALID"]).await;
+    assert_eq!(
+        status(&http, &a, &path).await,
+        6 * MIB + MIB / 2,
+        "the session as B left it"
+    );
+    assert_eq!(status(&http, &b, &path).await, 6 * MIB + MIB / 2);
+
+    let last = data(43, MIB);
+    let mut whole = first;
+    whole.extend_from_slice(&taken);
+    whole.extend_from_slice(&last);
+    finish(&http, &b, &path, &sha256(&whole), last).await;
+    assert_blob(&http, &a, repo, &whole).await;
+    assert_blob(&http, &b, repo, &whole).await;
 }

@@ -100,6 +100,42 @@ impl Catalog {
         .await
     }
 
+    /// Moves a session from checkpoint `from` to `to` if `from` is what is recorded; whether it
+    /// did. With several replicas this is how a replica that lost the session's lock finds that
+    /// another one moved the session on: its checkpoint changes nothing.
+    pub async fn checkpoint_upload_from(&self, id: Uuid, from: UploadCheckpoint, to: UploadCheckpoint) -> Result<bool> {
+        self.write(move |c| {
+            let n = c.execute(
+                "UPDATE uploads SET \"offset\" = ?5, hash_state = ?6, staging = ?7, updated_at = ?8
+                  WHERE id = ?1 AND \"offset\" = ?2 AND hash_state = ?3 AND staging = ?4",
+                params![
+                    key(id),
+                    from.offset as i64,
+                    from.hash_state,
+                    from.staging,
+                    to.offset as i64,
+                    to.hash_state,
+                    to.staging,
+                    now()
+                ],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Forgets session `id` if checkpoint `at` is what is recorded; whether it did.
+    pub async fn delete_upload_at(&self, id: Uuid, at: UploadCheckpoint) -> Result<bool> {
+        self.write(move |c| {
+            let n = c.execute(
+                "DELETE FROM uploads WHERE id = ?1 AND \"offset\" = ?2 AND hash_state = ?3 AND staging = ?4",
+                params![key(id), at.offset as i64, at.hash_state, at.staging],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
     /// The session `id`, if it is recorded.
     pub async fn upload(&self, id: Uuid) -> Result<Option<UploadRecord>> {
         self.read(move |c| {

@@ -79,14 +79,26 @@
 //!     deletes the tail object, completes the multipart upload), so that a replica dying in the
 //!     middle of a commit leaves a session that is unknown (404, the client starts again), not
 //!     one whose data is half gone.
+//! 11. **A replica records only over its own last checkpoint.** Every checkpoint of a shared
+//!     session, the closing `PUT`'s delete of the row and the delete that ends a session are
+//!     conditional on the row still holding the checkpoint this replica last recorded or read.
+//!     If it does not, another replica moved the session on while this one believed it held
+//!     the lock (its lock connection broke mid-request): the request is answered
+//!     [`Error::UploadMoved`], the copy here is dropped without touching the staged data, and
+//!     nothing this request wrote becomes part of the session. A session is ended (its staged
+//!     data deleted) only after its row is gone; if the row cannot be deleted, the session goes
+//!     on from it. A request that keeps a session leaves its copy equal to the row, or drops it.
 //!
 //! The cost over one process: a catalog read and two database lock statements per changing
 //! request, one `PUT` of the tail object at the end of a request that leaves one (under the
 //! object store's smallest part: 5 MiB), and one `GET` of it when the next request appends.
 //! Two replicas could both write one session only if a lock connection broke mid-request
-//! (`catalog::locks`). Even then a multipart part overwritten by the other replica no longer
-//! matches the part id (the ETag) recorded with it, and the object store refuses to complete
-//! the upload, so the session fails rather than publish bytes other than those hashed.
+//! (`catalog::locks`). Invariant 11 keeps the later of the two from recording anything. The
+//! earlier one's data may still have been overwritten: a multipart part then no longer matches
+//! the part id (the ETag) recorded with it, and the object store refuses to complete the
+//! upload; a tail object's bytes are hashed when they are read back, so overwritten ones fail
+//! the closing `PUT`'s digest check. The session fails rather than publish bytes other than
+//! those hashed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -171,6 +183,11 @@ impl Session {
         if let Ok(mut r) = self.recorded.lock() {
             *r = Some(cp.clone());
         }
+    }
+
+    /// The checkpoint this process last recorded (or read) for the session.
+    fn last_recorded(&self) -> Option<UploadCheckpoint> {
+        self.recorded.lock().ok().and_then(|r| r.clone())
     }
 
     /// Whether `cp` is the checkpoint this process last recorded.
@@ -568,12 +585,7 @@ impl Registry {
                 && writer.checkpoint_due()
             {
                 let cp = to_catalog(writer.checkpoint(false).await.map_err(PumpError::Store)?);
-                self.catalog
-                    .checkpoint_upload(id, cp.clone())
-                    .await
-                    .map_err(PumpError::Store)?;
-                session.offset.store(cp.offset, Ordering::Release);
-                session.recorded(&cp);
+                self.record(id, session, cp).await.map_err(PumpError::Store)?;
                 writer.drop_stale_tails().await;
             }
         }
@@ -764,10 +776,7 @@ impl Registry {
                 self.salvage(id, &session, &mut state).await;
                 Err(e)
             }
-            Err(PumpError::Store(e)) => {
-                self.end_session(id, state.writer.take()).await;
-                Err(ended(e))
-            }
+            Err(PumpError::Store(e)) => Err(self.fail(id, &session, &mut state, e).await),
         }
     }
 
@@ -781,11 +790,39 @@ impl Registry {
         {
             cp = spilled;
         }
-        let cp = to_catalog(cp);
-        self.catalog.checkpoint_upload(id, cp.clone()).await?;
-        session.recorded(&cp);
+        self.record(id, session, to_catalog(cp)).await?;
         writer.drop_stale_tails().await;
         Ok(writer.len())
+    }
+
+    /// Records checkpoint `cp` of session `id`. A shared session's row moves only from the
+    /// checkpoint this replica last recorded or read: a row that differs means another replica
+    /// moved the session on while this one believed it held the session's lock (the lock
+    /// connection broke), and the answer is [`Error::UploadMoved`], with the row left as it is.
+    async fn record(&self, id: Uuid, session: &Session, cp: UploadCheckpoint) -> Result<()> {
+        if self.shared_sessions().is_some() {
+            let from = session.last_recorded().ok_or(Error::UploadMoved)?;
+            if !self.catalog.checkpoint_upload_from(id, from, cp.clone()).await? {
+                tracing::warn!(upload = %id, "an upload session moved on elsewhere while this replica wrote it; dropping this copy");
+                return Err(Error::UploadMoved);
+            }
+        } else {
+            self.catalog.checkpoint_upload(id, cp.clone()).await?;
+        }
+        session.recorded(&cp);
+        Ok(())
+    }
+
+    /// Ends the request's use of session `id` after error `e` and returns what to answer. The
+    /// session ends ([`Registry::end_session`]) unless another replica moved it on, in which
+    /// case only this replica's copy goes: the data is that replica's now.
+    async fn fail(&self, id: Uuid, session: &Session, state: &mut SessionState, e: Error) -> Error {
+        if matches!(e, Error::UploadMoved) {
+            state.writer = None;
+            return e;
+        }
+        let _ = self.end_session(id, session, state.writer.take()).await;
+        ended(e)
     }
 
     /// After a request whose body failed: keeps what was stored, drops what was only buffered,
@@ -805,9 +842,7 @@ impl Registry {
                 cp = spilled;
             }
             writer.discard_buffered();
-            let cp = to_catalog(cp);
-            self.catalog.checkpoint_upload(id, cp.clone()).await?;
-            session.recorded(&cp);
+            self.record(id, session, to_catalog(cp)).await?;
             writer.drop_stale_tails().await;
             Ok::<_, Error>(writer.len())
         }
@@ -819,7 +854,7 @@ impl Registry {
             }
             Err(e) => {
                 tracing::warn!(upload = %id, error = %e, "upload request interrupted and its data could not be kept");
-                self.end_session(id, state.writer.take()).await;
+                let _ = self.fail(id, session, state, e).await;
             }
         }
     }
@@ -861,10 +896,7 @@ impl Registry {
                 self.salvage(id, &session, &mut state).await;
                 return Err(e);
             }
-            Err(PumpError::Store(e)) => {
-                self.end_session(id, state.writer.take()).await;
-                return Err(ended(e));
-            }
+            Err(PumpError::Store(e)) => return Err(self.fail(id, &session, &mut state, e).await),
         }
         // A tail kept in its object (S3, an idle session) is read back now, while running out
         // of memory still leaves the session as it was.
@@ -872,17 +904,37 @@ impl Registry {
             && let Err(e) = writer.prepare_finish().await
         {
             if matches!(e, Error::UploadMemoryBusy { .. }) {
+                if self.shared_sessions().is_some() {
+                    // The copy holds this request's body, which the row does not: the next
+                    // request resumes from the row (invariant 7).
+                    state.writer = None;
+                }
                 return Err(e);
             }
-            self.end_session(id, state.writer.take()).await;
-            return Err(ended(e));
+            return Err(self.fail(id, &session, &mut state, e).await);
         }
         // A shared session's row goes before the commit consumes the staged data (the tail
         // object, the multipart upload): a replica taking over after this one dies mid-commit
         // then finds the session gone (404: the client starts again) instead of resuming data
-        // that is no longer there. Nothing is consumed yet if this fails.
+        // that is no longer there. It goes only if it is still the checkpoint this replica
+        // started from (invariant 11). Nothing is consumed yet if this fails, and the copy,
+        // which holds this request's body, is dropped so that the session goes on from its row.
         if self.shared_sessions().is_some() {
-            self.catalog.delete_upload(id).await?;
+            let gone = match session.last_recorded() {
+                Some(at) => self.catalog.delete_upload_at(id, at).await,
+                None => Ok(false),
+            };
+            match gone {
+                Ok(true) => {}
+                Ok(false) => {
+                    state.writer = None;
+                    return Err(Error::UploadMoved);
+                }
+                Err(e) => {
+                    state.writer = None;
+                    return Err(e);
+                }
+            }
         }
         // From here the session is ended for every other request (its writer is gone), and the
         // lock is held until the commit has either linked the blob (deleting the session's
@@ -901,7 +953,8 @@ impl Registry {
     pub async fn cancel_upload(&self, repo: &RepoName, id: Uuid, who: Option<&str>) -> Result<()> {
         let session = self.session(repo, id, who).await?;
         let mut state = self.take(id, &session).await?;
-        self.end_session(id, state.writer.take()).await;
+        let writer = state.writer.take();
+        self.end_session(id, &session, writer).await?;
         tracing::debug!(repo = %repo, upload = %id, "upload cancelled");
         Ok(())
     }
@@ -910,7 +963,42 @@ impl Registry {
     /// staged data and the catalog row, then drops it from the table. If the row cannot be
     /// deleted, the ended session stays in the table (every request on it gets 404) and expiry
     /// tries again.
-    async fn end_session(&self, id: Uuid, writer: Option<StagedWriter>) {
+    ///
+    /// A shared session's row goes first, and only if it is the checkpoint this replica last
+    /// recorded; the data goes only after that (invariant 11). If the row is not deleted, the
+    /// session goes on as its row describes, on any replica: `Err(UploadMoved)` when another
+    /// replica moved it on, the catalog's error when the delete failed.
+    async fn end_session(&self, id: Uuid, session: &Session, writer: Option<StagedWriter>) -> Result<()> {
+        if self.shared_sessions().is_none() {
+            self.end_local_session(id, writer).await;
+            return Ok(());
+        }
+        let gone = match session.last_recorded() {
+            Some(at) => self.catalog.delete_upload_at(id, at).await,
+            None => Ok(false),
+        };
+        match gone {
+            Ok(true) => {
+                self.uploads.remove(id);
+                if let Some(w) = writer {
+                    w.abort().await;
+                }
+                if let Err(e) = self.store.discard(id, None).await {
+                    tracing::warn!(upload = %id, error = %e, "discarding upload data failed");
+                }
+                Ok(())
+            }
+            // The writer is dropped without touching the staged data, which the row describes.
+            Ok(false) => Err(Error::UploadMoved),
+            Err(e) => {
+                tracing::warn!(upload = %id, error = %e, "ending an upload session failed; it goes on from its last checkpoint");
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Registry::end_session`] for a session one process owns.
+    async fn end_local_session(&self, id: Uuid, writer: Option<StagedWriter>) {
         if let Some(w) = writer {
             w.abort().await;
         }
@@ -1006,7 +1094,7 @@ impl Registry {
             return;
         }
         for (id, writer) in self.uploads.end_expired(self.settings.upload_timeout) {
-            self.end_session(id, writer).await;
+            self.end_local_session(id, writer).await;
             tracing::info!(upload = %id, "expired an idle upload session");
         }
     }

@@ -56,6 +56,9 @@ pub struct CatalogConfig {
     pub password_file: Option<PathBuf>,
     /// An environment variable holding the database password.
     pub password_env: Option<String>,
+    /// With `sslmode=require` in `url`: the CA certificates (PEM) the server's certificate must
+    /// chain to. Unset: the system's trust store.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl CatalogConfig {
@@ -67,11 +70,12 @@ impl CatalogConfig {
             if self.password_file.is_some() || self.password_env.is_some() {
                 return Err("catalog: a password needs catalog.url (SQLite has none)".into());
             }
+            if self.tls_ca_file.is_some() {
+                return Err("catalog: tls_ca_file needs catalog.url (SQLite has none)".into());
+            }
             return Ok(());
         };
-        let parsed: ::postgres::Config = url
-            .parse()
-            .map_err(|e| format!("catalog.url is not a PostgreSQL connection URL: {e}"))?;
+        let parsed = crate::catalog::postgres::parse_url(url)?;
         if parsed.get_password().is_some() {
             return Err(
                 "catalog.url must not hold the password: use catalog.password_file or catalog.password_env".into(),

@@ -136,7 +136,11 @@ fn postgres_settings(
         return Ok(None);
     };
     let password = config.catalog.password()?;
-    Ok(Some(crate::catalog::postgres::Settings::new(url, password.as_deref())?))
+    Ok(Some(crate::catalog::postgres::Settings::new(
+        url,
+        password.as_deref(),
+        config.catalog.tls_ca_file.as_deref(),
+    )?))
 }
 
 /// `stowage migrate`.

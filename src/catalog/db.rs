@@ -61,7 +61,21 @@ fn pg_message(e: &postgres::Error) -> String {
             }
             text
         }
-        None => e.to_string(),
+        // The client's errors name their cause only as a source ("error performing TLS
+        // handshake" says nothing of the certificate it refused).
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                let cause_text = cause.to_string();
+                if !text.ends_with(&cause_text) {
+                    text.push_str(": ");
+                    text.push_str(&cause_text);
+                }
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 

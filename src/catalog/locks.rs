@@ -635,7 +635,7 @@ mod tests {
 
     fn unreachable() -> Settings {
         // Nothing listens on port 1: connecting is refused at once.
-        Settings::new("postgres://stowage@127.0.0.1:1/none?connect_timeout=2", None).unwrap()
+        Settings::new("postgres://stowage@127.0.0.1:1/none?connect_timeout=2", None, None).unwrap()
     }
 
     /// Without a database, requests fail with an error (none hangs), and a later request is

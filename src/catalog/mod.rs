@@ -309,7 +309,11 @@ pub fn open_configured(
     match &config.catalog.url {
         None => Ok(Catalog::open(&config.catalog_path())?),
         Some(url) => {
-            let settings = postgres::Settings::new(url, config.catalog.password()?.as_deref())?;
+            let settings = postgres::Settings::new(
+                url,
+                config.catalog.password()?.as_deref(),
+                config.catalog.tls_ca_file.as_deref(),
+            )?;
             let single_node = serving && config.storage.backend == crate::config::Backend::Fs;
             Catalog::open_postgres(&settings, single_node)
         }

@@ -8,6 +8,11 @@
 //! [`hold_single_node`]; `+ 1` for its locks once it takes one, see `catalog::locks`); a broken
 //! one is opened again by its thread.
 //!
+//! TLS: with `sslmode=require` in `catalog.url`, every connection (catalog threads, locks,
+//! migrations) is TLS and checks the server's certificate chain and host name, against
+//! `catalog.tls_ca_file` or the system's trust store ([`Settings::new`]). Without it,
+//! connections are plain TCP, as for a database on the same host or a private network.
+//!
 //! Locks, all PostgreSQL advisory locks in one key space ([`lock_key`]):
 //! - **writes** ([`WRITE_LOCK`]): every write transaction takes it first
 //!   (`pg_advisory_xact_lock`), so the catalog's writers, across every replica, run one at a
@@ -27,7 +32,11 @@
 //! `migrations/postgres/0001_schema.sql`, is the SQLite catalog's version 17 in one file, so a
 //! new database goes from 0 straight to 17, then follows the numbered files.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use postgres::config::SslMode;
 
 use super::db::Connection;
 use crate::error::{Internal, Result};
@@ -62,10 +71,13 @@ pub const GC_LEADER_LOCK: i64 = lock_key(4);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where and how to connect: the URL (`postgres://user@host:port/db?…`, or the key=value
-/// form) and a password kept out of it.
+/// form), a password kept out of it, and with `sslmode=require` the TLS client that checks the
+/// server's certificate.
 #[derive(Clone)]
 pub struct Settings {
     config: postgres::Config,
+    /// `None`: plain TCP (`sslmode` `disable`, `prefer` or unset).
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -76,16 +88,20 @@ impl std::fmt::Debug for Settings {
             .field("ports", &self.config.get_ports())
             .field("user", &self.config.get_user())
             .field("dbname", &self.config.get_dbname())
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
 
 impl Settings {
-    /// Parses `url`; `password`, when given, replaces any the URL holds.
-    pub fn new(url: &str, password: Option<&str>) -> std::result::Result<Settings, String> {
-        let mut config: postgres::Config = url
-            .parse()
-            .map_err(|e| format!("catalog.url is not a PostgreSQL connection URL: {e}"))?;
+    /// Parses `url`; `password`, when given, replaces any the URL holds. With
+    /// `sslmode=require` every connection is TLS, and the server's certificate must chain to a
+    /// certificate of `ca_file` (PEM), or of the system's trust store when it is `None`, and
+    /// name the host connected to (what libpq calls `verify-full`). Other modes connect without
+    /// TLS: Stowage never sends the password over a connection whose server it has not
+    /// verified, and never silently falls back from TLS to plain TCP.
+    pub fn new(url: &str, password: Option<&str>, ca_file: Option<&Path>) -> std::result::Result<Settings, String> {
+        let mut config = parse_url(url)?;
         if let Some(p) = password {
             config.password(p);
         }
@@ -102,14 +118,26 @@ impl Settings {
         let mut options = config.get_options().map(str::to_owned).unwrap_or_default();
         options.push_str(" -c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3");
         config.options(options.trim_start());
-        Ok(Settings { config })
+        let tls = match config.get_ssl_mode() {
+            SslMode::Require => Some(tls_connector(ca_file)?),
+            _ if ca_file.is_some() => {
+                return Err("catalog.tls_ca_file is set but catalog.url does not say sslmode=require".into());
+            }
+            _ => None,
+        };
+        Ok(Settings { config, tls })
     }
 
     /// A new connection. Errors say where it tried, never with the password.
     pub fn connect(&self) -> Result<postgres::Client> {
-        self.config.connect(postgres::NoTls).map_err(|e| {
+        let connected = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(postgres::NoTls),
+        };
+        connected.map_err(|e| {
+            let e = crate::catalog::db::Error::from(e);
             tracing::error!(error = %e, target = ?self, "catalog: cannot connect to PostgreSQL");
-            crate::catalog::db::Error::from(e).into()
+            e.into()
         })
     }
 
@@ -128,6 +156,63 @@ impl Settings {
         }
         Ok(Connection::from(client))
     }
+}
+
+/// Parses a connection URL, saying what to write instead of libpq's `sslmode` values that the
+/// driver does not know (`verify-full` is what `require` does here).
+pub fn parse_url(url: &str) -> std::result::Result<postgres::Config, String> {
+    url.parse().map_err(|e: postgres::Error| {
+        if ["verify-full", "verify-ca", "allow"]
+            .iter()
+            .any(|m| url.contains(&format!("sslmode={m}")))
+        {
+            return "catalog.url: sslmode may be disable, prefer or require; require checks the server's \
+                    certificate and host name (libpq's verify-full), against catalog.tls_ca_file if set"
+                .to_owned();
+        }
+        format!("catalog.url is not a PostgreSQL connection URL: {e}")
+    })
+}
+
+/// The TLS client of `sslmode=require`: the server's certificate must chain to one of
+/// `ca_file` (PEM), or of the system's trust store, and name the host.
+fn tls_connector(ca_file: Option<&Path>) -> std::result::Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(file) => {
+            let certs = CertificateDer::pem_file_iter(file)
+                .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|e| format!("catalog.tls_ca_file {}: {e}", file.display()))?;
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("catalog.tls_ca_file {}: {e}", file.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("catalog.tls_ca_file {}: no certificate in it", file.display()));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(format!(
+                    "catalog.url says sslmode=require, but the system's trust store has no usable certificate \
+                     ({} errors); set catalog.tls_ca_file",
+                    found.errors.len()
+                ));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 /// Applies the migrations the database lacks, under [`MIGRATE_LOCK`]; returns the version

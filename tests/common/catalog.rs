@@ -73,7 +73,11 @@ impl Database {
         let envs = vec![
             (
                 "STOWAGE_CATALOG__URL".to_string(),
-                format!("postgres://{ROLE}@127.0.0.1:{}/{name}", pg.port),
+                format!("postgres://{ROLE}@127.0.0.1:{}/{name}?sslmode=require", pg.port),
+            ),
+            (
+                "STOWAGE_CATALOG__TLS_CA_FILE".to_string(),
+                pg.ca_file.to_string_lossy().into_owned(),
             ),
             (
                 "STOWAGE_CATALOG__PASSWORD_FILE".to_string(),

@@ -295,6 +295,11 @@ impl TestServer {
         }
     }
 
+    /// The value of environment variable `key` the server was started with.
+    pub fn env(&self, key: &str) -> Option<&str> {
+        self.envs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
     /// A `stowage` command with `args` (e.g. `["fsck"]`) set up for this server's data
     /// directory, backend and catalog, as an operator runs one beside the server or after
     /// stopping it.

@@ -3,9 +3,12 @@
 //!
 //! [`Postgres::start`] runs one on a Unix socket only, in a private temporary directory (the
 //! schema test, `tests/pg_schema.rs`, owns one per test). [`Postgres::start_tcp`] also listens on
-//! 127.0.0.1 with password (SCRAM) authentication for a login role, the way Stowage connects to
-//! a real server; [`shared`] is the one such server of a test binary, started on first use, that
-//! the `postgres` catalog of the integration tests (`super::catalog`) runs on.
+//! 127.0.0.1 with password (SCRAM) authentication for a login role over TLS only, the way
+//! Stowage connects to a real server across a network: its certificate is signed by a
+//! certificate authority of the test's own ([`Postgres::ca_file`]), and a connection without
+//! TLS finds no `pg_hba.conf` entry. [`shared`] is the one such server of a test binary, started
+//! on first use, that the `postgres` catalog of the integration tests (`super::catalog`) runs
+//! on, so every test on that catalog runs over TLS with the certificate checked.
 //!
 //! Both have an ICU en-US default collation (so byte order must come from the columns'
 //! `COLLATE "C"`), run in a time zone far from UTC (so that a local time shows), and skip
@@ -40,6 +43,12 @@ pub struct Postgres {
     port: u16,
     tcp: bool,
 }
+
+/// The server certificate's file in the data directory, and its key's.
+const SERVER_CERT: &str = "server.crt";
+const SERVER_KEY: &str = "server.key";
+/// The test certificate authority's certificate, in the server's directory.
+const CA_CERT: &str = "ca.crt";
 
 /// How long the server may take to accept connections.
 pub const STARTUP: Duration = Duration::from_secs(60);
@@ -137,7 +146,8 @@ impl Postgres {
     }
 
     /// A server that also listens on 127.0.0.1 (a free port: [`Postgres::port`]), where `role`
-    /// logs in with `password` (SCRAM-SHA-256; the Unix socket still trusts the superuser).
+    /// logs in with `password` (SCRAM-SHA-256), over TLS only, with a certificate for
+    /// 127.0.0.1 that [`Postgres::ca_file`] checks (the Unix socket still trusts the superuser).
     /// `role` may create databases. No statement or lock time limit: Stowage's catalog writer
     /// waits on an advisory lock for as long as another writer holds it. Up to
     /// [`TCP_MAX_CONNECTIONS`] connections.
@@ -147,11 +157,22 @@ impl Postgres {
             "role {role:?} or password not fit to be spliced into SQL"
         );
         let mut pg = Postgres::init(true);
+        let ca = pg.serve_tls(&["127.0.0.1"]);
         let max_connections = format!("max_connections={TCP_MAX_CONNECTIONS}");
+        let tls = [
+            "-c",
+            "ssl=on",
+            "-c",
+            &format!("ssl_cert_file={SERVER_CERT}"),
+            "-c",
+            &format!("ssl_key_file={SERVER_KEY}"),
+        ];
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match pg.launch(&["-c", "listen_addresses=127.0.0.1", "-c", &max_connections]) {
+            let mut settings = vec!["-c", "listen_addresses=127.0.0.1", "-c", &max_connections];
+            settings.extend_from_slice(&tls);
+            match pg.launch(&settings) {
                 Ok(()) => break,
                 // Someone took the port between `free_port` and the server binding it.
                 Err(log) if attempt < PORT_ATTEMPTS && log.contains("could not bind") => {
@@ -173,14 +194,55 @@ impl Postgres {
             .dbname("postgres")
             .connect_timeout(CONNECT_TIMEOUT);
         assert!(
-            config.connect(::postgres::NoTls).is_err(),
+            config.connect(tls_client(&ca)).is_err(),
             "{role} logs in over TCP without a password"
         );
+        config.password(password);
+        assert!(
+            config.connect(::postgres::NoTls).is_err(),
+            "{role} logs in over TCP without TLS"
+        );
         config
-            .password(password)
-            .connect(::postgres::NoTls)
-            .unwrap_or_else(|e| panic!("{role} cannot log in over TCP with its password: {e}"));
+            .connect(tls_client(&ca))
+            .unwrap_or_else(|e| panic!("{role} cannot log in over TLS with its password: {e}"));
         pg
+    }
+
+    /// Gives the cluster a certificate for `names` signed by a new test certificate authority
+    /// (whose certificate goes to [`Postgres::ca_file`]), and makes every TCP login need TLS.
+    /// Returns the authority's certificate (PEM). Before [`Postgres::launch`].
+    fn serve_tls(&self, names: &[&str]) -> String {
+        let (ca, cert, key) = test_certificates(names);
+        let data = PathBuf::from(self.data());
+        std::fs::write(data.join(SERVER_CERT), cert).expect("write the server certificate");
+        let key_path = data.join(SERVER_KEY);
+        std::fs::write(&key_path, key).expect("write the server key");
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod the key");
+        if let Some((uid, gid)) = self.user {
+            for file in [SERVER_CERT, SERVER_KEY] {
+                std::os::unix::fs::chown(data.join(file), Some(uid), Some(gid)).expect("chown");
+            }
+        }
+        std::fs::write(self.ca_file(), &ca).expect("write the CA certificate");
+        // initdb's `host` lines (TCP with or without TLS) become `hostssl` (TLS only).
+        let hba = data.join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+        let rules: String = rules
+            .lines()
+            .map(|line| match line.strip_prefix("host ") {
+                Some(rest) => format!("hostssl {rest}\n"),
+                None => format!("{line}\n"),
+            })
+            .collect();
+        assert!(rules.contains("hostssl "), "initdb wrote no host rule to make TLS-only");
+        std::fs::write(&hba, rules).expect("write pg_hba.conf");
+        ca
+    }
+
+    /// The certificate (PEM) of the authority that signed a TCP server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir().join(CA_CERT)
     }
 
     /// A fresh cluster (initdb) in a new private directory; not started yet.
@@ -378,10 +440,50 @@ impl Drop for Postgres {
 /// The login role Stowage uses on the shared server.
 pub const ROLE: &str = "stowage";
 
+/// A new certificate authority and a server certificate it signed for `names` (host names or
+/// IP addresses): the authority's certificate, the server's, and the server's key, all PEM.
+pub fn test_certificates(names: &[&str]) -> (String, String, String) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Stowage test CA");
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().expect("CA key"))
+        .expect("CA certificate");
+    let key = rcgen::KeyPair::generate().expect("server key");
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let cert = rcgen::CertificateParams::new(names)
+        .expect("server certificate parameters")
+        .signed_by(&key, &*ca)
+        .expect("server certificate");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// A TLS client for the driver that trusts only `ca_pem` and checks the host name.
+pub fn tls_client(ca_pem: &str) -> tokio_postgres_rustls::MakeRustlsConnect {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("CA PEM")).expect("CA certificate");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
+
 /// The shared server, as its users need it.
 pub struct Shared {
     /// Its port on 127.0.0.1.
     pub port: u16,
+    /// The certificate authority that signed its certificate (PEM file): what
+    /// `catalog.tls_ca_file` names for it.
+    pub ca_file: PathBuf,
     /// [`ROLE`]'s password.
     pub password: String,
     /// The superuser's connection settings (Unix socket, trusted).
@@ -451,6 +553,7 @@ fn start_shared() -> Result<Shared, String> {
                 let pg = Postgres::start_tcp(ROLE, &password);
                 let shared = Shared {
                     port: pg.port(),
+                    ca_file: pg.ca_file(),
                     password,
                     admin: pg.config(),
                 };

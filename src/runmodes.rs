@@ -20,7 +20,10 @@
 //!   notice) to a private file in the data directory, runs the pass on the copy without deleting
 //!   any object, prints what it would remove and deletes the copy. Every item is one line on
 //!   stdout (see `registry::Removed`), in the order the pass meets them; a summary goes to
-//!   stderr.
+//!   stderr. With a PostgreSQL catalog those locks are database locks, so a real pass runs
+//!   beside the running replicas as one more of them (under collection leadership, waiting for
+//!   a replica's pass to end); `--dry-run`, which needs a copy of the catalog file, is SQLite's
+//!   only.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -30,7 +33,7 @@ use crate::catalog::Catalog;
 use crate::catalog::audit::{AuditQuery, AuditRow, MAX_PAGE, parse_since, read_file};
 use crate::cli::{AuditArgs, GcArgs};
 use crate::config::Config;
-use crate::registry::{GcOptions, GcReport, Registry, Removed};
+use crate::registry::{GcLeadership, GcOptions, GcReport, Registry, Removed};
 use crate::server::DataDirLock;
 
 type Outcome = Result<(), Box<dyn std::error::Error>>;
@@ -222,6 +225,32 @@ impl Drop for CatalogCopy {
     }
 }
 
+/// How long `stowage gc` on PostgreSQL waits for a replica's pass to end before it gives up.
+const GC_LEADER_WAIT: Duration = Duration::from_secs(120);
+
+/// Takes garbage-collection leadership, waiting up to `wait` for a replica's pass to end.
+async fn lead_gc_within(registry: &Registry, wait: Duration) -> Result<GcLeadership, Box<dyn std::error::Error>> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut told = false;
+    loop {
+        if let Some(leader) = registry.lead_gc().await? {
+            return Ok(leader);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "a replica has been collecting garbage for over {} s; try again when its pass has ended",
+                wait.as_secs()
+            )
+            .into());
+        }
+        if !told {
+            eprintln!("gc: a replica is collecting garbage; waiting for its pass to end");
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// `stowage gc [--dry-run]`.
 pub async fn gc(args: GcArgs, config: &Config) -> Outcome {
     let opts = GcOptions {
@@ -233,21 +262,34 @@ pub async fn gc(args: GcArgs, config: &Config) -> Outcome {
         write_pause: 0.0,
     };
     let index_grace = Duration::from_secs(config.gc.spack_index_grace_secs);
-    if config.catalog.url.is_some() {
-        return Err(
-            "`stowage gc` works on a SQLite catalog only: with PostgreSQL the running replicas \
-                    collect garbage every gc.interval_secs (see docs/postgres.md)"
-                .into(),
-        );
-    }
-    let (registry, _lock, _copy) = if args.dry_run {
+    let (registry, _lock, _copy, _leader) = if config.catalog.url.is_some() {
+        if args.dry_run {
+            return Err(
+                "`stowage gc --dry-run` works on a SQLite catalog only (it collects on a private copy \
+                        of the catalog file); with PostgreSQL, `stowage gc` runs a real pass beside the \
+                        running replicas"
+                    .into(),
+            );
+        }
+        // With PostgreSQL every lock a pass needs is a database lock, so this process collects
+        // beside running replicas as one of them would: under collection leadership, with each
+        // blob deleted under its digest's lock (`registry::gc`, "Replicas").
+        let catalog_config = config.clone();
+        let catalog =
+            blocking(move || crate::catalog::open_configured(&catalog_config, false).map_err(|e| e.to_string()))
+                .await?;
+        let store = crate::server::open_store(config).await?;
+        let registry = Registry::new(catalog, store, crate::server::settings(config));
+        let leader = lead_gc_within(&registry, GC_LEADER_WAIT).await?;
+        (registry, None, None, Some(leader))
+    } else if args.dry_run {
         let (live, dir) = (config.catalog_path(), config.data_dir.clone());
         let copy = blocking(move || CatalogCopy::take(&live, &dir)).await?;
         let path = copy.path.clone();
         let catalog = blocking(move || Catalog::open(&path).map_err(|e| e.to_string())).await?;
         let store = crate::server::open_store(config).await?;
         let registry = Registry::new(catalog, store, crate::server::settings(config));
-        (registry, None, Some(copy))
+        (registry, None, Some(copy), None)
     } else {
         let held = lock(
             config,
@@ -257,7 +299,7 @@ pub async fn gc(args: GcArgs, config: &Config) -> Outcome {
              `stowage gc --dry-run` shows what a pass would remove, beside it",
         )
         .await?;
-        (crate::server::open(config).await?, Some(held), None)
+        (crate::server::open(config).await?, Some(held), None, None)
     };
     let mut out = std::io::stdout();
     let mut failed: Option<std::io::Error> = None;

@@ -3,7 +3,8 @@
 //! `stowage gc` deletes (retention deletions, unneeded manifests, blobs, orphaned objects,
 //! superseded Spack index blobs) and
 //! deletes nothing itself; a real pass and `stowage migrate` refuse while a server runs, naming
-//! the alternative; `stowage migrate` applies each pending migration once and says which.
+//! the alternative; `stowage migrate` applies each pending migration once and says which. On a
+//! PostgreSQL catalog a real `stowage gc` runs beside the server.
 
 mod common;
 
@@ -177,6 +178,56 @@ async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
     assert_eq!(status(server.v2(&format!("keep/app/blobs/{layer_digest}"))).await, 200);
     let (third_index, _) = served_index(&server, "spack/cache").await;
     assert_eq!(third_index, second_index, "the current index stayed");
+}
+
+/// With PostgreSQL the locks a pass needs are database locks: a real `stowage gc` runs beside
+/// the running server, as one more replica would, and removes what it lists; `--dry-run`
+/// (a pass on a copy of the catalog file) is refused, saying so.
+#[tokio::test]
+async fn on_postgres_a_real_pass_runs_beside_the_server() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("stowage.toml");
+    std::fs::write(&config, CONFIG).expect("write config");
+    let server = TestServer::start_on_catalog(
+        common::Catalog::Postgres,
+        &[("STOWAGE_CONFIG", config.to_str().expect("utf-8"))],
+    );
+    let (_, kept_body) = push_image(&server, "keep/app", "v1", b"kept layer").await;
+    let (gone, _) = push_image(&server, "gone/app", "v1", b"gone layer").await;
+    let resp = client()
+        .delete(server.v2("gone/app/manifests/v1"))
+        .send()
+        .await
+        .expect("DELETE tag");
+    assert_eq!(resp.status(), 202);
+    let lone = push_blob(&server, "lone/app", b"a blob no manifest references").await;
+    let written = unix_now();
+    wait_until("the clock passes the last write", || async { unix_now() > written }).await;
+
+    let (code, out, err) = run(&mut server.stowage_command(&["gc", "--dry-run"]));
+    assert_ne!(code, 0, "a dry run on PostgreSQL: {out}");
+    assert!(err.contains("works on a SQLite catalog only"), "{err}");
+
+    let (code, out, err) = run(&mut server.stowage_command(&["gc"]));
+    assert_eq!(code, 0, "a real pass beside the server: {err}");
+    assert!(err.contains("gc: removed"), "{err}");
+    for line in [format!("manifest\tgone/app\t{gone}"), format!("blob\t{lone}\t")] {
+        assert!(
+            out.lines().any(|l| l.starts_with(&line)),
+            "the pass lists {line:?}:\n{out}"
+        );
+    }
+    assert!(!server.blob_object_exists(&lone), "the unreferenced blob is gone");
+    assert_eq!(status(server.v2(&format!("gone/app/manifests/{gone}"))).await, 404);
+
+    // The server serves what stayed, blobs included.
+    let m: serde_json::Value = serde_json::from_slice(&kept_body).expect("manifest");
+    assert_eq!(status(server.v2("keep/app/manifests/v1")).await, 200);
+    for blob in [&m["config"]["digest"], &m["layers"][0]["digest"]] {
+        let digest = blob.as_str().expect("digest");
+        assert!(server.blob_object_exists(digest), "{digest} is kept");
+        assert_eq!(status(server.v2(&format!("keep/app/blobs/{digest}"))).await, 200);
+    }
 }
 
 /// `stowage <args>` on `data_dir`, with its SQLite catalog (`catalog.db` in it), whatever

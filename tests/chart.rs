@@ -628,13 +628,19 @@ fn the_replicas_mode_is_a_deployment_on_postgres_and_s3_with_keys_from_secrets()
     assert_eq!(at(&config, &["storage", "backend"]).as_str(), Some("fs"));
     assert_eq!(
         at(&config, &["catalog", "url"]).as_str(),
-        Some("postgres://stowage@postgres.db.svc:5432/stowage")
+        Some("postgres://stowage@postgres.db.svc:5432/stowage?sslmode=require")
     );
     let db = volume(&sts, "catalog").expect("catalog volume");
     let password_file = secret_file(c, "catalog", &db["secret"], "stowage-db", "password");
     assert_eq!(
         at(&config, &["catalog", "password_file"]).as_str(),
         Some(password_file.as_str())
+    );
+    // TLS to the database: the CA bundle from the same Secret.
+    let ca_file = secret_file(c, "catalog", &db["secret"], "stowage-db", "ca.pem");
+    assert_eq!(
+        at(&config, &["catalog", "tls_ca_file"]).as_str(),
+        Some(ca_file.as_str())
     );
     let keys = volume(&sts, "auth-keys").expect("auth-keys volume");
     let signing = secret_file(
@@ -665,6 +671,7 @@ fn the_replicas_mode_is_a_deployment_on_postgres_and_s3_with_keys_from_secrets()
         ("postgres-without-url", "needs the database's URL"),
         ("postgres-url-and-urlKey", "set one of url and urlKey"),
         ("postgres-url-with-password", "must not hold the password"),
+        ("postgres-ca-without-tls", "does not say sslmode=require"),
     ] {
         let refusal = failing[name].as_str().unwrap_or_else(|| panic!("{name} not checked"));
         assert!(refusal.contains(message), "{name}: {refusal}");

@@ -144,8 +144,9 @@ VALUE_SETS = {
         "catalog": {
             "postgres": {
                 "enabled": True,
-                "url": "postgres://stowage@postgres.db.svc:5432/stowage",
+                "url": "postgres://stowage@postgres.db.svc:5432/stowage?sslmode=require",
                 "existingSecret": "stowage-db",
+                "caKey": "ca.pem",
             }
         },
         "auth": {"signingKey": {"existingSecret": "stowage-signing"}},
@@ -186,6 +187,10 @@ FAILING_RENDERS = {
     "postgres-url-with-password": (
         {"catalog": {"postgres": dict(PG, url="postgres://stowage:hunter2@postgres.db.svc/stowage")}},
         "catalog.postgres.url must not hold the password",
+    ),
+    "postgres-ca-without-tls": (
+        {"catalog": {"postgres": dict(PG, caKey="ca.pem")}},
+        "does not say sslmode=require",
     ),
 }
 

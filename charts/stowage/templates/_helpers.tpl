@@ -93,6 +93,9 @@ Renders nothing.
 {{- if not (or $pg.url $pg.urlKey) }}
 {{- fail "catalog.postgres.enabled needs the database's URL: catalog.postgres.url (postgres://user@host:5432/db), or catalog.postgres.urlKey, the key of existingSecret holding it" }}
 {{- end }}
+{{- if and $pg.caKey $pg.url (not (regexMatch `sslmode=require` $pg.url)) }}
+{{- fail "catalog.postgres.caKey names the CA for TLS, but catalog.postgres.url does not say sslmode=require (Stowage connects without TLS otherwise, and refuses a CA file then)" }}
+{{- end }}
 {{- if regexMatch `://[^/@]*:[^/@]*@|(^|\s)password\s*=` $pg.url }}
 {{- fail "catalog.postgres.url must not hold the password (Stowage refuses it, and values are not secret): put it in key passwordKey of catalog.postgres.existingSecret" }}
 {{- end }}
@@ -123,6 +126,7 @@ below writes whole numbers as integers.
 {{- if .enabled }}
 {{- $catalog := dict "password_file" (printf "%s/password" (include "stowage.catalogDir" $)) }}
 {{- if .url }}{{- $_ := set $catalog "url" .url }}{{- end }}
+{{- if .caKey }}{{- $_ := set $catalog "tls_ca_file" (printf "%s/ca.crt" (include "stowage.catalogDir" $)) }}{{- end }}
 {{- $_ := set $managed "catalog" $catalog }}
 {{- end }}
 {{- end }}

@@ -193,6 +193,10 @@ which), at the indentation of a workload's spec.template.
             items:
               - key: {{ .passwordKey }}
                 path: password
+              {{- if .caKey }}
+              - key: {{ .caKey }}
+                path: ca.crt
+              {{- end }}
         {{- end }}
         {{- end }}
         {{- if include "stowage.authKeys" . }}

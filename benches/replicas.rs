@@ -13,6 +13,8 @@
 //! 2. PostgreSQL, blobs on S3, one replica;
 //! 3. PostgreSQL, blobs on S3, three replicas: three `stowage serve` processes on one database
 //!    and one bucket; client connection (or pushing worker) `i` keeps to replica `i % 3`.
+//! 4. PostgreSQL over TLS (`sslmode=require`, the certificate checked against a CA of the
+//!    benchmark's own), blobs on S3, one replica: what TLS to the database costs.
 //!
 //! Workloads against each: manifest GET by tag at 64 connections and at 1 connection, blob HEAD
 //! at 64 connections (each 1 s warm-up, then `REPLBENCH_RATE_SECS` measured), and
@@ -97,32 +99,45 @@ struct Config {
     /// Blobs in a fresh bucket of the moto server (else on each server's local disk).
     s3: bool,
     replicas: usize,
+    /// PostgreSQL over TLS (`sslmode=require`, the certificate checked).
+    tls: bool,
 }
 
-const CONFIGS: [Config; 4] = [
+const CONFIGS: [Config; 5] = [
     Config {
         label: "SQLite, local disk, 1 node",
         engine: Engine::Sqlite,
         s3: false,
         replicas: 1,
+        tls: false,
     },
     Config {
         label: "SQLite, S3, 1 node",
         engine: Engine::Sqlite,
         s3: true,
         replicas: 1,
+        tls: false,
     },
     Config {
         label: "PostgreSQL, S3, 1 replica",
         engine: Engine::Postgres,
         s3: true,
         replicas: 1,
+        tls: false,
     },
     Config {
         label: "PostgreSQL, S3, 3 replicas",
         engine: Engine::Postgres,
         s3: true,
         replicas: 3,
+        tls: false,
+    },
+    Config {
+        label: "PG over TLS, S3, 1 replica",
+        engine: Engine::Postgres,
+        s3: true,
+        replicas: 1,
+        tls: true,
     },
 ];
 
@@ -132,13 +147,45 @@ const CONFIGS: [Config; 4] = [
 
 /// A throwaway PostgreSQL server, a child of the benchmark: `initdb` in a private temporary
 /// directory, then `postgres` listening on a Unix socket there (where the superuser is trusted)
-/// and on 127.0.0.1 (where [`PG_ROLE`] logs in with a SCRAM password). Stopped, and its
-/// directory removed, on drop.
+/// and on 127.0.0.1 (where [`PG_ROLE`] logs in with a SCRAM password, with or without TLS: a
+/// certificate for 127.0.0.1 signed by a certificate authority of the benchmark's own, in
+/// `ca_file`). Stopped, and its directory removed, on drop.
 struct Postgres {
     child: Option<Child>,
     dir: Option<tempfile::TempDir>,
     port: u16,
     password: String,
+    ca_file: PathBuf,
+}
+
+/// Writes a server certificate for 127.0.0.1 and its key into the data directory `data`
+/// (owned by the server's user), signed by a new certificate authority whose certificate goes
+/// to `ca_file`.
+fn tls_files(data: &Path, ca_file: &Path, user: Option<(u32, u32)>) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "replicas benchmark CA");
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().expect("CA key"))
+        .expect("CA certificate");
+    let key = rcgen::KeyPair::generate().expect("server key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("server certificate parameters")
+        .signed_by(&key, &*ca)
+        .expect("server certificate");
+    std::fs::write(ca_file, ca.pem()).expect("write the CA certificate");
+    std::fs::write(data.join("server.crt"), cert.pem()).expect("write the server certificate");
+    let key_path = data.join("server.key");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write the server key");
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod the server key");
+    if let Some((uid, gid)) = user {
+        for file in ["server.crt", "server.key"] {
+            std::os::unix::fs::chown(data.join(file), Some(uid), Some(gid)).expect("chown");
+        }
+    }
 }
 
 /// The directory of the PostgreSQL server binaries.
@@ -190,6 +237,8 @@ impl Postgres {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        let ca_file = dir.path().join("ca.crt");
+        tls_files(&data, &ca_file, user);
         let port = free_port();
         let log_path = dir.path().join("server.log");
         let log = std::fs::File::create(&log_path).expect("create the PostgreSQL log");
@@ -197,6 +246,14 @@ impl Postgres {
         cmd.arg("-D")
             .arg(&data)
             .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .args([
+                "-c",
+                "ssl=on",
+                "-c",
+                "ssl_cert_file=server.crt",
+                "-c",
+                "ssl_key_file=server.key",
+            ])
             .arg("-k")
             .arg(dir.path())
             .stdout(log.try_clone().expect("dup the PostgreSQL log"))
@@ -227,6 +284,7 @@ impl Postgres {
             dir: Some(dir),
             port,
             password: hex::encode(secret),
+            ca_file,
         };
         let deadline = Instant::now() + PG_STARTUP;
         let mut admin = loop {
@@ -269,8 +327,8 @@ impl Postgres {
     }
 
     /// A fresh database owned by [`PG_ROLE`]; the environment that points Stowage at it (the
-    /// password in [`PG_PASSWORD_ENV`], named by `catalog.password_env`).
-    fn create_database(&self, name: &str) -> Vec<(&'static str, String)> {
+    /// password in [`PG_PASSWORD_ENV`], named by `catalog.password_env`), over TLS if `tls`.
+    fn create_database(&self, name: &str, tls: bool) -> Vec<(&'static str, String)> {
         let mut admin = self
             .admin_config()
             .connect(postgres::NoTls)
@@ -278,14 +336,17 @@ impl Postgres {
         admin
             .batch_execute(&format!("CREATE DATABASE {name} OWNER {PG_ROLE}"))
             .unwrap_or_else(|e| panic!("create database {name}: {e}"));
-        vec![
-            (
-                "STOWAGE_CATALOG__URL",
-                format!("postgres://{PG_ROLE}@127.0.0.1:{}/{name}", self.port),
-            ),
+        let mut url = format!("postgres://{PG_ROLE}@127.0.0.1:{}/{name}", self.port);
+        let mut envs = vec![
             ("STOWAGE_CATALOG__PASSWORD_ENV", PG_PASSWORD_ENV.to_string()),
             (PG_PASSWORD_ENV, self.password.clone()),
-        ]
+        ];
+        if tls {
+            url.push_str("?sslmode=require");
+            envs.push(("STOWAGE_CATALOG__TLS_CA_FILE", self.ca_file.display().to_string()));
+        }
+        envs.push(("STOWAGE_CATALOG__URL", url));
+        envs
     }
 
     /// CPU time of the postmaster and its children (backends and background workers), live
@@ -413,7 +474,7 @@ fn deploy<'a>(
 ) -> Deployment<'a> {
     let mut envs = Vec::new();
     if config.engine == Engine::Postgres {
-        envs.extend(pg.create_database(&format!("replbench_{index}")));
+        envs.extend(pg.create_database(&format!("replbench_{index}"), config.tls));
     }
     if config.s3 {
         let bucket = format!("replbench-{index}");

@@ -226,7 +226,7 @@ impl Catalog {
         single_node: bool,
     ) -> std::result::Result<Catalog, Box<dyn std::error::Error + Send + Sync>> {
         let held = if single_node {
-            Some(postgres::hold_single_node(settings)?)
+            Some(postgres::hold_single_node(settings, exit_after_single_node_lost)?)
         } else {
             None
         };
@@ -609,6 +609,23 @@ impl Epochs {
 
 /// How many read jobs a reader runs between two [`take_reprepares`] walks.
 const REPREPARE_SAMPLE_EVERY: u32 = 64;
+
+/// Exit status when a server on the fs blob backend finds another process using its
+/// PostgreSQL catalog: `EX_TEMPFAIL`.
+const SINGLE_NODE_LOST_EXIT: i32 = 75;
+
+/// What `serve` does when, after its single-node lock's session was lost, another process took
+/// the lock (`postgres::hold_single_node`): it can no longer be the catalog's only server with
+/// blobs on its own disk, so it says so and exits.
+fn exit_after_single_node_lost(reason: &str) {
+    tracing::error!(
+        reason,
+        exit_status = SINGLE_NODE_LOST_EXIT,
+        "the single-node lock was taken by another process after this one lost its session; exiting"
+    );
+    crate::logging::flush();
+    std::process::exit(SINGLE_NODE_LOST_EXIT);
+}
 
 /// Exit status when the writer thread dies: `EX_SOFTWARE`.
 const WRITER_DIED_EXIT: i32 = 70;

@@ -23,7 +23,10 @@
 //! - **migrations** ([`MIGRATE_LOCK`], session-level): replicas starting together migrate once.
 //! - **single node** ([`SINGLE_NODE_LOCK`], session-level, held for the process's life): the
 //!   fs blob backend keeps blobs and upload sessions on one machine's disk, so only one replica
-//!   may use a PostgreSQL catalog with it; a second one is refused with a clear error.
+//!   may use a PostgreSQL catalog with it; a second one is refused with a clear error. The
+//!   lock lives as long as its session, so it is checked every two seconds and taken again
+//!   after the session is lost (a database restart or failover); a server that finds another
+//!   process took it meanwhile exits ([`hold_single_node`]).
 //! - **garbage-collection leadership** ([`GC_LEADER_LOCK`], session-level, for a pass) and the
 //!   named locks of blobs and Spack index builds (keys hashed from their names, outside this
 //!   prefix): taken through the replica's lock connection, `catalog::locks`.
@@ -300,41 +303,146 @@ pub fn schema_version() -> i64 {
 }
 
 /// Holds [`SINGLE_NODE_LOCK`] until dropped: a thread owns the connection that took it (a
-/// synchronous client must not be dropped on an async worker), and closes it when the holder
-/// goes.
+/// synchronous client must not be dropped on an async worker), checks it, and closes it when
+/// the holder goes.
 pub struct SingleNode {
     _stop: std::sync::mpsc::Sender<()>,
 }
 
-/// Takes [`SINGLE_NODE_LOCK`] on a connection of its own: the lock lasts as long as that
-/// connection (the process's life, or until the server sees it gone). Refuses, with the
-/// reason, when another process holds it. Blocking.
-pub fn hold_single_node(settings: &Settings) -> std::result::Result<SingleNode, String> {
-    let client = take_single_node(settings)?;
+/// How often the single-node lock's connection is checked.
+const SINGLE_NODE_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How long that check may take before the connection counts as lost.
+const SINGLE_NODE_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Between two attempts to take the lock again while the database cannot be reached.
+const SINGLE_NODE_RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// Takes [`SINGLE_NODE_LOCK`] on a connection of its own, and keeps it: the lock lasts as long
+/// as that session, so a thread checks the session every [`SINGLE_NODE_CHECK_EVERY`]. When
+/// the session is gone (PostgreSQL restarted, a failover, the connection cut or terminated),
+/// the lock went with it, and the thread takes it again on a new connection, retrying while the
+/// database cannot be reached (every catalog request fails meanwhile anyway). If another
+/// process took it in between, this one is no longer the catalog's only server: `on_lost` is
+/// called with the reason, and must stop the process (`serve` exits). A session of this
+/// process's own that PostgreSQL has not yet seen die still holds the lock: it is recognised
+/// by its backend's pid and start time and terminated, never waited out.
+///
+/// Refuses, with the reason, when another process holds the lock at the start. Blocking.
+pub fn hold_single_node(settings: &Settings, on_lost: fn(&str)) -> std::result::Result<SingleNode, String> {
+    let Some(held) = take_single_node(settings).map_err(|e| e.to_string())? else {
+        return Err(SINGLE_NODE_REFUSED.into());
+    };
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let settings = settings.clone();
     std::thread::Builder::new()
         .name("catalog-single-node".into())
-        .spawn(move || {
-            let _ = stopped.recv();
-            drop(client);
-        })
+        .spawn(move || keep_single_node(held, &settings, &stopped, on_lost))
         .map_err(|e| e.to_string())?;
     Ok(SingleNode { _stop: stop })
 }
 
-fn take_single_node(settings: &Settings) -> std::result::Result<postgres::Client, String> {
-    let mut client = settings.connect().map_err(|e| e.to_string())?;
-    let taken: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&SINGLE_NODE_LOCK])
-        .map_err(|e| e.to_string())?
-        .get(0);
-    if !taken {
-        return Err(
-            "another stowage process uses this PostgreSQL catalog with the fs blob backend, which \
-                    keeps blobs and uploads on one machine's disk: run one process only, or move the blobs \
-                    to S3 (storage.backend = \"s3\") to run several replicas"
-                .into(),
+const SINGLE_NODE_REFUSED: &str = "another stowage process uses this PostgreSQL catalog with the fs blob \
+    backend, which keeps blobs and uploads on one machine's disk: run one process only, or move the blobs \
+    to S3 (storage.backend = \"s3\") to run several replicas";
+
+/// The session holding the single-node lock, and how to tell it from a later one.
+struct Held {
+    client: postgres::Client,
+    /// Its backend's pid and start time (pids are reused; the pair is not).
+    backend: (i32, String),
+}
+
+/// Checks the session of `held` until `stopped` says the holder went; takes the lock again
+/// when the session is lost (see [`hold_single_node`]).
+fn keep_single_node(mut held: Held, settings: &Settings, stopped: &std::sync::mpsc::Receiver<()>, on_lost: fn(&str)) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let wait = |d: Duration| matches!(stopped.recv_timeout(d), Err(RecvTimeoutError::Timeout));
+    while wait(SINGLE_NODE_CHECK_EVERY) {
+        let Err(e) = held.client.is_valid(SINGLE_NODE_CHECK_TIMEOUT) else {
+            continue;
+        };
+        tracing::warn!(
+            error = %crate::catalog::db::Error::from(e),
+            "catalog: lost the session holding the single-node lock; taking the lock again"
         );
+        let previous = held.backend.clone();
+        let mut reported = false;
+        loop {
+            match take_single_node(settings) {
+                Ok(Some(again)) => {
+                    tracing::info!("catalog: the single-node lock is held again");
+                    held = again;
+                    break;
+                }
+                Ok(None) => match end_own_stale_session(settings, &previous) {
+                    // Tried again after the pause below.
+                    Ok(true) => {}
+                    Ok(false) => {
+                        on_lost(SINGLE_NODE_REFUSED);
+                        return;
+                    }
+                    Err(e) if !reported => {
+                        reported = true;
+                        tracing::warn!(error = %e, "catalog: cannot see who holds the single-node lock; retrying");
+                    }
+                    Err(_) => {}
+                },
+                // `connect` has logged why.
+                Err(_) => {}
+            }
+            if !wait(SINGLE_NODE_RETRY_EVERY) {
+                return;
+            }
+        }
     }
-    Ok(client)
+}
+
+/// Whether to try for the single-node lock again after another session was found holding it:
+/// `true` when that session is `previous`, this process's own earlier one that PostgreSQL has
+/// not yet seen die (it is terminated here), or when nobody holds the lock any more; `false`
+/// when another process does.
+fn end_own_stale_session(settings: &Settings, previous: &(i32, String)) -> Result<bool> {
+    let mut client = settings.connect()?;
+    let holder = client
+        .query_opt(
+            "SELECT l.pid, a.backend_start::text
+               FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND ((l.classid::int8 << 32) | l.objid::int8) = $1",
+            &[&SINGLE_NODE_LOCK],
+        )
+        .map_err(crate::catalog::db::Error::from)?;
+    let Some(row) = holder else {
+        // Released since the attempt: the next one takes it.
+        return Ok(true);
+    };
+    let holder: (i32, Option<String>) = (row.get(0), row.get(1));
+    if holder.0 != previous.0 || holder.1.as_deref() != Some(previous.1.as_str()) {
+        return Ok(false);
+    }
+    tracing::warn!(
+        pid = holder.0,
+        "catalog: ending this process's earlier session, which still holds the single-node lock"
+    );
+    client
+        .execute("SELECT pg_terminate_backend($1, 5000)", &[&holder.0])
+        .map_err(crate::catalog::db::Error::from)?;
+    Ok(true)
+}
+
+/// One attempt at the lock, on a new connection: `None` when another session holds it.
+fn take_single_node(settings: &Settings) -> Result<Option<Held>> {
+    let mut client = settings.connect()?;
+    let row = client
+        .query_one(
+            "SELECT pg_try_advisory_lock($1), pg_backend_pid(),
+                    (SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid())",
+            &[&SINGLE_NODE_LOCK],
+        )
+        .map_err(crate::catalog::db::Error::from)?;
+    if !row.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let backend = (row.get(1), row.get::<_, Option<String>>(2).unwrap_or_default());
+    Ok(Some(Held { client, backend }))
 }

@@ -395,6 +395,11 @@ impl TestServer {
         assert!(sent.success(), "kill -TERM {pid}");
     }
 
+    /// The process's exit status if it has exited, without waiting.
+    pub fn try_exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("poll stowage")
+    }
+
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let status = self.child.wait().expect("wait for stowage");

@@ -72,6 +72,12 @@ pub const GC_LEADER_LOCK: i64 = lock_key(4);
 
 /// How long a connection attempt may take before it fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalives on every catalog connection, the same on both ends (see [`Settings::new`]).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+/// How long sent data may stay unacknowledged before the connection counts as dead.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where and how to connect: the URL (`postgres://user@host:port/db?…`, or the key=value
 /// form), a password kept out of it, and with `sslmode=require` the TLS client that checks the
@@ -114,12 +120,27 @@ impl Settings {
         if config.get_application_name().is_none() {
             config.application_name("stowage");
         }
-        // A dead server or a cut network is noticed by the kernel, not a hung query; and the
-        // server notices a dead replica within a minute or so, rather than the kernel's two
-        // hours, so that the write lock or a session lock it held is not held that long.
-        config.keepalives(true).keepalives_idle(Duration::from_secs(30));
+        // A dead server or a cut network is noticed by the kernel, not a hung query: within
+        // about a minute whether the connection was idle, waiting for an answer (keepalive
+        // probes: 30 s idle, then 3 unanswered 10 s apart) or sending (unacknowledged data
+        // for 60 s). The server notices a dead replica as soon, rather than after the kernel's
+        // two hours, so that the write lock or a session lock it held is not held that long.
+        // A query that is merely slow is not cut: the server's kernel answers the probes.
+        config
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES)
+            .tcp_user_timeout(TCP_USER_TIMEOUT);
         let mut options = config.get_options().map(str::to_owned).unwrap_or_default();
-        options.push_str(" -c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3");
+        options.push_str(&format!(
+            " -c tcp_keepalives_idle={} -c tcp_keepalives_interval={} -c tcp_keepalives_count={} \
+             -c tcp_user_timeout={}",
+            KEEPALIVE_IDLE.as_secs(),
+            KEEPALIVE_INTERVAL.as_secs(),
+            KEEPALIVE_RETRIES,
+            TCP_USER_TIMEOUT.as_millis()
+        ));
         config.options(options.trim_start());
         let tls = match config.get_ssl_mode() {
             SslMode::Require => Some(tls_connector(ca_file)?),
@@ -445,4 +466,35 @@ fn take_single_node(settings: &Settings) -> Result<Option<Held>> {
     }
     let backend = (row.get(1), row.get::<_, Option<String>>(2).unwrap_or_default());
     Ok(Some(Held { client, backend }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_connection_detects_a_dead_peer_within_a_minute_on_both_ends() {
+        let settings = Settings::new(
+            "postgres://stowage@db.example:5432/stowage?options=-c%20work_mem%3D8MB",
+            None,
+            None,
+        )
+        .expect("a valid URL");
+        let c = &settings.config;
+        assert!(c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(10)));
+        assert_eq!(c.get_keepalives_retries(), Some(3));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(60)));
+        // The server's side of the same sockets, after the URL's own options.
+        assert_eq!(
+            c.get_options(),
+            Some(
+                "-c work_mem=8MB -c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3 \
+                 -c tcp_user_timeout=60000"
+            )
+        );
+        assert_eq!(c.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(c.get_application_name(), Some("stowage"));
+    }
 }

@@ -67,6 +67,9 @@ struct Settings {
     rate_secs: Duration,
     images: usize,
     stowage_log: String,
+    /// Only the configurations whose label holds one of these (comma-separated,
+    /// case-insensitive); every one when unset.
+    only: Option<Vec<String>>,
 }
 
 impl Settings {
@@ -83,7 +86,20 @@ impl Settings {
             rate_secs: Duration::from_secs(num("REPLBENCH_RATE_SECS", 10)),
             images,
             stowage_log: std::env::var("REPLBENCH_STOWAGE_LOG").unwrap_or_else(|_| "error".into()),
+            only: std::env::var("REPLBENCH_CONFIGS").ok().map(|v| {
+                v.split(',')
+                    .map(|s| s.trim().to_lowercase())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            }),
         }
+    }
+
+    fn runs(&self, config: &Config) -> bool {
+        let label = config.label.to_lowercase();
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|o| label.contains(o.as_str())))
     }
 }
 
@@ -858,6 +874,10 @@ fn main() -> ExitCode {
         &["-c", "import moto; print('moto', moto.__version__)"],
     );
 
+    if !CONFIGS.iter().any(|c| settings.runs(c)) {
+        eprintln!("error: REPLBENCH_CONFIGS matches no configuration's label");
+        return ExitCode::from(2);
+    }
     eprintln!("[bench] generating test data (not timed)");
     let small = Image::small(usize::MAX, "latest".into());
     let images: Arc<Vec<Image>> = Arc::new(
@@ -876,6 +896,9 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut results = Vec::new();
     for (index, config) in CONFIGS.iter().enumerate() {
+        if !settings.runs(config) {
+            continue;
+        }
         eprintln!("[bench] starting {}", config.label);
         let d = deploy(&bin, &settings, index, config, &pg, &moto);
         for s in &d.replicas {

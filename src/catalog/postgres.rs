@@ -171,11 +171,19 @@ impl Settings {
         // Catalog times are unix seconds everywhere; nothing depends on the session's zone, but
         // a fixed one keeps any `timestamptz` text the same on every replica.
         client
-            .batch_execute("SET TIME ZONE 'UTC'; SET plan_cache_mode = force_custom_plan")
+            .batch_execute("SET TIME ZONE 'UTC'")
             .map_err(crate::catalog::db::Error::from)?;
         if read_only {
             client
                 .batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+                .map_err(crate::catalog::db::Error::from)?;
+        } else {
+            // The writer plans every execution: a large Spack spec grows tables within one
+            // transaction, past what a generic plan cached while they were small can serve
+            // (docs/postgres.md, "Plans"). Readers keep the default, which caches plans for
+            // their hot lookups.
+            client
+                .batch_execute("SET plan_cache_mode = force_custom_plan")
                 .map_err(crate::catalog::db::Error::from)?;
         }
         Ok(Connection::from(client))

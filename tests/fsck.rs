@@ -4,23 +4,13 @@
 
 mod common;
 
-use common::{TestServer, client, push_blob, push_image, sha256};
+use common::{TestServer, client, get_blob, push_blob, push_image, sha256};
 
 /// Deterministic bytes, different per `seed`.
 fn bytes(seed: u32, len: usize) -> Vec<u8> {
     (0..len as u32)
         .map(|i| (i.wrapping_add(seed.wrapping_mul(7919)).wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect()
-}
-
-async fn get_blob(server: &TestServer, repo: &str, digest: &str) -> (u16, Vec<u8>) {
-    let resp = client()
-        .get(server.v2(&format!("{repo}/blobs/{digest}")))
-        .send()
-        .await
-        .expect("GET blob");
-    let status = resp.status().as_u16();
-    (status, resp.bytes().await.expect("body").to_vec())
 }
 
 #[tokio::test]

@@ -51,17 +51,32 @@ async fn status(url: String) -> u16 {
     client().get(url).send().await.expect("GET").status().as_u16()
 }
 
-#[tokio::test]
-async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
+/// A server on `engine` with [`CONFIG`] (its file in the returned directory, kept as long).
+fn start_with_config(engine: common::Catalog) -> (tempfile::TempDir, TestServer) {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("stowage.toml");
     std::fs::write(&config, CONFIG).expect("write config");
-    // `stowage gc` (and its dry run on a copy of the catalog) runs on a SQLite catalog only;
-    // with PostgreSQL the replicas collect (docs/postgres.md), so this runs on SQLite always.
-    let mut server = TestServer::start_on_catalog(
-        common::Catalog::Sqlite,
-        &[("STOWAGE_CONFIG", config.to_str().expect("utf-8"))],
-    );
+    let server = TestServer::start_on_catalog(engine, &[("STOWAGE_CONFIG", config.to_str().expect("utf-8"))]);
+    (dir, server)
+}
+
+/// Pushes an image to `repo` as `v1` and deletes the tag: its manifest's digest.
+async fn push_untagged(server: &TestServer, repo: &str) -> String {
+    let (digest, _) = push_image(server, repo, "v1", format!("{repo} layer").as_bytes()).await;
+    let resp = client()
+        .delete(server.v2(&format!("{repo}/manifests/v1")))
+        .send()
+        .await
+        .expect("DELETE tag");
+    assert_eq!(resp.status(), 202);
+    digest
+}
+
+#[tokio::test]
+async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
+    // `stowage gc --dry-run` (a pass on a copy of the catalog) runs on a SQLite catalog only,
+    // so this runs on SQLite always; the next test runs a real pass on PostgreSQL.
+    let (_dir, mut server) = start_with_config(common::Catalog::Sqlite);
 
     let (kept, kept_body) = push_image(&server, "keep/app", "v1", b"kept layer").await;
     let (old, _) = push_image(&server, "ret/app", "old", b"old layer").await;
@@ -69,13 +84,7 @@ async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
     let pushed = unix_now();
     wait_until("the clock passes the first push", || async { unix_now() > pushed }).await;
     let (new, _) = push_image(&server, "ret/app", "new", b"new layer").await;
-    let (gone, _) = push_image(&server, "gone/app", "v1", b"gone layer").await;
-    let resp = client()
-        .delete(server.v2("gone/app/manifests/v1"))
-        .send()
-        .await
-        .expect("DELETE tag");
-    assert_eq!(resp.status(), 202);
+    let gone = push_untagged(&server, "gone/app").await;
     let lone = push_blob(&server, "lone/app", b"a blob no manifest references").await;
     // A Spack build cache whose index was rebuilt: the old index blob is superseded.
     let fixture = FixtureRepo::load("http-noauth", "spack_buildcache");
@@ -185,21 +194,9 @@ async fn dry_run_lists_exactly_what_the_real_pass_then_deletes() {
 /// (a pass on a copy of the catalog file) is refused, saying so.
 #[tokio::test]
 async fn on_postgres_a_real_pass_runs_beside_the_server() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("stowage.toml");
-    std::fs::write(&config, CONFIG).expect("write config");
-    let server = TestServer::start_on_catalog(
-        common::Catalog::Postgres,
-        &[("STOWAGE_CONFIG", config.to_str().expect("utf-8"))],
-    );
+    let (_dir, server) = start_with_config(common::Catalog::Postgres);
     let (_, kept_body) = push_image(&server, "keep/app", "v1", b"kept layer").await;
-    let (gone, _) = push_image(&server, "gone/app", "v1", b"gone layer").await;
-    let resp = client()
-        .delete(server.v2("gone/app/manifests/v1"))
-        .send()
-        .await
-        .expect("DELETE tag");
-    assert_eq!(resp.status(), 202);
+    let gone = push_untagged(&server, "gone/app").await;
     let lone = push_blob(&server, "lone/app", b"a blob no manifest references").await;
     let written = unix_now();
     wait_until("the clock passes the last write", || async { unix_now() > written }).await;

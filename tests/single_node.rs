@@ -21,7 +21,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::sql::{CatalogSql, Value};
-use common::{Backend, Catalog, STDERR_FILE_ENV, TestServer};
+use common::{Backend, Catalog, STDERR_FILE_ENV, TestServer, get_blob};
 use stowage::catalog::postgres::SINGLE_NODE_LOCK;
 
 /// The exit status of a server that lost the lock to another process (`EX_TEMPFAIL`).
@@ -77,16 +77,6 @@ fn second_server_refused(first: &TestServer) -> String {
         "the refusal says why: {stderr}"
     );
     stderr
-}
-
-async fn get_blob(server: &TestServer, repo: &str, digest: &str) -> (u16, Vec<u8>) {
-    let resp = common::client()
-        .get(server.v2(&format!("{repo}/blobs/{digest}")))
-        .send()
-        .await
-        .expect("GET blob");
-    let status = resp.status().as_u16();
-    (status, resp.bytes().await.expect("body").to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -583,6 +583,17 @@ pub async fn push_blob(server: &TestServer, repo: &str, data: &[u8]) -> String {
     digest
 }
 
+/// `GET`s a blob: the status and the body.
+pub async fn get_blob(server: &TestServer, repo: &str, digest: &str) -> (u16, Vec<u8>) {
+    let resp = client()
+        .get(server.v2(&format!("{repo}/blobs/{digest}")))
+        .send()
+        .await
+        .expect("GET blob");
+    let status = resp.status().as_u16();
+    (status, resp.bytes().await.expect("body").to_vec())
+}
+
 /// Pushes a minimal OCI image (config + one layer + manifest) under `reference` and returns the
 /// manifest's digest and bytes.
 pub async fn push_image(server: &TestServer, repo: &str, reference: &str, layer: &[u8]) -> (String, Vec<u8>) {

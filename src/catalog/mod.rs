@@ -618,13 +618,11 @@ const SINGLE_NODE_LOST_EXIT: i32 = 75;
 /// the lock (`postgres::hold_single_node`): it can no longer be the catalog's only server with
 /// blobs on its own disk, so it says so and exits.
 fn exit_after_single_node_lost(reason: &str) {
-    tracing::error!(
+    exit_logged(
+        SINGLE_NODE_LOST_EXIT,
         reason,
-        exit_status = SINGLE_NODE_LOST_EXIT,
-        "the single-node lock was taken by another process after this one lost its session; exiting"
+        "the single-node lock was taken by another process after this one lost its session; exiting",
     );
-    crate::logging::flush();
-    std::process::exit(SINGLE_NODE_LOST_EXIT);
 }
 
 /// Exit status when the writer thread dies: `EX_SOFTWARE`.
@@ -633,13 +631,18 @@ const WRITER_DIED_EXIT: i32 = 70;
 /// What a process does when its catalog writer dies: say so and exit, for a supervisor to
 /// restart it (see the module doc).
 fn exit_after_writer_death(reason: &str) {
-    tracing::error!(
+    exit_logged(
+        WRITER_DIED_EXIT,
         reason,
-        exit_status = WRITER_DIED_EXIT,
-        "the catalog writer thread died; exiting so that a supervisor restarts stowage"
+        "the catalog writer thread died; exiting so that a supervisor restarts stowage",
     );
+}
+
+/// Logs `what` and `reason` at error level, flushes the log and exits with `status`.
+fn exit_logged(status: i32, reason: &str, what: &str) -> ! {
+    tracing::error!(reason, exit_status = status, "{what}");
     crate::logging::flush();
-    std::process::exit(WRITER_DIED_EXIT);
+    std::process::exit(status);
 }
 
 /// The message a panic was raised with, if it has one.

@@ -2,7 +2,8 @@
 //! `/readyz` turns 503 while the catalog cannot be written and while the server drains before
 //! a stop), request ids in responses and in the access log, and read-only maintenance mode
 //! (every write refused with 503 `UNAVAILABLE`, every read served), entered by configuration
-//! and by `SIGUSR1`, left by `SIGUSR2`.
+//! and by `SIGUSR1`, left by `SIGUSR2`; and, on PostgreSQL, a server whose database sessions
+//! were all cut (as a database restart or failover cuts them) answers the very next requests.
 
 mod common;
 
@@ -230,4 +231,43 @@ async fn signals_enter_and_leave_read_only_mode() {
     })
     .await;
     push_blob(&server, "ops/sig", b"writable again").await;
+}
+
+/// Every session a server holds on its PostgreSQL database is terminated, as a database
+/// restart or a failover ends them. The catalog threads only find out when they next use their
+/// connection: a read or a write that finds its connection closed before it ran anything is
+/// run again on a new one, so no request after the cut gets a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_its_database_sessions_are_cut_the_next_requests_are_served() {
+    let server = TestServer::start_on_catalog(Catalog::Postgres, &[]);
+    let (manifest, _) = push_image(&server, "cut/app", "v1", b"layer before the cut").await;
+    let before = push_blob(&server, "cut/app", b"blob before the cut").await;
+    let sql = server.catalog_sql();
+    let ended = tokio::task::block_in_place(|| {
+        sql.query_rows(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 10000))
+               FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'stowage'",
+            &[],
+        )
+    });
+    // The writer, eight readers, the poller and the lock connection, at the least.
+    let ended = ended[0][0].int();
+    assert!(ended >= 10, "ended {ended} sessions");
+
+    let http = client();
+    for round in 0..24 {
+        for url in [
+            server.v2(&format!("cut/app/blobs/{before}")),
+            server.v2("cut/app/tags/list"),
+            server.v2(&format!("cut/app/manifests/{manifest}")),
+        ] {
+            let resp = http.get(&url).send().await.expect("GET");
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            assert_eq!(status, 200, "round {round}: GET {url}: {body}");
+        }
+    }
+    let after = push_blob(&server, "cut/app", b"blob after the cut").await;
+    let (_, body) = common::get_blob(&server, "cut/app", &after).await;
+    assert_eq!(body, b"blob after the cut");
 }

@@ -177,7 +177,7 @@ impl Catalog {
             let mut stmt = c.prepare_cached(
                 "SELECT digest, size, composite FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![after.unwrap_or_default(), limit as i64], |r| {
+            let rows = stmt.query_map(params![after.clone().unwrap_or_default(), limit as i64], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, bool>(2)?))
             })?;
             Ok(rows.collect::<db::Result<Vec<_>>>()?)

@@ -152,7 +152,7 @@ impl Catalog {
         limit: usize,
     ) -> Result<Slice<LinkKey, LinkKey>> {
         self.read(move |c| {
-            let (repo, digest) = after.unwrap_or((i64::MIN, String::new()));
+            let (repo, digest) = after.clone().unwrap_or((i64::MIN, String::new()));
             let sql = format!(
                 "SELECT rb.repo_id, rb.digest, CASE WHEN rb.linked_at < ?1 AND NOT {LINK_REFERENCED} THEN 1 ELSE 0 END
                    FROM repo_blobs rb WHERE (rb.repo_id, rb.digest) > (?2, ?3)
@@ -208,7 +208,7 @@ impl Catalog {
                         AND NOT EXISTS (SELECT 1 FROM spack_index_layout l WHERE l.blob = b.digest)
                    FROM blobs b WHERE b.digest > ?1 ORDER BY b.digest LIMIT ?2",
             )?;
-            let mut rows = stmt.query(params![after.unwrap_or_default(), limit as i64])?;
+            let mut rows = stmt.query(params![after.clone().unwrap_or_default(), limit as i64])?;
             let (mut candidates, mut last, mut seen) = (Vec::new(), None, 0usize);
             while let Some(row) = rows.next()? {
                 seen += 1;
@@ -296,9 +296,9 @@ impl Catalog {
                     AND NOT EXISTS (SELECT 1 FROM spack_index_layout l WHERE l.blob = b.digest)",
             )?;
             let mut sizes = HashMap::new();
-            for digest in digests {
-                if let Some(size) = stmt.query_row([&digest], |r| r.get::<_, i64>(0)).optional()? {
-                    sizes.insert(digest, size.max(0) as u64);
+            for digest in &digests {
+                if let Some(size) = stmt.query_row([digest], |r| r.get::<_, i64>(0)).optional()? {
+                    sizes.insert(digest.clone(), size.max(0) as u64);
                 }
             }
             Ok(sizes)
@@ -329,7 +329,7 @@ impl Catalog {
         let digest = digest.to_owned();
         self.read(move |c| {
             Ok(
-                c.query_row("SELECT 1 FROM blobs WHERE digest = ?1", [digest], |_| Ok(()))
+                c.query_row("SELECT 1 FROM blobs WHERE digest = ?1", [&digest], |_| Ok(()))
                     .optional()?
                     .is_some(),
             )

@@ -150,7 +150,18 @@ const MIGRATIONS: &[&str] = &[
 type Finisher = Box<dyn FnOnce(bool) + Send>;
 type Job = Box<dyn FnOnce(Option<&Connection>) -> Finisher + Send>;
 /// A read job: runs on a reader thread's connection (`None` when it could not be opened).
-type ReadJob = Box<dyn FnOnce(Option<&Connection>) + Send>;
+/// `last`: whether this is its last chance; a job that is not may answer [`Ran::Again`] to be
+/// run once more on a new connection.
+type ReadJob = Box<dyn FnMut(Option<&Connection>, bool) -> Ran + Send>;
+
+/// What a read job did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Ran {
+    /// It answered its caller.
+    Done,
+    /// It found its connection closed and answered nothing: run it again on a new one.
+    Again,
+}
 /// How a catalog thread opens (and after a failure, opens again) its connection.
 type Opener = Arc<dyn Fn() -> Result<Connection> + Send + Sync>;
 
@@ -374,20 +385,57 @@ impl Catalog {
             .map_err(|_| Error::from(Internal::Other("catalog writer dropped a job")))?
     }
 
-    /// Runs `f` on a read-only connection, on one of the catalog's reader threads.
+    /// Runs `f` on a read-only connection, on one of the catalog's reader threads. If it fails
+    /// because the connection turns out closed (PostgreSQL restarted or failed over since the
+    /// connection was last used, which a connection only finds out by using it), `f` runs once
+    /// more on a new connection: a read has no effect to repeat. A read that sends what it
+    /// reads somewhere as it goes uses [`Catalog::read_once`].
     pub async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<T>>();
+        let mut tx = Some(tx);
+        let job: ReadJob = Box::new(move |conn, last| {
+            let result = match conn {
+                Some(conn) => f(conn),
+                None => Err(Internal::CatalogUnavailable("catalog read connection could not be opened").into()),
+            };
+            if !last && result.is_err() && conn.is_some_and(Connection::is_broken) {
+                return Ran::Again;
+            }
+            if let Some(tx) = tx.take() {
+                let _ = tx.send(result);
+            }
+            Ran::Done
+        });
+        self.submit_read(job, rx).await
+    }
+
+    /// [`Catalog::read`] for an `f` that must run at most once (it sends its rows on as it
+    /// reads them): a closed connection fails it like any other error.
+    pub async fn read_once<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T>>();
-        let job: ReadJob = Box::new(move |conn| {
-            let result = match conn {
-                Some(conn) => f(conn),
-                None => Err(Internal::CatalogUnavailable("catalog read connection could not be opened").into()),
-            };
-            let _ = tx.send(result);
+        let mut once = Some((f, tx));
+        let job: ReadJob = Box::new(move |conn, _| {
+            if let Some((f, tx)) = once.take() {
+                let result = match conn {
+                    Some(conn) => f(conn),
+                    None => Err(Internal::CatalogUnavailable("catalog read connection could not be opened").into()),
+                };
+                let _ = tx.send(result);
+            }
+            Ran::Done
         });
+        self.submit_read(job, rx).await
+    }
+
+    async fn submit_read<T>(&self, job: ReadJob, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
         self.inner
             .reads
             .send(job)
@@ -508,12 +556,13 @@ fn spawn_readers(open: Opener) -> Result<mpsc::Sender<ReadJob>> {
 }
 
 /// One reader thread: takes jobs until the queue closes. The connection is opened on first use
-/// and again after a failure to open or a job that panicked.
+/// and again after a failure to open, a job that panicked, or a job that found it closed (that
+/// job then runs once more, on the new connection).
 fn reader_loop(open: &(dyn Fn() -> Result<Connection> + Send + Sync), jobs: &Mutex<mpsc::Receiver<ReadJob>>) {
     let mut conn: Option<Connection> = None;
     let mut since_sample = 0u32;
     loop {
-        let job = {
+        let mut job = {
             let Ok(queue) = jobs.lock() else { return };
             match queue.recv() {
                 Ok(job) => job,
@@ -528,7 +577,14 @@ fn reader_loop(open: &(dyn Fn() -> Result<Connection> + Send + Sync), jobs: &Mut
                 .inspect_err(|e| tracing::error!(error = %e, "catalog: cannot open a read connection"))
                 .ok();
         }
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn.as_ref())));
+        let mut ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn.as_ref(), false)));
+        if matches!(ran, Ok(Ran::Again)) {
+            tracing::warn!("catalog: a reader's connection was closed; connecting again");
+            conn = open()
+                .inspect_err(|e| tracing::error!(error = %e, "catalog: cannot open a read connection"))
+                .ok();
+            ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn.as_ref(), true)));
+        }
         if ran.is_err() {
             tracing::error!("catalog: a read job panicked; its reader continues with a new connection");
             conn = None;
@@ -732,7 +788,23 @@ fn writer_loop(mut conn: Connection, reopen: Option<Opener>, jobs: mpsc::Receive
                 Err(e) => tracing::error!(error = %e, "catalog: cannot connect the writer again"),
             }
         }
-        let started = begin_write(&conn);
+        let mut started = begin_write(&conn);
+        // A connection only finds out it was closed (a database restart, a failover) when it
+        // is used: when BEGIN finds it so, nothing of the batch has run, so it begins again on
+        // a new connection.
+        if started.is_err()
+            && conn.is_broken()
+            && let Some(open) = &reopen
+        {
+            match open() {
+                Ok(c) => {
+                    tracing::warn!("catalog: the writer's connection was closed; connected again");
+                    conn = c;
+                    started = begin_write(&conn);
+                }
+                Err(e) => tracing::error!(error = %e, "catalog: cannot connect the writer again"),
+            }
+        }
         if let Err(e) = &started {
             tracing::error!(error = %e, "catalog: cannot begin a write transaction");
             // Whatever was left open (PostgreSQL refuses BEGIN inside an aborted transaction)

@@ -218,7 +218,7 @@ impl Catalog {
     pub async fn recorded_blob_size(&self, digest: &Digest) -> Result<Option<u64>> {
         let digest = digest.to_string();
         self.read(move |c| {
-            Ok(c.query_row("SELECT size FROM blobs WHERE digest = ?1", [digest], |r| {
+            Ok(c.query_row("SELECT size FROM blobs WHERE digest = ?1", [&digest], |r| {
                 r.get::<_, i64>(0)
             })
             .optional()?
@@ -614,7 +614,7 @@ impl Catalog {
                       WHERE name > ?2 ORDER BY name LIMIT ?3",
                 )?;
             let tags = stmt
-                .query_map(params![id, last.unwrap_or_default(), limit], |r| r.get(0))?
+                .query_map(params![id, last.clone().unwrap_or_default(), limit], |r| r.get(0))?
                 .collect::<db::Result<Vec<String>>>()?;
             Ok(Some(tags))
         })
@@ -638,7 +638,10 @@ impl Catalog {
         self.read(move |c| {
             let scan = scan.max(1);
             let mut stmt = c.prepare_cached("SELECT name FROM repositories WHERE name > ?1 ORDER BY name LIMIT ?2")?;
-            let mut rows = stmt.query(params![last.unwrap_or_default(), scan.min(i64::MAX as u64) as i64])?;
+            let mut rows = stmt.query(params![
+                last.clone().unwrap_or_default(),
+                scan.min(i64::MAX as u64) as i64
+            ])?;
             let mut names = Vec::new();
             let mut examined = 0u64;
             let mut last_examined = None;

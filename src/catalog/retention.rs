@@ -171,7 +171,7 @@ impl Catalog {
                   WHERE t.repo_id = ?1 AND t.name > ?2
                   ORDER BY t.name LIMIT ?3",
             )?;
-            let rows = stmt.query_map(params![repo_id, after.unwrap_or_default(), limit as i64], |r| {
+            let rows = stmt.query_map(params![repo_id, after.clone().unwrap_or_default(), limit as i64], |r| {
                 Ok(RetentionTag {
                     name: r.get(0)?,
                     manifest_id: r.get(1)?,

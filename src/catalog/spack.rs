@@ -415,7 +415,7 @@ impl Catalog {
                     "SELECT s.generation, s.built_generation, s.manifest_digest
                        FROM spack_index s JOIN repositories r ON r.id = s.repo_id WHERE r.name = ?1",
                 )?
-                .query_row([repo], |r| {
+                .query_row([&repo], |r| {
                     Ok(IndexState {
                         generation: r.get(0)?,
                         built_generation: r.get(1)?,
@@ -458,7 +458,8 @@ impl Catalog {
         mode: BuildMode,
     ) -> Result<Option<IndexBuild>> {
         let repo = repo.to_string();
-        self.read(move |c| {
+        // Once: what it serialises goes to `to` as it goes.
+        self.read_once(move |c| {
             let tx = c.unchecked_transaction()?;
             let mut out = PieceSink::new(piece.max(1), to);
             let built = build_index(&tx, &repo, &mut out, mode)?;
@@ -1103,7 +1104,7 @@ impl Catalog {
             let mut stmt = c.prepare_cached(sql)?;
             let mut dependents = stmt
                 .query_map(
-                    params![repo_id, hash, after.unwrap_or_default(), (limit + 1) as i64],
+                    params![repo_id, hash, after.clone().unwrap_or_default(), (limit + 1) as i64],
                     |r| {
                         let deptypes: Option<String> = r.get(4)?;
                         Ok(Dependent {
@@ -1208,9 +1209,9 @@ impl Catalog {
             };
             let mut stmt = c.prepare_cached("SELECT 1 FROM spack_specs WHERE repo_id = ?1 AND hash = ?2 LIMIT 1")?;
             let mut missing = Vec::new();
-            for h in hashes {
+            for h in &hashes {
                 if !stmt.exists(params![repo_id, h])? {
-                    missing.push(h);
+                    missing.push(h.clone());
                 }
             }
             Ok(Some(missing))

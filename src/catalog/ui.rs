@@ -87,8 +87,8 @@ impl Catalog {
                    FROM repositories WHERE id = ?1",
             )?;
             let mut rows = names.query(params![
-                after.unwrap_or_default(),
-                contains.unwrap_or_default(),
+                after.clone().unwrap_or_default(),
+                contains.clone().unwrap_or_default(),
                 scan.min(i64::MAX as u64) as i64
             ])?;
             let mut repositories = Vec::new();
@@ -159,8 +159,8 @@ impl Catalog {
                 .query_map(
                     params![
                         id,
-                        after.unwrap_or_default(),
-                        contains.unwrap_or_default(),
+                        after.clone().unwrap_or_default(),
+                        contains.clone().unwrap_or_default(),
                         limit.min(i64::MAX as u64) as i64,
                         media::OCI_INDEX,
                         media::DOCKER_LIST

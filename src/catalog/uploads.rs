@@ -156,7 +156,7 @@ impl Catalog {
         self.read(move |c| {
             let (all, mine): (i64, i64) = c.query_row(
                 "SELECT count(*), count(CASE WHEN owner = ?1 THEN 1 END) FROM uploads",
-                [owner],
+                [&owner],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
             Ok((u64::try_from(all).unwrap_or(0), u64::try_from(mine).unwrap_or(0)))

@@ -6,7 +6,12 @@
 //! hashes or password checks occupy that pool, tag listings and manifest GETs get a reader as
 //! soon as one finishes its current query. Read jobs wait in one queue, taken first come first
 //! served; a job that panics is answered with an internal error and its thread carries on with
-//! a fresh connection.
+//! a fresh connection. On PostgreSQL a connection learns that the server restarted or failed
+//! over only when it is next used: a read ([`Catalog::read`], which may therefore run twice)
+//! that fails on a connection found closed runs once more on a new one, and a write batch whose
+//! `BEGIN` finds the writer's connection closed begins again on a new one. A read that streams
+//! what it reads elsewhere ([`Catalog::read_once`]) and a batch that failed after `BEGIN` are
+//! never repeated: their callers get the error (503 `UNAVAILABLE`).
 //! The database runs in WAL mode with `synchronous=FULL`: a transaction acknowledged to a
 //! client survives a crash of the process or the machine.
 //!

@@ -920,11 +920,7 @@ impl Registry {
         // started from (invariant 11). Nothing is consumed yet if this fails, and the copy,
         // which holds this request's body, is dropped so that the session goes on from its row.
         if self.shared_sessions().is_some() {
-            let gone = match session.last_recorded() {
-                Some(at) => self.catalog.delete_upload_at(id, at).await,
-                None => Ok(false),
-            };
-            match gone {
+            match self.forget_recorded(id, &session).await {
                 Ok(true) => {}
                 Ok(false) => {
                     state.writer = None;
@@ -973,11 +969,7 @@ impl Registry {
             self.end_local_session(id, writer).await;
             return Ok(());
         }
-        let gone = match session.last_recorded() {
-            Some(at) => self.catalog.delete_upload_at(id, at).await,
-            None => Ok(false),
-        };
-        match gone {
+        match self.forget_recorded(id, session).await {
             Ok(true) => {
                 self.uploads.remove(id);
                 if let Some(w) = writer {
@@ -994,6 +986,15 @@ impl Registry {
                 tracing::warn!(upload = %id, error = %e, "ending an upload session failed; it goes on from its last checkpoint");
                 Err(e)
             }
+        }
+    }
+
+    /// Deletes shared session `id`'s row if it still holds the checkpoint this replica last
+    /// recorded or read (invariant 11); whether it did.
+    async fn forget_recorded(&self, id: Uuid, session: &Session) -> Result<bool> {
+        match session.last_recorded() {
+            Some(at) => self.catalog.delete_upload_at(id, at).await,
+            None => Ok(false),
         }
     }
 
